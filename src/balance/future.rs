@@ -1,0 +1,145 @@
+//! The balancer's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower::Service;
+
+use super::endpoint::InFlight;
+use crate::error::BoxError;
+use crate::Error;
+
+/// A request bound to its endpoint: the endpoint service (ready, then call)
+/// and the guard that counts it in flight.
+pub(crate) type Dispatched<K, S, Req> = (Oneshot<S, Req>, InFlight<K, S>);
+
+/// Waits for endpoints to appear (the startup wait), then dispatches. Boxed:
+/// this path runs only while the balancer has no endpoints.
+pub(crate) type Waiting<K, S, Req> =
+    Pin<Box<dyn Future<Output = Result<Dispatched<K, S, Req>, Error>> + Send>>;
+
+pin_project! {
+    /// The future returned by [`Balancer`](crate::Balancer)'s `call`.
+    ///
+    /// It drives the picked endpoint's service to readiness and then calls it
+    /// (the `oneshot` pattern), so one slow endpoint never holds up the
+    /// balancer's `poll_ready`. Dropping it before it completes releases the
+    /// request's in-flight count.
+    pub struct ResponseFuture<K, S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<K, S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<K, S, Req>
+    where
+        S: Service<Req>,
+    {
+        Waiting { wait: Waiting<K, S, Req> },
+        Calling {
+            #[pin]
+            call: Oneshot<S, Req>,
+            guard: Option<InFlight<K, S>>,
+        },
+        Failed { error: Option<Error> },
+    }
+}
+
+impl<K, S, Req> ResponseFuture<K, S, Req>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn dispatched((call, guard): Dispatched<K, S, Req>) -> Self {
+        Self {
+            state: State::Calling {
+                call,
+                guard: Some(guard),
+            },
+        }
+    }
+
+    pub(crate) fn waiting(wait: Waiting<K, S, Req>) -> Self {
+        Self {
+            state: State::Waiting { wait },
+        }
+    }
+
+    pub(crate) fn failed(error: Error) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl<K, S, Req> Future for ResponseFuture<K, S, Req>
+where
+    K: fmt::Debug,
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let dispatched = match self.as_mut().project().state.project() {
+                StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
+                    Ok(dispatched) => dispatched,
+                    Err(error) => return Poll::Ready(Err(error)),
+                },
+                StateProj::Calling { call, guard } => {
+                    let result = ready!(call.poll(cx));
+                    let Some(guard) = guard.take() else {
+                        panic!("tower_lb::ResponseFuture polled after completion");
+                    };
+                    return Poll::Ready(match result {
+                        Ok(response) => {
+                            guard.complete(true);
+                            Ok(response)
+                        }
+                        Err(source) => {
+                            let endpoint = format!("{:?}", guard.endpoint().key());
+                            guard.complete(false);
+                            Err(Error::Endpoint {
+                                endpoint,
+                                source: source.into(),
+                            })
+                        }
+                    });
+                }
+                StateProj::Failed { error } => match error.take() {
+                    Some(error) => return Poll::Ready(Err(error)),
+                    None => panic!("tower_lb::ResponseFuture polled after completion"),
+                },
+            };
+            self.as_mut().project().state.set(State::Calling {
+                call: dispatched.0,
+                guard: Some(dispatched.1),
+            });
+        }
+    }
+}
+
+impl<K, S, Req> fmt::Debug for ResponseFuture<K, S, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting for endpoints",
+            State::Calling { .. } => "calling",
+            State::Failed { .. } => "failed",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

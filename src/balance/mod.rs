@@ -1,0 +1,342 @@
+//! The balancer: a cheap `Clone` handle that many tasks pick through at once.
+//!
+//! # How it works
+//!
+//! The endpoints live in an immutable [snapshot] published through
+//! [`arc_swap::ArcSwap`]; each endpoint's load is a handful of atomics. A
+//! request loads the snapshot (no lock), asks the [`Strategy`] for an index,
+//! counts itself in flight on that endpoint, clones the endpoint's service and
+//! drives it (`ready`, then `call`) inside its [`ResponseFuture`]. Nothing on
+//! that path locks or allocates, so clones of one [`Balancer`] scale across
+//! threads without a [`tower::buffer::Buffer`].
+//!
+//! A driver task, spawned when the balancer is built, consumes the discovery
+//! stream and publishes new snapshots. It ends when the last handle drops.
+//!
+//! [snapshot]: https://docs.rs/arc-swap
+
+mod builder;
+mod driver;
+mod endpoint;
+mod future;
+mod snapshot;
+
+pub use self::builder::Builder;
+pub use self::endpoint::{EndpointState, EndpointStats};
+pub use self::future::ResponseFuture;
+
+pub(crate) use self::endpoint::Endpoint;
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tower::discover::Discover;
+use tower::util::Oneshot;
+use tower::Service;
+
+use self::endpoint::{InFlight, Shared};
+use self::future::Dispatched;
+use self::snapshot::Snapshot;
+use crate::error::BoxError;
+use crate::strategy::{P2c, Strategy};
+use crate::Error;
+
+/// A load balancer over a changing set of endpoints: a [`tower::Service`]
+/// that sends each request to one endpoint picked by its strategy `P`.
+///
+/// `K` is the discovery key of an endpoint (an address, say), `S` its service
+/// (a hyper-util client bound to that address, a tonic `Channel`, ...). `S`
+/// must be `Clone`: the balancer clones it for each request, so it should be a
+/// cheap handle.
+///
+/// `Balancer` itself is a cheap `Clone` handle; all clones share one set of
+/// endpoints and pick concurrently.
+///
+/// `poll_ready` is always ready (unless the balancer is closed). A request
+/// that arrives before discovery has produced any endpoint waits for one, up to
+/// the [startup wait](Builder::startup_wait), and then fails with
+/// [`Error::NoEndpoints`]. That wait lives in the response future rather than
+/// in `poll_ready`, because tower treats an error from `poll_ready` as the end
+/// of a service (`Buffer`, for one, would never recover).
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{service_fn, ServiceExt};
+/// use tower_lb::{discover, Balancer, strategy::RoundRobin};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_lb::Error> {
+/// let endpoints = (0..3).map(|i| {
+///     let svc = service_fn(move |req: u32| async move { Ok::<_, Infallible>(req + i) });
+///     (i, svc)
+/// });
+/// let balancer = Balancer::builder()
+///     .strategy(RoundRobin::new())
+///     .build(discover::fixed(endpoints));
+///
+/// let answer = balancer.clone().oneshot(10).await?;
+/// assert!((10..13).contains(&answer));
+/// # Ok(())
+/// # }
+/// ```
+pub struct Balancer<K, S, P = P2c>
+where
+    P: Strategy,
+{
+    inner: Arc<Inner<K, S, P>>,
+}
+
+pub(crate) struct Inner<K, S, P: Strategy> {
+    snapshot: ArcSwap<Snapshot<K, S, P::Schedule>>,
+    strategy: P,
+    shared: Arc<Shared>,
+    /// Bumped on every publish and on close; requests in the startup wait
+    /// watch it.
+    published: watch::Sender<u64>,
+    startup_wait: Duration,
+    /// Dropped with the last handle, which stops the driver.
+    _stop_driver: oneshot::Sender<()>,
+}
+
+/// What happened when a request tried to pick an endpoint.
+enum Dispatch<K, S, Req>
+where
+    S: Service<Req>,
+{
+    Sent(Dispatched<K, S, Req>),
+    NoEndpoints(Req),
+    Failed(Error),
+}
+
+impl<K, S, P: Strategy> Inner<K, S, P> {
+    fn dispatch<Req>(&self, req: Req) -> Dispatch<K, S, Req>
+    where
+        S: Service<Req> + Clone,
+    {
+        let shared = &self.shared;
+        if shared.is_closed() {
+            return Dispatch::Failed(Error::Closed);
+        }
+        let snapshot = self.snapshot.load();
+        if snapshot.eligible.is_empty() {
+            return Dispatch::NoEndpoints(req);
+        }
+        let now_ns = shared.now_ns();
+        let ctx = shared.pick_context(now_ns);
+        let picked = self
+            .strategy
+            .pick(&snapshot.schedule, &snapshot.eligible[..], &ctx)
+            .and_then(|i| snapshot.eligible.get(i));
+        let Some(endpoint) = picked else {
+            return Dispatch::Failed(Error::NoPick {
+                endpoints: snapshot.eligible.len(),
+            });
+        };
+        match InFlight::start(endpoint.clone(), now_ns) {
+            Ok(guard) => {
+                let call = Oneshot::new(endpoint.service().clone(), req);
+                Dispatch::Sent((call, guard))
+            }
+            Err(error) => Dispatch::Failed(error),
+        }
+    }
+
+    /// The startup wait: dispatches as soon as an endpoint is published, or
+    /// fails after `startup_wait`.
+    async fn dispatch_when_ready<Req>(
+        self: Arc<Self>,
+        mut req: Req,
+    ) -> Result<Dispatched<K, S, Req>, Error>
+    where
+        S: Service<Req> + Clone,
+    {
+        let started = Instant::now();
+        let deadline = started + self.startup_wait;
+        // Subscribed before looking, so a publish in between is not missed.
+        let mut published = self.published.subscribe();
+        loop {
+            match self.dispatch(req) {
+                Dispatch::Sent(dispatched) => return Ok(dispatched),
+                Dispatch::Failed(error) => return Err(error),
+                Dispatch::NoEndpoints(back) => req = back,
+            }
+            match tokio::time::timeout_at(deadline, published.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => {
+                    return Err(Error::NoEndpoints {
+                        waited: started.elapsed(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Balancer<(), (), P2c> {
+    /// A builder with the defaults: [`P2c::peak_ewma`], a 5 s startup wait,
+    /// and Linkerd's latency-estimate settings.
+    pub fn builder() -> Builder<P2c> {
+        Builder::new()
+    }
+}
+
+impl<K, S, P: Strategy> Balancer<K, S, P> {
+    /// A point-in-time view of every endpoint: the active ones, then those
+    /// still draining.
+    pub fn endpoints(&self) -> Vec<EndpointStats<K>>
+    where
+        K: Clone,
+    {
+        let snapshot = self.inner.snapshot.load();
+        let active = snapshot
+            .eligible
+            .iter()
+            .map(|e| e.stats(EndpointState::Active));
+        let draining = snapshot
+            .draining
+            .iter()
+            .map(|e| e.stats(EndpointState::Draining));
+        active.chain(draining).collect()
+    }
+
+    /// Requests in flight on all endpoints, draining ones included.
+    pub fn in_flight(&self) -> usize {
+        self.inner.snapshot.load().in_flight()
+    }
+
+    /// Stops taking requests: from now on `poll_ready` and `call` fail with
+    /// [`Error::Closed`] (requests waiting for a first endpoint too), while
+    /// requests already sent complete normally. Affects every clone.
+    pub fn close(&self) {
+        self.inner.shared.close();
+        self.inner
+            .published
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// True once [`close`](Self::close) or [`shutdown`](Self::shutdown) was
+    /// called on any clone.
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.is_closed()
+    }
+
+    /// Graceful shutdown: [`close`](Self::close)s the balancer, then waits
+    /// until no request is in flight, or fails with
+    /// [`Error::ShutdownTimedOut`] after `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), Error> {
+        self.close();
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let idle = self.inner.shared.idle.notified();
+            tokio::pin!(idle);
+            // Registered before counting, so a completion in between wakes us.
+            idle.as_mut().enable();
+            if self.in_flight() == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return Err(Error::ShutdownTimedOut {
+                    waited: started.elapsed(),
+                    in_flight: self.in_flight(),
+                });
+            }
+        }
+    }
+}
+
+impl<K, S, P: Strategy> Clone for Balancer<K, S, P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, S, P: Strategy + fmt::Debug> fmt::Debug for Balancer<K, S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.inner.snapshot.load();
+        let keys: Vec<&K> = snapshot.eligible.iter().map(|e| e.key()).collect();
+        f.debug_struct("Balancer")
+            .field("strategy", &self.inner.strategy)
+            .field("endpoints", &keys)
+            .field("draining", &snapshot.draining.len())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl<K, S, P, Req> Service<Req> for Balancer<K, S, P>
+where
+    K: fmt::Debug + Send + Sync + 'static,
+    S: Service<Req> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    P: Strategy,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = ResponseFuture<K, S, Req>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.inner.shared.is_closed() {
+            Poll::Ready(Err(Error::Closed))
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.inner.dispatch(req) {
+            Dispatch::Sent(dispatched) => ResponseFuture::dispatched(dispatched),
+            Dispatch::Failed(error) => ResponseFuture::failed(error),
+            Dispatch::NoEndpoints(req) => {
+                ResponseFuture::waiting(Box::pin(self.inner.clone().dispatch_when_ready(req)))
+            }
+        }
+    }
+}
+
+/// Builds the shared state and spawns the driver; used by the builder.
+pub(crate) fn spawn<D, P>(
+    discover: D,
+    strategy: P,
+    startup_wait: Duration,
+    shared: Shared,
+) -> Balancer<D::Key, D::Service, P>
+where
+    D: Discover + Send + 'static,
+    D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    D::Service: Send + Sync + 'static,
+    D::Error: Into<BoxError>,
+    P: Strategy,
+{
+    let shared = Arc::new(shared);
+    let empty: Box<[Arc<Endpoint<D::Key, D::Service>>]> = Box::new([]);
+    let schedule = strategy.schedule(&empty[..], &shared.pick_context(0));
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let inner = Arc::new(Inner {
+        snapshot: ArcSwap::from_pointee(Snapshot {
+            eligible: empty,
+            draining: Box::new([]),
+            schedule,
+        }),
+        strategy,
+        shared: shared.clone(),
+        published: watch::Sender::new(0),
+        startup_wait,
+        _stop_driver: stop_tx,
+    });
+    tokio::spawn(driver::run(
+        discover,
+        Arc::downgrade(&inner),
+        shared,
+        stop_rx,
+    ));
+    Balancer { inner }
+}

@@ -1,0 +1,174 @@
+//! The error type returned by the balancer, and the marker that says a request
+//! never left the client.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+/// A type-erased error, as used throughout tower.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What went wrong with a request sent through a [`Balancer`](crate::Balancer).
+///
+/// Every variant says in words what happened; errors that wrap an inner error
+/// expose it through [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No endpoint was known when the request arrived, and none appeared within
+    /// the startup wait.
+    #[error("no endpoints available: discovery produced none within {waited:?}")]
+    NoEndpoints {
+        /// How long the request waited for the first endpoint.
+        waited: Duration,
+    },
+
+    /// Endpoints exist but the strategy declined to pick one of them.
+    #[error("the balancing strategy picked none of the {endpoints} eligible endpoints")]
+    NoPick {
+        /// How many endpoints the strategy was offered.
+        endpoints: usize,
+    },
+
+    /// The balancer was closed (see [`Balancer::close`](crate::Balancer::close));
+    /// it accepts no new requests.
+    #[error("the balancer is closed and accepts no new requests")]
+    Closed,
+
+    /// [`Balancer::shutdown`](crate::Balancer::shutdown) gave up waiting for
+    /// in-flight requests to finish.
+    #[error("shutdown gave up after {waited:?} with {in_flight} requests still in flight")]
+    ShutdownTimedOut {
+        /// How long the shutdown waited.
+        waited: Duration,
+        /// Requests still in flight when it gave up.
+        in_flight: usize,
+    },
+
+    /// The endpoint service the request was sent to failed.
+    #[error("endpoint {endpoint} failed: {source}")]
+    Endpoint {
+        /// The endpoint's key, formatted with `Debug`.
+        endpoint: String,
+        /// The endpoint service's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// True when the error proves the request never reached the endpoint (for
+    /// example the connection was refused), so sending it again cannot
+    /// duplicate it. Retry layers rely on this to retry non-idempotent requests.
+    pub fn is_never_sent(&self) -> bool {
+        is_never_sent(self)
+    }
+}
+
+/// Walks an error's `source()` chain and tells whether any link proves that the
+/// request never left the client: a [`NeverSent`] marker, or (with the `http`
+/// feature) an [`HttpError`](crate::http::HttpError) that says so.
+pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(err) = next {
+        if err.is::<NeverSent>() {
+            return true;
+        }
+        #[cfg(feature = "http")]
+        if let Some(http) = err.downcast_ref::<crate::http::HttpError>() {
+            if http.is_never_sent() {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// Wraps an endpoint error that proves the request was never sent (connect
+/// refused, connection failed before the request was written).
+///
+/// Endpoint services other than the built-in HTTP glue return this (or put it
+/// in their error's `source()` chain) to tell retry layers that resending is
+/// safe even for non-idempotent requests.
+///
+/// ```
+/// use tower_lb::error::{is_never_sent, NeverSent};
+///
+/// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// let err = NeverSent::new(refused);
+/// assert!(is_never_sent(&err));
+/// ```
+pub struct NeverSent {
+    source: BoxError,
+}
+
+impl NeverSent {
+    /// Marks `source` as a failure that happened before the request was sent.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+
+    /// The underlying error.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+}
+
+impl fmt::Debug for NeverSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("NeverSent").field(&self.source).finish()
+    }
+}
+
+impl fmt::Display for NeverSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request was never sent: {}", self.source)
+    }
+}
+
+impl StdError for NeverSent {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_endpoints_message_says_how_long_it_waited() {
+        let err = Error::NoEndpoints {
+            waited: Duration::from_millis(250),
+        };
+        assert_eq!(
+            err.to_string(),
+            "no endpoints available: discovery produced none within 250ms"
+        );
+    }
+
+    #[test]
+    fn endpoint_error_exposes_the_inner_error_as_source() {
+        let inner = std::io::Error::other("boom");
+        let err = Error::Endpoint {
+            endpoint: "127.0.0.1:80".into(),
+            source: Box::new(inner),
+        };
+        assert_eq!(err.to_string(), "endpoint 127.0.0.1:80 failed: boom");
+        assert_eq!(err.source().map(|s| s.to_string()), Some("boom".into()));
+        assert!(!err.is_never_sent());
+    }
+
+    #[test]
+    fn never_sent_marker_is_found_anywhere_in_the_chain() {
+        let err = Error::Endpoint {
+            endpoint: "a".into(),
+            source: Box::new(NeverSent::new("refused")),
+        };
+        assert!(err.is_never_sent());
+        assert!(err.to_string().contains("request was never sent: refused"));
+    }
+}

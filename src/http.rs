@@ -1,0 +1,258 @@
+//! Glue for HTTP with hyper: a per-endpoint service over one shared
+//! hyper-util [`Client`].
+//!
+//! [`HttpEndpoint`] sends an [`http::Request`] through the shared client to
+//! one endpoint's address: it rewrites the request's scheme and authority and
+//! keeps its path, query, headers and body. The client's connection pool is
+//! keyed by authority, so all endpoints share one pool and one set of settings.
+//!
+//! ```no_run
+//! use std::net::SocketAddr;
+//! use http_body_util::Empty;
+//! use hyper::body::Bytes;
+//! use tower::ServiceExt;
+//! use tower_lb::{discover, http as lb_http, Balancer};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let addrs: Vec<SocketAddr> = vec!["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+//! let client = lb_http::client::<Empty<Bytes>>();
+//! let balancer = Balancer::builder().build(discover::fixed(lb_http::endpoints(&client, addrs)));
+//!
+//! let request = http::Request::get("/hello").body(Empty::new())?;
+//! let response = balancer.oneshot(request).await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use crate::error::BoxError;
+
+/// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
+/// knowledge if you build your own) on the tokio runtime, ready to be shared
+/// by [`HttpEndpoint`]s.
+pub fn client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send,
+    B::Data: Send,
+{
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One [`HttpEndpoint`] per address, keyed by the address, sharing `client`:
+/// ready for [`discover::fixed`](crate::discover::fixed).
+pub fn endpoints<B, C, I>(client: &Client<C, B>, addrs: I) -> Vec<(SocketAddr, HttpEndpoint<B, C>)>
+where
+    C: Clone,
+    I: IntoIterator<Item = SocketAddr>,
+{
+    addrs
+        .into_iter()
+        .map(|addr| (addr, HttpEndpoint::new(client.clone(), addr)))
+        .collect()
+}
+
+/// Sends requests through a shared hyper-util [`Client`] to one endpoint.
+pub struct HttpEndpoint<B, C = HttpConnector> {
+    client: Client<C, B>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl<B, C> HttpEndpoint<B, C> {
+    /// An endpoint at `addr`, over plain `http`.
+    pub fn new(client: Client<C, B>, addr: SocketAddr) -> Self {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| unreachable!("a socket address is a valid authority"));
+        Self::with_origin(client, Scheme::HTTP, authority)
+    }
+
+    /// An endpoint at `scheme://authority` (for example `https` with a
+    /// TLS-capable connector, or a host name).
+    pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
+        Self {
+            client,
+            scheme,
+            authority,
+        }
+    }
+
+    /// The `host:port` requests are sent to.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    fn address(&self, uri: Uri) -> Result<Uri, http::Error> {
+        let mut parts = uri.into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        Ok(Uri::from_parts(parts)?)
+    }
+}
+
+impl<B, C: Clone> Clone for HttpEndpoint<B, C> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+        }
+    }
+}
+
+impl<B, C> fmt::Debug for HttpEndpoint<B, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HttpEndpoint({}://{})", self.scheme, self.authority)
+    }
+}
+
+impl<B, C> Service<Request<B>> for HttpEndpoint<B, C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = HttpError;
+    type Future = HttpResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HttpError>> {
+        // The client's pool connects inside each request's future.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> HttpResponseFuture {
+        let (mut parts, body) = req.into_parts();
+        match self.address(std::mem::take(&mut parts.uri)) {
+            Ok(uri) => {
+                parts.uri = uri;
+                HttpResponseFuture {
+                    inner: Some(self.client.request(Request::from_parts(parts, body))),
+                    invalid: None,
+                }
+            }
+            Err(error) => HttpResponseFuture {
+                inner: None,
+                invalid: Some(HttpError {
+                    kind: Kind::InvalidUri,
+                    source: error.into(),
+                }),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future returned by [`HttpEndpoint`].
+    pub struct HttpResponseFuture {
+        #[pin]
+        inner: Option<legacy::ResponseFuture>,
+        invalid: Option<HttpError>,
+    }
+}
+
+impl Future for HttpResponseFuture {
+    type Output = Result<Response<Incoming>, HttpError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(error) = this.invalid.take() {
+            return Poll::Ready(Err(error));
+        }
+        match this.inner.as_pin_mut() {
+            Some(inner) => Poll::Ready(ready!(inner.poll(cx)).map_err(HttpError::from_client)),
+            None => panic!("HttpResponseFuture polled after completion"),
+        }
+    }
+}
+
+impl fmt::Debug for HttpResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Why an HTTP request to an endpoint failed, and whether it can have reached
+/// the endpoint.
+#[derive(Debug)]
+pub struct HttpError {
+    kind: Kind,
+    source: BoxError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connect,
+    Request,
+    InvalidUri,
+}
+
+impl HttpError {
+    fn from_client(error: legacy::Error) -> Self {
+        let kind = if error.is_connect() {
+            Kind::Connect
+        } else {
+            Kind::Request
+        };
+        Self {
+            kind,
+            source: error.into(),
+        }
+    }
+
+    /// Connecting to the endpoint failed (refused, unreachable, timed out).
+    pub fn is_connect(&self) -> bool {
+        self.kind == Kind::Connect
+    }
+
+    /// The request provably never left the client (a connect failure, or a
+    /// URI that could not be addressed to the endpoint), so sending it again
+    /// cannot duplicate it.
+    pub fn is_never_sent(&self) -> bool {
+        matches!(self.kind, Kind::Connect | Kind::InvalidUri)
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Kind::Connect => write!(
+                f,
+                "could not connect to the endpoint, so the request was never sent: {}",
+                self.source
+            ),
+            Kind::Request => write!(f, "HTTP request to the endpoint failed: {}", self.source),
+            Kind::InvalidUri => write!(
+                f,
+                "could not address the request to the endpoint: {}",
+                self.source
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}

@@ -1,0 +1,49 @@
+//! Tower middleware for client-side load balancing.
+//!
+//! A [`Balancer`] spreads requests over a changing set of endpoints that a
+//! discovery stream ([`tower::discover::Discover`]) provides. It is a cheap
+//! `Clone` handle: many tasks pick through it at once with no lock and no
+//! `Buffer`. Strategies ([`strategy`]) decide which endpoint gets each request:
+//! round robin, and power of two choices by requests in flight or by Peak-EWMA
+//! latency.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_lb::{discover, Balancer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let (handle, stream) = discover::channel();
+//! for port in [8080, 8081, 8082] {
+//!     let endpoint = service_fn(move |req: String| async move {
+//!         Ok::<_, Infallible>(format!("{port} answered {req}"))
+//!     });
+//!     handle.insert(port, endpoint)?;
+//! }
+//!
+//! let client = ServiceBuilder::new()
+//!     .concurrency_limit(64)
+//!     .service(Balancer::builder().build(stream));
+//!
+//! let answer = client.oneshot("ping".to_string()).await?;
+//! assert!(answer.ends_with("answered ping"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See the README for the design, the benchmarks and the feature table.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod balance;
+pub mod discover;
+pub mod error;
+#[cfg(feature = "http")]
+pub mod http;
+pub mod load;
+pub mod strategy;
+
+pub use balance::{Balancer, Builder, EndpointState, EndpointStats};
+pub use error::{BoxError, Error};

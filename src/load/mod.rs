@@ -1,0 +1,194 @@
+//! Per-endpoint load signals: requests in flight and a Peak-EWMA latency
+//! estimate, kept in atomics so that recording and reading them takes no lock.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::strategy::PickContext;
+
+/// How the per-endpoint latency estimate behaves: the value assumed before the
+/// first response, and how fast old samples are forgotten.
+///
+/// The estimate is peak-sensitive, as in Finagle, Linkerd and tower: a sample
+/// above the estimate replaces it at once; samples below pull it down with the
+/// weight of the time since the last update; and with no traffic it decays
+/// towards zero with time constant `decay`, so an endpoint that was slow is
+/// tried again eventually.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RttEstimate {
+    pub(crate) default_rtt_ns: f64,
+    pub(crate) decay_ns: f64,
+}
+
+impl RttEstimate {
+    /// Linkerd's defaults: 30 ms assumed before the first response, 10 s decay.
+    pub const DEFAULT: RttEstimate = RttEstimate {
+        default_rtt_ns: 30e6,
+        decay_ns: 10e9,
+    };
+
+    /// An estimate that starts at `default_rtt` and decays with time constant
+    /// `decay`. A zero `decay` is raised to one nanosecond.
+    pub fn new(default_rtt: Duration, decay: Duration) -> Self {
+        Self {
+            default_rtt_ns: default_rtt.as_nanos() as f64,
+            decay_ns: (decay.as_nanos() as f64).max(1.0),
+        }
+    }
+
+    /// The latency assumed for an endpoint that has not answered yet.
+    pub fn default_rtt(&self) -> Duration {
+        Duration::from_nanos(self.default_rtt_ns as u64)
+    }
+
+    /// The decay time constant.
+    pub fn decay(&self) -> Duration {
+        Duration::from_nanos(self.decay_ns as u64)
+    }
+}
+
+impl Default for RttEstimate {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The live load of one endpoint, as strategies see it.
+///
+/// All fields are atomics updated by the balancer's response futures; reads
+/// are racy snapshots, which is all a load balancer needs.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    /// Latency estimate in nanoseconds, as `f64` bits.
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last written, in nanoseconds since the balancer's epoch.
+    rtt_stamp_ns: AtomicU64,
+}
+
+impl EndpointLoad {
+    /// A fresh load record, as of `now_ns` (nanoseconds on the balancer's
+    /// clock), with the estimate at `rtt`'s default.
+    pub fn new(now_ns: u64, rtt: &RttEstimate) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
+            rtt_stamp_ns: AtomicU64::new(now_ns),
+        }
+    }
+
+    /// Requests sent to the endpoint that have not completed or been dropped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to the endpoint so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests that ended in an error from the endpoint service.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The Peak-EWMA latency estimate in nanoseconds at `now_ns`, decayed for
+    /// the time since the last sample.
+    pub fn rtt_estimate_ns(&self, now_ns: u64, decay_ns: f64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
+        let elapsed = now_ns.saturating_sub(stamp) as f64;
+        rtt * (-elapsed / decay_ns).exp()
+    }
+
+    /// The Peak-EWMA cost: latency estimate x (in-flight + 1).
+    pub fn peak_ewma_cost(&self, ctx: &PickContext<'_>) -> f64 {
+        let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt().decay_ns);
+        rtt * (self.in_flight() as f64 + 1.0)
+    }
+
+    /// Counts a request as started. `SeqCst` pairs with the shutdown path: a
+    /// request that raced `close()` either sees the flag or is seen in flight.
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request as finished (completed or dropped); returns how many
+    /// were in flight before.
+    pub(crate) fn finish(&self) -> usize {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst)
+    }
+
+    pub(crate) fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds one latency sample into the estimate.
+    ///
+    /// Two responses finishing at once may both read the old estimate and the
+    /// last store wins; losing one sample of an estimate is harmless and keeps
+    /// the update a pair of plain stores instead of a CAS loop.
+    pub(crate) fn record_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
+        let sample = sample_ns as f64;
+        let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let next = if sample > prior {
+            sample
+        } else {
+            let elapsed = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)) as f64;
+            let decay = (-elapsed / rtt.decay_ns).exp();
+            prior * decay + sample * (1.0 - decay)
+        };
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt_stamp_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn estimate_starts_at_the_default_rtt() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        assert_eq!(load.rtt_estimate_ns(0, 10e9), 30e6);
+    }
+
+    #[test]
+    fn a_sample_above_the_estimate_replaces_it_at_once() {
+        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10));
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(500 * MS, MS, &rtt);
+        assert_eq!(load.rtt_estimate_ns(MS, rtt.decay_ns), 500e6);
+    }
+
+    #[test]
+    fn samples_below_pull_the_estimate_down_by_elapsed_time() {
+        let rtt = RttEstimate::new(Duration::from_millis(100), Duration::from_secs(1));
+        let load = EndpointLoad::new(0, &rtt);
+        // One decay constant later, the old value keeps weight 1/e.
+        load.record_rtt(10 * MS, 1000 * MS, &rtt);
+        let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
+        let got = load.rtt_estimate_ns(1000 * MS, rtt.decay_ns);
+        assert!((got - expected).abs() < 1.0, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn an_idle_estimate_decays_towards_zero() {
+        let rtt = RttEstimate::new(Duration::from_millis(100), Duration::from_secs(1));
+        let load = EndpointLoad::new(0, &rtt);
+        let later = load.rtt_estimate_ns(5_000 * MS, rtt.decay_ns);
+        assert!(later < 1e6, "{later}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Balancing strategies: how the balancer picks one endpoint per request.
+//!
+//! A strategy sees the eligible endpoints of the current snapshot through
+//! [`Candidates`] and returns an index. It may precompute a
+//! [`Schedule`](Strategy::Schedule) whenever the set of endpoints changes; that
+//! work runs on the balancer's driver task, never on the request path.
+//!
+//! Writing your own:
+//!
+//! ```
+//! use tower_lb::strategy::{Candidates, PickContext, Strategy};
+//!
+//! /// Always the endpoint with the fewest requests in flight (a full scan).
+//! struct LeastLoaded;
+//!
+//! impl Strategy for LeastLoaded {
+//!     type Schedule = ();
+//!
+//!     fn schedule<C: Candidates + ?Sized>(&self, _: &C, _: &PickContext<'_>) {}
+//!
+//!     fn pick<C: Candidates + ?Sized>(&self, _: &(), c: &C, _: &PickContext<'_>) -> Option<usize> {
+//!         (0..c.len()).min_by_key(|&i| c.load(i).in_flight())
+//!     }
+//! }
+//! ```
+
+mod p2c;
+mod round_robin;
+
+pub use self::p2c::P2c;
+pub use self::round_robin::{RoundRobin, RoundRobinSchedule};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::load::{EndpointLoad, RttEstimate};
+
+/// A balancing strategy.
+///
+/// `pick` runs on every request, concurrently from many threads, through
+/// `&self`: keep it lock-free and allocation-free.
+pub trait Strategy: Send + Sync + 'static {
+    /// Whatever the strategy precomputes for one set of endpoints (use `()` if
+    /// nothing).
+    type Schedule: Send + Sync + 'static;
+
+    /// Builds the schedule for a new set of eligible endpoints. Called off the
+    /// request path, each time the set changes.
+    fn schedule<C: Candidates + ?Sized>(
+        &self,
+        candidates: &C,
+        ctx: &PickContext<'_>,
+    ) -> Self::Schedule;
+
+    /// Picks the index of one of `candidates` (never called with an empty
+    /// set). Returning `None` or an index out of range fails the request with
+    /// [`Error::NoPick`](crate::Error::NoPick).
+    fn pick<C: Candidates + ?Sized>(
+        &self,
+        schedule: &Self::Schedule,
+        candidates: &C,
+        ctx: &PickContext<'_>,
+    ) -> Option<usize>;
+}
+
+/// The endpoints a strategy picks among, indexed from 0.
+pub trait Candidates {
+    /// How many endpoints there are.
+    fn len(&self) -> usize;
+
+    /// The live load of endpoint `index` (`index < len()`).
+    fn load(&self, index: usize) -> &EndpointLoad;
+
+    /// True when there are no endpoints.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Candidates for [EndpointLoad] {
+    fn len(&self) -> usize {
+        <[EndpointLoad]>::len(self)
+    }
+
+    fn load(&self, index: usize) -> &EndpointLoad {
+        &self[index]
+    }
+}
+
+impl<K, S> Candidates for [Arc<crate::balance::Endpoint<K, S>>] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+
+    fn load(&self, index: usize) -> &EndpointLoad {
+        self[index].load()
+    }
+}
+
+/// What a strategy knows besides the loads: the time, the latency-estimate
+/// settings, and a source of randomness.
+#[derive(Debug)]
+pub struct PickContext<'a> {
+    now_ns: u64,
+    rtt: &'a RttEstimate,
+    randomness: Randomness<'a>,
+}
+
+/// Where random numbers come from. The thread-local generator is the fast
+/// default; a seeded balancer (for deterministic simulation) draws from one
+/// shared sequence instead.
+#[derive(Debug, Clone, Copy)]
+enum Randomness<'a> {
+    Thread,
+    Seeded(&'a AtomicU64),
+}
+
+impl<'a> PickContext<'a> {
+    /// A context at `now_ns` (nanoseconds on the balancer's clock) drawing from
+    /// the thread-local random generator.
+    pub fn new(now_ns: u64, rtt: &'a RttEstimate) -> Self {
+        Self {
+            now_ns,
+            rtt,
+            randomness: Randomness::Thread,
+        }
+    }
+
+    /// A context whose random numbers are a deterministic function of the
+    /// sequence `seed` (which advances by one per draw).
+    pub fn seeded(now_ns: u64, rtt: &'a RttEstimate, seed: &'a AtomicU64) -> Self {
+        Self {
+            now_ns,
+            rtt,
+            randomness: Randomness::Seeded(seed),
+        }
+    }
+
+    /// The current time, in nanoseconds since the balancer started.
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    /// The latency-estimate settings.
+    pub fn rtt(&self) -> &RttEstimate {
+        self.rtt
+    }
+
+    /// A uniformly random number.
+    pub fn random_u64(&self) -> u64 {
+        self.with_rng(|rng| rng.random())
+    }
+
+    /// A uniformly random index below `n` (0 when `n` is 0).
+    pub fn random_index(&self, n: usize) -> usize {
+        if n < 2 {
+            return 0;
+        }
+        self.with_rng(|rng| rng.random_range(0..n))
+    }
+
+    /// Two distinct uniformly random indices below `n` (`(0, 0)` when `n < 2`).
+    pub fn random_pair(&self, n: usize) -> (usize, usize) {
+        if n < 2 {
+            return (0, 0);
+        }
+        self.with_rng(|rng| {
+            let a = rng.random_range(0..n);
+            let b = rng.random_range(0..n - 1);
+            (a, if b >= a { b + 1 } else { b })
+        })
+    }
+
+    fn with_rng<R>(&self, f: impl FnOnce(&mut dyn rand::RngCore) -> R) -> R {
+        match self.randomness {
+            Randomness::Thread => f(&mut rand::rng()),
+            Randomness::Seeded(seed) => {
+                let mut rng = SmallRng::seed_from_u64(seed.fetch_add(1, Ordering::Relaxed));
+                f(&mut rng)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub(crate) fn loads(n: usize) -> Vec<EndpointLoad> {
+        (0..n)
+            .map(|_| EndpointLoad::new(0, &RttEstimate::DEFAULT))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_pair_is_always_two_distinct_indices_in_range() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        for n in 2..20 {
+            for _ in 0..500 {
+                let (a, b) = ctx.random_pair(n);
+                assert!(a < n && b < n && a != b, "n={n} a={a} b={b}");
+            }
+        }
+    }
+
+    #[test]
+    fn seeded_context_repeats_its_sequence() {
+        let rtt = RttEstimate::DEFAULT;
+        let draw = |seed: u64| {
+            let state = AtomicU64::new(seed);
+            let ctx = PickContext::seeded(0, &rtt, &state);
+            (0..32).map(|_| ctx.random_index(1000)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+}

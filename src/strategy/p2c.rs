@@ -1,0 +1,154 @@
+use super::{Candidates, PickContext, Strategy};
+
+/// Power of two choices: two distinct endpoints at random, the less loaded
+/// one wins.
+///
+/// Two load signals are available:
+/// - [`P2c::least_requests`]: requests in flight;
+/// - [`P2c::peak_ewma`]: Peak-EWMA latency x (in flight + 1), as in Finagle,
+///   Linkerd and `tower::load::PeakEwma`. The estimate's default RTT and decay
+///   are set on the balancer's builder
+///   ([`Builder::rtt_estimate`](crate::balance::Builder::rtt_estimate)),
+///   because every strategy and [`Balancer::endpoints`](crate::Balancer::endpoints)
+///   share it.
+///
+/// ```
+/// use tower_lb::strategy::P2c;
+/// let by_latency = P2c::peak_ewma();
+/// let by_requests = P2c::least_requests();
+/// # let _ = (by_latency, by_requests);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2c {
+    cost: Cost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    InFlight,
+    PeakEwma,
+}
+
+impl P2c {
+    /// Compare candidates by requests in flight.
+    pub fn least_requests() -> Self {
+        Self {
+            cost: Cost::InFlight,
+        }
+    }
+
+    /// Compare candidates by Peak-EWMA latency x (in flight + 1).
+    pub fn peak_ewma() -> Self {
+        Self {
+            cost: Cost::PeakEwma,
+        }
+    }
+
+    fn cost<C: Candidates + ?Sized>(&self, candidates: &C, i: usize, ctx: &PickContext<'_>) -> f64 {
+        let load = candidates.load(i);
+        match self.cost {
+            Cost::InFlight => load.in_flight() as f64,
+            Cost::PeakEwma => load.peak_ewma_cost(ctx),
+        }
+    }
+}
+
+impl Default for P2c {
+    /// [`P2c::peak_ewma`].
+    fn default() -> Self {
+        Self::peak_ewma()
+    }
+}
+
+impl Strategy for P2c {
+    type Schedule = ();
+
+    fn schedule<C: Candidates + ?Sized>(&self, _: &C, _: &PickContext<'_>) {}
+
+    fn pick<C: Candidates + ?Sized>(
+        &self,
+        _: &(),
+        candidates: &C,
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
+        match candidates.len() {
+            0 => None,
+            1 => Some(0),
+            n => {
+                let (a, b) = ctx.random_pair(n);
+                if self.cost(candidates, b, ctx) < self.cost(candidates, a, ctx) {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::RttEstimate;
+    use crate::strategy::test_support::loads;
+
+    #[test]
+    fn never_picks_the_more_loaded_of_two_candidates() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(2);
+        endpoints[0].set_in_flight(3);
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            for _ in 0..1_000 {
+                assert_eq!(p2c.pick(&(), &endpoints[..], &ctx), Some(1));
+            }
+        }
+    }
+
+    #[test]
+    fn never_picks_the_most_loaded_endpoint() {
+        // With n endpoints, the unique maximum loses every pair it is part of.
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(10);
+        for (i, e) in endpoints.iter().enumerate() {
+            e.set_in_flight(i % 4);
+        }
+        endpoints[6].set_in_flight(9);
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            for _ in 0..10_000 {
+                assert_ne!(p2c.pick(&(), &endpoints[..], &ctx), Some(6));
+            }
+        }
+    }
+
+    #[test]
+    fn spread_is_even_under_equal_load() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let n = 10;
+        let picks = 200_000;
+        let endpoints = loads(n);
+        let mut counts = vec![0f64; n];
+        let p2c = P2c::least_requests();
+        for _ in 0..picks {
+            counts[p2c.pick(&(), &endpoints[..], &ctx).unwrap()] += 1.0;
+        }
+        // Ties go to the first candidate, which is uniform: chi-square with 9
+        // degrees of freedom stays below 27.9 with probability 0.999.
+        let expected = picks as f64 / n as f64;
+        let chi2: f64 = counts
+            .iter()
+            .map(|c| (c - expected).powi(2) / expected)
+            .sum();
+        assert!(chi2 < 27.9, "chi2 = {chi2}, counts = {counts:?}");
+    }
+
+    #[test]
+    fn single_endpoint_is_always_picked_and_empty_set_never() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        assert_eq!(P2c::peak_ewma().pick(&(), &loads(1)[..], &ctx), Some(0));
+        assert_eq!(P2c::peak_ewma().pick(&(), &loads(0)[..], &ctx), None);
+    }
+}
