@@ -1,1 +1,189 @@
-fn main() {}
+//! Per-request overhead of the balancer over no-op endpoints, next to
+//! `tower::balance::p2c::Balance` with `PeakEwma` in the same run.
+//!
+//! - `single/*`: one task sends requests one after another (latency of the
+//!   balancing machinery itself).
+//! - `tasks64/*`: 64 tasks on a 2-worker runtime share one balancer (clones of
+//!   a tower-lb `Balancer`; tower's `Balance` behind a `Buffer`, the way it
+//!   must be shared). Time per request = wall time / requests, so lower is
+//!   higher throughput.
+//!
+//! Run with `cargo bench --bench balance`.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tokio::runtime::Runtime;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::ServiceList;
+use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::{Service, ServiceExt};
+use tower_lb::strategy::{P2c, RoundRobin, Strategy};
+use tower_lb::{discover, Balancer};
+
+const ENDPOINTS: [usize; 4] = [10, 100, 1_000, 10_000];
+const TASKS: usize = 64;
+
+/// An endpoint that answers at once.
+#[derive(Clone, Copy, Debug)]
+struct Noop;
+
+impl Service<u64> for Noop {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: u64) -> Self::Future {
+        ready(Ok(req))
+    }
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn tower_lb<P: Strategy>(rt: &Runtime, strategy: P, n: usize) -> Balancer<usize, Noop, P> {
+    rt.block_on(async {
+        let balancer = Balancer::builder()
+            .strategy(strategy)
+            .build(discover::fixed((0..n).map(|i| (i, Noop))));
+        while balancer.endpoints().len() < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        balancer
+    })
+}
+
+type TowerP2c = Balance<PeakEwmaDiscover<ServiceList<Vec<Noop>>>, u64>;
+
+fn tower_p2c(n: usize) -> TowerP2c {
+    let list = ServiceList::new(vec![Noop; n]);
+    let discover = PeakEwmaDiscover::new(
+        list,
+        Duration::from_millis(30),
+        Duration::from_secs(10),
+        CompleteOnResponse::default(),
+    );
+    Balance::new(discover)
+}
+
+/// Sends `iters` requests one after another from one task; returns the wall
+/// time.
+fn one_task<S>(rt: &Runtime, service: &mut S, iters: u64) -> Duration
+where
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in 0..iters {
+            let svc = service.ready().await.expect("ready");
+            svc.call(i).await.expect("response");
+        }
+        start.elapsed()
+    })
+}
+
+/// Sends `iters` requests from `TASKS` tasks, each through its own clone of
+/// `service`; returns the wall time.
+fn spread_over_tasks<S>(rt: &Runtime, service: &S, iters: u64) -> Duration
+where
+    S: Service<u64> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS as u64)
+            .map(|t| {
+                let mut service = service.clone();
+                let share = iters / TASKS as u64 + u64::from(t < iters % TASKS as u64);
+                tokio::spawn(async move {
+                    for i in 0..share {
+                        let svc = service.ready().await.expect("ready");
+                        svc.call(i).await.expect("response");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        start.elapsed()
+    })
+}
+
+fn bench_tower_lb<P: Strategy>(
+    c: &mut Criterion,
+    rt: &Runtime,
+    name: &str,
+    strategy: impl Fn() -> P,
+) {
+    for n in ENDPOINTS {
+        let balancer = tower_lb(rt, strategy(), n);
+        let mut group = c.benchmark_group(format!("single/{name}"));
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            let mut svc = balancer.clone();
+            b.iter_custom(|iters| one_task(rt, &mut svc, iters));
+        });
+        group.finish();
+
+        let mut group = c.benchmark_group(format!("tasks64/{name}"));
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_custom(|iters| spread_over_tasks(rt, &balancer, iters));
+        });
+        group.finish();
+    }
+}
+
+fn bench_tower_p2c(c: &mut Criterion, rt: &Runtime) {
+    for n in ENDPOINTS {
+        let mut group = c.benchmark_group("single/tower-p2c-peak-ewma");
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            let mut balance = tower_p2c(n);
+            b.iter_custom(|iters| one_task(rt, &mut balance, iters));
+        });
+        group.finish();
+
+        let mut group = c.benchmark_group("tasks64/tower-p2c-peak-ewma+buffer");
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            let buffer = rt.block_on(async { Buffer::new(tower_p2c(n), 1024) });
+            b.iter_custom(|iters| spread_over_tasks(rt, &buffer, iters));
+        });
+        group.finish();
+    }
+}
+
+fn balance(c: &mut Criterion) {
+    let rt = runtime();
+    bench_tower_lb(c, &rt, "round-robin", RoundRobin::new);
+    bench_tower_lb(c, &rt, "p2c-least-requests", P2c::least_requests);
+    bench_tower_lb(c, &rt, "p2c-peak-ewma", P2c::peak_ewma);
+    bench_tower_p2c(c, &rt);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = balance
+}
+criterion_main!(benches);

@@ -32,6 +32,7 @@ pub struct Builder<P = P2c> {
     strategy: P,
     startup_wait: Duration,
     rtt: RttEstimate,
+    track_latency: bool,
     seed: Option<u64>,
 }
 
@@ -43,6 +44,7 @@ impl Builder<P2c> {
             strategy: P2c::peak_ewma(),
             startup_wait: Duration::from_secs(5),
             rtt: RttEstimate::DEFAULT,
+            track_latency: false,
             seed: None,
         }
     }
@@ -61,6 +63,7 @@ impl<P: Strategy> Builder<P> {
             strategy,
             startup_wait: self.startup_wait,
             rtt: self.rtt,
+            track_latency: self.track_latency,
             seed: self.seed,
         }
     }
@@ -78,6 +81,16 @@ impl<P: Strategy> Builder<P> {
     /// [`Balancer::endpoints`](crate::Balancer::endpoints).
     pub fn rtt_estimate(mut self, rtt: RttEstimate) -> Self {
         self.rtt = rtt;
+        self
+    }
+
+    /// Times every request and keeps each endpoint's latency estimate even
+    /// when the strategy does not use it (round robin, least requests), so
+    /// that [`Balancer::endpoints`](crate::Balancer::endpoints) shows it.
+    /// Costs two clock reads per request. Strategies that use latency turn it
+    /// on by themselves.
+    pub fn track_latency(mut self, on: bool) -> Self {
+        self.track_latency = on;
         self
     }
 
@@ -101,7 +114,8 @@ impl<P: Strategy> Builder<P> {
         D::Service: Send + Sync + 'static,
         D::Error: Into<BoxError>,
     {
-        let shared = Shared::new(self.rtt, self.seed);
+        let track_latency = self.track_latency || self.strategy.uses_latency();
+        let shared = Shared::new(self.rtt, self.seed, track_latency);
         super::spawn(discover, self.strategy, self.startup_wait, shared)
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tower::discover::{Change, Discover};
 
 use super::endpoint::{Endpoint, Shared};
-use super::snapshot::Snapshot;
+use super::snapshot::{EndpointList, Snapshot};
 use super::Inner;
 use crate::error::BoxError;
 use crate::strategy::Strategy;
@@ -113,7 +113,7 @@ where
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy>(&mut self, inner: &Inner<K, S, P>) {
         self.draining.retain(|e| e.load().in_flight() > 0);
-        let eligible: Box<[Arc<Endpoint<K, S>>]> = self.active.values().cloned().collect();
+        let eligible: EndpointList<K, S> = self.active.values().cloned().collect();
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
         inner.snapshot.store(Arc::new(Snapshot {

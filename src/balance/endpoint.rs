@@ -19,6 +19,8 @@ use crate::Error;
 pub(crate) struct Shared {
     epoch: Instant,
     pub(crate) rtt: RttEstimate,
+    /// Whether requests are timed (see `Strategy::uses_latency`).
+    track_latency: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
     /// Woken on every completion once closed, for `Balancer::shutdown`.
@@ -29,10 +31,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(rtt: RttEstimate, seed: Option<u64>) -> Self {
+    pub(crate) fn new(rtt: RttEstimate, seed: Option<u64>, track_latency: bool) -> Self {
         Self {
             epoch: Instant::now(),
             rtt,
+            track_latency,
             seed: seed.map(AtomicU64::new),
             closed: AtomicBool::new(false),
             idle: Notify::new(),
@@ -46,6 +49,11 @@ impl Shared {
         Instant::now()
             .saturating_duration_since(self.epoch)
             .as_nanos() as u64
+    }
+
+    /// The time a request starts, when requests are timed.
+    pub(crate) fn request_clock(&self) -> Option<u64> {
+        self.track_latency.then(|| self.now_ns())
     }
 
     pub(crate) fn pick_context(&self, now_ns: u64) -> PickContext<'_> {
@@ -109,14 +117,15 @@ impl<K, S> Endpoint<K, S> {
     where
         K: Clone,
     {
-        let rtt = self
-            .load
-            .rtt_estimate_ns(self.shared.now_ns(), self.shared.rtt.decay_ns);
+        let rtt_estimate = self.shared.request_clock().map(|now| {
+            let rtt = self.load.rtt_estimate_ns(now, &self.shared.rtt);
+            Duration::from_nanos(rtt as u64)
+        });
         EndpointStats {
             key: self.key.clone(),
             state,
             in_flight: self.load.in_flight(),
-            rtt_estimate: Duration::from_nanos(rtt as u64),
+            rtt_estimate,
             requests: self.load.requests(),
             failures: self.load.failures(),
         }
@@ -137,17 +146,18 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
 /// completed or dropped, so that cancellation leaves the counters right.
 pub(crate) struct InFlight<K, S> {
     endpoint: Arc<Endpoint<K, S>>,
-    start_ns: u64,
+    /// When the request started, if requests are timed.
+    start_ns: Option<u64>,
 }
 
 impl<K, S> InFlight<K, S> {
     /// Counts a request as started, unless the balancer closed meanwhile.
-    pub(crate) fn start(endpoint: Arc<Endpoint<K, S>>, now_ns: u64) -> Result<Self, Error> {
+    pub(crate) fn start(
+        endpoint: Arc<Endpoint<K, S>>,
+        start_ns: Option<u64>,
+    ) -> Result<Self, Error> {
         endpoint.load.start();
-        let guard = Self {
-            endpoint,
-            start_ns: now_ns,
-        };
+        let guard = Self { endpoint, start_ns };
         // Checked after the increment: `shutdown` sets the flag before it sums
         // in-flight counts, so one of the two always sees the other.
         if guard.endpoint.shared.is_closed() {
@@ -162,11 +172,13 @@ impl<K, S> InFlight<K, S> {
 
     /// Records the outcome and latency, then releases the request.
     pub(crate) fn complete(self, success: bool) {
-        let shared = &self.endpoint.shared;
-        let now = shared.now_ns();
-        self.endpoint
-            .load
-            .record_rtt(now.saturating_sub(self.start_ns), now, &shared.rtt);
+        if let Some(start) = self.start_ns {
+            let shared = &self.endpoint.shared;
+            let now = shared.now_ns();
+            self.endpoint
+                .load
+                .record_rtt(now.saturating_sub(start), now, &shared.rtt);
+        }
         if !success {
             self.endpoint.load.record_failure();
         }
@@ -208,8 +220,10 @@ pub struct EndpointStats<K> {
     pub state: EndpointState,
     /// Requests in flight now.
     pub in_flight: usize,
-    /// The Peak-EWMA latency estimate now.
-    pub rtt_estimate: Duration,
+    /// The Peak-EWMA latency estimate now; `None` when the balancer does not
+    /// time requests (its strategy does not use latency and
+    /// [`Builder::track_latency`](crate::Builder::track_latency) is off).
+    pub rtt_estimate: Option<Duration>,
     /// Requests sent to it since it was inserted.
     pub requests: u64,
     /// Requests that ended in an error from its service.

@@ -2,18 +2,18 @@
 //!
 //! # How it works
 //!
-//! The endpoints live in an immutable [snapshot] published through
+//! The endpoints live in an immutable snapshot published through
 //! [`arc_swap::ArcSwap`]; each endpoint's load is a handful of atomics. A
 //! request loads the snapshot (no lock), asks the [`Strategy`] for an index,
 //! counts itself in flight on that endpoint, clones the endpoint's service and
 //! drives it (`ready`, then `call`) inside its [`ResponseFuture`]. Nothing on
 //! that path locks or allocates, so clones of one [`Balancer`] scale across
-//! threads without a [`tower::buffer::Buffer`].
+//! threads without a [`Buffer`].
 //!
 //! A driver task, spawned when the balancer is built, consumes the discovery
 //! stream and publishes new snapshots. It ends when the last handle drops.
 //!
-//! [snapshot]: https://docs.rs/arc-swap
+//! [`Buffer`]: https://docs.rs/tower/0.5/tower/buffer/struct.Buffer.html
 
 mod builder;
 mod driver;
@@ -41,7 +41,7 @@ use tower::Service;
 
 use self::endpoint::{InFlight, Shared};
 use self::future::Dispatched;
-use self::snapshot::Snapshot;
+use self::snapshot::{EndpointList, Snapshot};
 use crate::error::BoxError;
 use crate::strategy::{P2c, Strategy};
 use crate::Error;
@@ -126,8 +126,8 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
         if snapshot.eligible.is_empty() {
             return Dispatch::NoEndpoints(req);
         }
-        let now_ns = shared.now_ns();
-        let ctx = shared.pick_context(now_ns);
+        let now_ns = shared.request_clock();
+        let ctx = shared.pick_context(now_ns.unwrap_or(0));
         let picked = self
             .strategy
             .pick(&snapshot.schedule, &snapshot.eligible[..], &ctx)
@@ -317,7 +317,7 @@ where
     P: Strategy,
 {
     let shared = Arc::new(shared);
-    let empty: Box<[Arc<Endpoint<D::Key, D::Service>>]> = Box::new([]);
+    let empty: EndpointList<D::Key, D::Service> = Box::new([]);
     let schedule = strategy.schedule(&empty[..], &shared.pick_context(0));
     let (stop_tx, stop_rx) = oneshot::channel();
     let inner = Arc::new(Inner {

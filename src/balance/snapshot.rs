@@ -4,12 +4,15 @@ use std::sync::Arc;
 
 use super::endpoint::Endpoint;
 
+/// A set of endpoints in a snapshot.
+pub(crate) type EndpointList<K, S> = Box<[Arc<Endpoint<K, S>>]>;
+
 /// One published state of the balancer, swapped in whole by the driver.
 pub(crate) struct Snapshot<K, S, Sch> {
     /// The endpoints new requests may go to.
-    pub(crate) eligible: Box<[Arc<Endpoint<K, S>>]>,
+    pub(crate) eligible: EndpointList<K, S>,
     /// Removed endpoints whose in-flight requests have not all finished.
-    pub(crate) draining: Box<[Arc<Endpoint<K, S>>]>,
+    pub(crate) draining: EndpointList<K, S>,
     /// The strategy's precomputed schedule for `eligible`.
     pub(crate) schedule: Sch,
 }

@@ -194,12 +194,11 @@ mod tests {
 
     async fn drain(stream: &mut ChannelDiscover<&'static str, u32>) -> Vec<String> {
         let mut seen = Vec::new();
-        while let Some(Some(Ok(change))) = tokio::time::timeout(
+        while let Ok(Some(Ok(change))) = tokio::time::timeout(
             std::time::Duration::from_millis(10),
             poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)),
         )
         .await
-        .ok()
         {
             seen.push(match change {
                 Change::Insert(k, s) => format!("+{k}={s}"),

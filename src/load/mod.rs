@@ -1,7 +1,7 @@
 //! Per-endpoint load signals: requests in flight and a Peak-EWMA latency
 //! estimate, kept in atomics so that recording and reading them takes no lock.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::strategy::PickContext;
@@ -18,6 +18,8 @@ use crate::strategy::PickContext;
 pub struct RttEstimate {
     pub(crate) default_rtt_ns: f64,
     pub(crate) decay_ns: f64,
+    /// `1 / decay_ns`: the request path multiplies rather than divides.
+    pub(crate) decay_rate: f64,
 }
 
 impl RttEstimate {
@@ -25,14 +27,17 @@ impl RttEstimate {
     pub const DEFAULT: RttEstimate = RttEstimate {
         default_rtt_ns: 30e6,
         decay_ns: 10e9,
+        decay_rate: 1.0 / 10e9,
     };
 
     /// An estimate that starts at `default_rtt` and decays with time constant
     /// `decay`. A zero `decay` is raised to one nanosecond.
     pub fn new(default_rtt: Duration, decay: Duration) -> Self {
+        let decay_ns = (decay.as_nanos() as f64).max(1.0);
         Self {
             default_rtt_ns: default_rtt.as_nanos() as f64,
-            decay_ns: (decay.as_nanos() as f64).max(1.0),
+            decay_ns,
+            decay_rate: 1.0 / decay_ns,
         }
     }
 
@@ -53,14 +58,22 @@ impl Default for RttEstimate {
     }
 }
 
+/// Bits of `EndpointLoad::counters` that count requests in flight: up to
+/// 16.7 million at once on one endpoint; the 40 bits above count requests
+/// started, modulo 2^40 (about 10^12).
+const IN_FLIGHT_BITS: u32 = 24;
+const ONE_STARTED: u64 = 1 << IN_FLIGHT_BITS;
+const IN_FLIGHT_MASK: u64 = ONE_STARTED - 1;
+
 /// The live load of one endpoint, as strategies see it.
 ///
 /// All fields are atomics updated by the balancer's response futures; reads
 /// are racy snapshots, which is all a load balancer needs.
 #[derive(Debug)]
 pub struct EndpointLoad {
-    in_flight: AtomicUsize,
-    requests: AtomicU64,
+    /// Requests in flight (low `IN_FLIGHT_BITS` bits) and requests started
+    /// (the bits above), packed so that starting a request is one atomic add.
+    counters: AtomicU64,
     failures: AtomicU64,
     /// Latency estimate in nanoseconds, as `f64` bits.
     rtt_ns: AtomicU64,
@@ -73,8 +86,7 @@ impl EndpointLoad {
     /// clock), with the estimate at `rtt`'s default.
     pub fn new(now_ns: u64, rtt: &RttEstimate) -> Self {
         Self {
-            in_flight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
+            counters: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
@@ -83,12 +95,12 @@ impl EndpointLoad {
 
     /// Requests sent to the endpoint that have not completed or been dropped.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        (self.counters.load(Ordering::Relaxed) & IN_FLIGHT_MASK) as usize
     }
 
-    /// Requests sent to the endpoint so far.
+    /// Requests sent to the endpoint so far (modulo 2^40).
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.counters.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
     }
 
     /// Requests that ended in an error from the endpoint service.
@@ -98,30 +110,29 @@ impl EndpointLoad {
 
     /// The Peak-EWMA latency estimate in nanoseconds at `now_ns`, decayed for
     /// the time since the last sample.
-    pub fn rtt_estimate_ns(&self, now_ns: u64, decay_ns: f64) -> f64 {
+    pub fn rtt_estimate_ns(&self, now_ns: u64, settings: &RttEstimate) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
         let elapsed = now_ns.saturating_sub(stamp) as f64;
-        rtt * (-elapsed / decay_ns).exp()
+        rtt * decay_factor(elapsed * settings.decay_rate)
     }
 
     /// The Peak-EWMA cost: latency estimate x (in-flight + 1).
     pub fn peak_ewma_cost(&self, ctx: &PickContext<'_>) -> f64 {
-        let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt().decay_ns);
+        let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
         rtt * (self.in_flight() as f64 + 1.0)
     }
 
     /// Counts a request as started. `SeqCst` pairs with the shutdown path: a
     /// request that raced `close()` either sees the flag or is seen in flight.
     pub(crate) fn start(&self) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.fetch_add(ONE_STARTED + 1, Ordering::SeqCst);
     }
 
     /// Counts a request as finished (completed or dropped); returns how many
     /// were in flight before.
     pub(crate) fn finish(&self) -> usize {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst)
+        (self.counters.fetch_sub(1, Ordering::SeqCst) & IN_FLIGHT_MASK) as usize
     }
 
     pub(crate) fn record_failure(&self) {
@@ -140,7 +151,7 @@ impl EndpointLoad {
             sample
         } else {
             let elapsed = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)) as f64;
-            let decay = (-elapsed / rtt.decay_ns).exp();
+            let decay = decay_factor(elapsed * rtt.decay_rate);
             prior * decay + sample * (1.0 - decay)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -149,7 +160,19 @@ impl EndpointLoad {
 
     #[cfg(test)]
     pub(crate) fn set_in_flight(&self, n: usize) {
-        self.in_flight.store(n, Ordering::Relaxed);
+        self.counters.store(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// `exp(-x)` for `x >= 0`. A busy endpoint is read and updated every few
+/// microseconds against a decay of seconds, so `x` is nearly always tiny; there
+/// a second-order Taylor step is exact to 2e-7 and far cheaper than `exp`,
+/// which this path would otherwise call three times per request.
+fn decay_factor(x: f64) -> f64 {
+    if x < 0.01 {
+        1.0 - x + 0.5 * x * x
+    } else {
+        (-x).exp()
     }
 }
 
@@ -157,12 +180,20 @@ impl EndpointLoad {
 mod tests {
     use super::*;
 
+    #[test]
+    fn decay_factor_matches_exp_on_both_sides_of_the_fast_path() {
+        for x in [0.0, 1e-9, 1e-4, 0.005, 0.00999, 0.01, 0.5, 3.0, 50.0] {
+            let err = (decay_factor(x) - (-x).exp()).abs();
+            assert!(err < 2e-7, "x={x} err={err}");
+        }
+    }
+
     const MS: u64 = 1_000_000;
 
     #[test]
     fn estimate_starts_at_the_default_rtt() {
         let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
-        assert_eq!(load.rtt_estimate_ns(0, 10e9), 30e6);
+        assert_eq!(load.rtt_estimate_ns(0, &RttEstimate::DEFAULT), 30e6);
     }
 
     #[test]
@@ -170,7 +201,7 @@ mod tests {
         let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10));
         let load = EndpointLoad::new(0, &rtt);
         load.record_rtt(500 * MS, MS, &rtt);
-        assert_eq!(load.rtt_estimate_ns(MS, rtt.decay_ns), 500e6);
+        assert_eq!(load.rtt_estimate_ns(MS, &rtt), 500e6);
     }
 
     #[test]
@@ -180,15 +211,26 @@ mod tests {
         // One decay constant later, the old value keeps weight 1/e.
         load.record_rtt(10 * MS, 1000 * MS, &rtt);
         let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
-        let got = load.rtt_estimate_ns(1000 * MS, rtt.decay_ns);
+        let got = load.rtt_estimate_ns(1000 * MS, &rtt);
         assert!((got - expected).abs() < 1.0, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn started_and_in_flight_counts_share_one_word_without_interfering() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        for _ in 0..5 {
+            load.start();
+        }
+        assert_eq!(load.finish(), 5);
+        assert_eq!(load.finish(), 4);
+        assert_eq!((load.in_flight(), load.requests()), (3, 5));
     }
 
     #[test]
     fn an_idle_estimate_decays_towards_zero() {
         let rtt = RttEstimate::new(Duration::from_millis(100), Duration::from_secs(1));
         let load = EndpointLoad::new(0, &rtt);
-        let later = load.rtt_estimate_ns(5_000 * MS, rtt.decay_ns);
+        let later = load.rtt_estimate_ns(5_000 * MS, &rtt);
         assert!(later < 1e6, "{later}");
     }
 }

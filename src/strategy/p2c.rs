@@ -65,6 +65,10 @@ impl Strategy for P2c {
 
     fn schedule<C: Candidates + ?Sized>(&self, _: &C, _: &PickContext<'_>) {}
 
+    fn uses_latency(&self) -> bool {
+        self.cost == Cost::PeakEwma
+    }
+
     fn pick<C: Candidates + ?Sized>(
         &self,
         _: &(),

@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Prints the `balance` benchmark's results (target/criterion) as a markdown table:
+ns per request for each contender and endpoint count, single task and 64 tasks."""
+import json, pathlib, sys
+
+root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "target/criterion")
+rows = {}
+for est in root.glob("*/*/new/estimates.json"):
+    group, n = est.parent.parent.parent.name, est.parent.parent.name
+    mode, _, name = group.partition("_")
+    ns = json.loads(est.read_text())["mean"]["point_estimate"]
+    rows.setdefault(name, {})[(mode, int(n))] = ns
+counts = sorted({n for r in rows.values() for (_, n) in r})
+for mode in ("single", "tasks64"):
+    print(f"\n{mode}: ns per request (lower is better)\n")
+    print("| contender | " + " | ".join(f"{n} endpoints" for n in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    for name in sorted(rows):
+        cells = [rows[name].get((mode, n)) for n in counts]
+        if any(c is not None for c in cells):
+            print(f"| {name} | " + " | ".join("" if c is None else f"{c:.0f}" for c in cells) + " |")
