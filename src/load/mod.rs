@@ -1,7 +1,7 @@
 //! Per-endpoint load signals: requests in flight and a Peak-EWMA latency
 //! estimate, kept in atomics so that recording and reading them takes no lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::strategy::PickContext;
@@ -14,6 +14,13 @@ use crate::strategy::PickContext;
 /// weight of the time since the last update; and with no traffic it decays
 /// towards zero with time constant `decay`, so an endpoint that was slow is
 /// tried again eventually.
+///
+/// One difference on purpose: the default RTT is only a prior, and the first
+/// measured sample replaces it. In tower and Finagle samples below the default
+/// pull it down at the rate of the decay, so with the usual 30 ms default and
+/// 10 s decay every endpoint of a fast service looks the same for tens of
+/// seconds and the estimate says nothing; here it is meaningful from the first
+/// response, and peak sensitivity still catches any slower one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RttEstimate {
     pub(crate) default_rtt_ns: f64,
@@ -79,6 +86,8 @@ pub struct EndpointLoad {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last written, in nanoseconds since the balancer's epoch.
     rtt_stamp_ns: AtomicU64,
+    /// False while `rtt_ns` still holds the default, not a measurement.
+    measured: AtomicBool,
 }
 
 impl EndpointLoad {
@@ -90,6 +99,7 @@ impl EndpointLoad {
             failures: AtomicU64::new(0),
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
+            measured: AtomicBool::new(false),
         }
     }
 
@@ -147,7 +157,8 @@ impl EndpointLoad {
     pub(crate) fn record_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let sample = sample_ns as f64;
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let next = if sample > prior {
+        let next = if sample > prior || !self.measured.load(Ordering::Relaxed) {
+            self.measured.store(true, Ordering::Relaxed);
             sample
         } else {
             let elapsed = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)) as f64;
@@ -205,9 +216,18 @@ mod tests {
     }
 
     #[test]
-    fn samples_below_pull_the_estimate_down_by_elapsed_time() {
-        let rtt = RttEstimate::new(Duration::from_millis(100), Duration::from_secs(1));
+    fn the_first_sample_replaces_the_default() {
+        let rtt = RttEstimate::new(Duration::from_millis(30), Duration::from_secs(10));
         let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(2 * MS, MS, &rtt);
+        assert_eq!(load.rtt_estimate_ns(MS, &rtt), 2e6);
+    }
+
+    #[test]
+    fn samples_below_pull_the_estimate_down_by_elapsed_time() {
+        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(1));
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(100 * MS, 0, &rtt);
         // One decay constant later, the old value keeps weight 1/e.
         load.record_rtt(10 * MS, 1000 * MS, &rtt);
         let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
