@@ -107,13 +107,19 @@ async fn main() -> Result<(), tower::BoxError> {
 
     // Give the removed endpoint's last requests a moment to drain out.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    println!("{:<18} {:>8} {:>9} {:>9} {:>12}", "endpoint", "state", "requests", "failures", "latency est");
+    println!(
+        "{:<18} {:>8} {:>9} {:>9} {:>12}",
+        "endpoint", "state", "requests", "failures", "latency est"
+    );
     for stats in balancer.endpoints() {
         let state = match stats.state {
             EndpointState::Active => "active",
             _ => "draining",
         };
-        let rtt = stats.rtt_estimate.map(|d| format!("{d:.2?}")).unwrap_or_default();
+        let rtt = stats
+            .rtt_estimate
+            .map(|d| format!("{d:.2?}"))
+            .unwrap_or_default();
         println!(
             "{:<18} {:>8} {:>9} {:>9} {:>12}",
             stats.key.to_string(),
