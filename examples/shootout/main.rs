@@ -1,0 +1,269 @@
+//! The strategy shootout: every balancing strategy tower-lb has, and tower's
+//! own p2c as the baseline, on the same request stream against the same
+//! backends, scenario by scenario.
+//!
+//!     cargo run --release --example shootout -- --quick        # all scenarios, simulated, seconds
+//!     cargo run --release --example shootout -- --sim          # simulated, 10 s of virtual time each
+//!     cargo run --release --example shootout                   # real hyper servers on 127.0.0.1
+//!     cargo run --release --example shootout -- --scenario slow-node --strategy round-robin,p2c-peak-ewma
+//!
+//! It prints a table per scenario and writes `target/shootout/report.html`
+//! (tables and latency-by-percentile plots).
+
+mod backend;
+mod contender;
+mod report;
+mod run;
+mod scenario;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use contender::Contender;
+use run::Load;
+#[cfg(test)]
+use run::RunResult;
+use scenario::Scenario;
+
+/// Compare load-balancing strategies on local backends.
+#[derive(Debug, Parser)]
+#[command(name = "shootout")]
+struct Args {
+    /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
+    /// gc-pause, capacity, heavy-tail); default: all.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Contenders to run, comma separated (round-robin, p2c-least-requests,
+    /// p2c-peak-ewma, tower-p2c-peak-ewma); default: all.
+    #[arg(long, value_delimiter = ',')]
+    strategy: Vec<String>,
+    /// Deterministic mode: simulated backends on virtual time.
+    #[arg(long)]
+    sim: bool,
+    /// All scenarios, deterministic mode, 5 s of virtual time each.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds of load per run (default: 10 simulated, 5 real).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests per second offered (open loop).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Seed of every random choice (arrivals, backends, strategies).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write report.html.
+    #[arg(long, default_value = "target/shootout")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match shootout(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shootout: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let scenarios: Vec<Scenario> = match &args.scenario {
+        Some(name) if !args.quick => vec![scenario::by_name(name).ok_or_else(|| {
+            let known: Vec<_> = scenario::all().iter().map(|s| s.name).collect();
+            format!("unknown scenario {name:?}; known: {}", known.join(", "))
+        })?],
+        _ => scenario::all(),
+    };
+    let contenders: Vec<Contender> = if args.strategy.is_empty() {
+        Contender::ALL.to_vec()
+    } else {
+        args.strategy
+            .iter()
+            .map(|name| {
+                Contender::by_name(name).ok_or_else(|| {
+                    let known: Vec<_> = Contender::ALL.iter().map(|c| c.name()).collect();
+                    format!("unknown strategy {name:?}; known: {}", known.join(", "))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let simulated = args.sim || args.quick;
+    let seconds = match (args.duration, args.quick, simulated) {
+        (Some(s), _, _) => s,
+        (None, true, _) => 5.0,
+        (None, false, true) => 10.0,
+        (None, false, false) => 5.0,
+    };
+    if !(seconds > 0.0 && seconds.is_finite() && args.rate > 0.0 && args.rate.is_finite()) {
+        return Err("--duration and --rate must be positive numbers".into());
+    }
+    let load = Load {
+        rate: args.rate,
+        duration: Duration::from_secs_f64(seconds),
+        seed: args.seed,
+    };
+    let mode = if simulated {
+        "simulated, virtual time"
+    } else {
+        "real hyper servers on 127.0.0.1"
+    };
+    println!(
+        "shootout: {} scenarios x {} contenders, {mode}, {} req/s for {seconds} s each, seed {}",
+        scenarios.len(),
+        contenders.len(),
+        args.rate,
+        args.seed
+    );
+
+    let progress = ProgressBar::new((scenarios.len() * contenders.len()) as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let runtime = if simulated {
+        None
+    } else {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?,
+        )
+    };
+    let mut all = Vec::new();
+    for scenario in scenarios {
+        let mut results = Vec::new();
+        for &contender in &contenders {
+            progress.set_message(format!("{} / {}", scenario.name, contender.name()));
+            let result = match &runtime {
+                None => run::simulate(&scenario, contender, load),
+                Some(runtime) => runtime.block_on(run::real(&scenario, contender, load))?,
+            };
+            results.push(result);
+            progress.inc(1);
+        }
+        progress.suspend(|| print!("{}", report::table(&scenario, &results)));
+        all.push((scenario, results));
+    }
+    progress.finish_and_clear();
+
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let path = args.out.join("report.html");
+    report::write_html(&path, &command, &all)?;
+    println!("\nreport: {}", path.display());
+    Ok(())
+}
+
+/// Runs every contender on one scenario in deterministic mode.
+#[cfg(test)]
+fn simulate_all(name: &str, load: Load) -> Vec<RunResult> {
+    let scenario = scenario::by_name(name).expect("known scenario");
+    Contender::ALL
+        .into_iter()
+        .map(|c| run::simulate(&scenario, c, load))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn short(seed: u64) -> Load {
+        Load {
+            rate: 1000.0,
+            duration: Duration::from_secs(3),
+            seed,
+        }
+    }
+
+    fn fingerprint(results: &[RunResult]) -> Vec<(u64, u64, Vec<u64>, Vec<u64>)> {
+        results
+            .iter()
+            .map(|r| {
+                let quantiles = [0.5, 0.9, 0.99, 0.999]
+                    .iter()
+                    .map(|&q| r.latency_us.value_at_quantile(q))
+                    .collect();
+                (r.ok, r.failed, quantiles, r.hits.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_gives_the_same_numbers_in_deterministic_mode() {
+        let first = simulate_all("heavy-tail", short(7));
+        let second = simulate_all("heavy-tail", short(7));
+        assert_eq!(fingerprint(&first), fingerprint(&second));
+        let other = simulate_all("heavy-tail", short(8));
+        assert_ne!(fingerprint(&first), fingerprint(&other), "the seed matters");
+    }
+
+    #[test]
+    fn open_loop_offers_the_configured_rate_whatever_the_answers() {
+        let results = simulate_all("slow-node", short(1));
+        for r in &results {
+            // 1000 req/s for 3 s, Poisson: within 10 % of 3000.
+            assert!(
+                (2700..=3300).contains(&r.requests()),
+                "{}: {}",
+                r.contender.name(),
+                r.requests()
+            );
+        }
+        let counts: Vec<u64> = results.iter().map(RunResult::requests).collect();
+        assert!(
+            counts.windows(2).all(|w| w[0] == w[1]),
+            "identical request stream: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn peak_ewma_has_a_lower_p99_than_round_robin_on_slow_node() {
+        let results = simulate_all("slow-node", short(1));
+        let p99 = |c: Contender| {
+            results
+                .iter()
+                .find(|r| r.contender == c)
+                .map(|r| r.latency_ms(0.99))
+                .expect("ran")
+        };
+        let (rr, ewma) = (p99(Contender::RoundRobin), p99(Contender::P2cPeakEwma));
+        assert!(
+            ewma < rr,
+            "p2c-peak-ewma p99 {ewma} ms vs round-robin {rr} ms"
+        );
+    }
+
+    #[test]
+    fn failing_backend_lowers_the_success_rate_and_latency_counts_successes_only() {
+        let results = simulate_all("failing-node", short(1));
+        let rr = &results[0];
+        assert_eq!(rr.contender, Contender::RoundRobin);
+        // Round robin sends 1/8 of requests to the backend that always fails.
+        assert!(
+            (rr.success_rate() - 0.875).abs() < 0.01,
+            "{}",
+            rr.success_rate()
+        );
+        assert!(
+            rr.latency_ms(0.0) >= 5.0,
+            "a 1 ms 503 is not a successful latency"
+        );
+    }
+
+    #[test]
+    fn report_renders_every_contender_into_the_plot() {
+        let scenario = scenario::by_name("baseline").expect("known");
+        let results = simulate_all("baseline", short(1));
+        let svg = report::plot(&scenario, &results).expect("plot");
+        for c in Contender::ALL {
+            assert!(svg.contains(c.name()), "{} missing from the plot", c.name());
+        }
+        let table = report::table(&scenario, &results);
+        assert!(table.contains("tower-p2c-peak-ewma"));
+    }
+}

@@ -1,0 +1,226 @@
+//! Running one contender on one scenario: the open-loop load generator, and
+//! the two modes (real hyper servers, or simulated backends on paused time).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant};
+use tower::{service_fn, BoxError, ServiceExt};
+use tower_lb::http::HttpEndpoint;
+
+use crate::backend::Backend;
+use crate::contender::{Client, Contender, Endpoint, Request};
+use crate::scenario::Scenario;
+
+/// How hard and how long to drive a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Requests per second offered, whatever the answers (open loop).
+    pub rate: f64,
+    /// How long requests are offered.
+    pub duration: Duration,
+    pub seed: u64,
+}
+
+/// What one contender did on one scenario.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub contender: Contender,
+    /// Latency of successful requests in microseconds, measured from each
+    /// request's intended arrival time.
+    pub latency_us: Histogram<u64>,
+    pub ok: u64,
+    pub failed: u64,
+    /// From the first arrival to the last answer.
+    pub elapsed: Duration,
+    /// Requests each backend received.
+    pub hits: Vec<u64>,
+}
+
+impl RunResult {
+    pub fn requests(&self) -> u64 {
+        self.ok + self.failed
+    }
+
+    pub fn success_rate(&self) -> f64 {
+        self.ok as f64 / self.requests().max(1) as f64
+    }
+
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency at quantile `q`, in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// Each backend's share of the requests, in percent.
+    pub fn shares(&self) -> Vec<f64> {
+        let total = self.hits.iter().sum::<u64>().max(1) as f64;
+        self.hits
+            .iter()
+            .map(|&h| 100.0 * h as f64 / total)
+            .collect()
+    }
+}
+
+fn request() -> Request {
+    let mut request = http::Request::new(Empty::new());
+    *request.uri_mut() = http::Uri::from_static("/");
+    request
+}
+
+/// Offers requests at `load.rate` as a Poisson process, never waiting for
+/// answers. Timers tick in milliseconds, so each wake-up releases every
+/// arrival already due, and every latency counts from the intended arrival
+/// (no coordinated omission).
+async fn generate(client: Client, load: Load) -> (Histogram<u64>, u64, u64, Duration) {
+    let mut rng = SmallRng::seed_from_u64(load.seed ^ 0x0a11_7e57);
+    let mut gap = move || Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / load.rate);
+    let start = Instant::now();
+    let end = start + load.duration;
+    let mut next = start + gap();
+    let mut in_flight = JoinSet::new();
+    while next < end {
+        let now = Instant::now();
+        while next <= now && next < end {
+            let intended = next;
+            let call = client.clone().oneshot(request());
+            in_flight.spawn(async move {
+                let answer = call.await;
+                (
+                    intended.elapsed(),
+                    matches!(answer, Ok(status) if status.is_success()),
+                )
+            });
+            next += gap();
+        }
+        sleep_until(next.min(end)).await;
+    }
+    let mut latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(done) = in_flight.join_next().await {
+        match done {
+            Ok((latency, true)) => {
+                ok += 1;
+                latency_us.saturating_record(latency.as_micros().max(1) as u64);
+            }
+            _ => failed += 1,
+        }
+    }
+    (latency_us, ok, failed, start.elapsed())
+}
+
+fn backends(scenario: &Scenario, seed: u64) -> Vec<Arc<Backend>> {
+    scenario
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| Backend::new(spec.clone(), seed.wrapping_mul(31).wrapping_add(i as u64)))
+        .collect()
+}
+
+/// Deterministic mode: simulated backends on tokio's paused clock, in a
+/// fresh single-threaded runtime, through the real balancer. Same inputs,
+/// same numbers.
+pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunResult {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(async {
+        let backends = backends(scenario, load.seed);
+        let endpoints = backends
+            .iter()
+            .map(|backend| {
+                let backend = backend.clone();
+                Endpoint::new(service_fn(move |_: Request| {
+                    let backend = backend.clone();
+                    async move { Ok::<_, BoxError>(backend.handle().await) }
+                }))
+            })
+            .collect();
+        let client = contender.build(endpoints, load.seed);
+        let (latency_us, ok, failed, elapsed) = generate(client, load).await;
+        RunResult {
+            contender,
+            latency_us,
+            ok,
+            failed,
+            elapsed,
+            hits: backends.iter().map(|b| b.hits()).collect(),
+        }
+    })
+}
+
+/// Real mode: one hyper server per backend on `127.0.0.1`, and the contender
+/// over real connections through a shared hyper-util client.
+pub async fn real(
+    scenario: &Scenario,
+    contender: Contender,
+    load: Load,
+) -> std::io::Result<RunResult> {
+    let backends = backends(scenario, load.seed);
+    let mut servers = JoinSet::new();
+    let mut addrs = Vec::new();
+    for backend in &backends {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(listener.local_addr()?);
+        servers.spawn(serve(listener, backend.clone()));
+    }
+    let http = tower_lb::http::client::<Empty<Bytes>>();
+    let endpoints = addrs
+        .iter()
+        .map(|&addr: &SocketAddr| {
+            let endpoint = HttpEndpoint::new(http.clone(), addr)
+                .map_response(|response| response.status())
+                .map_err(BoxError::from);
+            Endpoint::new(endpoint)
+        })
+        .collect();
+    let client = contender.build(endpoints, load.seed);
+    let (latency_us, ok, failed, elapsed) = generate(client, load).await;
+    servers.abort_all();
+    Ok(RunResult {
+        contender,
+        latency_us,
+        ok,
+        failed,
+        elapsed,
+        hits: backends.iter().map(|b| b.hits()).collect(),
+    })
+}
+
+async fn serve(listener: TcpListener, backend: Arc<Backend>) {
+    let mut connections = JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        let backend = backend.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |_req| {
+                let backend = backend.clone();
+                async move {
+                    let status = backend.handle().await;
+                    let mut response = hyper::Response::new(Empty::<Bytes>::new());
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! The scenarios: how each backend behaves. Described once here, and used by
+//! both the real hyper servers and the simulated backends.
+
+use std::time::Duration;
+
+/// How one backend answers. Times are whole milliseconds because tokio's
+/// timers tick in milliseconds.
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    /// Service time of a normal request.
+    pub latency: Duration,
+    /// Requests served at once; more wait in a queue. `None`: unbounded.
+    pub capacity: Option<usize>,
+    /// Share of requests answered `503` (after 1 ms).
+    pub error_rate: f64,
+    /// Share of requests that take `slow_factor` times the latency.
+    pub slow_rate: f64,
+    pub slow_factor: u32,
+    /// A periodic stall, like a stop-the-world GC.
+    pub stall: Option<Stall>,
+}
+
+/// A stall of `pause` at the end of every `every`: nothing finishes inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stall {
+    pub every: Duration,
+    pub pause: Duration,
+}
+
+impl BackendSpec {
+    pub fn answering_in(ms: u64) -> Self {
+        Self {
+            latency: Duration::from_millis(ms),
+            capacity: None,
+            error_rate: 0.0,
+            slow_rate: 0.0,
+            slow_factor: 1,
+            stall: None,
+        }
+    }
+}
+
+/// A named setup of backends.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Normal service time, and how many backends each scenario has.
+const BASE_MS: u64 = 5;
+const BACKENDS: usize = 8;
+
+fn uniform() -> Vec<BackendSpec> {
+    vec![BackendSpec::answering_in(BASE_MS); BACKENDS]
+}
+
+/// Every scenario, in the order they run.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "baseline",
+            about: "8 identical backends answering in 5 ms",
+            backends: uniform(),
+        },
+        Scenario {
+            name: "slow-node",
+            about: "one backend of 8 is 10x slower (50 ms)",
+            backends: {
+                let mut b = uniform();
+                b[0] = BackendSpec::answering_in(BASE_MS * 10);
+                b
+            },
+        },
+        Scenario {
+            name: "heterogeneous",
+            about: "latencies spread over 1x..4x (5 ms to 20 ms)",
+            backends: [5, 7, 9, 11, 13, 15, 17, 20]
+                .into_iter()
+                .map(BackendSpec::answering_in)
+                .collect(),
+        },
+        Scenario {
+            name: "failing-node",
+            about: "one backend of 8 answers every request 503 after 1 ms",
+            backends: {
+                let mut b = uniform();
+                b[0] = BackendSpec {
+                    error_rate: 1.0,
+                    ..BackendSpec::answering_in(BASE_MS)
+                };
+                b
+            },
+        },
+        Scenario {
+            name: "gc-pause",
+            about: "one backend of 8 stalls for 200 ms every second",
+            backends: {
+                let mut b = uniform();
+                b[0].stall = Some(Stall {
+                    every: Duration::from_secs(1),
+                    pause: Duration::from_millis(200),
+                });
+                b
+            },
+        },
+        Scenario {
+            name: "capacity",
+            about: "10 ms per request, capacity 2,2,4,4,8,8,16,16 at once (a queue beyond)",
+            backends: [2, 2, 4, 4, 8, 8, 16, 16]
+                .into_iter()
+                .map(|c| BackendSpec {
+                    capacity: Some(c),
+                    ..BackendSpec::answering_in(BASE_MS * 2)
+                })
+                .collect(),
+        },
+        Scenario {
+            name: "heavy-tail",
+            about: "every backend answers 1% of requests 20x slower (100 ms)",
+            backends: vec![
+                BackendSpec {
+                    slow_rate: 0.01,
+                    slow_factor: 20,
+                    ..BackendSpec::answering_in(BASE_MS)
+                };
+                BACKENDS
+            ],
+        },
+    ]
+}
+
+pub fn by_name(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
