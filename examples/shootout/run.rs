@@ -49,6 +49,23 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    fn new(contender: Contender, generated: Generated, backends: &[Arc<Backend>]) -> Self {
+        let Generated {
+            latency_us,
+            ok,
+            failed,
+            elapsed,
+        } = generated;
+        Self {
+            contender,
+            latency_us,
+            ok,
+            failed,
+            elapsed,
+            hits: backends.iter().map(|b| b.hits()).collect(),
+        }
+    }
+
     pub fn requests(&self) -> u64 {
         self.ok + self.failed
     }
@@ -82,11 +99,19 @@ fn request() -> Request {
     request
 }
 
+/// What the load generator saw.
+struct Generated {
+    latency_us: Histogram<u64>,
+    ok: u64,
+    failed: u64,
+    elapsed: Duration,
+}
+
 /// Offers requests at `load.rate` as a Poisson process, never waiting for
 /// answers. Timers tick in milliseconds, so each wake-up releases every
 /// arrival already due, and every latency counts from the intended arrival
 /// (no coordinated omission).
-async fn generate(client: Client, load: Load) -> (Histogram<u64>, u64, u64, Duration) {
+async fn generate(client: Client, load: Load) -> Generated {
     let mut rng = SmallRng::seed_from_u64(load.seed ^ 0x0a11_7e57);
     let mut gap = move || Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / load.rate);
     let start = Instant::now();
@@ -120,7 +145,12 @@ async fn generate(client: Client, load: Load) -> (Histogram<u64>, u64, u64, Dura
             _ => failed += 1,
         }
     }
-    (latency_us, ok, failed, start.elapsed())
+    Generated {
+        latency_us,
+        ok,
+        failed,
+        elapsed: start.elapsed(),
+    }
 }
 
 fn backends(scenario: &Scenario, seed: u64) -> Vec<Arc<Backend>> {
@@ -154,15 +184,7 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
             })
             .collect();
         let client = contender.build(endpoints, load.seed);
-        let (latency_us, ok, failed, elapsed) = generate(client, load).await;
-        RunResult {
-            contender,
-            latency_us,
-            ok,
-            failed,
-            elapsed,
-            hits: backends.iter().map(|b| b.hits()).collect(),
-        }
+        RunResult::new(contender, generate(client, load).await, &backends)
     })
 }
 
@@ -192,16 +214,9 @@ pub async fn real(
         })
         .collect();
     let client = contender.build(endpoints, load.seed);
-    let (latency_us, ok, failed, elapsed) = generate(client, load).await;
+    let generated = generate(client, load).await;
     servers.abort_all();
-    Ok(RunResult {
-        contender,
-        latency_us,
-        ok,
-        failed,
-        elapsed,
-        hits: backends.iter().map(|b| b.hits()).collect(),
-    })
+    Ok(RunResult::new(contender, generated, &backends))
 }
 
 async fn serve(listener: TcpListener, backend: Arc<Backend>) {
