@@ -17,7 +17,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 pub enum Error {
     /// No endpoint was known when the request arrived, and none appeared within
     /// the startup wait.
-    #[error("no endpoints available: discovery produced none within {waited:?}")]
+    #[error("no endpoints available: none appeared within {waited:?}")]
     NoEndpoints {
         /// How long the request waited for the first endpoint.
         waited: Duration,
@@ -146,7 +146,7 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            "no endpoints available: discovery produced none within 250ms"
+            "no endpoints available: none appeared within 250ms"
         );
     }
 

@@ -98,7 +98,35 @@ impl<B, C> HttpEndpoint<B, C> {
         &self.authority
     }
 
-    fn address(&self, uri: Uri) -> Result<Uri, http::Error> {
+    /// Points the request at this endpoint. Refuses what cannot be balanced
+    /// without changing its meaning: a CONNECT (its target is the tunnel's),
+    /// and an absolute URI of another scheme (an `https` request must never go
+    /// out as plain `http`). An absolute URI's authority is kept as the `Host`
+    /// header, so virtual hosts still route.
+    fn address(&self, parts: &mut http::request::Parts) -> Result<(), BoxError> {
+        if parts.method == http::Method::CONNECT {
+            return Err("a CONNECT request cannot be balanced".into());
+        }
+        if let Some(scheme) = parts.uri.scheme() {
+            if *scheme != self.scheme {
+                return Err(format!(
+                    "the request is for {scheme} but the endpoint speaks {}",
+                    self.scheme
+                )
+                .into());
+            }
+        }
+        if let Some(authority) = parts.uri.authority() {
+            if !parts.headers.contains_key(http::header::HOST) {
+                let host = http::HeaderValue::from_str(authority.as_str())?;
+                parts.headers.insert(http::header::HOST, host);
+            }
+        }
+        parts.uri = self.rewrite(std::mem::take(&mut parts.uri))?;
+        Ok(())
+    }
+
+    fn rewrite(&self, uri: Uri) -> Result<Uri, http::Error> {
         let mut parts = uri.into_parts();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
@@ -143,19 +171,16 @@ where
 
     fn call(&mut self, req: Request<B>) -> HttpResponseFuture {
         let (mut parts, body) = req.into_parts();
-        match self.address(std::mem::take(&mut parts.uri)) {
-            Ok(uri) => {
-                parts.uri = uri;
-                HttpResponseFuture {
-                    inner: Some(self.client.request(Request::from_parts(parts, body))),
-                    invalid: None,
-                }
-            }
+        match self.address(&mut parts) {
+            Ok(()) => HttpResponseFuture {
+                inner: Some(self.client.request(Request::from_parts(parts, body))),
+                invalid: None,
+            },
             Err(error) => HttpResponseFuture {
                 inner: None,
                 invalid: Some(HttpError {
                     kind: Kind::InvalidUri,
-                    source: error.into(),
+                    source: error,
                 }),
             },
         }
@@ -226,8 +251,8 @@ impl HttpError {
     }
 
     /// The request provably never left the client (a connect failure, or a
-    /// URI that could not be addressed to the endpoint), so sending it again
-    /// cannot duplicate it.
+    /// request that could not be addressed to the endpoint), so sending it
+    /// again cannot duplicate it.
     pub fn is_never_sent(&self) -> bool {
         matches!(self.kind, Kind::Connect | Kind::InvalidUri)
     }

@@ -224,7 +224,7 @@ async fn request_fails_with_no_endpoints_after_the_startup_wait() {
     assert!(matches!(err, Error::NoEndpoints { waited } if waited == Duration::from_millis(300)));
     assert_eq!(
         err.to_string(),
-        "no endpoints available: discovery produced none within 300ms"
+        "no endpoints available: none appeared within 300ms"
     );
 }
 
@@ -542,4 +542,149 @@ async fn driver_stops_when_the_last_handle_is_dropped() {
     assert!(!handle.is_closed(), "a clone still holds the balancer");
     drop(clone);
     wait_until(Duration::from_secs(2), || handle.is_closed()).await;
+}
+
+/// Blocks inside its first pick until the test opens the gate, so the test
+/// can change the endpoints while a request holds an old snapshot.
+struct GatedFirstPick {
+    first: AtomicBool,
+    entered: Arc<AtomicBool>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Strategy for GatedFirstPick {
+    type Schedule = ();
+
+    fn schedule<C: tower_lb::strategy::Candidates + ?Sized>(
+        &self,
+        _: &C,
+        _: &tower_lb::strategy::PickContext<'_>,
+    ) {
+    }
+
+    fn pick<C: tower_lb::strategy::Candidates + ?Sized>(
+        &self,
+        _: &(),
+        _: &C,
+        _: &tower_lb::strategy::PickContext<'_>,
+    ) -> Option<usize> {
+        if self.first.swap(false, Ordering::SeqCst) {
+            self.entered.store(true, Ordering::SeqCst);
+            let (open, opened) = &*self.gate;
+            let mut open = open.lock().expect("lock");
+            while !*open {
+                open = opened.wait(open).expect("lock");
+            }
+        }
+        Some(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_removed_while_a_request_picks_it_gets_no_request() {
+    let (old, new) = (TestServer::start().await, TestServer::start().await);
+    let (handle, stream) = discover::channel();
+    handle.insert(1, endpoint(old.addr)).unwrap();
+    let entered = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let balancer = Balancer::builder()
+        .strategy(GatedFirstPick {
+            first: AtomicBool::new(true),
+            entered: entered.clone(),
+            gate: gate.clone(),
+        })
+        .build(stream);
+    wait_until(Duration::from_secs(2), || balancer.endpoints().len() == 1).await;
+
+    // The request loads the snapshot with `old` and stops inside the pick.
+    let request = tokio::spawn({
+        let balancer = balancer.clone();
+        async move { balancer.oneshot(get()).await.map(|r| r.status()) }
+    });
+    wait_until(Duration::from_secs(2), || entered.load(Ordering::SeqCst)).await;
+
+    // Meanwhile discovery replaces `old` by `new`; with nothing in flight,
+    // `old` leaves the balancer entirely.
+    handle.insert(2, endpoint(new.addr)).unwrap();
+    handle.remove(1).unwrap();
+    wait_until(Duration::from_secs(2), || {
+        balancer
+            .endpoints()
+            .iter()
+            .map(|e| e.key)
+            .collect::<Vec<_>>()
+            == [2]
+    })
+    .await;
+
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(request.await.expect("task").expect("request succeeds"), 200);
+    assert_eq!(
+        (old.hits(), new.hits()),
+        (0, 1),
+        "the stale pick was not used"
+    );
+    assert_eq!(balancer.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_max_means_wait_forever_not_overflow() {
+    let server = TestServer::start().await;
+    let (handle, stream) = discover::channel();
+    let balancer = Balancer::builder()
+        .startup_wait(Duration::MAX)
+        .build(stream);
+    let request = tokio::spawn({
+        let balancer = balancer.clone();
+        async move { roundtrip(&balancer).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    handle.insert(server.addr, endpoint(server.addr)).unwrap();
+    request.await.expect("task").expect("request succeeds");
+    balancer
+        .shutdown(Duration::MAX)
+        .await
+        .expect("nothing in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_uri_keeps_its_authority_as_the_host_header() {
+    let server = TestServer::start().await;
+    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let request = http::Request::get("http://api.internal:8080/users?page=2")
+        .body(support::Body::new())
+        .unwrap();
+    let response = balancer.oneshot(request).await.expect("request succeeds");
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.last_host().as_deref(), Some("api.internal:8080"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_request_through_a_plain_http_endpoint_is_refused_and_never_sent() {
+    let server = TestServer::start().await;
+    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let request = http::Request::get("https://api.internal/secret")
+        .body(support::Body::new())
+        .unwrap();
+    let err = balancer.oneshot(request).await.unwrap_err();
+    assert!(err.is_never_sent(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the request is for https but the endpoint speaks http"),
+        "{err}"
+    );
+    assert_eq!(server.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_request_is_refused_and_never_sent() {
+    let server = TestServer::start().await;
+    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let request = http::Request::connect("example.com:443")
+        .body(support::Body::new())
+        .unwrap();
+    let err = balancer.oneshot(request).await.unwrap_err();
+    assert!(err.is_never_sent(), "{err}");
+    assert_eq!(server.hits(), 0);
 }

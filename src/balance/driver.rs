@@ -34,6 +34,13 @@ struct Batch<K, S, E> {
     ended: bool,
 }
 
+impl<K, S, E> Batch<K, S, E> {
+    /// The stream may have more ready: let other tasks run before asking.
+    fn is_full(&self) -> bool {
+        self.changes.len() >= MAX_BATCH
+    }
+}
+
 /// Everything ready on the stream, up to `MAX_BATCH` or the first error.
 async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::Service, D::Error> {
     poll_fn(|cx| {
@@ -112,7 +119,7 @@ where
 
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy>(&mut self, inner: &Inner<K, S, P>) {
-        self.draining.retain(|e| e.load().in_flight() > 0);
+        self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
         let eligible: EndpointList<K, S> = self.active.values().cloned().collect();
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
@@ -149,6 +156,7 @@ pub(crate) async fn run<D, P>(
 
     loop {
         let mut changed = false;
+        let mut more_ready = false;
         tokio::select! {
             biased;
             _ = &mut stop => break,
@@ -159,6 +167,7 @@ pub(crate) async fn run<D, P>(
                 next_batch(discover.as_mut()).await
             }, if discovery_open => {
                 retry_at = None;
+                let full = batch.is_full();
                 let (mut inserted, mut removed) = (0usize, 0usize);
                 for item in batch.changes {
                     match item {
@@ -182,6 +191,7 @@ pub(crate) async fn run<D, P>(
                 if changed {
                     tracing::info!(inserted, removed, endpoints = endpoints.active.len(), "endpoints updated");
                 }
+                more_ready = full;
                 if batch.ended {
                     tracing::info!(endpoints = endpoints.active.len(), "discovery stream ended; keeping the last known endpoints");
                     discovery_open = false;
@@ -194,6 +204,11 @@ pub(crate) async fn run<D, P>(
         if changed {
             let Some(inner) = inner.upgrade() else { break };
             endpoints.publish(&inner);
+        }
+        if more_ready {
+            // A full batch: the stream may be always ready; let other tasks
+            // on this worker run before asking it again.
+            tokio::task::yield_now().await;
         }
     }
     tracing::debug!("balancer driver stopped");

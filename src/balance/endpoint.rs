@@ -11,7 +11,6 @@ use tokio::time::Instant;
 
 use crate::load::{EndpointLoad, RttEstimate};
 use crate::strategy::PickContext;
-use crate::Error;
 
 /// State shared by a balancer and all of its endpoints (not generic, so that
 /// endpoints can reach it without knowing the strategy).
@@ -151,17 +150,30 @@ pub(crate) struct InFlight<K, S> {
 }
 
 impl<K, S> InFlight<K, S> {
-    /// Counts a request as started, unless the balancer closed meanwhile.
+    /// Counts a request as started on `endpoint`, unless the balancer closed
+    /// or the endpoint was removed since the snapshot was loaded.
     pub(crate) fn start(
         endpoint: Arc<Endpoint<K, S>>,
         start_ns: Option<u64>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, Refused> {
         endpoint.load.start();
+        // Both flags are read after the increment, and their writers read the
+        // in-flight count after setting them (`shutdown` sums the counts; the
+        // driver prunes drained endpoints), all `SeqCst`: so either this
+        // request sees the flag, or the other side sees the request.
+        let refused = if endpoint.shared.is_closed() {
+            Some(Refused::Closed)
+        } else if endpoint.draining.load(Ordering::SeqCst) {
+            Some(Refused::Draining)
+        } else {
+            None
+        };
         let guard = Self { endpoint, start_ns };
-        // Checked after the increment: `shutdown` sets the flag before it sums
-        // in-flight counts, so one of the two always sees the other.
-        if guard.endpoint.shared.is_closed() {
-            return Err(Error::Closed);
+        if let Some(refused) = refused {
+            guard.endpoint.load.uncount_start();
+            // Dropping the guard releases the in-flight count and wakes
+            // whoever waits for it.
+            return Err(refused);
         }
         Ok(guard)
     }
@@ -196,6 +208,16 @@ impl<K, S> Drop for InFlight<K, S> {
             shared.idle.notify_waiters();
         }
     }
+}
+
+/// Why a request could not start on the endpoint it picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The balancer is closed.
+    Closed,
+    /// Discovery removed the endpoint after the request loaded its snapshot;
+    /// pick again from a newer one.
+    Draining,
 }
 
 /// Whether an endpoint takes new requests.

@@ -39,7 +39,7 @@ use tower::discover::Discover;
 use tower::util::Oneshot;
 use tower::Service;
 
-use self::endpoint::{InFlight, Shared};
+use self::endpoint::{InFlight, Refused, Shared};
 use self::future::Dispatched;
 use self::snapshot::{EndpointList, Snapshot};
 use crate::error::BoxError;
@@ -142,7 +142,10 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
                 let call = Oneshot::new(endpoint.service().clone(), req);
                 Dispatch::Sent((call, guard))
             }
-            Err(error) => Dispatch::Failed(error),
+            Err(Refused::Closed) => Dispatch::Failed(Error::Closed),
+            // Removed while we picked it (a race of nanoseconds): the slow
+            // path picks again from the snapshot that no longer has it.
+            Err(Refused::Draining) => Dispatch::NoEndpoints(req),
         }
     }
 
@@ -156,7 +159,7 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
         S: Service<Req> + Clone,
     {
         let started = Instant::now();
-        let deadline = started + self.startup_wait;
+        let deadline = started.checked_add(self.startup_wait);
         // Subscribed before looking, so a publish in between is not missed.
         let mut published = self.published.subscribe();
         loop {
@@ -165,9 +168,9 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
                 Dispatch::Failed(error) => return Err(error),
                 Dispatch::NoEndpoints(back) => req = back,
             }
-            match tokio::time::timeout_at(deadline, published.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => {
+            match until(deadline, published.changed()).await {
+                Some(Ok(())) => continue,
+                Some(Err(_)) | None => {
                     return Err(Error::NoEndpoints {
                         waited: started.elapsed(),
                     })
@@ -228,10 +231,14 @@ impl<K, S, P: Strategy> Balancer<K, S, P> {
     /// Graceful shutdown: [`close`](Self::close)s the balancer, then waits
     /// until no request is in flight, or fails with
     /// [`Error::ShutdownTimedOut`] after `timeout`.
+    ///
+    /// A request counts as in flight until its response future completes,
+    /// that is until the endpoint's response (for HTTP, its headers) has
+    /// arrived; a response body still streaming is not waited for.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), Error> {
         self.close();
         let started = Instant::now();
-        let deadline = started + timeout;
+        let deadline = started.checked_add(timeout);
         loop {
             let idle = self.inner.shared.idle.notified();
             tokio::pin!(idle);
@@ -240,7 +247,7 @@ impl<K, S, P: Strategy> Balancer<K, S, P> {
             if self.in_flight() == 0 {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            if until(deadline, idle).await.is_none() {
                 return Err(Error::ShutdownTimedOut {
                     waited: started.elapsed(),
                     in_flight: self.in_flight(),
@@ -299,6 +306,16 @@ where
                 ResponseFuture::waiting(Box::pin(self.inner.clone().dispatch_when_ready(req)))
             }
         }
+    }
+}
+
+/// Runs `future` until `deadline`; `None` if the deadline came first. No
+/// deadline (a wait too long to represent, like `Duration::MAX`) waits
+/// forever.
+async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
     }
 }
 

@@ -24,7 +24,7 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
         self.eligible
             .iter()
             .chain(self.draining.iter())
-            .map(|e| e.load().in_flight())
+            .map(|e| e.load().in_flight_seq_cst())
             .sum()
     }
 }

@@ -118,6 +118,9 @@ impl<K, S> ChannelDiscover<K, S>
 where
     K: Hash + Eq + Clone,
 {
+    /// New keys are inserted before missing ones are removed, so that a
+    /// balancer applying the changes in several batches never sees a set
+    /// smaller than the old and new ones.
     fn expand_replace_all(&mut self, endpoints: Vec<(K, S)>) {
         let wanted: HashMap<K, S> = endpoints.into_iter().collect();
         let gone: Vec<K> = self
@@ -126,14 +129,14 @@ where
             .filter(|key| !wanted.contains_key(*key))
             .cloned()
             .collect();
-        for key in gone {
-            self.known.remove(&key);
-            self.pending.push_back(Change::Remove(key));
-        }
         for (key, service) in wanted {
             if self.known.insert(key.clone()) {
                 self.pending.push_back(Change::Insert(key, service));
             }
+        }
+        for key in gone {
+            self.known.remove(&key);
+            self.pending.push_back(Change::Remove(key));
         }
     }
 }
@@ -218,6 +221,25 @@ mod tests {
 
         handle.replace_all([("b", 20), ("c", 3)]).unwrap();
         assert_eq!(drain(&mut stream).await, ["+c=3", "-a"]);
+    }
+
+    #[tokio::test]
+    async fn replace_all_inserts_before_it_removes() {
+        let (handle, mut stream) = channel();
+        handle.insert("a", 1).unwrap();
+        handle.insert("b", 2).unwrap();
+        drain(&mut stream).await;
+        handle.replace_all([("c", 3), ("d", 4)]).unwrap();
+        let mut order = Vec::new();
+        while let Ok(Some(Ok(change))) = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)),
+        )
+        .await
+        {
+            order.push(matches!(change, Change::Insert(..)));
+        }
+        assert_eq!(order, [true, true, false, false]);
     }
 
     #[tokio::test]

@@ -108,6 +108,12 @@ impl EndpointLoad {
         (self.counters.load(Ordering::Relaxed) & IN_FLIGHT_MASK) as usize
     }
 
+    /// The in-flight count with `SeqCst`, for the shutdown and drain checks
+    /// that pair a store with a load of the other side's value.
+    pub(crate) fn in_flight_seq_cst(&self) -> usize {
+        (self.counters.load(Ordering::SeqCst) & IN_FLIGHT_MASK) as usize
+    }
+
     /// Requests sent to the endpoint so far (modulo 2^40).
     pub fn requests(&self) -> u64 {
         self.counters.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
@@ -137,6 +143,12 @@ impl EndpointLoad {
     /// request that raced `close()` either sees the flag or is seen in flight.
     pub(crate) fn start(&self) {
         self.counters.fetch_add(ONE_STARTED + 1, Ordering::SeqCst);
+    }
+
+    /// Takes back the started count of a request that was turned away before
+    /// it was sent (its in-flight count is released by `finish`).
+    pub(crate) fn uncount_start(&self) {
+        self.counters.fetch_sub(ONE_STARTED, Ordering::Relaxed);
     }
 
     /// Counts a request as finished (completed or dropped); returns how many

@@ -29,6 +29,7 @@ struct ServerState {
     hits: AtomicUsize,
     in_flight: AtomicUsize,
     delay_ms: AtomicU64,
+    last_host: std::sync::Mutex<Option<String>>,
 }
 
 impl TestServer {
@@ -55,6 +56,11 @@ impl TestServer {
 
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// The `Host` header of the last request received.
+    pub fn last_host(&self) -> Option<String> {
+        self.state.last_host.lock().expect("lock").clone()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -95,9 +101,15 @@ async fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
 }
 
 async fn handle(
-    _req: Request<Incoming>,
+    req: Request<Incoming>,
     state: Arc<ServerState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    *state.last_host.lock().expect("lock") = host;
     state.hits.fetch_add(1, Ordering::SeqCst);
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     let delay = state.delay_ms.load(Ordering::Relaxed);
