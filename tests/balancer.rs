@@ -688,3 +688,71 @@ async fn connect_request_is_refused_and_never_sent() {
     assert!(err.is_never_sent(), "{err}");
     assert_eq!(server.hits(), 0);
 }
+
+/// Captures what `tracing` writes on this thread (the driver task runs here
+/// too on a current-thread runtime).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn discovery_error_is_reported_as_a_warning_with_its_cause() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let balancer = Balancer::builder().build(Scripted(rx));
+    tx.send(Err(std::io::Error::other("registry unreachable")))
+        .unwrap();
+    wait_until(Duration::from_secs(2), || {
+        logs.text().contains("registry unreachable")
+    })
+    .await;
+    let text = logs.text();
+    assert!(text.contains("WARN"), "{text}");
+    assert!(text.contains("keeping the last known endpoints"), "{text}");
+    drop(balancer);
+}
+
+#[tokio::test]
+async fn removing_an_unknown_endpoint_is_reported_as_a_debug_event() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let (handle, stream) = discover::channel::<u32, Endpoint>();
+    let balancer = Balancer::builder().build(stream);
+    handle.remove(42).unwrap();
+    wait_until(Duration::from_secs(2), || {
+        logs.text().contains("unknown endpoint")
+    })
+    .await;
+    let text = logs.text();
+    assert!(
+        text.contains("DEBUG") && text.contains("endpoint=42"),
+        "{text}"
+    );
+    assert!(balancer.endpoints().is_empty());
+}
