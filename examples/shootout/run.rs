@@ -93,10 +93,9 @@ impl RunResult {
     }
 }
 
+/// A `GET /` (the default method and URI).
 fn request() -> Request {
-    let mut request = http::Request::new(Empty::new());
-    *request.uri_mut() = http::Uri::from_static("/");
-    request
+    http::Request::new(Empty::new())
 }
 
 /// What the load generator saw.

@@ -92,13 +92,11 @@ where
         match change {
             Change::Insert(key, service) => {
                 let endpoint = Arc::new(Endpoint::new(key.clone(), service, shared.clone()));
-                match self.active.insert(key, endpoint) {
-                    Some(old) => {
-                        tracing::debug!(endpoint = ?old.key(), "endpoint replaced; the old service drains");
-                        old.start_draining();
-                        self.draining.push(old);
-                    }
-                    None => tracing::debug!("endpoint inserted"),
+                tracing::debug!(endpoint = ?key, "endpoint inserted");
+                if let Some(old) = self.active.insert(key, endpoint) {
+                    tracing::debug!(endpoint = ?old.key(), "the endpoint's previous service drains");
+                    old.start_draining();
+                    self.draining.push(old);
                 }
                 true
             }

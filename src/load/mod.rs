@@ -24,8 +24,8 @@ use crate::strategy::PickContext;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RttEstimate {
     pub(crate) default_rtt_ns: f64,
-    pub(crate) decay_ns: f64,
-    /// `1 / decay_ns`: the request path multiplies rather than divides.
+    /// `1 / decay` in nanoseconds: the request path multiplies rather than
+    /// divides.
     pub(crate) decay_rate: f64,
 }
 
@@ -33,18 +33,15 @@ impl RttEstimate {
     /// Linkerd's defaults: 30 ms assumed before the first response, 10 s decay.
     pub const DEFAULT: RttEstimate = RttEstimate {
         default_rtt_ns: 30e6,
-        decay_ns: 10e9,
         decay_rate: 1.0 / 10e9,
     };
 
     /// An estimate that starts at `default_rtt` and decays with time constant
     /// `decay`. A zero `decay` is raised to one nanosecond.
     pub fn new(default_rtt: Duration, decay: Duration) -> Self {
-        let decay_ns = (decay.as_nanos() as f64).max(1.0);
         Self {
             default_rtt_ns: default_rtt.as_nanos() as f64,
-            decay_ns,
-            decay_rate: 1.0 / decay_ns,
+            decay_rate: 1.0 / (decay.as_nanos() as f64).max(1.0),
         }
     }
 
@@ -55,7 +52,7 @@ impl RttEstimate {
 
     /// The decay time constant.
     pub fn decay(&self) -> Duration {
-        Duration::from_nanos(self.decay_ns as u64)
+        Duration::from_nanos((1.0 / self.decay_rate).round() as u64)
     }
 }
 
