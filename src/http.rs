@@ -256,6 +256,21 @@ impl HttpError {
     pub fn is_never_sent(&self) -> bool {
         matches!(self.kind, Kind::Connect | Kind::InvalidUri)
     }
+
+    /// The client refused to address the request to the endpoint (a CONNECT,
+    /// or a scheme the endpoint does not speak): the caller's mistake, which
+    /// says nothing about the endpoint's health.
+    pub fn is_refused_by_client(&self) -> bool {
+        self.kind == Kind::InvalidUri
+    }
+
+    #[cfg(test)]
+    pub(crate) fn refused_for_test() -> Self {
+        Self {
+            kind: Kind::InvalidUri,
+            source: "CONNECT is not balanced".into(),
+        }
+    }
 }
 
 impl fmt::Display for HttpError {

@@ -38,8 +38,10 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod balance;
+pub mod classify;
 pub mod discover;
 pub mod error;
+pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod load;

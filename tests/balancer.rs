@@ -15,7 +15,7 @@ use tower_lb::http::{self as lb_http, HttpEndpoint};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
 use tower_lb::{Balancer, EndpointState, Error};
 
-use support::{get, refusing_addr, servers, wait_until, Body, TestServer};
+use support::{get, refusing_addr, servers, wait_until, Body, CapturedLogs, TestServer};
 
 type Endpoint = HttpEndpoint<Body>;
 
@@ -687,37 +687,6 @@ async fn connect_request_is_refused_and_never_sent() {
     let err = balancer.oneshot(request).await.unwrap_err();
     assert!(err.is_never_sent(), "{err}");
     assert_eq!(server.hits(), 0);
-}
-
-/// Captures what `tracing` writes on this thread (the driver task runs here
-/// too on a current-thread runtime).
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl CapturedLogs {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
-    }
 }
 
 #[tokio::test]

@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use tower::discover::Discover;
 
+use super::driver::HealthSettings;
 use super::endpoint::Shared;
-use super::Balancer;
+use super::{Balancer, Settings};
+use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
+use crate::health::OutlierDetection;
 use crate::load::RttEstimate;
 use crate::strategy::{P2c, Strategy};
 
@@ -28,24 +31,31 @@ use crate::strategy::{P2c, Strategy};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Builder<P = P2c> {
+pub struct Builder<P = P2c, C = ErrorsAsFailures> {
     strategy: P,
+    classify: C,
     startup_wait: Duration,
     rtt: RttEstimate,
     track_latency: bool,
     seed: Option<u64>,
+    outlier_detection: Option<OutlierDetection>,
+    panic_threshold: u32,
 }
 
 impl Builder<P2c> {
-    /// The defaults: [`P2c::peak_ewma`], a 5 s startup wait, and
-    /// [`RttEstimate::DEFAULT`].
+    /// The defaults: [`P2c::peak_ewma`], a 5 s startup wait,
+    /// [`RttEstimate::DEFAULT`], [`ErrorsAsFailures`], no outlier detection,
+    /// and a 50 % panic threshold.
     pub fn new() -> Self {
         Self {
             strategy: P2c::peak_ewma(),
+            classify: ErrorsAsFailures,
             startup_wait: Duration::from_secs(5),
             rtt: RttEstimate::DEFAULT,
             track_latency: false,
             seed: None,
+            outlier_detection: None,
+            panic_threshold: 50,
         }
     }
 }
@@ -56,16 +66,59 @@ impl Default for Builder<P2c> {
     }
 }
 
-impl<P: Strategy> Builder<P> {
+impl<P: Strategy, C> Builder<P, C> {
     /// The balancing strategy.
-    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q> {
+    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C> {
         Builder {
             strategy,
+            classify: self.classify,
             startup_wait: self.startup_wait,
             rtt: self.rtt,
             track_latency: self.track_latency,
             seed: self.seed,
+            outlier_detection: self.outlier_detection,
+            panic_threshold: self.panic_threshold,
         }
+    }
+
+    /// What counts as a failure of an endpoint (see [`crate::classify`]).
+    /// Default [`ErrorsAsFailures`]; for HTTP use
+    /// [`HttpClassify::server_errors`](crate::classify::HttpClassify::server_errors)
+    /// or [`HttpClassify::grpc`](crate::classify::HttpClassify::grpc).
+    pub fn classify<D>(self, classify: D) -> Builder<P, D> {
+        Builder {
+            strategy: self.strategy,
+            classify,
+            startup_wait: self.startup_wait,
+            rtt: self.rtt,
+            track_latency: self.track_latency,
+            seed: self.seed,
+            outlier_detection: self.outlier_detection,
+            panic_threshold: self.panic_threshold,
+        }
+    }
+
+    /// Ejects endpoints that fail (see [`crate::health`]). Default: off.
+    ///
+    /// ```
+    /// use tower_lb::{classify::HttpClassify, health::OutlierDetection, Balancer};
+    ///
+    /// let builder = Balancer::builder()
+    ///     .classify(HttpClassify::server_errors())
+    ///     .outlier_detection(OutlierDetection::new());
+    /// # let _ = builder;
+    /// ```
+    pub fn outlier_detection(mut self, detection: OutlierDetection) -> Self {
+        self.outlier_detection = Some(detection);
+        self
+    }
+
+    /// When fewer than this percentage of the endpoints are in service (not
+    /// ejected), balance over all of them, as Envoy does. Default 50; 0 turns
+    /// panic mode off; values above 100 are taken as 100.
+    pub fn panic_threshold(mut self, percent: u32) -> Self {
+        self.panic_threshold = percent.min(100);
+        self
     }
 
     /// How long a request waits for the first endpoint when discovery has not
@@ -107,15 +160,33 @@ impl<P: Strategy> Builder<P> {
     /// # Panics
     ///
     /// When called outside a tokio runtime, like `tokio::spawn`.
-    pub fn build<D>(self, discover: D) -> Balancer<D::Key, D::Service, P>
+    pub fn build<D>(self, discover: D) -> Balancer<D::Key, D::Service, P, C>
     where
         D: Discover + Send + 'static,
         D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Service: Send + Sync + 'static,
         D::Error: Into<BoxError>,
+        C: Send + Sync + 'static,
     {
-        let track_latency = self.track_latency || self.strategy.uses_latency();
-        let shared = Shared::new(self.rtt, self.seed, track_latency);
-        super::spawn(discover, self.strategy, self.startup_wait, shared)
+        let latency_detector = self
+            .outlier_detection
+            .as_ref()
+            .is_some_and(|d| d.latency.is_some());
+        let track_latency = self.track_latency || self.strategy.uses_latency() || latency_detector;
+        let consecutive_failures = self
+            .outlier_detection
+            .as_ref()
+            .and_then(|d| d.consecutive_failures);
+        let shared = Shared::new(self.rtt, self.seed, track_latency, consecutive_failures);
+        let settings = Settings {
+            strategy: self.strategy,
+            classify: self.classify,
+            startup_wait: self.startup_wait,
+            health: HealthSettings {
+                outlier_detection: self.outlier_detection,
+                panic_threshold: self.panic_threshold,
+            },
+        };
+        super::spawn(discover, settings, shared)
     }
 }

@@ -12,13 +12,17 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 use tokio::sync::oneshot;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tower::discover::{Change, Discover};
 
 use super::endpoint::{Endpoint, Shared};
 use super::snapshot::{EndpointList, Snapshot};
 use super::Inner;
 use crate::error::BoxError;
+use crate::health::{
+    failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
+    EjectionRecord, OutlierDetection,
+};
 use crate::strategy::Strategy;
 
 /// At most this many changes are applied per snapshot, so that a stream that
@@ -76,11 +80,28 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
     .await
 }
 
+/// The health settings the driver applies.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthSettings {
+    pub(crate) outlier_detection: Option<OutlierDetection>,
+    pub(crate) panic_threshold: u32,
+}
+
+/// An endpoint in the current set, with what the driver remembers of its
+/// health (dropped with it).
+struct Tracked<K, S> {
+    endpoint: Arc<Endpoint<K, S>>,
+    record: EjectionRecord,
+}
+
 /// The driver's own view of the endpoints; the published snapshot is derived
 /// from it.
 struct Endpoints<K, S> {
-    active: IndexMap<K, Arc<Endpoint<K, S>>>,
+    active: IndexMap<K, Tracked<K, S>>,
     draining: Vec<Arc<Endpoint<K, S>>>,
+    health: HealthSettings,
+    /// Whether the last published snapshot was in panic mode.
+    panic: bool,
 }
 
 impl<K, S> Endpoints<K, S>
@@ -93,18 +114,22 @@ where
             Change::Insert(key, service) => {
                 let endpoint = Arc::new(Endpoint::new(key.clone(), service, shared.clone()));
                 tracing::debug!(endpoint = ?key, "endpoint inserted");
-                if let Some(old) = self.active.insert(key, endpoint) {
-                    tracing::debug!(endpoint = ?old.key(), "the endpoint's previous service drains");
-                    old.start_draining();
-                    self.draining.push(old);
+                let tracked = Tracked {
+                    endpoint,
+                    record: EjectionRecord::new(0, 0),
+                };
+                if let Some(old) = self.active.insert(key, tracked) {
+                    tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
+                    old.endpoint.start_draining();
+                    self.draining.push(old.endpoint);
                 }
                 true
             }
             Change::Remove(key) => match self.active.swap_remove(&key) {
                 Some(old) => {
-                    tracing::debug!(endpoint = ?key, in_flight = old.load().in_flight(), "endpoint removed; draining");
-                    old.start_draining();
-                    self.draining.push(old);
+                    tracing::debug!(endpoint = ?key, in_flight = old.endpoint.load().in_flight(), "endpoint removed; draining");
+                    old.endpoint.start_draining();
+                    self.draining.push(old.endpoint);
                     true
                 }
                 None => {
@@ -115,14 +140,208 @@ where
         }
     }
 
+    fn ejected_count(&self) -> usize {
+        self.active
+            .values()
+            .filter(|t| t.record.is_ejected())
+            .count()
+    }
+
+    /// Ejects the endpoint at `index` if the cap allows; returns whether it
+    /// did.
+    fn try_eject(
+        &mut self,
+        index: usize,
+        reason: EjectionReason,
+        detection: &OutlierDetection,
+        shared: &Shared,
+        now: Instant,
+    ) -> bool {
+        let (ejected, total) = (self.ejected_count(), self.active.len());
+        let Some((key, tracked)) = self.active.get_index_mut(index) else {
+            return false;
+        };
+        if tracked.record.is_ejected() {
+            return false;
+        }
+        if !detection.may_eject(ejected, total) {
+            tracing::info!(endpoint = ?key, %reason, ejected, endpoints = total,
+                max_ejection_percent = detection.max_ejection_percent,
+                "outlier not ejected: too many endpoints are out already");
+            return false;
+        }
+        let (time, multiplier) = tracked.record.eject(now, detection);
+        let returns_at = tracked.record.ejected_until().unwrap_or(now);
+        tracked.endpoint.eject(shared.ns_at(returns_at));
+        tracing::warn!(endpoint = ?key, %reason, ejection_time = ?time, multiplier,
+            ejected = ejected + 1, endpoints = total, "endpoint ejected");
+        true
+    }
+
+    /// Ejects the endpoints that reached their consecutive-failure limit, or
+    /// puts them back in service when the cap forbids.
+    fn eject_tripped(&mut self, detection: &OutlierDetection, shared: &Shared) -> bool {
+        let now = Instant::now();
+        let limit = detection.consecutive_failures.unwrap_or(1);
+        let mut changed = false;
+        for index in 0..self.active.len() {
+            let tripped = self.active[index].endpoint.is_tripped();
+            if !tripped {
+                continue;
+            }
+            let reason = EjectionReason::ConsecutiveFailures(limit);
+            if self.try_eject(index, reason, detection, shared, now) {
+                changed = true;
+            } else {
+                self.active[index].endpoint.restore();
+            }
+        }
+        changed
+    }
+
+    /// When the next ejection ends.
+    fn next_return(&self) -> Option<Instant> {
+        self.active
+            .values()
+            .filter_map(|t| t.record.ejected_until())
+            .min()
+    }
+
+    /// Puts back in service the endpoints whose ejection time is up.
+    fn return_due(&mut self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        for (key, tracked) in self.active.iter_mut() {
+            let load = tracked.endpoint.load();
+            if tracked
+                .record
+                .try_return(now, load.successes(), load.failures())
+            {
+                tracked.endpoint.restore();
+                tracing::info!(endpoint = ?key, multiplier = tracked.record.multiplier(),
+                    "ejection over; endpoint back in service");
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The interval detectors, then the multiplier decay. Returns whether an
+    /// endpoint was ejected.
+    fn evaluate_interval(&mut self, detection: &OutlierDetection, shared: &Shared) -> bool {
+        let now = Instant::now();
+        // Every endpoint's reading moves on, ejected ones included, so that
+        // each interval counts only its own outcomes.
+        let mut judged = Vec::new();
+        let mut counts = Vec::new();
+        for (index, tracked) in self.active.values_mut().enumerate() {
+            let load = tracked.endpoint.load();
+            let interval = tracked
+                .record
+                .take_interval(load.successes(), load.failures());
+            if !tracked.record.is_ejected() {
+                judged.push(index);
+                counts.push(interval);
+            }
+        }
+        let mut changed = false;
+        if let Some(detector) = &detection.success_rate {
+            for (j, rate, threshold) in success_rate_outliers(&counts, detector) {
+                let reason = EjectionReason::SuccessRate { rate, threshold };
+                changed |= self.try_eject(judged[j], reason, detection, shared, now);
+            }
+        }
+        if let Some(detector) = &detection.failure_percentage {
+            for (j, percent) in failure_percentage_outliers(&counts, detector) {
+                let reason = EjectionReason::FailurePercentage {
+                    percent,
+                    threshold: detector.threshold,
+                };
+                changed |= self.try_eject(judged[j], reason, detection, shared, now);
+            }
+        }
+        if let Some(detector) = &detection.latency {
+            let now_ns = shared.ns_at(now);
+            let estimates: Vec<Option<f64>> = judged
+                .iter()
+                .zip(&counts)
+                .map(|(&index, interval)| {
+                    let endpoint = &self.active[index].endpoint;
+                    (interval.requests() > 0)
+                        .then(|| endpoint.load().rtt_estimate_ns(now_ns, &shared.rtt))
+                })
+                .collect();
+            let (slow, median) = latency_outliers(&estimates, detector);
+            for (j, &is_slow) in slow.iter().enumerate() {
+                let index = judged[j];
+                let record = &mut self.active[index].record;
+                if !is_slow {
+                    record.slow_intervals = 0;
+                    continue;
+                }
+                record.slow_intervals += 1;
+                if record.slow_intervals >= detector.intervals {
+                    let reason = EjectionReason::Latency {
+                        estimate: Duration::from_nanos(estimates[j].unwrap_or(0.0) as u64),
+                        median: Duration::from_nanos(median as u64),
+                        intervals: record.slow_intervals,
+                    };
+                    changed |= self.try_eject(index, reason, detection, shared, now);
+                }
+            }
+        }
+        for tracked in self.active.values_mut() {
+            tracked.record.healthy_interval();
+        }
+        changed
+    }
+
     /// Builds and publishes a snapshot of the current state.
-    fn publish<P: Strategy>(&mut self, inner: &Inner<K, S, P>) {
+    fn publish<P: Strategy, C>(&mut self, inner: &Inner<K, S, P, C>) {
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
-        let eligible: EndpointList<K, S> = self.active.values().cloned().collect();
+        let total = self.active.len();
+        let in_service: Vec<Arc<Endpoint<K, S>>> = self
+            .active
+            .values()
+            .filter(|t| !t.record.is_ejected())
+            .map(|t| t.endpoint.clone())
+            .collect();
+        let ejected: EndpointList<K, S> = self
+            .active
+            .values()
+            .filter(|t| t.record.is_ejected())
+            .map(|t| t.endpoint.clone())
+            .collect();
+        let threshold = self.health.panic_threshold as usize;
+        let panic = !ejected.is_empty() && in_service.len() * 100 < threshold * total;
+        if panic != self.panic {
+            if panic {
+                tracing::warn!(
+                    in_service = in_service.len(),
+                    endpoints = total,
+                    panic_threshold = threshold,
+                    "too few endpoints in service: panic mode, balancing over all of them"
+                );
+            } else {
+                tracing::info!(
+                    in_service = in_service.len(),
+                    endpoints = total,
+                    "panic mode over"
+                );
+            }
+            self.panic = panic;
+        }
+        let eligible: EndpointList<K, S> = if panic {
+            self.active.values().map(|t| t.endpoint.clone()).collect()
+        } else {
+            in_service.into_boxed_slice()
+        };
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
         inner.snapshot.store(Arc::new(Snapshot {
             eligible,
+            ejected,
+            panic,
             draining: self.draining.clone().into_boxed_slice(),
             schedule,
         }));
@@ -132,10 +351,11 @@ where
 
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
 /// state, so that happens when the last handle is dropped).
-pub(crate) async fn run<D, P>(
+pub(crate) async fn run<D, P, C>(
     discover: D,
-    inner: Weak<Inner<D::Key, D::Service, P>>,
+    inner: Weak<Inner<D::Key, D::Service, P, C>>,
     shared: Arc<Shared>,
+    health: HealthSettings,
     mut stop: oneshot::Receiver<()>,
 ) where
     D: Discover,
@@ -144,10 +364,18 @@ pub(crate) async fn run<D, P>(
     P: Strategy,
 {
     tokio::pin!(discover);
+    let detection = health.outlier_detection.clone();
     let mut endpoints = Endpoints {
         active: IndexMap::new(),
         draining: Vec::new(),
+        health,
+        panic: false,
     };
+    let mut ticker = detection.as_ref().map(|d| {
+        let mut ticker = interval_at(Instant::now() + d.interval, d.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker
+    });
     let mut discovery_open = true;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = ERROR_BACKOFF_MIN;
@@ -155,6 +383,7 @@ pub(crate) async fn run<D, P>(
     loop {
         let mut changed = false;
         let mut more_ready = false;
+        let next_return = endpoints.next_return();
         tokio::select! {
             biased;
             _ = &mut stop => break,
@@ -197,6 +426,24 @@ pub(crate) async fn run<D, P>(
             }
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {
                 changed = true;
+            }
+            _ = shared.tripped.notified(), if detection.is_some() => {
+                if let Some(detection) = &detection {
+                    changed = endpoints.eject_tripped(detection, &shared);
+                }
+            }
+            _ = sleep_until(next_return.unwrap_or_else(Instant::now)), if next_return.is_some() => {
+                changed = endpoints.return_due();
+            }
+            _ = async {
+                match &mut ticker {
+                    Some(ticker) => ticker.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(detection) = &detection {
+                    changed = endpoints.evaluate_interval(detection, &shared);
+                }
             }
         }
         if changed {

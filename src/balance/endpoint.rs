@@ -2,13 +2,14 @@
 //! flight on it, and the public view of its state.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::classify::{Outcome, RecordOutcome};
 use crate::load::{EndpointLoad, RttEstimate};
 use crate::strategy::PickContext;
 
@@ -22,6 +23,12 @@ pub(crate) struct Shared {
     track_latency: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
+    /// Failures in a row that take an endpoint out of service (outlier
+    /// detection's consecutive-failures detector), if on.
+    consecutive_failures: Option<u32>,
+    /// Woken when an endpoint reaches `consecutive_failures`, so the driver
+    /// ejects it.
+    pub(crate) tripped: Notify,
     /// Woken on every completion once closed, for `Balancer::shutdown`.
     pub(crate) idle: Notify,
     /// Woken when a draining endpoint's last request finishes, so the driver
@@ -30,13 +37,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(rtt: RttEstimate, seed: Option<u64>, track_latency: bool) -> Self {
+    pub(crate) fn new(
+        rtt: RttEstimate,
+        seed: Option<u64>,
+        track_latency: bool,
+        consecutive_failures: Option<u32>,
+    ) -> Self {
         Self {
             epoch: Instant::now(),
             rtt,
             track_latency,
             seed: seed.map(AtomicU64::new),
             closed: AtomicBool::new(false),
+            consecutive_failures,
+            tripped: Notify::new(),
             idle: Notify::new(),
             drained: Notify::new(),
         }
@@ -45,9 +59,12 @@ impl Shared {
     /// Nanoseconds since the balancer was built, on tokio's clock (so paused
     /// time in tests and simulations applies).
     pub(crate) fn now_ns(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos() as u64
+        self.ns_at(Instant::now())
+    }
+
+    /// `at` in nanoseconds since the balancer was built.
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// The time a request starts, when requests are timed.
@@ -78,9 +95,24 @@ pub(crate) struct Endpoint<K, S> {
     key: K,
     service: S,
     load: EndpointLoad,
-    draining: AtomicBool,
+    /// One of the `ACTIVE`, `TRIPPED`, `EJECTED`, `DRAINING` states.
+    state: AtomicU8,
+    /// Times outlier detection ejected it.
+    ejections: AtomicU32,
+    /// While ejected: when it returns, in nanoseconds since the epoch.
+    returns_at_ns: AtomicU64,
     shared: Arc<Shared>,
 }
+
+/// In service.
+const ACTIVE: u8 = 0;
+/// Reached its consecutive-failure limit: requests avoid it until the driver
+/// ejects it (or, if the ejection cap forbids, puts it back in service).
+const TRIPPED: u8 = 1;
+/// Out of service until its ejection time is up.
+const EJECTED: u8 = 2;
+/// Removed by discovery; its in-flight requests are finishing.
+const DRAINING: u8 = 3;
 
 impl<K, S> Endpoint<K, S> {
     pub(crate) fn new(key: K, service: S, shared: Arc<Shared>) -> Self {
@@ -89,7 +121,9 @@ impl<K, S> Endpoint<K, S> {
             key,
             service,
             load,
-            draining: AtomicBool::new(false),
+            state: AtomicU8::new(ACTIVE),
+            ejections: AtomicU32::new(0),
+            returns_at_ns: AtomicU64::new(0),
             shared,
         }
     }
@@ -109,16 +143,60 @@ impl<K, S> Endpoint<K, S> {
     /// Marks the endpoint as removed: it is no longer in the snapshot and
     /// its in-flight requests are finishing.
     pub(crate) fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.state.store(DRAINING, Ordering::SeqCst);
     }
 
-    pub(crate) fn stats(&self, state: EndpointState) -> EndpointStats<K>
+    fn is_draining(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == DRAINING
+    }
+
+    /// Neither ejected nor about to be, nor removed.
+    pub(crate) fn is_in_service(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == ACTIVE
+    }
+
+    /// Reached its consecutive-failure limit and waits for the driver.
+    pub(crate) fn is_tripped(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == TRIPPED
+    }
+
+    /// Takes the endpoint out of service until `returns_at_ns`.
+    pub(crate) fn eject(&self, returns_at_ns: u64) {
+        self.returns_at_ns.store(returns_at_ns, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.load.reset_consecutive_failures();
+        self.state.store(EJECTED, Ordering::SeqCst);
+    }
+
+    /// Puts an ejected or tripped endpoint back in service, with a clean
+    /// count of failures in a row.
+    pub(crate) fn restore(&self) {
+        self.load.reset_consecutive_failures();
+        self.state.store(ACTIVE, Ordering::SeqCst);
+    }
+
+    /// The state the public view shows.
+    pub(crate) fn state(&self) -> EndpointState {
+        match self.state.load(Ordering::Relaxed) {
+            EJECTED => EndpointState::Ejected,
+            DRAINING => EndpointState::Draining,
+            _ => EndpointState::Active,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> EndpointStats<K>
     where
         K: Clone,
     {
-        let rtt_estimate = self.shared.request_clock().map(|now| {
+        let now = self.shared.now_ns();
+        let rtt_estimate = self.shared.track_latency.then(|| {
             let rtt = self.load.rtt_estimate_ns(now, &self.shared.rtt);
             Duration::from_nanos(rtt as u64)
+        });
+        let state = self.state();
+        let returns_in = (state == EndpointState::Ejected).then(|| {
+            let at = self.returns_at_ns.load(Ordering::Relaxed);
+            Duration::from_nanos(at.saturating_sub(now))
         });
         EndpointStats {
             key: self.key.clone(),
@@ -126,7 +204,10 @@ impl<K, S> Endpoint<K, S> {
             in_flight: self.load.in_flight(),
             rtt_estimate,
             requests: self.load.requests(),
+            successes: self.load.successes(),
             failures: self.load.failures(),
+            ejections: self.ejections.load(Ordering::Relaxed),
+            returns_in,
         }
     }
 }
@@ -136,25 +217,51 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
         f.debug_struct("Endpoint")
             .field("key", &self.key)
             .field("load", &self.load)
-            .field("draining", &self.draining)
+            .field("state", &self.state())
             .finish()
+    }
+}
+
+impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
+    fn record_outcome(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Success => self.load.record_success(),
+            Outcome::Failure => {
+                let in_a_row = self.load.record_failure();
+                let Some(limit) = self.shared.consecutive_failures else {
+                    return;
+                };
+                // Only the request that trips it wakes the driver.
+                if in_a_row >= limit
+                    && self
+                        .state
+                        .compare_exchange(ACTIVE, TRIPPED, Ordering::SeqCst, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    self.shared.tripped.notify_one();
+                }
+            }
+        }
     }
 }
 
 /// Counts one request in flight on an endpoint from dispatch until it is
 /// completed or dropped, so that cancellation leaves the counters right.
 pub(crate) struct InFlight<K, S> {
-    endpoint: Arc<Endpoint<K, S>>,
+    /// Always `Some` until `complete` takes it.
+    endpoint: Option<Arc<Endpoint<K, S>>>,
     /// When the request started, if requests are timed.
     start_ns: Option<u64>,
 }
 
 impl<K, S> InFlight<K, S> {
-    /// Counts a request as started on `endpoint`, unless the balancer closed
-    /// or the endpoint was removed since the snapshot was loaded.
+    /// Counts a request as started on `endpoint`, unless the balancer closed,
+    /// the endpoint was removed since the snapshot was loaded, or (when
+    /// `avoid_ejected`) it is out of service.
     pub(crate) fn start(
         endpoint: Arc<Endpoint<K, S>>,
         start_ns: Option<u64>,
+        avoid_ejected: bool,
     ) -> Result<Self, Refused> {
         endpoint.load.start();
         // Both flags are read after the increment, and their writers read the
@@ -163,14 +270,19 @@ impl<K, S> InFlight<K, S> {
         // request sees the flag, or the other side sees the request.
         let refused = if endpoint.shared.is_closed() {
             Some(Refused::Closed)
-        } else if endpoint.draining.load(Ordering::SeqCst) {
-            Some(Refused::Draining)
         } else {
-            None
+            match endpoint.state.load(Ordering::SeqCst) {
+                DRAINING => Some(Refused::Draining),
+                TRIPPED | EJECTED if avoid_ejected => Some(Refused::Ejected),
+                _ => None,
+            }
         };
-        let guard = Self { endpoint, start_ns };
+        let guard = Self {
+            endpoint: Some(endpoint),
+            start_ns,
+        };
         if let Some(refused) = refused {
-            guard.endpoint.load.uncount_start();
+            guard.endpoint().load.uncount_start();
             // Dropping the guard releases the in-flight count and wakes
             // whoever waits for it.
             return Err(refused);
@@ -179,33 +291,48 @@ impl<K, S> InFlight<K, S> {
     }
 
     pub(crate) fn endpoint(&self) -> &Endpoint<K, S> {
-        &self.endpoint
+        match &self.endpoint {
+            Some(endpoint) => endpoint,
+            None => unreachable!("InFlight used after complete"),
+        }
     }
 
-    /// Records the outcome and latency, then releases the request.
-    pub(crate) fn complete(self, success: bool) {
+    /// Records the latency and releases the request; returns the endpoint,
+    /// for the outcome report.
+    pub(crate) fn complete(mut self) -> Arc<Endpoint<K, S>> {
+        let endpoint = match self.endpoint.take() {
+            Some(endpoint) => endpoint,
+            None => unreachable!("InFlight completed twice"),
+        };
         if let Some(start) = self.start_ns {
-            let shared = &self.endpoint.shared;
+            let shared = &endpoint.shared;
             let now = shared.now_ns();
-            self.endpoint
+            endpoint
                 .load
                 .record_rtt(now.saturating_sub(start), now, &shared.rtt);
         }
-        if !success {
-            self.endpoint.load.record_failure();
-        }
+        release(&endpoint);
+        endpoint
+    }
+}
+
+/// Takes one request off the endpoint's in-flight count and wakes whoever
+/// waits for it to drain.
+fn release<K, S>(endpoint: &Endpoint<K, S>) {
+    let before = endpoint.load.finish();
+    let shared = &endpoint.shared;
+    if before == 1 && endpoint.is_draining() {
+        shared.drained.notify_one();
+    }
+    if shared.is_closed() {
+        shared.idle.notify_waiters();
     }
 }
 
 impl<K, S> Drop for InFlight<K, S> {
     fn drop(&mut self) {
-        let before = self.endpoint.load.finish();
-        let shared = &self.endpoint.shared;
-        if before == 1 && self.endpoint.draining.load(Ordering::SeqCst) {
-            shared.drained.notify_one();
-        }
-        if shared.is_closed() {
-            shared.idle.notify_waiters();
+        if let Some(endpoint) = self.endpoint.take() {
+            release(&endpoint);
         }
     }
 }
@@ -218,6 +345,8 @@ pub(crate) enum Refused {
     /// Discovery removed the endpoint after the request loaded its snapshot;
     /// pick again from a newer one.
     Draining,
+    /// Out of service (ejected, or about to be); pick another.
+    Ejected,
 }
 
 /// Whether an endpoint takes new requests.
@@ -229,6 +358,9 @@ pub enum EndpointState {
     /// Removed or replaced by discovery: gets no new requests, and its
     /// in-flight requests are finishing.
     Draining,
+    /// Taken out of service by [outlier detection](crate::health) until its
+    /// ejection time is up; gets requests only in panic mode.
+    Ejected,
 }
 
 /// A point-in-time view of one endpoint, from
@@ -248,6 +380,12 @@ pub struct EndpointStats<K> {
     pub rtt_estimate: Option<Duration>,
     /// Requests sent to it since it was inserted.
     pub requests: u64,
-    /// Requests that ended in an error from its service.
+    /// Requests [classified](crate::classify) as successes.
+    pub successes: u64,
+    /// Requests classified as failures.
     pub failures: u64,
+    /// Times outlier detection ejected it.
+    pub ejections: u32,
+    /// While [`Ejected`](EndpointState::Ejected): how long until it returns.
+    pub returns_in: Option<Duration>,
 }

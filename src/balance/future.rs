@@ -10,6 +10,7 @@ use tower::util::Oneshot;
 use tower::Service;
 
 use super::endpoint::InFlight;
+use crate::classify::{Classify, OutcomeReport, RecordOutcome};
 use crate::error::BoxError;
 use crate::Error;
 
@@ -29,12 +30,13 @@ pin_project! {
     /// (the `oneshot` pattern), so one slow endpoint never holds up the
     /// balancer's `poll_ready`. Dropping it before it completes releases the
     /// request's in-flight count.
-    pub struct ResponseFuture<K, S, Req>
+    pub struct ResponseFuture<K, S, Req, C>
     where
         S: Service<Req>,
     {
         #[pin]
         state: State<K, S, Req>,
+        classify: C,
     }
 }
 
@@ -54,43 +56,48 @@ pin_project! {
     }
 }
 
-impl<K, S, Req> ResponseFuture<K, S, Req>
+impl<K, S, Req, C> ResponseFuture<K, S, Req, C>
 where
     S: Service<Req>,
 {
-    pub(crate) fn dispatched((call, guard): Dispatched<K, S, Req>) -> Self {
+    pub(crate) fn dispatched((call, guard): Dispatched<K, S, Req>, classify: C) -> Self {
         Self {
             state: State::Calling {
                 call,
                 guard: Some(guard),
             },
+            classify,
         }
     }
 
-    pub(crate) fn waiting(wait: Waiting<K, S, Req>) -> Self {
+    pub(crate) fn waiting(wait: Waiting<K, S, Req>, classify: C) -> Self {
         Self {
             state: State::Waiting { wait },
+            classify,
         }
     }
 
-    pub(crate) fn failed(error: Error) -> Self {
+    pub(crate) fn failed(error: Error, classify: C) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
+            classify,
         }
     }
 }
 
-impl<K, S, Req> Future for ResponseFuture<K, S, Req>
+impl<K, S, Req, C> Future for ResponseFuture<K, S, Req, C>
 where
-    K: fmt::Debug,
-    S: Service<Req>,
+    K: fmt::Debug + Send + Sync + 'static,
+    S: Service<Req> + Send + Sync + 'static,
     S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
 {
-    type Output = Result<S::Response, Error>;
+    type Output = Result<C::Response, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            let dispatched = match self.as_mut().project().state.project() {
+            let this = self.as_mut().project();
+            let dispatched = match this.state.project() {
                 StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
                     Ok(dispatched) => dispatched,
                     Err(error) => return Poll::Ready(Err(error)),
@@ -100,17 +107,20 @@ where
                     let Some(guard) = guard.take() else {
                         panic!("tower_lb::ResponseFuture polled after completion");
                     };
+                    let endpoint = guard.complete();
                     return Poll::Ready(match result {
                         Ok(response) => {
-                            guard.complete(true);
-                            Ok(response)
+                            let report = OutcomeReport::new(endpoint);
+                            Ok(this.classify.classify_response(response, report))
                         }
                         Err(source) => {
-                            let endpoint = format!("{:?}", guard.endpoint().key());
-                            guard.complete(false);
+                            let source: BoxError = source.into();
+                            if let Some(outcome) = this.classify.classify_error(&*source) {
+                                endpoint.record_outcome(outcome);
+                            }
                             Err(Error::Endpoint {
-                                endpoint,
-                                source: source.into(),
+                                endpoint: format!("{:?}", endpoint.key()),
+                                source,
                             })
                         }
                     });
@@ -128,7 +138,7 @@ where
     }
 }
 
-impl<K, S, Req> fmt::Debug for ResponseFuture<K, S, Req>
+impl<K, S, Req, C> fmt::Debug for ResponseFuture<K, S, Req, C>
 where
     S: Service<Req>,
 {

@@ -42,6 +42,7 @@ use tower::Service;
 use self::endpoint::{InFlight, Refused, Shared};
 use self::future::Dispatched;
 use self::snapshot::{EndpointList, Snapshot};
+use crate::classify::{Classify, ErrorsAsFailures};
 use crate::error::BoxError;
 use crate::strategy::{P2c, Strategy};
 use crate::Error;
@@ -84,14 +85,14 @@ use crate::Error;
 /// # Ok(())
 /// # }
 /// ```
-pub struct Balancer<K, S, P = P2c>
+pub struct Balancer<K, S, P = P2c, C = ErrorsAsFailures>
 where
     P: Strategy,
 {
-    inner: Arc<Inner<K, S, P>>,
+    inner: Arc<Inner<K, S, P, C>>,
 }
 
-pub(crate) struct Inner<K, S, P: Strategy> {
+pub(crate) struct Inner<K, S, P: Strategy, C> {
     snapshot: ArcSwap<Snapshot<K, S, P::Schedule>>,
     strategy: P,
     shared: Arc<Shared>,
@@ -99,6 +100,8 @@ pub(crate) struct Inner<K, S, P: Strategy> {
     /// watch it.
     published: watch::Sender<u64>,
     startup_wait: Duration,
+    /// Decides what counts as a failure of an endpoint.
+    classify: C,
     /// Dropped with the last handle, which stops the driver.
     _stop_driver: oneshot::Sender<()>,
 }
@@ -113,7 +116,11 @@ where
     Failed(Error),
 }
 
-impl<K, S, P: Strategy> Inner<K, S, P> {
+/// Picks that may land on an endpoint taken out of service since the
+/// snapshot was published before the balancer scans for one in service.
+const REPICKS: usize = 2;
+
+impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
     fn dispatch<Req>(&self, req: Req) -> Dispatch<K, S, Req>
     where
         S: Service<Req> + Clone,
@@ -123,29 +130,43 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
             return Dispatch::Failed(Error::Closed);
         }
         let snapshot = self.snapshot.load();
-        if snapshot.eligible.is_empty() {
+        let eligible = &snapshot.eligible[..];
+        if eligible.is_empty() {
             return Dispatch::NoEndpoints(req);
         }
         let now_ns = shared.request_clock();
         let ctx = shared.pick_context(now_ns.unwrap_or(0));
-        let picked = self
-            .strategy
-            .pick(&snapshot.schedule, &snapshot.eligible[..], &ctx)
-            .and_then(|i| snapshot.eligible.get(i));
-        let Some(endpoint) = picked else {
-            return Dispatch::Failed(Error::NoPick {
-                endpoints: snapshot.eligible.len(),
-            });
-        };
-        match InFlight::start(endpoint.clone(), now_ns) {
-            Ok(guard) => {
-                let call = Oneshot::new(endpoint.service().clone(), req);
-                Dispatch::Sent((call, guard))
+        // The snapshot leaves ejected endpoints out (unless in panic mode),
+        // but one can trip between two snapshots: pick again, and after
+        // `REPICKS` tries take the next endpoint in service.
+        let avoid_ejected = !snapshot.panic;
+        let mut attempt = 0;
+        loop {
+            let picked = self
+                .strategy
+                .pick(&snapshot.schedule, eligible, &ctx)
+                .filter(|&i| i < eligible.len());
+            let Some(mut index) = picked else {
+                return Dispatch::Failed(Error::NoPick {
+                    endpoints: eligible.len(),
+                });
+            };
+            let last_try = attempt == REPICKS;
+            if last_try {
+                index = next_in_service(eligible, index);
             }
-            Err(Refused::Closed) => Dispatch::Failed(Error::Closed),
-            // Removed while we picked it (a race of nanoseconds): the slow
-            // path picks again from the snapshot that no longer has it.
-            Err(Refused::Draining) => Dispatch::NoEndpoints(req),
+            let endpoint = &eligible[index];
+            match InFlight::start(endpoint.clone(), now_ns, avoid_ejected && !last_try) {
+                Ok(guard) => {
+                    let call = Oneshot::new(endpoint.service().clone(), req);
+                    return Dispatch::Sent((call, guard));
+                }
+                Err(Refused::Closed) => return Dispatch::Failed(Error::Closed),
+                // Removed while we picked it (a race of nanoseconds): the slow
+                // path picks again from the snapshot that no longer has it.
+                Err(Refused::Draining) => return Dispatch::NoEndpoints(req),
+                Err(Refused::Ejected) => attempt += 1,
+            }
         }
     }
 
@@ -180,31 +201,46 @@ impl<K, S, P: Strategy> Inner<K, S, P> {
     }
 }
 
+/// The first endpoint in service after `from` (cyclically), or `from` itself
+/// when none is.
+fn next_in_service<K, S>(eligible: &[Arc<Endpoint<K, S>>], from: usize) -> usize {
+    (1..=eligible.len())
+        .map(|step| (from + step) % eligible.len())
+        .find(|&i| eligible[i].is_in_service())
+        .unwrap_or(from)
+}
+
 impl Balancer<(), (), P2c> {
     /// A builder with the defaults: [`P2c::peak_ewma`], a 5 s startup wait,
-    /// and Linkerd's latency-estimate settings.
+    /// Linkerd's latency-estimate settings, every error a failure and no
+    /// outlier detection.
     pub fn builder() -> Builder<P2c> {
         Builder::new()
     }
 }
 
-impl<K, S, P: Strategy> Balancer<K, S, P> {
-    /// A point-in-time view of every endpoint: the active ones, then those
-    /// still draining.
+impl<K, S, P: Strategy, C> Balancer<K, S, P, C> {
+    /// A point-in-time view of every endpoint: those in service, then the
+    /// ejected ones, then those still draining.
     pub fn endpoints(&self) -> Vec<EndpointStats<K>>
     where
         K: Clone,
     {
         let snapshot = self.inner.snapshot.load();
-        let active = snapshot
-            .eligible
-            .iter()
-            .map(|e| e.stats(EndpointState::Active));
-        let draining = snapshot
-            .draining
-            .iter()
-            .map(|e| e.stats(EndpointState::Draining));
-        active.chain(draining).collect()
+        let mut all: Vec<EndpointStats<K>> = snapshot.all().map(|e| e.stats()).collect();
+        // In panic mode ejected endpoints sit among the eligible ones.
+        all.sort_by_key(|e| match e.state {
+            EndpointState::Active => 0,
+            EndpointState::Ejected => 1,
+            _ => 2,
+        });
+        all
+    }
+
+    /// True while too few endpoints are in service and requests go to
+    /// ejected ones too (see [`Builder::panic_threshold`]).
+    pub fn is_panicking(&self) -> bool {
+        self.inner.snapshot.load().panic
     }
 
     /// Requests in flight on all endpoints, draining ones included.
@@ -257,7 +293,7 @@ impl<K, S, P: Strategy> Balancer<K, S, P> {
     }
 }
 
-impl<K, S, P: Strategy> Clone for Balancer<K, S, P> {
+impl<K, S, P: Strategy, C> Clone for Balancer<K, S, P, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -265,30 +301,33 @@ impl<K, S, P: Strategy> Clone for Balancer<K, S, P> {
     }
 }
 
-impl<K: fmt::Debug, S, P: Strategy + fmt::Debug> fmt::Debug for Balancer<K, S, P> {
+impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C> fmt::Debug for Balancer<K, S, P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let snapshot = self.inner.snapshot.load();
         let keys: Vec<&K> = snapshot.eligible.iter().map(|e| e.key()).collect();
         f.debug_struct("Balancer")
             .field("strategy", &self.inner.strategy)
             .field("endpoints", &keys)
+            .field("ejected", &snapshot.ejected.len())
+            .field("panic", &snapshot.panic)
             .field("draining", &snapshot.draining.len())
             .field("closed", &self.is_closed())
             .finish()
     }
 }
 
-impl<K, S, P, Req> Service<Req> for Balancer<K, S, P>
+impl<K, S, P, C, Req> Service<Req> for Balancer<K, S, P, C>
 where
     K: fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     P: Strategy,
+    C: Classify<S::Response>,
     Req: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = C::Response;
     type Error = Error;
-    type Future = ResponseFuture<K, S, Req>;
+    type Future = ResponseFuture<K, S, Req, C>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if self.inner.shared.is_closed() {
@@ -299,12 +338,14 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let classify = self.inner.classify.clone();
         match self.inner.dispatch(req) {
-            Dispatch::Sent(dispatched) => ResponseFuture::dispatched(dispatched),
-            Dispatch::Failed(error) => ResponseFuture::failed(error),
-            Dispatch::NoEndpoints(req) => {
-                ResponseFuture::waiting(Box::pin(self.inner.clone().dispatch_when_ready(req)))
-            }
+            Dispatch::Sent(dispatched) => ResponseFuture::dispatched(dispatched, classify),
+            Dispatch::Failed(error) => ResponseFuture::failed(error, classify),
+            Dispatch::NoEndpoints(req) => ResponseFuture::waiting(
+                Box::pin(self.inner.clone().dispatch_when_ready(req)),
+                classify,
+            ),
         }
     }
 }
@@ -319,20 +360,34 @@ async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> 
     }
 }
 
+/// What the builder hands to [`spawn`].
+pub(crate) struct Settings<P, C> {
+    pub(crate) strategy: P,
+    pub(crate) classify: C,
+    pub(crate) startup_wait: Duration,
+    pub(crate) health: driver::HealthSettings,
+}
+
 /// Builds the shared state and spawns the driver; used by the builder.
-pub(crate) fn spawn<D, P>(
+pub(crate) fn spawn<D, P, C>(
     discover: D,
-    strategy: P,
-    startup_wait: Duration,
+    settings: Settings<P, C>,
     shared: Shared,
-) -> Balancer<D::Key, D::Service, P>
+) -> Balancer<D::Key, D::Service, P, C>
 where
     D: Discover + Send + 'static,
     D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     D::Service: Send + Sync + 'static,
     D::Error: Into<BoxError>,
     P: Strategy,
+    C: Send + Sync + 'static,
 {
+    let Settings {
+        strategy,
+        classify,
+        startup_wait,
+        health,
+    } = settings;
     let shared = Arc::new(shared);
     let empty: EndpointList<D::Key, D::Service> = Box::new([]);
     let schedule = strategy.schedule(&empty[..], &shared.pick_context(0));
@@ -340,6 +395,8 @@ where
     let inner = Arc::new(Inner {
         snapshot: ArcSwap::from_pointee(Snapshot {
             eligible: empty,
+            ejected: Box::new([]),
+            panic: false,
             draining: Box::new([]),
             schedule,
         }),
@@ -347,12 +404,14 @@ where
         shared: shared.clone(),
         published: watch::Sender::new(0),
         startup_wait,
+        classify,
         _stop_driver: stop_tx,
     });
     tokio::spawn(driver::run(
         discover,
         Arc::downgrade(&inner),
         shared,
+        health,
         stop_rx,
     ));
     Balancer { inner }

@@ -9,8 +9,14 @@ pub(crate) type EndpointList<K, S> = Box<[Arc<Endpoint<K, S>>]>;
 
 /// One published state of the balancer, swapped in whole by the driver.
 pub(crate) struct Snapshot<K, S, Sch> {
-    /// The endpoints new requests may go to.
+    /// The endpoints new requests may go to: those in service, or in panic
+    /// mode all of them.
     pub(crate) eligible: EndpointList<K, S>,
+    /// Endpoints taken out of service by outlier detection (also in
+    /// `eligible` in panic mode).
+    pub(crate) ejected: EndpointList<K, S>,
+    /// Too few endpoints are in service: requests go to ejected ones too.
+    pub(crate) panic: bool,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
     /// The strategy's precomputed schedule for `eligible`.
@@ -18,13 +24,19 @@ pub(crate) struct Snapshot<K, S, Sch> {
 }
 
 impl<K, S, Sch> Snapshot<K, S, Sch> {
-    /// Requests in flight on every endpoint this snapshot knows, draining ones
-    /// included.
-    pub(crate) fn in_flight(&self) -> usize {
+    /// Every endpoint this snapshot knows, each once: in service, ejected,
+    /// draining.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
+        let ejected: &[Arc<Endpoint<K, S>>] = if self.panic { &[] } else { &self.ejected };
         self.eligible
             .iter()
+            .chain(ejected.iter())
             .chain(self.draining.iter())
-            .map(|e| e.load().in_flight_seq_cst())
-            .sum()
+    }
+
+    /// Requests in flight on every endpoint this snapshot knows, ejected and
+    /// draining ones included.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.all().map(|e| e.load().in_flight_seq_cst()).sum()
     }
 }

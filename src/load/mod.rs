@@ -1,7 +1,7 @@
 //! Per-endpoint load signals: requests in flight and a Peak-EWMA latency
 //! estimate, kept in atomics so that recording and reading them takes no lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::strategy::PickContext;
@@ -78,7 +78,10 @@ pub struct EndpointLoad {
     /// Requests in flight (low `IN_FLIGHT_BITS` bits) and requests started
     /// (the bits above), packed so that starting a request is one atomic add.
     counters: AtomicU64,
+    successes: AtomicU64,
     failures: AtomicU64,
+    /// Failures since the last success, for outlier detection.
+    consecutive_failures: AtomicU32,
     /// Latency estimate in nanoseconds, as `f64` bits.
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last written, in nanoseconds since the balancer's epoch.
@@ -93,7 +96,9 @@ impl EndpointLoad {
     pub fn new(now_ns: u64, rtt: &RttEstimate) -> Self {
         Self {
             counters: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
             measured: AtomicBool::new(false),
@@ -116,9 +121,20 @@ impl EndpointLoad {
         self.counters.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
     }
 
-    /// Requests that ended in an error from the endpoint service.
+    /// Requests [classified](crate::classify) as successes.
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+
+    /// Requests [classified](crate::classify) as failures: errors from the
+    /// endpoint service and, with an HTTP classifier, 5xx responses.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
     }
 
     /// The Peak-EWMA latency estimate in nanoseconds at `now_ns`, decayed for
@@ -154,8 +170,25 @@ impl EndpointLoad {
         (self.counters.fetch_sub(1, Ordering::SeqCst) & IN_FLIGHT_MASK) as usize
     }
 
-    pub(crate) fn record_failure(&self) {
+    pub(crate) fn record_success(&self) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        // Read before writing: a healthy endpoint's line is not dirtied for
+        // a store that changes nothing.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure; returns the failures in a row so far.
+    pub(crate) fn record_failure(&self) -> u32 {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1)
+    }
+
+    pub(crate) fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
     /// Folds one latency sample into the estimate.

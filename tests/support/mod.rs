@@ -29,6 +29,8 @@ struct ServerState {
     hits: AtomicUsize,
     in_flight: AtomicUsize,
     delay_ms: AtomicU64,
+    /// Every n-th request is answered 503 (1: all of them; 0: none).
+    fail_every: AtomicU64,
     last_host: std::sync::Mutex<Option<String>>,
 }
 
@@ -73,6 +75,11 @@ impl TestServer {
             .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Answers every `n`-th request with 503 from now on (1: all; 0: none).
+    pub fn fail_every(&self, n: u64) {
+        self.state.fail_every.store(n, Ordering::SeqCst);
+    }
+
     /// Waits (up to 5 s) until `n` requests are being handled.
     pub async fn wait_in_flight(&self, n: usize) {
         wait_until(Duration::from_secs(5), || self.in_flight() >= n).await;
@@ -110,13 +117,30 @@ async fn handle(
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned);
     *state.last_host.lock().expect("lock") = host;
-    state.hits.fetch_add(1, Ordering::SeqCst);
+    let hit = state.hits.fetch_add(1, Ordering::SeqCst) as u64 + 1;
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     let delay = state.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let wanted = req
+        .headers()
+        .get("x-want-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|v| http::StatusCode::from_u16(v).ok());
+    if let Some(status) = wanted {
+        let mut response = Response::new(Full::new(Bytes::from("as asked")));
+        *response.status_mut() = status;
+        return Ok(response);
+    }
+    let fail_every = state.fail_every.load(Ordering::SeqCst);
+    if fail_every > 0 && hit % fail_every == 0 {
+        let mut response = Response::new(Full::new(Bytes::from("unavailable")));
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(response);
+    }
     Ok(Response::new(Full::new(Bytes::from("ok"))))
 }
 
@@ -157,4 +181,130 @@ pub async fn refusing_addr() -> SocketAddr {
     let addr = listener.local_addr().expect("local addr");
     drop(listener);
     addr
+}
+
+/// An HTTP/2 server on loopback that answers like a gRPC server: a data frame,
+/// then trailers carrying `grpc-status` (settable), and counts requests.
+pub struct GrpcTrailersServer {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    status: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl GrpcTrailersServer {
+    pub async fn start(grpc_status: u64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let status = Arc::new(AtomicU64::new(grpc_status));
+        let (h, st) = (hits.clone(), status.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (h, st) = (h.clone(), st.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req: Request<Incoming>| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let code = st.load(Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(grpc_response(code)) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            hits,
+            status,
+            accept,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_status(&self, grpc_status: u64) {
+        self.status.store(grpc_status, Ordering::SeqCst);
+    }
+}
+
+impl Drop for GrpcTrailersServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A body of frames known in advance (data, then trailers).
+pub struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn grpc_response(code: u64) -> Response<Frames> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(code));
+    let frames = [
+        hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+        hyper::body::Frame::trailers(trailers),
+    ];
+    let mut response = Response::new(Frames(frames.into_iter().collect()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// Captures what `tracing` writes on this thread (the driver task runs here
+/// too on a current-thread runtime).
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
 }

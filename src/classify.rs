@@ -1,0 +1,538 @@
+//! Outcome classification: whether a response counts as a success or a
+//! failure of the endpoint that sent it.
+//!
+//! The balancer asks its [`Classify`] about every response and every error,
+//! and feeds the verdict to the endpoint's health counters (the failure
+//! counts that [outlier detection](crate::health) reads). The verdict is
+//! about the endpoint's health, not about the caller's request: a `404` or an
+//! `INVALID_ARGUMENT` says nothing bad about the server that sent it.
+//!
+//! - [`ErrorsAsFailures`] (the default) counts every response as a success and
+//!   every error (connection refused or reset, a timeout layered inside the
+//!   endpoint service) as a failure.
+//! - [`HttpClassify`] (feature `http`) adapts any classifier from
+//!   [`tower_http::classify`]: [`HttpClassify::server_errors`] counts 5xx as
+//!   failures, [`HttpClassify::grpc`] reads the gRPC status from the response
+//!   headers (trailers-only responses) or, when it is not there, from the
+//!   trailers at the end of the body. Reusing tower-http keeps one definition
+//!   of "failure" across a stack that also uses its `Trace` layer.
+//!
+//! A verdict that needs the end of the body (gRPC trailers) is reported when
+//! the body ends, through the [`OutcomeReport`] the classifier keeps; a body
+//! dropped before its end reports nothing.
+//!
+//! Writing your own, for a non-HTTP protocol:
+//!
+//! ```
+//! use tower_lb::classify::{Classify, Outcome, OutcomeReport};
+//!
+//! /// Answers are `Result`s from the server; an `Err` means it is unwell.
+//! #[derive(Clone)]
+//! struct ServerErrors;
+//!
+//! impl Classify<Result<String, String>> for ServerErrors {
+//!     type Response = Result<String, String>;
+//!
+//!     fn classify_response(&self, response: Self::Response, report: OutcomeReport) -> Self::Response {
+//!         report.report(if response.is_ok() { Outcome::Success } else { Outcome::Failure });
+//!         response
+//!     }
+//! }
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// What a response or error says about the endpoint's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The endpoint did its job.
+    Success,
+    /// The endpoint failed: it counts towards its consecutive failures and
+    /// its failure rate.
+    Failure,
+}
+
+/// Where an outcome goes: an endpoint's health counters.
+pub(crate) trait RecordOutcome: Send + Sync {
+    fn record_outcome(&self, outcome: Outcome);
+}
+
+/// A one-shot handle that records the outcome of one request on the endpoint
+/// that served it.
+///
+/// [`Classify::classify_response`] gets one per response. Report at once, or
+/// keep it (inside a body wrapper, say) and report when the verdict is known.
+/// Dropping it unreported records nothing, which is right for a response the
+/// caller abandoned.
+pub struct OutcomeReport {
+    endpoint: Option<Arc<dyn RecordOutcome>>,
+}
+
+impl OutcomeReport {
+    pub(crate) fn new(endpoint: Arc<dyn RecordOutcome>) -> Self {
+        Self {
+            endpoint: Some(endpoint),
+        }
+    }
+
+    /// A report that goes nowhere, for testing a classifier on its own.
+    pub fn detached() -> Self {
+        Self { endpoint: None }
+    }
+
+    /// Records `outcome` on the endpoint.
+    pub fn report(mut self, outcome: Outcome) {
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.record_outcome(outcome);
+        }
+    }
+}
+
+impl fmt::Debug for OutcomeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutcomeReport")
+            .field("detached", &self.endpoint.is_none())
+            .finish()
+    }
+}
+
+/// Decides whether responses and errors count as successes or failures of
+/// the endpoint, and may wrap the response to decide later.
+///
+/// Implementations are cloned into each response future, so they should be
+/// cheap handles (most are zero-sized or a few bytes).
+pub trait Classify<Resp>: Clone + Send + Sync + 'static {
+    /// The response handed to the caller: `Resp` itself, or `Resp` with its
+    /// body wrapped to watch for the end of the stream.
+    type Response;
+
+    /// Classifies a response: report through `report` now, or keep it and
+    /// report once the verdict is known.
+    fn classify_response(&self, response: Resp, report: OutcomeReport) -> Self::Response;
+
+    /// Classifies an error from the endpoint service. `None` when the error
+    /// says nothing about the endpoint (the client refused to send the
+    /// request). The default: [`default_error_outcome`].
+    fn classify_error(&self, error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
+        default_error_outcome(error)
+    }
+}
+
+/// The default verdict on an error: a failure (connection refused or reset,
+/// timeouts, protocol errors), except a request the client refused to address
+/// to the endpoint (the HTTP glue's invalid-URI errors), which is nobody's
+/// fault but the caller's.
+pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
+    #[cfg(feature = "http")]
+    {
+        let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+        while let Some(e) = current {
+            if let Some(http) = e.downcast_ref::<crate::http::HttpError>() {
+                if http.is_refused_by_client() {
+                    return None;
+                }
+            }
+            current = e.source();
+        }
+    }
+    #[cfg(not(feature = "http"))]
+    let _ = error;
+    Some(Outcome::Failure)
+}
+
+/// Every response is a success, every error a failure: the default, for any
+/// response type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorsAsFailures;
+
+impl<Resp> Classify<Resp> for ErrorsAsFailures {
+    type Response = Resp;
+
+    fn classify_response(&self, response: Resp, report: OutcomeReport) -> Resp {
+        report.report(Outcome::Success);
+        response
+    }
+}
+
+#[cfg(feature = "http")]
+pub use self::http::{ClassifiedBody, HttpClassify};
+
+#[cfg(feature = "http")]
+mod http {
+    use std::fmt;
+    use std::pin::Pin;
+    use std::task::{ready, Context, Poll};
+
+    use http_body::{Body, Frame, SizeHint};
+    use pin_project_lite::pin_project;
+    use tower_http::classify::{
+        ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
+        ServerErrorsAsFailures,
+    };
+
+    use super::{Classify, Outcome, OutcomeReport};
+
+    /// Classifies `http::Response`s with a classifier from
+    /// [`tower_http::classify`], watching the body's trailers when the
+    /// verdict needs them.
+    ///
+    /// ```
+    /// use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, StatusInRangeAsFailures};
+    /// use tower_lb::classify::HttpClassify;
+    ///
+    /// // 5xx are failures.
+    /// let http = HttpClassify::server_errors();
+    /// // gRPC: the codes Envoy maps to 5xx are failures.
+    /// let grpc = HttpClassify::grpc();
+    /// // Anything tower-http can express: here 429 counts too.
+    /// let custom = HttpClassify::new(StatusInRangeAsFailures::new(429..=599));
+    /// # let _ = (http, grpc, custom);
+    /// ```
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct HttpClassify<C = ServerErrorsAsFailures> {
+        classifier: C,
+    }
+
+    impl<C> HttpClassify<C> {
+        /// Adapts `classifier`.
+        pub fn new(classifier: C) -> Self {
+            Self { classifier }
+        }
+    }
+
+    impl HttpClassify<ServerErrorsAsFailures> {
+        /// HTTP status 5xx is a failure; anything else, 4xx included, is not.
+        pub fn server_errors() -> Self {
+            Self::new(ServerErrorsAsFailures::new())
+        }
+    }
+
+    impl HttpClassify<GrpcErrorsAsFailures> {
+        /// gRPC status from the headers or the trailers: `UNKNOWN`,
+        /// `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
+        /// `DATA_LOSS` (the codes Envoy maps to HTTP 5xx) are failures; the
+        /// other codes describe the call, not the server, and are not.
+        pub fn grpc() -> Self {
+            let not_the_servers_fault = [
+                GrpcCode::Cancelled,
+                GrpcCode::InvalidArgument,
+                GrpcCode::NotFound,
+                GrpcCode::AlreadyExists,
+                GrpcCode::PermissionDenied,
+                GrpcCode::ResourceExhausted,
+                GrpcCode::FailedPrecondition,
+                GrpcCode::Aborted,
+                GrpcCode::OutOfRange,
+                GrpcCode::Unauthenticated,
+            ];
+            let classifier = not_the_servers_fault
+                .into_iter()
+                .fold(GrpcErrorsAsFailures::new(), |c, code| c.with_success(code));
+            Self::new(classifier)
+        }
+    }
+
+    impl<C, B> Classify<http::Response<B>> for HttpClassify<C>
+    where
+        C: ClassifyResponse + Clone + Send + Sync + 'static,
+        B: Body,
+    {
+        type Response = http::Response<ClassifiedBody<B, C::ClassifyEos>>;
+
+        fn classify_response(
+            &self,
+            response: http::Response<B>,
+            report: OutcomeReport,
+        ) -> Self::Response {
+            let pending = match self.classifier.clone().classify_response(&response) {
+                ClassifiedResponse::Ready(verdict) => {
+                    report.report(outcome(verdict.is_ok()));
+                    None
+                }
+                // Nothing more will come: decide now rather than wait for a
+                // poll that a caller who checks `is_end_stream` never makes.
+                ClassifiedResponse::RequiresEos(eos) if response.body().is_end_stream() => {
+                    report.report(outcome(eos.classify_eos(None).is_ok()));
+                    None
+                }
+                ClassifiedResponse::RequiresEos(eos) => Some((eos, report)),
+            };
+            response.map(|inner| ClassifiedBody { inner, pending })
+        }
+    }
+
+    fn outcome(success: bool) -> Outcome {
+        if success {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
+    }
+
+    pin_project! {
+        /// A response body that reports its request's outcome when it ends:
+        /// from the trailers, or as a failure if the body fails.
+        pub struct ClassifiedBody<B, E> {
+            #[pin]
+            inner: B,
+            pending: Option<(E, OutcomeReport)>,
+        }
+    }
+
+    impl<B, E> ClassifiedBody<B, E> {
+        /// The wrapped body.
+        pub fn into_inner(self) -> B {
+            self.inner
+        }
+    }
+
+    impl<B: fmt::Debug, E> fmt::Debug for ClassifiedBody<B, E> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ClassifiedBody")
+                .field("inner", &self.inner)
+                .field("awaiting_end_of_stream", &self.pending.is_some())
+                .finish()
+        }
+    }
+
+    impl<B, E> Body for ClassifiedBody<B, E>
+    where
+        B: Body,
+        B::Error: fmt::Display + 'static,
+        E: ClassifyEos,
+    {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            let this = self.project();
+            let frame = ready!(this.inner.poll_frame(cx));
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        if let Some((eos, report)) = this.pending.take() {
+                            report.report(outcome(eos.classify_eos(Some(trailers)).is_ok()));
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    if let Some((eos, report)) = this.pending.take() {
+                        let _class = eos.classify_error(error);
+                        report.report(Outcome::Failure);
+                    }
+                }
+                None => {
+                    if let Some((eos, report)) = this.pending.take() {
+                        report.report(outcome(eos.classify_eos(None).is_ok()));
+                    }
+                }
+            }
+            Poll::Ready(frame)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    impl<C> HttpClassify<C> {
+        /// The adapted tower-http classifier.
+        pub fn classifier(&self) -> &C {
+            &self.classifier
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Remembers what was reported.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Outcome>>);
+
+    impl RecordOutcome for Recorder {
+        fn record_outcome(&self, outcome: Outcome) {
+            self.0.lock().expect("lock").push(outcome);
+        }
+    }
+
+    fn recorder() -> (Arc<Recorder>, OutcomeReport) {
+        let recorder = Arc::new(Recorder::default());
+        let report = OutcomeReport::new(recorder.clone());
+        (recorder, report)
+    }
+
+    fn outcomes(recorder: &Recorder) -> Vec<Outcome> {
+        recorder.0.lock().expect("lock").clone()
+    }
+
+    #[test]
+    fn errors_as_failures_counts_every_response_as_a_success() {
+        let (recorder, report) = recorder();
+        assert_eq!(ErrorsAsFailures.classify_response(7, report), 7);
+        assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+    }
+
+    #[test]
+    fn an_error_is_a_failure_by_default() {
+        let error = std::io::Error::other("connection reset");
+        assert_eq!(
+            <ErrorsAsFailures as Classify<()>>::classify_error(&ErrorsAsFailures, &error),
+            Some(Outcome::Failure)
+        );
+    }
+
+    #[test]
+    fn a_dropped_report_records_nothing() {
+        let (recorder, report) = recorder();
+        drop(report);
+        assert!(outcomes(&recorder).is_empty());
+    }
+
+    #[cfg(feature = "http")]
+    mod http {
+        use http_body::{Body, Frame};
+
+        use super::*;
+
+        /// A body of frames known in advance.
+        struct Frames(std::collections::VecDeque<Result<Frame<&'static [u8]>, &'static str>>);
+
+        impl Body for Frames {
+            type Data = &'static [u8];
+            type Error = &'static str;
+
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+                std::task::Poll::Ready(self.0.pop_front())
+            }
+
+            fn is_end_stream(&self) -> bool {
+                self.0.is_empty()
+            }
+        }
+
+        fn grpc_body(trailer_status: Option<&'static str>) -> Frames {
+            let mut frames = std::collections::VecDeque::new();
+            frames.push_back(Ok(Frame::data(&b"message"[..])));
+            if let Some(status) = trailer_status {
+                let mut trailers = ::http::HeaderMap::new();
+                trailers.insert("grpc-status", ::http::HeaderValue::from_static(status));
+                frames.push_back(Ok(Frame::trailers(trailers)));
+            }
+            Frames(frames)
+        }
+
+        /// Polls the body to its end (it never waits).
+        fn drain<B: Body + Unpin>(mut body: B) {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            while let std::task::Poll::Ready(Some(_)) =
+                std::pin::Pin::new(&mut body).poll_frame(&mut cx)
+            {}
+        }
+
+        fn status(code: u16) -> ::http::Response<http_body_util::Empty<&'static [u8]>> {
+            let mut response = ::http::Response::new(http_body_util::Empty::new());
+            *response.status_mut() = ::http::StatusCode::from_u16(code).expect("status");
+            response
+        }
+
+        fn verdict(classify: &HttpClassify, code: u16) -> Vec<Outcome> {
+            let (recorder, report) = recorder();
+            let _ = classify.classify_response(status(code), report);
+            outcomes(&recorder)
+        }
+
+        #[test]
+        fn server_errors_are_failures_and_client_errors_are_not() {
+            let classify = HttpClassify::server_errors();
+            assert_eq!(verdict(&classify, 200), vec![Outcome::Success]);
+            assert_eq!(verdict(&classify, 404), vec![Outcome::Success]);
+            assert_eq!(verdict(&classify, 429), vec![Outcome::Success]);
+            assert_eq!(verdict(&classify, 500), vec![Outcome::Failure]);
+            assert_eq!(verdict(&classify, 503), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn grpc_status_in_the_headers_is_judged_at_once() {
+            let (recorder, report) = recorder();
+            let response = ::http::Response::builder()
+                .header("grpc-status", "14")
+                .body(grpc_body(None))
+                .expect("response");
+            let _ = HttpClassify::grpc().classify_response(response, report);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn grpc_status_in_the_trailers_is_judged_at_the_end_of_the_body() {
+            for (code, expected) in [
+                ("0", Outcome::Success),
+                ("14", Outcome::Failure),
+                ("13", Outcome::Failure),
+                ("3", Outcome::Success),
+                ("5", Outcome::Success),
+            ] {
+                let (recorder, report) = recorder();
+                let response = ::http::Response::new(grpc_body(Some(code)));
+                let response = HttpClassify::grpc().classify_response(response, report);
+                assert!(outcomes(&recorder).is_empty(), "not before the trailers");
+                drain(response.into_body());
+                assert_eq!(outcomes(&recorder), vec![expected], "grpc-status {code}");
+            }
+        }
+
+        #[test]
+        fn a_body_that_fails_midway_is_a_failure() {
+            let (recorder, report) = recorder();
+            let mut frames = std::collections::VecDeque::new();
+            frames.push_back(Ok(Frame::data(&b"half"[..])));
+            frames.push_back(Err("connection reset"));
+            let response = ::http::Response::new(Frames(frames));
+            let response = HttpClassify::grpc().classify_response(response, report);
+            drain(response.into_body());
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn a_body_dropped_before_its_end_reports_nothing() {
+            let (recorder, report) = recorder();
+            let response = ::http::Response::new(grpc_body(Some("14")));
+            drop(HttpClassify::grpc().classify_response(response, report));
+            assert!(outcomes(&recorder).is_empty());
+        }
+
+        #[test]
+        fn an_empty_body_without_grpc_status_is_judged_without_being_polled() {
+            let (recorder, report) = recorder();
+            let response = ::http::Response::new(http_body_util::Empty::<&[u8]>::new());
+            let _ = HttpClassify::grpc().classify_response(response, report);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+        }
+
+        #[test]
+        fn a_request_the_client_refused_to_send_says_nothing_about_the_endpoint() {
+            let classify = HttpClassify::server_errors();
+            let refused = crate::http::HttpError::refused_for_test();
+            let outcome = <HttpClassify as Classify<
+                ::http::Response<http_body_util::Empty<&[u8]>>,
+            >>::classify_error(&classify, &refused);
+            assert_eq!(outcome, None);
+        }
+    }
+}

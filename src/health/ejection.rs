@@ -1,0 +1,160 @@
+//! What the driver remembers about one endpoint's health between intervals.
+//! It lives in the driver's map next to the endpoint, so removing an endpoint
+//! drops it.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{IntervalCounts, OutlierDetection};
+
+/// One endpoint's ejection history and the counter readings of the last
+/// interval.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EjectionRecord {
+    /// Grows by one per ejection, drops by one per interval in service.
+    multiplier: u32,
+    /// When the current ejection ends; `None` while in service.
+    ejected_until: Option<Instant>,
+    /// Success and failure totals at the end of the previous interval.
+    baseline: IntervalCounts,
+    /// Intervals in a row that the latency detector found it slow.
+    pub(crate) slow_intervals: u32,
+}
+
+impl EjectionRecord {
+    /// A record whose first interval starts from these totals.
+    pub(crate) fn new(successes: u64, failures: u64) -> Self {
+        Self {
+            baseline: IntervalCounts {
+                successes,
+                failures,
+            },
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.ejected_until.is_some()
+    }
+
+    pub(crate) fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
+    /// The outcomes since the previous call, given the current totals; the
+    /// totals become the next interval's baseline.
+    pub(crate) fn take_interval(&mut self, successes: u64, failures: u64) -> IntervalCounts {
+        let interval = IntervalCounts {
+            successes: successes.wrapping_sub(self.baseline.successes),
+            failures: failures.wrapping_sub(self.baseline.failures),
+        };
+        self.baseline = IntervalCounts {
+            successes,
+            failures,
+        };
+        interval
+    }
+
+    /// Ejects the endpoint from `now`; returns how long for and the new
+    /// multiplier.
+    pub(crate) fn eject(&mut self, now: Instant, settings: &OutlierDetection) -> (Duration, u32) {
+        self.multiplier = self.multiplier.saturating_add(1);
+        let time = settings.ejection_time(self.multiplier);
+        // An ejection too long for the clock lasts as long as it can.
+        self.ejected_until = Some(now.checked_add(time).unwrap_or_else(far_future));
+        self.slow_intervals = 0;
+        (time, self.multiplier)
+    }
+
+    /// Ends the ejection if its time is up; returns whether it did. The
+    /// interval starts afresh from `successes` and `failures`.
+    pub(crate) fn try_return(&mut self, now: Instant, successes: u64, failures: u64) -> bool {
+        match self.ejected_until {
+            Some(until) if until <= now => {
+                self.ejected_until = None;
+                self.take_interval(successes, failures);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Called every interval while the endpoint is in service.
+    pub(crate) fn healthy_interval(&mut self) {
+        if !self.is_ejected() {
+            self.multiplier = self.multiplier.saturating_sub(1);
+        }
+    }
+
+    pub(crate) fn multiplier(&self) -> u32 {
+        self.multiplier
+    }
+}
+
+/// About 30 years from now: later than any ejection a caller can mean.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> OutlierDetection {
+        OutlierDetection::new()
+            .base_ejection_time(Duration::from_secs(30))
+            .max_ejection_time(Duration::from_secs(300))
+    }
+
+    #[test]
+    fn each_ejection_raises_the_multiplier_and_lengthens_the_next() {
+        let now = Instant::now();
+        let mut record = EjectionRecord::new(0, 0);
+        assert_eq!(record.eject(now, &settings()), (Duration::from_secs(30), 1));
+        assert!(record.try_return(now + Duration::from_secs(30), 0, 0));
+        assert_eq!(record.eject(now, &settings()), (Duration::from_secs(60), 2));
+    }
+
+    #[test]
+    fn an_ejection_does_not_end_before_its_time() {
+        let now = Instant::now();
+        let mut record = EjectionRecord::new(0, 0);
+        record.eject(now, &settings());
+        assert!(!record.try_return(now + Duration::from_secs(29), 0, 0));
+        assert!(record.is_ejected());
+    }
+
+    #[test]
+    fn healthy_intervals_decay_the_multiplier_only_while_in_service() {
+        let now = Instant::now();
+        let mut record = EjectionRecord::new(0, 0);
+        record.eject(now, &settings());
+        record.healthy_interval();
+        assert_eq!(record.multiplier(), 1);
+        record.try_return(now + Duration::from_secs(30), 0, 0);
+        record.healthy_interval();
+        assert_eq!(record.multiplier(), 0);
+        record.healthy_interval();
+        assert_eq!(record.multiplier(), 0);
+    }
+
+    #[test]
+    fn intervals_count_from_the_previous_reading() {
+        let mut record = EjectionRecord::new(10, 2);
+        let first = record.take_interval(15, 5);
+        assert_eq!((first.successes, first.failures), (5, 3));
+        let second = record.take_interval(15, 6);
+        assert_eq!((second.successes, second.failures), (0, 1));
+    }
+
+    #[test]
+    fn an_ejection_too_long_for_the_clock_does_not_panic() {
+        let settings = OutlierDetection::new()
+            .base_ejection_time(Duration::MAX)
+            .max_ejection_time(Duration::MAX);
+        let mut record = EjectionRecord::new(0, 0);
+        record.eject(Instant::now(), &settings);
+        assert!(record.is_ejected());
+    }
+}

@@ -1,0 +1,410 @@
+//! Passive health: outlier detection from the balancer's own traffic, and the
+//! panic threshold.
+//!
+//! Every response is [classified](crate::classify) as a success or a failure
+//! of its endpoint. With [`OutlierDetection`] on the
+//! [builder](crate::Builder::outlier_detection), endpoints that fail are
+//! *ejected*: they leave the set that requests pick from, and come back when
+//! their ejection time is up. The semantics are gRPC's A50 and Envoy's:
+//!
+//! - **Consecutive failures** (default 5): the endpoint is ejected as soon as
+//!   that many requests in a row fail. Counted on the request path, so a
+//!   sequential caller sends exactly that many requests to a dead endpoint.
+//! - **Success rate**: every [interval](OutlierDetection::interval), among
+//!   endpoints with at least `request_volume` requests in the interval (and
+//!   only if at least `minimum_hosts` of them), eject those whose success
+//!   rate is below `mean - stdev x stdev_factor`.
+//! - **Failure percentage** (off by default): every interval, eject endpoints
+//!   whose failure percentage is above a threshold.
+//! - **Latency** (opt-in, beyond A50): eject an endpoint whose latency
+//!   estimate stays above `factor x` the median of its peers for several
+//!   intervals in a row.
+//!
+//! An ejection lasts `min(base x multiplier, max(base, max_ejection_time))`.
+//! The multiplier grows by one with each ejection and drops by one for each
+//! interval the endpoint spends in service, so a flapping endpoint stays out
+//! longer and longer. At most `max_ejection_percent` of the endpoints are out
+//! at once (and at least one may be, as in gRPC).
+//!
+//! The interval detectors read per-endpoint counters that the request path
+//! only increments; the driver task keeps each endpoint's reading from the
+//! previous interval and works from the difference. That is A50's pair of
+//! swapped call-count buckets, with the swap taken off the request path.
+//!
+//! **Panic threshold:** when fewer than
+//! [`panic_threshold`](crate::Builder::panic_threshold) percent (default 50)
+//! of the endpoints are in service, the balancer balances over all of them,
+//! ejected ones included, rather than pile every request onto the few.
+
+mod detect;
+mod ejection;
+
+pub(crate) use self::detect::{
+    failure_percentage_outliers, latency_outliers, success_rate_outliers, IntervalCounts,
+};
+pub(crate) use self::ejection::EjectionRecord;
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why an endpoint was ejected, for the tracing event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum EjectionReason {
+    ConsecutiveFailures(u32),
+    SuccessRate {
+        rate: f64,
+        threshold: f64,
+    },
+    FailurePercentage {
+        percent: f64,
+        threshold: u32,
+    },
+    Latency {
+        estimate: Duration,
+        median: Duration,
+        intervals: u32,
+    },
+}
+
+impl fmt::Display for EjectionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::ConsecutiveFailures(n) => write!(f, "{n} consecutive failures"),
+            Self::SuccessRate { rate, threshold } => write!(
+                f,
+                "success rate {:.1} % below the threshold of {:.1} %",
+                rate * 100.0,
+                threshold * 100.0
+            ),
+            Self::FailurePercentage { percent, threshold } => write!(
+                f,
+                "{percent:.1} % of requests failed, above the threshold of {threshold} %"
+            ),
+            Self::Latency {
+                estimate,
+                median,
+                intervals,
+            } => write!(
+                f,
+                "latency estimate {estimate:?} against a median of {median:?} for {intervals} intervals"
+            ),
+        }
+    }
+}
+
+/// Outlier detection settings: the detectors and how long ejections last.
+///
+/// `OutlierDetection::new()` has Envoy's defaults: consecutive failures and
+/// success rate on, failure percentage and latency off, a 10 s interval,
+/// 30 s base ejection time, 300 s maximum, 10 % at most ejected.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::health::{FailurePercentage, OutlierDetection};
+///
+/// let detection = OutlierDetection::new()
+///     .interval(Duration::from_secs(5))
+///     .base_ejection_time(Duration::from_secs(10))
+///     .max_ejection_percent(50)
+///     .consecutive_failures(Some(3))
+///     .failure_percentage(Some(FailurePercentage::new().threshold(50)));
+/// # let _ = detection;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    pub(crate) interval: Duration,
+    pub(crate) base_ejection_time: Duration,
+    pub(crate) max_ejection_time: Duration,
+    pub(crate) max_ejection_percent: u32,
+    pub(crate) consecutive_failures: Option<u32>,
+    pub(crate) success_rate: Option<SuccessRate>,
+    pub(crate) failure_percentage: Option<FailurePercentage>,
+    pub(crate) latency: Option<LatencyOutliers>,
+}
+
+impl OutlierDetection {
+    /// Envoy's defaults (see the type's documentation).
+    pub fn new() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            consecutive_failures: Some(5),
+            success_rate: Some(SuccessRate::new()),
+            failure_percentage: None,
+            latency: None,
+        }
+    }
+
+    /// How often the interval detectors run and ejection multipliers decay.
+    /// Default 10 s; raised to at least 1 ms.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The ejection time of a first ejection. Default 30 s.
+    pub fn base_ejection_time(mut self, time: Duration) -> Self {
+        self.base_ejection_time = time;
+        self
+    }
+
+    /// The cap on ejection time (never below the base). Default 300 s.
+    pub fn max_ejection_time(mut self, time: Duration) -> Self {
+        self.max_ejection_time = time;
+        self
+    }
+
+    /// At most this percentage of the endpoints is ejected at once; an
+    /// endpoint is ejected only while fewer than this share are out, so one
+    /// may always be. Default 10; values above 100 are taken as 100, and 0
+    /// ejects nothing.
+    pub fn max_ejection_percent(mut self, percent: u32) -> Self {
+        self.max_ejection_percent = percent.min(100);
+        self
+    }
+
+    /// Ejects an endpoint after this many failures in a row (`None`: off).
+    /// Default `Some(5)`; `Some(0)` is taken as `Some(1)`.
+    pub fn consecutive_failures(mut self, failures: Option<u32>) -> Self {
+        self.consecutive_failures = failures.map(|n| n.max(1));
+        self
+    }
+
+    /// The success-rate detector (`None`: off). Default on.
+    pub fn success_rate(mut self, detector: Option<SuccessRate>) -> Self {
+        self.success_rate = detector;
+        self
+    }
+
+    /// The failure-percentage detector (`None`: off). Default off.
+    pub fn failure_percentage(mut self, detector: Option<FailurePercentage>) -> Self {
+        self.failure_percentage = detector;
+        self
+    }
+
+    /// The latency detector (`None`: off). Default off. Turning it on makes
+    /// the balancer time requests whatever its strategy.
+    pub fn latency(mut self, detector: Option<LatencyOutliers>) -> Self {
+        self.latency = detector;
+        self
+    }
+
+    /// How long the ejection that raised the multiplier to `multiplier` lasts:
+    /// `min(base x multiplier, max(base, max_ejection_time))`.
+    pub fn ejection_time(&self, multiplier: u32) -> Duration {
+        let cap = self.base_ejection_time.max(self.max_ejection_time);
+        self.base_ejection_time
+            .checked_mul(multiplier)
+            .map_or(cap, |t| t.min(cap))
+    }
+
+    /// Whether one more endpoint may be ejected when `ejected` of `total` are.
+    pub(crate) fn may_eject(&self, ejected: usize, total: usize) -> bool {
+        (ejected as u128) * 100 < (self.max_ejection_percent as u128) * (total as u128)
+    }
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The success-rate detector: ejects endpoints whose success rate in an
+/// interval is below `mean - stdev x stdev_factor` of their peers'.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SuccessRate {
+    pub(crate) stdev_factor: f64,
+    pub(crate) minimum_hosts: usize,
+    pub(crate) request_volume: u64,
+}
+
+impl SuccessRate {
+    /// A50's defaults: factor 1.9, at least 5 endpoints with at least 100
+    /// requests each in the interval.
+    pub fn new() -> Self {
+        Self {
+            stdev_factor: 1.9,
+            minimum_hosts: 5,
+            request_volume: 100,
+        }
+    }
+
+    /// How many standard deviations below the mean is an outlier. Default
+    /// 1.9. A factor that is not a finite non-negative number is ignored
+    /// (the previous value stays).
+    pub fn stdev_factor(mut self, factor: f64) -> Self {
+        if factor.is_finite() && factor >= 0.0 {
+            self.stdev_factor = factor;
+        }
+        self
+    }
+
+    /// The detector runs only when at least this many endpoints have enough
+    /// requests. Default 5.
+    pub fn minimum_hosts(mut self, hosts: usize) -> Self {
+        self.minimum_hosts = hosts;
+        self
+    }
+
+    /// Requests an endpoint needs in the interval to be judged. Default 100.
+    pub fn request_volume(mut self, requests: u64) -> Self {
+        self.request_volume = requests;
+        self
+    }
+}
+
+impl Default for SuccessRate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The failure-percentage detector: ejects endpoints whose share of failed
+/// requests in an interval is above a threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailurePercentage {
+    pub(crate) threshold: u32,
+    pub(crate) minimum_hosts: usize,
+    pub(crate) request_volume: u64,
+}
+
+impl FailurePercentage {
+    /// A50's defaults: above 85 % failures, at least 5 endpoints with at least
+    /// 50 requests each in the interval.
+    pub fn new() -> Self {
+        Self {
+            threshold: 85,
+            minimum_hosts: 5,
+            request_volume: 50,
+        }
+    }
+
+    /// Failure percentage above which an endpoint is ejected. Default 85;
+    /// values above 100 are taken as 100 (which ejects nothing).
+    pub fn threshold(mut self, percent: u32) -> Self {
+        self.threshold = percent.min(100);
+        self
+    }
+
+    /// The detector runs only when at least this many endpoints have enough
+    /// requests. Default 5.
+    pub fn minimum_hosts(mut self, hosts: usize) -> Self {
+        self.minimum_hosts = hosts;
+        self
+    }
+
+    /// Requests an endpoint needs in the interval to be judged. Default 50.
+    pub fn request_volume(mut self, requests: u64) -> Self {
+        self.request_volume = requests;
+        self
+    }
+}
+
+impl Default for FailurePercentage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The latency detector (beyond A50): ejects an endpoint whose latency
+/// estimate is above `factor x` the median of its peers' at the end of
+/// `intervals` intervals in a row. It catches a node that answers, and
+/// answers successfully, but far too slowly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyOutliers {
+    pub(crate) factor: f64,
+    pub(crate) intervals: u32,
+    pub(crate) minimum_hosts: usize,
+}
+
+impl LatencyOutliers {
+    /// Factor 3 over the median, for 3 intervals in a row, among at least 3
+    /// endpoints.
+    pub fn new() -> Self {
+        Self {
+            factor: 3.0,
+            intervals: 3,
+            minimum_hosts: 3,
+        }
+    }
+
+    /// How many times the median latency is an outlier. Default 3. A factor
+    /// that is not a finite number of at least 1 is ignored (the previous
+    /// value stays).
+    pub fn factor(mut self, factor: f64) -> Self {
+        if factor.is_finite() && factor >= 1.0 {
+            self.factor = factor;
+        }
+        self
+    }
+
+    /// Intervals in a row an endpoint must be an outlier. Default 3; 0 is
+    /// taken as 1.
+    pub fn intervals(mut self, intervals: u32) -> Self {
+        self.intervals = intervals.max(1);
+        self
+    }
+
+    /// The detector runs only with at least this many endpoints in service.
+    /// Default 3.
+    pub fn minimum_hosts(mut self, hosts: usize) -> Self {
+        self.minimum_hosts = hosts;
+        self
+    }
+}
+
+impl Default for LatencyOutliers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_time_grows_with_the_multiplier_up_to_the_cap() {
+        let d = OutlierDetection::new()
+            .base_ejection_time(Duration::from_secs(30))
+            .max_ejection_time(Duration::from_secs(100));
+        assert_eq!(d.ejection_time(1), Duration::from_secs(30));
+        assert_eq!(d.ejection_time(2), Duration::from_secs(60));
+        assert_eq!(d.ejection_time(4), Duration::from_secs(100));
+        assert_eq!(d.ejection_time(u32::MAX), Duration::from_secs(100));
+    }
+
+    #[test]
+    fn ejection_time_is_never_below_the_base_even_with_a_smaller_max() {
+        let d = OutlierDetection::new()
+            .base_ejection_time(Duration::from_secs(30))
+            .max_ejection_time(Duration::from_secs(5));
+        assert_eq!(d.ejection_time(3), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn max_ejection_percent_allows_one_ejection_even_when_it_rounds_to_zero() {
+        let d = OutlierDetection::new().max_ejection_percent(10);
+        assert!(d.may_eject(0, 3));
+        assert!(!d.may_eject(1, 3));
+        assert!(d.may_eject(1, 20));
+        assert!(!d.may_eject(2, 20));
+    }
+
+    #[test]
+    fn zero_max_ejection_percent_ejects_nothing() {
+        let d = OutlierDetection::new().max_ejection_percent(0);
+        assert!(!d.may_eject(0, 100));
+    }
+
+    #[test]
+    fn nonsense_factors_are_ignored() {
+        let s = SuccessRate::new().stdev_factor(f64::NAN).stdev_factor(-1.0);
+        assert_eq!(s.stdev_factor, 1.9);
+        let l = LatencyOutliers::new().factor(f64::INFINITY).factor(0.5);
+        assert_eq!(l.factor, 3.0);
+    }
+}
