@@ -11,9 +11,13 @@ use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
+use std::sync::Arc;
+
 use tower::{BoxError, ServiceExt};
+use tower_lb::classify::{Classify, Outcome, OutcomeReport};
+use tower_lb::health::OutlierDetection;
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
-use tower_lb::{discover, Balancer};
+use tower_lb::{discover, Balancer, EndpointStats};
 
 /// What the load generator sends.
 pub type Request = http::Request<http_body_util::Empty<hyper::body::Bytes>>;
@@ -21,6 +25,16 @@ pub type Request = http::Request<http_body_util::Empty<hyper::body::Bytes>>;
 pub type Endpoint = BoxCloneSyncService<Request, StatusCode, BoxError>;
 /// A contender, ready to take requests.
 pub type Client = BoxCloneService<Request, StatusCode, BoxError>;
+/// Reads a tower-lb contender's per-endpoint stats (keys are backend
+/// numbers).
+pub type Probe = Arc<dyn Fn() -> Vec<EndpointStats<usize>> + Send + Sync>;
+
+/// A contender built over a scenario's endpoints.
+pub struct Built {
+    pub client: Client,
+    /// `None` for tower's p2c, which shows no stats.
+    pub probe: Option<Probe>,
+}
 
 /// The Peak-EWMA settings every latency-aware contender gets (Linkerd's).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -32,14 +46,22 @@ pub enum Contender {
     P2cLeastRequests,
     P2cPeakEwma,
     TowerP2cPeakEwma,
+    /// The tower-lb strategies again, with 5xx classified as failures and
+    /// outlier detection at its defaults.
+    RoundRobinOutliers,
+    P2cLeastRequestsOutliers,
+    P2cPeakEwmaOutliers,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 4] = [
+    pub const ALL: [Contender; 7] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
         Contender::TowerP2cPeakEwma,
+        Contender::RoundRobinOutliers,
+        Contender::P2cLeastRequestsOutliers,
+        Contender::P2cPeakEwmaOutliers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +70,9 @@ impl Contender {
             Contender::P2cLeastRequests => "p2c-least-requests",
             Contender::P2cPeakEwma => "p2c-peak-ewma",
             Contender::TowerP2cPeakEwma => "tower-p2c-peak-ewma",
+            Contender::RoundRobinOutliers => "round-robin+od",
+            Contender::P2cLeastRequestsOutliers => "p2c-least-req+od",
+            Contender::P2cPeakEwmaOutliers => "p2c-peak-ewma+od",
         }
     }
 
@@ -57,11 +82,23 @@ impl Contender {
 
     /// Builds the contender over `endpoints` (index = backend number). Must run
     /// inside the tokio runtime it will serve on.
-    pub fn build(self, endpoints: Vec<Endpoint>, seed: u64) -> Client {
+    pub fn build(self, endpoints: Vec<Endpoint>, seed: u64) -> Built {
         match self {
-            Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed),
-            Contender::P2cLeastRequests => tower_lb(P2c::least_requests(), endpoints, seed),
-            Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed),
+            Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, None),
+            Contender::P2cLeastRequests => tower_lb(P2c::least_requests(), endpoints, seed, None),
+            Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, None),
+            Contender::RoundRobinOutliers => {
+                tower_lb(RoundRobin::new(), endpoints, seed, Some(OutlierDetection::new()))
+            }
+            Contender::P2cLeastRequestsOutliers => tower_lb(
+                P2c::least_requests(),
+                endpoints,
+                seed,
+                Some(OutlierDetection::new()),
+            ),
+            Contender::P2cPeakEwmaOutliers => {
+                tower_lb(P2c::peak_ewma(), endpoints, seed, Some(OutlierDetection::new()))
+            }
             Contender::TowerP2cPeakEwma => {
                 let discover = PeakEwmaDiscover::new(
                     ServiceList::new(endpoints),
@@ -71,19 +108,53 @@ impl Contender {
                 );
                 let balance = Balance::from_rng(discover, SeededRng(SmallRng::seed_from_u64(seed)));
                 // `Balance` takes `&mut self`; a `Buffer` is how it is shared.
-                BoxCloneService::new(Buffer::new(balance, 1024))
+                Built {
+                    client: BoxCloneService::new(Buffer::new(balance, 1024)),
+                    probe: None,
+                }
             }
         }
     }
 }
 
-fn tower_lb<P: Strategy>(strategy: P, endpoints: Vec<Endpoint>, seed: u64) -> Client {
-    let balancer = Balancer::builder()
+fn tower_lb<P: Strategy>(
+    strategy: P,
+    endpoints: Vec<Endpoint>,
+    seed: u64,
+    detection: Option<OutlierDetection>,
+) -> Built {
+    let builder = Balancer::builder()
         .strategy(strategy)
+        .classify(ServerErrors)
         .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
-        .seed(seed)
-        .build(discover::fixed(endpoints.into_iter().enumerate()));
-    BoxCloneService::new(balancer.map_err(BoxError::from))
+        .seed(seed);
+    let builder = match detection {
+        Some(detection) => builder.outlier_detection(detection),
+        None => builder,
+    };
+    let balancer = builder.build(discover::fixed(endpoints.into_iter().enumerate()));
+    let stats = balancer.clone();
+    Built {
+        client: BoxCloneService::new(balancer.map_err(BoxError::from)),
+        probe: Some(Arc::new(move || stats.endpoints())),
+    }
+}
+
+/// The endpoints here answer with a bare status code: 5xx is a failure.
+#[derive(Debug, Clone, Copy)]
+struct ServerErrors;
+
+impl Classify<StatusCode> for ServerErrors {
+    type Response = StatusCode;
+
+    fn classify_response(&self, status: StatusCode, report: OutcomeReport) -> StatusCode {
+        report.report(if status.is_server_error() {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        });
+        status
+    }
 }
 
 /// tower's p2c takes its own `Rng` trait; this feeds it a seeded generator so

@@ -38,7 +38,9 @@ struct Args {
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
-    /// p2c-peak-ewma, tower-p2c-peak-ewma); default: all.
+    /// p2c-peak-ewma, tower-p2c-peak-ewma, and the tower-lb ones with outlier
+    /// detection: round-robin+od, p2c-least-req+od, p2c-peak-ewma+od);
+    /// default: all.
     #[arg(long, value_delimiter = ',')]
     strategy: Vec<String>,
     /// Deterministic mode: simulated backends on virtual time.
@@ -253,6 +255,29 @@ mod tests {
             rr.latency_ms(0.0) >= 5.0,
             "a 1 ms 503 is not a successful latency"
         );
+    }
+
+    #[test]
+    fn outlier_detection_ejects_the_failing_backend_after_five_requests() {
+        let results = simulate_all("failing-node", short(1));
+        for r in &results {
+            let failing = r.ejections[0];
+            match r.contender {
+                Contender::RoundRobinOutliers
+                | Contender::P2cLeastRequestsOutliers
+                | Contender::P2cPeakEwmaOutliers => {
+                    assert_eq!(failing.sent_before_first, Some(5), "{}", r.contender.name());
+                    assert_eq!(r.hits[0], 5, "{}", r.contender.name());
+                    assert!(r.success_rate() > 0.99, "{}", r.contender.name());
+                }
+                _ => {
+                    assert_eq!(failing.count, 0, "{}", r.contender.name());
+                    assert!(r.hits[0] > 300, "{}", r.contender.name());
+                }
+            }
+            let healthy_ejected = r.ejections[1..].iter().any(|e| e.count > 0);
+            assert!(!healthy_ejected, "{} ejected a healthy backend", r.contender.name());
+        }
     }
 
     #[test]

@@ -35,20 +35,53 @@ pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
         let shares: Vec<String> = r.shares().iter().map(|s| format!("{s:.1}")).collect();
         let _ = writeln!(out, "  {}", shares.join(" "));
     }
+    let ejections: Vec<String> = results
+        .iter()
+        .filter_map(|r| ejection_summary(scenario, r))
+        .collect();
+    if !ejections.is_empty() {
+        let _ = writeln!(out, "failing backends and outlier ejections:");
+        for line in ejections {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     out
+}
+
+/// For each backend that fails on purpose or was ejected: how many requests
+/// it got in all, and, if ejected, how many before its first ejection.
+fn ejection_summary(scenario: &Scenario, r: &RunResult) -> Option<String> {
+    let parts: Vec<String> = r
+        .ejections
+        .iter()
+        .enumerate()
+        .filter(|(backend, e)| e.count > 0 || scenario.backends[*backend].error_rate > 0.0)
+        .map(|(backend, e)| {
+            let ejected = match e.sent_before_first {
+                Some(n) => format!("ejected {}x, first after {n} requests", e.count),
+                None => "never ejected".to_string(),
+            };
+            format!(
+                "backend {backend}: {} requests, {ejected}",
+                r.hits[backend]
+            )
+        })
+        .collect();
+    (!parts.is_empty()).then(|| format!("{:<20} {}", r.contender.name(), parts.join("; ")))
 }
 
 /// x axis of the plots: "nines" of the percentile, so p90 is 1, p99 is 2.
 const MAX_NINES: f64 = 3.0;
 
 /// Line colours, one per contender, readable on white.
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 7] = [
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(31, 119, 180),
     RGBColor(90, 90, 90),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
 ];
 
 fn nines_label(x: f64) -> String {

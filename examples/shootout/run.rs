@@ -20,7 +20,7 @@ use tower::{service_fn, BoxError, ServiceExt};
 use tower_lb::http::HttpEndpoint;
 
 use crate::backend::Backend;
-use crate::contender::{Client, Contender, Endpoint, Request};
+use crate::contender::{Built, Contender, Endpoint, Probe, Request};
 use crate::scenario::Scenario;
 
 /// How hard and how long to drive a run.
@@ -46,6 +46,16 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Requests each backend received.
     pub hits: Vec<u64>,
+    /// Per backend: how many times outlier detection ejected it, and how
+    /// many requests it had been sent when it was first ejected.
+    pub ejections: Vec<Ejections>,
+}
+
+/// One backend's ejections during a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ejections {
+    pub count: u32,
+    pub sent_before_first: Option<u64>,
 }
 
 impl RunResult {
@@ -55,7 +65,10 @@ impl RunResult {
             ok,
             failed,
             elapsed,
+            ejections,
         } = generated;
+        let mut ejections = ejections;
+        ejections.resize(backends.len(), Ejections::default());
         Self {
             contender,
             latency_us,
@@ -63,6 +76,7 @@ impl RunResult {
             failed,
             elapsed,
             hits: backends.iter().map(|b| b.hits()).collect(),
+            ejections,
         }
     }
 
@@ -104,13 +118,41 @@ struct Generated {
     ok: u64,
     failed: u64,
     elapsed: Duration,
+    ejections: Vec<Ejections>,
+}
+
+/// How often the run looks at the balancer's endpoint stats. An ejected
+/// endpoint gets no requests until it returns (30 s by default, longer than
+/// a run), so its request count read any time during the ejection is the
+/// count at the moment it was ejected.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+/// Watches for ejections until the run ends.
+async fn watch_ejections(probe: Probe, ejections: Arc<std::sync::Mutex<Vec<Ejections>>>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let stats = probe();
+        let mut seen = ejections.lock().unwrap_or_else(|e| e.into_inner());
+        for endpoint in stats {
+            if seen.len() <= endpoint.key {
+                seen.resize(endpoint.key + 1, Ejections::default());
+            }
+            let entry = &mut seen[endpoint.key];
+            if endpoint.ejections > 0 && entry.sent_before_first.is_none() {
+                entry.sent_before_first = Some(endpoint.requests);
+            }
+            entry.count = endpoint.ejections;
+        }
+    }
 }
 
 /// Offers requests at `load.rate` as a Poisson process, never waiting for
 /// answers. Timers tick in milliseconds, so each wake-up releases every
 /// arrival already due, and every latency counts from the intended arrival
 /// (no coordinated omission).
-async fn generate(client: Client, load: Load) -> Generated {
+async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
+    let ejections = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watcher = probe.map(|probe| tokio::spawn(watch_ejections(probe, ejections.clone())));
     let mut rng = SmallRng::seed_from_u64(load.seed ^ 0x0a11_7e57);
     let mut gap = move || Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / load.rate);
     let start = Instant::now();
@@ -144,11 +186,17 @@ async fn generate(client: Client, load: Load) -> Generated {
             _ => failed += 1,
         }
     }
+    let elapsed = start.elapsed();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    let ejections = ejections.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Generated {
         latency_us,
         ok,
         failed,
-        elapsed: start.elapsed(),
+        elapsed,
+        ejections,
     }
 }
 
