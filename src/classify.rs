@@ -157,7 +157,7 @@ impl<Resp> Classify<Resp> for ErrorsAsFailures {
 }
 
 #[cfg(feature = "http")]
-pub use self::http::{ClassifiedBody, HttpClassify};
+pub use self::http::{ClassifiedBody, GrpcClassifier, GrpcClassifyEos, HttpClassify};
 
 #[cfg(feature = "http")]
 mod http {
@@ -165,11 +165,12 @@ mod http {
     use std::pin::Pin;
     use std::task::{ready, Context, Poll};
 
+    use http::{HeaderMap, StatusCode};
     use http_body::{Body, Frame, SizeHint};
     use pin_project_lite::pin_project;
     use tower_http::classify::{
-        ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
-        ServerErrorsAsFailures,
+        ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcEosErrorsAsFailures,
+        GrpcErrorsAsFailures, GrpcFailureClass, ServerErrorsAsFailures,
     };
 
     use super::{Classify, Outcome, OutcomeReport};
@@ -209,11 +210,13 @@ mod http {
         }
     }
 
-    impl HttpClassify<GrpcErrorsAsFailures> {
+    impl HttpClassify<GrpcClassifier> {
         /// gRPC status from the headers or the trailers: `UNKNOWN`,
         /// `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
         /// `DATA_LOSS` (the codes Envoy maps to HTTP 5xx) are failures; the
-        /// other codes describe the call, not the server, and are not.
+        /// other codes describe the call, not the server, and are not. An HTTP
+        /// status other than 200, or a response that ends without any
+        /// `grpc-status`, is a failure too (see [`GrpcClassifier`]).
         pub fn grpc() -> Self {
             let not_the_servers_fault = [
                 GrpcCode::Cancelled,
@@ -227,10 +230,80 @@ mod http {
                 GrpcCode::OutOfRange,
                 GrpcCode::Unauthenticated,
             ];
-            let classifier = not_the_servers_fault
+            let codes = not_the_servers_fault
                 .into_iter()
                 .fold(GrpcErrorsAsFailures::new(), |c, code| c.with_success(code));
-            Self::new(classifier)
+            Self::new(GrpcClassifier::new(codes))
+        }
+    }
+
+    /// tower-http's [`GrpcErrorsAsFailures`], plus two things a gRPC client
+    /// knows that it does not: a response whose HTTP status is not 200 (a
+    /// proxy's 503, a server that does not speak gRPC), and a response that
+    /// ends with no `grpc-status` at all, are failed calls (`UNAVAILABLE` or
+    /// `UNKNOWN` in gRPC's HTTP mapping), not successes.
+    #[derive(Debug, Clone)]
+    pub struct GrpcClassifier {
+        codes: GrpcErrorsAsFailures,
+    }
+
+    impl GrpcClassifier {
+        /// Judges the gRPC status with `codes` (which says which codes are
+        /// successes).
+        pub fn new(codes: GrpcErrorsAsFailures) -> Self {
+            Self { codes }
+        }
+    }
+
+    impl ClassifyResponse for GrpcClassifier {
+        type FailureClass = GrpcFailureClass;
+        type ClassifyEos = GrpcClassifyEos;
+
+        fn classify_response<B>(
+            self,
+            response: &http::Response<B>,
+        ) -> ClassifiedResponse<GrpcFailureClass, GrpcClassifyEos> {
+            if response.status() != StatusCode::OK {
+                let status = response.status();
+                return ClassifiedResponse::Ready(Err(GrpcFailureClass::Error(format!(
+                    "HTTP status {status} on a gRPC call"
+                ))));
+            }
+            match self.codes.classify_response(response) {
+                ClassifiedResponse::Ready(verdict) => ClassifiedResponse::Ready(verdict),
+                ClassifiedResponse::RequiresEos(eos) => {
+                    ClassifiedResponse::RequiresEos(GrpcClassifyEos { eos })
+                }
+            }
+        }
+
+        fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> GrpcFailureClass {
+            self.codes.classify_error(error)
+        }
+    }
+
+    /// The end-of-stream half of [`GrpcClassifier`].
+    #[derive(Debug, Clone)]
+    pub struct GrpcClassifyEos {
+        eos: GrpcEosErrorsAsFailures,
+    }
+
+    impl ClassifyEos for GrpcClassifyEos {
+        type FailureClass = GrpcFailureClass;
+
+        fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), GrpcFailureClass> {
+            match trailers {
+                Some(trailers) if trailers.contains_key("grpc-status") => {
+                    self.eos.classify_eos(Some(trailers))
+                }
+                _ => Err(GrpcFailureClass::Error(
+                    "the gRPC response ended without a grpc-status".to_owned(),
+                )),
+            }
+        }
+
+        fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> GrpcFailureClass {
+            self.eos.classify_error(error)
         }
     }
 
@@ -310,13 +383,19 @@ mod http {
             self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-            let this = self.project();
-            let frame = ready!(this.inner.poll_frame(cx));
+            let mut this = self.project();
+            let frame = ready!(this.inner.as_mut().poll_frame(cx));
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {
                         if let Some((eos, report)) = this.pending.take() {
                             report.report(outcome(eos.classify_eos(Some(trailers)).is_ok()));
+                        }
+                    } else if this.inner.is_end_stream() {
+                        // The last data frame of a body without trailers: a
+                        // caller may stop here, so decide now.
+                        if let Some((eos, report)) = this.pending.take() {
+                            report.report(outcome(eos.classify_eos(None).is_ok()));
                         }
                     }
                 }
@@ -498,6 +577,38 @@ mod tests {
         }
 
         #[test]
+        fn a_grpc_call_answered_with_an_http_error_is_a_failure() {
+            let (recorder, report) = recorder();
+            let mut response = ::http::Response::new(grpc_body(None));
+            *response.status_mut() = ::http::StatusCode::SERVICE_UNAVAILABLE;
+            let _ = HttpClassify::grpc().classify_response(response, report);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn a_grpc_response_that_ends_without_a_status_is_a_failure() {
+            let (recorder, report) = recorder();
+            let response = ::http::Response::new(grpc_body(None));
+            let response = HttpClassify::grpc().classify_response(response, report);
+            drain(response.into_body());
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn the_verdict_comes_with_the_last_frame_for_callers_that_stop_at_end_of_stream() {
+            let (recorder, report) = recorder();
+            let response = ::http::Response::new(grpc_body(None));
+            let response = HttpClassify::grpc().classify_response(response, report);
+            let mut body = response.into_body();
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            let frame = std::pin::Pin::new(&mut body).poll_frame(&mut cx);
+            assert!(matches!(frame, std::task::Poll::Ready(Some(Ok(_)))));
+            assert!(body.is_end_stream());
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
         fn a_body_that_fails_midway_is_a_failure() {
             let (recorder, report) = recorder();
             let mut frames = std::collections::VecDeque::new();
@@ -518,11 +629,11 @@ mod tests {
         }
 
         #[test]
-        fn an_empty_body_without_grpc_status_is_judged_without_being_polled() {
+        fn an_empty_grpc_response_without_a_status_fails_without_being_polled() {
             let (recorder, report) = recorder();
             let response = ::http::Response::new(http_body_util::Empty::<&[u8]>::new());
             let _ = HttpClassify::grpc().classify_response(response, report);
-            assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
         }
 
         #[test]

@@ -30,6 +30,15 @@ pub enum Error {
         endpoints: usize,
     },
 
+    /// Every endpoint is ejected by outlier detection, and panic mode is off
+    /// ([`Builder::panic_threshold`](crate::Builder::panic_threshold)`(0)`),
+    /// so there is nowhere to send the request.
+    #[error("all {endpoints} endpoints are ejected by outlier detection and panic mode is off")]
+    AllEjected {
+        /// How many endpoints there are, all ejected.
+        endpoints: usize,
+    },
+
     /// The balancer was closed (see [`Balancer::close`](crate::Balancer::close));
     /// it accepts no new requests.
     #[error("the balancer is closed and accepts no new requests")]

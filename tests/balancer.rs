@@ -15,7 +15,7 @@ use tower_lb::http::{self as lb_http, HttpEndpoint};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
 use tower_lb::{Balancer, EndpointState, Error};
 
-use support::{get, refusing_addr, servers, wait_until, Body, CapturedLogs, TestServer};
+use support::{get, refusing_addr, servers, wait_until, Body, Scripted, TestServer};
 
 type Endpoint = HttpEndpoint<Body>;
 
@@ -470,21 +470,6 @@ async fn removing_an_unknown_endpoint_changes_nothing() {
     assert_eq!(keys, ["known"]);
 }
 
-/// A discovery stream that the test scripts item by item, errors included.
-struct Scripted(
-    tokio::sync::mpsc::UnboundedReceiver<Result<Change<SocketAddr, Endpoint>, std::io::Error>>,
-);
-
-impl futures_core::Stream for Scripted {
-    type Item = Result<Change<SocketAddr, Endpoint>, std::io::Error>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_error_keeps_the_last_endpoints_and_later_changes_still_apply() {
     let (a, b) = (TestServer::start().await, TestServer::start().await);
@@ -687,41 +672,4 @@ async fn connect_request_is_refused_and_never_sent() {
     let err = balancer.oneshot(request).await.unwrap_err();
     assert!(err.is_never_sent(), "{err}");
     assert_eq!(server.hits(), 0);
-}
-
-#[tokio::test]
-async fn discovery_error_is_reported_as_a_warning_with_its_cause() {
-    let logs = CapturedLogs::default();
-    let _guard = logs.install();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let balancer = Balancer::builder().build(Scripted(rx));
-    tx.send(Err(std::io::Error::other("registry unreachable")))
-        .unwrap();
-    wait_until(Duration::from_secs(2), || {
-        logs.text().contains("registry unreachable")
-    })
-    .await;
-    let text = logs.text();
-    assert!(text.contains("WARN"), "{text}");
-    assert!(text.contains("keeping the last known endpoints"), "{text}");
-    drop(balancer);
-}
-
-#[tokio::test]
-async fn removing_an_unknown_endpoint_is_reported_as_a_debug_event() {
-    let logs = CapturedLogs::default();
-    let _guard = logs.install();
-    let (handle, stream) = discover::channel::<u32, Endpoint>();
-    let balancer = Balancer::builder().build(stream);
-    handle.remove(42).unwrap();
-    wait_until(Duration::from_secs(2), || {
-        logs.text().contains("unknown endpoint")
-    })
-    .await;
-    let text = logs.text();
-    assert!(
-        text.contains("DEBUG") && text.contains("endpoint=42"),
-        "{text}"
-    );
-    assert!(balancer.endpoints().is_empty());
 }

@@ -6,12 +6,12 @@ use std::time::Duration;
 use http::StatusCode;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
+use std::sync::Arc;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
-use std::sync::Arc;
 
 use tower::{BoxError, ServiceExt};
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
@@ -87,18 +87,24 @@ impl Contender {
             Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, None),
             Contender::P2cLeastRequests => tower_lb(P2c::least_requests(), endpoints, seed, None),
             Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, None),
-            Contender::RoundRobinOutliers => {
-                tower_lb(RoundRobin::new(), endpoints, seed, Some(OutlierDetection::new()))
-            }
+            Contender::RoundRobinOutliers => tower_lb(
+                RoundRobin::new(),
+                endpoints,
+                seed,
+                Some(OutlierDetection::new()),
+            ),
             Contender::P2cLeastRequestsOutliers => tower_lb(
                 P2c::least_requests(),
                 endpoints,
                 seed,
                 Some(OutlierDetection::new()),
             ),
-            Contender::P2cPeakEwmaOutliers => {
-                tower_lb(P2c::peak_ewma(), endpoints, seed, Some(OutlierDetection::new()))
-            }
+            Contender::P2cPeakEwmaOutliers => tower_lb(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                Some(OutlierDetection::new()),
+            ),
             Contender::TowerP2cPeakEwma => {
                 let discover = PeakEwmaDiscover::new(
                     ServiceList::new(endpoints),

@@ -276,7 +276,11 @@ mod tests {
                 }
             }
             let healthy_ejected = r.ejections[1..].iter().any(|e| e.count > 0);
-            assert!(!healthy_ejected, "{} ejected a healthy backend", r.contender.name());
+            assert!(
+                !healthy_ejected,
+                "{} ejected a healthy backend",
+                r.contender.name()
+            );
         }
     }
 

@@ -61,10 +61,7 @@ fn ejection_summary(scenario: &Scenario, r: &RunResult) -> Option<String> {
                 Some(n) => format!("ejected {}x, first after {n} requests", e.count),
                 None => "never ejected".to_string(),
             };
-            format!(
-                "backend {backend}: {} requests, {ejected}",
-                r.hits[backend]
-            )
+            format!("backend {backend}: {} requests, {ejected}", r.hits[backend])
         })
         .collect();
     (!parts.is_empty()).then(|| format!("{:<20} {}", r.contender.name(), parts.join("; ")))

@@ -176,7 +176,7 @@ impl<P: Strategy, C> Builder<P, C> {
         let consecutive_failures = self
             .outlier_detection
             .as_ref()
-            .and_then(|d| d.consecutive_failures);
+            .map(|d| d.consecutive_failures.unwrap_or(u32::MAX));
         let shared = Shared::new(self.rtt, self.seed, track_latency, consecutive_failures);
         let settings = Settings {
             strategy: self.strategy,

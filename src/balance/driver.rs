@@ -100,6 +100,8 @@ struct Endpoints<K, S> {
     active: IndexMap<K, Tracked<K, S>>,
     draining: Vec<Arc<Endpoint<K, S>>>,
     health: HealthSettings,
+    /// How many of `active` are ejected.
+    ejected: usize,
     /// Whether the last published snapshot was in panic mode.
     panic: bool,
 }
@@ -114,10 +116,17 @@ where
             Change::Insert(key, service) => {
                 let endpoint = Arc::new(Endpoint::new(key.clone(), service, shared.clone()));
                 tracing::debug!(endpoint = ?key, "endpoint inserted");
-                let tracked = Tracked {
+                let mut tracked = Tracked {
                     endpoint,
                     record: EjectionRecord::new(0, 0),
                 };
+                if let Some(old) = self.active.get(&key) {
+                    // A new service for the same key keeps the key's health:
+                    // a stream that re-sends its set must not cancel an
+                    // ejection or forget the multiplier.
+                    tracked.record = old.record.for_new_counters();
+                    tracked.endpoint.inherit_health(&old.endpoint);
+                }
                 if let Some(old) = self.active.insert(key, tracked) {
                     tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
                     old.endpoint.start_draining();
@@ -127,6 +136,9 @@ where
             }
             Change::Remove(key) => match self.active.swap_remove(&key) {
                 Some(old) => {
+                    if old.record.is_ejected() {
+                        self.ejected -= 1;
+                    }
                     tracing::debug!(endpoint = ?key, in_flight = old.endpoint.load().in_flight(), "endpoint removed; draining");
                     old.endpoint.start_draining();
                     self.draining.push(old.endpoint);
@@ -140,13 +152,6 @@ where
         }
     }
 
-    fn ejected_count(&self) -> usize {
-        self.active
-            .values()
-            .filter(|t| t.record.is_ejected())
-            .count()
-    }
-
     /// Ejects the endpoint at `index` if the cap allows; returns whether it
     /// did.
     fn try_eject(
@@ -157,7 +162,7 @@ where
         shared: &Shared,
         now: Instant,
     ) -> bool {
-        let (ejected, total) = (self.ejected_count(), self.active.len());
+        let (ejected, total) = (self.ejected, self.active.len());
         let Some((key, tracked)) = self.active.get_index_mut(index) else {
             return false;
         };
@@ -170,6 +175,7 @@ where
                 "outlier not ejected: too many endpoints are out already");
             return false;
         }
+        self.ejected += 1;
         let (time, multiplier) = tracked.record.eject(now, detection);
         let returns_at = tracked.record.ejected_until().unwrap_or(now);
         tracked.endpoint.eject(shared.ns_at(returns_at));
@@ -218,6 +224,7 @@ where
                 .try_return(now, load.successes(), load.failures())
             {
                 tracked.endpoint.restore();
+                self.ejected -= 1;
                 tracing::info!(endpoint = ?key, multiplier = tracked.record.multiplier(),
                     "ejection over; endpoint back in service");
                 changed = true;
@@ -279,7 +286,7 @@ where
                     record.slow_intervals = 0;
                     continue;
                 }
-                record.slow_intervals += 1;
+                record.slow_intervals = record.slow_intervals.saturating_add(1);
                 if record.slow_intervals >= detector.intervals {
                     let reason = EjectionReason::Latency {
                         estimate: Duration::from_nanos(estimates[j].unwrap_or(0.0) as u64),
@@ -369,12 +376,15 @@ pub(crate) async fn run<D, P, C>(
         active: IndexMap::new(),
         draining: Vec::new(),
         health,
+        ejected: 0,
         panic: false,
     };
-    let mut ticker = detection.as_ref().map(|d| {
-        let mut ticker = interval_at(Instant::now() + d.interval, d.interval);
+    // An interval too long for the clock never ticks.
+    let mut ticker = detection.as_ref().and_then(|d| {
+        let first = Instant::now().checked_add(d.interval)?;
+        let mut ticker = interval_at(first, d.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker
+        Some(ticker)
     });
     let mut discovery_open = true;
     let mut retry_at: Option<Instant> = None;

@@ -23,8 +23,9 @@ pub(crate) struct Shared {
     track_latency: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
-    /// Failures in a row that take an endpoint out of service (outlier
-    /// detection's consecutive-failures detector), if on.
+    /// With outlier detection: the failures in a row that take an endpoint
+    /// out of service (`u32::MAX` when that detector is off, since successes
+    /// are still counted for the others).
     consecutive_failures: Option<u32>,
     /// Woken when an endpoint reaches `consecutive_failures`, so the driver
     /// ejects it.
@@ -64,7 +65,8 @@ impl Shared {
 
     /// `at` in nanoseconds since the balancer was built.
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_nanos() as u64
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 
     /// The time a request starts, when requests are timed.
@@ -168,6 +170,18 @@ impl<K, S> Endpoint<K, S> {
         self.state.store(EJECTED, Ordering::SeqCst);
     }
 
+    /// Takes over `old`'s ejection count and, if it is ejected, its ejection:
+    /// `self` is a new service for the same key.
+    pub(crate) fn inherit_health(&self, old: &Self) {
+        self.ejections
+            .store(old.ejections.load(Ordering::Relaxed), Ordering::Relaxed);
+        if old.state.load(Ordering::SeqCst) == EJECTED {
+            self.returns_at_ns
+                .store(old.returns_at_ns.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.state.store(EJECTED, Ordering::SeqCst);
+        }
+    }
+
     /// Puts an ejected or tripped endpoint back in service, with a clean
     /// count of failures in a row.
     pub(crate) fn restore(&self) {
@@ -204,7 +218,10 @@ impl<K, S> Endpoint<K, S> {
             in_flight: self.load.in_flight(),
             rtt_estimate,
             requests: self.load.requests(),
-            successes: self.load.successes(),
+            successes: self
+                .shared
+                .consecutive_failures
+                .map(|_| self.load.successes()),
             failures: self.load.failures(),
             ejections: self.ejections.load(Ordering::Relaxed),
             returns_in,
@@ -224,15 +241,23 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
 
 impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
     fn record_outcome(&self, outcome: Outcome) {
+        let Some(limit) = self.shared.consecutive_failures else {
+            // Without outlier detection nothing reads successes or failures
+            // in a row: a success costs nothing, a failure one add (the
+            // failure count the stats show).
+            if outcome == Outcome::Failure {
+                self.load.record_failure();
+            }
+            return;
+        };
         match outcome {
             Outcome::Success => self.load.record_success(),
             Outcome::Failure => {
-                let in_a_row = self.load.record_failure();
-                let Some(limit) = self.shared.consecutive_failures else {
-                    return;
-                };
-                // Only the request that trips it wakes the driver.
-                if in_a_row >= limit
+                let in_a_row = self.load.record_failure_in_a_row();
+                // Only the request that trips it wakes the driver. `u32::MAX`
+                // means the detector is off.
+                if limit != u32::MAX
+                    && in_a_row >= limit
                     && self
                         .state
                         .compare_exchange(ACTIVE, TRIPPED, Ordering::SeqCst, Ordering::Relaxed)
@@ -380,8 +405,10 @@ pub struct EndpointStats<K> {
     pub rtt_estimate: Option<Duration>,
     /// Requests sent to it since it was inserted.
     pub requests: u64,
-    /// Requests [classified](crate::classify) as successes.
-    pub successes: u64,
+    /// Requests [classified](crate::classify) as successes; counted only with
+    /// [outlier detection](crate::Builder::outlier_detection) (the only
+    /// reader), `None` otherwise.
+    pub successes: Option<u64>,
     /// Requests classified as failures.
     pub failures: u64,
     /// Times outlier detection ejected it.

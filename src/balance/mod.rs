@@ -132,6 +132,11 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
         let snapshot = self.snapshot.load();
         let eligible = &snapshot.eligible[..];
         if eligible.is_empty() {
+            if !snapshot.ejected.is_empty() {
+                return Dispatch::Failed(Error::AllEjected {
+                    endpoints: snapshot.ejected.len(),
+                });
+            }
             return Dispatch::NoEndpoints(req);
         }
         let now_ns = shared.request_clock();
@@ -201,10 +206,10 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
     }
 }
 
-/// The first endpoint in service after `from` (cyclically), or `from` itself
-/// when none is.
+/// The first endpoint in service from `from` on (cyclically), or `from`
+/// itself when none is.
 fn next_in_service<K, S>(eligible: &[Arc<Endpoint<K, S>>], from: usize) -> usize {
-    (1..=eligible.len())
+    (0..eligible.len())
         .map(|step| (from + step) % eligible.len())
         .find(|&i| eligible[i].is_in_service())
         .unwrap_or(from)
@@ -415,4 +420,40 @@ where
         stop_rx,
     ));
     Balancer { inner }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::RttEstimate;
+
+    fn endpoints(n: usize) -> Vec<Arc<Endpoint<usize, ()>>> {
+        let shared = Arc::new(Shared::new(RttEstimate::DEFAULT, None, false, Some(5)));
+        (0..n)
+            .map(|i| Arc::new(Endpoint::new(i, (), shared.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn next_in_service_keeps_the_pick_when_it_is_in_service() {
+        let all = endpoints(4);
+        assert_eq!(next_in_service(&all, 2), 2);
+    }
+
+    #[test]
+    fn next_in_service_skips_ejected_endpoints_cyclically() {
+        let all = endpoints(4);
+        all[3].eject(u64::MAX);
+        all[0].eject(u64::MAX);
+        assert_eq!(next_in_service(&all, 3), 1);
+    }
+
+    #[test]
+    fn next_in_service_keeps_the_pick_when_none_is_in_service() {
+        let all = endpoints(3);
+        for e in &all {
+            e.eject(u64::MAX);
+        }
+        assert_eq!(next_in_service(&all, 1), 1);
+    }
 }

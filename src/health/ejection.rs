@@ -34,6 +34,15 @@ impl EjectionRecord {
         }
     }
 
+    /// The same history for a new service under the same key, whose counters
+    /// start from zero.
+    pub(crate) fn for_new_counters(&self) -> Self {
+        Self {
+            baseline: IntervalCounts::default(),
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn is_ejected(&self) -> bool {
         self.ejected_until.is_some()
     }

@@ -121,7 +121,8 @@ impl EndpointLoad {
         self.counters.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
     }
 
-    /// Requests [classified](crate::classify) as successes.
+    /// Requests [classified](crate::classify) as successes (counted only
+    /// when the balancer runs outlier detection).
     pub fn successes(&self) -> u64 {
         self.successes.load(Ordering::Relaxed)
     }
@@ -179,9 +180,14 @@ impl EndpointLoad {
         }
     }
 
-    /// Counts a failure; returns the failures in a row so far.
-    pub(crate) fn record_failure(&self) -> u32 {
+    pub(crate) fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failure, and one more in a row; returns the failures in a row
+    /// so far.
+    pub(crate) fn record_failure_in_a_row(&self) -> u32 {
+        self.record_failure();
         self.consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1)

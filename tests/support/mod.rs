@@ -278,8 +278,35 @@ fn grpc_response(code: u64) -> Response<Frames> {
     response
 }
 
-/// Captures what `tracing` writes on this thread (the driver task runs here
-/// too on a current-thread runtime).
+/// A discovery stream that the test scripts item by item, errors included.
+pub struct Scripted(
+    pub  tokio::sync::mpsc::UnboundedReceiver<
+        Result<
+            tower::discover::Change<SocketAddr, tower_lb::http::HttpEndpoint<Body>>,
+            std::io::Error,
+        >,
+    >,
+);
+
+impl futures_core::Stream for Scripted {
+    type Item = Result<
+        tower::discover::Change<SocketAddr, tower_lb::http::HttpEndpoint<Body>>,
+        std::io::Error,
+    >;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Everything `tracing` writes in this test binary, from every thread.
+///
+/// One global subscriber rather than one per test: a thread-local default
+/// races with tracing's global cache of which call sites are enabled when
+/// other tests run at the same time, and events go missing. Tests that read
+/// it look for text unique to them (an address, a port).
 #[derive(Clone, Default)]
 pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -294,17 +321,32 @@ impl std::io::Write for CapturedLogs {
 }
 
 impl CapturedLogs {
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// The binary's capture, installed as the global subscriber on first use.
+    pub fn global() -> &'static CapturedLogs {
+        static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = CapturedLogs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+            logs
+        })
     }
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+
+    /// The lines that contain every one of `needles`.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_owned)
+            .collect()
     }
 }
