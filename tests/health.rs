@@ -26,16 +26,39 @@ type HttpBalancer = Balancer<SocketAddr, Endpoint, RoundRobin, HttpClassify>;
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Round robin (so that who gets what is predictable), 5xx as failures.
+fn builder(detection: OutlierDetection) -> tower_lb::Builder<RoundRobin, HttpClassify> {
+    Balancer::builder()
+        .strategy(RoundRobin::new())
+        .classify(HttpClassify::server_errors())
+        .outlier_detection(detection)
+}
+
 fn balancer(
     detection: OutlierDetection,
     addrs: impl IntoIterator<Item = SocketAddr>,
 ) -> HttpBalancer {
     let client = lb_http::client();
-    Balancer::builder()
-        .strategy(RoundRobin::new())
-        .classify(HttpClassify::server_errors())
-        .outlier_detection(detection)
-        .build(discover::fixed(lb_http::endpoints(&client, addrs)))
+    builder(detection).build(discover::fixed(lb_http::endpoints(&client, addrs)))
+}
+
+type Handle = discover::DiscoveryHandle<SocketAddr, Endpoint>;
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A balancer over a discovery channel, with `servers` inserted.
+async fn channel_balancer(servers: &[TestServer], client: &HttpClient) -> (Handle, HttpBalancer) {
+    let (handle, stream) = discover::channel();
+    let balancer = builder(OutlierDetection::new()).build(stream);
+    insert_all(&handle, servers, client);
+    ready(&balancer, servers.len()).await;
+    (handle, balancer)
+}
+
+fn insert_all(handle: &Handle, servers: &[TestServer], client: &HttpClient) {
+    for server in servers {
+        handle
+            .insert(server.addr, HttpEndpoint::new(client.clone(), server.addr))
+            .unwrap();
+    }
 }
 
 fn addrs(servers: &[TestServer]) -> Vec<SocketAddr> {
@@ -331,10 +354,7 @@ async fn panic_threshold_zero_keeps_requests_off_ejected_endpoints() {
         server.fail_every(1);
     }
     let client = lb_http::client();
-    let balancer: HttpBalancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .classify(HttpClassify::server_errors())
-        .outlier_detection(OutlierDetection::new().max_ejection_percent(100))
+    let balancer: HttpBalancer = builder(OutlierDetection::new().max_ejection_percent(100))
         .panic_threshold(0)
         .build(discover::fixed(lb_http::endpoints(&client, addrs(&all))));
     ready(&balancer, 4).await;
@@ -407,10 +427,7 @@ async fn with_panic_mode_off_and_everything_ejected_requests_fail_at_once() {
         server.fail_every(1);
     }
     let client = lb_http::client();
-    let balancer: HttpBalancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .classify(HttpClassify::server_errors())
-        .outlier_detection(OutlierDetection::new().max_ejection_percent(100))
+    let balancer: HttpBalancer = builder(OutlierDetection::new().max_ejection_percent(100))
         .panic_threshold(0)
         .build(discover::fixed(lb_http::endpoints(&client, addrs(&all))));
     ready(&balancer, 2).await;
@@ -439,29 +456,14 @@ async fn a_new_service_for_an_ejected_key_stays_ejected() {
     let all = servers(2, Duration::ZERO).await;
     all[0].fail_every(1);
     let client = lb_http::client();
-    let (handle, stream) = discover::channel();
-    let balancer: HttpBalancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .classify(HttpClassify::server_errors())
-        .outlier_detection(OutlierDetection::new())
-        .build(stream);
-    for server in &all {
-        handle
-            .insert(server.addr, HttpEndpoint::new(client.clone(), server.addr))
-            .unwrap();
-    }
-    ready(&balancer, 2).await;
+    let (handle, balancer) = channel_balancer(&all, &client).await;
     eject(&balancer, &all[0]).await;
     let before = stats_of(&balancer, all[0].addr)
         .returns_in
         .expect("ejected");
 
     // The same set again, as a stream that re-sends it on refresh would.
-    for server in &all {
-        handle
-            .insert(server.addr, HttpEndpoint::new(client.clone(), server.addr))
-            .unwrap();
-    }
+    insert_all(&handle, &all, &client);
     wait_until(WAIT, || {
         balancer
             .endpoints()
@@ -498,18 +500,7 @@ async fn removed_endpoint_health_state_is_dropped() {
     let all = servers(2, Duration::ZERO).await;
     all[0].fail_every(1);
     let client = lb_http::client();
-    let (handle, stream) = discover::channel();
-    let balancer: HttpBalancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .classify(HttpClassify::server_errors())
-        .outlier_detection(OutlierDetection::new())
-        .build(stream);
-    for server in &all {
-        handle
-            .insert(server.addr, HttpEndpoint::new(client.clone(), server.addr))
-            .unwrap();
-    }
-    ready(&balancer, 2).await;
+    let (handle, balancer) = channel_balancer(&all, &client).await;
     eject(&balancer, &all[0]).await;
 
     handle.remove(all[0].addr).unwrap();
