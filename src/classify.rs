@@ -127,14 +127,12 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
     #[cfg(feature = "http")]
     {
-        let mut current: Option<&(dyn StdError + 'static)> = Some(error);
-        while let Some(e) = current {
-            if let Some(http) = e.downcast_ref::<crate::http::HttpError>() {
-                if http.is_refused_by_client() {
-                    return None;
-                }
-            }
-            current = e.source();
+        let refused = crate::error::chain(error).any(|e| {
+            e.downcast_ref::<crate::http::HttpError>()
+                .is_some_and(crate::http::HttpError::is_refused_by_client)
+        });
+        if refused {
+            return None;
         }
     }
     #[cfg(not(feature = "http"))]

@@ -78,20 +78,22 @@ impl Error {
 /// request never left the client: a [`NeverSent`] marker, or (with the `http`
 /// feature) an [`HttpError`](crate::http::HttpError) that says so.
 pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(err) = next {
-        if err.is::<NeverSent>() {
-            return true;
-        }
+    chain(error).any(|err| {
         #[cfg(feature = "http")]
         if let Some(http) = err.downcast_ref::<crate::http::HttpError>() {
             if http.is_never_sent() {
                 return true;
             }
         }
-        next = err.source();
-    }
-    false
+        err.is::<NeverSent>()
+    })
+}
+
+/// `error`, then each of its `source()`s in turn.
+pub(crate) fn chain<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(error), |&err| err.source())
 }
 
 /// Wraps an endpoint error that proves the request was never sent (connect

@@ -109,9 +109,27 @@ fn ejected(balancer: &HttpBalancer) -> Vec<SocketAddr> {
 /// Only the interval detectors: consecutive failures off.
 fn interval_only() -> OutlierDetection {
     OutlierDetection::new()
+        .interval(INTERVAL)
         .consecutive_failures(None)
         .success_rate(None)
         .max_ejection_percent(100)
+}
+
+/// The interval of the tests of interval detectors.
+const INTERVAL: Duration = Duration::from_secs(10);
+
+/// A balancer over `all` with `detection` (built on [`interval_only`]); sends
+/// `requests` and lets one interval pass. The clock stays paused.
+async fn after_one_interval(
+    all: &[TestServer],
+    detection: OutlierDetection,
+    requests: usize,
+) -> HttpBalancer {
+    let balancer = balancer(detection, addrs(all));
+    ready(&balancer, all.len()).await;
+    send(&balancer, requests).await;
+    run_one_interval(INTERVAL).await;
+    balancer
 }
 
 /// Lets the driver's next interval run on a paused clock.
@@ -179,15 +197,9 @@ async fn client_errors_do_not_count_as_failures() {
 async fn success_rate_detector_ejects_the_backend_at_half_errors_among_six_healthy_ones() {
     let all = servers(7, Duration::ZERO).await;
     all[6].fail_every(2);
-    let interval = Duration::from_secs(10);
-    let detection = interval_only()
-        .interval(interval)
-        .success_rate(Some(SuccessRate::new()));
-    let balancer = balancer(detection, addrs(&all));
-    ready(&balancer, 7).await;
+    let detection = interval_only().success_rate(Some(SuccessRate::new()));
 
-    send(&balancer, 7 * 120).await;
-    run_one_interval(interval).await;
+    let balancer = after_one_interval(&all, detection, 7 * 120).await;
 
     wait_until(WAIT, || !ejected(&balancer).is_empty()).await;
     assert_eq!(ejected(&balancer), vec![all[6].addr]);
@@ -196,17 +208,11 @@ async fn success_rate_detector_ejects_the_backend_at_half_errors_among_six_healt
 #[tokio::test]
 async fn success_rate_detector_ejects_nobody_when_all_are_healthy() {
     let all = servers(7, Duration::ZERO).await;
-    let interval = Duration::from_secs(10);
-    let detection = interval_only()
-        .interval(interval)
-        .success_rate(Some(SuccessRate::new()));
-    let balancer = balancer(detection, addrs(&all));
-    ready(&balancer, 7).await;
+    let detection = interval_only().success_rate(Some(SuccessRate::new()));
 
-    send(&balancer, 7 * 120).await;
-    run_one_interval(interval).await;
+    let balancer = after_one_interval(&all, detection, 7 * 120).await;
     // Two more ticks' worth of waiting: still nobody.
-    tokio::time::sleep(interval * 2).await;
+    tokio::time::sleep(INTERVAL * 2).await;
 
     assert!(ejected(&balancer).is_empty());
 }
@@ -215,15 +221,9 @@ async fn success_rate_detector_ejects_nobody_when_all_are_healthy() {
 async fn failure_percentage_detector_ejects_a_backend_above_the_threshold() {
     let all = servers(6, Duration::ZERO).await;
     all[2].fail_every(1);
-    let interval = Duration::from_secs(10);
-    let detection = interval_only()
-        .interval(interval)
-        .failure_percentage(Some(FailurePercentage::new()));
-    let balancer = balancer(detection, addrs(&all));
-    ready(&balancer, 6).await;
+    let detection = interval_only().failure_percentage(Some(FailurePercentage::new()));
 
-    send(&balancer, 6 * 60).await;
-    run_one_interval(interval).await;
+    let balancer = after_one_interval(&all, detection, 6 * 60).await;
 
     wait_until(WAIT, || !ejected(&balancer).is_empty()).await;
     assert_eq!(ejected(&balancer), vec![all[2].addr]);
@@ -522,22 +522,16 @@ async fn removed_endpoint_health_state_is_dropped() {
 async fn latency_detector_ejects_an_endpoint_far_slower_than_its_peers() {
     let mut all = servers(3, Duration::ZERO).await;
     all.push(TestServer::with_delay(Duration::from_millis(30)).await);
-    let interval = Duration::from_secs(10);
-    let detection = interval_only()
-        .interval(interval)
-        .latency(Some(LatencyOutliers::new().intervals(2)));
-    let balancer = balancer(detection, addrs(&all));
-    ready(&balancer, 4).await;
+    let detection = interval_only().latency(Some(LatencyOutliers::new().intervals(2)));
 
-    send(&balancer, 40).await;
-    run_one_interval(interval).await;
+    let balancer = after_one_interval(&all, detection, 40).await;
     assert!(
         ejected(&balancer).is_empty(),
         "one slow interval is not enough"
     );
     tokio::time::resume();
     send(&balancer, 40).await;
-    run_one_interval(interval).await;
+    run_one_interval(INTERVAL).await;
 
     wait_until(WAIT, || !ejected(&balancer).is_empty()).await;
     assert_eq!(ejected(&balancer), vec![all[3].addr]);

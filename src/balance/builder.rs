@@ -34,6 +34,13 @@ use crate::strategy::{P2c, Strategy};
 pub struct Builder<P = P2c, C = ErrorsAsFailures> {
     strategy: P,
     classify: C,
+    options: Options,
+}
+
+/// Everything the builder sets that does not change its type, so that
+/// `strategy` and `classify` carry it over in one move.
+#[derive(Debug, Clone)]
+struct Options {
     startup_wait: Duration,
     rtt: RttEstimate,
     track_latency: bool,
@@ -50,12 +57,14 @@ impl Builder<P2c> {
         Self {
             strategy: P2c::peak_ewma(),
             classify: ErrorsAsFailures,
-            startup_wait: Duration::from_secs(5),
-            rtt: RttEstimate::DEFAULT,
-            track_latency: false,
-            seed: None,
-            outlier_detection: None,
-            panic_threshold: 50,
+            options: Options {
+                startup_wait: Duration::from_secs(5),
+                rtt: RttEstimate::DEFAULT,
+                track_latency: false,
+                seed: None,
+                outlier_detection: None,
+                panic_threshold: 50,
+            },
         }
     }
 }
@@ -72,12 +81,7 @@ impl<P: Strategy, C> Builder<P, C> {
         Builder {
             strategy,
             classify: self.classify,
-            startup_wait: self.startup_wait,
-            rtt: self.rtt,
-            track_latency: self.track_latency,
-            seed: self.seed,
-            outlier_detection: self.outlier_detection,
-            panic_threshold: self.panic_threshold,
+            options: self.options,
         }
     }
 
@@ -89,12 +93,7 @@ impl<P: Strategy, C> Builder<P, C> {
         Builder {
             strategy: self.strategy,
             classify,
-            startup_wait: self.startup_wait,
-            rtt: self.rtt,
-            track_latency: self.track_latency,
-            seed: self.seed,
-            outlier_detection: self.outlier_detection,
-            panic_threshold: self.panic_threshold,
+            options: self.options,
         }
     }
 
@@ -109,7 +108,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// # let _ = builder;
     /// ```
     pub fn outlier_detection(mut self, detection: OutlierDetection) -> Self {
-        self.outlier_detection = Some(detection);
+        self.options.outlier_detection = Some(detection);
         self
     }
 
@@ -117,7 +116,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// ejected), balance over all of them, as Envoy does. Default 50; 0 turns
     /// panic mode off; values above 100 are taken as 100.
     pub fn panic_threshold(mut self, percent: u32) -> Self {
-        self.panic_threshold = percent.min(100);
+        self.options.panic_threshold = percent.min(100);
         self
     }
 
@@ -125,7 +124,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// produced any yet, before it fails with
     /// [`Error::NoEndpoints`](crate::Error::NoEndpoints). Default 5 s.
     pub fn startup_wait(mut self, wait: Duration) -> Self {
-        self.startup_wait = wait;
+        self.options.startup_wait = wait;
         self
     }
 
@@ -133,7 +132,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// [`P2c::peak_ewma`] and shown by
     /// [`Balancer::endpoints`](crate::Balancer::endpoints).
     pub fn rtt_estimate(mut self, rtt: RttEstimate) -> Self {
-        self.rtt = rtt;
+        self.options.rtt = rtt;
         self
     }
 
@@ -143,7 +142,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// Costs two clock reads per request. Strategies that use latency turn it
     /// on by themselves.
     pub fn track_latency(mut self, on: bool) -> Self {
-        self.track_latency = on;
+        self.options.track_latency = on;
         self
     }
 
@@ -151,7 +150,7 @@ impl<P: Strategy, C> Builder<P, C> {
     /// function of `seed`, for repeatable simulations. Unseeded balancers use
     /// a faster thread-local generator; seeded ones share one atomic sequence.
     pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
+        self.options.seed = Some(seed);
         self
     }
 
@@ -169,22 +168,25 @@ impl<P: Strategy, C> Builder<P, C> {
         C: Send + Sync + 'static,
     {
         let latency_detector = self
+            .options
             .outlier_detection
             .as_ref()
             .is_some_and(|d| d.latency.is_some());
-        let track_latency = self.track_latency || self.strategy.uses_latency() || latency_detector;
-        let consecutive_failures = self
-            .outlier_detection
-            .as_ref()
-            .map(|d| d.consecutive_failures.unwrap_or(u32::MAX));
-        let shared = Shared::new(self.rtt, self.seed, track_latency, consecutive_failures);
+        let track_latency =
+            self.options.track_latency || self.strategy.uses_latency() || latency_detector;
+        let shared = Shared::new(
+            self.options.rtt,
+            self.options.seed,
+            track_latency,
+            self.options.outlier_detection.as_ref(),
+        );
         let settings = Settings {
             strategy: self.strategy,
             classify: self.classify,
-            startup_wait: self.startup_wait,
+            startup_wait: self.options.startup_wait,
             health: HealthSettings {
-                outlier_detection: self.outlier_detection,
-                panic_threshold: self.panic_threshold,
+                outlier_detection: self.options.outlier_detection,
+                panic_threshold: self.options.panic_threshold,
             },
         };
         super::spawn(discover, settings, shared)

@@ -99,7 +99,8 @@ struct Tracked<K, S> {
 struct Endpoints<K, S> {
     active: IndexMap<K, Tracked<K, S>>,
     draining: Vec<Arc<Endpoint<K, S>>>,
-    health: HealthSettings,
+    /// Below this percentage in service, publish every endpoint (panic mode).
+    panic_threshold: u32,
     /// How many of `active` are ejected.
     ejected: usize,
     /// Whether the last published snapshot was in panic mode.
@@ -118,7 +119,7 @@ where
                 tracing::debug!(endpoint = ?key, "endpoint inserted");
                 let mut tracked = Tracked {
                     endpoint,
-                    record: EjectionRecord::new(0, 0),
+                    record: EjectionRecord::default(),
                 };
                 if let Some(old) = self.active.get(&key) {
                     // A new service for the same key keeps the key's health:
@@ -176,8 +177,7 @@ where
             return false;
         }
         self.ejected += 1;
-        let (time, multiplier) = tracked.record.eject(now, detection);
-        let returns_at = tracked.record.ejected_until().unwrap_or(now);
+        let (time, returns_at, multiplier) = tracked.record.eject(now, detection);
         tracked.endpoint.eject(shared.ns_at(returns_at));
         tracing::warn!(endpoint = ?key, %reason, ejection_time = ?time, multiplier,
             ejected = ejected + 1, endpoints = total, "endpoint ejected");
@@ -319,7 +319,7 @@ where
             .filter(|t| t.record.is_ejected())
             .map(|t| t.endpoint.clone())
             .collect();
-        let threshold = self.health.panic_threshold as usize;
+        let threshold = self.panic_threshold as usize;
         let panic = !ejected.is_empty() && in_service.len() * 100 < threshold * total;
         if panic != self.panic {
             if panic {
@@ -371,11 +371,14 @@ pub(crate) async fn run<D, P, C>(
     P: Strategy,
 {
     tokio::pin!(discover);
-    let detection = health.outlier_detection.clone();
+    let HealthSettings {
+        outlier_detection: detection,
+        panic_threshold,
+    } = health;
     let mut endpoints = Endpoints {
         active: IndexMap::new(),
         draining: Vec::new(),
-        health,
+        panic_threshold,
         ejected: 0,
         panic: false,
     };

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::classify::{Outcome, RecordOutcome};
+use crate::health::OutlierDetection;
 use crate::load::{EndpointLoad, RttEstimate};
 use crate::strategy::PickContext;
 
@@ -23,11 +24,13 @@ pub(crate) struct Shared {
     track_latency: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
-    /// With outlier detection: the failures in a row that take an endpoint
-    /// out of service (`u32::MAX` when that detector is off, since successes
-    /// are still counted for the others).
-    consecutive_failures: Option<u32>,
-    /// Woken when an endpoint reaches `consecutive_failures`, so the driver
+    /// Whether outcomes are counted for outlier detection (successes, and
+    /// failures in a row); without it only failures are, for the stats.
+    count_outcomes: bool,
+    /// The failures in a row that take an endpoint out of service, when the
+    /// consecutive-failures detector is on.
+    trip_after: Option<u32>,
+    /// Woken when an endpoint reaches `trip_after`, so the driver
     /// ejects it.
     pub(crate) tripped: Notify,
     /// Woken on every completion once closed, for `Balancer::shutdown`.
@@ -42,7 +45,7 @@ impl Shared {
         rtt: RttEstimate,
         seed: Option<u64>,
         track_latency: bool,
-        consecutive_failures: Option<u32>,
+        outlier_detection: Option<&OutlierDetection>,
     ) -> Self {
         Self {
             epoch: Instant::now(),
@@ -50,7 +53,8 @@ impl Shared {
             track_latency,
             seed: seed.map(AtomicU64::new),
             closed: AtomicBool::new(false),
-            consecutive_failures,
+            count_outcomes: outlier_detection.is_some(),
+            trip_after: outlier_detection.and_then(|d| d.consecutive_failures),
             tripped: Notify::new(),
             idle: Notify::new(),
             drained: Notify::new(),
@@ -218,10 +222,7 @@ impl<K, S> Endpoint<K, S> {
             in_flight: self.load.in_flight(),
             rtt_estimate,
             requests: self.load.requests(),
-            successes: self
-                .shared
-                .consecutive_failures
-                .map(|_| self.load.successes()),
+            successes: self.shared.count_outcomes.then(|| self.load.successes()),
             failures: self.load.failures(),
             ejections: self.ejections.load(Ordering::Relaxed),
             returns_in,
@@ -241,7 +242,7 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
 
 impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
     fn record_outcome(&self, outcome: Outcome) {
-        let Some(limit) = self.shared.consecutive_failures else {
+        if !self.shared.count_outcomes {
             // Without outlier detection nothing reads successes or failures
             // in a row: a success costs nothing, a failure one add (the
             // failure count the stats show).
@@ -249,15 +250,16 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
                 self.load.record_failure();
             }
             return;
-        };
+        }
         match outcome {
             Outcome::Success => self.load.record_success(),
             Outcome::Failure => {
                 let in_a_row = self.load.record_failure_in_a_row();
-                // Only the request that trips it wakes the driver. `u32::MAX`
-                // means the detector is off.
-                if limit != u32::MAX
-                    && in_a_row >= limit
+                let Some(limit) = self.shared.trip_after else {
+                    return;
+                };
+                // Only the request that trips it wakes the driver.
+                if in_a_row >= limit
                     && self
                         .state
                         .compare_exchange(ACTIVE, TRIPPED, Ordering::SeqCst, Ordering::Relaxed)

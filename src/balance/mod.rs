@@ -428,7 +428,13 @@ mod tests {
     use crate::load::RttEstimate;
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint<usize, ()>>> {
-        let shared = Arc::new(Shared::new(RttEstimate::DEFAULT, None, false, Some(5)));
+        let detection = crate::health::OutlierDetection::new();
+        let shared = Arc::new(Shared::new(
+            RttEstimate::DEFAULT,
+            None,
+            false,
+            Some(&detection),
+        ));
         (0..n)
             .map(|i| Arc::new(Endpoint::new(i, (), shared.clone())))
             .collect()

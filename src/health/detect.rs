@@ -20,19 +20,40 @@ impl IntervalCounts {
     }
 }
 
+/// The endpoints with at least `request_volume` requests, each with
+/// `measure` of its counts; empty unless at least `minimum_hosts` (and one)
+/// qualify.
+fn judged(
+    counts: &[IntervalCounts],
+    request_volume: u64,
+    minimum_hosts: usize,
+    measure: impl Fn(&IntervalCounts) -> f64,
+) -> Vec<(usize, f64)> {
+    let judged: Vec<(usize, f64)> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.requests() >= request_volume.max(1))
+        .map(|(i, c)| (i, measure(c)))
+        .collect();
+    if judged.len() < minimum_hosts.max(1) {
+        return Vec::new();
+    }
+    judged
+}
+
 /// Endpoints (indices into `counts`) whose success rate is below
 /// `mean - stdev x factor`, worst first, with their rate and the threshold.
 pub(crate) fn success_rate_outliers(
     counts: &[IntervalCounts],
     detector: &SuccessRate,
 ) -> Vec<(usize, f64, f64)> {
-    let judged: Vec<(usize, f64)> = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.requests() >= detector.request_volume.max(1))
-        .map(|(i, c)| (i, c.success_rate()))
-        .collect();
-    if judged.is_empty() || judged.len() < detector.minimum_hosts {
+    let judged = judged(
+        counts,
+        detector.request_volume,
+        detector.minimum_hosts,
+        IntervalCounts::success_rate,
+    );
+    if judged.is_empty() {
         return Vec::new();
     }
     let n = judged.len() as f64;
@@ -54,15 +75,12 @@ pub(crate) fn failure_percentage_outliers(
     counts: &[IntervalCounts],
     detector: &FailurePercentage,
 ) -> Vec<(usize, f64)> {
-    let judged: Vec<(usize, f64)> = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.requests() >= detector.request_volume.max(1))
-        .map(|(i, c)| (i, 100.0 * c.failures as f64 / c.requests() as f64))
-        .collect();
-    if judged.is_empty() || judged.len() < detector.minimum_hosts {
-        return Vec::new();
-    }
+    let judged = judged(
+        counts,
+        detector.request_volume,
+        detector.minimum_hosts,
+        |c| 100.0 * c.failures as f64 / c.requests() as f64,
+    );
     let mut outliers: Vec<(usize, f64)> = judged
         .into_iter()
         .filter(|&(_, percent)| percent > detector.threshold as f64)

@@ -23,17 +23,6 @@ pub(crate) struct EjectionRecord {
 }
 
 impl EjectionRecord {
-    /// A record whose first interval starts from these totals.
-    pub(crate) fn new(successes: u64, failures: u64) -> Self {
-        Self {
-            baseline: IntervalCounts {
-                successes,
-                failures,
-            },
-            ..Self::default()
-        }
-    }
-
     /// The same history for a new service under the same key, whose counters
     /// start from zero.
     pub(crate) fn for_new_counters(&self) -> Self {
@@ -65,15 +54,20 @@ impl EjectionRecord {
         interval
     }
 
-    /// Ejects the endpoint from `now`; returns how long for and the new
-    /// multiplier.
-    pub(crate) fn eject(&mut self, now: Instant, settings: &OutlierDetection) -> (Duration, u32) {
+    /// Ejects the endpoint from `now`; returns how long for, until when, and
+    /// the new multiplier.
+    pub(crate) fn eject(
+        &mut self,
+        now: Instant,
+        settings: &OutlierDetection,
+    ) -> (Duration, Instant, u32) {
         self.multiplier = self.multiplier.saturating_add(1);
         let time = settings.ejection_time(self.multiplier);
         // An ejection too long for the clock lasts as long as it can.
-        self.ejected_until = Some(now.checked_add(time).unwrap_or_else(far_future));
+        let until = now.checked_add(time).unwrap_or_else(far_future);
+        self.ejected_until = Some(until);
         self.slow_intervals = 0;
-        (time, self.multiplier)
+        (time, until, self.multiplier)
     }
 
     /// Ends the ejection if its time is up; returns whether it did. The
@@ -119,16 +113,21 @@ mod tests {
     #[test]
     fn each_ejection_raises_the_multiplier_and_lengthens_the_next() {
         let now = Instant::now();
-        let mut record = EjectionRecord::new(0, 0);
-        assert_eq!(record.eject(now, &settings()), (Duration::from_secs(30), 1));
-        assert!(record.try_return(now + Duration::from_secs(30), 0, 0));
-        assert_eq!(record.eject(now, &settings()), (Duration::from_secs(60), 2));
+        let mut record = EjectionRecord::default();
+        let (time, until, multiplier) = record.eject(now, &settings());
+        assert_eq!(
+            (time, until, multiplier),
+            (Duration::from_secs(30), now + time, 1)
+        );
+        assert!(record.try_return(until, 0, 0));
+        let (time, _, multiplier) = record.eject(now, &settings());
+        assert_eq!((time, multiplier), (Duration::from_secs(60), 2));
     }
 
     #[test]
     fn an_ejection_does_not_end_before_its_time() {
         let now = Instant::now();
-        let mut record = EjectionRecord::new(0, 0);
+        let mut record = EjectionRecord::default();
         record.eject(now, &settings());
         assert!(!record.try_return(now + Duration::from_secs(29), 0, 0));
         assert!(record.is_ejected());
@@ -137,7 +136,7 @@ mod tests {
     #[test]
     fn healthy_intervals_decay_the_multiplier_only_while_in_service() {
         let now = Instant::now();
-        let mut record = EjectionRecord::new(0, 0);
+        let mut record = EjectionRecord::default();
         record.eject(now, &settings());
         record.healthy_interval();
         assert_eq!(record.multiplier(), 1);
@@ -150,7 +149,8 @@ mod tests {
 
     #[test]
     fn intervals_count_from_the_previous_reading() {
-        let mut record = EjectionRecord::new(10, 2);
+        let mut record = EjectionRecord::default();
+        record.take_interval(10, 2);
         let first = record.take_interval(15, 5);
         assert_eq!((first.successes, first.failures), (5, 3));
         let second = record.take_interval(15, 6);
@@ -162,7 +162,7 @@ mod tests {
         let settings = OutlierDetection::new()
             .base_ejection_time(Duration::MAX)
             .max_ejection_time(Duration::MAX);
-        let mut record = EjectionRecord::new(0, 0);
+        let mut record = EjectionRecord::default();
         record.eject(Instant::now(), &settings);
         assert!(record.is_ejected());
     }
