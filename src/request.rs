@@ -1,0 +1,243 @@
+//! What the layers of a tower-lb stack read from and write into a request:
+//! its [`Extensions`], its [`Safety`] class, and how to copy it for another
+//! attempt.
+//!
+//! `http::Request` (hyper and tonic alike) has all of this built in. A
+//! request type of your own joins in by implementing [`HasExtensions`] (for the
+//! deadline and the balancer's hints) and [`Replayable`] (for retries and
+//! hedges).
+
+use std::fmt;
+
+use http::{Extensions, Method};
+
+/// A request that carries [`http::Extensions`], the type map through which
+/// the layers pass facts down the stack: the call's deadline, the endpoints
+/// already tried.
+///
+/// ```
+/// use http::Extensions;
+/// use tower_lb::request::HasExtensions;
+///
+/// struct Query {
+///     sql: String,
+///     extensions: Extensions,
+/// }
+///
+/// impl HasExtensions for Query {
+///     fn extensions(&self) -> &Extensions {
+///         &self.extensions
+///     }
+///     fn extensions_mut(&mut self) -> &mut Extensions {
+///         &mut self.extensions
+///     }
+/// }
+/// ```
+pub trait HasExtensions {
+    /// The request's extensions.
+    fn extensions(&self) -> &Extensions;
+    /// The request's extensions, to insert into.
+    fn extensions_mut(&mut self) -> &mut Extensions;
+}
+
+impl<B> HasExtensions for http::Request<B> {
+    fn extensions(&self) -> &Extensions {
+        http::Request::extensions(self)
+    }
+
+    fn extensions_mut(&mut self) -> &mut Extensions {
+        http::Request::extensions_mut(self)
+    }
+}
+
+/// What sending a request more than once may do: the fact that decides
+/// whether it may be retried or hedged.
+///
+/// Set it explicitly by inserting it into the request's extensions; without
+/// it, an `http::Request` is classified by its method and headers (see
+/// [`Safety::of_http`]), and any other request counts as
+/// [`Unsafe`](Safety::Unsafe).
+///
+/// ```
+/// use tower_lb::request::Safety;
+///
+/// let mut req = http::Request::post("/charges").body(()).unwrap();
+/// assert_eq!(Safety::of_http(&req), Safety::Unsafe);
+///
+/// req.headers_mut().insert("idempotency-key", "8e03978e".parse().unwrap());
+/// assert_eq!(Safety::of_http(&req), Safety::Idempotent);
+///
+/// req.extensions_mut().insert(Safety::Safe);
+/// assert_eq!(Safety::of_http(&req), Safety::Safe);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Safety {
+    /// Has no effect on the server (GET, HEAD, OPTIONS, TRACE): may be
+    /// retried and hedged.
+    Safe,
+    /// Has the same effect however often it arrives (PUT, DELETE, a request
+    /// with an `Idempotency-Key`): may be retried and hedged.
+    Idempotent,
+    /// May have an effect each time it arrives (POST, PATCH, ...): sent again
+    /// only when the error proves it never reached the endpoint, and never
+    /// hedged.
+    Unsafe,
+}
+
+impl Safety {
+    /// True for [`Safe`](Self::Safe) and [`Idempotent`](Self::Idempotent):
+    /// requests that may arrive twice.
+    pub fn may_repeat(self) -> bool {
+        !matches!(self, Safety::Unsafe)
+    }
+
+    /// The class of an HTTP request: an explicit [`Safety`] in its
+    /// extensions, else by RFC 9110: GET, HEAD, OPTIONS and TRACE are safe;
+    /// PUT, DELETE and any request with an `Idempotency-Key` header are
+    /// idempotent; everything else is unsafe.
+    pub fn of_http<B>(req: &http::Request<B>) -> Safety {
+        if let Some(explicit) = req.extensions().get::<Safety>() {
+            return *explicit;
+        }
+        match *req.method() {
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => Safety::Safe,
+            Method::PUT | Method::DELETE => Safety::Idempotent,
+            _ if req.headers().contains_key("idempotency-key") => Safety::Idempotent,
+            _ => Safety::Unsafe,
+        }
+    }
+}
+
+impl fmt::Display for Safety {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Safety::Safe => "safe",
+            Safety::Idempotent => "idempotent",
+            Safety::Unsafe => "unsafe",
+        })
+    }
+}
+
+/// Why a request cannot be sent again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReplayable {
+    /// Its body outgrew the replay buffer, so only the first attempt had it
+    /// all.
+    #[error("the request body exceeded the {cap}-byte replay buffer")]
+    BodyOverCap {
+        /// The buffer's size in bytes.
+        cap: usize,
+    },
+    /// Its body was not yet fully sent, so a copy could not be complete
+    /// (a hedge waits for a body it can replay whole).
+    #[error("the request body is still being sent")]
+    BodyIncomplete,
+    /// The request type cannot be copied.
+    #[error("the request cannot be copied")]
+    Unsupported,
+}
+
+/// A request the retry and hedge layers can send more than once.
+///
+/// `http::Request<ReplayBody<B>>` implements it (put the
+/// [`ReplayLayer`](crate::retry::ReplayLayer) in front, or use
+/// [`RetryLayer`](crate::retry::RetryLayer), which does); a request type of
+/// your own implements it by saying how to copy it and, if it can repeat at
+/// all, what its safety class is.
+///
+/// ```
+/// use http::Extensions;
+/// use tower_lb::request::{HasExtensions, NotReplayable, Replayable, Safety};
+///
+/// #[derive(Clone)]
+/// struct Lookup {
+///     key: String,
+///     extensions: Extensions,
+/// }
+///
+/// impl HasExtensions for Lookup {
+///     fn extensions(&self) -> &Extensions { &self.extensions }
+///     fn extensions_mut(&mut self) -> &mut Extensions { &mut self.extensions }
+/// }
+///
+/// impl Replayable for Lookup {
+///     fn safety(&self) -> Safety {
+///         Safety::Safe
+///     }
+///     fn replay(&self) -> Result<Self, NotReplayable> {
+///         Ok(self.clone())
+///     }
+/// }
+/// ```
+pub trait Replayable: HasExtensions + Sized {
+    /// The request's safety class. The default reads an explicit [`Safety`]
+    /// from the extensions and otherwise says [`Unsafe`](Safety::Unsafe).
+    fn safety(&self) -> Safety {
+        self.extensions()
+            .get::<Safety>()
+            .copied()
+            .unwrap_or(Safety::Unsafe)
+    }
+
+    /// A copy of the request for another attempt, extensions included (so
+    /// every attempt shares the deadline and the endpoints tried).
+    fn replay(&self) -> Result<Self, NotReplayable>;
+
+    /// A copy to send *beside* an attempt still running (a hedge): it must
+    /// be whole now, not depend on the running attempt to pull the rest of
+    /// the body. The default is [`replay`](Self::replay), right for requests
+    /// held whole in memory.
+    fn replay_complete(&self) -> Result<Self, NotReplayable> {
+        self.replay()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method) -> http::Request<()> {
+        http::Request::builder()
+            .method(method)
+            .uri("/")
+            .body(())
+            .unwrap_or_else(|_| unreachable!())
+    }
+
+    #[test]
+    fn safe_methods_are_safe() {
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
+            assert_eq!(Safety::of_http(&request(method)), Safety::Safe);
+        }
+    }
+
+    #[test]
+    fn put_and_delete_are_idempotent() {
+        for method in [Method::PUT, Method::DELETE] {
+            assert_eq!(Safety::of_http(&request(method)), Safety::Idempotent);
+        }
+    }
+
+    #[test]
+    fn post_and_patch_are_unsafe() {
+        for method in [Method::POST, Method::PATCH] {
+            assert_eq!(Safety::of_http(&request(method)), Safety::Unsafe);
+        }
+    }
+
+    #[test]
+    fn an_idempotency_key_makes_a_post_idempotent() {
+        let mut req = request(Method::POST);
+        req.headers_mut()
+            .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+        assert_eq!(Safety::of_http(&req), Safety::Idempotent);
+    }
+
+    #[test]
+    fn an_explicit_class_wins_over_the_method() {
+        let mut req = request(Method::GET);
+        req.extensions_mut().insert(Safety::Unsafe);
+        assert_eq!(Safety::of_http(&req), Safety::Unsafe);
+    }
+}
