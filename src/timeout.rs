@@ -1,0 +1,419 @@
+//! Bounds on time: [`Timeout`] for one attempt, [`Deadline`] for the whole
+//! call.
+//!
+//! In a tower-lb stack the deadline sits outermost and the timeout just
+//! above the balancer:
+//!
+//! ```text
+//! Deadline -> Retry -> Hedge -> Timeout -> Balancer
+//! ```
+//!
+//! so the deadline covers every attempt and every backoff, and the per-attempt
+//! timeout turns one stalled endpoint into a retryable error. The deadline
+//! travels in the request's extensions as a [`CallDeadline`], where the retry
+//! layer reads it: a retry whose backoff would outlive it is not started.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
+//! # use tower::service_fn;
+//! # let endpoint = service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) });
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::new(Duration::from_secs(2)))
+//!     .layer(TimeoutLayer::new(Duration::from_millis(500)))
+//!     .service(endpoint);
+//! # let _ = client;
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+use crate::error::BoxError;
+use crate::request::HasExtensions;
+
+/// Which timer ended a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// The per-attempt [`Timeout`]: this attempt took too long, another may
+    /// not.
+    Attempt,
+    /// The call's [`Deadline`]: no attempt may run any longer.
+    Deadline,
+}
+
+/// A request ran out of time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::timeout::{Elapsed, Timer};
+///
+/// let err = Elapsed::new(Timer::Attempt, Duration::from_millis(250));
+/// assert_eq!(err.to_string(), "the per-attempt timeout fired after 250ms");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", match .timer {
+    Timer::Attempt => format!("the per-attempt timeout fired after {:?}", .after),
+    Timer::Deadline => format!("the call's deadline passed after {:?}", .after),
+})]
+pub struct Elapsed {
+    timer: Timer,
+    after: Duration,
+}
+
+impl Elapsed {
+    /// `timer` fired after `after`.
+    pub fn new(timer: Timer, after: Duration) -> Self {
+        Self { timer, after }
+    }
+
+    /// The timer that fired.
+    pub fn timer(&self) -> Timer {
+        self.timer
+    }
+
+    /// How long the request had run when it fired.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+
+    /// True when `error`, or an error in its `source()` chain, is a
+    /// per-attempt timeout.
+    pub fn is_attempt_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+        crate::error::chain(error).any(|err| {
+            err.downcast_ref::<Elapsed>()
+                .is_some_and(|e| e.timer == Timer::Attempt)
+        })
+    }
+}
+
+/// A [`Layer`] that bounds each attempt (see [`Timeout`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutLayer {
+    timeout: Duration,
+}
+
+impl TimeoutLayer {
+    /// Each request through the layer's services fails with [`Elapsed`]
+    /// ([`Timer::Attempt`]) after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Fails a request that has not completed after a fixed time, dropping (and
+/// so cancelling) it.
+///
+/// Unlike `tower::timeout::Timeout`, the error says which timer fired and
+/// after how long, and the retry layer recognises it as an attempt timeout:
+/// retryable for requests that may repeat, never for unsafe ones (the
+/// endpoint may be processing it still).
+#[derive(Debug, Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, Req> Service<Req> for Timeout<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(req),
+            sleep: tokio::time::sleep(self.timeout),
+            fired: Elapsed::new(Timer::Attempt, self.timeout),
+        }
+    }
+}
+
+/// The moment a call must be over, in the request's extensions.
+///
+/// [`Deadline`] inserts it; the retry layer reads it so as not to start an
+/// attempt it cannot finish; your own layers may read it too (to pass the
+/// time left to a server, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallDeadline {
+    at: Instant,
+    budget: Duration,
+}
+
+impl CallDeadline {
+    /// A deadline `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            // A budget too long to represent is no deadline at all, in effect.
+            at: now.checked_add(budget).unwrap_or_else(far_future),
+            budget,
+        }
+    }
+
+    /// When the call must be over.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// The whole call's time budget.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// The time left, zero once passed.
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// The deadline of a request, if a [`Deadline`] layer (or the caller) set
+    /// one.
+    pub fn of<Req: HasExtensions>(req: &Req) -> Option<CallDeadline> {
+        req.extensions().get::<CallDeadline>().copied()
+    }
+
+    fn elapsed(&self) -> Elapsed {
+        Elapsed::new(Timer::Deadline, self.budget)
+    }
+}
+
+/// About 30 years from now: later than any call lives.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// A [`Layer`] that bounds the whole call (see [`Deadline`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineLayer {
+    budget: Duration,
+}
+
+impl DeadlineLayer {
+    /// Each call through the layer's services must be over `budget` after it
+    /// starts, all attempts and backoffs included.
+    pub fn new(budget: Duration) -> Self {
+        Self { budget }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline {
+            inner,
+            budget: self.budget,
+        }
+    }
+}
+
+/// Bounds a whole call and tells the layers beneath how long they have.
+///
+/// Each request gets a [`CallDeadline`] in its extensions, `budget` from
+/// now; if it already carries an earlier one (the caller's own), that one
+/// stands. When it passes, the call fails with [`Elapsed`]
+/// ([`Timer::Deadline`]) and whatever attempt is running is cancelled.
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    budget: Duration,
+}
+
+impl<S, Req> Service<Req> for Deadline<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: HasExtensions,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let ours = CallDeadline::after(self.budget);
+        let deadline = match CallDeadline::of(&req) {
+            Some(theirs) if theirs.at <= ours.at => theirs,
+            _ => {
+                req.extensions_mut().insert(ours);
+                ours
+            }
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            sleep: tokio::time::sleep_until(deadline.at),
+            fired: deadline.elapsed(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Timeout`] and [`Deadline`]: the inner future, or
+    /// [`Elapsed`] when the timer fires first.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Sleep,
+        fired: Elapsed,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("timer", &self.fired.timer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // The inner future first: an answer that is ready when the timer
+        // fires still counts.
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        match this.sleep.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Box::new(*this.fired))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::{service_fn, ServiceExt};
+
+    fn slow(
+        delay: Duration,
+    ) -> impl Service<http::Request<()>, Response = (), Error = Infallible> + Clone {
+        service_fn(move |_: http::Request<()>| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, Infallible>(())
+        })
+    }
+
+    fn get() -> http::Request<()> {
+        http::Request::new(())
+    }
+
+    fn elapsed(err: &BoxError) -> Elapsed {
+        *err.downcast_ref::<Elapsed>()
+            .unwrap_or_else(|| panic!("not an Elapsed: {err}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_fails_a_slow_attempt_and_says_so() {
+        let svc = TimeoutLayer::new(Duration::from_millis(100)).layer(slow(Duration::from_secs(1)));
+        let err = svc
+            .oneshot(get())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no timeout"));
+        assert_eq!(
+            elapsed(&err),
+            Elapsed::new(Timer::Attempt, Duration::from_millis(100))
+        );
+        assert!(Elapsed::is_attempt_timeout(&*err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_lets_a_fast_attempt_through() {
+        let svc = TimeoutLayer::new(Duration::from_secs(1)).layer(slow(Duration::from_millis(10)));
+        assert!(svc.oneshot(get()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_ends_the_call_and_names_itself() {
+        let svc =
+            DeadlineLayer::new(Duration::from_millis(300)).layer(slow(Duration::from_secs(5)));
+        let started = Instant::now();
+        let err = svc
+            .oneshot(get())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no deadline"));
+        assert_eq!(elapsed(&err).timer(), Timer::Deadline);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        assert!(err.to_string().contains("deadline passed after 300ms"));
+        assert!(!Elapsed::is_attempt_timeout(&*err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_is_visible_to_inner_layers() {
+        let seen = service_fn(|req: http::Request<()>| async move {
+            Ok::<_, Infallible>(CallDeadline::of(&req).map(|d| d.remaining()))
+        });
+        let svc = DeadlineLayer::new(Duration::from_secs(2)).layer(seen);
+        let remaining = svc.oneshot(get()).await.ok().flatten();
+        assert_eq!(remaining, Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_deadline_from_the_caller_stands() {
+        let svc = DeadlineLayer::new(Duration::from_secs(10)).layer(slow(Duration::from_secs(5)));
+        let mut req = get();
+        req.extensions_mut()
+            .insert(CallDeadline::after(Duration::from_secs(1)));
+        let err = svc
+            .oneshot(req)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no deadline"));
+        assert_eq!(
+            elapsed(&err),
+            Elapsed::new(Timer::Deadline, Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn an_unrepresentable_budget_is_no_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt.block_on(async {
+            let deadline = CallDeadline::after(Duration::MAX);
+            assert!(deadline.remaining() > Duration::from_secs(86_400 * 365));
+        });
+    }
+}
