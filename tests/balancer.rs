@@ -673,3 +673,36 @@ async fn connect_request_is_refused_and_never_sent() {
     assert!(err.is_never_sent(), "{err}");
     assert_eq!(server.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried() {
+    let servers = servers(3, Duration::ZERO).await;
+    let client = lb_http::client();
+    let addrs = servers.iter().map(|s| s.addr);
+    let balancer = Balancer::builder()
+        .strategy(P2c::least_requests())
+        .avoid_tried_endpoints()
+        .build(discover::fixed(lb_http::endpoints(&client, addrs)));
+    for _ in 0..30 {
+        let tried = tower_lb::TriedEndpoints::new();
+        let mut hits_before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+        let mut first_and_second = Vec::new();
+        for _attempt in 0..2 {
+            let mut req = get();
+            req.extensions_mut().insert(tried.clone());
+            let response = balancer.clone().oneshot(req).await.expect("answered");
+            assert_eq!(response.status(), 200);
+            let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+            let which = (0..servers.len())
+                .find(|&i| hits[i] > hits_before[i])
+                .expect("some server got it");
+            first_and_second.push(which);
+            hits_before = hits;
+        }
+        assert_ne!(
+            first_and_second[0], first_and_second[1],
+            "went back to the same endpoint"
+        );
+        assert_eq!(tried.attempts(), 2);
+    }
+}

@@ -6,6 +6,7 @@ use tower::discover::Discover;
 
 use super::driver::HealthSettings;
 use super::endpoint::Shared;
+use super::tried::{ExtensionHints, NoHints};
 use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
@@ -31,9 +32,10 @@ use crate::strategy::{P2c, Strategy};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Builder<P = P2c, C = ErrorsAsFailures> {
+pub struct Builder<P = P2c, C = ErrorsAsFailures, H = NoHints> {
     strategy: P,
     classify: C,
+    hints: H,
     options: Options,
 }
 
@@ -57,6 +59,7 @@ impl Builder<P2c> {
         Self {
             strategy: P2c::peak_ewma(),
             classify: ErrorsAsFailures,
+            hints: NoHints,
             options: Options {
                 startup_wait: Duration::from_secs(5),
                 rtt: RttEstimate::DEFAULT,
@@ -75,12 +78,13 @@ impl Default for Builder<P2c> {
     }
 }
 
-impl<P: Strategy, C> Builder<P, C> {
+impl<P: Strategy, C, H> Builder<P, C, H> {
     /// The balancing strategy.
-    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C> {
+    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H> {
         Builder {
             strategy,
             classify: self.classify,
+            hints: self.hints,
             options: self.options,
         }
     }
@@ -89,10 +93,35 @@ impl<P: Strategy, C> Builder<P, C> {
     /// Default [`ErrorsAsFailures`]; for HTTP use
     /// [`HttpClassify::server_errors`](crate::classify::HttpClassify::server_errors)
     /// or [`HttpClassify::grpc`](crate::classify::HttpClassify::grpc).
-    pub fn classify<D>(self, classify: D) -> Builder<P, D> {
+    pub fn classify<D>(self, classify: D) -> Builder<P, D, H> {
         Builder {
             strategy: self.strategy,
             classify,
+            hints: self.hints,
+            options: self.options,
+        }
+    }
+
+    /// Sends a retry or a hedge to an endpoint its call has not tried yet,
+    /// while one in service is left: the balancer reads the
+    /// [`TriedEndpoints`](super::TriedEndpoints) that the
+    /// [retry](crate::retry) and [hedge](crate::hedge) layers put in the
+    /// request's extensions (so requests must implement
+    /// [`HasExtensions`](crate::request::HasExtensions), as `http::Request`
+    /// does). Off by default, because a balancer over other request types
+    /// has nothing to read.
+    ///
+    /// ```
+    /// use tower_lb::Balancer;
+    ///
+    /// let builder = Balancer::builder().avoid_tried_endpoints();
+    /// # let _ = builder;
+    /// ```
+    pub fn avoid_tried_endpoints(self) -> Builder<P, C, ExtensionHints> {
+        Builder {
+            strategy: self.strategy,
+            classify: self.classify,
+            hints: ExtensionHints,
             options: self.options,
         }
     }
@@ -159,13 +188,14 @@ impl<P: Strategy, C> Builder<P, C> {
     /// # Panics
     ///
     /// When called outside a tokio runtime, like `tokio::spawn`.
-    pub fn build<D>(self, discover: D) -> Balancer<D::Key, D::Service, P, C>
+    pub fn build<D>(self, discover: D) -> Balancer<D::Key, D::Service, P, C, H>
     where
         D: Discover + Send + 'static,
         D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Service: Send + Sync + 'static,
         D::Error: Into<BoxError>,
         C: Send + Sync + 'static,
+        H: Send + Sync + 'static,
     {
         let latency_detector = self
             .options
@@ -183,6 +213,7 @@ impl<P: Strategy, C> Builder<P, C> {
         let settings = Settings {
             strategy: self.strategy,
             classify: self.classify,
+            hints: self.hints,
             startup_wait: self.options.startup_wait,
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,

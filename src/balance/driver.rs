@@ -304,7 +304,7 @@ where
     }
 
     /// Builds and publishes a snapshot of the current state.
-    fn publish<P: Strategy, C>(&mut self, inner: &Inner<K, S, P, C>) {
+    fn publish<P: Strategy, C, H>(&mut self, inner: &Inner<K, S, P, C, H>) {
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
         let total = self.active.len();
         let in_service: Vec<Arc<Endpoint<K, S>>> = self
@@ -356,11 +356,14 @@ where
     }
 }
 
+/// The driver's view of the balancer: it must not keep it alive.
+type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::Service, P, C, H>>;
+
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
 /// state, so that happens when the last handle is dropped).
-pub(crate) async fn run<D, P, C>(
+pub(crate) async fn run<D, P, C, H>(
     discover: D,
-    inner: Weak<Inner<D::Key, D::Service, P, C>>,
+    inner: WeakInner<D, P, C, H>,
     shared: Arc<Shared>,
     health: HealthSettings,
     mut stop: oneshot::Receiver<()>,

@@ -98,6 +98,9 @@ impl Shared {
 /// An endpoint: its key, its service (cloned for each request), and its live
 /// load.
 pub(crate) struct Endpoint<K, S> {
+    /// Unique in the process, so that a call can remember the endpoints it
+    /// tried without knowing their key type.
+    id: u64,
     key: K,
     service: S,
     load: EndpointLoad,
@@ -120,10 +123,14 @@ const EJECTED: u8 = 2;
 /// Removed by discovery; its in-flight requests are finishing.
 const DRAINING: u8 = 3;
 
+/// The next endpoint id; 0 is never used, so an empty slot can hold it.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 impl<K, S> Endpoint<K, S> {
     pub(crate) fn new(key: K, service: S, shared: Arc<Shared>) -> Self {
         let load = EndpointLoad::new(shared.now_ns(), &shared.rtt);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             key,
             service,
             load,
@@ -132,6 +139,10 @@ impl<K, S> Endpoint<K, S> {
             returns_at_ns: AtomicU64::new(0),
             shared,
         }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn key(&self) -> &K {
@@ -304,12 +315,14 @@ impl<K, S> InFlight<K, S> {
                 _ => None,
             }
         };
-        let guard = Self {
+        let mut guard = Self {
             endpoint: Some(endpoint),
             start_ns,
         };
         if let Some(refused) = refused {
             guard.endpoint().load.uncount_start();
+            // Never sent: no latency to record.
+            guard.start_ns = None;
             // Dropping the guard releases the in-flight count and wakes
             // whoever waits for it.
             return Err(refused);
@@ -331,6 +344,12 @@ impl<K, S> InFlight<K, S> {
             Some(endpoint) => endpoint,
             None => unreachable!("InFlight completed twice"),
         };
+        self.record_latency(&endpoint);
+        release(&endpoint);
+        endpoint
+    }
+
+    fn record_latency(&self, endpoint: &Endpoint<K, S>) {
         if let Some(start) = self.start_ns {
             let shared = &endpoint.shared;
             let now = shared.now_ns();
@@ -338,8 +357,6 @@ impl<K, S> InFlight<K, S> {
                 .load
                 .record_rtt(now.saturating_sub(start), now, &shared.rtt);
         }
-        release(&endpoint);
-        endpoint
     }
 }
 
@@ -357,8 +374,13 @@ fn release<K, S>(endpoint: &Endpoint<K, S>) {
 }
 
 impl<K, S> Drop for InFlight<K, S> {
+    /// A request dropped before it completed (a hedge that lost, a timeout)
+    /// ran at least this long: the peak-sensitive estimate takes that as a
+    /// sample, as tower's Peak EWMA does, so an endpoint that stalls is seen
+    /// to stall even when nobody waits for its answers.
     fn drop(&mut self) {
         if let Some(endpoint) = self.endpoint.take() {
+            self.record_latency(&endpoint);
             release(&endpoint);
         }
     }

@@ -20,10 +20,12 @@ mod driver;
 mod endpoint;
 mod future;
 mod snapshot;
+mod tried;
 
 pub use self::builder::Builder;
 pub use self::endpoint::{EndpointState, EndpointStats};
 pub use self::future::ResponseFuture;
+pub use self::tried::{ExtensionHints, NoHints, RequestHints, TriedEndpoints};
 
 pub(crate) use self::endpoint::Endpoint;
 
@@ -85,14 +87,14 @@ use crate::Error;
 /// # Ok(())
 /// # }
 /// ```
-pub struct Balancer<K, S, P = P2c, C = ErrorsAsFailures>
+pub struct Balancer<K, S, P = P2c, C = ErrorsAsFailures, H = NoHints>
 where
     P: Strategy,
 {
-    inner: Arc<Inner<K, S, P, C>>,
+    inner: Arc<Inner<K, S, P, C, H>>,
 }
 
-pub(crate) struct Inner<K, S, P: Strategy, C> {
+pub(crate) struct Inner<K, S, P: Strategy, C, H> {
     snapshot: ArcSwap<Snapshot<K, S, P::Schedule>>,
     strategy: P,
     shared: Arc<Shared>,
@@ -102,6 +104,8 @@ pub(crate) struct Inner<K, S, P: Strategy, C> {
     startup_wait: Duration,
     /// Decides what counts as a failure of an endpoint.
     classify: C,
+    /// Reads the endpoints a request's call has tried.
+    hints: H,
     /// Dropped with the last handle, which stops the driver.
     _stop_driver: oneshot::Sender<()>,
 }
@@ -120,10 +124,11 @@ where
 /// snapshot was published before the balancer scans for one in service.
 const REPICKS: usize = 2;
 
-impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
+impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
     fn dispatch<Req>(&self, req: Req) -> Dispatch<K, S, Req>
     where
         S: Service<Req> + Clone,
+        H: RequestHints<Req>,
     {
         let shared = &self.shared;
         if shared.is_closed() {
@@ -141,9 +146,15 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
         }
         let now_ns = shared.request_clock();
         let ctx = shared.pick_context(now_ns.unwrap_or(0));
+        // Cloned (one reference count) because `req` moves into the call.
+        let tried = self.hints.tried(&req).cloned();
+        // The first attempt has nothing to avoid but must still be recorded.
+        let avoid = tried.as_ref().filter(|t| !t.is_empty());
+        let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
-        // but one can trip between two snapshots: pick again, and after
-        // `REPICKS` tries take the next endpoint in service.
+        // but one can trip between two snapshots; and a retry should not go
+        // back to an endpoint its call tried. Pick again, and after `REPICKS`
+        // tries take the next endpoint that suits.
         let avoid_ejected = !snapshot.panic;
         let mut attempt = 0;
         loop {
@@ -158,11 +169,17 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
             };
             let last_try = attempt == REPICKS;
             if last_try {
-                index = next_in_service(eligible, index);
+                index = next_suitable(eligible, index, untried);
+            } else if !untried(&eligible[index]) {
+                attempt += 1;
+                continue;
             }
             let endpoint = &eligible[index];
             match InFlight::start(endpoint.clone(), now_ns, avoid_ejected && !last_try) {
                 Ok(guard) => {
+                    if let Some(tried) = &tried {
+                        tried.record(endpoint.id());
+                    }
                     let call = Oneshot::new(endpoint.service().clone(), req);
                     return Dispatch::Sent((call, guard));
                 }
@@ -183,6 +200,7 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
     ) -> Result<Dispatched<K, S, Req>, Error>
     where
         S: Service<Req> + Clone,
+        H: RequestHints<Req>,
     {
         let started = Instant::now();
         let deadline = started.checked_add(self.startup_wait);
@@ -206,12 +224,17 @@ impl<K, S, P: Strategy, C> Inner<K, S, P, C> {
     }
 }
 
-/// The first endpoint in service from `from` on (cyclically), or `from`
-/// itself when none is.
-fn next_in_service<K, S>(eligible: &[Arc<Endpoint<K, S>>], from: usize) -> usize {
-    (0..eligible.len())
-        .map(|step| (from + step) % eligible.len())
-        .find(|&i| eligible[i].is_in_service())
+/// The first endpoint from `from` on (cyclically) that is in service and
+/// `untried`, else the first in service, else `from` itself.
+fn next_suitable<K, S>(
+    eligible: &[Arc<Endpoint<K, S>>],
+    from: usize,
+    untried: impl Fn(&Endpoint<K, S>) -> bool,
+) -> usize {
+    let cycle = || (0..eligible.len()).map(|step| (from + step) % eligible.len());
+    cycle()
+        .find(|&i| eligible[i].is_in_service() && untried(&eligible[i]))
+        .or_else(|| cycle().find(|&i| eligible[i].is_in_service()))
         .unwrap_or(from)
 }
 
@@ -224,7 +247,7 @@ impl Balancer<(), (), P2c> {
     }
 }
 
-impl<K, S, P: Strategy, C> Balancer<K, S, P, C> {
+impl<K, S, P: Strategy, C, H> Balancer<K, S, P, C, H> {
     /// A point-in-time view of every endpoint: those in service, then the
     /// ejected ones, then those still draining.
     pub fn endpoints(&self) -> Vec<EndpointStats<K>>
@@ -298,7 +321,7 @@ impl<K, S, P: Strategy, C> Balancer<K, S, P, C> {
     }
 }
 
-impl<K, S, P: Strategy, C> Clone for Balancer<K, S, P, C> {
+impl<K, S, P: Strategy, C, H> Clone for Balancer<K, S, P, C, H> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -306,7 +329,7 @@ impl<K, S, P: Strategy, C> Clone for Balancer<K, S, P, C> {
     }
 }
 
-impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C> fmt::Debug for Balancer<K, S, P, C> {
+impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C, H> fmt::Debug for Balancer<K, S, P, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let snapshot = self.inner.snapshot.load();
         let keys: Vec<&K> = snapshot.eligible.iter().map(|e| e.key()).collect();
@@ -321,13 +344,14 @@ impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C> fmt::Debug for Balancer<K, S
     }
 }
 
-impl<K, S, P, C, Req> Service<Req> for Balancer<K, S, P, C>
+impl<K, S, P, C, H, Req> Service<Req> for Balancer<K, S, P, C, H>
 where
     K: fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     P: Strategy,
     C: Classify<S::Response>,
+    H: RequestHints<Req>,
     Req: Send + 'static,
 {
     type Response = C::Response;
@@ -366,19 +390,20 @@ async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> 
 }
 
 /// What the builder hands to [`spawn`].
-pub(crate) struct Settings<P, C> {
+pub(crate) struct Settings<P, C, H> {
     pub(crate) strategy: P,
     pub(crate) classify: C,
+    pub(crate) hints: H,
     pub(crate) startup_wait: Duration,
     pub(crate) health: driver::HealthSettings,
 }
 
 /// Builds the shared state and spawns the driver; used by the builder.
-pub(crate) fn spawn<D, P, C>(
+pub(crate) fn spawn<D, P, C, H>(
     discover: D,
-    settings: Settings<P, C>,
+    settings: Settings<P, C, H>,
     shared: Shared,
-) -> Balancer<D::Key, D::Service, P, C>
+) -> Balancer<D::Key, D::Service, P, C, H>
 where
     D: Discover + Send + 'static,
     D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
@@ -386,10 +411,12 @@ where
     D::Error: Into<BoxError>,
     P: Strategy,
     C: Send + Sync + 'static,
+    H: Send + Sync + 'static,
 {
     let Settings {
         strategy,
         classify,
+        hints,
         startup_wait,
         health,
     } = settings;
@@ -410,6 +437,7 @@ where
         published: watch::Sender::new(0),
         startup_wait,
         classify,
+        hints,
         _stop_driver: stop_tx,
     });
     tokio::spawn(driver::run(
@@ -440,26 +468,47 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn next_in_service_keeps_the_pick_when_it_is_in_service() {
-        let all = endpoints(4);
-        assert_eq!(next_in_service(&all, 2), 2);
+    fn any<K, S>(_: &Endpoint<K, S>) -> bool {
+        true
     }
 
     #[test]
-    fn next_in_service_skips_ejected_endpoints_cyclically() {
+    fn next_suitable_keeps_the_pick_when_it_is_in_service() {
+        let all = endpoints(4);
+        assert_eq!(next_suitable(&all, 2, any), 2);
+    }
+
+    #[test]
+    fn next_suitable_skips_ejected_endpoints_cyclically() {
         let all = endpoints(4);
         all[3].eject(u64::MAX);
         all[0].eject(u64::MAX);
-        assert_eq!(next_in_service(&all, 3), 1);
+        assert_eq!(next_suitable(&all, 3, any), 1);
     }
 
     #[test]
-    fn next_in_service_keeps_the_pick_when_none_is_in_service() {
+    fn next_suitable_keeps_the_pick_when_none_is_in_service() {
         let all = endpoints(3);
         for e in &all {
             e.eject(u64::MAX);
         }
-        assert_eq!(next_in_service(&all, 1), 1);
+        assert_eq!(next_suitable(&all, 1, any), 1);
+    }
+
+    #[test]
+    fn next_suitable_prefers_an_untried_endpoint() {
+        let all = endpoints(3);
+        let tried = [all[1].id(), all[2].id()];
+        let untried = |e: &Endpoint<usize, ()>| !tried.contains(&e.id());
+        assert_eq!(next_suitable(&all, 1, untried), 0);
+    }
+
+    #[test]
+    fn next_suitable_falls_back_to_a_tried_endpoint_in_service() {
+        let all = endpoints(3);
+        all[0].eject(u64::MAX);
+        let tried = [all[1].id(), all[2].id()];
+        let untried = |e: &Endpoint<usize, ()>| !tried.contains(&e.id());
+        assert_eq!(next_suitable(&all, 0, untried), 1);
     }
 }
