@@ -42,10 +42,14 @@ pub mod classify;
 pub mod discover;
 pub mod error;
 pub mod health;
+pub mod hedge;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod load;
+pub mod request;
+pub mod retry;
 pub mod strategy;
+pub mod timeout;
 
-pub use balance::{Balancer, Builder, EndpointState, EndpointStats};
+pub use balance::{Balancer, Builder, EndpointState, EndpointStats, TriedEndpoints};
 pub use error::{BoxError, Error};

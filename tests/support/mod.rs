@@ -1,6 +1,8 @@
 //! Real HTTP servers on loopback for the integration tests.
 #![allow(dead_code)]
 
+pub mod recording;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,0 +1,370 @@
+//! The retry middleware: its layer, service and response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
+use tower::{Layer, Service};
+
+use super::budget::{RetryBudget, Spend};
+use super::policy::{HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
+use crate::balance::TriedEndpoints;
+use crate::error::BoxError;
+use crate::request::{Replayable, Safety};
+use crate::timeout::CallDeadline;
+
+/// A retry was due but the [`RetryBudget`] had no room, so the last
+/// attempt's error is returned, inside this one.
+#[derive(Debug, thiserror::Error)]
+#[error("not retried, the retry budget is exhausted (after {attempts} attempts): {source}")]
+pub struct BudgetExhausted {
+    attempts: u32,
+    #[source]
+    source: BoxError,
+}
+
+impl BudgetExhausted {
+    /// Attempts made before the budget refused another.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The last attempt's error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+/// A [`Layer`] that retries what can safely be retried (see [`Retry`]).
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_lb::retry::{RetryBudget, RetryLayer, RetryPolicy};
+/// # use tower::service_fn;
+/// # use tower_lb::retry::ReplayBody;
+/// # type Body = http_body_util::Empty<bytes::Bytes>;
+/// # let endpoint = service_fn(|_: http::Request<ReplayBody<Body>>| async {
+/// #     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+/// # });
+///
+/// // One budget for every clone of the client.
+/// let budget = RetryBudget::new();
+/// let client = ServiceBuilder::new()
+///     .layer(RetryLayer::new(RetryPolicy::new(), budget.clone()))
+///     .service(endpoint);
+/// # let _: &dyn tower::Service<http::Request<ReplayBody<Body>>, Response = _, Error = _, Future = _> = &client;
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryLayer<C = HttpRetryOn> {
+    policy: Arc<RetryPolicy<C>>,
+    budget: RetryBudget,
+}
+
+impl<C> RetryLayer<C> {
+    /// Retries by `policy`, drawing from `budget` (share it with the hedge
+    /// layer, if any, so retries and hedges together stay within it).
+    pub fn new(policy: RetryPolicy<C>, budget: RetryBudget) -> Self {
+        Self {
+            policy: Arc::new(policy),
+            budget,
+        }
+    }
+}
+
+impl<S, C> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
+
+    fn layer(&self, inner: S) -> Retry<S, C> {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+/// Sends a request again when an attempt fails in a way the policy retries
+/// and retrying cannot do harm.
+///
+/// For each call it:
+/// - counts the call in the [`RetryBudget`] (when it is the outermost of
+///   the retry and hedge layers) and puts a [`TriedEndpoints`] into the
+///   request's extensions, so that a balancer built with
+///   [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
+///   sends each retry somewhere new;
+/// - after a failed attempt, asks: may this request repeat
+///   ([`Safety`]), or does the error prove it never left? Does the policy
+///   retry this outcome? Are attempts left? Can the request be copied (its
+///   body may have outgrown the replay buffer)? Would the pause (the
+///   server's pushback, else the backoff) end after the call's
+///   [`CallDeadline`]? Does the budget allow it? Any "no" returns the
+///   attempt's result as it is, except a refusal by the budget, which
+///   returns the error inside [`BudgetExhausted`].
+///
+/// Requests must be [`Replayable`]: for HTTP that is
+/// `http::Request<ReplayBody<B>>`, which the [`ReplayLayer`](super::ReplayLayer)
+/// in front of this one makes.
+///
+/// The layer keeps a copy of each request's head (method, URI, headers,
+/// extensions) for as long as the call runs, so that it can send it again:
+/// an allocation per call, which the balancer beneath does not make.
+#[derive(Debug, Clone)]
+pub struct Retry<S, C = HttpRetryOn> {
+    inner: S,
+    policy: Arc<RetryPolicy<C>>,
+    budget: RetryBudget,
+}
+
+impl<S, C> Retry<S, C> {
+    /// The budget this layer draws from.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
+    }
+}
+
+impl<S, C, Req> Service<Req> for Retry<S, C>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: RetryOn<S::Response>,
+    Req: Replayable,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if req.extensions().get::<TriedEndpoints>().is_none() {
+            req.extensions_mut().insert(TriedEndpoints::new());
+            self.budget.deposit();
+        }
+        let safety = req.safety();
+        let deadline = CallDeadline::of(&req);
+        // Keep the original to copy from, and send a copy; without a copy
+        // (or with one attempt allowed) the original goes and no retry can
+        // follow.
+        let (attempt, original) = match self.policy.max_attempts > 1 {
+            true => match req.replay() {
+                Ok(copy) => (copy, Some(req)),
+                Err(_) => (req, None),
+            },
+            false => (req, None),
+        };
+        // The service that was made ready goes with the first attempt; a
+        // clone (made ready in its turn) serves the retries.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Attempt {
+                call: Oneshot::new(ready, attempt),
+            },
+            service: self.inner.clone(),
+            original,
+            next: None,
+            safety,
+            deadline,
+            attempts: 1,
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Retry`]: the attempts of one call, and the pauses
+    /// between them.
+    pub struct ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        service: S,
+        original: Option<Req>,
+        // The copy the next attempt sends, made before the pause.
+        next: Option<Req>,
+        safety: Safety,
+        deadline: Option<CallDeadline>,
+        attempts: u32,
+        policy: Arc<RetryPolicy<C>>,
+        budget: RetryBudget,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Attempt {
+            #[pin]
+            call: Oneshot<S, Req>,
+        },
+        Pause {
+            #[pin]
+            sleep: Sleep,
+        },
+    }
+}
+
+impl<S, Req, C> fmt::Debug for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.attempts)
+            .field("safety", &self.safety)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an outcome is not retried, for the debug event.
+enum Stop {
+    Accepted,
+    NotRetryable,
+    NoAttemptsLeft,
+    NotReplayable(crate::request::NotReplayable),
+    PushbackTooLong(Duration),
+    PastDeadline(Duration),
+    Budget,
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::Accepted => f.write_str("the response stands"),
+            Stop::NotRetryable => f.write_str("the outcome is not retryable for this request"),
+            Stop::NoAttemptsLeft => f.write_str("no attempts left"),
+            Stop::NotReplayable(why) => write!(f, "the request cannot be sent again: {why}"),
+            Stop::PushbackTooLong(after) => {
+                write!(f, "the server asked to wait {after:?}, too long")
+            }
+            Stop::PastDeadline(pause) => {
+                write!(
+                    f,
+                    "a retry after {pause:?} would end past the call's deadline"
+                )
+            }
+            Stop::Budget => f.write_str("the retry budget is exhausted"),
+        }
+    }
+}
+
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: RetryOn<S::Response>,
+    Req: Replayable,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut this = self.as_mut().project();
+            match this.state.as_mut().project() {
+                StateProj::Pause { sleep } => {
+                    ready!(sleep.poll(cx));
+                    let Some(next) = this.next.take() else {
+                        return Poll::Ready(Err("retry state lost its request copy".into()));
+                    };
+                    *this.attempts += 1;
+                    let call = Oneshot::new(this.service.clone(), next);
+                    this.state.set(State::Attempt { call });
+                }
+                StateProj::Attempt { call } => {
+                    let result = ready!(call.poll(cx)).map_err(Into::into);
+                    let pause = match self.as_mut().next_pause(&result) {
+                        Ok(pause) => pause,
+                        Err(Stop::Budget) => {
+                            let attempts = self.attempts;
+                            return Poll::Ready(result.map_err(|source| {
+                                Box::new(BudgetExhausted { attempts, source }) as BoxError
+                            }));
+                        }
+                        Err(stop) => {
+                            if !matches!(stop, Stop::Accepted) {
+                                tracing::debug!(attempts = self.attempts, reason = %stop, "not retrying");
+                            }
+                            return Poll::Ready(result);
+                        }
+                    };
+                    tracing::debug!(attempts = self.attempts, ?pause, "retrying");
+                    let sleep = tokio::time::sleep(pause);
+                    self.as_mut().project().state.set(State::Pause { sleep });
+                }
+            }
+        }
+    }
+}
+
+impl<S, Req, C> ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+    C: RetryOn<S::Response>,
+    Req: Replayable,
+{
+    /// The pause before the next attempt, or why there is none. The budget
+    /// is asked last, so that it is spent only on retries that happen.
+    fn next_pause(
+        self: Pin<&mut Self>,
+        result: &Result<S::Response, BoxError>,
+    ) -> Result<Duration, Stop> {
+        let this = self.project();
+        let policy = &**this.policy;
+        let pushback = match result {
+            Ok(response) => match policy.on.response(response) {
+                ResponseVerdict::Accept => return Err(Stop::Accepted),
+                // A response proves the request arrived.
+                ResponseVerdict::Retry { .. } if !this.safety.may_repeat() => {
+                    return Err(Stop::NotRetryable)
+                }
+                ResponseVerdict::Retry { after } => after,
+            },
+            Err(error) => {
+                if !policy.retries_error(&**error, *this.safety) {
+                    return Err(Stop::NotRetryable);
+                }
+                None
+            }
+        };
+        if *this.attempts >= policy.max_attempts {
+            return Err(Stop::NoAttemptsLeft);
+        }
+        let next = match this.original {
+            None => {
+                return Err(Stop::NotReplayable(
+                    crate::request::NotReplayable::Unsupported,
+                ))
+            }
+            Some(original) => original.replay().map_err(Stop::NotReplayable)?,
+        };
+        let pause = match pushback {
+            Some(after) if after > policy.max_pushback => return Err(Stop::PushbackTooLong(after)),
+            Some(after) => after,
+            None => policy.backoff.delay(*this.attempts, &mut rand::rng()),
+        };
+        if let Some(deadline) = this.deadline {
+            if Instant::now() + pause >= deadline.at() {
+                return Err(Stop::PastDeadline(pause));
+            }
+        }
+        if !this.budget.try_spend(Spend::Retry) {
+            return Err(Stop::Budget);
+        }
+        *this.next = Some(next);
+        Ok(pause)
+    }
+}

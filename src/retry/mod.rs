@@ -1,0 +1,16 @@
+//! Retries that cannot do harm: gated by the request's safety class, paced by
+//! backoff and server pushback, capped by a shared budget.
+
+mod backoff;
+mod budget;
+mod layer;
+mod policy;
+mod pushback;
+mod replay;
+
+pub use self::backoff::Backoff;
+pub use self::budget::{RetryBudget, RetryStats, Spend};
+pub use self::layer::{BudgetExhausted, ResponseFuture, Retry, RetryLayer};
+pub use self::policy::{ErrorsOnly, HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
+pub use self::pushback::{pushback, Pushback};
+pub use self::replay::{ReplayBody, ReplayLayer, ReplayService, DEFAULT_REPLAY_CAP};

@@ -1,0 +1,409 @@
+//! What the retry layer retries, how many times and how fast.
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+
+use super::backoff::Backoff;
+use super::pushback::{pushback, Pushback};
+use crate::request::Safety;
+use crate::timeout::Elapsed;
+
+/// How the retry layer decides: attempts, backoff, the most pushback it
+/// honours, and which outcomes deserve another attempt.
+///
+/// Whatever the policy says, a request whose [`Safety`] is
+/// [`Unsafe`](Safety::Unsafe) is sent again only when the error proves it
+/// never reached the endpoint (see [`is_never_sent`](crate::error::is_never_sent)),
+/// and no request is retried once a response it accepts has arrived.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::retry::{Backoff, HttpRetryOn, RetryPolicy};
+///
+/// let policy = RetryPolicy::new()
+///     .max_attempts(4)
+///     .backoff(Backoff::new().initial(Duration::from_millis(50)))
+///     .retry_on(HttpRetryOn::new().status(http::StatusCode::TOO_MANY_REQUESTS));
+/// # let _ = policy;
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryPolicy<C = HttpRetryOn> {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_pushback: Duration,
+    pub(crate) retry_timeouts: bool,
+    pub(crate) retry_endpoint_errors: bool,
+    pub(crate) on: C,
+}
+
+impl RetryPolicy {
+    /// The defaults: 3 attempts, [`Backoff::new`] (25 ms doubling to 250 ms,
+    /// ±20 % jitter), pushback honoured up to 10 s, and [`HttpRetryOn::new`]:
+    /// connection failures, per-attempt timeouts, HTTP 502, 503 and 504 and
+    /// gRPC `UNAVAILABLE`.
+    pub fn new() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff: Backoff::new(),
+            max_pushback: Duration::from_secs(10),
+            retry_timeouts: true,
+            retry_endpoint_errors: true,
+            on: HttpRetryOn::new(),
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> RetryPolicy<C> {
+    /// Attempts per call, the first included; 1 turns retries off. Values
+    /// below 1 are taken as 1.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The pause before each retry.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The longest server pushback (`Retry-After`, `grpc-retry-pushback-ms`)
+    /// the layer waits out; a server asking for longer gets its response
+    /// returned instead. Default 10 s.
+    pub fn max_pushback(mut self, max: Duration) -> Self {
+        self.max_pushback = max;
+        self
+    }
+
+    /// Whether a per-attempt [`Timeout`](crate::timeout::Timeout) is
+    /// retried (for requests that may repeat). Default true.
+    pub fn retry_timeouts(mut self, on: bool) -> Self {
+        self.retry_timeouts = on;
+        self
+    }
+
+    /// Whether an endpoint's failure before it answered (a reset, a broken
+    /// connection) is retried, for requests that may repeat. Default true.
+    /// Failures that prove the request was never sent are retried either
+    /// way.
+    pub fn retry_endpoint_errors(mut self, on: bool) -> Self {
+        self.retry_endpoint_errors = on;
+        self
+    }
+
+    /// Which responses deserve another attempt.
+    pub fn retry_on<D>(self, on: D) -> RetryPolicy<D> {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            max_pushback: self.max_pushback,
+            retry_timeouts: self.retry_timeouts,
+            retry_endpoint_errors: self.retry_endpoint_errors,
+            on,
+        }
+    }
+
+    /// Whether `error`, from an attempt of a request of class `safety`,
+    /// deserves another attempt.
+    pub(crate) fn retries_error(
+        &self,
+        error: &(dyn std::error::Error + 'static),
+        safety: Safety,
+    ) -> bool {
+        // Checked first: a request the client refused to address is "never
+        // sent" too, but another endpoint would refuse it the same way.
+        if refused_by_client(error) {
+            return false;
+        }
+        if crate::error::is_never_sent(error) {
+            return true;
+        }
+        if !safety.may_repeat() {
+            return false;
+        }
+        if Elapsed::is_attempt_timeout(error) {
+            return self.retry_timeouts;
+        }
+        self.retry_endpoint_errors && is_endpoint_failure(error)
+    }
+}
+
+/// The HTTP glue refused to address the request: the caller's mistake,
+/// which another endpoint would refuse as well.
+fn refused_by_client(error: &(dyn std::error::Error + 'static)) -> bool {
+    #[cfg(feature = "http")]
+    {
+        crate::error::chain(error).any(|err| {
+            err.downcast_ref::<crate::http::HttpError>()
+                .is_some_and(|e| e.is_refused_by_client())
+        })
+    }
+    #[cfg(not(feature = "http"))]
+    {
+        let _ = error;
+        false
+    }
+}
+
+/// An endpoint failed to answer (as opposed to the balancer having nowhere
+/// to send the request, or being closed).
+fn is_endpoint_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::chain(error).any(|err| {
+        matches!(
+            err.downcast_ref::<crate::Error>(),
+            Some(crate::Error::Endpoint { .. })
+        )
+    })
+}
+
+/// What the retry layer makes of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseVerdict {
+    /// The response stands: return it.
+    Accept,
+    /// Worth another attempt (for requests that may repeat), after the
+    /// server's pushback if it sent one, else after the backoff.
+    Retry {
+        /// The server's pushback.
+        after: Option<Duration>,
+    },
+}
+
+/// Which responses deserve another attempt.
+///
+/// A response means the request reached the endpoint, so only requests that
+/// may repeat are retried on one, whatever the verdict.
+pub trait RetryOn<Resp>: Send + Sync + 'static {
+    /// The verdict on `response`.
+    fn response(&self, response: &Resp) -> ResponseVerdict;
+}
+
+/// Retries no response: only errors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ErrorsOnly;
+
+impl<Resp> RetryOn<Resp> for ErrorsOnly {
+    fn response(&self, _: &Resp) -> ResponseVerdict {
+        ResponseVerdict::Accept
+    }
+}
+
+/// Retries HTTP responses by status, and gRPC responses by the
+/// `grpc-status` of a trailers-only response (how gRPC servers send errors
+/// without a body), honouring server pushback.
+///
+/// A gRPC status that arrives in trailers, after a response body has begun,
+/// is not retried: the call is committed by then, as in gRPC's A6.
+#[derive(Debug, Clone)]
+pub struct HttpRetryOn {
+    /// Bit `s - 100` set for each retried status `s`.
+    statuses: [u64; 8],
+    /// Bit `c` set for each retried gRPC code `c` (0..=16).
+    grpc_codes: u32,
+}
+
+/// gRPC's `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: u8 = 14;
+
+impl HttpRetryOn {
+    /// HTTP 502, 503, 504 and gRPC `UNAVAILABLE` (14).
+    pub fn new() -> Self {
+        Self::none()
+            .status(StatusCode::BAD_GATEWAY)
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .status(StatusCode::GATEWAY_TIMEOUT)
+            .grpc_code(GRPC_UNAVAILABLE)
+    }
+
+    /// Retries no response (but still reads pushback for nothing); add
+    /// statuses and codes to it.
+    pub fn none() -> Self {
+        Self {
+            statuses: [0; 8],
+            grpc_codes: 0,
+        }
+    }
+
+    /// Retries responses with `status` too.
+    pub fn status(mut self, status: StatusCode) -> Self {
+        let bit = usize::from(status.as_u16() - 100);
+        self.statuses[bit / 64] |= 1 << (bit % 64);
+        self
+    }
+
+    /// Retries gRPC responses with `code` too (0 to 16; others are ignored).
+    pub fn grpc_code(mut self, code: u8) -> Self {
+        if code <= 16 {
+            self.grpc_codes |= 1 << code;
+        }
+        self
+    }
+
+    fn retries_status(&self, status: StatusCode) -> bool {
+        let bit = usize::from(status.as_u16() - 100);
+        self.statuses[bit / 64] & (1 << (bit % 64)) != 0
+    }
+
+    fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
+        let code = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u8>().ok());
+        code.is_some_and(|c| c <= 16 && self.grpc_codes & (1 << c) != 0)
+    }
+}
+
+impl Default for HttpRetryOn {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: Send + Sync + 'static> RetryOn<http::Response<B>> for HttpRetryOn
+where
+    http::Response<B>: Send,
+{
+    fn response(&self, response: &http::Response<B>) -> ResponseVerdict {
+        let headers = response.headers();
+        if !self.retries_status(response.status()) && !self.retries_grpc(headers) {
+            return ResponseVerdict::Accept;
+        }
+        match pushback(headers, SystemTime::now()) {
+            Some(Pushback::DoNotRetry) => ResponseVerdict::Accept,
+            Some(Pushback::RetryAfter(after)) => ResponseVerdict::Retry { after: Some(after) },
+            None => ResponseVerdict::Retry { after: None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&'static str, &'static str)]) -> http::Response<()> {
+        let mut builder = http::Response::builder().status(status);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn gateway_errors_are_retried() {
+        let on = HttpRetryOn::new();
+        for status in [502, 503, 504] {
+            assert_eq!(
+                on.response(&response(status, &[])),
+                ResponseVerdict::Retry { after: None }
+            );
+        }
+    }
+
+    #[test]
+    fn other_statuses_stand() {
+        let on = HttpRetryOn::new();
+        for status in [200, 400, 404, 429, 500] {
+            assert_eq!(on.response(&response(status, &[])), ResponseVerdict::Accept);
+        }
+    }
+
+    #[test]
+    fn grpc_unavailable_in_a_trailers_only_response_is_retried() {
+        let on = HttpRetryOn::new();
+        let unavailable = response(200, &[("grpc-status", "14")]);
+        let invalid = response(200, &[("grpc-status", "3")]);
+        assert_eq!(
+            on.response(&unavailable),
+            ResponseVerdict::Retry { after: None }
+        );
+        assert_eq!(on.response(&invalid), ResponseVerdict::Accept);
+    }
+
+    #[test]
+    fn retry_after_is_the_pause() {
+        let on = HttpRetryOn::new();
+        let resp = response(503, &[("retry-after", "2")]);
+        assert_eq!(
+            on.response(&resp),
+            ResponseVerdict::Retry {
+                after: Some(Duration::from_secs(2))
+            }
+        );
+    }
+
+    #[test]
+    fn negative_grpc_pushback_means_no_retry() {
+        let on = HttpRetryOn::new();
+        let resp = response(
+            200,
+            &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "-1")],
+        );
+        assert_eq!(on.response(&resp), ResponseVerdict::Accept);
+    }
+
+    #[test]
+    fn added_statuses_are_retried() {
+        let on = HttpRetryOn::none().status(StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            on.response(&response(429, &[])),
+            ResponseVerdict::Retry { after: None }
+        );
+        assert_eq!(on.response(&response(503, &[])), ResponseVerdict::Accept);
+    }
+
+    fn endpoint_error(source: crate::error::BoxError) -> crate::Error {
+        crate::Error::Endpoint {
+            endpoint: "a".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn never_sent_errors_are_retried_even_for_unsafe_requests() {
+        let policy = RetryPolicy::new();
+        let err = endpoint_error(Box::new(crate::error::NeverSent::new("refused")));
+        assert!(policy.retries_error(&err, Safety::Unsafe));
+    }
+
+    #[test]
+    fn endpoint_failures_are_retried_only_for_requests_that_may_repeat() {
+        let policy = RetryPolicy::new();
+        let err = endpoint_error("connection reset".into());
+        assert!(policy.retries_error(&err, Safety::Safe));
+        assert!(policy.retries_error(&err, Safety::Idempotent));
+        assert!(!policy.retries_error(&err, Safety::Unsafe));
+    }
+
+    #[test]
+    fn attempt_timeouts_are_retried_only_for_requests_that_may_repeat() {
+        let policy = RetryPolicy::new();
+        let err = Elapsed::new(crate::timeout::Timer::Attempt, Duration::from_millis(10));
+        assert!(policy.retries_error(&err, Safety::Safe));
+        assert!(!policy.retries_error(&err, Safety::Unsafe));
+        assert!(!policy
+            .retry_timeouts(false)
+            .retries_error(&err, Safety::Safe));
+    }
+
+    #[test]
+    fn balancer_errors_are_not_retried() {
+        let policy = RetryPolicy::new();
+        assert!(!policy.retries_error(&crate::Error::Closed, Safety::Safe));
+        assert!(!policy.retries_error(&crate::Error::AllEjected { endpoints: 3 }, Safety::Safe));
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_request_the_client_refused_is_not_retried() {
+        let policy = RetryPolicy::new();
+        let err = endpoint_error(Box::new(crate::http::HttpError::refused_for_test()));
+        assert!(!policy.retries_error(&err, Safety::Safe));
+    }
+}

@@ -1,0 +1,228 @@
+//! Hedging against real hyper servers on loopback.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lb::error::BoxError;
+use tower_lb::hedge::HedgeLayer;
+use tower_lb::http as lb_http;
+use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget};
+use tower_lb::strategy::RoundRobin;
+use tower_lb::{discover, Balancer};
+
+use support::recording::{Behaviour, RecordingServer};
+
+type Body = Full<Bytes>;
+type Client =
+    BoxCloneSyncService<http::Request<Body>, http::Response<hyper::body::Incoming>, BoxError>;
+
+/// Replay -> hedge -> round robin over `addrs`, avoiding endpoints tried.
+fn client(hedge: HedgeLayer, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
+    let http = lb_http::client::<ReplayBody<Body>>();
+    let balancer = Balancer::builder()
+        .strategy(RoundRobin::new())
+        .avoid_tried_endpoints()
+        .build(discover::fixed(lb_http::endpoints(&http, addrs)));
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(ReplayLayer::default())
+            .layer(hedge)
+            .service(balancer),
+    )
+}
+
+fn request(method: http::Method, id: &str) -> http::Request<Body> {
+    http::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("x-request-id", id)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends `n` GETs one after another, so the layer learns the latency.
+async fn warm_up(client: &Client, n: usize) {
+    for i in 0..n {
+        let response = client
+            .clone()
+            .oneshot(request(http::Method::GET, &format!("warm-{i}")))
+            .await;
+        assert!(response.is_ok(), "{response:?}");
+    }
+}
+
+async fn start(behaviours: Vec<Behaviour>) -> Vec<RecordingServer> {
+    let mut servers = Vec::new();
+    for behaviour in behaviours {
+        servers.push(RecordingServer::start(behaviour).await);
+    }
+    servers
+}
+
+fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
+    servers.iter().map(|s| s.addr).collect()
+}
+
+fn hedge_layer(budget: &RetryBudget) -> HedgeLayer {
+    HedgeLayer::new(budget.clone())
+        .min_delay(Duration::from_millis(50))
+        .min_samples(10)
+}
+
+#[tokio::test]
+async fn a_slow_get_is_hedged_to_another_endpoint_after_the_delay() {
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
+    let budget = RetryBudget::new();
+    let client = client(hedge_layer(&budget), addrs(&servers));
+    warm_up(&client, 20).await;
+    servers[0].set(Behaviour::Stall(Duration::from_secs(2)));
+    servers[1].set(Behaviour::Stall(Duration::from_secs(2)));
+    // The next GET goes to one of them and stalls; switch the other back
+    // once the first has it, so that only the hedge can answer quickly.
+    let call = tokio::spawn(client.clone().oneshot(request(http::Method::GET, "slow")));
+    support::wait_until(Duration::from_secs(1), || {
+        servers.iter().any(|s| s.received("slow") == 1)
+    })
+    .await;
+    let started = Instant::now();
+    let (first, other) = if servers[0].received("slow") == 1 {
+        (&servers[0], &servers[1])
+    } else {
+        (&servers[1], &servers[0])
+    };
+    other.set(Behaviour::Answer);
+    let response = call
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the hedge did not win"
+    );
+    assert_eq!(first.received("slow"), 1);
+    assert_eq!(
+        other.received("slow"),
+        1,
+        "the copy went to the other endpoint"
+    );
+    assert_eq!(budget.stats().hedges, 1);
+}
+
+#[tokio::test]
+async fn a_fast_get_is_not_hedged() {
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
+    let budget = RetryBudget::new();
+    let client = client(hedge_layer(&budget), addrs(&servers));
+    warm_up(&client, 50).await;
+    assert_eq!(budget.stats().hedges, 0);
+    let total: usize = servers.iter().map(RecordingServer::hits).sum();
+    assert_eq!(total, 50);
+}
+
+#[tokio::test]
+async fn a_post_is_never_hedged() {
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
+    let budget = RetryBudget::new();
+    let client = client(hedge_layer(&budget), addrs(&servers));
+    warm_up(&client, 20).await;
+    for server in &servers {
+        server.set(Behaviour::Stall(Duration::from_millis(300)));
+    }
+    let response = client.oneshot(request(http::Method::POST, "post-1")).await;
+    assert!(response.is_ok(), "{response:?}");
+    let received: usize = servers.iter().map(|s| s.received("post-1")).sum();
+    assert_eq!(received, 1);
+    assert_eq!(budget.stats().hedges, 0);
+}
+
+#[tokio::test]
+async fn no_hedge_before_enough_calls_were_measured() {
+    let servers = start(vec![
+        Behaviour::Stall(Duration::from_millis(200)),
+        Behaviour::Stall(Duration::from_millis(200)),
+    ])
+    .await;
+    let budget = RetryBudget::new();
+    let client = client(hedge_layer(&budget), addrs(&servers));
+    let response = client.oneshot(request(http::Method::GET, "first")).await;
+    assert!(response.is_ok(), "{response:?}");
+    assert_eq!(budget.stats().hedges, 0);
+}
+
+#[tokio::test]
+async fn hedges_stop_when_the_budget_is_exhausted() {
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
+    let budget = RetryBudget::new().ratio(0.0).min_per_second(0);
+    let client = client(hedge_layer(&budget), addrs(&servers));
+    warm_up(&client, 20).await;
+    for server in &servers {
+        server.set(Behaviour::Stall(Duration::from_millis(200)));
+    }
+    let response = client.oneshot(request(http::Method::GET, "slow")).await;
+    assert!(response.is_ok(), "{response:?}");
+    let stats = budget.stats();
+    assert_eq!((stats.hedges, stats.refused), (0, 1));
+}
+
+#[tokio::test]
+async fn hedging_cuts_the_p99_against_a_stalling_server() {
+    // One server in four stalls on every 10th of its requests: without
+    // hedging about 2.5 % of calls take 300 ms.
+    let p99 = |hedged: bool| async move {
+        let servers = start(vec![
+            Behaviour::Answer,
+            Behaviour::Answer,
+            Behaviour::Answer,
+            Behaviour::Answer,
+        ])
+        .await;
+        let budget = RetryBudget::new();
+        let layer = hedge_layer(&budget).min_delay(Duration::from_millis(20));
+        let layer = if hedged {
+            layer
+        } else {
+            layer.min_samples(u64::MAX)
+        };
+        let client = client(layer, addrs(&servers));
+        warm_up(&client, 20).await;
+        let mut latencies = Vec::new();
+        for i in 0..200 {
+            // Every 40th call finds the first server stalled.
+            let stalled = i % 40 < 4;
+            servers[0].set(if stalled {
+                Behaviour::Stall(Duration::from_millis(300))
+            } else {
+                Behaviour::Answer
+            });
+            let started = Instant::now();
+            let response = client
+                .clone()
+                .oneshot(request(http::Method::GET, &format!("get-{i}")))
+                .await;
+            assert!(response.is_ok(), "{response:?}");
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        (latencies[latencies.len() * 99 / 100], budget.stats())
+    };
+    let (plain, _) = p99(false).await;
+    let (hedged, stats) = p99(true).await;
+    println!("p99 without hedging {plain:?}, with {hedged:?}; {stats:?}");
+    assert!(
+        plain >= Duration::from_millis(250),
+        "the stall did not show: {plain:?}"
+    );
+    assert!(
+        hedged <= Duration::from_millis(150),
+        "hedging did not cut the p99: {hedged:?}"
+    );
+    assert!(stats.hedges > 0 && stats.hedges < 40, "{stats:?}");
+}

@@ -1,0 +1,435 @@
+//! Timeouts, retries and the retry budget against real hyper servers on
+//! loopback that record every request id they receive.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lb::error::BoxError;
+use tower_lb::http as lb_http;
+use tower_lb::retry::{
+    Backoff, BudgetExhausted, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy,
+};
+use tower_lb::strategy::RoundRobin;
+use tower_lb::timeout::{DeadlineLayer, Elapsed, TimeoutLayer, Timer};
+use tower_lb::{discover, Balancer};
+
+use support::recording::{Behaviour, RecordingServer};
+
+type Body = Full<Bytes>;
+type Client =
+    BoxCloneSyncService<http::Request<Body>, http::Response<hyper::body::Incoming>, BoxError>;
+
+/// What a test varies in the stack.
+struct Stack {
+    policy: RetryPolicy,
+    budget: RetryBudget,
+    attempt_timeout: Duration,
+    deadline: Duration,
+    replay_cap: usize,
+}
+
+impl Default for Stack {
+    fn default() -> Self {
+        Self {
+            policy: RetryPolicy::new().backoff(Backoff::new().initial(Duration::from_millis(1))),
+            budget: RetryBudget::new(),
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+            replay_cap: tower_lb::retry::DEFAULT_REPLAY_CAP,
+        }
+    }
+}
+
+impl Stack {
+    /// Deadline -> replay -> retry -> per-attempt timeout -> round robin
+    /// over `addrs`, avoiding endpoints already tried.
+    fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
+        let http = lb_http::client::<ReplayBody<Body>>();
+        let balancer = Balancer::builder()
+            .strategy(RoundRobin::new())
+            .avoid_tried_endpoints()
+            .build(discover::fixed(lb_http::endpoints(&http, addrs)));
+        let service = ServiceBuilder::new()
+            .layer(DeadlineLayer::new(self.deadline))
+            .layer(ReplayLayer::new(self.replay_cap))
+            .layer(RetryLayer::new(self.policy, self.budget))
+            .layer(TimeoutLayer::new(self.attempt_timeout))
+            .service(balancer);
+        BoxCloneSyncService::new(service)
+    }
+}
+
+fn request(method: http::Method, id: &str, body: impl Into<Bytes>) -> http::Request<Body> {
+    http::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("x-request-id", id)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn post(id: &str) -> http::Request<Body> {
+    request(http::Method::POST, id, "charge 10 EUR")
+}
+
+fn get(id: &str) -> http::Request<Body> {
+    request(http::Method::GET, id, Bytes::new())
+}
+
+async fn start(behaviours: Vec<Behaviour>) -> Vec<RecordingServer> {
+    let mut servers = Vec::new();
+    for behaviour in behaviours {
+        servers.push(RecordingServer::start(behaviour).await);
+    }
+    servers
+}
+
+fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
+    servers.iter().map(|s| s.addr).collect()
+}
+
+/// How often each server received `id`, summed.
+fn received(servers: &[RecordingServer], id: &str) -> usize {
+    servers.iter().map(|s| s.received(id)).sum()
+}
+
+async fn body_text(response: http::Response<hyper::body::Incoming>) -> String {
+    let bytes = response.into_body().collect().await.map(|b| b.to_bytes());
+    String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned()
+}
+
+#[tokio::test]
+async fn a_post_is_never_received_twice_under_503s() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = Stack::default().build(addrs(&servers));
+    for i in 0..30 {
+        let id = format!("post-{i}");
+        let response = client.clone().oneshot(post(&id)).await;
+        assert!(response.is_ok(), "{response:?}");
+        assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
+    }
+}
+
+#[tokio::test]
+async fn a_post_is_never_received_twice_when_the_connection_resets_after_headers() {
+    let servers = start(vec![Behaviour::ResetAfterHeaders, Behaviour::Answer]).await;
+    let client = Stack::default().build(addrs(&servers));
+    for i in 0..20 {
+        let id = format!("post-{i}");
+        if let Ok(response) = client.clone().oneshot(post(&id)).await {
+            let _ = response.into_body().collect().await;
+        }
+        assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
+    }
+}
+
+#[tokio::test]
+async fn a_post_is_never_received_twice_when_the_connection_resets_before_headers() {
+    let servers = start(vec![Behaviour::ResetBeforeHeaders, Behaviour::Answer]).await;
+    let client = Stack::default().build(addrs(&servers));
+    let mut failed = 0;
+    for i in 0..20 {
+        let id = format!("post-{i}");
+        failed += usize::from(client.clone().oneshot(post(&id)).await.is_err());
+        assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
+    }
+    assert_eq!(
+        failed, 10,
+        "the resetting server had half the posts, and they fail"
+    );
+}
+
+#[tokio::test]
+async fn a_post_is_never_received_twice_after_attempt_timeouts() {
+    let servers = start(vec![
+        Behaviour::Stall(Duration::from_millis(500)),
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = Stack {
+        attempt_timeout: Duration::from_millis(50),
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    for i in 0..6 {
+        let id = format!("post-{i}");
+        let result = client.clone().oneshot(post(&id)).await;
+        if let Err(err) = &result {
+            assert!(Elapsed::is_attempt_timeout(&**err), "{err}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
+    }
+}
+
+#[tokio::test]
+async fn a_post_is_retried_when_its_endpoint_refuses_connections() {
+    let refusing = support::refusing_addr().await;
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = Stack::default().build([refusing, servers[0].addr]);
+    for i in 0..10 {
+        let id = format!("post-{i}");
+        let response = client.clone().oneshot(post(&id)).await;
+        assert!(response.is_ok(), "{id}: {response:?}");
+        assert_eq!(servers[0].received(&id), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_get_that_fails_on_one_endpoint_succeeds_on_another() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = Stack::default().build(addrs(&servers));
+    for i in 0..10 {
+        let id = format!("get-{i}");
+        let response = client
+            .clone()
+            .oneshot(get(&id))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            body_text(response).await,
+            servers[1].addr.port().to_string()
+        );
+    }
+}
+
+#[tokio::test]
+async fn retries_never_go_back_to_an_endpoint_while_others_are_untried() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = Stack {
+        policy: RetryPolicy::new()
+            .max_attempts(4)
+            .backoff(Backoff::new().initial(Duration::from_millis(1))),
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    for i in 0..20 {
+        let id = format!("get-{i}");
+        let response = client
+            .clone()
+            .oneshot(get(&id))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            response.status(),
+            200,
+            "{id} did not reach the healthy server"
+        );
+        for server in &servers {
+            assert!(
+                server.received(&id) <= 1,
+                "{id} went to {} twice",
+                server.addr
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn under_total_failure_the_budget_caps_attempts() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Unavailable { retry_after: None },
+    ])
+    .await;
+    let budget = RetryBudget::new(); // 20 % plus 10/s over 10 s: a floor of 100
+    let client = Stack {
+        policy: RetryPolicy::new()
+            .max_attempts(3)
+            .backoff(Backoff::new().initial(Duration::ZERO).max(Duration::ZERO)),
+        budget: budget.clone(),
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    let requests = 1_000;
+    for i in 0..requests {
+        let response = client.clone().oneshot(get(&format!("get-{i}"))).await;
+        assert_eq!(
+            response.map(|r| r.status()).ok(),
+            Some(http::StatusCode::SERVICE_UNAVAILABLE)
+        );
+    }
+    let attempts = servers.iter().map(RecordingServer::hits).sum::<usize>();
+    let stats = budget.stats();
+    println!("{requests} requests, {attempts} attempts, {stats:?}");
+    assert_eq!(stats.attempts() as usize, attempts);
+    // 1.2 x requests plus the floor, and a little for windows turning over.
+    assert!(
+        attempts <= requests * 12 / 10 + 100 + 5,
+        "{attempts} attempts"
+    );
+    assert!(
+        attempts >= requests * 12 / 10,
+        "the budget allowed too little: {attempts}"
+    );
+    assert!(stats.refused > 0);
+}
+
+#[tokio::test]
+async fn an_exhausted_budget_names_itself_in_the_error() {
+    let refusing = support::refusing_addr().await;
+    let budget = RetryBudget::new().ratio(0.0).min_per_second(0);
+    let client = Stack {
+        budget,
+        ..Stack::default()
+    }
+    .build([refusing]);
+    let err = client
+        .oneshot(get("get-1"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    let exhausted = err.downcast_ref::<BudgetExhausted>();
+    assert!(exhausted.is_some(), "{err}");
+    assert!(
+        err.to_string().contains("retry budget is exhausted"),
+        "{err}"
+    );
+    assert!(
+        tower_lb::error::is_never_sent(&*err),
+        "the original error is kept: {err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_delays_the_retry() {
+    let servers = start(vec![
+        Behaviour::Unavailable {
+            retry_after: Some("1"),
+        },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = Stack::default().build(addrs(&servers));
+    let started = Instant::now();
+    let response = client
+        .oneshot(get("get-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 200);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+    assert!(
+        waited < Duration::from_millis(1_500),
+        "retried after {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_the_whole_call_and_says_so() {
+    let servers = start(vec![
+        Behaviour::Stall(Duration::from_secs(10)),
+        Behaviour::Stall(Duration::from_secs(10)),
+    ])
+    .await;
+    let client = Stack {
+        attempt_timeout: Duration::from_millis(400),
+        deadline: Duration::from_secs(1),
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    let started = Instant::now();
+    let err = client
+        .oneshot(get("get-1"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    let elapsed = err.downcast_ref::<Elapsed>().copied();
+    assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
+    assert!(
+        err.to_string().contains("deadline passed after 1s"),
+        "{err}"
+    );
+    assert!(started.elapsed() <= Duration::from_millis(1_050));
+}
+
+#[tokio::test]
+async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
+    let servers = start(vec![Behaviour::Unavailable {
+        retry_after: Some("2"),
+    }])
+    .await;
+    let client = Stack {
+        deadline: Duration::from_secs(1),
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    let started = Instant::now();
+    let response = client
+        .oneshot(get("get-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 503);
+    assert_eq!(servers[0].hits(), 1);
+    assert!(started.elapsed() < Duration::from_millis(500), "it waited");
+}
+
+#[tokio::test]
+async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
+    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let client = Stack {
+        replay_cap: 1024,
+        ..Stack::default()
+    }
+    .build(addrs(&servers));
+    let big = vec![b'x'; 4096];
+    let response = client
+        .oneshot(request(http::Method::PUT, "put-1", big))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 503);
+    assert_eq!(received(&servers, "put-1"), 1);
+    assert_eq!(
+        servers[0].body_lengths(),
+        vec![4096],
+        "the one attempt had the whole body"
+    );
+}
+
+#[tokio::test]
+async fn a_body_under_the_cap_is_replayed_whole() {
+    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let client = Stack::default().build(addrs(&servers));
+    let body = vec![b'y'; 10_000];
+    let response = client
+        .oneshot(request(http::Method::PUT, "put-1", body))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 200);
+    assert_eq!(servers[0].body_lengths(), vec![10_000, 10_000]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_lets_a_post_be_retried() {
+    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let client = Stack::default().build(addrs(&servers));
+    let mut req = post("post-1");
+    req.headers_mut()
+        .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+    let response = client.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), 200);
+    assert_eq!(received(&servers, "post-1"), 2);
+}

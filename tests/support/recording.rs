@@ -1,0 +1,214 @@
+//! A hyper server that records every request id it receives and misbehaves
+//! on demand: 503s (with pushback), stalls, resets before or after the
+//! response headers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What the server does with the requests it receives.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// 200 with the server's port in the body.
+    Answer,
+    /// 503, with `Retry-After: n` if given.
+    Unavailable { retry_after: Option<&'static str> },
+    /// Waits this long before answering 200.
+    Stall(Duration),
+    /// Sends the response headers, a first chunk, then drops the connection.
+    ResetAfterHeaders,
+    /// Drops the connection without answering, once the request is read.
+    ResetBeforeHeaders,
+    /// 503 to the first `n` requests the server receives, then 200.
+    UnavailableFirst(usize),
+}
+
+type ErrorBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub struct RecordingServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
+}
+
+struct State {
+    behaviour: Mutex<Behaviour>,
+    /// Request id (the `x-request-id` header) -> times received.
+    received: Mutex<HashMap<String, usize>>,
+    /// The length of each request body, in arrival order.
+    body_lengths: Mutex<Vec<usize>>,
+}
+
+impl RecordingServer {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(State {
+            behaviour: Mutex::new(behaviour),
+            received: Mutex::new(HashMap::new()),
+            body_lengths: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        Self {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.state.behaviour.lock().expect("lock") = behaviour;
+    }
+
+    /// Requests received, counting repeats.
+    pub fn hits(&self) -> usize {
+        self.state.received.lock().expect("lock").values().sum()
+    }
+
+    /// How often the request with `id` arrived.
+    pub fn received(&self, id: &str) -> usize {
+        self.state
+            .received
+            .lock()
+            .expect("lock")
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every id with how often it arrived.
+    pub fn all_received(&self) -> HashMap<String, usize> {
+        self.state.received.lock().expect("lock").clone()
+    }
+
+    pub fn body_lengths(&self) -> Vec<usize> {
+        self.state.body_lengths.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for RecordingServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone(), port));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    port: u16,
+) -> Result<Response<ErrorBody>, std::io::Error> {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    // The whole body first: a request counts as received once it is all
+    // here, as a real server would act on it.
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let nth = {
+        let mut received = state.received.lock().expect("lock");
+        *received.entry(id).or_default() += 1;
+        received.values().sum::<usize>()
+    };
+    state.body_lengths.lock().expect("lock").push(body.len());
+    let behaviour = state.behaviour.lock().expect("lock").clone();
+    let full = |status: u16, text: String| {
+        let mut response = Response::new(
+            Full::new(Bytes::from(text))
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        response
+    };
+    match behaviour {
+        Behaviour::Answer => Ok(full(200, port.to_string())),
+        Behaviour::UnavailableFirst(n) if nth <= n => Ok(full(503, "unavailable".into())),
+        Behaviour::UnavailableFirst(_) => Ok(full(200, port.to_string())),
+        Behaviour::Stall(delay) => {
+            tokio::time::sleep(delay).await;
+            Ok(full(200, port.to_string()))
+        }
+        Behaviour::Unavailable { retry_after } => {
+            let mut response = full(503, "unavailable".into());
+            if let Some(after) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static(after));
+            }
+            Ok(response)
+        }
+        Behaviour::ResetAfterHeaders => {
+            let frames = frames_stream(vec![
+                Ok(Frame::data(Bytes::from_static(b"partial"))),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "reset",
+                )),
+            ]);
+            let mut response = Response::new(StreamBody::new(frames).boxed());
+            response.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from_static("1000"),
+            );
+            Ok(response)
+        }
+        Behaviour::ResetBeforeHeaders => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset before the response",
+        )),
+    }
+}
+
+/// A stream of frames known in advance.
+fn frames_stream(
+    items: Vec<Result<Frame<Bytes>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
+{
+    struct Items(std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>);
+    impl futures_core::Stream for Items {
+        type Item = Result<Frame<Bytes>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.pop_front())
+        }
+    }
+    Items(items.into())
+}
