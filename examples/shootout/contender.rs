@@ -13,14 +13,18 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
 
-use tower::{BoxError, ServiceExt};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
 use tower_lb::health::OutlierDetection;
+use tower_lb::hedge::HedgeLayer;
+use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
+use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
 use tower_lb::{discover, Balancer, EndpointStats};
 
-/// What the load generator sends.
-pub type Request = http::Request<http_body_util::Empty<hyper::body::Bytes>>;
+/// What the load generator sends: a GET whose (empty) body the retry and
+/// hedge layers can replay.
+pub type Request = http::Request<ReplayBody<http_body_util::Empty<hyper::body::Bytes>>>;
 /// One endpoint, real (hyper client) or simulated, as every contender sees it.
 pub type Endpoint = BoxCloneSyncService<Request, StatusCode, BoxError>;
 /// A contender, ready to take requests.
@@ -51,10 +55,21 @@ pub enum Contender {
     RoundRobinOutliers,
     P2cLeastRequestsOutliers,
     P2cPeakEwmaOutliers,
+    /// Peak EWMA with idempotency-gated retries (3 attempts, the default
+    /// budget), a 1 s per-attempt timeout and a 5 s deadline; no outlier
+    /// detection, to show what retries alone do.
+    P2cPeakEwmaRetry,
+    /// The same with outlier detection.
+    P2cPeakEwmaOutliersRetry,
+    /// And with hedging after the adaptive p95 (floor 10 ms) on top.
+    P2cPeakEwmaOutliersHedge,
+    /// Round robin with retries and hedging: what hedging does for a
+    /// strategy that does not see latency.
+    RoundRobinHedge,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 7] = [
+    pub const ALL: [Contender; 11] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -62,6 +77,10 @@ impl Contender {
         Contender::RoundRobinOutliers,
         Contender::P2cLeastRequestsOutliers,
         Contender::P2cPeakEwmaOutliers,
+        Contender::P2cPeakEwmaRetry,
+        Contender::P2cPeakEwmaOutliersRetry,
+        Contender::P2cPeakEwmaOutliersHedge,
+        Contender::RoundRobinHedge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +92,10 @@ impl Contender {
             Contender::RoundRobinOutliers => "round-robin+od",
             Contender::P2cLeastRequestsOutliers => "p2c-least-req+od",
             Contender::P2cPeakEwmaOutliers => "p2c-peak-ewma+od",
+            Contender::P2cPeakEwmaRetry => "p2c-peak-ewma+retry",
+            Contender::P2cPeakEwmaOutliersRetry => "ewma+od+retry",
+            Contender::P2cPeakEwmaOutliersHedge => "ewma+od+retry+hedge",
+            Contender::RoundRobinHedge => "round-robin+hedge",
         }
     }
 
@@ -87,6 +110,24 @@ impl Contender {
             Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, None),
             Contender::P2cLeastRequests => tower_lb(P2c::least_requests(), endpoints, seed, None),
             Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, None),
+            Contender::P2cPeakEwmaRetry => {
+                resilient(P2c::peak_ewma(), endpoints, seed, None, false)
+            }
+            Contender::P2cPeakEwmaOutliersRetry => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                Some(OutlierDetection::new()),
+                false,
+            ),
+            Contender::P2cPeakEwmaOutliersHedge => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                Some(OutlierDetection::new()),
+                true,
+            ),
+            Contender::RoundRobinHedge => resilient(RoundRobin::new(), endpoints, seed, None, true),
             Contender::RoundRobinOutliers => tower_lb(
                 RoundRobin::new(),
                 endpoints,
@@ -143,6 +184,56 @@ fn tower_lb<P: Strategy>(
     Built {
         client: BoxCloneService::new(balancer.map_err(BoxError::from)),
         probe: Some(Arc::new(move || stats.endpoints())),
+    }
+}
+
+/// `strategy` under a deadline, retries and (if `hedge`) hedging, with the
+/// balancer sending retries and hedges to endpoints not yet tried.
+fn resilient<P: Strategy>(
+    strategy: P,
+    endpoints: Vec<Endpoint>,
+    seed: u64,
+    detection: Option<OutlierDetection>,
+    hedge: bool,
+) -> Built {
+    let builder = Balancer::builder()
+        .strategy(strategy)
+        .classify(ServerErrors)
+        .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
+        .seed(seed)
+        .avoid_tried_endpoints();
+    let builder = match detection {
+        Some(detection) => builder.outlier_detection(detection),
+        None => builder,
+    };
+    let balancer = builder.build(discover::fixed(endpoints.into_iter().enumerate()));
+    let stats = balancer.clone();
+    let budget = RetryBudget::new();
+    let policy = RetryPolicy::new().retry_on(GatewayErrors);
+    let hedging = hedge.then(|| HedgeLayer::new(budget.clone()));
+    let client = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(5)))
+        .layer(RetryLayer::new(policy, budget))
+        .option_layer(hedging)
+        .layer(TimeoutLayer::new(Duration::from_secs(1)))
+        .service(balancer);
+    Built {
+        client: BoxCloneService::new(client.map_err(BoxError::from)),
+        probe: Some(Arc::new(move || stats.endpoints())),
+    }
+}
+
+/// Retries what `HttpRetryOn` would, for endpoints that answer a bare
+/// status: 502, 503 and 504.
+#[derive(Debug, Clone, Copy)]
+struct GatewayErrors;
+
+impl RetryOn<StatusCode> for GatewayErrors {
+    fn response(&self, status: &StatusCode) -> ResponseVerdict {
+        match status.as_u16() {
+            502..=504 => ResponseVerdict::Retry { after: None },
+            _ => ResponseVerdict::Accept,
+        }
     }
 }
 

@@ -39,8 +39,9 @@ struct Args {
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
     /// p2c-peak-ewma, tower-p2c-peak-ewma, and the tower-lb ones with outlier
-    /// detection: round-robin+od, p2c-least-req+od, p2c-peak-ewma+od);
-    /// default: all.
+    /// detection: round-robin+od, p2c-least-req+od, p2c-peak-ewma+od; and
+    /// Peak EWMA under retries and hedging: p2c-peak-ewma+retry,
+    /// ewma+od+retry, ewma+od+retry+hedge; round-robin+hedge); default: all.
     #[arg(long, value_delimiter = ',')]
     strategy: Vec<String>,
     /// Deterministic mode: simulated backends on virtual time.
@@ -265,7 +266,9 @@ mod tests {
             match r.contender {
                 Contender::RoundRobinOutliers
                 | Contender::P2cLeastRequestsOutliers
-                | Contender::P2cPeakEwmaOutliers => {
+                | Contender::P2cPeakEwmaOutliers
+                | Contender::P2cPeakEwmaOutliersRetry
+                | Contender::P2cPeakEwmaOutliersHedge => {
                     assert_eq!(failing.sent_before_first, Some(5), "{}", r.contender.name());
                     assert_eq!(r.hits[0], 5, "{}", r.contender.name());
                     assert!(r.success_rate() > 0.99, "{}", r.contender.name());
@@ -282,6 +285,38 @@ mod tests {
                 r.contender.name()
             );
         }
+    }
+
+    #[test]
+    fn retries_stay_within_the_budget_and_with_ejection_hide_the_failing_backend() {
+        let results = simulate_all("failing-node", short(1));
+        let success = |c: Contender| {
+            results
+                .iter()
+                .find(|r| r.contender == c)
+                .map(RunResult::success_rate)
+                .expect("ran")
+        };
+        for r in &results {
+            let name = r.contender.name();
+            match r.contender {
+                Contender::P2cPeakEwmaOutliersRetry | Contender::P2cPeakEwmaOutliersHedge => {
+                    assert_eq!(r.failed, 0, "{name} failed requests");
+                }
+                Contender::P2cPeakEwmaRetry | Contender::RoundRobinHedge => {
+                    // 20 % of the requests plus the floor of 10 a second
+                    // over the 10 s window.
+                    let allowed = 1.2 + 100.0 / r.requests() as f64;
+                    assert!(
+                        r.amplification() <= allowed,
+                        "{name}: {}",
+                        r.amplification()
+                    );
+                }
+                _ => assert!((r.amplification() - 1.0).abs() < 1e-9, "{name}"),
+            }
+        }
+        assert!(success(Contender::P2cPeakEwmaRetry) > success(Contender::P2cPeakEwma));
     }
 
     #[test]

@@ -16,7 +16,11 @@ const QUANTILES: [(f64, &str); 4] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), 
 pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "\n== {}: {}", scenario.name, scenario.about);
-    let _ = write!(out, "{:<20} {:>9} {:>8}", "contender", "ok/s", "success");
+    let _ = write!(
+        out,
+        "{:<20} {:>9} {:>8} {:>5}",
+        "contender", "ok/s", "success", "amp"
+    );
     for (_, name) in QUANTILES {
         let _ = write!(out, " {:>9}", name);
     }
@@ -24,10 +28,11 @@ pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
     for r in results {
         let _ = write!(
             out,
-            "{:<20} {:>9.0} {:>7.2}%",
+            "{:<20} {:>9.0} {:>7.2}% {:>5.3}",
             r.contender.name(),
             r.throughput(),
-            100.0 * r.success_rate()
+            100.0 * r.success_rate(),
+            r.amplification()
         );
         for (q, _) in QUANTILES {
             let _ = write!(out, " {:>7.1}ms", r.latency_ms(q));
@@ -71,8 +76,12 @@ fn ejection_summary(scenario: &Scenario, r: &RunResult) -> Option<String> {
 const MAX_NINES: f64 = 3.0;
 
 /// Line colours, one per contender, readable on white.
-const COLORS: [RGBColor; 7] = [
+const COLORS: [RGBColor; 11] = [
     RGBColor(214, 39, 40),
+    RGBColor(127, 127, 127),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
     RGBColor(44, 160, 44),
     RGBColor(31, 119, 180),
     RGBColor(90, 90, 90),

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tower::{service_fn, BoxError, ServiceExt};
 use tower_lb::http::HttpEndpoint;
+use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
 
 use crate::backend::Backend;
 use crate::contender::{Built, Contender, Endpoint, Probe, Request};
@@ -97,6 +98,16 @@ impl RunResult {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// Requests the backends received, retries and hedges included.
+    pub fn attempts(&self) -> u64 {
+        self.hits.iter().sum()
+    }
+
+    /// Attempts per request: 1.0 without retries or hedges.
+    pub fn amplification(&self) -> f64 {
+        self.attempts() as f64 / self.requests().max(1) as f64
+    }
+
     /// Each backend's share of the requests, in percent.
     pub fn shares(&self) -> Vec<f64> {
         let total = self.hits.iter().sum::<u64>().max(1) as f64;
@@ -109,7 +120,7 @@ impl RunResult {
 
 /// A `GET /` (the default method and URI).
 fn request() -> Request {
-    http::Request::new(Empty::new())
+    http::Request::new(ReplayBody::new(Empty::new(), DEFAULT_REPLAY_CAP))
 }
 
 /// What the load generator saw.
@@ -250,7 +261,7 @@ pub async fn real(
         addrs.push(listener.local_addr()?);
         servers.spawn(serve(listener, backend.clone()));
     }
-    let http = tower_lb::http::client::<Empty<Bytes>>();
+    let http = tower_lb::http::client::<ReplayBody<Empty<Bytes>>>();
     let endpoints = addrs
         .iter()
         .map(|&addr: &SocketAddr| {
