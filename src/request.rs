@@ -130,7 +130,8 @@ pub enum NotReplayable {
         cap: usize,
     },
     /// Its body was not yet fully sent, so a copy could not be complete
-    /// (a hedge waits for a body it can replay whole).
+    /// (a hedge needs a body it can replay whole, and skips the call
+    /// otherwise).
     #[error("the request body is still being sent")]
     BodyIncomplete,
     /// The request type cannot be copied.

@@ -14,7 +14,7 @@ use tower_lb::error::BoxError;
 use tower_lb::hedge::HedgeLayer;
 use tower_lb::http as lb_http;
 use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget};
-use tower_lb::strategy::RoundRobin;
+use tower_lb::strategy::{Candidates, PickContext, RoundRobin, Strategy};
 use tower_lb::{discover, Balancer};
 
 use support::recording::{Behaviour, RecordingServer};
@@ -25,9 +25,17 @@ type Client =
 
 /// Replay -> hedge -> round robin over `addrs`, avoiding endpoints tried.
 fn client(hedge: HedgeLayer, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
+    client_with(RoundRobin::new(), hedge, addrs)
+}
+
+fn client_with<P: Strategy>(
+    strategy: P,
+    hedge: HedgeLayer,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+) -> Client {
     let http = lb_http::client::<ReplayBody<Body>>();
     let balancer = Balancer::builder()
-        .strategy(RoundRobin::new())
+        .strategy(strategy)
         .avoid_tried_endpoints()
         .build(discover::fixed(lb_http::endpoints(&http, addrs)));
     BoxCloneSyncService::new(
@@ -70,6 +78,21 @@ fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
     servers.iter().map(|s| s.addr).collect()
 }
 
+/// Always the first endpoint: only the balancer's avoidance of endpoints
+/// already tried can send a hedge anywhere else.
+#[derive(Debug, Clone, Copy)]
+struct FirstEndpoint;
+
+impl Strategy for FirstEndpoint {
+    type Schedule = ();
+
+    fn schedule<C: Candidates + ?Sized>(&self, _: &C, _: &PickContext<'_>) {}
+
+    fn pick<C: Candidates + ?Sized>(&self, _: &(), _: &C, _: &PickContext<'_>) -> Option<usize> {
+        Some(0)
+    }
+}
+
 fn hedge_layer(budget: &RetryBudget) -> HedgeLayer {
     HedgeLayer::new(budget.clone())
         .min_delay(Duration::from_millis(50))
@@ -80,7 +103,7 @@ fn hedge_layer(budget: &RetryBudget) -> HedgeLayer {
 async fn a_slow_get_is_hedged_to_another_endpoint_after_the_delay() {
     let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
     let budget = RetryBudget::new();
-    let client = client(hedge_layer(&budget), addrs(&servers));
+    let client = client_with(FirstEndpoint, hedge_layer(&budget), addrs(&servers));
     warm_up(&client, 20).await;
     servers[0].set(Behaviour::Stall(Duration::from_secs(2)));
     servers[1].set(Behaviour::Stall(Duration::from_secs(2)));

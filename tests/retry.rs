@@ -14,9 +14,10 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_lb::error::BoxError;
 use tower_lb::http as lb_http;
 use tower_lb::retry::{
-    Backoff, BudgetExhausted, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy,
+    Backoff, BudgetExhausted, DeadlineTooClose, ReplayBody, ReplayLayer, RetryBudget, RetryLayer,
+    RetryPolicy,
 };
-use tower_lb::strategy::RoundRobin;
+use tower_lb::strategy::P2c;
 use tower_lb::timeout::{DeadlineLayer, Elapsed, TimeoutLayer, Timer};
 use tower_lb::{discover, Balancer};
 
@@ -48,12 +49,14 @@ impl Default for Stack {
 }
 
 impl Stack {
-    /// Deadline -> replay -> retry -> per-attempt timeout -> round robin
-    /// over `addrs`, avoiding endpoints already tried.
+    /// Deadline -> replay -> retry -> per-attempt timeout -> P2C
+    /// least-requests over `addrs`, avoiding endpoints already tried. P2C
+    /// picks at random among idle endpoints, so only the avoidance keeps a
+    /// retry off the endpoint that just failed.
     fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
         let http = lb_http::client::<ReplayBody<Body>>();
         let balancer = Balancer::builder()
-            .strategy(RoundRobin::new())
+            .strategy(P2c::least_requests())
             .avoid_tried_endpoints()
             .build(discover::fixed(lb_http::endpoints(&http, addrs)));
         let service = ServiceBuilder::new()
@@ -126,13 +129,23 @@ async fn a_post_is_never_received_twice_under_503s() {
 async fn a_post_is_never_received_twice_when_the_connection_resets_after_headers() {
     let servers = start(vec![Behaviour::ResetAfterHeaders, Behaviour::Answer]).await;
     let client = Stack::default().build(addrs(&servers));
+    let mut cut_off = 0;
     for i in 0..20 {
         let id = format!("post-{i}");
-        if let Ok(response) = client.clone().oneshot(post(&id)).await {
-            let _ = response.into_body().collect().await;
+        let response = client
+            .clone()
+            .oneshot(post(&id))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: the headers arrived, so no error: {e}"));
+        if response.status() == 503 {
+            let body = response.into_body().collect().await;
+            assert!(body.is_err(), "{id}: the body was cut off");
+            cut_off += 1;
         }
         assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
     }
+    assert_eq!(cut_off, servers[0].hits());
+    assert!(cut_off > 0, "no post reached the resetting server");
 }
 
 #[tokio::test]
@@ -146,8 +159,9 @@ async fn a_post_is_never_received_twice_when_the_connection_resets_before_header
         assert_eq!(received(&servers, &id), 1, "{id} was sent more than once");
     }
     assert_eq!(
-        failed, 10,
-        "the resetting server had half the posts, and they fail"
+        failed,
+        servers[0].hits(),
+        "every post the resetting server had fails, and only those"
     );
 }
 
@@ -316,12 +330,10 @@ async fn an_exhausted_budget_names_itself_in_the_error() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_delays_the_retry() {
-    let servers = start(vec![
-        Behaviour::Unavailable {
-            retry_after: Some("1"),
-        },
-        Behaviour::Answer,
-    ])
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: Some("1"),
+    }])
     .await;
     let client = Stack::default().build(addrs(&servers));
     let started = Instant::now();
@@ -330,11 +342,41 @@ async fn retry_after_delays_the_retry() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status(), 200);
+    assert_eq!(servers[0].received("get-1"), 2);
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
     assert!(
         waited < Duration::from_millis(1_500),
         "retried after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_refused_by_the_deadline_names_it() {
+    let refusing = support::refusing_addr().await;
+    let client = Stack {
+        policy: RetryPolicy::new().backoff(
+            Backoff::new()
+                .initial(Duration::from_secs(5))
+                .max(Duration::from_secs(5)),
+        ),
+        deadline: Duration::from_secs(1),
+        ..Stack::default()
+    }
+    .build([refusing]);
+    let err = client
+        .oneshot(get("get-1"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert!(err.downcast_ref::<DeadlineTooClose>().is_some(), "{err}");
+    assert!(
+        err.to_string().contains("past the call's deadline"),
+        "{err}"
+    );
+    assert!(
+        tower_lb::error::is_never_sent(&*err),
+        "the original error is kept: {err}"
     );
 }
 
@@ -389,7 +431,11 @@ async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
 
 #[tokio::test]
 async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
-    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: None,
+    }])
+    .await;
     let client = Stack {
         replay_cap: 1024,
         ..Stack::default()
@@ -411,7 +457,11 @@ async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
 
 #[tokio::test]
 async fn a_body_under_the_cap_is_replayed_whole() {
-    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: None,
+    }])
+    .await;
     let client = Stack::default().build(addrs(&servers));
     let body = vec![b'y'; 10_000];
     let response = client
@@ -424,7 +474,11 @@ async fn a_body_under_the_cap_is_replayed_whole() {
 
 #[tokio::test]
 async fn an_idempotency_key_lets_a_post_be_retried() {
-    let servers = start(vec![Behaviour::UnavailableFirst(1)]).await;
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: None,
+    }])
+    .await;
     let client = Stack::default().build(addrs(&servers));
     let mut req = post("post-1");
     req.headers_mut()

@@ -344,12 +344,6 @@ impl<K, S> InFlight<K, S> {
             Some(endpoint) => endpoint,
             None => unreachable!("InFlight completed twice"),
         };
-        self.record_latency(&endpoint);
-        release(&endpoint);
-        endpoint
-    }
-
-    fn record_latency(&self, endpoint: &Endpoint<K, S>) {
         if let Some(start) = self.start_ns {
             let shared = &endpoint.shared;
             let now = shared.now_ns();
@@ -357,6 +351,8 @@ impl<K, S> InFlight<K, S> {
                 .load
                 .record_rtt(now.saturating_sub(start), now, &shared.rtt);
         }
+        release(&endpoint);
+        endpoint
     }
 }
 
@@ -375,12 +371,18 @@ fn release<K, S>(endpoint: &Endpoint<K, S>) {
 
 impl<K, S> Drop for InFlight<K, S> {
     /// A request dropped before it completed (a hedge that lost, a timeout)
-    /// ran at least this long: the peak-sensitive estimate takes that as a
-    /// sample, as tower's Peak EWMA does, so an endpoint that stalls is seen
-    /// to stall even when nobody waits for its answers.
+    /// ran at least this long: a lower bound, which may raise the
+    /// peak-sensitive estimate but not lower it, so an endpoint that stalls
+    /// is seen to stall even when nobody waits for its answers.
     fn drop(&mut self) {
         if let Some(endpoint) = self.endpoint.take() {
-            self.record_latency(&endpoint);
+            if let Some(start) = self.start_ns {
+                let shared = &endpoint.shared;
+                let now = shared.now_ns();
+                endpoint
+                    .load
+                    .record_rtt_at_least(now.saturating_sub(start), now, &shared.rtt);
+            }
             release(&endpoint);
         }
     }

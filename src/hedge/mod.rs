@@ -233,9 +233,9 @@ impl Shared {
 ///
 /// A call is hedged when: its [`Safety`](crate::request::Safety) lets it
 /// repeat; enough calls have been measured to know the percentile; it is
-/// still running after the delay; it can be copied whole (its body fully
-/// sent and under the replay cap); and the [`RetryBudget`] allows one more
-/// attempt. At most one copy is sent per call (per attempt, under a retry
+/// still running after the delay; it can be copied whole when the delay
+/// ends (its body fully sent and under the replay cap; otherwise this call
+/// is not hedged); and the [`RetryBudget`] allows one more attempt. At most one copy is sent per call (per attempt, under a retry
 /// layer). An attempt that fails while the other is running is set aside:
 /// the other may still succeed.
 ///
@@ -279,10 +279,11 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        // Counted once per call and budget, however many layers draw from it.
         if req.extensions().get::<TriedEndpoints>().is_none() {
             req.extensions_mut().insert(TriedEndpoints::new());
-            self.shared.budget.deposit();
         }
+        self.shared.budget.deposit_once(&mut req);
         let delay = match req.safety().may_repeat() {
             true => self.shared.delay(self.shared.now_ns()),
             false => None,
@@ -381,15 +382,17 @@ where
                 this.timer.set(None);
                 let copy = this.original.as_ref().map(Replayable::replay_complete);
                 match (copy, this.service.take()) {
-                    (Some(Ok(copy)), Some(service))
-                        if this.shared.budget.try_spend(Spend::Hedge) =>
-                    {
-                        tracing::debug!("hedging a slow request");
-                        *this.hedge_started = Instant::now();
-                        this.hedge.set(Some(Oneshot::new(service, copy)));
+                    (Some(Ok(copy)), Some(service)) => {
+                        if this.shared.budget.try_spend(Spend::Hedge) {
+                            tracing::debug!("hedging a slow request");
+                            *this.hedge_started = Instant::now();
+                            this.hedge.set(Some(Oneshot::new(service, copy)));
+                        } else {
+                            tracing::debug!("not hedging: the retry budget is exhausted");
+                        }
                     }
                     (Some(Err(why)), _) => tracing::debug!(%why, "not hedging"),
-                    _ => tracing::debug!("not hedging: the retry budget is exhausted"),
+                    _ => {}
                 }
             }
         }
@@ -399,6 +402,13 @@ where
                 match result {
                     Ok(response) => {
                         this.shared.record(*this.hedge_started);
+                        // The primary's time so far is a lower bound on its
+                        // latency; without it the slow tail that hedging hides
+                        // would drop out of the percentile and the delay drift
+                        // down.
+                        if this.primary.is_some() {
+                            this.shared.record(*this.primary_started);
+                        }
                         return Poll::Ready(Ok(response));
                     }
                     Err(error) if this.primary.is_none() => {

@@ -217,6 +217,16 @@ impl EndpointLoad {
         self.rtt_stamp_ns.store(now_ns, Ordering::Relaxed);
     }
 
+    /// Folds in a sample known only to be a lower bound (a request dropped
+    /// before its answer): it can only raise the estimate, as a peak, and
+    /// never stands in for the first real measurement.
+    pub(crate) fn record_rtt_at_least(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
+        let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        if self.measured.load(Ordering::Relaxed) && sample_ns as f64 > prior {
+            self.record_rtt(sample_ns, now_ns, rtt);
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn set_in_flight(&self, n: usize) {
         self.counters.store(n as u64, Ordering::Relaxed);
@@ -300,5 +310,28 @@ mod tests {
         let load = EndpointLoad::new(0, &rtt);
         let later = load.rtt_estimate_ns(5_000 * MS, &rtt);
         assert!(later < 1e6, "{later}");
+    }
+
+    #[test]
+    fn a_lower_bound_only_raises_the_estimate() {
+        let rtt = RttEstimate::new(Duration::from_millis(30), Duration::from_secs(10));
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt_at_least(MS, MS, &rtt);
+        let default_only = load.rtt_estimate_ns(MS, &rtt);
+        assert!(
+            default_only > 29.9 * MS as f64,
+            "not a first sample: {default_only}"
+        );
+        load.record_rtt(100 * MS, MS, &rtt);
+        load.record_rtt_at_least(MS, 2 * MS, &rtt);
+        assert!(
+            load.rtt_estimate_ns(2 * MS, &rtt) >= 99.0 * MS as f64,
+            "a short bound pulled it down"
+        );
+        load.record_rtt_at_least(300 * MS, 3 * MS, &rtt);
+        assert!(
+            load.rtt_estimate_ns(3 * MS, &rtt) >= 299.0 * MS as f64,
+            "a long bound is a peak"
+        );
     }
 }

@@ -154,6 +154,11 @@ pub struct RetryBudget {
     inner: Arc<Inner>,
 }
 
+/// The budgets (by address) that have counted a call, in its extensions.
+/// Nearly always one, so the `Vec` holds a single word.
+#[derive(Clone, Debug)]
+struct CountedBy(Vec<usize>);
+
 /// The shared state behind every clone of a [`RetryBudget`].
 struct Inner {
     config: Config,
@@ -265,6 +270,21 @@ impl RetryBudget {
                 refused: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Deposits for the call `req` belongs to, unless this budget already
+    /// counted it: the retry and hedge layers both call this, and a call is
+    /// one request however many layers (and attempts) it passes through.
+    pub(crate) fn deposit_once<Req: crate::request::HasExtensions>(&self, req: &mut Req) {
+        let id = Arc::as_ptr(&self.inner) as usize;
+        let counted = req.extensions().get::<CountedBy>();
+        if counted.is_some_and(|c| c.0.contains(&id)) {
+            return;
+        }
+        let mut ids = counted.map(|c| c.0.clone()).unwrap_or_default();
+        ids.push(id);
+        req.extensions_mut().insert(CountedBy(ids));
+        self.deposit();
     }
 
     /// Records an original request (not a retry or a hedge): call it once
@@ -612,5 +632,18 @@ mod tests {
         let debug = format!("{:?}", RetryBudget::new());
         assert!(debug.contains("ratio: 0.2"), "{debug}");
         assert!(debug.contains("window: 10s"), "{debug}");
+    }
+
+    #[test]
+    fn each_budget_counts_a_call_once_however_many_layers_ask() {
+        let (a, b) = (RetryBudget::new(), RetryBudget::new());
+        let mut req = http::Request::new(());
+        a.deposit_once(&mut req);
+        b.deposit_once(&mut req);
+        a.deposit_once(&mut req);
+        let mut copy = http::Request::new(());
+        *copy.extensions_mut() = req.extensions().clone();
+        b.deposit_once(&mut copy);
+        assert_eq!((a.stats().requests, b.stats().requests), (1, 1));
     }
 }

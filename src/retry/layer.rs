@@ -29,6 +29,34 @@ pub struct BudgetExhausted {
     source: BoxError,
 }
 
+/// A retry was due but its pause would have ended after the call's
+/// [`CallDeadline`], so the last attempt's error is returned, inside this one.
+#[derive(Debug, thiserror::Error)]
+#[error("not retried, a retry after {pause:?} would end past the call's deadline (after {attempts} attempts): {source}")]
+pub struct DeadlineTooClose {
+    attempts: u32,
+    pause: Duration,
+    #[source]
+    source: BoxError,
+}
+
+impl DeadlineTooClose {
+    /// Attempts made.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The pause the retry would have waited.
+    pub fn pause(&self) -> Duration {
+        self.pause
+    }
+
+    /// The last attempt's error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
 impl BudgetExhausted {
     /// Attempts made before the budget refused another.
     pub fn attempts(&self) -> u32 {
@@ -93,9 +121,9 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 /// and retrying cannot do harm.
 ///
 /// For each call it:
-/// - counts the call in the [`RetryBudget`] (when it is the outermost of
-///   the retry and hedge layers) and puts a [`TriedEndpoints`] into the
-///   request's extensions, so that a balancer built with
+/// - counts the call in the [`RetryBudget`] (once per call and budget,
+///   however many layers draw from it) and puts a [`TriedEndpoints`] into
+///   the request's extensions, so that a balancer built with
 ///   [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
 ///   sends each retry somewhere new;
 /// - after a failed attempt, asks: may this request repeat
@@ -104,8 +132,9 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 ///   body may have outgrown the replay buffer)? Would the pause (the
 ///   server's pushback, else the backoff) end after the call's
 ///   [`CallDeadline`]? Does the budget allow it? Any "no" returns the
-///   attempt's result as it is, except a refusal by the budget, which
-///   returns the error inside [`BudgetExhausted`].
+///   attempt's result as it is, except that an error refused a retry by the
+///   budget comes inside [`BudgetExhausted`], and one refused by the
+///   deadline inside [`DeadlineTooClose`], so the caller sees why.
 ///
 /// Requests must be [`Replayable`]: for HTTP that is
 /// `http::Request<ReplayBody<B>>`, which the [`ReplayLayer`](super::ReplayLayer)
@@ -146,8 +175,8 @@ where
     fn call(&mut self, mut req: Req) -> Self::Future {
         if req.extensions().get::<TriedEndpoints>().is_none() {
             req.extensions_mut().insert(TriedEndpoints::new());
-            self.budget.deposit();
         }
+        self.budget.deposit_once(&mut req);
         let safety = req.safety();
         let deadline = CallDeadline::of(&req);
         // Keep the original to copy from, and send a copy; without a copy
@@ -294,6 +323,16 @@ where
                                 Box::new(BudgetExhausted { attempts, source }) as BoxError
                             }));
                         }
+                        Err(Stop::PastDeadline(pause)) => {
+                            let attempts = self.attempts;
+                            return Poll::Ready(result.map_err(|source| {
+                                Box::new(DeadlineTooClose {
+                                    attempts,
+                                    pause,
+                                    source,
+                                }) as BoxError
+                            }));
+                        }
                         Err(stop) => {
                             if !matches!(stop, Stop::Accepted) {
                                 tracing::debug!(attempts = self.attempts, reason = %stop, "not retrying");
@@ -357,7 +396,9 @@ where
             None => policy.backoff.delay(*this.attempts, &mut rand::rng()),
         };
         if let Some(deadline) = this.deadline {
-            if Instant::now() + pause >= deadline.at() {
+            // A pause too long to represent ends after any deadline.
+            let ends = Instant::now().checked_add(pause);
+            if ends.is_none_or(|ends| ends >= deadline.at()) {
                 return Err(Stop::PastDeadline(pause));
             }
         }

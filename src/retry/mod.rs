@@ -10,7 +10,7 @@ mod replay;
 
 pub use self::backoff::Backoff;
 pub use self::budget::{RetryBudget, RetryStats, Spend};
-pub use self::layer::{BudgetExhausted, ResponseFuture, Retry, RetryLayer};
+pub use self::layer::{BudgetExhausted, DeadlineTooClose, ResponseFuture, Retry, RetryLayer};
 pub use self::policy::{ErrorsOnly, HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
 pub use self::pushback::{pushback, Pushback};
 pub use self::replay::{ReplayBody, ReplayLayer, ReplayService, DEFAULT_REPLAY_CAP};

@@ -203,8 +203,9 @@ impl<Resp> RetryOn<Resp> for ErrorsOnly {
 /// is not retried: the call is committed by then, as in gRPC's A6.
 #[derive(Debug, Clone)]
 pub struct HttpRetryOn {
-    /// Bit `s - 100` set for each retried status `s`.
-    statuses: [u64; 8],
+    /// Bit `s - 100` set for each retried status `s` (100 to 999, all that
+    /// `http` accepts).
+    statuses: [u64; 15],
     /// Bit `c` set for each retried gRPC code `c` (0..=16).
     grpc_codes: u32,
 }
@@ -226,15 +227,18 @@ impl HttpRetryOn {
     /// statuses and codes to it.
     pub fn none() -> Self {
         Self {
-            statuses: [0; 8],
+            statuses: [0; 15],
             grpc_codes: 0,
         }
     }
 
     /// Retries responses with `status` too.
     pub fn status(mut self, status: StatusCode) -> Self {
-        let bit = usize::from(status.as_u16() - 100);
-        self.statuses[bit / 64] |= 1 << (bit % 64);
+        if let Some((word, bit)) = status_bit(status) {
+            if let Some(word) = self.statuses.get_mut(word) {
+                *word |= 1 << bit;
+            }
+        }
         self
     }
 
@@ -247,8 +251,9 @@ impl HttpRetryOn {
     }
 
     fn retries_status(&self, status: StatusCode) -> bool {
-        let bit = usize::from(status.as_u16() - 100);
-        self.statuses[bit / 64] & (1 << (bit % 64)) != 0
+        status_bit(status)
+            .and_then(|(word, bit)| self.statuses.get(word).map(|w| w & (1 << bit) != 0))
+            .unwrap_or(false)
     }
 
     fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
@@ -258,6 +263,12 @@ impl HttpRetryOn {
             .and_then(|v| v.parse::<u8>().ok());
         code.is_some_and(|c| c <= 16 && self.grpc_codes & (1 << c) != 0)
     }
+}
+
+/// The word and bit of `status` in the table.
+fn status_bit(status: StatusCode) -> Option<(usize, u32)> {
+    let bit = usize::from(status.as_u16().checked_sub(100)?);
+    Some((bit / 64, (bit % 64) as u32))
 }
 
 impl Default for HttpRetryOn {
@@ -346,6 +357,16 @@ mod tests {
             &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "-1")],
         );
         assert_eq!(on.response(&resp), ResponseVerdict::Accept);
+    }
+
+    #[test]
+    fn any_status_http_accepts_is_judged_without_panic() {
+        let on = HttpRetryOn::new().status(StatusCode::from_u16(999).unwrap_or_default());
+        assert_eq!(on.response(&response(799, &[])), ResponseVerdict::Accept);
+        assert_eq!(
+            on.response(&response(999, &[])),
+            ResponseVerdict::Retry { after: None }
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -26,12 +26,17 @@ pub enum Behaviour {
     Unavailable { retry_after: Option<&'static str> },
     /// Waits this long before answering 200.
     Stall(Duration),
-    /// Sends the response headers, a first chunk, then drops the connection.
+    /// Sends a 503's headers and a first chunk, waits 20 ms (so they are on
+    /// the wire), then drops the connection.
     ResetAfterHeaders,
     /// Drops the connection without answering, once the request is read.
     ResetBeforeHeaders,
-    /// 503 to the first `n` requests the server receives, then 200.
-    UnavailableFirst(usize),
+    /// 503 (with `Retry-After` if given) to the first `times` requests the
+    /// server receives, then 200.
+    UnavailableFirst {
+        times: usize,
+        retry_after: Option<&'static str>,
+    },
 }
 
 type ErrorBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -158,8 +163,16 @@ async fn handle(
     };
     match behaviour {
         Behaviour::Answer => Ok(full(200, port.to_string())),
-        Behaviour::UnavailableFirst(n) if nth <= n => Ok(full(503, "unavailable".into())),
-        Behaviour::UnavailableFirst(_) => Ok(full(200, port.to_string())),
+        Behaviour::UnavailableFirst { times, retry_after } if nth <= times => {
+            let mut response = full(503, "unavailable".into());
+            if let Some(after) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static(after));
+            }
+            Ok(response)
+        }
+        Behaviour::UnavailableFirst { .. } => Ok(full(200, port.to_string())),
         Behaviour::Stall(delay) => {
             tokio::time::sleep(delay).await;
             Ok(full(200, port.to_string()))
@@ -174,14 +187,8 @@ async fn handle(
             Ok(response)
         }
         Behaviour::ResetAfterHeaders => {
-            let frames = frames_stream(vec![
-                Ok(Frame::data(Bytes::from_static(b"partial"))),
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "reset",
-                )),
-            ]);
-            let mut response = Response::new(StreamBody::new(frames).boxed());
+            let mut response = Response::new(ResetBody::default().boxed());
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             response.headers_mut().insert(
                 http::header::CONTENT_LENGTH,
                 http::HeaderValue::from_static("1000"),
@@ -195,20 +202,33 @@ async fn handle(
     }
 }
 
-/// A stream of frames known in advance.
-fn frames_stream(
-    items: Vec<Result<Frame<Bytes>, std::io::Error>>,
-) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
-{
-    struct Items(std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>);
-    impl futures_core::Stream for Items {
-        type Item = Result<Frame<Bytes>, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            std::task::Poll::Ready(self.0.pop_front())
+/// A body that sends one chunk, stalls 20 ms so that the headers and the
+/// chunk reach the client, then fails, which makes hyper drop the connection.
+#[derive(Default)]
+struct ResetBody {
+    sent: bool,
+    stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for ResetBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if !self.sent {
+            self.sent = true;
+            return std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"partial")))));
         }
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+        std::task::ready!(std::future::Future::poll(stall.as_mut(), cx));
+        std::task::Poll::Ready(Some(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset after the headers",
+        ))))
     }
-    Items(items.into())
 }
