@@ -17,7 +17,7 @@ use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget};
 use tower_lb::strategy::{Candidates, PickContext, RoundRobin, Strategy};
 use tower_lb::{discover, Balancer};
 
-use support::recording::{Behaviour, RecordingServer};
+use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
 
 type Body = Full<Bytes>;
 type Client =
@@ -64,18 +64,6 @@ async fn warm_up(client: &Client, n: usize) {
             .await;
         assert!(response.is_ok(), "{response:?}");
     }
-}
-
-async fn start(behaviours: Vec<Behaviour>) -> Vec<RecordingServer> {
-    let mut servers = Vec::new();
-    for behaviour in behaviours {
-        servers.push(RecordingServer::start(behaviour).await);
-    }
-    servers
-}
-
-fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
-    servers.iter().map(|s| s.addr).collect()
 }
 
 /// Always the first endpoint: only the balancer's avoidance of endpoints
@@ -161,8 +149,7 @@ async fn a_post_is_never_hedged() {
     }
     let response = client.oneshot(request(http::Method::POST, "post-1")).await;
     assert!(response.is_ok(), "{response:?}");
-    let received: usize = servers.iter().map(|s| s.received("post-1")).sum();
-    assert_eq!(received, 1);
+    assert_eq!(received(&servers, "post-1"), 1);
     assert_eq!(budget.stats().hedges, 0);
 }
 

@@ -21,7 +21,7 @@ use tower_lb::strategy::P2c;
 use tower_lb::timeout::{DeadlineLayer, Elapsed, TimeoutLayer, Timer};
 use tower_lb::{discover, Balancer};
 
-use support::recording::{Behaviour, RecordingServer};
+use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
 
 type Body = Full<Bytes>;
 type Client =
@@ -86,21 +86,29 @@ fn get(id: &str) -> http::Request<Body> {
     request(http::Method::GET, id, Bytes::new())
 }
 
-async fn start(behaviours: Vec<Behaviour>) -> Vec<RecordingServer> {
-    let mut servers = Vec::new();
-    for behaviour in behaviours {
-        servers.push(RecordingServer::start(behaviour).await);
-    }
-    servers
+/// The response to `req`; any error fails the test.
+async fn send(client: Client, req: http::Request<Body>) -> http::Response<hyper::body::Incoming> {
+    client.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
-    servers.iter().map(|s| s.addr).collect()
+/// The error `req` ends in; a response fails the test.
+async fn fail(client: Client, req: http::Request<Body>) -> BoxError {
+    client
+        .oneshot(req)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"))
 }
 
-/// How often each server received `id`, summed.
-fn received(servers: &[RecordingServer], id: &str) -> usize {
-    servers.iter().map(|s| s.received(id)).sum()
+/// `err` is an `E` whose message has `says`, wrapping the original
+/// connection-refused error.
+fn assert_refusal_keeps_the_error<E: std::error::Error + 'static>(err: &BoxError, says: &str) {
+    assert!(err.downcast_ref::<E>().is_some(), "{err}");
+    assert!(err.to_string().contains(says), "{err}");
+    assert!(
+        tower_lb::error::is_never_sent(&**err),
+        "the original error is kept: {err}"
+    );
 }
 
 async fn body_text(response: http::Response<hyper::body::Incoming>) -> String {
@@ -311,21 +319,8 @@ async fn an_exhausted_budget_names_itself_in_the_error() {
         ..Stack::default()
     }
     .build([refusing]);
-    let err = client
-        .oneshot(get("get-1"))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("no error"));
-    let exhausted = err.downcast_ref::<BudgetExhausted>();
-    assert!(exhausted.is_some(), "{err}");
-    assert!(
-        err.to_string().contains("retry budget is exhausted"),
-        "{err}"
-    );
-    assert!(
-        tower_lb::error::is_never_sent(&*err),
-        "the original error is kept: {err}"
-    );
+    let err = fail(client, get("get-1")).await;
+    assert_refusal_keeps_the_error::<BudgetExhausted>(&err, "retry budget is exhausted");
 }
 
 #[tokio::test(start_paused = true)]
@@ -337,10 +332,7 @@ async fn retry_after_delays_the_retry() {
     .await;
     let client = Stack::default().build(addrs(&servers));
     let started = Instant::now();
-    let response = client
-        .oneshot(get("get-1"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = send(client, get("get-1")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(servers[0].received("get-1"), 2);
     let waited = started.elapsed();
@@ -364,20 +356,8 @@ async fn a_retry_refused_by_the_deadline_names_it() {
         ..Stack::default()
     }
     .build([refusing]);
-    let err = client
-        .oneshot(get("get-1"))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("no error"));
-    assert!(err.downcast_ref::<DeadlineTooClose>().is_some(), "{err}");
-    assert!(
-        err.to_string().contains("past the call's deadline"),
-        "{err}"
-    );
-    assert!(
-        tower_lb::error::is_never_sent(&*err),
-        "the original error is kept: {err}"
-    );
+    let err = fail(client, get("get-1")).await;
+    assert_refusal_keeps_the_error::<DeadlineTooClose>(&err, "past the call's deadline");
 }
 
 #[tokio::test(start_paused = true)]
@@ -394,11 +374,7 @@ async fn the_deadline_ends_the_whole_call_and_says_so() {
     }
     .build(addrs(&servers));
     let started = Instant::now();
-    let err = client
-        .oneshot(get("get-1"))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("no error"));
+    let err = fail(client, get("get-1")).await;
     let elapsed = err.downcast_ref::<Elapsed>().copied();
     assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
     assert!(
@@ -420,10 +396,7 @@ async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
     }
     .build(addrs(&servers));
     let started = Instant::now();
-    let response = client
-        .oneshot(get("get-1"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = send(client, get("get-1")).await;
     assert_eq!(response.status(), 503);
     assert_eq!(servers[0].hits(), 1);
     assert!(started.elapsed() < Duration::from_millis(500), "it waited");
@@ -442,10 +415,7 @@ async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
     }
     .build(addrs(&servers));
     let big = vec![b'x'; 4096];
-    let response = client
-        .oneshot(request(http::Method::PUT, "put-1", big))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = send(client, request(http::Method::PUT, "put-1", big)).await;
     assert_eq!(response.status(), 503);
     assert_eq!(received(&servers, "put-1"), 1);
     assert_eq!(
@@ -464,10 +434,7 @@ async fn a_body_under_the_cap_is_replayed_whole() {
     .await;
     let client = Stack::default().build(addrs(&servers));
     let body = vec![b'y'; 10_000];
-    let response = client
-        .oneshot(request(http::Method::PUT, "put-1", body))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = send(client, request(http::Method::PUT, "put-1", body)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(servers[0].body_lengths(), vec![10_000, 10_000]);
 }
@@ -483,7 +450,7 @@ async fn an_idempotency_key_lets_a_post_be_retried() {
     let mut req = post("post-1");
     req.headers_mut()
         .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
-    let response = client.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"));
+    let response = send(client, req).await;
     assert_eq!(response.status(), 200);
     assert_eq!(received(&servers, "post-1"), 2);
 }

@@ -322,18 +322,7 @@ impl<B> ReplayBody<B> {
     /// # }
     /// ```
     pub fn try_clone(&self) -> Result<Self, NotReplayable> {
-        match &self.kind {
-            Kind::Empty { .. } => Ok(self.clone()),
-            Kind::Shared(handle) => {
-                let mut state = lock(&handle.shared.state);
-                if state.capped {
-                    return Err(NotReplayable::BodyOverCap {
-                        cap: handle.shared.cap,
-                    });
-                }
-                Ok(handle.fork(&mut state))
-            }
-        }
+        self.copy(false)
     }
 
     /// A copy, only if it can be sent whole without reading any more of the
@@ -362,6 +351,12 @@ impl<B> ReplayBody<B> {
     /// # }
     /// ```
     pub fn try_clone_complete(&self) -> Result<Self, NotReplayable> {
+        self.copy(true)
+    }
+
+    /// A clone, unless the body outgrew the buffer or (if `complete`) has
+    /// not been read to its end.
+    fn copy(&self, complete: bool) -> Result<Self, NotReplayable> {
         match &self.kind {
             Kind::Empty { .. } => Ok(self.clone()),
             Kind::Shared(handle) => {
@@ -371,7 +366,7 @@ impl<B> ReplayBody<B> {
                         cap: handle.shared.cap,
                     });
                 }
-                if !state.ended {
+                if complete && !state.ended {
                     return Err(NotReplayable::BodyIncomplete);
                 }
                 Ok(handle.fork(&mut state))

@@ -104,6 +104,24 @@ impl RecordingServer {
     }
 }
 
+/// Starts one server per behaviour.
+pub async fn start_all(behaviours: Vec<Behaviour>) -> Vec<RecordingServer> {
+    let mut servers = Vec::new();
+    for behaviour in behaviours {
+        servers.push(RecordingServer::start(behaviour).await);
+    }
+    servers
+}
+
+pub fn addrs(servers: &[RecordingServer]) -> Vec<SocketAddr> {
+    servers.iter().map(|s| s.addr).collect()
+}
+
+/// How often the servers received `id`, together.
+pub fn received(servers: &[RecordingServer], id: &str) -> usize {
+    servers.iter().map(|s| s.received(id)).sum()
+}
+
 impl Drop for RecordingServer {
     fn drop(&mut self) {
         self.accept.abort();
@@ -164,28 +182,14 @@ async fn handle(
     match behaviour {
         Behaviour::Answer => Ok(full(200, port.to_string())),
         Behaviour::UnavailableFirst { times, retry_after } if nth <= times => {
-            let mut response = full(503, "unavailable".into());
-            if let Some(after) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", http::HeaderValue::from_static(after));
-            }
-            Ok(response)
+            Ok(unavailable(retry_after))
         }
         Behaviour::UnavailableFirst { .. } => Ok(full(200, port.to_string())),
         Behaviour::Stall(delay) => {
             tokio::time::sleep(delay).await;
             Ok(full(200, port.to_string()))
         }
-        Behaviour::Unavailable { retry_after } => {
-            let mut response = full(503, "unavailable".into());
-            if let Some(after) = retry_after {
-                response
-                    .headers_mut()
-                    .insert("retry-after", http::HeaderValue::from_static(after));
-            }
-            Ok(response)
-        }
+        Behaviour::Unavailable { retry_after } => Ok(unavailable(retry_after)),
         Behaviour::ResetAfterHeaders => {
             let mut response = Response::new(ResetBody::default().boxed());
             *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -200,6 +204,22 @@ async fn handle(
             "reset before the response",
         )),
     }
+}
+
+/// A 503, with `Retry-After` if given.
+fn unavailable(retry_after: Option<&'static str>) -> Response<ErrorBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from("unavailable"))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", http::HeaderValue::from_static(after));
+    }
+    response
 }
 
 /// A body that sends one chunk, stalls 20 ms so that the headers and the
