@@ -32,6 +32,13 @@
 //! # }
 //! ```
 //!
+//! Around the balancer, as tower layers: [`timeout`] (per attempt, and a
+//! deadline for the whole call), [`retry`] (gated by each request's
+//! [`Safety`](request::Safety) class, paced by backoff and server pushback,
+//! capped by a shared budget, with replayable bodies) and [`hedge`] (a second
+//! attempt after an adaptive latency percentile). [`health`] ejects failing
+//! endpoints; [`classify`] decides what a failure is.
+//!
 //! See the README for the design, the benchmarks and the feature table.
 
 #![forbid(unsafe_code)]
