@@ -109,7 +109,9 @@ impl<P: Strategy, C, H> Builder<P, C, H> {
     /// request's extensions (so requests must implement
     /// [`HasExtensions`](crate::request::HasExtensions), as `http::Request`
     /// does). Off by default, because a balancer over other request types
-    /// has nothing to read.
+    /// has nothing to read. Costs each request one look-up in its
+    /// extensions and, when the set is there, one reference count; no
+    /// lock and no allocation.
     ///
     /// ```
     /// use tower_lb::Balancer;
