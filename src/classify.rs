@@ -44,6 +44,8 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::load::{LoadExtractor, LoadReport, LoadReportError};
+
 /// What a response or error says about the endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -57,6 +59,8 @@ pub enum Outcome {
 /// Where an outcome goes: an endpoint's health counters.
 pub(crate) trait RecordOutcome: Send + Sync {
     fn record_outcome(&self, outcome: Outcome);
+    fn record_load(&self, report: &LoadReport);
+    fn record_malformed_load(&self, error: &LoadReportError);
 }
 
 /// A one-shot handle that records the outcome of one request on the endpoint
@@ -86,6 +90,43 @@ impl OutcomeReport {
     pub fn report(mut self, outcome: Outcome) {
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.record_outcome(outcome);
+        }
+    }
+
+    /// Records a load report the endpoint sent with its response, for
+    /// [weighted round robin](crate::strategy::WeightedRoundRobin). Any
+    /// number of them, before or after the outcome.
+    pub fn load(&self, report: &LoadReport) {
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.record_load(report);
+        }
+    }
+
+    /// Counts a load report that could not be read (it shows in the
+    /// endpoint's stats, with a `debug` event); it changes no weight.
+    pub fn malformed_load(&self, error: &LoadReportError) {
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.record_malformed_load(error);
+        }
+    }
+
+    /// Reads a load report with `extractor` and records it, or counts it as
+    /// malformed.
+    pub fn load_from<X: LoadExtractor>(
+        &self,
+        extractor: &X,
+        headers: &::http::HeaderMap,
+        trailers: bool,
+    ) {
+        let found = if trailers {
+            extractor.from_trailers(headers)
+        } else {
+            extractor.from_headers(headers)
+        };
+        match found {
+            Some(Ok(report)) => self.load(&report),
+            Some(Err(error)) => self.malformed_load(&error),
+            None => {}
         }
     }
 }
@@ -172,6 +213,7 @@ mod http {
     };
 
     use super::{Classify, Outcome, OutcomeReport};
+    use crate::load::{LoadExtractor, NoLoadReports};
 
     /// Classifies `http::Response`s with a classifier from
     /// [`tower_http::classify`], watching the body's trailers when the
@@ -189,15 +231,46 @@ mod http {
     /// let custom = HttpClassify::new(StatusInRangeAsFailures::new(429..=599));
     /// # let _ = (http, grpc, custom);
     /// ```
+    ///
+    /// It also reads the load reports endpoints send (for
+    /// [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin)) when
+    /// given an extractor with [`load_reports`](HttpClassify::load_reports).
     #[derive(Debug, Clone, Copy, Default)]
-    pub struct HttpClassify<C = ServerErrorsAsFailures> {
+    pub struct HttpClassify<C = ServerErrorsAsFailures, L = NoLoadReports> {
         classifier: C,
+        load: L,
     }
 
     impl<C> HttpClassify<C> {
         /// Adapts `classifier`.
         pub fn new(classifier: C) -> Self {
-            Self { classifier }
+            Self {
+                classifier,
+                load: NoLoadReports,
+            }
+        }
+    }
+
+    impl<C, L> HttpClassify<C, L> {
+        /// Reads each response's load report with `extractor` (from the
+        /// headers, or for gRPC from the trailers) and records it on the
+        /// endpoint: [`OrcaLoadReports`](crate::load::OrcaLoadReports) for
+        /// the `endpoint-load-metrics` header and gRPC's
+        /// `endpoint-load-metrics-bin`. A malformed report is counted in the
+        /// endpoint's stats and otherwise ignored.
+        ///
+        /// ```
+        /// use tower_lb::classify::HttpClassify;
+        /// use tower_lb::load::OrcaLoadReports;
+        ///
+        /// let classify = HttpClassify::server_errors().load_reports(OrcaLoadReports);
+        /// # let _ = classify;
+        /// ```
+        pub fn load_reports<M>(self, extractor: M) -> HttpClassify<C, M> {
+            HttpClassify {
+                classifier: self.classifier,
+                load: extractor,
+            }
         }
     }
 
@@ -305,18 +378,20 @@ mod http {
         }
     }
 
-    impl<C, B> Classify<http::Response<B>> for HttpClassify<C>
+    impl<C, L, B> Classify<http::Response<B>> for HttpClassify<C, L>
     where
         C: ClassifyResponse + Clone + Send + Sync + 'static,
+        L: LoadExtractor,
         B: Body,
     {
-        type Response = http::Response<ClassifiedBody<B, C::ClassifyEos>>;
+        type Response = http::Response<ClassifiedBody<B, C::ClassifyEos, L>>;
 
         fn classify_response(
             &self,
             response: http::Response<B>,
             report: OutcomeReport,
         ) -> Self::Response {
+            report.load_from(&self.load, response.headers(), false);
             let pending = match self.classifier.clone().classify_response(&response) {
                 ClassifiedResponse::Ready(verdict) => {
                     report.report(outcome(verdict.is_ok()));
@@ -328,7 +403,7 @@ mod http {
                     report.report(outcome(eos.classify_eos(None).is_ok()));
                     None
                 }
-                ClassifiedResponse::RequiresEos(eos) => Some((eos, report)),
+                ClassifiedResponse::RequiresEos(eos) => Some((eos, report, self.load.clone())),
             };
             response.map(|inner| ClassifiedBody { inner, pending })
         }
@@ -344,22 +419,23 @@ mod http {
 
     pin_project! {
         /// A response body that reports its request's outcome when it ends:
-        /// from the trailers, or as a failure if the body fails.
-        pub struct ClassifiedBody<B, E> {
+        /// from the trailers, or as a failure if the body fails. A load
+        /// report in the trailers is recorded too.
+        pub struct ClassifiedBody<B, E, L = NoLoadReports> {
             #[pin]
             inner: B,
-            pending: Option<(E, OutcomeReport)>,
+            pending: Option<(E, OutcomeReport, L)>,
         }
     }
 
-    impl<B, E> ClassifiedBody<B, E> {
+    impl<B, E, L> ClassifiedBody<B, E, L> {
         /// The wrapped body.
         pub fn into_inner(self) -> B {
             self.inner
         }
     }
 
-    impl<B: fmt::Debug, E> fmt::Debug for ClassifiedBody<B, E> {
+    impl<B: fmt::Debug, E, L> fmt::Debug for ClassifiedBody<B, E, L> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("ClassifiedBody")
                 .field("inner", &self.inner)
@@ -368,11 +444,12 @@ mod http {
         }
     }
 
-    impl<B, E> Body for ClassifiedBody<B, E>
+    impl<B, E, L> Body for ClassifiedBody<B, E, L>
     where
         B: Body,
         B::Error: fmt::Display + 'static,
         E: ClassifyEos,
+        L: LoadExtractor,
     {
         type Data = B::Data;
         type Error = B::Error;
@@ -386,25 +463,26 @@ mod http {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {
-                        if let Some((eos, report)) = this.pending.take() {
+                        if let Some((eos, report, load)) = this.pending.take() {
+                            report.load_from(&load, trailers, true);
                             report.report(outcome(eos.classify_eos(Some(trailers)).is_ok()));
                         }
                     } else if this.inner.is_end_stream() {
                         // The last data frame of a body without trailers: a
                         // caller may stop here, so decide now.
-                        if let Some((eos, report)) = this.pending.take() {
+                        if let Some((eos, report, _)) = this.pending.take() {
                             report.report(outcome(eos.classify_eos(None).is_ok()));
                         }
                     }
                 }
                 Some(Err(error)) => {
-                    if let Some((eos, report)) = this.pending.take() {
+                    if let Some((eos, report, _)) = this.pending.take() {
                         let _class = eos.classify_error(error);
                         report.report(Outcome::Failure);
                     }
                 }
                 None => {
-                    if let Some((eos, report)) = this.pending.take() {
+                    if let Some((eos, report, _)) = this.pending.take() {
                         report.report(outcome(eos.classify_eos(None).is_ok()));
                     }
                 }
@@ -435,13 +513,21 @@ mod tests {
 
     use super::*;
 
-    /// Remembers what was reported.
+    /// Remembers what was reported: outcomes, load reports, malformed ones.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Outcome>>);
+    struct Recorder(Mutex<Vec<Outcome>>, Mutex<Vec<LoadReport>>, Mutex<usize>);
 
     impl RecordOutcome for Recorder {
         fn record_outcome(&self, outcome: Outcome) {
             self.0.lock().expect("lock").push(outcome);
+        }
+
+        fn record_load(&self, report: &LoadReport) {
+            self.1.lock().expect("lock").push(report.clone());
+        }
+
+        fn record_malformed_load(&self, _: &LoadReportError) {
+            *self.2.lock().expect("lock") += 1;
         }
     }
 
@@ -572,6 +658,63 @@ mod tests {
                 drain(response.into_body());
                 assert_eq!(outcomes(&recorder), vec![expected], "grpc-status {code}");
             }
+        }
+
+        fn loads(recorder: &Recorder) -> Vec<LoadReport> {
+            recorder.1.lock().expect("lock").clone()
+        }
+
+        #[test]
+        fn a_load_report_in_the_headers_is_recorded() {
+            let (recorder, report) = recorder();
+            let mut response = status(200);
+            response.headers_mut().insert(
+                "endpoint-load-metrics",
+                ::http::HeaderValue::from_static("TEXT rps_fractional=10, cpu_utilization=0.5"),
+            );
+            let classify = HttpClassify::server_errors().load_reports(crate::load::OrcaLoadReports);
+            let _ = classify.classify_response(response, report);
+            let recorded = loads(&recorder);
+            assert_eq!(recorded.len(), 1);
+            assert_eq!(recorded[0].rps_fractional, 10.0);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+        }
+
+        #[test]
+        fn a_load_report_in_grpc_trailers_is_recorded_at_the_end_of_the_body() {
+            let (recorder, report) = recorder();
+            let mut body = grpc_body(None);
+            let mut trailers = ::http::HeaderMap::new();
+            trailers.insert("grpc-status", ::http::HeaderValue::from_static("0"));
+            trailers.insert(
+                "endpoint-load-metrics",
+                ::http::HeaderValue::from_static(
+                    "TEXT rps_fractional=5, application_utilization=0.25",
+                ),
+            );
+            body.0.push_back(Ok(Frame::trailers(trailers)));
+            let classify = HttpClassify::grpc().load_reports(crate::load::OrcaLoadReports);
+            let response = classify.classify_response(::http::Response::new(body), report);
+            assert!(loads(&recorder).is_empty(), "not before the trailers");
+            drain(response.into_body());
+            assert_eq!(loads(&recorder).len(), 1);
+            assert_eq!(loads(&recorder)[0].utilization_for_weight(), 0.25);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+        }
+
+        #[test]
+        fn a_malformed_load_report_is_counted_and_the_outcome_stands() {
+            let (recorder, report) = recorder();
+            let mut response = status(200);
+            response.headers_mut().insert(
+                "endpoint-load-metrics",
+                ::http::HeaderValue::from_static("TEXT cpu_utilization=-1"),
+            );
+            let classify = HttpClassify::server_errors().load_reports(crate::load::OrcaLoadReports);
+            let _ = classify.classify_response(response, report);
+            assert!(loads(&recorder).is_empty());
+            assert_eq!(*recorder.2.lock().expect("lock"), 1);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
         }
 
         #[test]

@@ -237,6 +237,8 @@ impl<K, S> Endpoint<K, S> {
             failures: self.load.failures(),
             ejections: self.ejections.load(Ordering::Relaxed),
             returns_in,
+            reported_load: self.load.reported_load(),
+            malformed_load_reports: self.load.malformed_load_reports(),
         }
     }
 }
@@ -252,6 +254,25 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
 }
 
 impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
+    fn record_load(&self, report: &crate::load::LoadReport) {
+        let now = self.shared.now_ns();
+        // A report with a utilization but no rate (a bare utilization
+        // header) is weighed by the rate this client sends.
+        let qps = if report.rps_fractional > 0.0 {
+            report.rps_fractional
+        } else {
+            self.load.observed_qps(now)
+        };
+        let utilization = report.utilization_for_weight();
+        self.load
+            .record_reported_load(qps, report.eps, utilization, now);
+    }
+
+    fn record_malformed_load(&self, error: &crate::load::LoadReportError) {
+        self.load.count_malformed_load_report();
+        tracing::debug!(%error, "ignored a malformed load report");
+    }
+
     fn record_outcome(&self, outcome: Outcome) {
         if !self.shared.count_outcomes {
             // Without outlier detection nothing reads successes or failures
@@ -441,4 +462,9 @@ pub struct EndpointStats<K> {
     pub ejections: u32,
     /// While [`Ejected`](EndpointState::Ejected): how long until it returns.
     pub returns_in: Option<Duration>,
+    /// Its last usable load report, while a run of them is current (see
+    /// [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin)).
+    pub reported_load: Option<crate::load::ReportedLoad>,
+    /// Load reports from it that could not be read, and were ignored.
+    pub malformed_load_reports: u64,
 }

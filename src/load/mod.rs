@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use crate::strategy::PickContext;
 
+mod report;
+mod reported;
+
+pub use self::report::{
+    LoadExtractor, LoadReport, LoadReportError, NoLoadReports, OrcaLoadReports, UtilizationHeader,
+};
+pub use self::reported::ReportedLoad;
+use self::reported::ReportedLoadCell;
+
 /// How the per-endpoint latency estimate behaves: the value assumed before the
 /// first response, and how fast old samples are forgotten.
 ///
@@ -88,6 +97,8 @@ pub struct EndpointLoad {
     rtt_stamp_ns: AtomicU64,
     /// False while `rtt_ns` still holds the default, not a measurement.
     measured: AtomicBool,
+    /// What the endpoint last reported about its own load.
+    reported: ReportedLoadCell,
 }
 
 impl EndpointLoad {
@@ -102,7 +113,44 @@ impl EndpointLoad {
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
             measured: AtomicBool::new(false),
+            reported: ReportedLoadCell::default(),
         }
+    }
+
+    /// The endpoint's last usable load report, if a run of them is current
+    /// (see [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin)).
+    pub fn reported_load(&self) -> Option<ReportedLoad> {
+        self.reported.get()
+    }
+
+    /// Records a load report: `qps` and `eps` per second, `utilization` as a
+    /// fraction (may exceed 1), at `now_ns` on the balancer's clock. Reports
+    /// with no load (`qps` or `utilization` zero) or with values that are not
+    /// finite and non-negative are ignored, as gRPC's A58 says; returns
+    /// whether it was kept.
+    pub fn record_reported_load(&self, qps: f64, eps: f64, utilization: f64, now_ns: u64) -> bool {
+        self.reported.record(qps, eps, utilization, now_ns)
+    }
+
+    /// Forgets the endpoint's run of load reports (its weight expired); the
+    /// next report starts a new blackout period.
+    pub fn forget_reported_load(&self) {
+        self.reported.forget();
+    }
+
+    /// Load reports from the endpoint that could not be read.
+    pub fn malformed_load_reports(&self) -> u64 {
+        self.reported.malformed()
+    }
+
+    pub(crate) fn count_malformed_load_report(&self) {
+        self.reported.count_malformed();
+    }
+
+    /// The request rate this client sends the endpoint, over the last whole
+    /// second (see `ReportedLoadCell::observed_qps`).
+    pub(crate) fn observed_qps(&self, now_ns: u64) -> f64 {
+        self.reported.observed_qps(self.requests(), now_ns)
     }
 
     /// Requests sent to the endpoint that have not completed or been dropped.
