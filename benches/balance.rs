@@ -8,6 +8,10 @@
 //!   must be shared). Time per request = wall time / requests, so lower is
 //!   higher throughput.
 //!
+//! - `pick/*`: a strategy's `pick` alone over plain load records, so that
+//!   weighted round robin (with a weight per endpoint from load reports)
+//!   compares with round robin on the same footing.
+//!
 //! Run with `cargo bench --bench balance`.
 
 use std::convert::Infallible;
@@ -22,7 +26,8 @@ use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{Service, ServiceExt};
-use tower_lb::strategy::{P2c, RoundRobin, Strategy};
+use tower_lb::load::{EndpointLoad, RttEstimate};
+use tower_lb::strategy::{P2c, PickContext, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::{discover, Balancer};
 
 const ENDPOINTS: [usize; 4] = [10, 100, 1_000, 10_000];
@@ -170,8 +175,42 @@ fn bench_tower_p2c(c: &mut Criterion, rt: &Runtime) {
     }
 }
 
+/// `pick` alone, `n` endpoints. For weighted round robin each endpoint has
+/// reported a different capacity (weights 1 to n), past the blackout.
+fn bench_pick<P: Strategy>(
+    c: &mut Criterion,
+    name: &str,
+    strategy: impl Fn() -> P,
+    weighted: bool,
+) {
+    let rtt = RttEstimate::DEFAULT;
+    let now_ns = 60_000_000_000;
+    for n in ENDPOINTS {
+        let loads: Vec<EndpointLoad> = (0..n).map(|_| EndpointLoad::new(0, &rtt)).collect();
+        if weighted {
+            for (i, load) in loads.iter().enumerate() {
+                load.record_reported_load(100.0 * (i + 1) as f64, 0.0, 0.5, 0);
+                load.record_reported_load(100.0 * (i + 1) as f64, 0.0, 0.5, now_ns);
+            }
+        }
+        let strategy = strategy();
+        let ctx = PickContext::new(now_ns, &rtt);
+        let schedule = strategy.schedule(&loads[..], &ctx);
+        let mut group = c.benchmark_group(format!("pick/{name}"));
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| strategy.pick(&schedule, &loads[..], &ctx));
+        });
+        group.finish();
+    }
+}
+
 fn balance(c: &mut Criterion) {
+    bench_pick(c, "round-robin", RoundRobin::new, false);
+    bench_pick(c, "weighted-round-robin", WeightedRoundRobin::new, true);
+    bench_pick(c, "p2c-least-requests", P2c::least_requests, false);
     let rt = runtime();
+    bench_tower_lb(c, &rt, "weighted-round-robin", WeightedRoundRobin::new);
     bench_tower_lb(c, &rt, "round-robin", RoundRobin::new);
     bench_tower_lb(c, &rt, "p2c-least-requests", P2c::least_requests);
     bench_tower_lb(c, &rt, "p2c-peak-ewma", P2c::peak_ewma);

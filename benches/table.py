@@ -11,7 +11,7 @@ for est in root.glob("*/*/new/estimates.json"):
     ns = json.loads(est.read_text())["mean"]["point_estimate"]
     rows.setdefault(name, {})[(mode, int(n))] = ns
 counts = sorted({n for r in rows.values() for (_, n) in r})
-for mode in ("single", "tasks64"):
+for mode in ("single", "tasks64", "pick"):
     print(f"\n{mode}: ns per request (lower is better)\n")
     print("| contender | " + " | ".join(f"{n} endpoints" for n in counts) + " |")
     print("|---|" + "---|" * len(counts))

@@ -392,6 +392,17 @@ pub(crate) async fn run<D, P, C, H>(
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(ticker)
     });
+    // Strategies whose schedule follows something that moves (reported
+    // load) are rescheduled on a timer too.
+    let mut reschedule = inner
+        .upgrade()
+        .and_then(|inner| inner.strategy.reschedule_every())
+        .and_then(|every| {
+            let every = every.max(Duration::from_millis(1));
+            let mut ticker = interval_at(Instant::now().checked_add(every)?, every);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            Some(ticker)
+        });
     let mut discovery_open = true;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = ERROR_BACKOFF_MIN;
@@ -460,6 +471,14 @@ pub(crate) async fn run<D, P, C, H>(
                 if let Some(detection) = &detection {
                     changed = endpoints.evaluate_interval(detection, &shared);
                 }
+            }
+            _ = async {
+                match &mut reschedule {
+                    Some(ticker) => ticker.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                changed = true;
             }
         }
         if changed {

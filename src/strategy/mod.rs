@@ -26,9 +26,11 @@
 
 mod p2c;
 mod round_robin;
+mod weighted;
 
 pub use self::p2c::P2c;
 pub use self::round_robin::{RoundRobin, RoundRobinSchedule};
+pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,7 +50,9 @@ pub trait Strategy: Send + Sync + 'static {
     type Schedule: Send + Sync + 'static;
 
     /// Builds the schedule for a new set of eligible endpoints. Called off the
-    /// request path, each time the set changes.
+    /// request path, each time the set changes (and every
+    /// [`reschedule_every`](Self::reschedule_every)). Here `ctx.now_ns()` is
+    /// always the current time, whether or not requests are timed.
     fn schedule<C: Candidates + ?Sized>(
         &self,
         candidates: &C,
@@ -61,6 +65,14 @@ pub trait Strategy: Send + Sync + 'static {
     /// a request through it). Default: `false`.
     fn uses_latency(&self) -> bool {
         false
+    }
+
+    /// How often the balancer rebuilds the schedule even when the set of
+    /// endpoints has not changed, for strategies whose schedule depends on
+    /// something that moves (reported load, say). Default: `None`, only on
+    /// changes.
+    fn reschedule_every(&self) -> Option<std::time::Duration> {
+        None
     }
 
     /// Picks the index of one of `candidates` (never called with an empty
@@ -147,8 +159,10 @@ impl<'a> PickContext<'a> {
         }
     }
 
-    /// The current time, in nanoseconds since the balancer started; 0 when
-    /// the balancer does not track latency (see [`Strategy::uses_latency`]).
+    /// The current time, in nanoseconds since the balancer started. In
+    /// [`Strategy::pick`] it is 0 when the balancer does not track latency
+    /// (see [`Strategy::uses_latency`]); in [`Strategy::schedule`] it is
+    /// always the time.
     pub fn now_ns(&self) -> u64 {
         self.now_ns
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod recording;
+pub mod reporting;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
