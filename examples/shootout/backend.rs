@@ -22,7 +22,23 @@ pub struct Backend {
     queue: Option<Semaphore>,
     /// Seeded per backend, so a simulated run repeats exactly.
     rng: Mutex<SmallRng>,
+    load: Mutex<LoadWindow>,
 }
+
+/// How busy a backend with a capacity has been: the rate and utilization it
+/// reports (ORCA's `rps_fractional` and `application_utilization`, over the
+/// last whole second), and its busy time over the whole run.
+#[derive(Debug)]
+struct LoadWindow {
+    start: Instant,
+    served: u64,
+    busy: Duration,
+    last: Option<(f64, f64)>,
+    total_busy: Duration,
+}
+
+/// How long a backend measures its rate and utilization before reporting.
+const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
 impl Backend {
     pub fn new(spec: BackendSpec, seed: u64) -> Arc<Self> {
@@ -32,15 +48,60 @@ impl Backend {
             epoch: Instant::now(),
             hits: AtomicU64::new(0),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            load: Mutex::new(LoadWindow {
+                start: Instant::now(),
+                served: 0,
+                busy: Duration::ZERO,
+                last: None,
+                total_busy: Duration::ZERO,
+            }),
         })
+    }
+
+    /// The share of its capacity the backend was busy over `elapsed`, for
+    /// backends with a capacity.
+    pub fn utilization(&self, elapsed: Duration) -> Option<f64> {
+        let capacity = self.spec.capacity? as f64;
+        let busy = self
+            .load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .total_busy;
+        Some(busy.as_secs_f64() / (capacity * elapsed.as_secs_f64().max(1e-9)))
+    }
+
+    /// Counts `work` served and gives the load report to send: an
+    /// `endpoint-load-metrics` value, once a whole window has been measured.
+    fn report(&self, work: Duration) -> Option<String> {
+        let capacity = self.spec.capacity? as f64;
+        let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        load.served += 1;
+        load.busy += work;
+        load.total_busy += work;
+        let elapsed = load.start.elapsed();
+        if elapsed >= LOAD_WINDOW {
+            let seconds = elapsed.as_secs_f64();
+            load.last = Some((
+                load.served as f64 / seconds,
+                load.busy.as_secs_f64() / (capacity * seconds),
+            ));
+            load.start = Instant::now();
+            load.served = 0;
+            load.busy = Duration::ZERO;
+        }
+        let (rps, utilization) = load.last?;
+        Some(format!(
+            "TEXT rps_fractional={rps:.3}, application_utilization={utilization:.5}"
+        ))
     }
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// Serves one request: waits as the spec says, then gives the status.
-    pub async fn handle(&self) -> StatusCode {
+    /// Serves one request: waits as the spec says, then gives the status
+    /// and, for a backend with a capacity, its load report.
+    pub async fn handle(&self) -> (StatusCode, Option<String>) {
         self.hits.fetch_add(1, Ordering::Relaxed);
         let (fails, slow) = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -55,7 +116,7 @@ impl Backend {
         };
         if fails {
             tokio::time::sleep(Duration::from_millis(1)).await;
-            return StatusCode::SERVICE_UNAVAILABLE;
+            return (StatusCode::SERVICE_UNAVAILABLE, None);
         }
         let work = if slow {
             self.spec.latency * self.spec.slow_factor
@@ -66,7 +127,7 @@ impl Backend {
         let start = self.after_stall(now);
         let done = self.after_stall(start + work);
         sleep_until(done).await;
-        StatusCode::OK
+        (StatusCode::OK, self.report(work))
     }
 
     /// `t`, or the end of the stall `t` falls in.
@@ -122,8 +183,27 @@ mod tests {
             })
             .collect();
         for task in tasks {
-            assert_eq!(task.await.unwrap(), StatusCode::OK);
+            assert_eq!(task.await.unwrap().0, StatusCode::OK);
         }
         assert_eq!(start.elapsed(), Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_with_a_capacity_reports_its_rate_and_utilization() {
+        let spec = BackendSpec {
+            capacity: Some(4),
+            ..BackendSpec::answering_in(10)
+        };
+        let backend = Backend::new(spec, 1);
+        let mut last = None;
+        // One request at a time for 1.2 s: 100 per second, a quarter of 4.
+        for _ in 0..120 {
+            last = backend.handle().await.1;
+        }
+        let report = last.unwrap_or_default();
+        assert!(
+            report.starts_with("TEXT rps_fractional=100.000, application_utilization=0.25"),
+            "{report}"
+        );
     }
 }

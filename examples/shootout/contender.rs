@@ -17,16 +17,35 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
 use tower_lb::health::OutlierDetection;
 use tower_lb::hedge::HedgeLayer;
+use tower_lb::load::{LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
-use tower_lb::strategy::{P2c, RoundRobin, Strategy};
+use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
 use tower_lb::{discover, Balancer, EndpointStats};
 
 /// What the load generator sends: a GET whose (empty) body the retry and
 /// hedge layers can replay.
 pub type Request = http::Request<ReplayBody<http_body_util::Empty<hyper::body::Bytes>>>;
+/// What an endpoint answers: the status, and the backend's load report when
+/// it sent one.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub load: Option<Result<LoadReport, LoadReportError>>,
+}
+
+impl Answer {
+    /// Reads the `endpoint-load-metrics` value a backend sent, if any.
+    pub fn new(status: StatusCode, load: Option<&http::HeaderValue>) -> Self {
+        Self {
+            status,
+            load: load.map(LoadReport::from_header),
+        }
+    }
+}
+
 /// One endpoint, real (hyper client) or simulated, as every contender sees it.
-pub type Endpoint = BoxCloneSyncService<Request, StatusCode, BoxError>;
+pub type Endpoint = BoxCloneSyncService<Request, Answer, BoxError>;
 /// A contender, ready to take requests.
 pub type Client = BoxCloneService<Request, StatusCode, BoxError>;
 /// Reads a tower-lb contender's per-endpoint stats (keys are backend
@@ -66,10 +85,14 @@ pub enum Contender {
     /// Round robin with retries and hedging: what hedging does for a
     /// strategy that does not see latency.
     RoundRobinHedge,
+    /// Weighted round robin from the backends' load reports (gRPC A58, with
+    /// a 1 s blackout instead of 10 s, so that runs of a few seconds show
+    /// it).
+    WeightedRoundRobin,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 11] = [
+    pub const ALL: [Contender; 12] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -81,6 +104,7 @@ impl Contender {
         Contender::P2cPeakEwmaOutliersRetry,
         Contender::P2cPeakEwmaOutliersHedge,
         Contender::RoundRobinHedge,
+        Contender::WeightedRoundRobin,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +120,7 @@ impl Contender {
             Contender::P2cPeakEwmaOutliersRetry => "ewma+od+retry",
             Contender::P2cPeakEwmaOutliersHedge => "ewma+od+retry+hedge",
             Contender::RoundRobinHedge => "round-robin+hedge",
+            Contender::WeightedRoundRobin => "weighted-round-robin",
         }
     }
 
@@ -128,6 +153,12 @@ impl Contender {
                 true,
             ),
             Contender::RoundRobinHedge => resilient(RoundRobin::new(), endpoints, seed, None, true),
+            Contender::WeightedRoundRobin => tower_lb(
+                WeightedRoundRobin::new().blackout_period(Duration::from_secs(1)),
+                endpoints,
+                seed,
+                None,
+            ),
             Contender::RoundRobinOutliers => tower_lb(
                 RoundRobin::new(),
                 endpoints,
@@ -147,6 +178,10 @@ impl Contender {
                 Some(OutlierDetection::new()),
             ),
             Contender::TowerP2cPeakEwma => {
+                let endpoints: Vec<_> = endpoints
+                    .into_iter()
+                    .map(|e| e.map_response(|answer: Answer| answer.status))
+                    .collect();
                 let discover = PeakEwmaDiscover::new(
                     ServiceList::new(endpoints),
                     DEFAULT_RTT,
@@ -237,14 +272,21 @@ impl RetryOn<StatusCode> for GatewayErrors {
     }
 }
 
-/// The endpoints here answer with a bare status code: 5xx is a failure.
+/// The endpoints here answer with a status code and maybe a load report:
+/// 5xx is a failure, and the report goes to the endpoint's weight.
 #[derive(Debug, Clone, Copy)]
 struct ServerErrors;
 
-impl Classify<StatusCode> for ServerErrors {
+impl Classify<Answer> for ServerErrors {
     type Response = StatusCode;
 
-    fn classify_response(&self, status: StatusCode, report: OutcomeReport) -> StatusCode {
+    fn classify_response(&self, answer: Answer, report: OutcomeReport) -> StatusCode {
+        match &answer.load {
+            Some(Ok(load)) => report.load(load),
+            Some(Err(error)) => report.malformed_load(error),
+            None => {}
+        }
+        let status = answer.status;
         report.report(if status.is_server_error() {
             Outcome::Failure
         } else {

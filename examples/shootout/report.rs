@@ -40,6 +40,16 @@ pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
         let shares: Vec<String> = r.shares().iter().map(|s| format!("{s:.1}")).collect();
         let _ = writeln!(out, "  {}", shares.join(" "));
     }
+    let utilization: Vec<String> = results.iter().filter_map(utilization_summary).collect();
+    if !utilization.is_empty() {
+        let _ = writeln!(
+            out,
+            "utilization per backend (%), and the spread max / min:"
+        );
+        for line in utilization {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     let ejections: Vec<String> = results
         .iter()
         .filter_map(|r| ejection_summary(scenario, r))
@@ -51,6 +61,21 @@ pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
         }
     }
     out
+}
+
+/// Each backend's average utilization, for scenarios whose backends have a
+/// capacity.
+fn utilization_summary(r: &RunResult) -> Option<String> {
+    let all: Vec<f64> = r.utilization.iter().copied().collect::<Option<_>>()?;
+    let max = all.iter().copied().fold(f64::MIN, f64::max);
+    let min = all.iter().copied().fold(f64::MAX, f64::min);
+    let each: Vec<String> = all.iter().map(|u| format!("{:.0}", 100.0 * u)).collect();
+    Some(format!(
+        "{:<20} {}  spread {:.2}",
+        r.contender.name(),
+        each.join(" "),
+        max / min.max(1e-9)
+    ))
 }
 
 /// For each backend that fails on purpose or was ejected: how many requests
@@ -76,8 +101,9 @@ fn ejection_summary(scenario: &Scenario, r: &RunResult) -> Option<String> {
 const MAX_NINES: f64 = 3.0;
 
 /// Line colours, one per contender, readable on white.
-const COLORS: [RGBColor; 11] = [
+const COLORS: [RGBColor; 12] = [
     RGBColor(214, 39, 40),
+    RGBColor(0, 0, 0),
     RGBColor(127, 127, 127),
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),

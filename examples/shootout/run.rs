@@ -21,7 +21,10 @@ use tower_lb::http::HttpEndpoint;
 use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
 
 use crate::backend::Backend;
-use crate::contender::{Built, Contender, Endpoint, Probe, Request};
+use crate::contender::{Answer, Built, Contender, Endpoint, Probe, Request};
+
+/// The ORCA load report header.
+const LOAD_METRICS: &str = "endpoint-load-metrics";
 use crate::scenario::Scenario;
 
 /// How hard and how long to drive a run.
@@ -47,6 +50,9 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Requests each backend received.
     pub hits: Vec<u64>,
+    /// Each backend's average utilization over the run, for backends with a
+    /// capacity.
+    pub utilization: Vec<Option<f64>>,
     /// Per backend: how many times outlier detection ejected it, and how
     /// many requests it had been sent when it was first ejected.
     pub ejections: Vec<Ejections>,
@@ -77,6 +83,7 @@ impl RunResult {
             failed,
             elapsed,
             hits: backends.iter().map(|b| b.hits()).collect(),
+            utilization: backends.iter().map(|b| b.utilization(elapsed)).collect(),
             ejections,
         }
     }
@@ -237,7 +244,11 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
                 let backend = backend.clone();
                 Endpoint::new(service_fn(move |_: Request| {
                     let backend = backend.clone();
-                    async move { Ok::<_, BoxError>(backend.handle().await) }
+                    async move {
+                        let (status, load) = backend.handle().await;
+                        let load = load.and_then(|l| http::HeaderValue::from_str(&l).ok());
+                        Ok::<_, BoxError>(Answer::new(status, load.as_ref()))
+                    }
                 }))
             })
             .collect();
@@ -266,7 +277,9 @@ pub async fn real(
         .iter()
         .map(|&addr: &SocketAddr| {
             let endpoint = HttpEndpoint::new(http.clone(), addr)
-                .map_response(|response| response.status())
+                .map_response(|response| {
+                    Answer::new(response.status(), response.headers().get(LOAD_METRICS))
+                })
                 .map_err(BoxError::from);
             Endpoint::new(endpoint)
         })
@@ -285,9 +298,12 @@ async fn serve(listener: TcpListener, backend: Arc<Backend>) {
             let service = hyper::service::service_fn(move |_req| {
                 let backend = backend.clone();
                 async move {
-                    let status = backend.handle().await;
+                    let (status, load) = backend.handle().await;
                     let mut response = hyper::Response::new(Empty::<Bytes>::new());
                     *response.status_mut() = status;
+                    if let Some(value) = load.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
+                        response.headers_mut().insert(LOAD_METRICS, value);
+                    }
                     Ok::<_, Infallible>(response)
                 }
             });

@@ -83,7 +83,7 @@ pub struct LoadReport {
 /// Why a load report could not be read. The balancer ignores such a report
 /// (it never fails the request for it), so the message only has to tell an
 /// operator what the server sent wrong.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadReportError {
     /// The header was present but blank.
