@@ -113,3 +113,60 @@ async fn a_malformed_report_is_counted_and_ignored() {
         assert_eq!(stats.malformed_load_reports, 10, "{stats:?}");
     }
 }
+
+/// Requests that reached each server while `requests` GETs were sent one by
+/// one through `balancer`.
+async fn spread<S>(balancer: &S, servers: &[support::TestServer], requests: usize) -> Vec<f64>
+where
+    S: tower::Service<http::Request<Body>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let before: Vec<usize> = servers.iter().map(support::TestServer::hits).collect();
+    for _ in 0..requests {
+        let response = balancer.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "{:?}", response.err());
+    }
+    servers
+        .iter()
+        .zip(before)
+        .map(|(s, b)| (s.hits() - b) as f64 / requests as f64)
+        .collect()
+}
+
+#[tokio::test]
+async fn static_weights_from_discovery_keys_steer_traffic() {
+    let servers = support::servers(2, Duration::ZERO).await;
+    let client = lb_http::client();
+    let keyed = servers
+        .iter()
+        .zip([1u32, 3])
+        .map(|(s, w)| ((s.addr, w), HttpEndpoint::new(client.clone(), s.addr)));
+    let balancer = Balancer::builder()
+        .strategy(WeightedRoundRobin::new())
+        .static_weights(|&(_, weight): &(SocketAddr, u32)| f64::from(weight))
+        .build(discover::fixed(keyed));
+    let shares = spread(&balancer, &servers, 2_000).await;
+    assert!((shares[0] - 0.25).abs() < 0.02, "{shares:?}");
+    assert!((shares[1] - 0.75).abs() < 0.02, "{shares:?}");
+}
+
+#[tokio::test]
+async fn a_static_weight_that_is_not_a_number_is_refused_and_the_endpoint_weighs_one() {
+    let servers = support::servers(2, Duration::ZERO).await;
+    let client = lb_http::client();
+    let keyed = servers.iter().zip([f64::NAN, -2.0]).map(|(s, w)| {
+        (
+            (s.addr, w.to_bits()),
+            HttpEndpoint::new(client.clone(), s.addr),
+        )
+    });
+    let balancer = Balancer::builder()
+        .strategy(WeightedRoundRobin::new())
+        .static_weights(|&(_, bits): &(SocketAddr, u64)| f64::from_bits(bits))
+        .build(discover::fixed(keyed));
+    let shares = spread(&balancer, &servers, 1_000).await;
+    assert_eq!(shares, vec![0.5, 0.5], "both weigh 1: plain round robin");
+    for stats in balancer.endpoints() {
+        assert_eq!(stats.static_weight, 1.0);
+    }
+}

@@ -32,11 +32,39 @@ use crate::strategy::{P2c, Strategy};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Builder<P = P2c, C = ErrorsAsFailures, H = NoHints> {
+pub struct Builder<P = P2c, C = ErrorsAsFailures, H = NoHints, W = NoStaticWeights> {
     strategy: P,
     classify: C,
     hints: H,
+    weights: W,
     options: Options,
+}
+
+/// Where an endpoint's static weight comes from: its discovery key.
+///
+/// Implemented by [`NoStaticWeights`] (every endpoint weighs 1) and by any
+/// `Fn(&K) -> f64`, so a key can carry its weight (a DNS SRV record's, a
+/// config file's).
+pub trait StaticWeights<K>: Send + 'static {
+    /// The weight of the endpoint with `key`; one that is not finite and
+    /// positive is refused (a `warn` event) and the endpoint weighs 1.
+    fn weight(&self, key: &K) -> f64;
+}
+
+/// Every endpoint weighs 1: the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStaticWeights;
+
+impl<K> StaticWeights<K> for NoStaticWeights {
+    fn weight(&self, _: &K) -> f64 {
+        1.0
+    }
+}
+
+impl<K, F: Fn(&K) -> f64 + Send + 'static> StaticWeights<K> for F {
+    fn weight(&self, key: &K) -> f64 {
+        self(key)
+    }
 }
 
 /// Everything the builder sets that does not change its type, so that
@@ -60,6 +88,7 @@ impl Builder<P2c> {
             strategy: P2c::peak_ewma(),
             classify: ErrorsAsFailures,
             hints: NoHints,
+            weights: NoStaticWeights,
             options: Options {
                 startup_wait: Duration::from_secs(5),
                 rtt: RttEstimate::DEFAULT,
@@ -78,13 +107,14 @@ impl Default for Builder<P2c> {
     }
 }
 
-impl<P: Strategy, C, H> Builder<P, C, H> {
+impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     /// The balancing strategy.
-    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H> {
+    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H, W> {
         Builder {
             strategy,
             classify: self.classify,
             hints: self.hints,
+            weights: self.weights,
             options: self.options,
         }
     }
@@ -93,11 +123,44 @@ impl<P: Strategy, C, H> Builder<P, C, H> {
     /// Default [`ErrorsAsFailures`]; for HTTP use
     /// [`HttpClassify::server_errors`](crate::classify::HttpClassify::server_errors)
     /// or [`HttpClassify::grpc`](crate::classify::HttpClassify::grpc).
-    pub fn classify<D>(self, classify: D) -> Builder<P, D, H> {
+    pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W> {
         Builder {
             strategy: self.strategy,
             classify,
             hints: self.hints,
+            weights: self.weights,
+            options: self.options,
+        }
+    }
+
+    /// Gives each endpoint a static weight, read from its discovery key
+    /// when it is inserted: [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin)
+    /// follows these weights until load reports come in, and
+    /// [`P2c`] divides each candidate's load by its weight. Default: all 1.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use tower_lb::{discover, strategy::WeightedRoundRobin, Balancer};
+    /// # use tower::service_fn;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let svc = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+    /// // The key carries the weight: (address, weight).
+    /// let big: (SocketAddr, u32) = ("10.0.0.1:80".parse().unwrap(), 3);
+    /// let small: (SocketAddr, u32) = ("10.0.0.2:80".parse().unwrap(), 1);
+    /// let balancer = Balancer::builder()
+    ///     .strategy(WeightedRoundRobin::new())
+    ///     .static_weights(|&(_, weight): &(SocketAddr, u32)| f64::from(weight))
+    ///     .build(discover::fixed([(big, svc.clone()), (small, svc)]));
+    /// # let _ = balancer;
+    /// # }
+    /// ```
+    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V> {
+        Builder {
+            strategy: self.strategy,
+            classify: self.classify,
+            hints: self.hints,
+            weights,
             options: self.options,
         }
     }
@@ -119,11 +182,12 @@ impl<P: Strategy, C, H> Builder<P, C, H> {
     /// let builder = Balancer::builder().avoid_tried_endpoints();
     /// # let _ = builder;
     /// ```
-    pub fn avoid_tried_endpoints(self) -> Builder<P, C, ExtensionHints> {
+    pub fn avoid_tried_endpoints(self) -> Builder<P, C, ExtensionHints, W> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: ExtensionHints,
+            weights: self.weights,
             options: self.options,
         }
     }
@@ -198,6 +262,7 @@ impl<P: Strategy, C, H> Builder<P, C, H> {
         D::Error: Into<BoxError>,
         C: Send + Sync + 'static,
         H: Send + Sync + 'static,
+        W: StaticWeights<D::Key>,
     {
         let latency_detector = self
             .options
@@ -216,6 +281,7 @@ impl<P: Strategy, C, H> Builder<P, C, H> {
             strategy: self.strategy,
             classify: self.classify,
             hints: self.hints,
+            weights: self.weights,
             startup_wait: self.options.startup_wait,
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,

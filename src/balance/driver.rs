@@ -17,7 +17,7 @@ use tower::discover::{Change, Discover};
 
 use super::endpoint::{Endpoint, Shared};
 use super::snapshot::{EndpointList, Snapshot};
-use super::Inner;
+use super::{Inner, StaticWeights};
 use crate::error::BoxError;
 use crate::health::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
@@ -112,10 +112,19 @@ where
     K: Hash + Eq + Clone + fmt::Debug,
 {
     /// Applies one change; returns whether the active set changed.
-    fn apply(&mut self, change: Change<K, S>, shared: &Arc<Shared>) -> bool {
+    fn apply(
+        &mut self,
+        change: Change<K, S>,
+        shared: &Arc<Shared>,
+        weights: &impl StaticWeights<K>,
+    ) -> bool {
         match change {
             Change::Insert(key, service) => {
                 let endpoint = Arc::new(Endpoint::new(key.clone(), service, shared.clone()));
+                let weight = weights.weight(&key);
+                if !endpoint.load().set_static_weight(weight) {
+                    tracing::warn!(endpoint = ?key, weight, "static weight is not a finite positive number; the endpoint weighs 1");
+                }
                 tracing::debug!(endpoint = ?key, "endpoint inserted");
                 let mut tracked = Tracked {
                     endpoint,
@@ -361,17 +370,19 @@ type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::S
 
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
 /// state, so that happens when the last handle is dropped).
-pub(crate) async fn run<D, P, C, H>(
+pub(crate) async fn run<D, P, C, H, W>(
     discover: D,
     inner: WeakInner<D, P, C, H>,
     shared: Arc<Shared>,
     health: HealthSettings,
+    weights: W,
     mut stop: oneshot::Receiver<()>,
 ) where
     D: Discover,
     D::Key: Hash + Eq + Clone + fmt::Debug,
     D::Error: Into<BoxError>,
     P: Strategy,
+    W: StaticWeights<D::Key>,
 {
     tokio::pin!(discover);
     let HealthSettings {
@@ -427,7 +438,7 @@ pub(crate) async fn run<D, P, C, H>(
                     match item {
                         Ok(change) => {
                             let is_insert = matches!(change, Change::Insert(..));
-                            if endpoints.apply(change, &shared) {
+                            if endpoints.apply(change, &shared, &weights) {
                                 changed = true;
                                 if is_insert { inserted += 1 } else { removed += 1 }
                             }

@@ -239,6 +239,7 @@ impl<K, S> Endpoint<K, S> {
             returns_in,
             reported_load: self.load.reported_load(),
             malformed_load_reports: self.load.malformed_load_reports(),
+            static_weight: self.load.static_weight(),
         }
     }
 }
@@ -467,4 +468,6 @@ pub struct EndpointStats<K> {
     pub reported_load: Option<crate::load::ReportedLoad>,
     /// Load reports from it that could not be read, and were ignored.
     pub malformed_load_reports: u64,
+    /// Its static weight (see [`Builder::static_weights`](crate::Builder::static_weights)).
+    pub static_weight: f64,
 }

@@ -22,7 +22,7 @@ mod future;
 mod snapshot;
 mod tried;
 
-pub use self::builder::Builder;
+pub use self::builder::{Builder, NoStaticWeights, StaticWeights};
 pub use self::endpoint::{EndpointState, EndpointStats};
 pub use self::future::ResponseFuture;
 pub use self::tried::{ExtensionHints, NoHints, RequestHints, TriedEndpoints};
@@ -390,18 +390,19 @@ async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> 
 }
 
 /// What the builder hands to [`spawn`].
-pub(crate) struct Settings<P, C, H> {
+pub(crate) struct Settings<P, C, H, W> {
     pub(crate) strategy: P,
     pub(crate) classify: C,
     pub(crate) hints: H,
+    pub(crate) weights: W,
     pub(crate) startup_wait: Duration,
     pub(crate) health: driver::HealthSettings,
 }
 
 /// Builds the shared state and spawns the driver; used by the builder.
-pub(crate) fn spawn<D, P, C, H>(
+pub(crate) fn spawn<D, P, C, H, W>(
     discover: D,
-    settings: Settings<P, C, H>,
+    settings: Settings<P, C, H, W>,
     shared: Shared,
 ) -> Balancer<D::Key, D::Service, P, C, H>
 where
@@ -412,11 +413,13 @@ where
     P: Strategy,
     C: Send + Sync + 'static,
     H: Send + Sync + 'static,
+    W: StaticWeights<D::Key>,
 {
     let Settings {
         strategy,
         classify,
         hints,
+        weights,
         startup_wait,
         health,
     } = settings;
@@ -445,6 +448,7 @@ where
         Arc::downgrade(&inner),
         shared,
         health,
+        weights,
         stop_rx,
     ));
     Balancer { inner }

@@ -99,6 +99,8 @@ pub struct EndpointLoad {
     measured: AtomicBool,
     /// What the endpoint last reported about its own load.
     reported: ReportedLoadCell,
+    /// The weight discovery gave it (1 unless set), as `f64` bits.
+    static_weight: AtomicU64,
 }
 
 impl EndpointLoad {
@@ -114,7 +116,27 @@ impl EndpointLoad {
             rtt_stamp_ns: AtomicU64::new(now_ns),
             measured: AtomicBool::new(false),
             reported: ReportedLoadCell::default(),
+            static_weight: AtomicU64::new(1.0f64.to_bits()),
         }
+    }
+
+    /// The weight discovery gave the endpoint (see
+    /// [`Builder::static_weights`](crate::Builder::static_weights)); 1 unless
+    /// set. Weighted round robin uses it while no load reports are in, and
+    /// P2C divides its cost by it. Always finite and positive.
+    pub fn static_weight(&self) -> f64 {
+        f64::from_bits(self.static_weight.load(Ordering::Relaxed))
+    }
+
+    /// Sets the static weight; a weight that is not finite and positive is
+    /// refused (the weight stays as it was) and false returned.
+    pub fn set_static_weight(&self, weight: f64) -> bool {
+        if !(weight.is_finite() && weight > 0.0) {
+            return false;
+        }
+        self.static_weight
+            .store(weight.to_bits(), Ordering::Relaxed);
+        true
     }
 
     /// The endpoint's last usable load report, if a run of them is current

@@ -1,7 +1,8 @@
 use super::{Candidates, PickContext, Strategy};
 
 /// Power of two choices: two distinct endpoints at random, the less loaded
-/// one wins.
+/// one wins. Load is divided by each endpoint's static weight, if discovery
+/// gave it one.
 ///
 /// Two load signals are available:
 /// - [`P2c::least_requests`]: requests in flight;
@@ -44,12 +45,18 @@ impl P2c {
         }
     }
 
+    /// The candidate's load per unit of its [static
+    /// weight](crate::load::EndpointLoad::static_weight): an endpoint of
+    /// weight 2 looks half as loaded. Least-requests counts the request about
+    /// to be sent, as Envoy's weighted least-request does, so that weights
+    /// tell idle endpoints apart too.
     fn cost<C: Candidates + ?Sized>(&self, candidates: &C, i: usize, ctx: &PickContext<'_>) -> f64 {
         let load = candidates.load(i);
-        match self.cost {
-            Cost::InFlight => load.in_flight() as f64,
+        let cost = match self.cost {
+            Cost::InFlight => (load.in_flight() + 1) as f64,
             Cost::PeakEwma => load.peak_ewma_cost(ctx),
-        }
+        };
+        cost / load.static_weight()
     }
 }
 
@@ -154,5 +161,35 @@ mod tests {
         let ctx = PickContext::new(0, &rtt);
         assert_eq!(P2c::peak_ewma().pick(&(), &loads(1)[..], &ctx), Some(0));
         assert_eq!(P2c::peak_ewma().pick(&(), &loads(0)[..], &ctx), None);
+    }
+
+    #[test]
+    fn an_endpoint_of_twice_the_weight_takes_twice_the_load_before_losing() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(2);
+        assert!(endpoints[1].set_static_weight(2.0));
+        // (2 + 1) / 2 = 1.5 beats (1 + 1) / 1 = 2: the heavier one still wins.
+        endpoints[0].set_in_flight(1);
+        endpoints[1].set_in_flight(2);
+        assert_eq!(
+            P2c::least_requests().pick(&(), &endpoints[..], &ctx),
+            Some(1)
+        );
+        // (4 + 1) / 2 = 2.5 loses to 2.
+        endpoints[1].set_in_flight(4);
+        assert_eq!(
+            P2c::least_requests().pick(&(), &endpoints[..], &ctx),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn a_weight_that_is_not_finite_and_positive_is_refused() {
+        let endpoints = loads(1);
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -1.0] {
+            assert!(!endpoints[0].set_static_weight(bad));
+        }
+        assert_eq!(endpoints[0].static_weight(), 1.0);
     }
 }
