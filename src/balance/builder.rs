@@ -10,7 +10,7 @@ use super::tried::{ExtensionHints, NoHints};
 use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
-use crate::health::OutlierDetection;
+use crate::health::{OutlierDetection, SlowStart};
 use crate::load::RttEstimate;
 use crate::strategy::{P2c, Strategy};
 
@@ -77,6 +77,7 @@ struct Options {
     seed: Option<u64>,
     outlier_detection: Option<OutlierDetection>,
     panic_threshold: u32,
+    slow_start: Option<SlowStart>,
 }
 
 impl Builder<P2c> {
@@ -96,6 +97,7 @@ impl Builder<P2c> {
                 seed: None,
                 outlier_detection: None,
                 panic_threshold: 50,
+                slow_start: None,
             },
         }
     }
@@ -207,6 +209,21 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         self
     }
 
+    /// Ramps the share of new endpoints, and of endpoints back from an
+    /// ejection, up over a window (see [`SlowStart`]). Default: off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::{health::SlowStart, Balancer};
+    ///
+    /// let builder = Balancer::builder().slow_start(SlowStart::new(Duration::from_secs(30)));
+    /// # let _ = builder;
+    /// ```
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.options.slow_start = Some(slow_start);
+        self
+    }
+
     /// When fewer than this percentage of the endpoints are in service (not
     /// ejected), balance over all of them, as Envoy does. Default 50; 0 turns
     /// panic mode off; values above 100 are taken as 100.
@@ -286,6 +303,7 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,
                 panic_threshold: self.options.panic_threshold,
+                slow_start: self.options.slow_start,
             },
         };
         super::spawn(discover, settings, shared)

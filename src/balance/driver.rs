@@ -21,7 +21,7 @@ use super::{Inner, StaticWeights};
 use crate::error::BoxError;
 use crate::health::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
-    EjectionRecord, OutlierDetection,
+    EjectionRecord, OutlierDetection, SlowStart,
 };
 use crate::strategy::Strategy;
 
@@ -85,6 +85,7 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
 pub(crate) struct HealthSettings {
     pub(crate) outlier_detection: Option<OutlierDetection>,
     pub(crate) panic_threshold: u32,
+    pub(crate) slow_start: Option<SlowStart>,
 }
 
 /// An endpoint in the current set, with what the driver remembers of its
@@ -92,6 +93,17 @@ pub(crate) struct HealthSettings {
 struct Tracked<K, S> {
     endpoint: Arc<Endpoint<K, S>>,
     record: EjectionRecord,
+    /// While in slow start: since when.
+    slow_start_since: Option<Instant>,
+}
+
+impl<K, S> Tracked<K, S> {
+    fn begin_slow_start(&mut self, slow_start: &SlowStart) {
+        self.slow_start_since = Some(Instant::now());
+        self.endpoint
+            .load()
+            .set_slow_start_factor(slow_start.factor(Duration::ZERO));
+    }
 }
 
 /// The driver's own view of the endpoints; the published snapshot is derived
@@ -105,6 +117,7 @@ struct Endpoints<K, S> {
     ejected: usize,
     /// Whether the last published snapshot was in panic mode.
     panic: bool,
+    slow_start: Option<SlowStart>,
 }
 
 impl<K, S> Endpoints<K, S>
@@ -129,6 +142,7 @@ where
                 let mut tracked = Tracked {
                     endpoint,
                     record: EjectionRecord::default(),
+                    slow_start_since: None,
                 };
                 if let Some(old) = self.active.get(&key) {
                     // A new service for the same key keeps the key's health:
@@ -136,6 +150,11 @@ where
                     // ejection or forget the multiplier.
                     tracked.record = old.record.for_new_counters();
                     tracked.endpoint.inherit_health(&old.endpoint);
+                    tracked.slow_start_since = old.slow_start_since;
+                    let factor = old.endpoint.load().slow_start_factor();
+                    tracked.endpoint.load().set_slow_start_factor(factor);
+                } else if let Some(slow_start) = &self.slow_start {
+                    tracked.begin_slow_start(slow_start);
                 }
                 if let Some(old) = self.active.insert(key, tracked) {
                     tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
@@ -223,6 +242,31 @@ where
     }
 
     /// Puts back in service the endpoints whose ejection time is up.
+    /// Moves every endpoint in slow start one step up its ramp; true if any
+    /// was in slow start (the schedule may change).
+    fn advance_slow_start(&mut self) -> bool {
+        let Some(slow_start) = &self.slow_start else {
+            return false;
+        };
+        let mut any = false;
+        for tracked in self.active.values_mut() {
+            let Some(since) = tracked.slow_start_since else {
+                continue;
+            };
+            any = true;
+            let factor = slow_start.factor(since.elapsed());
+            tracked.endpoint.load().set_slow_start_factor(factor);
+            if factor >= 1.0 {
+                tracked.slow_start_since = None;
+            }
+        }
+        any
+    }
+
+    fn in_slow_start(&self) -> bool {
+        self.active.values().any(|t| t.slow_start_since.is_some())
+    }
+
     fn return_due(&mut self) -> bool {
         let now = Instant::now();
         let mut changed = false;
@@ -233,6 +277,9 @@ where
                 .try_return(now, load.successes(), load.failures())
             {
                 tracked.endpoint.restore();
+                if let Some(slow_start) = &self.slow_start {
+                    tracked.begin_slow_start(slow_start);
+                }
                 self.ejected -= 1;
                 tracing::info!(endpoint = ?key, multiplier = tracked.record.multiplier(),
                     "ejection over; endpoint back in service");
@@ -388,6 +435,7 @@ pub(crate) async fn run<D, P, C, H, W>(
     let HealthSettings {
         outlier_detection: detection,
         panic_threshold,
+        slow_start,
     } = health;
     let mut endpoints = Endpoints {
         active: IndexMap::new(),
@@ -395,6 +443,7 @@ pub(crate) async fn run<D, P, C, H, W>(
         panic_threshold,
         ejected: 0,
         panic: false,
+        slow_start,
     };
     // An interval too long for the clock never ticks.
     let mut ticker = detection.as_ref().and_then(|d| {
@@ -414,6 +463,8 @@ pub(crate) async fn run<D, P, C, H, W>(
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             Some(ticker)
         });
+    // The next step of the slow-start ramps, while any endpoint is on one.
+    let mut slow_start_step: Option<Instant> = None;
     let mut discovery_open = true;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = ERROR_BACKOFF_MIN;
@@ -422,6 +473,9 @@ pub(crate) async fn run<D, P, C, H, W>(
         let mut changed = false;
         let mut more_ready = false;
         let next_return = endpoints.next_return();
+        if slow_start_step.is_none() && endpoints.in_slow_start() {
+            slow_start_step = slow_start.and_then(|s| Instant::now().checked_add(s.step()));
+        }
         tokio::select! {
             biased;
             _ = &mut stop => break,
@@ -482,6 +536,10 @@ pub(crate) async fn run<D, P, C, H, W>(
                 if let Some(detection) = &detection {
                     changed = endpoints.evaluate_interval(detection, &shared);
                 }
+            }
+            _ = sleep_until(slow_start_step.unwrap_or_else(Instant::now)), if slow_start_step.is_some() => {
+                slow_start_step = None;
+                changed = endpoints.advance_slow_start();
             }
             _ = async {
                 match &mut reschedule {

@@ -38,6 +38,9 @@
 
 mod detect;
 mod ejection;
+mod slow_start;
+
+pub use self::slow_start::SlowStart;
 
 pub(crate) use self::detect::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, IntervalCounts,

@@ -101,6 +101,8 @@ pub struct EndpointLoad {
     reported: ReportedLoadCell,
     /// The weight discovery gave it (1 unless set), as `f64` bits.
     static_weight: AtomicU64,
+    /// Its slow-start factor (1 when not in slow start), as `f64` bits.
+    slow_start: AtomicU64,
 }
 
 impl EndpointLoad {
@@ -117,7 +119,24 @@ impl EndpointLoad {
             measured: AtomicBool::new(false),
             reported: ReportedLoadCell::default(),
             static_weight: AtomicU64::new(1.0f64.to_bits()),
+            slow_start: AtomicU64::new(1.0f64.to_bits()),
         }
+    }
+
+    /// The share of its weight the endpoint gets while in
+    /// [slow start](crate::health::SlowStart): from the minimum up to 1.
+    pub fn slow_start_factor(&self) -> f64 {
+        f64::from_bits(self.slow_start.load(Ordering::Relaxed))
+    }
+
+    /// The weight strategies balance by: the static weight times the
+    /// slow-start factor.
+    pub fn effective_weight(&self) -> f64 {
+        self.static_weight() * self.slow_start_factor()
+    }
+
+    pub(crate) fn set_slow_start_factor(&self, factor: f64) {
+        self.slow_start.store(factor.to_bits(), Ordering::Relaxed);
     }
 
     /// The weight discovery gave the endpoint (see

@@ -2,7 +2,8 @@ use super::{Candidates, PickContext, Strategy};
 
 /// Power of two choices: two distinct endpoints at random, the less loaded
 /// one wins. Load is divided by each endpoint's static weight, if discovery
-/// gave it one.
+/// gave it one; a winner in [slow start](crate::health::SlowStart) keeps its
+/// win with the probability of its factor.
 ///
 /// Two load signals are available:
 /// - [`P2c::least_requests`]: requests in flight;
@@ -87,10 +88,21 @@ impl Strategy for P2c {
             1 => Some(0),
             n => {
                 let (a, b) = ctx.random_pair(n);
-                if self.cost(candidates, b, ctx) < self.cost(candidates, a, ctx) {
-                    Some(b)
+                let (winner, loser) =
+                    if self.cost(candidates, b, ctx) < self.cost(candidates, a, ctx) {
+                        (b, a)
+                    } else {
+                        (a, b)
+                    };
+                // A winner in slow start keeps its win only with the
+                // probability of its factor, so its share ramps with the
+                // factor whatever the load (a cost penalty alone would give
+                // it nothing at all while every endpoint is idle).
+                let factor = candidates.load(winner).slow_start_factor();
+                if factor >= 1.0 || (ctx.random_u64() as f64) < factor * u64::MAX as f64 {
+                    Some(winner)
                 } else {
-                    Some(a)
+                    Some(loser)
                 }
             }
         }

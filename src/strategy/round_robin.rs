@@ -6,7 +6,9 @@ use super::{Candidates, PickContext, Strategy};
 ///
 /// Each new set of endpoints starts at a random position, so that many clients
 /// started together do not all hit the first endpoint first. Between changes
-/// of the set, every full cycle gives each endpoint exactly one request.
+/// of the set, every full cycle gives each endpoint exactly one request
+/// (an endpoint in [slow start](crate::health::SlowStart) takes its turn only
+/// with the probability of its factor).
 ///
 /// ```
 /// use tower_lb::strategy::RoundRobin;
@@ -48,14 +50,25 @@ impl Strategy for RoundRobin {
         &self,
         schedule: &RoundRobinSchedule,
         candidates: &C,
-        _ctx: &PickContext<'_>,
+        ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let n = candidates.len();
         if n == 0 {
             return None;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(schedule.start.wrapping_add(turn) % n)
+        // An endpoint in slow start takes its turn only with the probability
+        // of its factor; otherwise the turn passes on. One load per pick
+        // when nobody is ramping.
+        let mut index = 0;
+        for _ in 0..n {
+            let turn = self.next.fetch_add(1, Ordering::Relaxed);
+            index = schedule.start.wrapping_add(turn) % n;
+            let factor = candidates.load(index).slow_start_factor();
+            if factor >= 1.0 || (ctx.random_u64() as f64) < factor * u64::MAX as f64 {
+                return Some(index);
+            }
+        }
+        Some(index)
     }
 }
 
@@ -103,5 +116,22 @@ mod tests {
         let rr = RoundRobin::new();
         let schedule = RoundRobinSchedule { start: 0 };
         assert_eq!(rr.pick(&schedule, &loads(0)[..], &ctx), None);
+    }
+
+    #[test]
+    fn an_endpoint_in_slow_start_takes_its_factor_of_its_turns() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(4);
+        endpoints[0].set_slow_start_factor(0.25);
+        let rr = RoundRobin::new();
+        let schedule = rr.schedule(&endpoints[..], &ctx);
+        let mut counts = [0usize; 4];
+        for _ in 0..40_000 {
+            counts[rr.pick(&schedule, &endpoints[..], &ctx).unwrap()] += 1;
+        }
+        // Shares 0.25 : 1 : 1 : 1 of 3.25.
+        let share = counts[0] as f64 / 40_000.0;
+        assert!((share - 0.25 / 3.25).abs() < 0.01, "{counts:?}");
     }
 }

@@ -214,8 +214,13 @@ impl Strategy for WeightedRoundRobin {
                 .map(|i| candidates.load(i).static_weight())
                 .collect();
         }
+        // Endpoints in slow start get their share of it. An endpoint with
+        // no weight yet gets the mean later, and the ramp scales that too.
+        let ramp: Vec<f64> = (0..candidates.len())
+            .map(|i| candidates.load(i).slow_start_factor())
+            .collect();
         WeightedRoundRobinSchedule {
-            columns: alias_table(&scale(&weights)),
+            columns: alias_table(&ramped(scale(&weights), &ramp)),
             // Half the range: the counter never wraps (2^63 picks), so every
             // cycle of round robin is whole.
             sequence: AtomicU64::new(ctx.random_u64() >> 1),
@@ -277,6 +282,19 @@ impl WeightedRoundRobinSchedule {
 /// weight get the mean, weights below `MIN_RATIO` times the mean are raised
 /// to it, and weights are capped so that none is above `MAX_RATIO` times the
 /// mean of the result. Empty for plain round robin: fewer than two weights.
+/// `weights` (already scaled, empty for plain round robin) times each
+/// endpoint's slow-start factor. With no weights but some endpoint ramping,
+/// the factors alone.
+fn ramped(weights: Vec<f64>, ramp: &[f64]) -> Vec<f64> {
+    if ramp.iter().all(|&f| f >= 1.0) {
+        return weights;
+    }
+    if weights.is_empty() {
+        return ramp.to_vec();
+    }
+    weights.iter().zip(ramp).map(|(w, f)| w * f).collect()
+}
+
 fn scale(weights: &[f64]) -> Vec<f64> {
     let (count, max) = weights
         .iter()
@@ -831,5 +849,18 @@ mod tests {
             assert!(load.record_reported_load(100.0, 0.0, 0.5, LATER));
         }
         assert_eq!(counts(&wrr, &endpoints, LATER, 30_000), vec![10_000; 3]);
+    }
+
+    #[test]
+    fn an_endpoint_in_slow_start_gets_its_factor_of_its_weight() {
+        let endpoints = weighted_loads(&[1.0, 2.0, 2.0]);
+        endpoints[1].set_slow_start_factor(0.5);
+        let picked = counts(&WeightedRoundRobin::new(), &endpoints, LATER, 60_000);
+        assert_proportional(&picked, &[1.0, 1.0, 2.0], 0.01);
+        // Without weights, the factors alone.
+        let plain = loads(3);
+        plain[0].set_slow_start_factor(0.2);
+        let picked = counts(&WeightedRoundRobin::new(), &plain, LATER, 60_000);
+        assert_proportional(&picked, &[0.2, 1.0, 1.0], 0.01);
     }
 }
