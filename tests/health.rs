@@ -603,3 +603,53 @@ async fn grpc_invalid_argument_in_trailers_is_not_the_servers_fault() {
     assert_eq!((stats.successes, stats.failures), (Some(10), 0));
     assert_eq!(stats.state, EndpointState::Active);
 }
+
+#[tokio::test]
+async fn an_endpoint_back_from_ejection_ramps_up_in_slow_start() {
+    let all = servers(3, Duration::ZERO).await;
+    all[0].fail_every(1);
+    let base = Duration::from_secs(10);
+    let detection = OutlierDetection::new()
+        .base_ejection_time(base)
+        .interval(Duration::from_secs(3600));
+    let balancer = builder(detection)
+        .slow_start(tower_lb::health::SlowStart::new(Duration::from_secs(30)))
+        .build(discover::fixed(lb_http::endpoints(
+            &lb_http::client(),
+            addrs(&all),
+        )));
+    ready(&balancer, 3).await;
+    tokio::time::pause();
+    // Past the slow start every endpoint begins with.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    wait_until(WAIT, || {
+        balancer
+            .endpoints()
+            .iter()
+            .all(|e| e.slow_start_factor == 1.0)
+    })
+    .await;
+    tokio::time::resume();
+
+    eject(&balancer, &all[0]).await;
+    all[0].fail_every(0);
+    tokio::time::pause();
+    tokio::time::advance(base).await;
+    wait_until(WAIT, || {
+        stats_of(&balancer, all[0].addr).state == EndpointState::Active
+    })
+    .await;
+    assert_eq!(stats_of(&balancer, all[0].addr).slow_start_factor, 0.1);
+    assert_eq!(stats_of(&balancer, all[1].addr).slow_start_factor, 1.0);
+    tokio::time::advance(Duration::from_secs(15)).await;
+    wait_until(WAIT, || {
+        let factor = stats_of(&balancer, all[0].addr).slow_start_factor;
+        factor > 0.45 && factor <= 0.55
+    })
+    .await;
+    tokio::time::advance(Duration::from_secs(16)).await;
+    wait_until(WAIT, || {
+        stats_of(&balancer, all[0].addr).slow_start_factor == 1.0
+    })
+    .await;
+}

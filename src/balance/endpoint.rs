@@ -240,6 +240,7 @@ impl<K, S> Endpoint<K, S> {
             reported_load: self.load.reported_load(),
             malformed_load_reports: self.load.malformed_load_reports(),
             static_weight: self.load.static_weight(),
+            slow_start_factor: self.load.slow_start_factor(),
         }
     }
 }
@@ -470,4 +471,7 @@ pub struct EndpointStats<K> {
     pub malformed_load_reports: u64,
     /// Its static weight (see [`Builder::static_weights`](crate::Builder::static_weights)).
     pub static_weight: f64,
+    /// The share of its weight it gets now: below 1 while in
+    /// [slow start](crate::health::SlowStart).
+    pub slow_start_factor: f64,
 }
