@@ -51,7 +51,7 @@ impl TestServer {
         state
             .delay_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        let accept = tokio::spawn(serve_http1(listener, state.clone(), handle));
         Self {
             addr,
             state,
@@ -95,7 +95,18 @@ impl Drop for TestServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
+/// Serves HTTP/1 on `listener` until aborted, answering each request with
+/// `handle(request, state)`.
+pub async fn serve_http1<S, F, Fut, B, E>(listener: TcpListener, state: Arc<S>, handle: F)
+where
+    S: Send + Sync + 'static,
+    F: Fn(Request<Incoming>, Arc<S>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -48,6 +45,7 @@ pub struct RecordingServer {
 }
 
 struct State {
+    port: u16,
     behaviour: Mutex<Behaviour>,
     /// Request id (the `x-request-id` header) -> times received.
     received: Mutex<HashMap<String, usize>>,
@@ -62,11 +60,12 @@ impl RecordingServer {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(State {
+            port: addr.port(),
             behaviour: Mutex::new(behaviour),
             received: Mutex::new(HashMap::new()),
             body_lengths: Mutex::new(Vec::new()),
         });
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        let accept = tokio::spawn(super::serve_http1(listener, state.clone(), handle));
         Self {
             addr,
             state,
@@ -128,27 +127,11 @@ impl Drop for RecordingServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, state.clone(), port));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
-    port: u16,
 ) -> Result<Response<ErrorBody>, std::io::Error> {
+    let port = state.port;
     let id = req
         .headers()
         .get("x-request-id")
