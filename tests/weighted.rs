@@ -170,3 +170,23 @@ async fn a_static_weight_that_is_not_a_number_is_refused_and_the_endpoint_weighs
         assert_eq!(stats.static_weight, 1.0);
     }
 }
+
+#[tokio::test]
+async fn an_orca_report_without_a_rate_is_ignored_as_a58_says() {
+    let servers = vec![ReportingServer::start(100.0).await];
+    servers[0].report_verbatim("TEXT application_utilization=0.5");
+    let balancer = balancer(&servers);
+    for _ in 0..10 {
+        let response = balancer.clone().oneshot(get()).await;
+        assert_eq!(
+            response.map(|r| r.status()).ok(),
+            Some(http::StatusCode::OK)
+        );
+    }
+    let stats = &balancer.endpoints()[0];
+    assert_eq!(stats.reported_load, None, "{stats:?}");
+    assert_eq!(
+        stats.malformed_load_reports, 0,
+        "well formed, just unusable"
+    );
+}

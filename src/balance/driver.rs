@@ -118,6 +118,10 @@ struct Endpoints<K, S> {
     /// Whether the last published snapshot was in panic mode.
     panic: bool,
     slow_start: Option<SlowStart>,
+    /// Set once a snapshot with endpoints was published: endpoints of the
+    /// first set are not slow-started (there is nobody to spare them), as
+    /// in Envoy.
+    warmed: bool,
 }
 
 impl<K, S> Endpoints<K, S>
@@ -153,7 +157,7 @@ where
                     tracked.slow_start_since = old.slow_start_since;
                     let factor = old.endpoint.load().slow_start_factor();
                     tracked.endpoint.load().set_slow_start_factor(factor);
-                } else if let Some(slow_start) = &self.slow_start {
+                } else if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
                     tracked.begin_slow_start(slow_start);
                 }
                 if let Some(old) = self.active.insert(key, tracked) {
@@ -361,6 +365,7 @@ where
 
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy, C, H>(&mut self, inner: &Inner<K, S, P, C, H>) {
+        self.warmed |= !self.active.is_empty();
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
         let total = self.active.len();
         let in_service: Vec<Arc<Endpoint<K, S>>> = self
@@ -444,6 +449,7 @@ pub(crate) async fn run<D, P, C, H, W>(
         ejected: 0,
         panic: false,
         slow_start,
+        warmed: false,
     };
     // An interval too long for the clock never ticks.
     let mut ticker = detection.as_ref().and_then(|d| {

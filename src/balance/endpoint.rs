@@ -188,6 +188,9 @@ impl<K, S> Endpoint<K, S> {
     /// Takes over `old`'s ejection count and, if it is ejected, its ejection:
     /// `self` is a new service for the same key.
     pub(crate) fn inherit_health(&self, old: &Self) {
+        // Its weight too: a new service for the same endpoint is the same
+        // server, with the same load and no new blackout.
+        self.load.inherit_reported_load(&old.load);
         self.ejections
             .store(old.ejections.load(Ordering::Relaxed), Ordering::Relaxed);
         if old.state.load(Ordering::SeqCst) == EJECTED {
@@ -258,9 +261,9 @@ impl<K: fmt::Debug, S> fmt::Debug for Endpoint<K, S> {
 impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
     fn record_load(&self, report: &crate::load::LoadReport) {
         let now = self.shared.now_ns();
-        // A report with a utilization but no rate (a bare utilization
-        // header) is weighed by the rate this client sends.
-        let qps = if report.rps_fractional > 0.0 {
+        // A bare utilization header has no rate: it is weighed by the rate
+        // this client sends. (An ORCA report without one is ignored.)
+        let qps = if report.rps_fractional > 0.0 || !report.rate_from_client {
             report.rps_fractional
         } else {
             self.load.observed_qps(now)

@@ -184,6 +184,11 @@ impl EndpointLoad {
         self.reported.malformed()
     }
 
+    pub(crate) fn inherit_reported_load(&self, old: &EndpointLoad) {
+        self.reported.copy_from(&old.reported);
+        self.set_static_weight(old.static_weight());
+    }
+
     pub(crate) fn count_malformed_load_report(&self) {
         self.reported.count_malformed();
     }

@@ -78,6 +78,11 @@ pub struct LoadReport {
     pub utilization: HashMap<String, f64>,
     /// Application-defined metrics, opaque to the balancer, by name.
     pub named_metrics: HashMap<String, f64>,
+    /// The report has a utilization but cannot have a rate (a bare
+    /// utilization header), so the balancer weighs it by the rate this
+    /// client sends. An ORCA report without a rate is ignored instead, as
+    /// A58 says.
+    pub(crate) rate_from_client: bool,
 }
 
 /// Why a load report could not be read. The balancer ignores such a report
@@ -251,6 +256,7 @@ impl LoadReport {
             request_cost: checked_proto_map("request_cost", proto.request_cost)?,
             utilization: checked_proto_map("utilization", proto.utilization)?,
             named_metrics: checked_proto_map("named_metrics", proto.named_metrics)?,
+            rate_from_client: false,
         };
         if report.rps_fractional == 0.0 {
             report.rps_fractional = proto.rps as f64;
@@ -359,6 +365,7 @@ impl UtilizationHeader {
         let utilization = parse_number(self.name.as_str(), text)?;
         Ok(LoadReport {
             application_utilization: utilization,
+            rate_from_client: true,
             ..LoadReport::default()
         })
     }
@@ -819,6 +826,7 @@ mod tests {
             request_cost: map(&[("db", 3.0)]),
             utilization: map(&[("disk", 0.75)]),
             named_metrics: map(&[("queue", 7.0), ("q2", 0.0)]),
+            rate_from_client: false,
         }
     }
 
@@ -1437,6 +1445,7 @@ mod tests {
         let report = extractor.from_headers(&map).map(|r| r.ok());
         let expected = LoadReport {
             application_utilization: 0.7,
+            rate_from_client: true,
             ..LoadReport::default()
         };
         assert_eq!(report, Some(Some(expected.clone())));

@@ -134,6 +134,25 @@ impl ReportedLoadCell {
         f64::from_bits(self.observed_qps.load(Ordering::Relaxed))
     }
 
+    /// Takes over `old`'s report, run and counts (a replaced service of the
+    /// same endpoint).
+    pub(crate) fn copy_from(&self, old: &ReportedLoadCell) {
+        let fields = [
+            (&self.qps, &old.qps),
+            (&self.eps, &old.eps),
+            (&self.utilization, &old.utilization),
+            (&self.last_update_ns, &old.last_update_ns),
+            (&self.non_empty_since_ns, &old.non_empty_since_ns),
+            (&self.malformed, &old.malformed),
+            // Its request count starts again, so its rate window does too;
+            // the last rate stands meanwhile.
+            (&self.observed_qps, &old.observed_qps),
+        ];
+        for (new, old) in fields {
+            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn count_malformed(&self) {
         self.malformed.fetch_add(1, Ordering::Relaxed);
     }

@@ -28,7 +28,7 @@ mod p2c;
 mod round_robin;
 mod weighted;
 
-pub use self::p2c::P2c;
+pub use self::p2c::{P2c, P2cSchedule};
 pub use self::round_robin::{RoundRobin, RoundRobinSchedule};
 pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 
@@ -205,6 +205,44 @@ impl<'a> PickContext<'a> {
                 f(&mut rng)
             }
         }
+    }
+}
+
+/// Where the candidates stand in [slow start](crate::health::SlowStart),
+/// read once per schedule so that picks read no factor while nobody ramps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ramp {
+    /// The factor of the endpoint furthest along: every other endpoint keeps
+    /// its turn with the probability of its factor relative to this one, so
+    /// a set that ramps together is not slowed down at all.
+    max_factor: f64,
+}
+
+/// Turns an endpoint in slow start may pass on before one is taken anyway:
+/// picks stay O(1) even when factors are near 0.
+pub(crate) const MAX_PASSES: usize = 8;
+
+impl Ramp {
+    /// `None` when no candidate is in slow start.
+    pub(crate) fn of<C: Candidates + ?Sized>(candidates: &C) -> Option<Ramp> {
+        let mut ramping = false;
+        let mut max_factor: f64 = 0.0;
+        for i in 0..candidates.len() {
+            let factor = candidates.load(i).slow_start_factor();
+            ramping |= factor < 1.0;
+            max_factor = max_factor.max(factor);
+        }
+        ramping.then_some(Ramp { max_factor })
+    }
+
+    /// Whether an endpoint with `factor` keeps the turn it drew.
+    pub(crate) fn keeps(&self, factor: f64, ctx: &PickContext<'_>) -> bool {
+        let chance = if self.max_factor > 0.0 {
+            factor / self.max_factor
+        } else {
+            1.0
+        };
+        chance >= 1.0 || (ctx.random_u64() as f64) < chance * u64::MAX as f64
     }
 }
 

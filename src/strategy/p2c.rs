@@ -1,4 +1,4 @@
-use super::{Candidates, PickContext, Strategy};
+use super::{Candidates, PickContext, Ramp, Strategy};
 
 /// Power of two choices: two distinct endpoints at random, the less loaded
 /// one wins. Load is divided by each endpoint's static weight, if discovery
@@ -68,10 +68,20 @@ impl Default for P2c {
     }
 }
 
-impl Strategy for P2c {
-    type Schedule = ();
+/// What P2C precomputes: whether any endpoint is in slow start.
+#[derive(Debug, Clone, Copy)]
+pub struct P2cSchedule {
+    ramping: bool,
+}
 
-    fn schedule<C: Candidates + ?Sized>(&self, _: &C, _: &PickContext<'_>) {}
+impl Strategy for P2c {
+    type Schedule = P2cSchedule;
+
+    fn schedule<C: Candidates + ?Sized>(&self, candidates: &C, _: &PickContext<'_>) -> P2cSchedule {
+        P2cSchedule {
+            ramping: Ramp::of(candidates).is_some(),
+        }
+    }
 
     fn uses_latency(&self) -> bool {
         self.cost == Cost::PeakEwma
@@ -79,7 +89,7 @@ impl Strategy for P2c {
 
     fn pick<C: Candidates + ?Sized>(
         &self,
-        _: &(),
+        schedule: &P2cSchedule,
         candidates: &C,
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
@@ -94,12 +104,17 @@ impl Strategy for P2c {
                     } else {
                         (a, b)
                     };
-                // A winner in slow start keeps its win only with the
-                // probability of its factor, so its share ramps with the
-                // factor whatever the load (a cost penalty alone would give
-                // it nothing at all while every endpoint is idle).
-                let factor = candidates.load(winner).slow_start_factor();
-                if factor >= 1.0 || (ctx.random_u64() as f64) < factor * u64::MAX as f64 {
+                if !schedule.ramping {
+                    return Some(winner);
+                }
+                // A winner further behind in slow start than the loser keeps
+                // its win only with the ratio of their factors, so its share
+                // ramps whatever the load (a cost penalty alone would give it
+                // nothing while every endpoint is idle), and two endpoints
+                // that ramp together compare by load alone.
+                let won = candidates.load(winner).slow_start_factor();
+                let lost = candidates.load(loser).slow_start_factor();
+                if won >= lost || (ctx.random_u64() as f64) < (won / lost) * u64::MAX as f64 {
                     Some(winner)
                 } else {
                     Some(loser)
@@ -123,7 +138,10 @@ mod tests {
         endpoints[0].set_in_flight(3);
         for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
             for _ in 0..1_000 {
-                assert_eq!(p2c.pick(&(), &endpoints[..], &ctx), Some(1));
+                assert_eq!(
+                    p2c.pick(&p2c.schedule(&endpoints[..], &ctx), &endpoints[..], &ctx),
+                    Some(1)
+                );
             }
         }
     }
@@ -140,7 +158,10 @@ mod tests {
         endpoints[6].set_in_flight(9);
         for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
             for _ in 0..10_000 {
-                assert_ne!(p2c.pick(&(), &endpoints[..], &ctx), Some(6));
+                assert_ne!(
+                    p2c.pick(&p2c.schedule(&endpoints[..], &ctx), &endpoints[..], &ctx),
+                    Some(6)
+                );
             }
         }
     }
@@ -155,7 +176,9 @@ mod tests {
         let mut counts = vec![0f64; n];
         let p2c = P2c::least_requests();
         for _ in 0..picks {
-            counts[p2c.pick(&(), &endpoints[..], &ctx).unwrap()] += 1.0;
+            counts[p2c
+                .pick(&p2c.schedule(&endpoints[..], &ctx), &endpoints[..], &ctx)
+                .unwrap()] += 1.0;
         }
         // Ties go to the first candidate, which is uniform: chi-square with 9
         // degrees of freedom stays below 27.9 with probability 0.999.
@@ -171,8 +194,14 @@ mod tests {
     fn single_endpoint_is_always_picked_and_empty_set_never() {
         let rtt = RttEstimate::DEFAULT;
         let ctx = PickContext::new(0, &rtt);
-        assert_eq!(P2c::peak_ewma().pick(&(), &loads(1)[..], &ctx), Some(0));
-        assert_eq!(P2c::peak_ewma().pick(&(), &loads(0)[..], &ctx), None);
+        assert_eq!(
+            P2c::peak_ewma().pick(&P2cSchedule { ramping: false }, &loads(1)[..], &ctx),
+            Some(0)
+        );
+        assert_eq!(
+            P2c::peak_ewma().pick(&P2cSchedule { ramping: false }, &loads(0)[..], &ctx),
+            None
+        );
     }
 
     #[test]
@@ -185,13 +214,13 @@ mod tests {
         endpoints[0].set_in_flight(1);
         endpoints[1].set_in_flight(2);
         assert_eq!(
-            P2c::least_requests().pick(&(), &endpoints[..], &ctx),
+            P2c::least_requests().pick(&P2cSchedule { ramping: false }, &endpoints[..], &ctx),
             Some(1)
         );
         // (4 + 1) / 2 = 2.5 loses to 2.
         endpoints[1].set_in_flight(4);
         assert_eq!(
-            P2c::least_requests().pick(&(), &endpoints[..], &ctx),
+            P2c::least_requests().pick(&P2cSchedule { ramping: false }, &endpoints[..], &ctx),
             Some(0)
         );
     }
@@ -203,5 +232,21 @@ mod tests {
             assert!(!endpoints[0].set_static_weight(bad));
         }
         assert_eq!(endpoints[0].static_weight(), 1.0);
+    }
+
+    #[test]
+    fn two_endpoints_ramping_together_compare_by_load_alone() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(2);
+        for load in &endpoints {
+            load.set_slow_start_factor(0.1);
+        }
+        endpoints[0].set_in_flight(3);
+        let p2c = P2c::least_requests();
+        let schedule = p2c.schedule(&endpoints[..], &ctx);
+        for _ in 0..1_000 {
+            assert_eq!(p2c.pick(&schedule, &endpoints[..], &ctx), Some(1));
+        }
     }
 }

@@ -1,6 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Candidates, PickContext, Strategy};
+use super::{Candidates, PickContext, Ramp, Strategy, MAX_PASSES};
 
 /// Round robin: endpoints in turn, from one shared atomic counter.
 ///
@@ -24,12 +24,20 @@ pub struct RoundRobin {
 #[derive(Debug, Clone, Copy)]
 pub struct RoundRobinSchedule {
     start: usize,
+    ramp: Option<Ramp>,
 }
 
 impl RoundRobin {
     /// A round-robin strategy.
     pub fn new() -> Self {
         Self::default()
+    }
+}
+
+impl RoundRobin {
+    fn turn(&self, schedule: &RoundRobinSchedule, n: usize) -> usize {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        schedule.start.wrapping_add(turn) % n
     }
 }
 
@@ -43,6 +51,7 @@ impl Strategy for RoundRobin {
     ) -> RoundRobinSchedule {
         RoundRobinSchedule {
             start: ctx.random_index(candidates.len()),
+            ramp: Ramp::of(candidates),
         }
     }
 
@@ -56,16 +65,16 @@ impl Strategy for RoundRobin {
         if n == 0 {
             return None;
         }
-        // An endpoint in slow start takes its turn only with the probability
-        // of its factor; otherwise the turn passes on. One load per pick
-        // when nobody is ramping.
-        let mut index = 0;
-        for _ in 0..n {
-            let turn = self.next.fetch_add(1, Ordering::Relaxed);
-            index = schedule.start.wrapping_add(turn) % n;
-            let factor = candidates.load(index).slow_start_factor();
-            if factor >= 1.0 || (ctx.random_u64() as f64) < factor * u64::MAX as f64 {
-                return Some(index);
+        let mut index = self.turn(schedule, n);
+        // While some endpoint ramps up, it keeps its turn with the
+        // probability of its factor (relative to the furthest along), else
+        // the turn passes on.
+        if let Some(ramp) = &schedule.ramp {
+            for _ in 0..MAX_PASSES {
+                if ramp.keeps(candidates.load(index).slow_start_factor(), ctx) {
+                    break;
+                }
+                index = self.turn(schedule, n);
             }
         }
         Some(index)
@@ -114,7 +123,10 @@ mod tests {
         let rtt = RttEstimate::DEFAULT;
         let ctx = PickContext::new(0, &rtt);
         let rr = RoundRobin::new();
-        let schedule = RoundRobinSchedule { start: 0 };
+        let schedule = RoundRobinSchedule {
+            start: 0,
+            ramp: None,
+        };
         assert_eq!(rr.pick(&schedule, &loads(0)[..], &ctx), None);
     }
 
@@ -133,5 +145,37 @@ mod tests {
         // Shares 0.25 : 1 : 1 : 1 of 3.25.
         let share = counts[0] as f64 / 40_000.0;
         assert!((share - 0.25 / 3.25).abs() < 0.01, "{counts:?}");
+    }
+
+    #[test]
+    fn a_set_that_ramps_together_is_plain_round_robin() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(4);
+        for load in &endpoints {
+            load.set_slow_start_factor(0.1);
+        }
+        let rr = RoundRobin::new();
+        let schedule = rr.schedule(&endpoints[..], &ctx);
+        let mut counts = [0usize; 4];
+        for _ in 0..400 {
+            counts[rr.pick(&schedule, &endpoints[..], &ctx).unwrap()] += 1;
+        }
+        assert_eq!(counts, [100; 4]);
+    }
+
+    #[test]
+    fn a_factor_of_zero_costs_a_bounded_number_of_turns() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(1_000);
+        for load in &endpoints {
+            load.set_slow_start_factor(0.0);
+        }
+        let rr = RoundRobin::new();
+        let schedule = rr.schedule(&endpoints[..], &ctx);
+        let before = rr.next.load(Ordering::Relaxed);
+        assert!(rr.pick(&schedule, &endpoints[..], &ctx).is_some());
+        assert!(rr.next.load(Ordering::Relaxed) - before <= MAX_PASSES + 1);
     }
 }

@@ -207,9 +207,9 @@ impl Strategy for WeightedRoundRobin {
         let mut weights: Vec<f64> = (0..candidates.len())
             .map(|i| self.weight(candidates.load(i), now_ns).unwrap_or(0.0))
             .collect();
-        // Until any endpoint has a reported weight, the static weights
+        // Until two endpoints have reported weights, the static weights
         // discovery gave (all 1 unless set: plain round robin).
-        if weights.iter().all(|&w| w == 0.0) {
+        if weights.iter().filter(|&&w| w > 0.0).count() < 2 {
             weights = (0..candidates.len())
                 .map(|i| candidates.load(i).static_weight())
                 .collect();
@@ -330,7 +330,13 @@ fn alias_table(weights: &[f64]) -> Box<[Column]> {
     // to exactly `n` columns: the rounding remainder (a few units) goes to
     // the largest, which has at least a column.
     let total = COLUMN * n as u64;
-    let factor = total as f64 / weights.iter().sum::<f64>();
+    let sum = weights.iter().sum::<f64>();
+    // Weights of 0 (every endpoint at the very start of a slow start that
+    // begins at 0 %) or not numbers: nothing to weigh by.
+    if !(sum.is_finite() && sum > 0.0) || weights.iter().any(|w| !w.is_finite()) {
+        return Box::default();
+    }
+    let factor = total as f64 / sum;
     let mut shares: Vec<u64> = weights
         .iter()
         .map(|&w| ((w * factor) as u64).clamp(1, total))
@@ -862,5 +868,25 @@ mod tests {
         plain[0].set_slow_start_factor(0.2);
         let picked = counts(&WeightedRoundRobin::new(), &plain, LATER, 60_000);
         assert_proportional(&picked, &[0.2, 1.0, 1.0], 0.01);
+    }
+
+    #[test]
+    fn slow_starts_at_zero_give_round_robin_not_one_endpoint() {
+        let plain = loads(4);
+        for load in &plain {
+            load.set_slow_start_factor(0.0);
+        }
+        let picked = counts(&WeightedRoundRobin::new(), &plain, LATER, 4_000);
+        assert_eq!(picked, vec![1_000; 4]);
+    }
+
+    #[test]
+    fn one_reported_weight_leaves_the_static_weights_in_charge() {
+        let endpoints = loads(2);
+        assert!(endpoints[1].set_static_weight(3.0));
+        assert!(endpoints[0].record_reported_load(100.0, 0.0, 0.5, 0));
+        assert!(endpoints[0].record_reported_load(100.0, 0.0, 0.5, LATER));
+        let picked = counts(&WeightedRoundRobin::new(), &endpoints, LATER, 40_000);
+        assert_proportional(&picked, &[1.0, 3.0], 0.01);
     }
 }
