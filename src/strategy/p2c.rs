@@ -46,18 +46,37 @@ impl P2c {
         }
     }
 
-    /// The candidate's load per unit of its [static
-    /// weight](crate::load::EndpointLoad::static_weight): an endpoint of
-    /// weight 2 looks half as loaded. Least-requests counts the request about
-    /// to be sent, as Envoy's weighted least-request does, so that weights
-    /// tell idle endpoints apart too.
-    fn cost<C: Candidates + ?Sized>(&self, candidates: &C, i: usize, ctx: &PickContext<'_>) -> f64 {
+    /// The candidate's load, and its [static
+    /// weight](crate::load::EndpointLoad::static_weight). Least-requests
+    /// counts the request about to be sent, as Envoy's weighted least-request
+    /// does, so that weights tell idle endpoints apart too.
+    fn cost<C: Candidates + ?Sized>(
+        &self,
+        candidates: &C,
+        i: usize,
+        ctx: &PickContext<'_>,
+    ) -> (f64, f64) {
         let load = candidates.load(i);
         let cost = match self.cost {
             Cost::InFlight => (load.in_flight() + 1) as f64,
             Cost::PeakEwma => load.peak_ewma_cost(ctx),
         };
-        cost / load.static_weight()
+        (cost, load.static_weight())
+    }
+
+    /// Whether `b` is less loaded than `a` per unit of weight: an endpoint
+    /// of weight 2 looks half as loaded. Cross-multiplied rather than
+    /// divided: a division is most of a pick's cost.
+    fn prefers_b<C: Candidates + ?Sized>(
+        &self,
+        candidates: &C,
+        a: usize,
+        b: usize,
+        ctx: &PickContext<'_>,
+    ) -> bool {
+        let (cost_a, weight_a) = self.cost(candidates, a, ctx);
+        let (cost_b, weight_b) = self.cost(candidates, b, ctx);
+        cost_b * weight_a < cost_a * weight_b
     }
 }
 
@@ -98,12 +117,11 @@ impl Strategy for P2c {
             1 => Some(0),
             n => {
                 let (a, b) = ctx.random_pair(n);
-                let (winner, loser) =
-                    if self.cost(candidates, b, ctx) < self.cost(candidates, a, ctx) {
-                        (b, a)
-                    } else {
-                        (a, b)
-                    };
+                let (winner, loser) = if self.prefers_b(candidates, a, b, ctx) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
                 if !schedule.ramping {
                     return Some(winner);
                 }
