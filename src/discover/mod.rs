@@ -5,7 +5,9 @@
 //!
 //! - [`fixed`]: a list known up front;
 //! - [`channel`]: a handle your code pushes changes through (insert, remove,
-//!   replace the whole set).
+//!   replace the whole set);
+//! - [`Dns`] (feature `dns`, on by default): A/AAAA or SRV records,
+//!   re-resolved when their TTL runs out.
 //!
 //! How the balancer treats what a stream yields:
 //!
@@ -19,8 +21,12 @@
 //! | the end of the stream | keeps the last set |
 
 mod channel;
+#[cfg(feature = "dns")]
+mod dns;
 mod fixed;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
+#[cfg(feature = "dns")]
+pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
 pub use tower::discover::{Change, Discover};

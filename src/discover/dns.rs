@@ -1,0 +1,532 @@
+//! Endpoints from DNS: A/AAAA records of a name (with a port), or SRV
+//! records (ports and weights from the records), re-resolved when the
+//! records' TTL runs out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::ProtoErrorKind;
+use hickory_resolver::{ResolveError, TokioResolver};
+use rand::Rng;
+use tokio::sync::{mpsc, Notify};
+use tower::discover::Change;
+
+/// One endpoint found in DNS: its address, and its SRV weight (1 for A and
+/// AAAA records).
+///
+/// Two endpoints are the same endpoint when their addresses are: a weight
+/// that changes in DNS re-inserts the key, which replaces the service and
+/// keeps its health, and the balancer reads the new weight (see
+/// [`DnsEndpoint::static_weight`] and
+/// [`Builder::static_weights`](crate::Builder::static_weights)).
+#[derive(Debug, Clone, Copy)]
+pub struct DnsEndpoint {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// The SRV record's weight; 1 for A and AAAA records.
+    pub weight: u16,
+}
+
+impl DnsEndpoint {
+    /// The weight to balance by: the SRV weight, with 0 (which RFC 2782
+    /// gives "a very small chance") as 1/100.
+    pub fn static_weight(&self) -> f64 {
+        match self.weight {
+            0 => 0.01,
+            w => f64::from(w),
+        }
+    }
+}
+
+impl PartialEq for DnsEndpoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr
+    }
+}
+
+impl Eq for DnsEndpoint {}
+
+impl Hash for DnsEndpoint {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.addr.hash(state);
+    }
+}
+
+/// What a name resolves to.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A and AAAA records, at this port.
+    Host { port: u16 },
+    /// SRV records: ports and weights from the records, addresses from
+    /// their targets' A and AAAA records.
+    Srv,
+}
+
+/// Why DNS discovery could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsError {
+    /// The system's resolver configuration could not be read.
+    #[error("could not read the system's DNS configuration: {0}")]
+    SystemConfig(#[source] ResolveError),
+    /// The settings make no sense.
+    #[error("invalid DNS discovery settings: {0}")]
+    Settings(String),
+}
+
+/// DNS discovery settings; [`build`](Dns::build) starts it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_lb::discover::Dns;
+/// # use tower::service_fn;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_lb::discover::DnsError> {
+/// let (discover, refresh) = Dns::host("api.internal.example", 8080)
+///     .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
+///     .build(|addr| service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(addr) }))?;
+/// // Something changed? Look again now rather than at the TTL.
+/// refresh.resolve_now();
+/// # let _ = discover;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Dns {
+    name: String,
+    target: Target,
+    name_servers: Option<Vec<SocketAddr>>,
+    resolver: Option<TokioResolver>,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    jitter: f64,
+    timeout: Duration,
+    apply_empty: bool,
+}
+
+/// The shortest and longest pause after a failure.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Dns {
+    fn new(name: String, target: Target) -> Self {
+        Self {
+            name,
+            target,
+            name_servers: None,
+            resolver: None,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+            jitter: 0.1,
+            timeout: Duration::from_secs(5),
+            apply_empty: false,
+        }
+    }
+
+    /// The A and AAAA records of `name`, each at `port`.
+    pub fn host(name: impl Into<String>, port: u16) -> Self {
+        Self::new(name.into(), Target::Host { port })
+    }
+
+    /// The SRV records of `name` (like `_http._tcp.api.internal.`): each
+    /// record's target's addresses, at the record's port, with its weight.
+    /// Only the records of the lowest priority are used, as RFC 2782 says;
+    /// the others are fallbacks.
+    pub fn srv(name: impl Into<String>) -> Self {
+        Self::new(name.into(), Target::Srv)
+    }
+
+    /// Asks these name servers (over UDP, and TCP for long answers) instead
+    /// of the system's configuration.
+    pub fn name_servers(mut self, servers: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.name_servers = Some(servers.into_iter().collect());
+        self
+    }
+
+    /// Uses this resolver, configured as you like (its cache included:
+    /// the ones this module builds cache nothing, since it only asks when
+    /// the answer has expired or it is told to).
+    pub fn resolver(mut self, resolver: TokioResolver) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// Re-resolves when the records' TTL runs out, but never sooner than
+    /// `min` nor later than `max`. Defaults: 1 s and 5 min.
+    pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
+        self.min_ttl = min;
+        self.max_ttl = max.max(min);
+        self
+    }
+
+    /// Re-resolves up to this fraction of the TTL early, at random, so that
+    /// a fleet of clients started together does not ask in lockstep.
+    /// Default 0.1; clamped to 0 to 0.5.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = if fraction.is_nan() {
+            0.1
+        } else {
+            fraction.clamp(0.0, 0.5)
+        };
+        self
+    }
+
+    /// How long one resolution may take before it counts as failed.
+    /// Default 5 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether an empty answer (NXDOMAIN, or no records) after a non-empty
+    /// one removes every endpoint. Default false: an empty answer is more
+    /// often a DNS outage or a bad deploy of the zone than a service with no
+    /// instances, so the last set stays (with a `warn` event).
+    pub fn apply_empty_answers(mut self, apply: bool) -> Self {
+        self.apply_empty = apply;
+        self
+    }
+
+    /// Starts resolving (on a task spawned on the current tokio runtime):
+    /// returns the discovery stream for
+    /// [`Balancer::builder().build`](crate::Builder::build), whose services
+    /// `make` builds from each address, and a handle to ask for a
+    /// resolution now.
+    ///
+    /// # Errors
+    ///
+    /// When neither name servers nor a resolver were given and the system's
+    /// DNS configuration cannot be read.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, like `tokio::spawn`.
+    pub fn build<S, F>(self, make: F) -> Result<(DnsDiscover<S>, ResolveNow), DnsError>
+    where
+        F: Fn(SocketAddr) -> S + Send + Sync + 'static,
+        S: Send + 'static,
+    {
+        if self.name.trim().is_empty() {
+            return Err(DnsError::Settings("the name to resolve is empty".into()));
+        }
+        let resolver = match (self.resolver.clone(), &self.name_servers) {
+            (Some(resolver), _) => resolver,
+            (None, Some(servers)) => {
+                let mut group = NameServerConfigGroup::new();
+                for server in servers {
+                    group.merge(NameServerConfigGroup::from_ips_clear(
+                        &[server.ip()],
+                        server.port(),
+                        true,
+                    ));
+                }
+                let config = ResolverConfig::from_parts(None, vec![], group);
+                TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                    .with_options(self.options())
+                    .build()
+            }
+            (None, None) => TokioResolver::builder_tokio()
+                .map_err(DnsError::SystemConfig)?
+                .with_options(self.options())
+                .build(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Arc::new(Notify::new());
+        let task = Resolution {
+            settings: self,
+            resolver,
+            make,
+            tx,
+            now: now.clone(),
+            current: HashMap::new(),
+        };
+        tokio::spawn(task.run());
+        Ok((DnsDiscover { rx }, ResolveNow { now }))
+    }
+
+    fn options(&self) -> ResolverOpts {
+        let mut options = ResolverOpts::default();
+        // This module asks only when the answer expired or it was told to;
+        // a cache would answer `resolve_now` with the stale set.
+        options.cache_size = 0;
+        options.timeout = self.timeout;
+        options
+    }
+}
+
+/// Asks a [`Dns`] discovery to resolve now rather than when the TTL runs
+/// out (a deploy just finished, a connection was refused). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ResolveNow {
+    now: Arc<Notify>,
+}
+
+impl ResolveNow {
+    /// Resolves as soon as the current resolution (if any) is over.
+    pub fn resolve_now(&self) {
+        self.now.notify_one();
+    }
+}
+
+/// The discovery stream of [`Dns::build`]: only changes (an endpoint added,
+/// removed, or its weight changed), so unchanged endpoints keep their
+/// connections and health. Never fails: resolution errors keep the last set.
+pub struct DnsDiscover<S> {
+    rx: mpsc::UnboundedReceiver<Change<DnsEndpoint, S>>,
+}
+
+impl<S> fmt::Debug for DnsDiscover<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnsDiscover").finish_non_exhaustive()
+    }
+}
+
+impl<S> Stream for DnsDiscover<S> {
+    type Item = Result<Change<DnsEndpoint, S>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|change| change.map(Ok))
+    }
+}
+
+/// What one resolution found: addresses with weights, and how long the
+/// answer is good for.
+struct Answer {
+    endpoints: BTreeMap<SocketAddr, u16>,
+    ttl: Duration,
+}
+
+/// The resolution task.
+struct Resolution<S, F> {
+    settings: Dns,
+    resolver: TokioResolver,
+    make: F,
+    tx: mpsc::UnboundedSender<Change<DnsEndpoint, S>>,
+    now: Arc<Notify>,
+    /// The set the stream has announced: address to weight.
+    current: HashMap<SocketAddr, u16>,
+}
+
+impl<S, F> Resolution<S, F>
+where
+    F: Fn(SocketAddr) -> S,
+{
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let name = &self.settings.name;
+            let pause = match tokio::time::timeout(self.settings.timeout, self.resolve()).await {
+                Ok(Ok(answer)) if !answer.endpoints.is_empty() => {
+                    backoff = BACKOFF_MIN;
+                    let ttl = answer.ttl;
+                    if !self.apply(answer.endpoints) {
+                        return;
+                    }
+                    self.next_refresh(ttl)
+                }
+                Ok(Ok(_)) | Ok(Err(Failure::NoRecords)) => {
+                    if self.current.is_empty() || self.settings.apply_empty {
+                        if !self.current.is_empty() {
+                            tracing::warn!(%name, "DNS has no records for the name any more; removing every endpoint, as configured");
+                        }
+                        if !self.apply(BTreeMap::new()) {
+                            return;
+                        }
+                    } else {
+                        tracing::warn!(%name, endpoints = self.current.len(), retry_in = ?backoff,
+                            "DNS has no records for the name; keeping the last known endpoints");
+                    }
+                    next_backoff(&mut backoff)
+                }
+                Ok(Err(Failure::Error(error))) => {
+                    tracing::warn!(%name, %error, endpoints = self.current.len(), retry_in = ?backoff,
+                        "DNS resolution failed; keeping the last known endpoints");
+                    next_backoff(&mut backoff)
+                }
+                Err(_) => {
+                    tracing::warn!(%name, timeout = ?self.settings.timeout, endpoints = self.current.len(), retry_in = ?backoff,
+                        "DNS resolution timed out; keeping the last known endpoints");
+                    next_backoff(&mut backoff)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.now.notified() => {}
+                // The balancer is gone: nobody listens any more.
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+
+    /// When to ask again: the TTL within bounds, up to `jitter` of it early.
+    fn next_refresh(&self, ttl: Duration) -> Duration {
+        let ttl = ttl.clamp(self.settings.min_ttl, self.settings.max_ttl);
+        let early = rand::rng().random_range(0.0..=self.settings.jitter);
+        ttl.mul_f64(1.0 - early).max(self.settings.min_ttl)
+    }
+
+    /// Announces the difference between the current set and `found`; false
+    /// once nobody listens.
+    fn apply(&mut self, found: BTreeMap<SocketAddr, u16>) -> bool {
+        let removed: Vec<SocketAddr> = self
+            .current
+            .keys()
+            .filter(|addr| !found.contains_key(addr))
+            .copied()
+            .collect();
+        for addr in removed {
+            self.current.remove(&addr);
+            let key = DnsEndpoint { addr, weight: 0 };
+            if self.tx.send(Change::Remove(key)).is_err() {
+                return false;
+            }
+        }
+        let mut inserted = 0;
+        for (addr, weight) in found {
+            if self.current.get(&addr) == Some(&weight) {
+                continue;
+            }
+            self.current.insert(addr, weight);
+            inserted += 1;
+            let service = (self.make)(addr);
+            if self
+                .tx
+                .send(Change::Insert(DnsEndpoint { addr, weight }, service))
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if inserted > 0 {
+            tracing::debug!(name = %self.settings.name, inserted, endpoints = self.current.len(), "DNS answer changed");
+        }
+        true
+    }
+
+    async fn resolve(&self) -> Result<Answer, Failure> {
+        match self.settings.target {
+            Target::Host { port } => {
+                let (ips, ttl) = self.lookup_ips(&self.settings.name).await?;
+                let endpoints = ips
+                    .into_iter()
+                    .map(|ip| (SocketAddr::new(ip, port), 1))
+                    .collect();
+                Ok(Answer { endpoints, ttl })
+            }
+            Target::Srv => self.resolve_srv().await,
+        }
+    }
+
+    async fn lookup_ips(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), Failure> {
+        let found = self.resolver.lookup_ip(name).await.map_err(Failure::from)?;
+        let ttl = found
+            .valid_until()
+            .saturating_duration_since(std::time::Instant::now());
+        Ok((found.iter().collect(), ttl))
+    }
+
+    async fn resolve_srv(&self) -> Result<Answer, Failure> {
+        let found = self
+            .resolver
+            .srv_lookup(self.settings.name.as_str())
+            .await
+            .map_err(Failure::from)?;
+        let mut ttl = found
+            .as_lookup()
+            .valid_until()
+            .saturating_duration_since(std::time::Instant::now());
+        let records: Vec<_> = found.iter().cloned().collect();
+        let Some(priority) = records.iter().map(|r| r.priority()).min() else {
+            return Err(Failure::NoRecords);
+        };
+        let mut endpoints = BTreeMap::new();
+        for record in records.iter().filter(|r| r.priority() == priority) {
+            let target = record.target().to_utf8();
+            match self.lookup_ips(&target).await {
+                Ok((ips, target_ttl)) => {
+                    ttl = ttl.min(target_ttl);
+                    for ip in ips {
+                        endpoints.insert(SocketAddr::new(ip, record.port()), record.weight());
+                    }
+                }
+                // One target without addresses is that target's problem.
+                Err(Failure::NoRecords) => {
+                    tracing::debug!(%target, "SRV target has no addresses");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(Answer { endpoints, ttl })
+    }
+}
+
+fn next_backoff(backoff: &mut Duration) -> Duration {
+    let now = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    now
+}
+
+/// A resolution that found nothing.
+enum Failure {
+    /// NXDOMAIN, or the name has no records of the type asked.
+    NoRecords,
+    /// The resolver failed (no answer, SERVFAIL, a network error).
+    Error(ResolveError),
+}
+
+impl From<ResolveError> for Failure {
+    /// hickory reports a SERVFAIL or REFUSED answer as "no records found"
+    /// too; only NXDOMAIN and an empty NOERROR answer really mean the name
+    /// has none.
+    fn from(error: ResolveError) -> Self {
+        let kind = error.proto().map(|e| e.kind());
+        match kind {
+            Some(ProtoErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            }) => Failure::NoRecords,
+            _ => Failure::Error(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn srv_weight_zero_is_a_small_weight_not_none() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 80));
+        assert_eq!(DnsEndpoint { addr, weight: 0 }.static_weight(), 0.01);
+        assert_eq!(DnsEndpoint { addr, weight: 7 }.static_weight(), 7.0);
+    }
+
+    #[test]
+    fn endpoints_are_the_same_endpoint_by_address() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 80));
+        assert_eq!(
+            DnsEndpoint { addr, weight: 1 },
+            DnsEndpoint { addr, weight: 9 }
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut backoff = BACKOFF_MIN;
+        let pauses: Vec<Duration> = (0..7).map(|_| next_backoff(&mut backoff)).collect();
+        assert_eq!(pauses[0], Duration::from_secs(1));
+        assert_eq!(pauses[1], Duration::from_secs(2));
+        assert_eq!(pauses[6], BACKOFF_MAX);
+    }
+}
