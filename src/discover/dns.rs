@@ -115,6 +115,9 @@ pub struct Dns {
     apply_empty: bool,
 }
 
+/// The shortest pause between two resolutions, whatever the settings.
+const MIN_PAUSE: Duration = Duration::from_millis(100);
+
 /// The shortest and longest pause after a failure.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -163,7 +166,8 @@ impl Dns {
     }
 
     /// Re-resolves when the records' TTL runs out, but never sooner than
-    /// `min` nor later than `max`. Defaults: 1 s and 5 min.
+    /// `min` nor later than `max`. Defaults: 1 s and 5 min. Whatever `min`,
+    /// two resolutions are at least 100 ms apart.
     pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
         self.min_ttl = min;
         self.max_ttl = max.max(min);
@@ -369,11 +373,15 @@ where
         }
     }
 
-    /// When to ask again: the TTL within bounds, up to `jitter` of it early.
+    /// When to ask again: the TTL within bounds, up to `jitter` of it early,
+    /// and never sooner than `MIN_PAUSE` (TTL 0 with a minimum of 0 must not
+    /// turn into a resolution loop).
     fn next_refresh(&self, ttl: Duration) -> Duration {
         let ttl = ttl.clamp(self.settings.min_ttl, self.settings.max_ttl);
         let early = rand::rng().random_range(0.0..=self.settings.jitter);
-        ttl.mul_f64(1.0 - early).max(self.settings.min_ttl)
+        ttl.mul_f64(1.0 - early)
+            .max(self.settings.min_ttl)
+            .max(MIN_PAUSE)
     }
 
     /// Announces the difference between the current set and `found`; false
