@@ -44,27 +44,50 @@ fn host(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The next changes the stream yields within `wait` of each other, sorted.
-async fn changes(stream: &mut DnsDiscover<SocketAddr>, wait: Duration) -> Vec<Seen> {
+/// The next change, waiting up to `wait`.
+async fn next(stream: &mut DnsDiscover<SocketAddr>, wait: Duration) -> Option<Seen> {
+    let item = tokio::time::timeout(wait, poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)))
+        .await
+        .ok()??;
+    Some(match item {
+        Ok(Change::Insert(key, _)) => Seen::Insert(key.addr, key.weight),
+        Ok(Change::Remove(key)) => Seen::Remove(key.addr),
+        Err(never) => match never {},
+    })
+}
+
+/// The next `expected` changes (each within a generous 5 s, for a loaded
+/// machine), sorted; then checks that no more follow.
+async fn changes(stream: &mut DnsDiscover<SocketAddr>, expected: usize) -> Vec<Seen> {
     let mut seen = Vec::new();
-    while let Ok(Some(item)) =
-        tokio::time::timeout(wait, poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx))).await
-    {
-        seen.push(match item {
-            Ok(Change::Insert(key, _)) => Seen::Insert(key.addr, key.weight),
-            Ok(Change::Remove(key)) => Seen::Remove(key.addr),
-            Err(never) => match never {},
-        });
+    while seen.len() < expected {
+        match next(stream, Duration::from_secs(5)).await {
+            Some(change) => seen.push(change),
+            None => panic!("only {seen:?} of {expected} changes"),
+        }
     }
+    quiet(stream).await;
     seen.sort();
     seen
+}
+
+/// Asserts that nothing more is announced for a while.
+async fn quiet(stream: &mut DnsDiscover<SocketAddr>) {
+    if let Some(change) = next(stream, Duration::from_millis(300)).await {
+        panic!("unexpected {change:?}");
+    }
+}
+
+/// Asks for a resolution now and waits until the server has seen it.
+async fn resolve_now(dns: &TestDns, refresh: &ResolveNow) {
+    let before = dns.queries();
+    refresh.resolve_now();
+    support::wait_until(Duration::from_secs(5), || dns.queries() > before).await;
 }
 
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
-
-const QUIET: Duration = Duration::from_millis(300);
 
 #[tokio::test]
 async fn the_first_resolution_inserts_every_address() {
@@ -72,7 +95,7 @@ async fn the_first_resolution_inserts_every_address() {
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
     let (mut stream, _) = host(&dns, "api.test.", |d| d);
     assert_eq!(
-        changes(&mut stream, QUIET).await,
+        changes(&mut stream, 2).await,
         vec![
             Seen::Insert(at(LOCAL[0], 80), 1),
             Seen::Insert(at(LOCAL[1], 80), 1)
@@ -85,57 +108,89 @@ async fn an_added_and_a_removed_record_arrive_as_one_insert_and_one_remove() {
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
     let (mut stream, refresh) = host(&dns, "api.test.", |d| d);
-    assert_eq!(changes(&mut stream, QUIET).await.len(), 2);
+    assert_eq!(changes(&mut stream, 2).await.len(), 2);
     dns.set_a("api.test.", &LOCAL[1..], 60).await;
-    refresh.resolve_now();
+    resolve_now(&dns, &refresh).await;
     assert_eq!(
-        changes(&mut stream, QUIET).await,
+        changes(&mut stream, 2).await,
         vec![
             Seen::Insert(at(LOCAL[2], 80), 1),
             Seen::Remove(at(LOCAL[0], 80))
         ]
     );
-    // Nothing changed: nothing announced.
-    refresh.resolve_now();
-    assert_eq!(changes(&mut stream, QUIET).await, vec![]);
+    // Resolved again, nothing changed: nothing announced.
+    resolve_now(&dns, &refresh).await;
+    quiet(&mut stream).await;
+}
+
+/// Resolutions of a host discovery of `name` during `period` (each is an A
+/// and an AAAA query).
+async fn resolutions(
+    dns: &TestDns,
+    name: &str,
+    settings: impl FnOnce(Dns) -> Dns,
+    period: Duration,
+) -> usize {
+    let before = dns.queries();
+    let (stream, _) = host(dns, name, |d| settings(d.jitter(0.0)));
+    tokio::time::sleep(period).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    (dns.queries() - before) / 2
 }
 
 #[tokio::test]
 async fn refresh_follows_the_ttl_within_its_bounds() {
     let dns = TestDns::start("test.").await;
-    // A 60 s TTL held to at most 250 ms; a 0 s TTL to at least 400 ms.
+    dns.set_a("one.test.", &LOCAL[..1], 1).await;
     dns.set_a("long.test.", &LOCAL[..1], 60).await;
-    dns.set_a("short.test.", &LOCAL[1..2], 0).await;
-    let bounds = |d: Dns| {
-        d.ttl_bounds(Duration::from_millis(400), Duration::from_millis(250))
-            .jitter(0.0)
-    };
-    let capped = |d: Dns| {
-        d.ttl_bounds(Duration::from_millis(100), Duration::from_millis(250))
-            .jitter(0.0)
-    };
+    dns.set_a("zero.test.", &LOCAL[..1], 0).await;
+    let period = Duration::from_millis(2_300);
+    // The TTL itself, between the bounds: at 0, 1 and 2 s.
+    let within = |d: Dns| d.ttl_bounds(Duration::from_millis(100), Duration::from_secs(5));
+    assert_eq!(resolutions(&dns, "one.test.", within, period).await, 3);
+    // A 60 s TTL held to 500 ms: at 0, 0.5, 1, 1.5 and 2 s.
+    let capped = |d: Dns| d.ttl_bounds(Duration::from_millis(100), Duration::from_millis(500));
+    assert_eq!(resolutions(&dns, "long.test.", capped, period).await, 5);
+    // A 0 s TTL held to at least 1 s: at 0, 1 and 2 s.
+    let floored = |d: Dns| d.ttl_bounds(Duration::from_secs(1), Duration::from_secs(5));
+    assert_eq!(resolutions(&dns, "zero.test.", floored, period).await, 3);
+}
 
+#[tokio::test]
+async fn resolve_now_in_a_loop_is_not_a_query_storm() {
+    let dns = TestDns::start("test.").await;
+    dns.set_a("api.test.", &LOCAL[..1], 60).await;
+    let storm = |d: Dns| d;
     let before = dns.queries();
-    let (long, _) = host(&dns, "long.test.", capped);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let long_queries = dns.queries() - before;
-    drop(long);
-    // At 0, 250, 500, 750 and 1,000 ms; a query may be A and AAAA.
-    assert!(
-        (5..=12).contains(&long_queries),
-        "{long_queries} queries in 1.1 s at most 250 ms apart"
-    );
+    let (stream, refresh) = host(&dns, "api.test.", storm);
+    for _ in 0..500 {
+        refresh.resolve_now();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(stream);
+    let resolutions = (dns.queries() - before) / 2;
+    // 500 calls over about 0.5 s or more: at most one resolution per 100 ms.
+    assert!(resolutions <= 12, "{resolutions} resolutions");
+}
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = dns.queries();
-    let (short, _) = host(&dns, "short.test.", bounds);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let short_queries = dns.queries() - before;
-    drop(short);
-    // The minimum wins over the larger maximum here: at 0, 400 and 800 ms.
-    assert!(
-        (3..=6).contains(&short_queries),
-        "{short_queries} queries in 1.1 s at least 400 ms apart"
+#[tokio::test]
+async fn srv_falls_back_to_the_next_priority_when_the_first_has_no_addresses() {
+    let dns = TestDns::start("test.").await;
+    dns.set_a("up.test.", &LOCAL[1..2], 60).await;
+    dns.set_srv(
+        "_http._tcp.test.",
+        &[(0, 1, 8081, "gone.test."), (10, 2, 8082, "up.test.")],
+        60,
+    )
+    .await;
+    let (mut stream, _) = Dns::srv("_http._tcp.test.")
+        .name_servers([dns.addr])
+        .build(|addr| addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        changes(&mut stream, 1).await,
+        vec![Seen::Insert(at(LOCAL[1], 8082), 2)]
     );
 }
 
@@ -160,7 +215,7 @@ async fn srv_records_give_ports_and_weights_of_the_lowest_priority() {
         .build(|addr| addr)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        changes(&mut stream, QUIET).await,
+        changes(&mut stream, 2).await,
         vec![
             Seen::Insert(at(LOCAL[0], 8081), 5),
             Seen::Insert(at(LOCAL[1], 8082), 1)
@@ -177,20 +232,15 @@ async fn a_dns_outage_keeps_the_last_set() {
         d.timeout(Duration::from_millis(300))
             .apply_empty_answers(true)
     });
-    assert_eq!(changes(&mut stream, QUIET).await.len(), 2);
+    assert_eq!(changes(&mut stream, 2).await.len(), 2);
     dns.set_failing(true);
-    refresh.resolve_now();
-    assert_eq!(
-        changes(&mut stream, Duration::from_millis(800)).await,
-        vec![],
-        "no removes"
-    );
+    resolve_now(&dns, &refresh).await;
+    quiet(&mut stream).await;
     dns.set_failing(false);
     dns.set_a("api.test.", &LOCAL[..1], 60).await;
-    refresh.resolve_now();
-    // The retry after the failure picks the change up (back-off 1 s).
+    // The retry after the failure (back-off 1 s) picks the change up.
     assert_eq!(
-        changes(&mut stream, Duration::from_millis(1_500)).await,
+        changes(&mut stream, 1).await,
         vec![Seen::Remove(at(LOCAL[1], 80))]
     );
 }
@@ -203,19 +253,15 @@ async fn a_server_that_does_not_answer_keeps_the_last_set() {
         d.timeout(Duration::from_millis(200))
             .apply_empty_answers(true)
     });
-    assert_eq!(changes(&mut stream, QUIET).await.len(), 2);
+    assert_eq!(changes(&mut stream, 2).await.len(), 2);
     dns.stop();
     refresh.resolve_now();
-    assert_eq!(
-        changes(&mut stream, Duration::from_millis(800)).await,
-        vec![],
-        "no removes"
-    );
+    quiet(&mut stream).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     dns.resume().await;
     dns.set_a("api.test.", &LOCAL[..1], 60).await;
-    refresh.resolve_now();
     assert_eq!(
-        changes(&mut stream, Duration::from_millis(1_500)).await,
+        changes(&mut stream, 1).await,
         vec![Seen::Remove(at(LOCAL[1], 80))]
     );
 }
@@ -228,15 +274,15 @@ async fn an_empty_answer_after_records_keeps_the_set_unless_opted_in() {
     let (mut kept, kept_refresh) = host(&dns, "kept.test.", |d| d);
     let (mut applied, applied_refresh) =
         host(&dns, "applied.test.", |d| d.apply_empty_answers(true));
-    assert_eq!(changes(&mut kept, QUIET).await.len(), 1);
-    assert_eq!(changes(&mut applied, QUIET).await.len(), 1);
+    assert_eq!(changes(&mut kept, 1).await.len(), 1);
+    assert_eq!(changes(&mut applied, 1).await.len(), 1);
     dns.set_a("kept.test.", &[], 60).await;
     dns.set_a("applied.test.", &[], 60).await;
-    kept_refresh.resolve_now();
-    applied_refresh.resolve_now();
-    assert_eq!(changes(&mut kept, QUIET).await, vec![]);
+    resolve_now(&dns, &kept_refresh).await;
+    resolve_now(&dns, &applied_refresh).await;
+    quiet(&mut kept).await;
     assert_eq!(
-        changes(&mut applied, QUIET).await,
+        changes(&mut applied, 1).await,
         vec![Seen::Remove(at(LOCAL[0], 80))]
     );
 }
@@ -254,7 +300,7 @@ async fn a_balancer_over_srv_discovery_weighs_endpoints_by_their_records() {
     )
     .await;
     let client = lb_http::client();
-    let (discover, _) = Dns::srv("_http._tcp.test.")
+    let (discover, refresh) = Dns::srv("_http._tcp.test.")
         .name_servers([dns.addr])
         .build(move |addr| HttpEndpoint::new(client.clone(), addr))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -271,4 +317,30 @@ async fn a_balancer_over_srv_discovery_weighs_endpoints_by_their_records() {
     }
     let share = servers[0].hits() as f64 / 2_000.0;
     assert!((share - 0.75).abs() < 0.02, "weight 3 of 4 got {share:.3}");
+
+    // The weights change in DNS: the same endpoints, re-weighted.
+    dns.set_srv(
+        "_http._tcp.test.",
+        &[(0, 1, p1, "web.test."), (0, 3, p2, "web.test.")],
+        60,
+    )
+    .await;
+    refresh.resolve_now();
+    support::wait_until(Duration::from_secs(5), || {
+        balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.key.weight == 3 && e.key.addr.port() == p2 && e.static_weight == 3.0)
+    })
+    .await;
+    let before = servers[0].hits();
+    for _ in 0..2_000 {
+        let response = balancer.clone().oneshot(support::get()).await;
+        assert_eq!(
+            response.map(|r| r.status()).ok(),
+            Some(http::StatusCode::OK)
+        );
+    }
+    let share = (servers[0].hits() - before) as f64 / 2_000.0;
+    assert!((share - 0.25).abs() < 0.02, "weight 1 of 4 got {share:.3}");
 }

@@ -115,6 +115,9 @@ pub struct Dns {
     apply_empty: bool,
 }
 
+/// The longest pause between two resolutions, whatever the settings.
+const MAX_TTL: Duration = Duration::from_secs(86_400);
+
 /// The shortest pause between two resolutions, whatever the settings.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
 
@@ -169,8 +172,8 @@ impl Dns {
     /// `min` nor later than `max`. Defaults: 1 s and 5 min. Whatever `min`,
     /// two resolutions are at least 100 ms apart.
     pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
-        self.min_ttl = min;
-        self.max_ttl = max.max(min);
+        self.min_ttl = min.min(MAX_TTL);
+        self.max_ttl = max.clamp(self.min_ttl, MAX_TTL);
         self
     }
 
@@ -224,6 +227,11 @@ impl Dns {
         if self.name.trim().is_empty() {
             return Err(DnsError::Settings("the name to resolve is empty".into()));
         }
+        if self.timeout.is_zero() {
+            return Err(DnsError::Settings(
+                "a resolution timeout of zero fails every resolution".into(),
+            ));
+        }
         let resolver = match (self.resolver.clone(), &self.name_servers) {
             (Some(resolver), _) => resolver,
             (None, Some(servers)) => {
@@ -254,6 +262,7 @@ impl Dns {
             tx,
             now: now.clone(),
             current: HashMap::new(),
+            srv_targets: HashMap::new(),
         };
         tokio::spawn(task.run());
         Ok((DnsDiscover { rx }, ResolveNow { now }))
@@ -320,6 +329,8 @@ struct Resolution<S, F> {
     now: Arc<Notify>,
     /// The set the stream has announced: address to weight.
     current: HashMap<SocketAddr, u16>,
+    /// Each SRV target's addresses at its last successful lookup.
+    srv_targets: HashMap<String, Vec<IpAddr>>,
 }
 
 impl<S, F> Resolution<S, F>
@@ -329,8 +340,11 @@ where
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            let started = tokio::time::Instant::now();
+            let timeout = self.settings.timeout;
+            let resolved = tokio::time::timeout(timeout, self.resolve()).await;
             let name = &self.settings.name;
-            let pause = match tokio::time::timeout(self.settings.timeout, self.resolve()).await {
+            let pause = match resolved {
                 Ok(Ok(answer)) if !answer.endpoints.is_empty() => {
                     backoff = BACKOFF_MIN;
                     let ttl = answer.ttl;
@@ -364,11 +378,18 @@ where
                     next_backoff(&mut backoff)
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = self.now.notified() => {}
+            let woken_early = tokio::select! {
+                _ = tokio::time::sleep(pause) => false,
+                _ = self.now.notified() => true,
                 // The balancer is gone: nobody listens any more.
                 _ = self.tx.closed() => return,
+            };
+            if woken_early {
+                // `resolve_now` in a loop must not become a query storm.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(started + MIN_PAUSE) => {}
+                    _ = self.tx.closed() => return,
+                }
             }
         }
     }
@@ -379,8 +400,10 @@ where
     fn next_refresh(&self, ttl: Duration) -> Duration {
         let ttl = ttl.clamp(self.settings.min_ttl, self.settings.max_ttl);
         let early = rand::rng().random_range(0.0..=self.settings.jitter);
-        ttl.mul_f64(1.0 - early)
-            .max(self.settings.min_ttl)
+        // Jittered after the clamp, so that a fleet asking about a TTL-0
+        // name (Consul's default) does not ask at the same instant either.
+        Duration::try_from_secs_f64(ttl.as_secs_f64() * (1.0 - early))
+            .unwrap_or(MAX_TTL)
             .max(MIN_PAUSE)
     }
 
@@ -422,7 +445,7 @@ where
         true
     }
 
-    async fn resolve(&self) -> Result<Answer, Failure> {
+    async fn resolve(&mut self) -> Result<Answer, Failure> {
         match self.settings.target {
             Target::Host { port } => {
                 let (ips, ttl) = self.lookup_ips(&self.settings.name).await?;
@@ -436,15 +459,44 @@ where
         }
     }
 
+    /// The A and AAAA records of `name`, asked separately: hickory's
+    /// combined lookup answers with the AAAA result when the A query fails,
+    /// which would turn a SERVFAIL into "no records".
     async fn lookup_ips(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), Failure> {
-        let found = self.resolver.lookup_ip(name).await.map_err(Failure::from)?;
-        let ttl = found
-            .valid_until()
-            .saturating_duration_since(std::time::Instant::now());
-        Ok((found.iter().collect(), ttl))
+        let (v4, v6) = tokio::join!(
+            self.resolver.ipv4_lookup(name),
+            self.resolver.ipv6_lookup(name)
+        );
+        let now = std::time::Instant::now();
+        let mut ips = Vec::new();
+        let mut ttl: Option<Duration> = None;
+        match v4.map_err(Failure::from) {
+            Ok(found) => {
+                ttl = shorter(ttl, found.valid_until(), now);
+                ips.extend(found.iter().map(|a| IpAddr::V4(a.0)));
+            }
+            Err(Failure::NoRecords) => {}
+            Err(error) => return Err(error),
+        }
+        match v6.map_err(Failure::from) {
+            Ok(found) => {
+                ttl = shorter(ttl, found.valid_until(), now);
+                ips.extend(found.iter().map(|aaaa| IpAddr::V6(aaaa.0)));
+            }
+            Err(Failure::NoRecords) => {}
+            Err(error) => return Err(error),
+        }
+        match ttl {
+            Some(ttl) if !ips.is_empty() => Ok((ips, ttl)),
+            _ => Err(Failure::NoRecords),
+        }
     }
 
-    async fn resolve_srv(&self) -> Result<Answer, Failure> {
+    /// The SRV records' targets, by priority: the lowest priority whose
+    /// targets have addresses (the others are fallbacks, RFC 2782). A target
+    /// whose lookup fails keeps the addresses it had, so one broken name
+    /// does not freeze the whole set.
+    async fn resolve_srv(&mut self) -> Result<Answer, Failure> {
         let found = self
             .resolver
             .srv_lookup(self.settings.name.as_str())
@@ -454,29 +506,51 @@ where
             .as_lookup()
             .valid_until()
             .saturating_duration_since(std::time::Instant::now());
-        let records: Vec<_> = found.iter().cloned().collect();
-        let Some(priority) = records.iter().map(|r| r.priority()).min() else {
-            return Err(Failure::NoRecords);
-        };
+        let mut records: Vec<_> = found.iter().cloned().collect();
+        records.sort_by_key(|r| r.priority());
         let mut endpoints = BTreeMap::new();
-        for record in records.iter().filter(|r| r.priority() == priority) {
-            let target = record.target().to_utf8();
-            match self.lookup_ips(&target).await {
-                Ok((ips, target_ttl)) => {
-                    ttl = ttl.min(target_ttl);
-                    for ip in ips {
-                        endpoints.insert(SocketAddr::new(ip, record.port()), record.weight());
+        let mut priorities: Vec<u16> = records.iter().map(|r| r.priority()).collect();
+        priorities.dedup();
+        for priority in priorities {
+            for record in records.iter().filter(|r| r.priority() == priority) {
+                let target = record.target().to_utf8();
+                let ips = match self.lookup_ips(&target).await {
+                    Ok((ips, target_ttl)) => {
+                        ttl = ttl.min(target_ttl);
+                        self.srv_targets.insert(target, ips.clone());
+                        ips
                     }
+                    Err(Failure::NoRecords) => {
+                        tracing::debug!(%target, "SRV target has no addresses");
+                        self.srv_targets.remove(&target);
+                        Vec::new()
+                    }
+                    Err(Failure::Error(error)) => {
+                        tracing::warn!(%target, %error, "SRV target did not resolve; keeping its last addresses");
+                        ttl = ttl.min(BACKOFF_MIN);
+                        self.srv_targets.get(&target).cloned().unwrap_or_default()
+                    }
+                };
+                for ip in ips {
+                    endpoints.insert(SocketAddr::new(ip, record.port()), record.weight());
                 }
-                // One target without addresses is that target's problem.
-                Err(Failure::NoRecords) => {
-                    tracing::debug!(%target, "SRV target has no addresses");
-                }
-                Err(error) => return Err(error),
+            }
+            if !endpoints.is_empty() {
+                break;
             }
         }
         Ok(Answer { endpoints, ttl })
     }
+}
+
+/// The shorter of `ttl` and what is left of `valid_until`.
+fn shorter(
+    ttl: Option<Duration>,
+    valid_until: std::time::Instant,
+    now: std::time::Instant,
+) -> Option<Duration> {
+    let left = valid_until.saturating_duration_since(now);
+    Some(ttl.map_or(left, |t| t.min(left)))
 }
 
 fn next_backoff(backoff: &mut Duration) -> Duration {

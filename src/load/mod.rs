@@ -184,9 +184,10 @@ impl EndpointLoad {
         self.reported.malformed()
     }
 
+    /// Takes over a replaced service's load reports. Not its static weight:
+    /// that comes with the new key (a DNS SRV weight that changed, say).
     pub(crate) fn inherit_reported_load(&self, old: &EndpointLoad) {
         self.reported.copy_from(&old.reported);
-        self.set_static_weight(old.static_weight());
     }
 
     pub(crate) fn count_malformed_load_report(&self) {
