@@ -103,5 +103,16 @@ fn bench_layers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_layers);
+/// Reading a load report from a response, as `HttpClassify::load_reports`
+/// does for each response when weighted round robin is in use.
+fn bench_load_report(c: &mut Criterion) {
+    let text = http::HeaderValue::from_static(
+        "TEXT cpu_utilization=0.31, rps_fractional=812.5, eps=1.5, application_utilization=0.42",
+    );
+    c.bench_function("load report/TEXT, 4 fields", |b| {
+        b.iter(|| tower_lb::load::LoadReport::from_header(&text))
+    });
+}
+
+criterion_group!(benches, bench_layers, bench_load_report);
 criterion_main!(benches);

@@ -481,10 +481,25 @@ struct Builder {
     report: LoadReport,
     /// The deprecated integer rate, used when `rps_fractional` is absent.
     rps: f64,
+    /// The known fields seen so far, a bit each: the usual report has only
+    /// these, and checking them allocates nothing.
+    seen_fields: u16,
+    /// Map entries and unknown keys seen so far.
     seen: HashSet<String>,
 }
 
 impl Builder {
+    fn see_field(&mut self, field: Field) -> Result<(), LoadReportError> {
+        let bit = 1u16 << (field as u16);
+        if self.seen_fields & bit != 0 {
+            return Err(LoadReportError::DuplicateKey {
+                key: field.name().to_owned(),
+            });
+        }
+        self.seen_fields |= bit;
+        Ok(())
+    }
+
     fn see(&mut self, key: &str) -> Result<(), LoadReportError> {
         if self.seen.insert(key.to_owned()) {
             Ok(())
@@ -547,7 +562,7 @@ fn parse_text(body: &str) -> Result<LoadReport, LoadReportError> {
             None => match Field::from_name(key) {
                 Some(field) if field.is_map() => return Err(malformed()),
                 Some(field) => {
-                    builder.see(field.name())?;
+                    builder.see_field(field)?;
                     builder.set(field, parse_number(field.name(), value)?);
                 }
                 None => builder.see(key)?,
@@ -584,7 +599,7 @@ fn parse_json(body: &str) -> Result<LoadReport, LoadReportError> {
             builder.see(&key)?;
             continue;
         };
-        builder.see(field.name())?;
+        builder.see_field(field)?;
         // proto3 JSON: null stands for the default value.
         if value == Json::Null {
             continue;
