@@ -37,7 +37,10 @@
 //! [`Safety`](request::Safety) class, paced by backoff and server pushback,
 //! capped by a shared budget, with replayable bodies) and [`hedge`] (a second
 //! attempt after an adaptive latency percentile). [`health`] ejects failing
-//! endpoints; [`classify`] decides what a failure is.
+//! endpoints and slow-starts new ones; [`classify`] decides what a failure
+//! is and reads the load reports that weighted round robin balances by.
+//! Endpoints come from any discovery stream, or from [`discover`]'s fixed
+//! list, push channel or DNS.
 //!
 //! See the README for the design, the benchmarks and the feature table.
 
