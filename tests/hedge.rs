@@ -155,14 +155,18 @@ async fn a_post_is_never_hedged() {
 
 #[tokio::test]
 async fn no_hedge_before_enough_calls_were_measured() {
-    let servers = start(vec![
-        Behaviour::Stall(Duration::from_millis(200)),
-        Behaviour::Stall(Duration::from_millis(200)),
-    ])
-    .await;
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
     let budget = RetryBudget::new();
     let client = client(hedge_layer(&budget), addrs(&servers));
-    let response = client.oneshot(request(http::Method::GET, "first")).await;
+    // Half of the 10 calls the layer wants measured: enough for a
+    // percentile, not for the layer to trust one.
+    warm_up(&client, 5).await;
+    // Past the layer's 10 ms recomputation of the delay.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for server in &servers {
+        server.set(Behaviour::Stall(Duration::from_millis(200)));
+    }
+    let response = client.oneshot(request(http::Method::GET, "slow")).await;
     assert!(response.is_ok(), "{response:?}");
     assert_eq!(budget.stats().hedges, 0);
 }

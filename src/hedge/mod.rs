@@ -44,7 +44,6 @@ use tower::util::Oneshot;
 use tower::{Layer, Service};
 
 use self::latency::LatencyWindows;
-use crate::balance::TriedEndpoints;
 use crate::error::BoxError;
 use crate::request::Replayable;
 use crate::retry::{RetryBudget, Spend};
@@ -279,11 +278,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        // Counted once per call and budget, however many layers draw from it.
-        if req.extensions().get::<TriedEndpoints>().is_none() {
-            req.extensions_mut().insert(TriedEndpoints::new());
-        }
-        self.shared.budget.deposit_once(&mut req);
+        self.shared.budget.begin_call(&mut req);
         let delay = match req.safety().may_repeat() {
             true => self.shared.delay(self.shared.now_ns()),
             false => None,

@@ -129,12 +129,6 @@ impl EndpointLoad {
         f64::from_bits(self.slow_start.load(Ordering::Relaxed))
     }
 
-    /// The weight strategies balance by: the static weight times the
-    /// slow-start factor.
-    pub fn effective_weight(&self) -> f64 {
-        self.static_weight() * self.slow_start_factor()
-    }
-
     pub(crate) fn set_slow_start_factor(&self, factor: f64) {
         self.slow_start.store(factor.to_bits(), Ordering::Relaxed);
     }

@@ -154,10 +154,11 @@ pub struct RetryBudget {
     inner: Arc<Inner>,
 }
 
-/// The budgets (by address) that have counted a call, in its extensions.
-/// Nearly always one, so the `Vec` holds a single word.
-#[derive(Clone, Debug)]
-struct CountedBy(Vec<usize>);
+/// The budgets (by address; 0 is an empty slot) that have counted a call,
+/// in its extensions. A fixed array: nearly always one budget, and no
+/// allocation beyond the extension's own.
+#[derive(Clone, Copy, Debug, Default)]
+struct CountedBy([usize; 4]);
 
 /// The shared state behind every clone of a [`RetryBudget`].
 struct Inner {
@@ -272,18 +273,26 @@ impl RetryBudget {
         }
     }
 
-    /// Deposits for the call `req` belongs to, unless this budget already
-    /// counted it: the retry and hedge layers both call this, and a call is
-    /// one request however many layers (and attempts) it passes through.
-    pub(crate) fn deposit_once<Req: crate::request::HasExtensions>(&self, req: &mut Req) {
+    /// Readies a call for the retry and hedge layers, whichever sees it
+    /// first: a [`TriedEndpoints`](crate::TriedEndpoints) set for its
+    /// attempts to share, and one deposit in this budget, however many
+    /// layers (and attempts) it passes through.
+    pub(crate) fn begin_call<Req: crate::request::HasExtensions>(&self, req: &mut Req) {
+        let extensions = req.extensions_mut();
+        if extensions.get::<crate::TriedEndpoints>().is_none() {
+            extensions.insert(crate::TriedEndpoints::new());
+        }
         let id = Arc::as_ptr(&self.inner) as usize;
-        let counted = req.extensions().get::<CountedBy>();
-        if counted.is_some_and(|c| c.0.contains(&id)) {
+        let mut counted = extensions.get::<CountedBy>().copied().unwrap_or_default();
+        if counted.0.contains(&id) {
             return;
         }
-        let mut ids = counted.map(|c| c.0.clone()).unwrap_or_default();
-        ids.push(id);
-        req.extensions_mut().insert(CountedBy(ids));
+        // A fifth budget on one call (never seen in practice) is counted
+        // each time rather than remembered.
+        if let Some(slot) = counted.0.iter_mut().find(|slot| **slot == 0) {
+            *slot = id;
+            extensions.insert(counted);
+        }
         self.deposit();
     }
 
@@ -638,12 +647,13 @@ mod tests {
     fn each_budget_counts_a_call_once_however_many_layers_ask() {
         let (a, b) = (RetryBudget::new(), RetryBudget::new());
         let mut req = http::Request::new(());
-        a.deposit_once(&mut req);
-        b.deposit_once(&mut req);
-        a.deposit_once(&mut req);
+        a.begin_call(&mut req);
+        b.begin_call(&mut req);
+        a.begin_call(&mut req);
         let mut copy = http::Request::new(());
         *copy.extensions_mut() = req.extensions().clone();
-        b.deposit_once(&mut copy);
+        b.begin_call(&mut copy);
         assert_eq!((a.stats().requests, b.stats().requests), (1, 1));
+        assert!(copy.extensions().get::<crate::TriedEndpoints>().is_some());
     }
 }

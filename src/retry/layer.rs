@@ -14,7 +14,6 @@ use tower::{Layer, Service};
 
 use super::budget::{RetryBudget, Spend};
 use super::policy::{HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
-use crate::balance::TriedEndpoints;
 use crate::error::BoxError;
 use crate::request::{Replayable, Safety};
 use crate::timeout::CallDeadline;
@@ -122,7 +121,7 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 ///
 /// For each call it:
 /// - counts the call in the [`RetryBudget`] (once per call and budget,
-///   however many layers draw from it) and puts a [`TriedEndpoints`] into
+///   however many layers draw from it) and puts a [`TriedEndpoints`](crate::TriedEndpoints) into
 ///   the request's extensions, so that a balancer built with
 ///   [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
 ///   sends each retry somewhere new;
@@ -173,10 +172,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        if req.extensions().get::<TriedEndpoints>().is_none() {
-            req.extensions_mut().insert(TriedEndpoints::new());
-        }
-        self.budget.deposit_once(&mut req);
+        self.budget.begin_call(&mut req);
         let safety = req.safety();
         let deadline = CallDeadline::of(&req);
         // Keep the original to copy from, and send a copy; without a copy
