@@ -1,6 +1,7 @@
 //! What each resilience layer adds per request, over in-memory endpoints
 //! that answer at once: the balancer alone, then the per-attempt timeout,
-//! the retry layer, the hedge layer, and the whole stack under a deadline.
+//! the retry layer, the hedge layer, the whole stack under a deadline, and
+//! that stack boxed as the ready-made clients hold it.
 //! Requests are GETs with four headers, as a client would send; building
 //! one is measured on its own (`request only`) so that it can be
 //! subtracted from the rest.
@@ -99,6 +100,12 @@ fn bench_layers(c: &mut Criterion) {
     );
     group.bench_function("deadline+replay+retry+hedge+timeout+balancer", |b| {
         b.to_async(&rt).iter(|| full.clone().oneshot(plain_get()))
+    });
+    // `HttpClient` and `GrpcChannel` box their stack so that they have a
+    // name: this is what the box costs (one allocation for the future).
+    let boxed = tower::util::BoxCloneSyncService::new(full.clone());
+    group.bench_function("boxed, as in HttpClient", |b| {
+        b.to_async(&rt).iter(|| boxed.clone().oneshot(plain_get()))
     });
     group.finish();
 }

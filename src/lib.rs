@@ -49,8 +49,12 @@
 
 pub mod balance;
 pub mod classify;
+#[cfg(feature = "http")]
+pub mod client;
 pub mod discover;
 pub mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod health;
 pub mod hedge;
 #[cfg(feature = "http")]

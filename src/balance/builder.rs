@@ -209,6 +209,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         self
     }
 
+    /// Keeps every endpoint in service whatever it answers: undoes
+    /// [`outlier_detection`](Self::outlier_detection).
+    pub fn no_outlier_detection(mut self) -> Self {
+        self.options.outlier_detection = None;
+        self
+    }
+
     /// Ramps the share of new endpoints, and of endpoints back from an
     /// ejection, up over a window (see [`SlowStart`]). Default: off.
     ///

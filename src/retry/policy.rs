@@ -277,10 +277,7 @@ impl Default for HttpRetryOn {
     }
 }
 
-impl<B: Send + Sync + 'static> RetryOn<http::Response<B>> for HttpRetryOn
-where
-    http::Response<B>: Send,
-{
+impl<B> RetryOn<http::Response<B>> for HttpRetryOn {
     fn response(&self, response: &http::Response<B>) -> ResponseVerdict {
         let headers = response.headers();
         if !self.retries_status(response.status()) && !self.retries_grpc(headers) {

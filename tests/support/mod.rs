@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod grpc;
 pub mod recording;
 pub mod reporting;
 

@@ -1,0 +1,354 @@
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+use tower::discover::Discover;
+use tower::util::BoxCloneSyncService;
+use tower::Service;
+
+use super::{BalancerHandle, ClientBuilder, Hints, MapEndpoints};
+use crate::balance::{self, RequestHints, StaticWeights};
+use crate::classify::{Classify, HttpClassify};
+use crate::error::BoxError;
+use crate::http::HttpEndpoint;
+use crate::load::OrcaLoadReports;
+use crate::retry::{ReplayBody, RetryBudget, RetryStats};
+use crate::strategy::{P2c, Strategy};
+
+/// The HTTP settings of a [`ClientBuilder`]: the hyper-util client every
+/// endpoint shares, and its connector.
+#[derive(Debug, Clone)]
+pub struct Http<C = HttpConnector> {
+    connector: C,
+    hyper: legacy::Builder,
+}
+
+/// The classifier [`HttpClient`] starts with: 5xx are failures, and ORCA
+/// `endpoint-load-metrics` headers are read (for weighted round robin).
+pub type DefaultHttpClassify =
+    HttpClassify<tower_http::classify::ServerErrorsAsFailures, OrcaLoadReports>;
+
+/// A balanced, retrying HTTP client over a set of endpoints: the one-stop
+/// stack of this crate (see the [module docs](super) for its parts and
+/// defaults).
+///
+/// A cheap `Clone` handle, a `Service<http::Request<B>>`; send requests with
+/// a path (`/users/7`) or an absolute URI, whose authority is kept as the
+/// `Host` header.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use http_body_util::Full;
+/// use hyper::body::Bytes;
+/// use tower::ServiceExt;
+/// use tower_lb::client::HttpClient;
+/// use tower_lb::discover::Dns;
+/// use tower_lb::strategy::RoundRobin;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), tower_lb::BoxError> {
+/// // Every address of a name, re-resolved on its TTL, round robin, 2 s a call.
+/// let client = HttpClient::builder()
+///     .strategy(RoundRobin::new())
+///     .deadline(Duration::from_secs(2))
+///     .build_dns(Dns::host("api.internal", 8080))?;
+///
+/// let request = http::Request::get("/users/7").body(Full::new(Bytes::new()))?;
+/// let response = client.oneshot(request).await?;
+/// # let _ = response;
+/// # Ok(())
+/// # }
+/// ```
+pub struct HttpClient<B, K = SocketAddr> {
+    service: BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError>,
+    balancer: BalancerHandle<K>,
+    budget: Option<RetryBudget>,
+    #[cfg(feature = "dns")]
+    resolve_now: Option<crate::discover::ResolveNow>,
+}
+
+impl HttpClient<(), ()> {
+    /// A builder with the defaults of the [module docs](super), over plain
+    /// HTTP with hyper-util's default client settings.
+    #[allow(clippy::type_complexity)]
+    pub fn builder() -> ClientBuilder<Http, balance::Builder<P2c, DefaultHttpClassify, Hints>> {
+        let balancer = balance::Builder::new()
+            .classify(HttpClassify::server_errors().load_reports(OrcaLoadReports))
+            .outlier_detection(crate::health::OutlierDetection::default())
+            .avoid_tried_endpoints();
+        let http = Http {
+            connector: HttpConnector::new(),
+            hyper: Client::builder(TokioExecutor::new()),
+        };
+        ClientBuilder::with(http, balancer)
+    }
+}
+
+impl<Conn, B> ClientBuilder<Http<Conn>, B> {
+    /// The connector the shared hyper-util client dials with (a TLS one for
+    /// `https`, say, with [`scheme`](Self::scheme)).
+    pub fn connector<C2>(self, connector: C2) -> ClientBuilder<Http<C2>, B> {
+        ClientBuilder {
+            target: Http {
+                connector,
+                hyper: self.target.hyper,
+            },
+            balancer: self.balancer,
+            calls: self.calls,
+        }
+    }
+
+    /// The hyper-util client settings (pool, HTTP/2 prior knowledge, ...),
+    /// shared by every endpoint.
+    ///
+    /// ```
+    /// use hyper_util::client::legacy::Client;
+    /// use hyper_util::rt::TokioExecutor;
+    /// use tower_lb::client::HttpClient;
+    ///
+    /// let mut hyper = Client::builder(TokioExecutor::new());
+    /// hyper.http2_only(true);
+    /// let builder = HttpClient::builder().hyper(hyper);
+    /// # let _ = builder;
+    /// ```
+    pub fn hyper(mut self, builder: legacy::Builder) -> Self {
+        self.target.hyper = builder;
+        self
+    }
+}
+
+impl<Conn, P, C, H, W, RB> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W>>
+where
+    Conn: Connect + Clone + Send + Sync + 'static,
+    P: Strategy,
+    C: Classify<http::Response<Incoming>, Response = http::Response<RB>>,
+    RB: Body<Data = Bytes> + Send + Sync + 'static,
+    RB::Error: Into<BoxError>,
+    H: Send + Sync + 'static,
+{
+    /// A client over a fixed list of addresses.
+    pub fn build<B>(self, addrs: impl IntoIterator<Item = SocketAddr>) -> HttpClient<B>
+    where
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        H: RequestHints<http::Request<ReplayBody<B>>>,
+        W: StaticWeights<SocketAddr>,
+    {
+        let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
+        self.build_discover(crate::discover::fixed(addrs))
+    }
+
+    /// A client over the addresses a discovery stream gives, under keys of
+    /// its choosing (a [`discover::channel`](crate::discover::channel) of
+    /// addresses, say).
+    pub fn build_discover<B, D>(self, discover: D) -> HttpClient<B, D::Key>
+    where
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        H: RequestHints<http::Request<ReplayBody<B>>>,
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+        D::Error: Into<BoxError>,
+        W: StaticWeights<D::Key>,
+    {
+        let hyper = self.target.hyper.build(self.target.connector);
+        let endpoints =
+            MapEndpoints::new(discover, move |addr| HttpEndpoint::new(hyper.clone(), addr));
+        let balancer = self.balancer.build(endpoints);
+        HttpClient {
+            service: BoxCloneSyncService::new(self.calls.wrap(ResponseBody::map(balancer.clone()))),
+            balancer: BalancerHandle::new(balancer),
+            budget: self.calls.budget(),
+            #[cfg(feature = "dns")]
+            resolve_now: None,
+        }
+    }
+
+    /// A client over every address of a DNS name (A/AAAA, or SRV),
+    /// re-resolved on the records' TTL (see [`Dns`](crate::discover::Dns)).
+    /// Give SRV weights to the balancer with
+    /// [`static_weights`](ClientBuilder::static_weights)`(DnsEndpoint::static_weight)`.
+    ///
+    /// # Errors
+    ///
+    /// When the resolver cannot be set up (see
+    /// [`Dns::build`](crate::discover::Dns::build)).
+    #[cfg(feature = "dns")]
+    pub fn build_dns<B>(
+        self,
+        dns: crate::discover::Dns,
+    ) -> Result<HttpClient<B, crate::discover::DnsEndpoint>, crate::discover::DnsError>
+    where
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        H: RequestHints<http::Request<ReplayBody<B>>>,
+        W: StaticWeights<crate::discover::DnsEndpoint>,
+    {
+        let (discover, resolve_now) = dns.build(|addr| addr)?;
+        let mut client = self.build_discover(discover);
+        client.resolve_now = Some(resolve_now);
+        Ok(client)
+    }
+}
+
+impl<B, K> HttpClient<B, K> {
+    /// The balancer: its endpoints, and its graceful shutdown.
+    pub fn balancer(&self) -> &BalancerHandle<K> {
+        &self.balancer
+    }
+
+    /// What the retry budget has seen (requests, retries, hedges, refusals),
+    /// or `None` without retries and hedging.
+    pub fn retry_stats(&self) -> Option<RetryStats> {
+        self.budget.as_ref().map(RetryBudget::stats)
+    }
+
+    /// For a client built with [`build_dns`](ClientBuilder::build_dns): a
+    /// handle that asks for a resolution now.
+    #[cfg(feature = "dns")]
+    pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
+        self.resolve_now.as_ref()
+    }
+}
+
+impl<B, K> Service<http::Request<B>> for HttpClient<B, K> {
+    type Response = http::Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = <BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError> as Service<
+        http::Request<B>,
+    >>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.service.call(req)
+    }
+}
+
+impl<B, K> Clone for HttpClient<B, K> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            balancer: self.balancer.clone(),
+            budget: self.budget.clone(),
+            #[cfg(feature = "dns")]
+            resolve_now: self.resolve_now.clone(),
+        }
+    }
+}
+
+impl<B, K> fmt::Debug for HttpClient<B, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("balancer", &self.balancer)
+            .field("retry_stats", &self.retry_stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body of an [`HttpClient`]'s responses: the endpoint's body, read
+/// through the classifier (which may judge the call, or take a load report,
+/// at its end).
+pub struct ResponseBody {
+    inner: Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>,
+}
+
+impl ResponseBody {
+    fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            inner: Box::pin(ErrInto { inner: body }),
+        }
+    }
+
+    /// `service` with its response bodies boxed.
+    fn map<S, Req, RB>(service: S) -> tower::util::MapResponse<S, BoxBodyFn<RB>>
+    where
+        S: Service<Req, Response = http::Response<RB>>,
+        RB: Body<Data = Bytes> + Send + Sync + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        tower::util::MapResponse::new(service, |response| response.map(ResponseBody::new))
+    }
+}
+
+type BoxBodyFn<RB> = fn(http::Response<RB>) -> http::Response<ResponseBody>;
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("size_hint", &self.inner.size_hint())
+            .finish()
+    }
+}
+
+pin_project! {
+    /// A body with its error boxed.
+    struct ErrInto<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for ErrInto<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project()
+            .inner
+            .poll_frame(cx)
+            .map(|frame| frame.map(|result| result.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

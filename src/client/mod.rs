@@ -1,0 +1,311 @@
+//! Ready-made clients: from "a DNS name, or a list of addresses" to a
+//! balanced, retrying service in a few lines.
+//!
+//! [`HttpClient`] (feature `http`) and
+//! [`GrpcChannel`](crate::grpc::GrpcChannel) (feature `grpc`) are the whole
+//! request path of the crate put together with defaults an experienced user
+//! would pick:
+//!
+//! | part | default | change it with |
+//! |---|---|---|
+//! | strategy | [`P2c::peak_ewma`] | [`ClientBuilder::strategy`] |
+//! | what a failure is | HTTP 5xx, or the gRPC codes that mean "server trouble"; load reports read from ORCA headers or trailers | [`ClientBuilder::classify`] |
+//! | outlier detection | [`OutlierDetection::default`] (5 consecutive failures, success rate, 30 s base ejection) | [`ClientBuilder::outlier_detection`] |
+//! | per-attempt timeout | 5 s | [`ClientBuilder::attempt_timeout`] |
+//! | deadline, whole call | 15 s (Envoy's route timeout) | [`ClientBuilder::deadline`] |
+//! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
+//! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
+//! | hedging | off | [`ClientBuilder::hedging`] |
+//! | anything else on the balancer | [`Balancer::builder`](crate::Balancer::builder) defaults | [`ClientBuilder::balancer`] |
+//!
+//! The layers are those of the rest of the crate, in the order of the
+//! design: deadline, body replay, retry, hedge, per-attempt timeout, then the
+//! balancer. Build the stack by hand with `tower::ServiceBuilder` when you
+//! need a layer of your own in between.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use http_body_util::Full;
+//! use hyper::body::Bytes;
+//! use tower::ServiceExt;
+//! use tower_lb::client::HttpClient;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), tower_lb::BoxError> {
+//! let client = HttpClient::builder()
+//!     .attempt_timeout(Duration::from_secs(1))
+//!     .build(["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?]);
+//!
+//! let request = http::Request::get("/hello").body(Full::new(Bytes::new()))?;
+//! let response = client.clone().oneshot(request).await?;
+//! println!("{} from {:?}", response.status(), client.balancer().endpoints());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The services are type-erased (`BoxCloneSyncService` inside), so the
+//! client is a plain named type you can keep in a struct; that costs one
+//! allocation per call for the boxed future, measured in `benches/layers.rs`.
+
+mod discover;
+mod handle;
+mod http;
+
+pub use self::handle::BalancerHandle;
+pub use self::http::{Http, HttpClient, ResponseBody};
+
+pub(crate) use self::discover::MapEndpoints;
+
+use std::fmt;
+use std::time::Duration;
+
+use tower::{Service, ServiceBuilder};
+
+use crate::balance::{self, ExtensionHints, StaticWeights};
+use crate::error::BoxError;
+use crate::health::{OutlierDetection, SlowStart};
+use crate::hedge::HedgeLayer;
+use crate::request::Replayable;
+use crate::retry::{ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
+use crate::strategy::Strategy;
+use crate::timeout::{DeadlineLayer, TimeoutLayer};
+
+/// The default per-attempt timeout of the ready-made clients.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default deadline of the ready-made clients: Envoy's route timeout.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Configures a ready-made client: [`HttpClient::builder`] or
+/// [`GrpcChannel::builder`](crate::grpc::GrpcChannel::builder).
+///
+/// `T` is what it builds (its protocol's settings), `B` the
+/// [`balance::Builder`] it hands the endpoints to. Every setter replaces one
+/// part and keeps the rest; see the [module docs](self) for the defaults.
+pub struct ClientBuilder<T, B> {
+    pub(crate) target: T,
+    pub(crate) balancer: B,
+    pub(crate) calls: CallSettings,
+}
+
+/// The layers around the balancer.
+#[derive(Debug, Clone)]
+pub(crate) struct CallSettings {
+    attempt_timeout: Option<Duration>,
+    deadline: Option<Duration>,
+    retry: Option<RetryPolicy>,
+    budget: RetryBudget,
+    hedge: Option<HedgeLayer>,
+    replay_cap: usize,
+}
+
+impl Default for CallSettings {
+    fn default() -> Self {
+        Self {
+            attempt_timeout: Some(DEFAULT_ATTEMPT_TIMEOUT),
+            deadline: Some(DEFAULT_DEADLINE),
+            retry: Some(RetryPolicy::new()),
+            budget: RetryBudget::new(),
+            hedge: None,
+            replay_cap: crate::retry::DEFAULT_REPLAY_CAP,
+        }
+    }
+}
+
+impl<T, B> ClientBuilder<T, B> {
+    pub(crate) fn with(target: T, balancer: B) -> Self {
+        Self {
+            target,
+            balancer,
+            calls: CallSettings::default(),
+        }
+    }
+
+    /// How long one attempt may take before it is abandoned (and, for a
+    /// request that may repeat, retried elsewhere); `None` for no bound.
+    pub fn attempt_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.calls.attempt_timeout = timeout.into();
+        self
+    }
+
+    /// How long a whole call may take, every attempt and backoff included;
+    /// `None` for no bound. A caller's earlier
+    /// [`CallDeadline`](crate::timeout::CallDeadline) in the request's
+    /// extensions wins.
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.calls.deadline = deadline.into();
+        self
+    }
+
+    /// The retry policy (attempts, backoff, which responses to retry).
+    /// Whatever it says, a request whose [`Safety`](crate::request::Safety)
+    /// class forbids repeating is sent again only when it provably never
+    /// left.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.calls.retry = Some(policy);
+        self
+    }
+
+    /// No retries (hedging, if set, still draws on the budget).
+    pub fn no_retries(mut self) -> Self {
+        self.calls.retry = None;
+        self
+    }
+
+    /// The budget retries (and, if you pass the same one to
+    /// [`HedgeLayer::new`], hedges) draw from. Share one budget between
+    /// clients to cap their retries together.
+    pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.calls.budget = budget;
+        self
+    }
+
+    /// Sends a hedge (a second attempt) after the layer's adaptive delay, for
+    /// safe and idempotent requests.
+    pub fn hedging(mut self, hedge: HedgeLayer) -> Self {
+        self.calls.hedge = Some(hedge);
+        self
+    }
+
+    /// The largest request body kept for a retry or a hedge
+    /// ([`DEFAULT_REPLAY_CAP`](crate::retry::DEFAULT_REPLAY_CAP) by default);
+    /// a larger body is sent once and not repeated.
+    pub fn replay_cap(mut self, bytes: usize) -> Self {
+        self.calls.replay_cap = bytes;
+        self
+    }
+}
+
+impl<T, P, C, H, W> ClientBuilder<T, balance::Builder<P, C, H, W>>
+where
+    P: Strategy,
+{
+    /// The balancing strategy.
+    pub fn strategy<Q: Strategy>(
+        self,
+        strategy: Q,
+    ) -> ClientBuilder<T, balance::Builder<Q, C, H, W>> {
+        self.balancer(|b| b.strategy(strategy))
+    }
+
+    /// What counts as a failure of an endpoint (and which load reports are
+    /// read), for outlier detection and the latency estimate.
+    pub fn classify<D>(self, classify: D) -> ClientBuilder<T, balance::Builder<P, D, H, W>> {
+        self.balancer(|b| b.classify(classify))
+    }
+
+    /// Outlier detection, or `None` to keep every endpoint in service.
+    pub fn outlier_detection(self, detection: impl Into<Option<OutlierDetection>>) -> Self {
+        let detection = detection.into();
+        self.balancer(|b| match detection {
+            Some(detection) => b.outlier_detection(detection),
+            None => b.no_outlier_detection(),
+        })
+    }
+
+    /// Slow start for endpoints that join after the first set, or come back
+    /// from an ejection.
+    pub fn slow_start(self, slow_start: SlowStart) -> Self {
+        self.balancer(|b| b.slow_start(slow_start))
+    }
+
+    /// Static weights from the discovery keys, for example
+    /// [`DnsEndpoint::static_weight`](crate::discover::DnsEndpoint::static_weight)
+    /// with [`build_dns`](ClientBuilder::build_dns).
+    pub fn static_weights<V: StaticWeights<K>, K>(
+        self,
+        weights: V,
+    ) -> ClientBuilder<T, balance::Builder<P, C, H, V>> {
+        self.balancer(|b| b.static_weights(weights))
+    }
+}
+
+impl<T, B> ClientBuilder<T, B> {
+    /// Anything else on the balancer: `f` gets the [`balance::Builder`] and
+    /// returns the one to use.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::client::HttpClient;
+    ///
+    /// let builder = HttpClient::builder()
+    ///     .balancer(|b| b.panic_threshold(30).startup_wait(Duration::from_secs(1)));
+    /// # let _ = builder;
+    /// ```
+    pub fn balancer<B2>(self, f: impl FnOnce(B) -> B2) -> ClientBuilder<T, B2> {
+        ClientBuilder {
+            target: self.target,
+            balancer: f(self.balancer),
+            calls: self.calls,
+        }
+    }
+}
+
+impl<T: fmt::Debug, B: fmt::Debug> fmt::Debug for ClientBuilder<T, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("target", &self.target)
+            .field("balancer", &self.balancer)
+            .field("calls", &self.calls)
+            .finish()
+    }
+}
+
+/// The balancer hints every ready-made client uses: retries and hedges go to
+/// endpoints the call has not tried.
+pub(crate) type Hints = ExtensionHints;
+
+impl CallSettings {
+    /// The budget, when anything draws on it.
+    pub(crate) fn budget(&self) -> Option<RetryBudget> {
+        (self.retry.is_some() || self.hedge.is_some()).then(|| self.budget.clone())
+    }
+
+    /// Deadline -> replay -> retry -> hedge -> per-attempt timeout ->
+    /// `inner` (the balancer).
+    pub(crate) fn wrap<S, Body, Resp>(
+        &self,
+        inner: S,
+    ) -> impl Service<::http::Request<Body>, Response = Resp, Error = BoxError, Future: Send + 'static>
+           + Clone
+           + Send
+           + Sync
+           + 'static
+    where
+        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        Body: http_body::Body + Send + 'static,
+        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
+        Resp: Send + 'static,
+        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+    {
+        // Nothing repeats a request without retries or hedges, so nothing
+        // needs keeping: a cap of 0 sends bodies straight through.
+        let replay_cap = if self.budget().is_some() {
+            self.replay_cap
+        } else {
+            0
+        };
+        // Always there, so that a deadline the caller sets (a
+        // `CallDeadline`, a gRPC `grpc-timeout`) holds even when the client
+        // sets none of its own.
+        let deadline = DeadlineLayer::new(self.deadline.unwrap_or(Duration::MAX));
+        ServiceBuilder::new()
+            .layer(deadline)
+            .layer(ReplayLayer::new(replay_cap))
+            .option_layer(
+                self.retry
+                    .clone()
+                    .map(|policy| RetryLayer::new(policy, self.budget.clone())),
+            )
+            .option_layer(self.hedge.clone())
+            .option_layer(self.attempt_timeout.map(TimeoutLayer::new))
+            .map_err(Into::<BoxError>::into)
+            .service(inner)
+    }
+}

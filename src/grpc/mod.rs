@@ -1,0 +1,285 @@
+//! Glue for tonic: a balanced channel for generated gRPC clients.
+//!
+//! [`GrpcChannel`] is one tonic [`Channel`](tonic::transport::Channel) per
+//! endpoint (each connects lazily, and reconnects after a drop), balanced by
+//! a [`Balancer`](crate::Balancer), with a deadline, retries, a per-attempt
+//! timeout and outlier detection around it. It is a
+//! `Service<http::Request<tonic::body::Body>>` like tonic's own `Channel`,
+//! so any generated client takes it unchanged:
+//!
+//! ```no_run
+//! use tonic_health::pb::health_client::HealthClient;
+//! use tonic_health::pb::HealthCheckRequest;
+//! use tower_lb::grpc::{GrpcChannel, MethodSafety};
+//! use tower_lb::request::Safety;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), tower_lb::BoxError> {
+//! let channel = GrpcChannel::builder()
+//!     .method_safety(MethodSafety::new().service("grpc.health.v1.Health", Safety::Safe))
+//!     .build(["127.0.0.1:50051".parse()?, "127.0.0.1:50052".parse()?]);
+//!
+//! let mut client = HealthClient::new(channel);
+//! let reply = client.check(HealthCheckRequest { service: String::new() }).await?;
+//! # let _ = reply;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What gRPC adds to the [ready-made client](crate::client) defaults:
+//!
+//! - **Classification** by gRPC status ([`HttpClassify::grpc`]): `UNKNOWN`,
+//!   `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
+//!   `DATA_LOSS` count against the endpoint, read from the headers or the
+//!   trailers; ORCA reports in the `endpoint-load-metrics-bin` trailer feed
+//!   [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin).
+//! - **Retries**: `UNAVAILABLE` (and HTTP 502/503/504 from a proxy) is
+//!   retried, no other code. A call is sent again only if its method may
+//!   repeat ([`MethodSafety`], or a [`Safety`](crate::request::Safety) in the
+//!   call's extensions) or it provably never left (the connection could not
+//!   be made): gRPC calls are POSTs, unsafe unless said otherwise.
+//! - **Deadlines**: a call's `grpc-timeout` (`tonic::Request::set_timeout`)
+//!   narrows the channel's deadline ([`GrpcTimeoutLayer`]).
+//! - **Errors** reach the generated client as a `tonic::Status` with the
+//!   right code ([`status_from_error`]): `DEADLINE_EXCEEDED` for timeouts,
+//!   `UNAVAILABLE` when there is no endpoint or no connection.
+
+mod endpoint;
+mod safety;
+mod status;
+mod timeout;
+
+pub use self::endpoint::{GrpcEndpoint, GrpcResponseFuture};
+pub use self::safety::{MethodSafety, WithMethodSafety};
+pub use self::status::status_from_error;
+pub use self::timeout::{GrpcTimeout, GrpcTimeoutLayer};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Body;
+use tonic::transport::Endpoint;
+use tower::discover::Discover;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+
+use crate::balance::{self, RequestHints, StaticWeights};
+use crate::classify::{Classify, GrpcClassifier, HttpClassify};
+use crate::client::{BalancerHandle, ClientBuilder, MapEndpoints};
+use crate::error::BoxError;
+use crate::load::OrcaLoadReports;
+use crate::retry::{ReplayBody, RetryBudget, RetryStats};
+use crate::strategy::{P2c, Strategy};
+
+/// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
+/// how each endpoint's tonic `Endpoint` is configured.
+#[derive(Clone)]
+pub struct Grpc {
+    safety: MethodSafety,
+    configure: Arc<dyn Fn(Endpoint) -> Endpoint + Send + Sync>,
+}
+
+impl fmt::Debug for Grpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grpc")
+            .field("safety", &self.safety)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The classifier [`GrpcChannel`] starts with: gRPC status codes, and ORCA
+/// reports from the `endpoint-load-metrics-bin` trailer.
+pub type DefaultGrpcClassify = HttpClassify<GrpcClassifier, OrcaLoadReports>;
+
+type Call = http::Request<tonic::body::Body>;
+type Reply = http::Response<tonic::body::Body>;
+
+/// A balanced channel for tonic generated clients: see the [module
+/// docs](self).
+///
+/// A cheap `Clone` handle; every clone shares the endpoints and their
+/// connections.
+pub struct GrpcChannel<K = SocketAddr> {
+    service: BoxCloneSyncService<Call, Reply, BoxError>,
+    balancer: BalancerHandle<K>,
+    budget: Option<RetryBudget>,
+    #[cfg(feature = "dns")]
+    resolve_now: Option<crate::discover::ResolveNow>,
+}
+
+impl GrpcChannel<()> {
+    /// A builder with the defaults of the [client module](crate::client),
+    /// gRPC classification, and plain-text HTTP/2 endpoints with tonic's
+    /// default settings.
+    #[allow(clippy::type_complexity)]
+    pub fn builder(
+    ) -> ClientBuilder<Grpc, balance::Builder<P2c, DefaultGrpcClassify, crate::client::Hints>> {
+        let balancer = balance::Builder::new()
+            .classify(HttpClassify::grpc().load_reports(OrcaLoadReports))
+            .outlier_detection(crate::health::OutlierDetection::default())
+            .avoid_tried_endpoints();
+        let grpc = Grpc {
+            safety: MethodSafety::new(),
+            configure: Arc::new(|endpoint| endpoint),
+        };
+        ClientBuilder::with(grpc, balancer)
+    }
+}
+
+impl<B> ClientBuilder<Grpc, B> {
+    /// Which methods may be sent twice (retried and hedged).
+    pub fn method_safety(mut self, safety: MethodSafety) -> Self {
+        self.target.safety = safety;
+        self
+    }
+
+    /// Configures each endpoint's tonic [`Endpoint`] (connect timeout,
+    /// keep-alive, TLS with `tls_config` and an `https` origin, ...) before
+    /// its channel is made.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::grpc::GrpcChannel;
+    ///
+    /// let builder = GrpcChannel::builder().endpoint(|e| {
+    ///     e.connect_timeout(Duration::from_millis(500))
+    ///         .http2_keep_alive_interval(Duration::from_secs(30))
+    /// });
+    /// # let _ = builder;
+    /// ```
+    pub fn endpoint(
+        mut self,
+        configure: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+    ) -> Self {
+        self.target.configure = Arc::new(configure);
+        self
+    }
+}
+
+impl<P, C, H, W, RB> ClientBuilder<Grpc, balance::Builder<P, C, H, W>>
+where
+    P: Strategy,
+    C: Classify<Reply, Response = http::Response<RB>>,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+    H: RequestHints<http::Request<ReplayBody<tonic::body::Body>>> + Send + Sync + 'static,
+{
+    /// A channel over a fixed list of addresses.
+    pub fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> GrpcChannel
+    where
+        W: StaticWeights<SocketAddr>,
+    {
+        let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
+        self.build_discover(crate::discover::fixed(addrs))
+    }
+
+    /// A channel over the addresses a discovery stream gives, under keys of
+    /// its choosing.
+    pub fn build_discover<D>(self, discover: D) -> GrpcChannel<D::Key>
+    where
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+        D::Error: Into<BoxError>,
+        W: StaticWeights<D::Key>,
+    {
+        let configure = self.target.configure;
+        let endpoints =
+            MapEndpoints::new(discover, move |addr| GrpcEndpoint::lazy(addr, &*configure));
+        let balancer = self.balancer.build(endpoints);
+        let boxed_bodies =
+            tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
+                response.map(tonic::body::Body::new)
+            });
+        let service = ServiceBuilder::new()
+            .map_err(|error| BoxError::from(status_from_error(error)))
+            .layer(self.target.safety)
+            .layer(GrpcTimeoutLayer)
+            .service(self.calls.wrap(boxed_bodies));
+        GrpcChannel {
+            service: BoxCloneSyncService::new(service),
+            balancer: BalancerHandle::new(balancer),
+            budget: self.calls.budget(),
+            #[cfg(feature = "dns")]
+            resolve_now: None,
+        }
+    }
+
+    /// A channel over every address of a DNS name, re-resolved on the
+    /// records' TTL (see [`Dns`](crate::discover::Dns)).
+    ///
+    /// # Errors
+    ///
+    /// When the resolver cannot be set up (see
+    /// [`Dns::build`](crate::discover::Dns::build)).
+    #[cfg(feature = "dns")]
+    pub fn build_dns(
+        self,
+        dns: crate::discover::Dns,
+    ) -> Result<GrpcChannel<crate::discover::DnsEndpoint>, crate::discover::DnsError>
+    where
+        W: StaticWeights<crate::discover::DnsEndpoint>,
+    {
+        let (discover, resolve_now) = dns.build(|addr| addr)?;
+        let mut channel = self.build_discover(discover);
+        channel.resolve_now = Some(resolve_now);
+        Ok(channel)
+    }
+}
+
+impl<K> GrpcChannel<K> {
+    /// The balancer: its endpoints, and its graceful shutdown.
+    pub fn balancer(&self) -> &BalancerHandle<K> {
+        &self.balancer
+    }
+
+    /// What the retry budget has seen, or `None` without retries and
+    /// hedging.
+    pub fn retry_stats(&self) -> Option<RetryStats> {
+        self.budget.as_ref().map(RetryBudget::stats)
+    }
+
+    /// For a channel built with [`build_dns`](ClientBuilder::build_dns): a
+    /// handle that asks for a resolution now.
+    #[cfg(feature = "dns")]
+    pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
+        self.resolve_now.as_ref()
+    }
+}
+
+impl<K> Service<Call> for GrpcChannel<K> {
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = <BoxCloneSyncService<Call, Reply, BoxError> as Service<Call>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Call) -> Self::Future {
+        self.service.call(req)
+    }
+}
+
+impl<K> Clone for GrpcChannel<K> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            balancer: self.balancer.clone(),
+            budget: self.budget.clone(),
+            #[cfg(feature = "dns")]
+            resolve_now: self.resolve_now.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for GrpcChannel<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcChannel")
+            .field("balancer", &self.balancer)
+            .field("retry_stats", &self.retry_stats())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,322 @@
+//! `GrpcChannel` under a tonic generated client (the standard health
+//! service), against real tonic servers on loopback that record every call.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tower_lb::grpc::{GrpcChannel, MethodSafety};
+use tower_lb::request::Safety;
+use tower_lb::retry::{Backoff, RetryPolicy};
+use tower_lb::strategy::{RoundRobin, WeightedRoundRobin};
+use tower_lb::EndpointState;
+
+use support::grpc::{addrs, received, start_all, GrpcBehaviour, GrpcServer};
+
+const HEALTH: &str = "grpc.health.v1.Health";
+
+/// The default policy with a 1 ms backoff, so that tests do not wait on it.
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::new().backoff(Backoff::new().initial(Duration::from_millis(1)))
+}
+
+/// Health checks may repeat: they change nothing.
+fn safe_checks() -> MethodSafety {
+    MethodSafety::new().service(HEALTH, Safety::Safe)
+}
+
+fn check(id: &str) -> tonic::Request<HealthCheckRequest> {
+    let mut request = tonic::Request::new(HealthCheckRequest::default());
+    let id = id.parse().unwrap_or_else(|e| panic!("{e}"));
+    request.metadata_mut().insert("x-request-id", id);
+    request
+}
+
+async fn call(channel: &GrpcChannel, id: &str) -> Result<(), tonic::Status> {
+    HealthClient::new(channel.clone())
+        .check(check(id))
+        .await
+        .map(drop)
+}
+
+fn state_of(channel: &GrpcChannel, addr: SocketAddr) -> Option<EndpointState> {
+    channel
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == addr)
+        .map(|e| e.state)
+}
+
+#[tokio::test]
+async fn calls_spread_evenly_over_every_server_through_the_generated_client() {
+    let servers = start_all(vec![GrpcBehaviour::Serve; 3]).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build(addrs(&servers));
+    for i in 0..300 {
+        call(&channel, &format!("c{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let hits: Vec<usize> = servers.iter().map(GrpcServer::hits).collect();
+    assert_eq!(hits, vec![100, 100, 100]);
+}
+
+#[tokio::test]
+async fn an_unavailable_server_is_retried_elsewhere_and_ejected() {
+    let servers = start_all(vec![
+        GrpcBehaviour::Serve,
+        GrpcBehaviour::Serve,
+        GrpcBehaviour::Fail(Code::Unavailable),
+    ])
+    .await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    for i in 0..60 {
+        call(&channel, &format!("c{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    // Five consecutive failures eject it (the default); one at a time, so
+    // exactly five.
+    assert_eq!(servers[2].hits(), 5);
+    assert_eq!(
+        state_of(&channel, servers[2].addr),
+        Some(EndpointState::Ejected)
+    );
+    let stats = channel.retry_stats().unwrap_or_default();
+    assert_eq!(stats.retries, 5, "{stats:?}");
+}
+
+#[tokio::test]
+async fn invalid_argument_is_not_retried() {
+    let servers = start_all(vec![GrpcBehaviour::Fail(Code::InvalidArgument); 3]).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    let status = call(&channel, "bad")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(received(&servers, "bad"), 1);
+    // Nor does it count against the server.
+    assert!(channel
+        .balancer()
+        .endpoints()
+        .iter()
+        .all(|e| e.failures == 0));
+}
+
+#[tokio::test]
+async fn unavailable_is_not_retried_for_a_method_that_may_not_repeat() {
+    let servers = start_all(vec![GrpcBehaviour::Fail(Code::Unavailable); 2]).await;
+    // No `MethodSafety`: a gRPC call is a POST, so it is unsafe.
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .build(addrs(&servers));
+    let status = call(&channel, "once")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(received(&servers, "once"), 1);
+}
+
+#[tokio::test]
+async fn a_call_the_caller_marks_idempotent_is_retried() {
+    let servers = start_all(vec![
+        GrpcBehaviour::Fail(Code::Unavailable),
+        GrpcBehaviour::Serve,
+    ])
+    .await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build(addrs(&servers));
+    for i in 0..4 {
+        let mut request = check(&format!("m{i}"));
+        request.extensions_mut().insert(Safety::Idempotent);
+        HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(
+        servers[0].hits() >= 1,
+        "round robin reached the failing server"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_even_for_a_method_that_may_not_repeat() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let refusing = support::refusing_addr().await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .outlier_detection(None)
+        .build([refusing, server.addr]);
+    for i in 0..6 {
+        call(&channel, &format!("u{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert_eq!(server.hits(), 6);
+    assert!(channel.retry_stats().unwrap_or_default().retries >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_run_is_drained_out_with_no_failed_calls() {
+    let servers = start_all(vec![GrpcBehaviour::Delay(Duration::from_millis(2)); 3]).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    let until = tokio::time::Instant::now() + Duration::from_millis(900);
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let channel = channel.clone();
+        tasks.spawn(async move {
+            let (mut calls, mut failures) = (0, Vec::new());
+            while tokio::time::Instant::now() < until {
+                if let Err(status) = call(&channel, &format!("t{task}-{calls}")).await {
+                    failures.push(status.to_string());
+                }
+                calls += 1;
+            }
+            (calls, failures)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = servers[0].hits();
+    servers[0].kill();
+
+    let (mut calls, mut failures) = (0, Vec::new());
+    while let Some(done) = tasks.join_next().await {
+        let (c, f) = done.unwrap_or_else(|e| panic!("{e}"));
+        calls += c;
+        failures.extend(f);
+    }
+    println!(
+        "{calls} calls, {} retries, killed server had {killed_at}",
+        channel.retry_stats().unwrap_or_default().retries
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(killed_at > 0, "the killed server had taken calls");
+    assert_eq!(
+        state_of(&channel, servers[0].addr),
+        Some(EndpointState::Ejected)
+    );
+    assert_eq!(channel.balancer().in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orca_trailers_shift_weighted_round_robin() {
+    let servers = start_all(vec![GrpcBehaviour::Serve; 2]).await;
+    // Same rate, utilization 0.1 against 0.4: weights 4 to 1.
+    servers[0].report_load(0.1, 100.0);
+    servers[1].report_load(0.4, 100.0);
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(
+            WeightedRoundRobin::new()
+                .blackout_period(Duration::from_millis(200))
+                .weight_update_period(Duration::from_millis(100)),
+        )
+        .build(addrs(&servers));
+    let drive = |period: Duration| {
+        let channel = channel.clone();
+        async move {
+            let until = tokio::time::Instant::now() + period;
+            let mut i = 0;
+            while tokio::time::Instant::now() < until {
+                call(&channel, &format!("w{i}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                i += 1;
+            }
+        }
+    };
+    // Reports, the blackout, and a few weight updates.
+    drive(Duration::from_millis(800)).await;
+    let before: Vec<usize> = servers.iter().map(GrpcServer::hits).collect();
+    drive(Duration::from_millis(800)).await;
+    let during: Vec<usize> = servers
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.hits() - b)
+        .collect();
+    let share = during[0] as f64 / (during[0] + during[1]) as f64;
+    println!("calls after the weights settled: {during:?}, share of the lightly loaded server {share:.3}");
+    assert!((share - 0.8).abs() < 0.05, "share {share:.3}, want 0.8");
+    let loads = channel.balancer().endpoints();
+    assert!(loads.iter().all(|e| e.reported_load.is_some()), "{loads:?}");
+}
+
+#[tokio::test]
+async fn the_grpc_timeout_of_a_call_bounds_it() {
+    let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(5))).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .build([server.addr]);
+    let mut request = check("slow");
+    request.set_timeout(Duration::from_millis(100));
+    let started = tokio::time::Instant::now();
+    let status = HealthClient::new(channel)
+        .check(request)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_timeout_reaches_the_client_as_deadline_exceeded() {
+    let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(5))).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .attempt_timeout(Duration::from_millis(50))
+        .deadline(Duration::from_millis(300))
+        .method_safety(safe_checks())
+        .build([server.addr]);
+    let status = call(&channel, "slow")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
+#[tokio::test]
+async fn no_endpoint_reaches_the_client_as_unavailable() {
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .balancer(|b| b.startup_wait(Duration::from_millis(50)))
+        .build([]);
+    let status = call(&channel, "none")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no endpoints"), "{status:?}");
+}
