@@ -107,6 +107,21 @@ impl<K> BalancerHandle<K> {
     }
 }
 
+/// The handle of a balancer you built yourself, to treat it like the one
+/// inside a ready-made client.
+impl<K, S, P, C, H> From<Balancer<K, S, P, C, H>> for BalancerHandle<K>
+where
+    K: Clone + Send + Sync + 'static,
+    S: Send + Sync + 'static,
+    P: Strategy,
+    C: Send + Sync + 'static,
+    H: Send + Sync + 'static,
+{
+    fn from(balancer: Balancer<K, S, P, C, H>) -> Self {
+        Self::new(balancer)
+    }
+}
+
 impl<K> Clone for BalancerHandle<K> {
     fn clone(&self) -> Self {
         Self {

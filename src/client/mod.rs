@@ -15,7 +15,7 @@
 //! | deadline, whole call | 15 s (Envoy's route timeout) | [`ClientBuilder::deadline`] |
 //! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
-//! | hedging | off | [`ClientBuilder::hedging`] |
+//! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget) |
 //! | anything else on the balancer | [`Balancer::builder`](crate::Balancer::builder) defaults | [`ClientBuilder::balancer`] |
 //!
 //! The layers are those of the rest of the crate, in the order of the
@@ -52,7 +52,7 @@ mod handle;
 mod http;
 
 pub use self::handle::BalancerHandle;
-pub use self::http::{Http, HttpClient, ResponseBody};
+pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};
 
 pub(crate) use self::discover::MapEndpoints;
 
@@ -152,18 +152,29 @@ impl<T, B> ClientBuilder<T, B> {
         self
     }
 
-    /// The budget retries (and, if you pass the same one to
-    /// [`HedgeLayer::new`], hedges) draw from. Share one budget between
+    /// The budget retries and hedges draw from. Share one budget between
     /// clients to cap their retries together.
     pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
         self.calls.budget = budget;
         self
     }
 
-    /// Sends a hedge (a second attempt) after the layer's adaptive delay, for
-    /// safe and idempotent requests.
-    pub fn hedging(mut self, hedge: HedgeLayer) -> Self {
-        self.calls.hedge = Some(hedge);
+    /// Sends a hedge (a second attempt) after an adaptive delay, for safe
+    /// and idempotent requests. `configure` gets a [`HedgeLayer`] with its
+    /// defaults; hedges draw on the client's retry budget, whichever budget
+    /// is set, so that [`retry_stats`](HttpClient::retry_stats) counts them
+    /// and the budget caps retries and hedges together.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::client::HttpClient;
+    ///
+    /// let builder = HttpClient::builder()
+    ///     .hedging(|hedge| hedge.percentile(0.9).min_delay(Duration::from_millis(20)));
+    /// # let _ = builder;
+    /// ```
+    pub fn hedging(mut self, configure: impl FnOnce(HedgeLayer) -> HedgeLayer) -> Self {
+        self.calls.hedge = Some(configure(HedgeLayer::new(self.calls.budget.clone())));
         self
     }
 
@@ -303,7 +314,11 @@ impl CallSettings {
                     .clone()
                     .map(|policy| RetryLayer::new(policy, self.budget.clone())),
             )
-            .option_layer(self.hedge.clone())
+            .option_layer(
+                self.hedge
+                    .clone()
+                    .map(|hedge| hedge.budget(self.budget.clone())),
+            )
             .option_layer(self.attempt_timeout.map(TimeoutLayer::new))
             .map_err(Into::<BoxError>::into)
             .service(inner)

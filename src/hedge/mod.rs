@@ -144,6 +144,15 @@ impl HedgeLayer {
         self.with(settings)
     }
 
+    /// The same settings, drawing on `budget` (and with a fresh latency
+    /// estimate).
+    pub(crate) fn budget(self, budget: RetryBudget) -> Self {
+        Self {
+            shared: Shared::new(self.settings, budget),
+            settings: self.settings,
+        }
+    }
+
     fn with(self, settings: Settings) -> Self {
         Self {
             shared: Shared::new(settings, self.shared.budget.clone()),
