@@ -1,21 +1,34 @@
 //! The balancer against real hyper servers on loopback.
+//!
+//! The tests of the whole HTTP path run twice: `hand_built::*` against a
+//! bare `Balancer` over `HttpEndpoint`s, `one_stop::*` against
+//! `tower_lb::client::HttpClient` with the same strategy and the layers the
+//! bare balancer lacks turned off (see [`bare`]). The few tests of the
+//! balancer's own mechanics (a custom strategy) run against it alone.
 
 mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use tokio::sync::mpsc;
 use tower::ServiceExt;
+use tower_lb::client::{ClientBuilder, HttpClient};
 use tower_lb::discover::{self, Change};
 use tower_lb::http::{self as lb_http, HttpEndpoint};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
-use tower_lb::{Balancer, EndpointState, Error};
+use tower_lb::{Balancer, BoxError, EndpointState, Error};
 
-use support::{get, refusing_addr, servers, wait_until, Body, Scripted, TestServer};
+use support::{
+    find_error, get, refusing_addr, servers, wait_until, Body, Discovery, Lb, Registry, StackKind,
+    TestServer,
+};
 
 type Endpoint = HttpEndpoint<Body>;
 
@@ -23,20 +36,135 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
     HttpEndpoint::new(lb_http::client(), addr)
 }
 
-fn fixed_balancer<P: Strategy>(
+fn addrs(servers: &[TestServer]) -> Vec<SocketAddr> {
+    servers.iter().map(|s| s.addr).collect()
+}
+
+/// The one-stop client as bare as the hand-built balancer: no outlier
+/// detection, no retries, no per-attempt timeout, no deadline. It keeps its
+/// own classifier (5xx are failures), which these servers never answer.
+fn bare<T, P: Strategy, C, H, W>(
+    builder: ClientBuilder<T, tower_lb::Builder<P, C, H, W>>,
+) -> ClientBuilder<T, tower_lb::Builder<P, C, H, W>> {
+    builder
+        .outlier_detection(None)
+        .no_retries()
+        .attempt_timeout(None)
+        .deadline(None)
+}
+
+/// `strategy` over a fixed list of addresses.
+fn fixed<P: Strategy>(
+    kind: StackKind,
     strategy: P,
-    servers: &[TestServer],
-) -> Balancer<SocketAddr, Endpoint, P> {
-    let client = lb_http::client();
-    let addrs = servers.iter().map(|s| s.addr);
-    Balancer::builder()
-        .strategy(strategy)
-        .build(discover::fixed(lb_http::endpoints(&client, addrs)))
+    addrs: impl IntoIterator<Item = SocketAddr>,
+) -> Lb {
+    match kind {
+        StackKind::HandBuilt => {
+            let client = lb_http::client();
+            Lb::hand_built(
+                Balancer::builder()
+                    .strategy(strategy)
+                    .build(discover::fixed(lb_http::endpoints(&client, addrs))),
+            )
+        }
+        StackKind::OneStop => {
+            Lb::one_stop(bare(HttpClient::builder()).strategy(strategy).build(addrs))
+        }
+    }
+}
+
+/// `strategy` over a discovery channel (see [`Registry::new`]).
+fn over<K, P>(discovery: Discovery<K>, strategy: P) -> Lb<K>
+where
+    K: std::hash::Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
+    P: Strategy,
+{
+    over_waiting(discovery, strategy, Duration::from_secs(5))
+}
+
+/// `strategy` over a discovery channel, a request waiting up to
+/// `startup_wait` for the first endpoint.
+fn over_waiting<K, P>(discovery: Discovery<K>, strategy: P, startup_wait: Duration) -> Lb<K>
+where
+    K: std::hash::Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
+    P: Strategy,
+{
+    match discovery {
+        Discovery::HandBuilt(stream) => Lb::hand_built(
+            Balancer::builder()
+                .strategy(strategy)
+                .startup_wait(startup_wait)
+                .build(stream),
+        ),
+        Discovery::OneStop(stream) => Lb::one_stop(
+            bare(HttpClient::builder())
+                .strategy(strategy)
+                .balancer(|b| b.startup_wait(startup_wait))
+                .build_discover(stream),
+        ),
+    }
+}
+
+/// A discovery stream the test scripts item by item, errors included.
+struct ScriptedOf<S>(mpsc::UnboundedReceiver<Result<Change<SocketAddr, S>, std::io::Error>>);
+
+impl<S> futures_core::Stream for ScriptedOf<S> {
+    type Item = Result<Change<SocketAddr, S>, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// The sending end of a [`ScriptedOf`] stream, for either stack; dropping it
+/// ends the stream.
+enum Script {
+    HandBuilt(mpsc::UnboundedSender<Result<Change<SocketAddr, Endpoint>, std::io::Error>>),
+    OneStop(mpsc::UnboundedSender<Result<Change<SocketAddr, SocketAddr>, std::io::Error>>),
+}
+
+impl Script {
+    /// A script, and a round-robin stack of `kind` reading it.
+    fn round_robin(kind: StackKind) -> (Self, Lb) {
+        match kind {
+            StackKind::HandBuilt => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let balancer = Balancer::builder()
+                    .strategy(RoundRobin::new())
+                    .build(ScriptedOf(rx));
+                (Script::HandBuilt(tx), Lb::hand_built(balancer))
+            }
+            StackKind::OneStop => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let client = bare(HttpClient::builder())
+                    .strategy(RoundRobin::new())
+                    .build_discover(ScriptedOf(rx));
+                (Script::OneStop(tx), Lb::one_stop(client))
+            }
+        }
+    }
+
+    fn insert(&self, addr: SocketAddr) {
+        let sent = match self {
+            Script::HandBuilt(tx) => tx.send(Ok(Change::Insert(addr, endpoint(addr)))).is_ok(),
+            Script::OneStop(tx) => tx.send(Ok(Change::Insert(addr, addr))).is_ok(),
+        };
+        assert!(sent, "the stack reads the script");
+    }
+
+    fn fail(&self, message: &str) {
+        let sent = match self {
+            Script::HandBuilt(tx) => tx.send(Err(std::io::Error::other(message))).is_ok(),
+            Script::OneStop(tx) => tx.send(Err(std::io::Error::other(message))).is_ok(),
+        };
+        assert!(sent, "the stack reads the script");
+    }
 }
 
 /// Sends one GET and reads the whole body; any failure is an error.
-async fn roundtrip<P: Strategy>(balancer: &Balancer<SocketAddr, Endpoint, P>) -> Result<(), Error> {
-    let response = balancer.clone().oneshot(get()).await?;
+async fn roundtrip<K: 'static>(lb: &Lb<K>) -> Result<(), BoxError> {
+    let response = lb.send(get()).await?;
     assert_eq!(response.status(), 200);
     let body = response
         .into_body()
@@ -48,28 +176,75 @@ async fn roundtrip<P: Strategy>(balancer: &Balancer<SocketAddr, Endpoint, P>) ->
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_robin_spreads_requests_exactly_evenly() {
+// The tests of the whole HTTP path: each body below runs as
+// `hand_built::<name>` and `one_stop::<name>`.
+support::for_both_stacks! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    round_robin_spreads_requests_exactly_evenly,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    p2c_sends_requests_to_every_endpoint,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    removed_endpoint_gets_no_new_requests_and_its_in_flight_requests_complete,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    inserts_and_removes_under_steady_load_fail_no_request,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    request_waits_for_the_first_endpoint_then_succeeds,
+    #[tokio::test(start_paused = true)]
+    request_fails_with_no_endpoints_after_the_startup_wait,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    shutdown_refuses_new_requests_and_waits_for_in_flight_ones,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    shutdown_gives_up_after_its_timeout_and_says_how_many_are_left,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    ten_thousand_requests_from_64_tasks_are_each_answered_once,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    slow_endpoint_gets_far_fewer_requests_under_peak_ewma_than_round_robin,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    dropping_a_response_future_releases_its_in_flight_count,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    refused_connection_is_an_endpoint_error_marked_never_sent,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    duplicate_insert_replaces_the_service_and_the_old_one_drains,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    removing_an_unknown_endpoint_changes_nothing,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    discovery_error_keeps_the_last_endpoints_and_later_changes_still_apply,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    ended_discovery_stream_keeps_the_last_endpoints,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    driver_stops_when_the_last_handle_is_dropped,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    duration_max_means_wait_forever_not_overflow,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    absolute_uri_keeps_its_authority_as_the_host_header,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    https_request_through_a_plain_http_endpoint_is_refused_and_never_sent,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    connect_request_is_refused_and_never_sent,
+    #[tokio::test]
+    a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried,
+}
+
+async fn round_robin_spreads_requests_exactly_evenly(kind: StackKind) {
     let servers = servers(4, Duration::ZERO).await;
-    let balancer = fixed_balancer(RoundRobin::new(), &servers);
+    let lb = fixed(kind, RoundRobin::new(), addrs(&servers));
     for _ in 0..400 {
-        roundtrip(&balancer).await.expect("request succeeds");
+        roundtrip(&lb).await.expect("request succeeds");
     }
     let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
     assert_eq!(hits, [100, 100, 100, 100]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p2c_sends_requests_to_every_endpoint() {
+async fn p2c_sends_requests_to_every_endpoint(kind: StackKind) {
     let servers = servers(4, Duration::from_millis(2)).await;
     for strategy in [P2c::least_requests(), P2c::peak_ewma()] {
-        let balancer = fixed_balancer(strategy, &servers);
+        let lb = fixed(kind, strategy, addrs(&servers));
         let tasks: Vec<_> = (0..8)
             .map(|_| {
-                let balancer = balancer.clone();
+                let lb = lb.clone();
                 tokio::spawn(async move {
                     for _ in 0..50 {
-                        roundtrip(&balancer).await.expect("request succeeds");
+                        roundtrip(&lb).await.expect("request succeeds");
                     }
                 })
             })
@@ -87,42 +262,40 @@ async fn p2c_sends_requests_to_every_endpoint() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removed_endpoint_gets_no_new_requests_and_its_in_flight_requests_complete() {
+async fn removed_endpoint_gets_no_new_requests_and_its_in_flight_requests_complete(
+    kind: StackKind,
+) {
     let slow = TestServer::with_delay(Duration::from_millis(400)).await;
     let fast = TestServer::start().await;
-    let (handle, stream) = discover::channel();
-    handle.insert(slow.addr, endpoint(slow.addr)).unwrap();
-    handle.insert(fast.addr, endpoint(fast.addr)).unwrap();
-    let balancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .build(stream);
+    let (registry, discovery) = Registry::new(kind);
+    registry.insert(slow.addr, slow.addr);
+    registry.insert(fast.addr, fast.addr);
+    let lb = over(discovery, RoundRobin::new());
 
     let in_flight: Vec<_> = (0..10)
         .map(|_| {
-            let balancer = balancer.clone();
-            tokio::spawn(async move { roundtrip(&balancer).await })
+            let lb = lb.clone();
+            tokio::spawn(async move { roundtrip(&lb).await })
         })
         .collect();
     slow.wait_in_flight(5).await;
 
-    handle.remove(slow.addr).unwrap();
+    registry.remove(slow.addr);
     wait_until(Duration::from_secs(2), || {
-        balancer
-            .endpoints()
+        lb.endpoints()
             .iter()
             .any(|e| e.key == slow.addr && e.state == EndpointState::Draining)
     })
     .await;
-    let draining = balancer
+    let draining = lb
         .endpoints()
         .into_iter()
         .find(|e| e.key == slow.addr)
-        .unwrap();
+        .expect("the removed endpoint drains");
     assert_eq!(draining.in_flight, 5);
 
     for _ in 0..20 {
-        roundtrip(&balancer).await.expect("request succeeds");
+        roundtrip(&lb).await.expect("request succeeds");
     }
     assert_eq!(slow.hits(), 5, "the removed endpoint got no new request");
 
@@ -132,30 +305,29 @@ async fn removed_endpoint_gets_no_new_requests_and_its_in_flight_requests_comple
             .expect("task")
             .expect("in-flight request completes");
     }
-    wait_until(Duration::from_secs(2), || balancer.endpoints().len() == 1).await;
-    assert_eq!(balancer.endpoints()[0].key, fast.addr);
-    assert_eq!(balancer.in_flight(), 0);
+    wait_until(Duration::from_secs(2), || lb.endpoints().len() == 1).await;
+    assert_eq!(lb.endpoints()[0].key, fast.addr);
+    assert_eq!(lb.in_flight(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inserts_and_removes_under_steady_load_fail_no_request() {
+async fn inserts_and_removes_under_steady_load_fail_no_request(kind: StackKind) {
     let servers = servers(6, Duration::from_millis(1)).await;
-    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let (handle, stream) = discover::channel();
+    let addrs = addrs(&servers);
+    let (registry, discovery) = Registry::new(kind);
     for &addr in &addrs[..3] {
-        handle.insert(addr, endpoint(addr)).unwrap();
+        registry.insert(addr, addr);
     }
-    let balancer = Balancer::builder().build(stream);
+    let lb = over(discovery, P2c::peak_ewma());
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let load: Vec<_> = (0..16)
         .map(|_| {
-            let (balancer, stop, sent) = (balancer.clone(), stop.clone(), sent.clone());
+            let (lb, stop, sent) = (lb.clone(), stop.clone(), sent.clone());
             tokio::spawn(async move {
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = roundtrip(&balancer).await {
+                    if let Err(e) = roundtrip(&lb).await {
                         failures.push(e.to_string());
                     }
                     sent.fetch_add(1, Ordering::Relaxed);
@@ -170,12 +342,10 @@ async fn inserts_and_removes_under_steady_load_fail_no_request() {
         let a = addrs[step % 6];
         let b = addrs[(step + 3) % 6];
         match step % 4 {
-            0 => handle.insert(b, endpoint(b)).unwrap(),
-            1 => handle.remove(a).unwrap(),
-            2 => handle.insert(a, endpoint(a)).unwrap(), // may be a duplicate insert
-            _ => handle
-                .replace_all([(a, endpoint(a)), (b, endpoint(b))])
-                .unwrap(),
+            0 => registry.insert(b, b),
+            1 => registry.remove(a),
+            2 => registry.insert(a, a), // may be a duplicate insert
+            _ => registry.replace_all([(a, a), (b, b)]),
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -187,24 +357,23 @@ async fn inserts_and_removes_under_steady_load_fail_no_request() {
     }
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     assert!(sent.load(Ordering::Relaxed) > 500, "load was steady");
-    wait_until(Duration::from_secs(2), || balancer.in_flight() == 0).await;
+    wait_until(Duration::from_secs(2), || lb.in_flight() == 0).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_waits_for_the_first_endpoint_then_succeeds() {
+async fn request_waits_for_the_first_endpoint_then_succeeds(kind: StackKind) {
     let server = TestServer::start().await;
-    let (handle, stream) = discover::channel();
-    let balancer = Balancer::builder().build(stream);
+    let (registry, discovery) = Registry::new(kind);
+    let lb = over(discovery, P2c::peak_ewma());
 
     let started = tokio::time::Instant::now();
     let request = tokio::spawn({
-        let balancer = balancer.clone();
-        async move { roundtrip(&balancer).await }
+        let lb = lb.clone();
+        async move { roundtrip(&lb).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!request.is_finished(), "the request waits for an endpoint");
 
-    handle.insert(server.addr, endpoint(server.addr)).unwrap();
+    registry.insert(server.addr, server.addr);
     request
         .await
         .expect("task")
@@ -213,42 +382,44 @@ async fn request_waits_for_the_first_endpoint_then_succeeds() {
     assert_eq!(server.hits(), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn request_fails_with_no_endpoints_after_the_startup_wait() {
-    let (_handle, stream) = discover::channel::<SocketAddr, Endpoint>();
-    let balancer = Balancer::builder()
-        .startup_wait(Duration::from_millis(300))
-        .build(stream);
+async fn request_fails_with_no_endpoints_after_the_startup_wait(kind: StackKind) {
+    let (_registry, discovery) = Registry::<SocketAddr>::new(kind);
+    let lb = over_waiting(discovery, P2c::peak_ewma(), Duration::from_millis(300));
 
-    let err = balancer.oneshot(get()).await.unwrap_err();
-    assert!(matches!(err, Error::NoEndpoints { waited } if waited == Duration::from_millis(300)));
+    let err = lb.send(get()).await.expect_err("no endpoint ever appears");
+    assert!(
+        matches!(find_error(&*err), Some(Error::NoEndpoints { waited }) if *waited == Duration::from_millis(300)),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         "no endpoints available: none appeared within 300ms"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_refuses_new_requests_and_waits_for_in_flight_ones() {
+async fn shutdown_refuses_new_requests_and_waits_for_in_flight_ones(kind: StackKind) {
     let server = TestServer::with_delay(Duration::from_millis(300)).await;
-    let balancer = fixed_balancer(P2c::peak_ewma(), std::slice::from_ref(&server));
+    let lb = fixed(kind, P2c::peak_ewma(), [server.addr]);
 
     let in_flight: Vec<_> = (0..4)
         .map(|_| {
-            let balancer = balancer.clone();
-            tokio::spawn(async move { roundtrip(&balancer).await })
+            let lb = lb.clone();
+            tokio::spawn(async move { roundtrip(&lb).await })
         })
         .collect();
     server.wait_in_flight(4).await;
 
     let shutdown = tokio::spawn({
-        let balancer = balancer.clone();
-        async move { balancer.shutdown(Duration::from_secs(5)).await }
+        let lb = lb.clone();
+        async move { lb.shutdown(Duration::from_secs(5)).await }
     });
-    wait_until(Duration::from_secs(1), || balancer.is_closed()).await;
+    wait_until(Duration::from_secs(1), || lb.is_closed()).await;
 
-    let refused = balancer.clone().oneshot(get()).await.unwrap_err();
-    assert!(matches!(refused, Error::Closed), "{refused}");
+    let refused = lb.send(get()).await.expect_err("closed");
+    assert!(
+        matches!(find_error(&*refused), Some(Error::Closed)),
+        "{refused}"
+    );
     assert!(
         !shutdown.is_finished(),
         "shutdown waits for in-flight requests"
@@ -261,24 +432,23 @@ async fn shutdown_refuses_new_requests_and_waits_for_in_flight_ones() {
             .expect("in-flight request completes");
     }
     shutdown.await.expect("task").expect("shutdown completes");
-    assert_eq!(balancer.in_flight(), 0);
+    assert_eq!(lb.in_flight(), 0);
     assert_eq!(server.hits(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_gives_up_after_its_timeout_and_says_how_many_are_left() {
+async fn shutdown_gives_up_after_its_timeout_and_says_how_many_are_left(kind: StackKind) {
     let server = TestServer::with_delay(Duration::from_secs(30)).await;
-    let balancer = fixed_balancer(P2c::peak_ewma(), std::slice::from_ref(&server));
+    let lb = fixed(kind, P2c::peak_ewma(), [server.addr]);
     let _hung = tokio::spawn({
-        let balancer = balancer.clone();
-        async move { roundtrip(&balancer).await }
+        let lb = lb.clone();
+        async move { roundtrip(&lb).await }
     });
     server.wait_in_flight(1).await;
 
-    let err = balancer
+    let err = lb
         .shutdown(Duration::from_millis(200))
         .await
-        .unwrap_err();
+        .expect_err("a request is still in flight");
     assert!(
         matches!(err, Error::ShutdownTimedOut { in_flight: 1, waited } if waited >= Duration::from_millis(200)),
         "{err}"
@@ -286,21 +456,20 @@ async fn shutdown_gives_up_after_its_timeout_and_says_how_many_are_left() {
     assert!(err.to_string().contains("1 requests still in flight"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_requests_from_64_tasks_are_each_answered_once() {
+async fn ten_thousand_requests_from_64_tasks_are_each_answered_once(kind: StackKind) {
     const REQUESTS: usize = 10_000;
     const TASKS: usize = 64;
     let servers = servers(8, Duration::ZERO).await;
-    let balancer = fixed_balancer(P2c::peak_ewma(), &servers);
+    let lb = fixed(kind, P2c::peak_ewma(), addrs(&servers));
 
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
-            let balancer = balancer.clone();
+            let lb = lb.clone();
             let share = REQUESTS / TASKS + usize::from(t < REQUESTS % TASKS);
             tokio::spawn(async move {
                 let mut ok = 0;
                 for _ in 0..share {
-                    roundtrip(&balancer).await.expect("request succeeds");
+                    roundtrip(&lb).await.expect("request succeeds");
                     ok += 1;
                 }
                 ok
@@ -318,8 +487,8 @@ async fn ten_thousand_requests_from_64_tasks_are_each_answered_once() {
         received, REQUESTS,
         "every request reached a server exactly once"
     );
-    assert_eq!(balancer.in_flight(), 0);
-    let stats = balancer.endpoints();
+    assert_eq!(lb.in_flight(), 0);
+    let stats = lb.endpoints();
     assert_eq!(
         stats.iter().map(|e| e.requests).sum::<u64>(),
         REQUESTS as u64
@@ -329,19 +498,20 @@ async fn ten_thousand_requests_from_64_tasks_are_each_answered_once() {
 
 /// Share of `requests` that reached `slow`, with 8 concurrent senders.
 async fn slow_share<P: Strategy>(
+    kind: StackKind,
     strategy: P,
     servers: &[TestServer],
     slow: usize,
     requests: usize,
 ) -> f64 {
     let before = servers[slow].hits();
-    let balancer = fixed_balancer(strategy, servers);
+    let lb = fixed(kind, strategy, addrs(servers));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
-            let balancer = balancer.clone();
+            let lb = lb.clone();
             tokio::spawn(async move {
                 for _ in 0..requests / 8 {
-                    roundtrip(&balancer).await.expect("request succeeds");
+                    roundtrip(&lb).await.expect("request succeeds");
                 }
             })
         })
@@ -352,13 +522,12 @@ async fn slow_share<P: Strategy>(
     (servers[slow].hits() - before) as f64 / requests as f64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_endpoint_gets_far_fewer_requests_under_peak_ewma_than_round_robin() {
+async fn slow_endpoint_gets_far_fewer_requests_under_peak_ewma_than_round_robin(kind: StackKind) {
     let servers = servers(4, Duration::from_millis(2)).await;
     servers[0].set_delay(Duration::from_millis(40));
 
-    let round_robin = slow_share(RoundRobin::new(), &servers, 0, 400).await;
-    let peak_ewma = slow_share(P2c::peak_ewma(), &servers, 0, 400).await;
+    let round_robin = slow_share(kind, RoundRobin::new(), &servers, 0, 400).await;
+    let peak_ewma = slow_share(kind, P2c::peak_ewma(), &servers, 0, 400).await;
     assert!(
         (round_robin - 0.25).abs() < 0.01,
         "round robin: {round_robin}"
@@ -369,22 +538,21 @@ async fn slow_endpoint_gets_far_fewer_requests_under_peak_ewma_than_round_robin(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_a_response_future_releases_its_in_flight_count() {
+async fn dropping_a_response_future_releases_its_in_flight_count(kind: StackKind) {
     let server = TestServer::with_delay(Duration::from_secs(30)).await;
-    let balancer = fixed_balancer(P2c::least_requests(), std::slice::from_ref(&server));
-    let mut future = Box::pin(balancer.clone().oneshot(get()));
+    let lb = fixed(kind, P2c::least_requests(), [server.addr]);
+    let mut future = Box::pin(lb.client().oneshot(get()));
     assert!(
         tokio::time::timeout(Duration::from_millis(100), &mut future)
             .await
             .is_err()
     );
     server.wait_in_flight(1).await;
-    assert_eq!(balancer.in_flight(), 1);
+    assert_eq!(lb.in_flight(), 1);
 
     drop(future);
-    assert_eq!(balancer.in_flight(), 0);
-    let stats = &balancer.endpoints()[0];
+    assert_eq!(lb.in_flight(), 0);
+    let stats = &lb.endpoints()[0];
     assert_eq!(
         (stats.requests, stats.failures),
         (1, 0),
@@ -392,41 +560,38 @@ async fn dropping_a_response_future_releases_its_in_flight_count() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_connection_is_an_endpoint_error_marked_never_sent() {
+async fn refused_connection_is_an_endpoint_error_marked_never_sent(kind: StackKind) {
     let addr = refusing_addr().await;
-    let balancer = Balancer::builder().build(discover::fixed([(addr, endpoint(addr))]));
-    let err = balancer.clone().oneshot(get()).await.unwrap_err();
+    let lb = fixed(kind, P2c::peak_ewma(), [addr]);
+    let err = lb.send(get()).await.expect_err("nothing listens");
 
-    assert!(matches!(err, Error::Endpoint { .. }), "{err}");
-    assert!(err.is_never_sent(), "{err}");
+    assert!(
+        matches!(find_error(&*err), Some(Error::Endpoint { .. })),
+        "{err}"
+    );
+    assert!(tower_lb::error::is_never_sent(&*err), "{err}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
     assert!(err.to_string().contains("never sent"), "{err}");
-    assert_eq!(balancer.endpoints()[0].failures, 1);
+    assert_eq!(lb.endpoints()[0].failures, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_insert_replaces_the_service_and_the_old_one_drains() {
+async fn duplicate_insert_replaces_the_service_and_the_old_one_drains(kind: StackKind) {
     const BACKEND: u32 = 7;
     let old = TestServer::with_delay(Duration::from_millis(300)).await;
     let new = TestServer::start().await;
-    let (handle, stream) = discover::channel();
-    handle.insert(BACKEND, endpoint(old.addr)).unwrap();
-    let balancer = Balancer::builder().build(stream);
+    let (registry, discovery) = Registry::new(kind);
+    registry.insert(BACKEND, old.addr);
+    let lb = over(discovery, P2c::peak_ewma());
 
     let in_flight = tokio::spawn({
-        let balancer = balancer.clone();
-        async move { balancer.oneshot(get()).await.map(|r| r.status()) }
+        let lb = lb.clone();
+        async move { lb.send(get()).await.map(|r| r.status()) }
     });
     old.wait_in_flight(1).await;
 
-    handle.insert(BACKEND, endpoint(new.addr)).unwrap();
-    wait_until(Duration::from_secs(2), || balancer.endpoints().len() == 2).await;
-    let states: Vec<_> = balancer
-        .endpoints()
-        .iter()
-        .map(|e| (e.key, e.state))
-        .collect();
+    registry.insert(BACKEND, new.addr);
+    wait_until(Duration::from_secs(2), || lb.endpoints().len() == 2).await;
+    let states: Vec<_> = lb.endpoints().iter().map(|e| (e.key, e.state)).collect();
     assert_eq!(
         states,
         [
@@ -436,11 +601,7 @@ async fn duplicate_insert_replaces_the_service_and_the_old_one_drains() {
     );
 
     for _ in 0..5 {
-        balancer
-            .clone()
-            .oneshot(get())
-            .await
-            .expect("request succeeds");
+        lb.send(get()).await.expect("request succeeds");
     }
     assert_eq!((old.hits(), new.hits()), (1, 5));
     assert_eq!(
@@ -450,84 +611,71 @@ async fn duplicate_insert_replaces_the_service_and_the_old_one_drains() {
             .expect("old request completes"),
         200
     );
-    wait_until(Duration::from_secs(2), || balancer.endpoints().len() == 1).await;
+    wait_until(Duration::from_secs(2), || lb.endpoints().len() == 1).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_an_unknown_endpoint_changes_nothing() {
+async fn removing_an_unknown_endpoint_changes_nothing(kind: StackKind) {
     let server = TestServer::start().await;
-    let (handle, stream) = discover::channel();
-    handle.insert("known", endpoint(server.addr)).unwrap();
-    handle.remove("unknown").unwrap();
-    let balancer = Balancer::builder().build(stream);
+    let (registry, discovery) = Registry::new(kind);
+    registry.insert("known", server.addr);
+    registry.remove("unknown");
+    let lb = over(discovery, P2c::peak_ewma());
 
-    balancer
-        .clone()
-        .oneshot(get())
-        .await
-        .expect("request succeeds");
-    let keys: Vec<_> = balancer.endpoints().iter().map(|e| e.key).collect();
+    lb.send(get()).await.expect("request succeeds");
+    let keys: Vec<_> = lb.endpoints().iter().map(|e| e.key).collect();
     assert_eq!(keys, ["known"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_error_keeps_the_last_endpoints_and_later_changes_still_apply() {
+async fn discovery_error_keeps_the_last_endpoints_and_later_changes_still_apply(kind: StackKind) {
     let (a, b) = (TestServer::start().await, TestServer::start().await);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(Ok(Change::Insert(a.addr, endpoint(a.addr))))
-        .unwrap();
-    let balancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .build(Scripted(rx));
-    roundtrip(&balancer).await.expect("request succeeds");
+    let (script, lb) = Script::round_robin(kind);
+    script.insert(a.addr);
+    roundtrip(&lb).await.expect("request succeeds");
 
-    tx.send(Err(std::io::Error::other("registry unreachable")))
-        .unwrap();
+    script.fail("registry unreachable");
     for _ in 0..10 {
-        roundtrip(&balancer).await.expect("requests still succeed");
+        roundtrip(&lb).await.expect("requests still succeed");
     }
     assert_eq!(a.hits(), 11);
 
-    tx.send(Ok(Change::Insert(b.addr, endpoint(b.addr))))
-        .unwrap();
-    wait_until(Duration::from_secs(2), || balancer.endpoints().len() == 2).await;
+    script.insert(b.addr);
+    wait_until(Duration::from_secs(2), || lb.endpoints().len() == 2).await;
     for _ in 0..10 {
-        roundtrip(&balancer).await.expect("request succeeds");
+        roundtrip(&lb).await.expect("request succeeds");
     }
     assert_eq!(b.hits(), 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ended_discovery_stream_keeps_the_last_endpoints() {
+async fn ended_discovery_stream_keeps_the_last_endpoints(kind: StackKind) {
     let servers = servers(2, Duration::ZERO).await;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (script, lb) = Script::round_robin(kind);
     for s in &servers {
-        tx.send(Ok(Change::Insert(s.addr, endpoint(s.addr))))
-            .unwrap();
+        script.insert(s.addr);
     }
-    drop(tx); // the stream ends after the two inserts
-    let balancer = Balancer::builder()
-        .strategy(RoundRobin::new())
-        .build(Scripted(rx));
+    drop(script); // the stream ends after the two inserts
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..10 {
-        roundtrip(&balancer).await.expect("request succeeds");
+        roundtrip(&lb).await.expect("request succeeds");
     }
     let hits: HashMap<_, _> = servers.iter().map(|s| (s.addr, s.hits())).collect();
     assert!(hits.values().all(|&h| h == 5), "{hits:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn driver_stops_when_the_last_handle_is_dropped() {
-    let (handle, stream) = discover::channel::<SocketAddr, Endpoint>();
-    let balancer = Balancer::builder().build(stream);
-    let clone = balancer.clone();
-    drop(balancer);
+async fn driver_stops_when_the_last_handle_is_dropped(kind: StackKind) {
+    let (registry, discovery) = Registry::<SocketAddr>::new(kind);
+    let lb = over(discovery, P2c::peak_ewma());
+    let clone = lb.clone();
+    drop(lb);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!handle.is_closed(), "a clone still holds the balancer");
+    assert!(!registry.is_closed(), "a clone still holds the balancer");
     drop(clone);
-    wait_until(Duration::from_secs(2), || handle.is_closed()).await;
+    wait_until(Duration::from_secs(2), || registry.is_closed()).await;
 }
+
+// Against the hand-built balancer only: this is about the balancer's own
+// snapshot race (a pick made on a set that discovery changed meanwhile),
+// which sits below everything the one-stop client adds; with a custom
+// strategy it would go through the same `Balancer::call`.
 
 /// Blocks inside its first pick until the test opens the gate, so the test
 /// can change the endpoints while a request holds an old snapshot.
@@ -569,7 +717,9 @@ impl Strategy for GatedFirstPick {
 async fn endpoint_removed_while_a_request_picks_it_gets_no_request() {
     let (old, new) = (TestServer::start().await, TestServer::start().await);
     let (handle, stream) = discover::channel();
-    handle.insert(1, endpoint(old.addr)).unwrap();
+    handle
+        .insert(1, endpoint(old.addr))
+        .expect("the balancer is alive");
     let entered = Arc::new(AtomicBool::new(false));
     let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let balancer = Balancer::builder()
@@ -590,8 +740,10 @@ async fn endpoint_removed_while_a_request_picks_it_gets_no_request() {
 
     // Meanwhile discovery replaces `old` by `new`; with nothing in flight,
     // `old` leaves the balancer entirely.
-    handle.insert(2, endpoint(new.addr)).unwrap();
-    handle.remove(1).unwrap();
+    handle
+        .insert(2, endpoint(new.addr))
+        .expect("the balancer is alive");
+    handle.remove(1).expect("the balancer is alive");
     wait_until(Duration::from_secs(2), || {
         balancer
             .endpoints()
@@ -602,7 +754,7 @@ async fn endpoint_removed_while_a_request_picks_it_gets_no_request() {
     })
     .await;
 
-    *gate.0.lock().unwrap() = true;
+    *gate.0.lock().expect("lock") = true;
     gate.1.notify_all();
     assert_eq!(request.await.expect("task").expect("request succeeds"), 200);
     assert_eq!(
@@ -613,47 +765,39 @@ async fn endpoint_removed_while_a_request_picks_it_gets_no_request() {
     assert_eq!(balancer.in_flight(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duration_max_means_wait_forever_not_overflow() {
+async fn duration_max_means_wait_forever_not_overflow(kind: StackKind) {
     let server = TestServer::start().await;
-    let (handle, stream) = discover::channel();
-    let balancer = Balancer::builder()
-        .startup_wait(Duration::MAX)
-        .build(stream);
+    let (registry, discovery) = Registry::new(kind);
+    let lb = over_waiting(discovery, P2c::peak_ewma(), Duration::MAX);
     let request = tokio::spawn({
-        let balancer = balancer.clone();
-        async move { roundtrip(&balancer).await }
+        let lb = lb.clone();
+        async move { roundtrip(&lb).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    handle.insert(server.addr, endpoint(server.addr)).unwrap();
+    registry.insert(server.addr, server.addr);
     request.await.expect("task").expect("request succeeds");
-    balancer
-        .shutdown(Duration::MAX)
-        .await
-        .expect("nothing in flight");
+    lb.shutdown(Duration::MAX).await.expect("nothing in flight");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn absolute_uri_keeps_its_authority_as_the_host_header() {
+async fn absolute_uri_keeps_its_authority_as_the_host_header(kind: StackKind) {
     let server = TestServer::start().await;
-    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let lb = fixed(kind, RoundRobin::new(), [server.addr]);
     let request = http::Request::get("http://api.internal:8080/users?page=2")
-        .body(support::Body::new())
-        .unwrap();
-    let response = balancer.oneshot(request).await.expect("request succeeds");
+        .body(Body::new())
+        .expect("request");
+    let response = lb.send(request).await.expect("request succeeds");
     assert_eq!(response.status(), 200);
     assert_eq!(server.last_host().as_deref(), Some("api.internal:8080"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_request_through_a_plain_http_endpoint_is_refused_and_never_sent() {
+async fn https_request_through_a_plain_http_endpoint_is_refused_and_never_sent(kind: StackKind) {
     let server = TestServer::start().await;
-    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let lb = fixed(kind, RoundRobin::new(), [server.addr]);
     let request = http::Request::get("https://api.internal/secret")
-        .body(support::Body::new())
-        .unwrap();
-    let err = balancer.oneshot(request).await.unwrap_err();
-    assert!(err.is_never_sent(), "{err}");
+        .body(Body::new())
+        .expect("request");
+    let err = lb.send(request).await.expect_err("refused");
+    assert!(tower_lb::error::is_never_sent(&*err), "{err}");
     assert!(
         err.to_string()
             .contains("the request is for https but the endpoint speaks http"),
@@ -662,27 +806,35 @@ async fn https_request_through_a_plain_http_endpoint_is_refused_and_never_sent()
     assert_eq!(server.hits(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_request_is_refused_and_never_sent() {
+async fn connect_request_is_refused_and_never_sent(kind: StackKind) {
     let server = TestServer::start().await;
-    let balancer = fixed_balancer(RoundRobin::new(), std::slice::from_ref(&server));
+    let lb = fixed(kind, RoundRobin::new(), [server.addr]);
     let request = http::Request::connect("example.com:443")
-        .body(support::Body::new())
-        .unwrap();
-    let err = balancer.oneshot(request).await.unwrap_err();
-    assert!(err.is_never_sent(), "{err}");
+        .body(Body::new())
+        .expect("request");
+    let err = lb.send(request).await.expect_err("refused");
+    assert!(tower_lb::error::is_never_sent(&*err), "{err}");
     assert_eq!(server.hits(), 0);
 }
 
-#[tokio::test]
-async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried() {
+async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried(kind: StackKind) {
     let servers = servers(3, Duration::ZERO).await;
-    let client = lb_http::client();
-    let addrs = servers.iter().map(|s| s.addr);
-    let balancer = Balancer::builder()
-        .strategy(P2c::least_requests())
-        .avoid_tried_endpoints()
-        .build(discover::fixed(lb_http::endpoints(&client, addrs)));
+    let lb = match kind {
+        StackKind::HandBuilt => {
+            let client = lb_http::client();
+            Lb::hand_built(
+                Balancer::builder()
+                    .strategy(P2c::least_requests())
+                    .avoid_tried_endpoints()
+                    .build(discover::fixed(lb_http::endpoints(
+                        &client,
+                        addrs(&servers),
+                    ))),
+            )
+        }
+        // The one-stop client avoids tried endpoints by default.
+        StackKind::OneStop => fixed(kind, P2c::least_requests(), addrs(&servers)),
+    };
     for _ in 0..30 {
         let tried = tower_lb::TriedEndpoints::new();
         let mut hits_before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
@@ -690,7 +842,7 @@ async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried()
         for _attempt in 0..2 {
             let mut req = get();
             req.extensions_mut().insert(tried.clone());
-            let response = balancer.clone().oneshot(req).await.expect("answered");
+            let response = lb.send(req).await.expect("answered");
             assert_eq!(response.status(), 200);
             let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
             let which = (0..servers.len())

@@ -1,5 +1,9 @@
 //! Timeouts, retries and the retry budget against real hyper servers on
 //! loopback that record every request id they receive.
+//!
+//! Every test runs twice: `hand_built::*` through the stack this file
+//! assembles from the crate's layers, `one_stop::*` through
+//! `tower_lb::client::HttpClient` set up the same way (see [`Stack::build`]).
 
 mod support;
 
@@ -9,8 +13,8 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use tokio::time::Instant;
-use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_lb::client::HttpClient;
 use tower_lb::error::BoxError;
 use tower_lb::http as lb_http;
 use tower_lb::retry::{
@@ -22,10 +26,10 @@ use tower_lb::timeout::{DeadlineLayer, Elapsed, TimeoutLayer, Timer};
 use tower_lb::{discover, Balancer};
 
 use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
+use support::{AnyBody, StackKind};
 
 type Body = Full<Bytes>;
-type Client =
-    BoxCloneSyncService<http::Request<Body>, http::Response<hyper::body::Incoming>, BoxError>;
+type Client = support::Client<Body>;
 
 /// What a test varies in the stack.
 struct Stack {
@@ -53,20 +57,61 @@ impl Stack {
     /// least-requests over `addrs`, avoiding endpoints already tried. P2C
     /// picks at random among idle endpoints, so only the avoidance keeps a
     /// retry off the endpoint that just failed.
-    fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
-        let http = lb_http::client::<ReplayBody<Body>>();
-        let balancer = Balancer::builder()
-            .strategy(P2c::least_requests())
-            .avoid_tried_endpoints()
-            .build(discover::fixed(lb_http::endpoints(&http, addrs)));
-        let service = ServiceBuilder::new()
-            .layer(DeadlineLayer::new(self.deadline))
-            .layer(ReplayLayer::new(self.replay_cap))
-            .layer(RetryLayer::new(self.policy, self.budget))
-            .layer(TimeoutLayer::new(self.attempt_timeout))
-            .service(balancer);
-        BoxCloneSyncService::new(service)
+    ///
+    /// The one-stop client has those layers in that order, avoids tried
+    /// endpoints by default, and is given the same settings; its outlier
+    /// detection is turned off, as the hand-built stack has none. It keeps
+    /// its own classifier (5xx are failures), which without outlier
+    /// detection only feeds a latency estimate least-requests ignores.
+    fn build(self, kind: StackKind, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {
+        match kind {
+            StackKind::HandBuilt => {
+                let http = lb_http::client::<ReplayBody<Body>>();
+                let balancer = Balancer::builder()
+                    .strategy(P2c::least_requests())
+                    .avoid_tried_endpoints()
+                    .build(discover::fixed(lb_http::endpoints(&http, addrs)));
+                let service = ServiceBuilder::new()
+                    .layer(DeadlineLayer::new(self.deadline))
+                    .layer(ReplayLayer::new(self.replay_cap))
+                    .layer(RetryLayer::new(self.policy, self.budget))
+                    .layer(TimeoutLayer::new(self.attempt_timeout))
+                    .service(balancer);
+                support::boxed(service)
+            }
+            StackKind::OneStop => support::boxed(
+                HttpClient::builder()
+                    .strategy(P2c::least_requests())
+                    .outlier_detection(None)
+                    .deadline(self.deadline)
+                    .replay_cap(self.replay_cap)
+                    .retry_policy(self.policy)
+                    .retry_budget(self.budget)
+                    .attempt_timeout(self.attempt_timeout)
+                    .build::<Body>(addrs),
+            ),
+        }
     }
+}
+
+// The tests: each body below runs as `hand_built::<name>` and `one_stop::<name>`.
+support::for_both_stacks! {
+    #[tokio::test] a_post_is_never_received_twice_under_503s,
+    #[tokio::test] a_post_is_never_received_twice_when_the_connection_resets_after_headers,
+    #[tokio::test] a_post_is_never_received_twice_when_the_connection_resets_before_headers,
+    #[tokio::test] a_post_is_never_received_twice_after_attempt_timeouts,
+    #[tokio::test] a_post_is_retried_when_its_endpoint_refuses_connections,
+    #[tokio::test] a_get_that_fails_on_one_endpoint_succeeds_on_another,
+    #[tokio::test] retries_never_go_back_to_an_endpoint_while_others_are_untried,
+    #[tokio::test] under_total_failure_the_budget_caps_attempts,
+    #[tokio::test] an_exhausted_budget_names_itself_in_the_error,
+    #[tokio::test(start_paused = true)] retry_after_delays_the_retry,
+    #[tokio::test] a_retry_refused_by_the_deadline_names_it,
+    #[tokio::test(start_paused = true)] the_deadline_ends_the_whole_call_and_says_so,
+    #[tokio::test] a_retry_that_would_outlive_the_deadline_is_not_started,
+    #[tokio::test] a_body_over_the_cap_is_sent_once_and_not_retried,
+    #[tokio::test] a_body_under_the_cap_is_replayed_whole,
+    #[tokio::test] an_idempotency_key_lets_a_post_be_retried,
 }
 
 fn request(method: http::Method, id: &str, body: impl Into<Bytes>) -> http::Request<Body> {
@@ -87,7 +132,7 @@ fn get(id: &str) -> http::Request<Body> {
 }
 
 /// The response to `req`; any error fails the test.
-async fn send(client: Client, req: http::Request<Body>) -> http::Response<hyper::body::Incoming> {
+async fn send(client: Client, req: http::Request<Body>) -> http::Response<AnyBody> {
     client.oneshot(req).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -111,20 +156,19 @@ fn assert_refusal_keeps_the_error<E: std::error::Error + 'static>(err: &BoxError
     );
 }
 
-async fn body_text(response: http::Response<hyper::body::Incoming>) -> String {
+async fn body_text(response: http::Response<AnyBody>) -> String {
     let bytes = response.into_body().collect().await.map(|b| b.to_bytes());
     String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned()
 }
 
-#[tokio::test]
-async fn a_post_is_never_received_twice_under_503s() {
+async fn a_post_is_never_received_twice_under_503s(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Unavailable { retry_after: None },
         Behaviour::Unavailable { retry_after: None },
         Behaviour::Answer,
     ])
     .await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     for i in 0..30 {
         let id = format!("post-{i}");
         let response = client.clone().oneshot(post(&id)).await;
@@ -133,10 +177,9 @@ async fn a_post_is_never_received_twice_under_503s() {
     }
 }
 
-#[tokio::test]
-async fn a_post_is_never_received_twice_when_the_connection_resets_after_headers() {
+async fn a_post_is_never_received_twice_when_the_connection_resets_after_headers(kind: StackKind) {
     let servers = start(vec![Behaviour::ResetAfterHeaders, Behaviour::Answer]).await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     let mut cut_off = 0;
     for i in 0..20 {
         let id = format!("post-{i}");
@@ -156,10 +199,9 @@ async fn a_post_is_never_received_twice_when_the_connection_resets_after_headers
     assert!(cut_off > 0, "no post reached the resetting server");
 }
 
-#[tokio::test]
-async fn a_post_is_never_received_twice_when_the_connection_resets_before_headers() {
+async fn a_post_is_never_received_twice_when_the_connection_resets_before_headers(kind: StackKind) {
     let servers = start(vec![Behaviour::ResetBeforeHeaders, Behaviour::Answer]).await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     let mut failed = 0;
     for i in 0..20 {
         let id = format!("post-{i}");
@@ -173,8 +215,7 @@ async fn a_post_is_never_received_twice_when_the_connection_resets_before_header
     );
 }
 
-#[tokio::test]
-async fn a_post_is_never_received_twice_after_attempt_timeouts() {
+async fn a_post_is_never_received_twice_after_attempt_timeouts(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Stall(Duration::from_millis(500)),
         Behaviour::Answer,
@@ -184,7 +225,7 @@ async fn a_post_is_never_received_twice_after_attempt_timeouts() {
         attempt_timeout: Duration::from_millis(50),
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     for i in 0..6 {
         let id = format!("post-{i}");
         let result = client.clone().oneshot(post(&id)).await;
@@ -196,11 +237,10 @@ async fn a_post_is_never_received_twice_after_attempt_timeouts() {
     }
 }
 
-#[tokio::test]
-async fn a_post_is_retried_when_its_endpoint_refuses_connections() {
+async fn a_post_is_retried_when_its_endpoint_refuses_connections(kind: StackKind) {
     let refusing = support::refusing_addr().await;
     let servers = start(vec![Behaviour::Answer]).await;
-    let client = Stack::default().build([refusing, servers[0].addr]);
+    let client = Stack::default().build(kind, [refusing, servers[0].addr]);
     for i in 0..10 {
         let id = format!("post-{i}");
         let response = client.clone().oneshot(post(&id)).await;
@@ -209,14 +249,13 @@ async fn a_post_is_retried_when_its_endpoint_refuses_connections() {
     }
 }
 
-#[tokio::test]
-async fn a_get_that_fails_on_one_endpoint_succeeds_on_another() {
+async fn a_get_that_fails_on_one_endpoint_succeeds_on_another(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Unavailable { retry_after: None },
         Behaviour::Answer,
     ])
     .await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     for i in 0..10 {
         let id = format!("get-{i}");
         let response = client
@@ -232,8 +271,7 @@ async fn a_get_that_fails_on_one_endpoint_succeeds_on_another() {
     }
 }
 
-#[tokio::test]
-async fn retries_never_go_back_to_an_endpoint_while_others_are_untried() {
+async fn retries_never_go_back_to_an_endpoint_while_others_are_untried(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Unavailable { retry_after: None },
         Behaviour::Unavailable { retry_after: None },
@@ -247,7 +285,7 @@ async fn retries_never_go_back_to_an_endpoint_while_others_are_untried() {
             .backoff(Backoff::new().initial(Duration::from_millis(1))),
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     for i in 0..20 {
         let id = format!("get-{i}");
         let response = client
@@ -270,8 +308,7 @@ async fn retries_never_go_back_to_an_endpoint_while_others_are_untried() {
     }
 }
 
-#[tokio::test]
-async fn under_total_failure_the_budget_caps_attempts() {
+async fn under_total_failure_the_budget_caps_attempts(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Unavailable { retry_after: None },
         Behaviour::Unavailable { retry_after: None },
@@ -285,7 +322,7 @@ async fn under_total_failure_the_budget_caps_attempts() {
         budget: budget.clone(),
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     let requests = 1_000;
     for i in 0..requests {
         let response = client.clone().oneshot(get(&format!("get-{i}"))).await;
@@ -310,27 +347,25 @@ async fn under_total_failure_the_budget_caps_attempts() {
     assert!(stats.refused > 0);
 }
 
-#[tokio::test]
-async fn an_exhausted_budget_names_itself_in_the_error() {
+async fn an_exhausted_budget_names_itself_in_the_error(kind: StackKind) {
     let refusing = support::refusing_addr().await;
     let budget = RetryBudget::new().ratio(0.0).min_per_second(0);
     let client = Stack {
         budget,
         ..Stack::default()
     }
-    .build([refusing]);
+    .build(kind, [refusing]);
     let err = fail(client, get("get-1")).await;
     assert_refusal_keeps_the_error::<BudgetExhausted>(&err, "retry budget is exhausted");
 }
 
-#[tokio::test(start_paused = true)]
-async fn retry_after_delays_the_retry() {
+async fn retry_after_delays_the_retry(kind: StackKind) {
     let servers = start(vec![Behaviour::UnavailableFirst {
         times: 1,
         retry_after: Some("1"),
     }])
     .await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     let started = Instant::now();
     let response = send(client, get("get-1")).await;
     assert_eq!(response.status(), 200);
@@ -343,8 +378,7 @@ async fn retry_after_delays_the_retry() {
     );
 }
 
-#[tokio::test]
-async fn a_retry_refused_by_the_deadline_names_it() {
+async fn a_retry_refused_by_the_deadline_names_it(kind: StackKind) {
     let refusing = support::refusing_addr().await;
     let client = Stack {
         policy: RetryPolicy::new().backoff(
@@ -355,13 +389,12 @@ async fn a_retry_refused_by_the_deadline_names_it() {
         deadline: Duration::from_secs(1),
         ..Stack::default()
     }
-    .build([refusing]);
+    .build(kind, [refusing]);
     let err = fail(client, get("get-1")).await;
     assert_refusal_keeps_the_error::<DeadlineTooClose>(&err, "past the call's deadline");
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_deadline_ends_the_whole_call_and_says_so() {
+async fn the_deadline_ends_the_whole_call_and_says_so(kind: StackKind) {
     let servers = start(vec![
         Behaviour::Stall(Duration::from_secs(10)),
         Behaviour::Stall(Duration::from_secs(10)),
@@ -372,7 +405,7 @@ async fn the_deadline_ends_the_whole_call_and_says_so() {
         deadline: Duration::from_secs(1),
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     let started = Instant::now();
     let err = fail(client, get("get-1")).await;
     let elapsed = err.downcast_ref::<Elapsed>().copied();
@@ -384,8 +417,7 @@ async fn the_deadline_ends_the_whole_call_and_says_so() {
     assert!(started.elapsed() <= Duration::from_millis(1_050));
 }
 
-#[tokio::test]
-async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
+async fn a_retry_that_would_outlive_the_deadline_is_not_started(kind: StackKind) {
     let servers = start(vec![Behaviour::Unavailable {
         retry_after: Some("2"),
     }])
@@ -394,7 +426,7 @@ async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
         deadline: Duration::from_secs(1),
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     let started = Instant::now();
     let response = send(client, get("get-1")).await;
     assert_eq!(response.status(), 503);
@@ -402,8 +434,7 @@ async fn a_retry_that_would_outlive_the_deadline_is_not_started() {
     assert!(started.elapsed() < Duration::from_millis(500), "it waited");
 }
 
-#[tokio::test]
-async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
+async fn a_body_over_the_cap_is_sent_once_and_not_retried(kind: StackKind) {
     let servers = start(vec![Behaviour::UnavailableFirst {
         times: 1,
         retry_after: None,
@@ -413,7 +444,7 @@ async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
         replay_cap: 1024,
         ..Stack::default()
     }
-    .build(addrs(&servers));
+    .build(kind, addrs(&servers));
     let big = vec![b'x'; 4096];
     let response = send(client, request(http::Method::PUT, "put-1", big)).await;
     assert_eq!(response.status(), 503);
@@ -425,28 +456,26 @@ async fn a_body_over_the_cap_is_sent_once_and_not_retried() {
     );
 }
 
-#[tokio::test]
-async fn a_body_under_the_cap_is_replayed_whole() {
+async fn a_body_under_the_cap_is_replayed_whole(kind: StackKind) {
     let servers = start(vec![Behaviour::UnavailableFirst {
         times: 1,
         retry_after: None,
     }])
     .await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     let body = vec![b'y'; 10_000];
     let response = send(client, request(http::Method::PUT, "put-1", body)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(servers[0].body_lengths(), vec![10_000, 10_000]);
 }
 
-#[tokio::test]
-async fn an_idempotency_key_lets_a_post_be_retried() {
+async fn an_idempotency_key_lets_a_post_be_retried(kind: StackKind) {
     let servers = start(vec![Behaviour::UnavailableFirst {
         times: 1,
         retry_after: None,
     }])
     .await;
-    let client = Stack::default().build(addrs(&servers));
+    let client = Stack::default().build(kind, addrs(&servers));
     let mut req = post("post-1");
     req.headers_mut()
         .insert("idempotency-key", http::HeaderValue::from_static("k-1"));

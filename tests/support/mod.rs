@@ -366,3 +366,267 @@ impl CapturedLogs {
             .collect()
     }
 }
+
+// ---------------------------------------------------------------------------
+// One test body, two stacks: the one built by hand from the crate's layers,
+// and the one-stop `tower_lb::client::HttpClient` set up the same way.
+// ---------------------------------------------------------------------------
+
+/// Which request path a test runs through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackKind {
+    /// The stack the test assembles itself: a `Balancer`, and around it
+    /// whatever layers the test file puts there.
+    HandBuilt,
+    /// `tower_lb::client::HttpClient`, configured to the hand-built stack's
+    /// settings.
+    OneStop,
+}
+
+/// Generates the `#[tokio::test]` entry points of test bodies shared by both
+/// stacks: for every `async fn name(kind: StackKind)` listed, with the test
+/// attribute it needs, `hand_built::name` and `one_stop::name`.
+///
+/// ```ignore
+/// support::for_both_stacks! {
+///     #[tokio::test] a_get_is_answered,
+///     #[tokio::test(start_paused = true)] the_deadline_holds,
+/// }
+/// ```
+#[allow(unused_macros)]
+macro_rules! for_both_stacks {
+    ($($(#[$test:meta])+ $name:ident),+ $(,)?) => {
+        /// The bodies against the stack the test builds by hand.
+        mod hand_built {
+            $(
+                $(#[$test])+
+                async fn $name() {
+                    super::$name($crate::support::StackKind::HandBuilt).await
+                }
+            )+
+        }
+
+        /// The same bodies against the one-stop `HttpClient`.
+        mod one_stop {
+            $(
+                $(#[$test])+
+                async fn $name() {
+                    super::$name($crate::support::StackKind::OneStop).await
+                }
+            )+
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use for_both_stacks;
+
+/// Any response body, boxed: what every stack under test answers with.
+pub type AnyBody = http_body_util::combinators::BoxBody<Bytes, tower_lb::BoxError>;
+
+/// A stack under test as a plain service, whichever it is.
+pub type Client<B = Body> =
+    tower::util::BoxCloneSyncService<http::Request<B>, http::Response<AnyBody>, tower_lb::BoxError>;
+
+/// `service` as a [`Client`]: its response body boxed, its error a `BoxError`.
+pub fn boxed<S, B, RB>(service: S) -> Client<B>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<tower_lb::BoxError>,
+    S::Future: Send + 'static,
+    B: 'static,
+    RB: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    RB::Error: Into<tower_lb::BoxError>,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    tower::util::BoxCloneSyncService::new(
+        service
+            .map_response(|response: http::Response<RB>| {
+                response.map(|body| body.map_err(Into::into).boxed())
+            })
+            .map_err(Into::into),
+    )
+}
+
+/// The first `E` in `err`'s `source()` chain, `err` included: where a
+/// balancer error ends up once the one-stop client has boxed it.
+pub fn find_error<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    std::iter::successors(Some(err), |e| e.source()).find_map(|e| e.downcast_ref::<E>())
+}
+
+/// A balanced stack under test: requests go through [`Lb::send`], and the
+/// balancer inside shows its endpoints.
+pub struct Lb<K = SocketAddr, B = Body> {
+    client: Client<B>,
+    balancer: tower_lb::client::BalancerHandle<K>,
+}
+
+impl<K: 'static, B: 'static> Lb<K, B> {
+    /// A hand-built `Balancer`, used as the whole stack.
+    pub fn hand_built<T, RB>(balancer: T) -> Self
+    where
+        T: tower::Service<http::Request<B>, Response = http::Response<RB>>
+            + Into<tower_lb::client::BalancerHandle<K>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        T::Error: Into<tower_lb::BoxError>,
+        T::Future: Send + 'static,
+        RB: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        RB::Error: Into<tower_lb::BoxError>,
+    {
+        Self {
+            client: boxed(balancer.clone()),
+            balancer: balancer.into(),
+        }
+    }
+
+    /// The one-stop client.
+    pub fn one_stop(client: tower_lb::client::HttpClient<B, K>) -> Self
+    where
+        K: Send + Sync,
+    {
+        Self {
+            balancer: client.balancer().clone(),
+            client: boxed(client),
+        }
+    }
+
+    /// The stack as a service.
+    pub fn client(&self) -> Client<B> {
+        self.client.clone()
+    }
+
+    /// Sends `request` through the stack.
+    pub async fn send(
+        &self,
+        request: http::Request<B>,
+    ) -> Result<http::Response<AnyBody>, tower_lb::BoxError> {
+        tower::ServiceExt::oneshot(self.client.clone(), request).await
+    }
+
+    pub fn endpoints(&self) -> Vec<tower_lb::EndpointStats<K>> {
+        self.balancer.endpoints()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.balancer.in_flight()
+    }
+
+    pub fn is_panicking(&self) -> bool {
+        self.balancer.is_panicking()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.balancer.is_closed()
+    }
+
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), tower_lb::Error> {
+        self.balancer.shutdown(timeout).await
+    }
+}
+
+impl<K, B> Clone for Lb<K, B> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            balancer: self.balancer.clone(),
+        }
+    }
+}
+
+/// A discovery channel as the test drives it, whichever stack consumes it:
+/// the hand-built balancer is given endpoint services, the one-stop client
+/// addresses.
+pub enum Registry<K> {
+    HandBuilt {
+        handle: tower_lb::discover::DiscoveryHandle<K, tower_lb::http::HttpEndpoint<Body>>,
+        /// The hyper client the endpoint services share (boxed: it is large).
+        client: Box<
+            hyper_util::client::legacy::Client<
+                hyper_util::client::legacy::connect::HttpConnector,
+                Body,
+            >,
+        >,
+    },
+    OneStop(tower_lb::discover::DiscoveryHandle<K, SocketAddr>),
+}
+
+/// The stream a [`Registry`] feeds: give it to the stack of its kind.
+pub enum Discovery<K> {
+    /// For `Balancer::builder().build(..)`.
+    HandBuilt(tower_lb::discover::ChannelDiscover<K, tower_lb::http::HttpEndpoint<Body>>),
+    /// For the one-stop client's `build_discover(..)`.
+    OneStop(tower_lb::discover::ChannelDiscover<K, SocketAddr>),
+}
+
+impl<K> Registry<K> {
+    /// A discovery channel for a stack of `kind`: endpoints pushed to the
+    /// registry come out of the stream, in order, once a stack reads it.
+    pub fn new(kind: StackKind) -> (Self, Discovery<K>) {
+        match kind {
+            StackKind::HandBuilt => {
+                let (handle, stream) = tower_lb::discover::channel();
+                let client = Box::new(tower_lb::http::client());
+                (
+                    Registry::HandBuilt { handle, client },
+                    Discovery::HandBuilt(stream),
+                )
+            }
+            StackKind::OneStop => {
+                let (handle, stream) = tower_lb::discover::channel();
+                (Registry::OneStop(handle), Discovery::OneStop(stream))
+            }
+        }
+    }
+
+    /// Adds `addr` under `key`, or replaces the endpoint of a known key.
+    pub fn insert(&self, key: K, addr: SocketAddr) {
+        let sent = match self {
+            Registry::HandBuilt { handle, client } => handle.insert(
+                key,
+                tower_lb::http::HttpEndpoint::new((**client).clone(), addr),
+            ),
+            Registry::OneStop(handle) => handle.insert(key, addr),
+        };
+        sent.expect("the balancer is alive");
+    }
+
+    pub fn remove(&self, key: K) {
+        let sent = match self {
+            Registry::HandBuilt { handle, .. } => handle.remove(key),
+            Registry::OneStop(handle) => handle.remove(key),
+        };
+        sent.expect("the balancer is alive");
+    }
+
+    pub fn replace_all(&self, endpoints: impl IntoIterator<Item = (K, SocketAddr)>) {
+        let sent = match self {
+            Registry::HandBuilt { handle, client } => {
+                handle.replace_all(endpoints.into_iter().map(|(key, addr)| {
+                    (
+                        key,
+                        tower_lb::http::HttpEndpoint::new((**client).clone(), addr),
+                    )
+                }))
+            }
+            Registry::OneStop(handle) => handle.replace_all(endpoints),
+        };
+        sent.expect("the balancer is alive");
+    }
+
+    /// True once the balancer consuming the stream is gone.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Registry::HandBuilt { handle, .. } => handle.is_closed(),
+            Registry::OneStop(handle) => handle.is_closed(),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The one-stop `HttpClient` on its defaults (the table in the `client`
+//! module's docs), against real hyper servers on loopback.
+//!
+//! How it behaves with the same settings as a stack built by hand is proven
+//! by the `one_stop::*` tests of `retry.rs`, `health.rs` and `balancer.rs`;
+//! these are about what it does when left alone.
+
+mod support;
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_lb::client::{HttpClient, ResponseBody};
+use tower_lb::timeout::{Elapsed, Timer};
+use tower_lb::EndpointState;
+
+use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
+use support::{servers, wait_until};
+
+type Body = Full<Bytes>;
+
+fn request(method: http::Method, id: &str, body: impl Into<Bytes>) -> http::Request<Body> {
+    http::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("x-request-id", id)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn get(id: &str) -> http::Request<Body> {
+    request(http::Method::GET, id, Bytes::new())
+}
+
+/// The response to `req`; any error fails the test.
+async fn send(client: &HttpClient<Body>, req: http::Request<Body>) -> http::Response<ResponseBody> {
+    client
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn body_text(response: http::Response<ResponseBody>) -> String {
+    let bytes = response.into_body().collect().await.map(|b| b.to_bytes());
+    String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned()
+}
+
+#[tokio::test]
+async fn by_default_a_get_answered_503_is_retried_on_an_endpoint_it_has_not_tried() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    for i in 0..10 {
+        let id = format!("get-{i}");
+        let response = send(&client, get(&id)).await;
+        assert_eq!(response.status(), 200, "{id}");
+        assert_eq!(
+            body_text(response).await,
+            servers[1].addr.port().to_string()
+        );
+        for server in &servers {
+            assert!(
+                server.received(&id) <= 1,
+                "{id} went to {} twice",
+                server.addr
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_backend_answering_only_503_is_ejected_after_five_and_callers_see_none() {
+    let all = servers(3, Duration::ZERO).await;
+    all[1].fail_every(1);
+    let client = HttpClient::builder().build(all.iter().map(|s| s.addr));
+    wait_until(Duration::from_secs(5), || {
+        client.balancer().endpoints().len() == 3
+    })
+    .await;
+    let failing = || {
+        client
+            .balancer()
+            .endpoints()
+            .into_iter()
+            .find(|e| e.key == all[1].addr)
+            .expect("endpoint known")
+    };
+
+    let mut sent = 0;
+    while failing().state != EndpointState::Ejected {
+        assert!(sent < 500, "not ejected after {sent} requests");
+        let response = send(&client, get("get")).await;
+        assert_eq!(response.status(), 200, "a retry elsewhere answered");
+        sent += 1;
+    }
+
+    assert_eq!(all[1].hits(), 5);
+    let stats = failing();
+    assert_eq!((stats.failures, stats.ejections), (5, 1));
+    assert!(stats.returns_in.expect("ejected") <= Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_a_call_gets_three_attempts_of_five_seconds_within_fifteen() {
+    let servers = start(vec![Behaviour::Stall(Duration::from_secs(60)); 4]).await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    let started = Instant::now();
+
+    let err = client
+        .clone()
+        .oneshot(get("get-1"))
+        .await
+        .expect_err("every server stalls");
+
+    let elapsed = err.downcast_ref::<Elapsed>().copied();
+    assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
+    assert!(
+        err.to_string().contains("deadline passed after 15s"),
+        "{err}"
+    );
+    assert!(started.elapsed() <= Duration::from_millis(15_050));
+    assert_eq!(
+        received(&servers, "get-1"),
+        3,
+        "attempts at 0 s, 5 s and 10 s, each on a server not tried yet"
+    );
+    assert!(servers.iter().all(|s| s.received("get-1") <= 1));
+}
+
+#[tokio::test]
+async fn by_default_a_body_of_64_kib_is_replayed_whole() {
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: None,
+    }])
+    .await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    let body = vec![b'y'; 64 * 1024];
+    let response = send(&client, request(http::Method::PUT, "put-1", body)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(servers[0].body_lengths(), vec![64 * 1024, 64 * 1024]);
+}
+
+#[tokio::test]
+async fn by_default_a_body_over_64_kib_is_sent_once_and_not_retried() {
+    let servers = start(vec![Behaviour::UnavailableFirst {
+        times: 1,
+        retry_after: None,
+    }])
+    .await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    let body = vec![b'x'; 64 * 1024 + 1];
+    let response = send(&client, request(http::Method::PUT, "put-1", body)).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(servers[0].body_lengths(), vec![64 * 1024 + 1]);
+}
+
+#[tokio::test]
+async fn retry_stats_count_the_requests_and_retries_of_every_clone() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = HttpClient::builder()
+        .outlier_detection(None)
+        .build(addrs(&servers));
+    for i in 0..20 {
+        let response = send(&client.clone(), get(&format!("get-{i}"))).await;
+        assert_eq!(response.status(), 200);
+    }
+
+    let stats = client.retry_stats().expect("retries are on");
+    assert_eq!(stats.requests, 20);
+    assert_eq!(stats.retries as usize, servers[0].hits());
+    assert_eq!(
+        stats.attempts() as usize,
+        servers.iter().map(RecordingServer::hits).sum::<usize>()
+    );
+}
+
+#[tokio::test]
+async fn without_retries_or_hedging_there_are_no_retry_stats() {
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = HttpClient::builder()
+        .no_retries()
+        .build::<Body>(addrs(&servers));
+    assert_eq!(client.retry_stats(), None);
+}
+
+#[tokio::test]
+async fn with_hedging_only_the_retry_stats_count_the_hedged_calls() {
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = HttpClient::builder()
+        .no_retries()
+        .hedging(|hedge| hedge)
+        .build(addrs(&servers));
+    for i in 0..5 {
+        send(&client, get(&format!("get-{i}"))).await;
+    }
+    assert_eq!(client.retry_stats().map(|s| s.requests), Some(5));
+}
