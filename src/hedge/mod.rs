@@ -146,6 +146,7 @@ impl HedgeLayer {
 
     /// The same settings, drawing on `budget` (and with a fresh latency
     /// estimate).
+    #[cfg(feature = "http")]
     pub(crate) fn budget(self, budget: RetryBudget) -> Self {
         Self {
             shared: Shared::new(self.settings, budget),
