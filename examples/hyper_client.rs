@@ -4,7 +4,7 @@
 //! Four hyper servers start on `127.0.0.1`; one of them answers every request
 //! with 503. `HttpClient` (P2C Peak-EWMA, outlier detection, timeouts and
 //! idempotency-gated retries, all defaults) sends 2,000 GETs from 16 tasks,
-//! then 200 POSTs.
+//! then 160 POSTs.
 //!
 //!     cargo run --release --example hyper_client
 
@@ -155,6 +155,6 @@ async fn main() -> Result<(), tower::BoxError> {
             rtt
         );
     }
-    client.balancer().shutdown(Duration::from_secs(1)).await?;
+    client.shutdown(Duration::from_secs(1)).await?;
     Ok(())
 }

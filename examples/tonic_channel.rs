@@ -189,6 +189,6 @@ async fn main() -> Result<(), tower::BoxError> {
             rtt
         );
     }
-    channel.balancer().shutdown(Duration::from_secs(1)).await?;
+    channel.shutdown(Duration::from_secs(1)).await?;
     Ok(())
 }

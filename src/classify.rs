@@ -162,22 +162,27 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 }
 
 /// The default verdict on an error: a failure (connection refused or reset,
-/// timeouts, protocol errors), except a request the client refused to address
-/// to the endpoint (the HTTP glue's invalid-URI errors), which is nobody's
-/// fault but the caller's.
+/// attempt timeouts, protocol errors), except for errors that say nothing
+/// about the endpoint:
+///
+/// - a request the client refused to send (the HTTP glue's invalid-URI
+///   errors, a gRPC endpoint configuration that failed), which is the
+///   caller's doing;
+/// - the call's deadline running out inside the endpoint service (tonic's own
+///   `grpc-timeout` timer, say): the caller's time was up, which a healthy
+///   endpoint cannot help. Slowness is the latency detector's business.
 pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
-    #[cfg(feature = "http")]
-    {
-        let refused = crate::error::chain(error).any(|e| {
-            e.downcast_ref::<crate::http::HttpError>()
-                .is_some_and(crate::http::HttpError::is_refused_by_client)
-        });
-        if refused {
-            return None;
-        }
+    let error: &(dyn StdError + 'static) = error;
+    if crate::error::is_refused_by_client(error) {
+        return None;
     }
-    #[cfg(not(feature = "http"))]
-    let _ = error;
+    let deadline = crate::error::chain(error).any(|e| {
+        e.downcast_ref::<crate::timeout::Elapsed>()
+            .is_some_and(|elapsed| elapsed.timer() == crate::timeout::Timer::Deadline)
+    });
+    if deadline {
+        return None;
+    }
     Some(Outcome::Failure)
 }
 

@@ -89,6 +89,29 @@ pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
     })
 }
 
+/// The client refused to send the request, for a reason that is the
+/// caller's and would be the same on any endpoint: the HTTP glue's refusals
+/// (a CONNECT, a scheme the endpoint does not speak) and a gRPC endpoint
+/// configuration that failed. Not retried, and not held against the
+/// endpoint.
+pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
+    chain(error).any(|err| {
+        #[cfg(feature = "http")]
+        if err
+            .downcast_ref::<crate::http::HttpError>()
+            .is_some_and(crate::http::HttpError::is_refused_by_client)
+        {
+            return true;
+        }
+        #[cfg(feature = "grpc")]
+        if err.is::<crate::grpc::EndpointMisconfigured>() {
+            return true;
+        }
+        let _ = err;
+        false
+    })
+}
+
 /// `error`, then each of its `source()`s in turn.
 pub(crate) fn chain<'a>(
     error: &'a (dyn StdError + 'static),

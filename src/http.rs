@@ -78,9 +78,15 @@ pub struct HttpEndpoint<B, C = HttpConnector> {
 impl<B, C> HttpEndpoint<B, C> {
     /// An endpoint at `addr`, over plain `http`.
     pub fn new(client: Client<C, B>, addr: SocketAddr) -> Self {
+        Self::with_address(client, Scheme::HTTP, addr)
+    }
+
+    /// An endpoint at `addr`, over `scheme` (`https` with a TLS-capable
+    /// connector).
+    pub fn with_address(client: Client<C, B>, scheme: Scheme, addr: SocketAddr) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| unreachable!("a socket address is a valid authority"));
-        Self::with_origin(client, Scheme::HTTP, authority)
+        Self::with_origin(client, scheme, authority)
     }
 
     /// An endpoint at `scheme://authority` (for example `https` with a

@@ -42,6 +42,11 @@
 //! Endpoints come from any discovery stream, or from [`discover`]'s fixed
 //! list, push channel or DNS.
 //!
+//! Or all of it at once: [`client::HttpClient`] goes from a list of
+//! addresses or a DNS name to the whole stack with sensible defaults, every
+//! part replaceable, and [`grpc::GrpcChannel`] does the same with one tonic
+//! channel per endpoint, for generated gRPC clients.
+//!
 //! See the README for the design, the benchmarks and the feature table.
 
 #![forbid(unsafe_code)]

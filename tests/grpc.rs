@@ -270,25 +270,239 @@ async fn orca_trailers_shift_weighted_round_robin() {
 }
 
 #[tokio::test]
-async fn the_grpc_timeout_of_a_call_bounds_it() {
-    let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(5))).await;
+async fn the_grpc_timeout_of_a_call_bounds_it_retries_included() {
+    // Three slow servers, a safe method and no attempt timeout: without the
+    // call's own deadline the retry layer would try each in turn.
+    let servers = start_all(vec![GrpcBehaviour::Delay(Duration::from_millis(150)); 3]).await;
     let channel = GrpcChannel::builder()
         .retry_policy(fast_retries())
-        .build([server.addr]);
+        .method_safety(safe_checks())
+        .outlier_detection(None)
+        .build(addrs(&servers));
     let mut request = check("slow");
     request.set_timeout(Duration::from_millis(100));
     let started = tokio::time::Instant::now();
-    let status = HealthClient::new(channel)
+    let status = HealthClient::new(channel.clone())
         .check(request)
         .await
         .err()
         .unwrap_or_else(|| panic!("no error"));
+    let took = started.elapsed();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took < Duration::from_millis(180), "{took:?}");
+    assert_eq!(channel.retry_stats().unwrap_or_default().retries, 0);
+}
+
+#[tokio::test]
+async fn a_callers_short_grpc_timeouts_are_not_held_against_healthy_servers() {
+    let servers = start_all(vec![GrpcBehaviour::Delay(Duration::from_millis(200)); 3]).await;
+    let channel = GrpcChannel::builder()
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    for i in 0..30 {
+        let mut request = check(&format!("t{i}"));
+        request.set_timeout(Duration::from_millis(20));
+        let status = HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no error"));
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    let endpoints = channel.balancer().endpoints();
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
+        endpoints
+            .iter()
+            .all(|e| e.failures == 0 && e.ejections == 0),
+        "{endpoints:?}"
     );
+}
+
+#[tokio::test]
+async fn each_attempt_tells_the_server_the_time_left() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .deadline(Duration::from_secs(2))
+        .build([server.addr]);
+    call(&channel, "timed")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sent = server
+        .last_grpc_timeout()
+        .unwrap_or_else(|| panic!("no grpc-timeout reached the server"));
+    assert!(
+        sent <= Duration::from_secs(2) && sent > Duration::from_millis(1_500),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_deadline_no_grpc_timeout_is_sent() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder().build([server.addr]);
+    call(&channel, "untimed")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.last_grpc_timeout(), None);
+}
+
+#[tokio::test]
+async fn a_closed_channel_answers_unavailable() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder().build([server.addr]);
+    call(&channel, "before")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    channel.close();
+    let status = call(&channel, "after")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(server.received("after"), 0);
+}
+
+#[tokio::test]
+async fn a_closed_balancer_answers_unavailable_too() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder().build([server.addr]);
+    channel.balancer().close();
+    let status = call(&channel, "after")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_call_between_two_attempts() {
+    let servers = start_all(vec![
+        GrpcBehaviour::Fail(Code::Unavailable),
+        GrpcBehaviour::Serve,
+    ])
+    .await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(
+            RetryPolicy::new().backoff(Backoff::new().initial(Duration::from_millis(300))),
+        )
+        .strategy(RoundRobin::new())
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    let in_progress = {
+        let channel = channel.clone();
+        tokio::spawn(async move { call(&channel, "slow-retry").await })
+    };
+    support::wait_until(Duration::from_secs(5), || {
+        received(&servers, "slow-retry") == 1
+    })
+    .await;
+    assert_eq!(
+        servers[0].hits(),
+        1,
+        "the first attempt drew the failing server"
+    );
+    channel
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let result = in_progress.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(servers[1].received("slow-retry"), 1);
+    let refused = call(&channel, "late")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(refused.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn orca_reports_in_trailers_only_errors_are_read() {
+    let servers = start_all(vec![GrpcBehaviour::Fail(Code::NotFound); 2]).await;
+    for server in &servers {
+        server.report_load(0.5, 10.0);
+    }
+    let channel = GrpcChannel::builder()
+        .strategy(RoundRobin::new())
+        .build(addrs(&servers));
+    for i in 0..4 {
+        let status = call(&channel, &format!("n{i}"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no error"));
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    let endpoints = channel.balancer().endpoints();
+    assert!(
+        endpoints.iter().all(|e| e.reported_load.is_some()),
+        "{endpoints:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_call_is_never_sent_twice_when_its_server_is_killed() {
+    let servers = start_all(vec![GrpcBehaviour::Delay(Duration::from_millis(50)); 2]).await;
+    // No `MethodSafety`: every call is unsafe.
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build(addrs(&servers));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let channel = channel.clone();
+        calls.spawn(async move { call(&channel, &format!("u{i}")).await });
+    }
+    support::wait_until(Duration::from_secs(5), || servers[0].hits() >= 10).await;
+    servers[0].kill();
+    let mut failed = 0;
+    while let Some(done) = calls.join_next().await {
+        if done.unwrap_or_else(|e| panic!("{e}")).is_err() {
+            failed += 1;
+        }
+    }
+    let twice = (0..40)
+        .filter(|i| received(&servers, &format!("u{i}")) > 1)
+        .count();
+    assert!(failed > 0, "the kill cut calls that had reached the server");
+    assert_eq!(twice, 0, "{twice} unsafe calls were received twice");
+}
+
+#[tokio::test]
+async fn an_https_endpoint_never_falls_back_to_plain_text() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .method_safety(safe_checks())
+        .build([server.addr]);
+    let status = call(&channel, "tls")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(server.hits(), 0, "a call reached the plain-text server");
+}
+
+#[tokio::test]
+async fn a_failed_endpoint_configuration_fails_calls_without_sending_them() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .method_safety(safe_checks())
+        .configure_endpoint(|e| e.user_agent("bad\nagent"))
+        .build([server.addr]);
+    let status = call(&channel, "cfg")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert!(
+        status.message().contains("could not be configured"),
+        "{status:?}"
+    );
+    assert_eq!(server.hits(), 0);
+    assert_eq!(channel.retry_stats().unwrap_or_default().retries, 0);
+    assert!(channel
+        .balancer()
+        .endpoints()
+        .iter()
+        .all(|e| e.failures == 0));
 }
 
 #[tokio::test]

@@ -2,8 +2,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Scheme;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
@@ -12,9 +14,9 @@ use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
-use tower::Service;
+use tower::{Layer, Service};
 
-use super::{BalancerHandle, ClientBuilder, Hints, MapEndpoints};
+use super::{BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
 use crate::error::BoxError;
@@ -29,7 +31,13 @@ use crate::strategy::{P2c, Strategy};
 pub struct Http<C = HttpConnector> {
     connector: C,
     hyper: legacy::Builder,
+    scheme: Scheme,
 }
+
+/// How long the default connector may take to connect before the request
+/// goes elsewhere (Envoy's default connect timeout). A connection that was
+/// never made proves the request never left, so even a POST is retried.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The classifier [`HttpClient`] starts with: 5xx are failures, and ORCA
 /// `endpoint-load-metrics` headers are read (for weighted round robin).
@@ -69,6 +77,7 @@ pub type DefaultHttpClassify =
 /// ```
 pub struct HttpClient<B, K = SocketAddr> {
     service: BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError>,
+    calls: Calls,
     balancer: BalancerHandle<K>,
     budget: Option<RetryBudget>,
     #[cfg(feature = "dns")]
@@ -84,22 +93,28 @@ impl HttpClient<(), ()> {
             .classify(HttpClassify::server_errors().load_reports(OrcaLoadReports))
             .outlier_detection(crate::health::OutlierDetection::default())
             .avoid_tried_endpoints();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
         let http = Http {
-            connector: HttpConnector::new(),
+            connector,
             hyper: Client::builder(TokioExecutor::new()),
+            scheme: Scheme::HTTP,
         };
         ClientBuilder::with(http, balancer)
     }
 }
 
 impl<Conn, B> ClientBuilder<Http<Conn>, B> {
-    /// The connector the shared hyper-util client dials with (a TLS one for
-    /// `https`, say, with [`scheme`](Self::scheme)).
+    /// The connector the shared hyper-util client dials with: a TLS one
+    /// (hyper-rustls, say) for `https`, with [`scheme`](Self::scheme). The
+    /// default is hyper-util's `HttpConnector` with a
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn connector<C2>(self, connector: C2) -> ClientBuilder<Http<C2>, B> {
         ClientBuilder {
             target: Http {
                 connector,
                 hyper: self.target.hyper,
+                scheme: self.target.scheme,
             },
             balancer: self.balancer,
             calls: self.calls,
@@ -123,6 +138,14 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
         self.target.hyper = builder;
         self
     }
+
+    /// The scheme requests go out with: `https` with a TLS
+    /// [`connector`](Self::connector). Default `http`. A request whose
+    /// absolute URI has another scheme is refused, never downgraded.
+    pub fn scheme(mut self, scheme: Scheme) -> Self {
+        self.target.scheme = scheme;
+        self
+    }
 }
 
 impl<Conn, P, C, H, W, RB> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W>>
@@ -135,9 +158,13 @@ where
     H: Send + Sync + 'static,
 {
     /// A client over a fixed list of addresses.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
     pub fn build<B>(self, addrs: impl IntoIterator<Item = SocketAddr>) -> HttpClient<B>
     where
-        B: Body + Send + Unpin + 'static,
+        B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
@@ -150,9 +177,13 @@ where
     /// A client over the addresses a discovery stream gives, under keys of
     /// its choosing (a [`discover::channel`](crate::discover::channel) of
     /// addresses, say).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
     pub fn build_discover<B, D>(self, discover: D) -> HttpClient<B, D::Key>
     where
-        B: Body + Send + Unpin + 'static,
+        B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
@@ -165,8 +196,11 @@ where
         let endpoints =
             MapEndpoints::new(discover, move |addr| HttpEndpoint::new(hyper.clone(), addr));
         let balancer = self.balancer.build(endpoints);
+        let calls = Calls::default();
+        let service = calls.layer(self.calls.wrap(ResponseBody::map(balancer.clone())));
         HttpClient {
-            service: BoxCloneSyncService::new(self.calls.wrap(ResponseBody::map(balancer.clone()))),
+            service: BoxCloneSyncService::new(service),
+            calls,
             balancer: BalancerHandle::new(balancer),
             budget: self.calls.budget(),
             #[cfg(feature = "dns")]
@@ -183,13 +217,17 @@ where
     ///
     /// When the resolver cannot be set up (see
     /// [`Dns::build`](crate::discover::Dns::build)).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     #[cfg(feature = "dns")]
     pub fn build_dns<B>(
         self,
         dns: crate::discover::Dns,
     ) -> Result<HttpClient<B, crate::discover::DnsEndpoint>, crate::discover::DnsError>
     where
-        B: Body + Send + Unpin + 'static,
+        B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
@@ -203,9 +241,36 @@ where
 }
 
 impl<B, K> HttpClient<B, K> {
-    /// The balancer: its endpoints, and its graceful shutdown.
+    /// The balancer: its endpoints and their state.
     pub fn balancer(&self) -> &BalancerHandle<K> {
         &self.balancer
+    }
+
+    /// Stops taking calls: new ones fail at once with
+    /// [`Error::Closed`](crate::Error::Closed), while calls in progress go
+    /// on, retries included. Affects every clone.
+    pub fn close(&self) {
+        self.calls.close();
+    }
+
+    /// Calls in progress: from `call` until the response (its headers)
+    /// arrives, pauses between retries included.
+    pub fn calls_in_progress(&self) -> usize {
+        self.calls.open()
+    }
+
+    /// Graceful shutdown: [`close`](Self::close)s, waits until the calls in
+    /// progress are over (retries included) or `timeout` passes, then closes
+    /// the balancer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShutdownTimedOut`](crate::Error::ShutdownTimedOut) when calls
+    /// were still in progress after `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
+        let drained = self.calls.drain(timeout).await;
+        self.balancer.close();
+        drained
     }
 
     /// What the retry budget has seen (requests, retries, hedges, refusals),
@@ -242,6 +307,7 @@ impl<B, K> Clone for HttpClient<B, K> {
     fn clone(&self) -> Self {
         Self {
             service: self.service.clone(),
+            calls: self.calls.clone(),
             balancer: self.balancer.clone(),
             budget: self.budget.clone(),
             #[cfg(feature = "dns")]

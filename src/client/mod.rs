@@ -8,11 +8,12 @@
 //!
 //! | part | default | change it with |
 //! |---|---|---|
-//! | strategy | [`P2c::peak_ewma`] | [`ClientBuilder::strategy`] |
+//! | strategy | [`P2c::peak_ewma`](crate::strategy::P2c::peak_ewma) | [`ClientBuilder::strategy`] |
 //! | what a failure is | HTTP 5xx, or the gRPC codes that mean "server trouble"; load reports read from ORCA headers or trailers | [`ClientBuilder::classify`] |
 //! | outlier detection | [`OutlierDetection::default`] (5 consecutive failures, success rate, 30 s base ejection) | [`ClientBuilder::outlier_detection`] |
-//! | per-attempt timeout | 5 s | [`ClientBuilder::attempt_timeout`] |
-//! | deadline, whole call | 15 s (Envoy's route timeout) | [`ClientBuilder::deadline`] |
+//! | per-attempt timeout | HTTP: 5 s; gRPC: none | [`ClientBuilder::attempt_timeout`] |
+//! | deadline, whole call | HTTP: 15 s (Envoy's route timeout); gRPC: none, the caller's `grpc-timeout` | [`ClientBuilder::deadline`] |
+//! | connect timeout | 5 s (Envoy's); a connection never made is retried even for a POST | the connector, or tonic's `Endpoint` |
 //! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
 //! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget) |
@@ -47,6 +48,7 @@
 //! client is a plain named type you can keep in a struct; that costs one
 //! allocation per call for the boxed future, measured in `benches/layers.rs`.
 
+mod calls;
 mod discover;
 mod handle;
 mod http;
@@ -54,6 +56,7 @@ mod http;
 pub use self::handle::BalancerHandle;
 pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};
 
+pub(crate) use self::calls::Calls;
 pub(crate) use self::discover::MapEndpoints;
 
 use std::fmt;
@@ -121,15 +124,17 @@ impl<T, B> ClientBuilder<T, B> {
         }
     }
 
-    /// How long one attempt may take before it is abandoned (and, for a
-    /// request that may repeat, retried elsewhere); `None` for no bound.
+    /// How long one attempt may take, until its response headers arrive,
+    /// before it is abandoned (and, for a request that may repeat, retried
+    /// elsewhere); `None` for no bound.
     pub fn attempt_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.calls.attempt_timeout = timeout.into();
         self
     }
 
-    /// How long a whole call may take, every attempt and backoff included;
-    /// `None` for no bound. A caller's earlier
+    /// How long a whole call may take, every attempt and backoff included,
+    /// until the response headers arrive (a response body still streaming
+    /// is the caller's to bound); `None` for no bound. A caller's earlier
     /// [`CallDeadline`](crate::timeout::CallDeadline) in the request's
     /// extensions wins.
     pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {

@@ -38,18 +38,27 @@
 //!   repeat ([`MethodSafety`], or a [`Safety`](crate::request::Safety) in the
 //!   call's extensions) or it provably never left (the connection could not
 //!   be made): gRPC calls are POSTs, unsafe unless said otherwise.
-//! - **Deadlines**: a call's `grpc-timeout` (`tonic::Request::set_timeout`)
-//!   narrows the channel's deadline ([`GrpcTimeoutLayer`]).
+//! - **Deadlines** are the caller's: no channel deadline or attempt timeout
+//!   by default (set them with [`ClientBuilder::deadline`] and
+//!   [`ClientBuilder::attempt_timeout`]); a call's `grpc-timeout`
+//!   (`tonic::Request::set_timeout`) bounds the call, retries included
+//!   ([`GrpcTimeoutLayer`]), and each attempt tells the server the time left.
+//!   A deadline running out is not held against the endpoint. Connecting
+//!   times out after [`DEFAULT_CONNECT_TIMEOUT`].
 //! - **Errors** reach the generated client as a `tonic::Status` with the
 //!   right code ([`status_from_error`]): `DEADLINE_EXCEEDED` for timeouts,
-//!   `UNAVAILABLE` when there is no endpoint or no connection.
+//!   `UNAVAILABLE` when there is no endpoint or the channel is closed.
+//! - **TLS**: [`ClientBuilder::scheme`]`(Scheme::HTTPS)`, with one of tonic's
+//!   TLS features enabled in your `Cargo.toml` (tonic then applies TLS to
+//!   `https` endpoints, or the `tls_config` you give
+//!   [`ClientBuilder::configure_endpoint`]).
 
 mod endpoint;
 mod safety;
 mod status;
 mod timeout;
 
-pub use self::endpoint::{GrpcEndpoint, GrpcResponseFuture};
+pub use self::endpoint::{EndpointMisconfigured, GrpcEndpoint, GrpcResponseFuture};
 pub use self::safety::{MethodSafety, WithMethodSafety};
 pub use self::status::status_from_error;
 pub use self::timeout::{GrpcTimeout, GrpcTimeoutLayer};
@@ -58,29 +67,38 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Scheme;
 use http_body::Body;
 use tonic::transport::Endpoint;
 use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
+use self::endpoint::ConfigureEndpoint;
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
-use crate::client::{BalancerHandle, ClientBuilder, MapEndpoints};
+use crate::client::{BalancerHandle, Calls, ClientBuilder, MapEndpoints};
 use crate::error::BoxError;
 use crate::load::OrcaLoadReports;
 use crate::retry::{ReplayBody, RetryBudget, RetryStats};
 use crate::strategy::{P2c, Strategy};
 
 /// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
-/// how each endpoint's tonic `Endpoint` is configured.
+/// how each endpoint's tonic `Endpoint` is made.
 #[derive(Clone)]
 pub struct Grpc {
     safety: MethodSafety,
-    configure: Arc<dyn Fn(Endpoint) -> Endpoint + Send + Sync>,
+    scheme: Scheme,
+    configure: ConfigureEndpoint,
 }
+
+/// How long connecting to an endpoint may take before the call goes
+/// elsewhere (Envoy's default connect timeout). A connection that was never
+/// made proves the call never left, so even an unsafe call is retried.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for Grpc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,6 +122,9 @@ type Reply = http::Response<tonic::body::Body>;
 /// connections.
 pub struct GrpcChannel<K = SocketAddr> {
     service: BoxCloneSyncService<Call, Reply, BoxError>,
+    /// Why the stack refused readiness, returned from the next `call`.
+    not_ready: Option<BoxError>,
+    calls: Calls,
     balancer: BalancerHandle<K>,
     budget: Option<RetryBudget>,
     #[cfg(feature = "dns")]
@@ -123,9 +144,15 @@ impl GrpcChannel<()> {
             .avoid_tried_endpoints();
         let grpc = Grpc {
             safety: MethodSafety::new(),
-            configure: Arc::new(|endpoint| endpoint),
+            scheme: Scheme::HTTP,
+            configure: Arc::new(Ok),
         };
+        // gRPC deadlines are the caller's (`grpc-timeout`), and a call's
+        // response headers may come only after a long request stream: no
+        // timeouts of the channel's own unless asked for.
         ClientBuilder::with(grpc, balancer)
+            .attempt_timeout(None)
+            .deadline(None)
     }
 }
 
@@ -136,23 +163,39 @@ impl<B> ClientBuilder<Grpc, B> {
         self
     }
 
-    /// Configures each endpoint's tonic [`Endpoint`] (connect timeout,
-    /// keep-alive, TLS with `tls_config` and an `https` origin, ...) before
-    /// its channel is made.
+    /// `https` to connect with TLS: give the TLS settings with
+    /// [`configure_endpoint`](Self::configure_endpoint) (`tls_config`, from
+    /// one of tonic's TLS features). Without TLS support an `https` endpoint
+    /// fails every call; it never falls back to plain text. Default `http`.
+    pub fn scheme(mut self, scheme: Scheme) -> Self {
+        self.target.scheme = scheme;
+        self
+    }
+
+    /// Configures each endpoint's tonic [`Endpoint`] (keep-alive, TLS,
+    /// timeouts, ...) before its channel is made. It starts from
+    /// `scheme://address` with a connect timeout of
+    /// [`DEFAULT_CONNECT_TIMEOUT`]. An endpoint whose configuration fails
+    /// is reported (a `warn` event) and fails its calls with
+    /// [`EndpointMisconfigured`], which is neither retried nor held against
+    /// it.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_lb::grpc::GrpcChannel;
     ///
-    /// let builder = GrpcChannel::builder().endpoint(|e| {
-    ///     e.connect_timeout(Duration::from_millis(500))
-    ///         .http2_keep_alive_interval(Duration::from_secs(30))
+    /// let builder = GrpcChannel::builder().configure_endpoint(|e| {
+    ///     Ok(e.connect_timeout(Duration::from_millis(500))
+    ///         .http2_keep_alive_interval(Duration::from_secs(30)))
     /// });
     /// # let _ = builder;
     /// ```
-    pub fn endpoint(
+    pub fn configure_endpoint(
         mut self,
-        configure: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+        configure: impl Fn(Endpoint) -> Result<Endpoint, tonic::transport::Error>
+            + Send
+            + Sync
+            + 'static,
     ) -> Self {
         self.target.configure = Arc::new(configure);
         self
@@ -168,6 +211,10 @@ where
     H: RequestHints<http::Request<ReplayBody<tonic::body::Body>>> + Send + Sync + 'static,
 {
     /// A channel over a fixed list of addresses.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
     pub fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> GrpcChannel
     where
         W: StaticWeights<SocketAddr>,
@@ -178,6 +225,10 @@ where
 
     /// A channel over the addresses a discovery stream gives, under keys of
     /// its choosing.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
     pub fn build_discover<D>(self, discover: D) -> GrpcChannel<D::Key>
     where
         D: Discover<Service = SocketAddr> + Send + 'static,
@@ -185,21 +236,30 @@ where
         D::Error: Into<BoxError>,
         W: StaticWeights<D::Key>,
     {
-        let configure = self.target.configure;
-        let endpoints =
-            MapEndpoints::new(discover, move |addr| GrpcEndpoint::lazy(addr, &*configure));
+        let Grpc {
+            safety: method_safety,
+            scheme,
+            configure,
+        } = self.target;
+        let endpoints = MapEndpoints::new(discover, move |addr| {
+            GrpcEndpoint::lazy(addr, &scheme, &configure)
+        });
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =
             tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
                 response.map(tonic::body::Body::new)
             });
+        let calls = Calls::default();
         let service = ServiceBuilder::new()
             .map_err(|error| BoxError::from(status_from_error(error)))
-            .layer(self.target.safety)
+            .layer(calls.clone())
+            .layer(method_safety)
             .layer(GrpcTimeoutLayer)
             .service(self.calls.wrap(boxed_bodies));
         GrpcChannel {
             service: BoxCloneSyncService::new(service),
+            not_ready: None,
+            calls,
             balancer: BalancerHandle::new(balancer),
             budget: self.calls.budget(),
             #[cfg(feature = "dns")]
@@ -214,6 +274,10 @@ where
     ///
     /// When the resolver cannot be set up (see
     /// [`Dns::build`](crate::discover::Dns::build)).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     #[cfg(feature = "dns")]
     pub fn build_dns(
         self,
@@ -230,9 +294,35 @@ where
 }
 
 impl<K> GrpcChannel<K> {
-    /// The balancer: its endpoints, and its graceful shutdown.
+    /// The balancer: its endpoints and their state.
     pub fn balancer(&self) -> &BalancerHandle<K> {
         &self.balancer
+    }
+
+    /// Stops taking calls: new ones fail at once with `UNAVAILABLE`, while
+    /// calls in progress go on, retries included. Affects every clone.
+    pub fn close(&self) {
+        self.calls.close();
+    }
+
+    /// Calls in progress: from `call` until the response headers arrive,
+    /// pauses between retries included.
+    pub fn calls_in_progress(&self) -> usize {
+        self.calls.open()
+    }
+
+    /// Graceful shutdown: [`close`](Self::close)s, waits until the calls in
+    /// progress are over (retries included) or `timeout` passes, then closes
+    /// the balancer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShutdownTimedOut`](crate::Error::ShutdownTimedOut) when calls
+    /// were still in progress after `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
+        let drained = self.calls.drain(timeout).await;
+        self.balancer.close();
+        drained
     }
 
     /// What the retry budget has seen, or `None` without retries and
@@ -254,12 +344,21 @@ impl<K> Service<Call> for GrpcChannel<K> {
     type Error = BoxError;
     type Future = <BoxCloneSyncService<Call, Reply, BoxError> as Service<Call>>::Future;
 
+    /// Always ready: the balancer applies no back-pressure, and a closed
+    /// balancer's refusal comes back from `call` as `UNAVAILABLE` (a
+    /// generated client turns an error here into `UNKNOWN`).
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.service.poll_ready(cx)
+        if let Poll::Ready(Err(error)) = self.service.poll_ready(cx) {
+            self.not_ready = Some(error);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Call) -> Self::Future {
-        self.service.call(req)
+        match self.not_ready.take() {
+            Some(error) => Box::pin(std::future::ready(Err(error))),
+            None => self.service.call(req),
+        }
     }
 }
 
@@ -267,6 +366,8 @@ impl<K> Clone for GrpcChannel<K> {
     fn clone(&self) -> Self {
         Self {
             service: self.service.clone(),
+            not_ready: None,
+            calls: self.calls.clone(),
             balancer: self.balancer.clone(),
             budget: self.budget.clone(),
             #[cfg(feature = "dns")]

@@ -76,6 +76,25 @@ pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
+/// `left` as a `grpc-timeout` value: the finest unit that fits in 8 digits.
+pub(crate) fn format_grpc_timeout(left: Duration) -> http::HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let micros = left.as_micros();
+    let (amount, unit) = if micros <= MAX {
+        (micros, 'u')
+    } else if left.as_millis() <= MAX {
+        (left.as_millis(), 'm')
+    } else if u128::from(left.as_secs()) <= MAX {
+        (u128::from(left.as_secs()), 'S')
+    } else if u128::from(left.as_secs() / 60) <= MAX {
+        (u128::from(left.as_secs() / 60), 'M')
+    } else {
+        (u128::from(left.as_secs() / 3600).min(MAX), 'H')
+    };
+    http::HeaderValue::try_from(format!("{amount}{unit}"))
+        .unwrap_or_else(|_| unreachable!("digits and a unit letter are a valid header value"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +113,36 @@ mod tests {
             Some(Duration::from_micros(99_999_999))
         );
         assert_eq!(parse_grpc_timeout(b"1n"), Some(Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn a_formatted_timeout_reads_back_within_its_unit() {
+        for left in [
+            Duration::ZERO,
+            Duration::from_micros(1),
+            Duration::from_millis(250),
+            Duration::from_secs(99),
+            Duration::from_secs(100_000),
+            Duration::from_secs(86_400 * 365 * 30),
+            Duration::MAX,
+        ] {
+            let value = format_grpc_timeout(left);
+            let read = parse_grpc_timeout(value.as_bytes())
+                .unwrap_or_else(|| panic!("{value:?} does not parse"));
+            assert!(
+                read <= left,
+                "{value:?} reads as {read:?}, more than {left:?}"
+            );
+            let unit = match value.as_bytes().last() {
+                Some(b'u') => Duration::from_micros(1),
+                Some(b'm') => Duration::from_millis(1),
+                Some(b'S') => Duration::from_secs(1),
+                Some(b'M') => Duration::from_secs(60),
+                _ => Duration::from_secs(3600),
+            };
+            let capped = left.min(Duration::from_secs(99_999_999 * 3600));
+            assert!(capped - read < unit, "{value:?} for {left:?}");
+        }
     }
 
     #[test]

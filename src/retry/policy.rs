@@ -119,7 +119,7 @@ impl<C> RetryPolicy<C> {
     ) -> bool {
         // Checked first: a request the client refused to address is "never
         // sent" too, but another endpoint would refuse it the same way.
-        if refused_by_client(error) {
+        if crate::error::is_refused_by_client(error) {
             return false;
         }
         if crate::error::is_never_sent(error) {
@@ -132,23 +132,6 @@ impl<C> RetryPolicy<C> {
             return self.retry_timeouts;
         }
         self.retry_endpoint_errors && is_endpoint_failure(error)
-    }
-}
-
-/// The HTTP glue refused to address the request: the caller's mistake,
-/// which another endpoint would refuse as well.
-fn refused_by_client(error: &(dyn std::error::Error + 'static)) -> bool {
-    #[cfg(feature = "http")]
-    {
-        crate::error::chain(error).any(|err| {
-            err.downcast_ref::<crate::http::HttpError>()
-                .is_some_and(|e| e.is_refused_by_client())
-        })
-    }
-    #[cfg(not(feature = "http"))]
-    {
-        let _ = error;
-        false
     }
 }
 

@@ -102,6 +102,8 @@ struct State {
     received: Mutex<HashMap<String, usize>>,
     /// The load report to attach to every response, once asked for.
     load: Mutex<Option<OrcaLoadReport>>,
+    /// The `grpc-timeout` header of the last call, if it had one.
+    last_grpc_timeout: Mutex<Option<String>>,
 }
 
 impl GrpcServer {
@@ -117,6 +119,7 @@ impl GrpcServer {
             hits: Mutex::new(0),
             received: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
+            last_grpc_timeout: Mutex::new(None),
         });
         let tasks = Arc::new(Mutex::new(Tasks {
             listener: Some(listener),
@@ -135,6 +138,23 @@ impl GrpcServer {
     /// Check calls received (counted on arrival, whatever the behaviour).
     pub fn hits(&self) -> usize {
         *self.state.hits.lock().expect("lock")
+    }
+
+    /// The `grpc-timeout` the last call carried (the time its client had
+    /// left), if any.
+    pub fn last_grpc_timeout(&self) -> Option<Duration> {
+        let value = self.state.last_grpc_timeout.lock().expect("lock").clone()?;
+        let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+        let amount: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(amount * 3600),
+            "M" => Duration::from_secs(amount * 60),
+            "S" => Duration::from_secs(amount),
+            "m" => Duration::from_millis(amount),
+            "u" => Duration::from_micros(amount),
+            "n" => Duration::from_nanos(amount),
+            _ => return None,
+        })
     }
 
     /// How many times a call carrying metadata `x-request-id: id` arrived.
@@ -237,6 +257,11 @@ async fn accept_loop(tasks: Arc<Mutex<Tasks>>, state: Arc<State>) {
             let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let health = health.clone();
                 let state = state.clone();
+                *state.last_grpc_timeout.lock().expect("lock") = req
+                    .headers()
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
                 async move {
                     let response = match health.oneshot(req).await {
                         Ok(response) => response,
