@@ -207,3 +207,62 @@ async fn with_hedging_only_the_retry_stats_count_the_hedged_calls() {
     }
     assert_eq!(client.retry_stats().map(|s| s.requests), Some(5));
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_a_call_between_two_attempts() {
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let slow_backoff = tower_lb::retry::Backoff::new().initial(Duration::from_millis(300));
+    let client = HttpClient::builder()
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .retry_policy(tower_lb::retry::RetryPolicy::new().backoff(slow_backoff))
+        .build::<Body>(addrs(&servers));
+    // Round robin starts at random: find the 503 with a first call.
+    let mut id = 0;
+    while servers[0].hits() == 0 {
+        id += 1;
+        send(&client, get(&format!("warm-{id}"))).await;
+    }
+    let in_progress = {
+        let client = client.clone();
+        tokio::spawn(async move { client.oneshot(get("slow-retry")).await })
+    };
+    wait_until(Duration::from_secs(5), || {
+        received(&servers, "slow-retry") == 1
+    })
+    .await;
+    assert_eq!(client.calls_in_progress(), 1);
+    client
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let response = in_progress
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("the call in progress failed: {e}"));
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let refused = client.clone().oneshot(get("late")).await;
+    let error = refused
+        .err()
+        .unwrap_or_else(|| panic!("a call after shutdown was sent"));
+    assert!(
+        support::find_error::<tower_lb::Error>(&*error)
+            .is_some_and(|e| matches!(e, tower_lb::Error::Closed)),
+        "{error}"
+    );
+    assert_eq!(received(&servers, "late"), 0);
+}
+
+#[tokio::test]
+async fn an_https_client_without_a_tls_connector_never_sends_plain_text() {
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = HttpClient::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .build::<Body>(addrs(&servers));
+    let result = client.clone().oneshot(get("tls")).await;
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(servers[0].hits(), 0);
+}

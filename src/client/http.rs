@@ -193,8 +193,10 @@ where
         W: StaticWeights<D::Key>,
     {
         let hyper = self.target.hyper.build(self.target.connector);
-        let endpoints =
-            MapEndpoints::new(discover, move |addr| HttpEndpoint::new(hyper.clone(), addr));
+        let scheme = self.target.scheme;
+        let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
+            HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr)
+        });
         let balancer = self.balancer.build(endpoints);
         let calls = Calls::default();
         let service = calls.layer(self.calls.wrap(ResponseBody::map(balancer.clone())));
