@@ -73,6 +73,8 @@ pub struct HttpEndpoint<B, C = HttpConnector> {
     client: Client<C, B>,
     scheme: Scheme,
     authority: Authority,
+    /// The `Host` of requests that name none, when it is not `authority`.
+    host: Option<http::HeaderValue>,
 }
 
 impl<B, C> HttpEndpoint<B, C> {
@@ -96,7 +98,16 @@ impl<B, C> HttpEndpoint<B, C> {
             client,
             scheme,
             authority,
+            host: None,
         }
+    }
+
+    /// Requests that name no host (a path, no `Host` header) say they are
+    /// for `host` (a DNS name, say) rather than for the endpoint's address,
+    /// so that virtual hosts, sidecars and TLS names still match.
+    pub fn with_host(mut self, host: &Authority) -> Self {
+        self.host = http::HeaderValue::from_str(host.as_str()).ok();
+        self
     }
 
     /// The `host:port` requests are sent to.
@@ -122,10 +133,12 @@ impl<B, C> HttpEndpoint<B, C> {
                 .into());
             }
         }
-        if let Some(authority) = parts.uri.authority() {
-            if !parts.headers.contains_key(http::header::HOST) {
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Some(authority) = parts.uri.authority() {
                 let host = http::HeaderValue::from_str(authority.as_str())?;
                 parts.headers.insert(http::header::HOST, host);
+            } else if let Some(host) = &self.host {
+                parts.headers.insert(http::header::HOST, host.clone());
             }
         }
         parts.uri = self.rewrite(std::mem::take(&mut parts.uri))?;
@@ -149,6 +162,7 @@ impl<B, C: Clone> Clone for HttpEndpoint<B, C> {
             client: self.client.clone(),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
+            host: self.host.clone(),
         }
     }
 }

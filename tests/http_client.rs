@@ -36,7 +36,10 @@ fn get(id: &str) -> http::Request<Body> {
 }
 
 /// The response to `req`; any error fails the test.
-async fn send(client: &HttpClient<Body>, req: http::Request<Body>) -> http::Response<ResponseBody> {
+async fn send<K>(
+    client: &HttpClient<Body, K>,
+    req: http::Request<Body>,
+) -> http::Response<ResponseBody> {
     client
         .clone()
         .oneshot(req)
@@ -265,4 +268,38 @@ async fn an_https_client_without_a_tls_connector_never_sends_plain_text() {
     let result = client.clone().oneshot(get("tls")).await;
     assert!(result.is_err(), "{result:?}");
     assert_eq!(servers[0].hits(), 0);
+}
+
+#[tokio::test]
+async fn built_from_a_dns_name_requests_carry_the_name_as_their_host() {
+    let server = support::TestServer::start().await;
+    let dns = support::dns::TestDns::start("test.").await;
+    dns.set_a("api.test.", &[std::net::Ipv4Addr::LOCALHOST], 60)
+        .await;
+    let client = HttpClient::builder()
+        .build_dns::<Body>(
+            tower_lb::discover::Dns::host("api.test.", server.addr.port()).name_servers([dns.addr]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    send(&client, get("named")).await;
+    let host = format!("api.test:{}", server.addr.port());
+    assert_eq!(server.last_host(), Some(host));
+}
+
+#[tokio::test]
+async fn an_explicit_host_wins_over_the_endpoints_address() {
+    let server = support::TestServer::start().await;
+    let client = HttpClient::builder()
+        .authority(http::uri::Authority::from_static("orders.internal"))
+        .build::<Body>([server.addr]);
+    send(&client, get("named")).await;
+    assert_eq!(server.last_host().as_deref(), Some("orders.internal"));
+    // A request that names its host keeps it.
+    let mut own = get("own");
+    own.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("other.internal"),
+    );
+    send(&client, own).await;
+    assert_eq!(server.last_host().as_deref(), Some("other.internal"));
 }

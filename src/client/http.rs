@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
@@ -32,6 +32,7 @@ pub struct Http<C = HttpConnector> {
     connector: C,
     hyper: legacy::Builder,
     scheme: Scheme,
+    authority: Option<Authority>,
 }
 
 /// How long the default connector may take to connect before the request
@@ -99,6 +100,7 @@ impl HttpClient<(), ()> {
             connector,
             hyper: Client::builder(TokioExecutor::new()),
             scheme: Scheme::HTTP,
+            authority: None,
         };
         ClientBuilder::with(http, balancer)
     }
@@ -115,6 +117,7 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
                 connector,
                 hyper: self.target.hyper,
                 scheme: self.target.scheme,
+                authority: self.target.authority,
             },
             balancer: self.balancer,
             calls: self.calls,
@@ -144,6 +147,15 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
     /// absolute URI has another scheme is refused, never downgraded.
     pub fn scheme(mut self, scheme: Scheme) -> Self {
         self.target.scheme = scheme;
+        self
+    }
+
+    /// The `Host` of requests that name none: the service's name rather than
+    /// each endpoint's address, for virtual hosts, sidecars and TLS.
+    /// [`build_dns`](ClientBuilder::build_dns) with [`Dns::host`](crate::discover::Dns::host)
+    /// sets it to the name and port looked up, unless given here.
+    pub fn authority(mut self, authority: Authority) -> Self {
+        self.target.authority = Some(authority);
         self
     }
 }
@@ -194,8 +206,13 @@ where
     {
         let hyper = self.target.hyper.build(self.target.connector);
         let scheme = self.target.scheme;
+        let authority = self.target.authority;
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
-            HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr)
+            let endpoint = HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr);
+            match &authority {
+                Some(host) => endpoint.with_host(host),
+                None => endpoint,
+            }
         });
         let balancer = self.balancer.build(endpoints);
         let calls = Calls::default();
@@ -235,8 +252,12 @@ where
         H: RequestHints<http::Request<ReplayBody<B>>>,
         W: StaticWeights<crate::discover::DnsEndpoint>,
     {
+        let mut builder = self;
+        if builder.target.authority.is_none() {
+            builder.target.authority = dns.authority();
+        }
         let (discover, resolve_now) = dns.build(|addr| addr)?;
-        let mut client = self.build_discover(discover);
+        let mut client = builder.build_discover(discover);
         client.resolve_now = Some(resolve_now);
         Ok(client)
     }

@@ -153,6 +153,19 @@ impl Dns {
         Self::new(name.into(), Target::Srv)
     }
 
+    /// The name and port as a URI authority (`api.internal:8080`), for an
+    /// A/AAAA lookup: what requests to its addresses should say they are
+    /// for. `None` for SRV, whose targets differ from record to record.
+    pub(crate) fn authority(&self) -> Option<http::uri::Authority> {
+        match self.target {
+            Target::Host { port } => {
+                let host = self.name.trim_end_matches('.');
+                http::uri::Authority::try_from(format!("{host}:{port}")).ok()
+            }
+            Target::Srv => None,
+        }
+    }
+
     /// Asks these name servers (over UDP, and TCP for long answers) instead
     /// of the system's configuration.
     pub fn name_servers(mut self, servers: impl IntoIterator<Item = SocketAddr>) -> Self {

@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http_body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
@@ -72,9 +72,18 @@ impl GrpcEndpoint {
     /// [`Endpoint`], connected lazily: on the first call, and again after the
     /// connection drops. A configuration that fails is reported once (a
     /// `warn` event) and fails every call.
-    pub(crate) fn lazy(addr: SocketAddr, scheme: &Scheme, configure: &ConfigureEndpoint) -> Self {
+    pub(crate) fn lazy(
+        addr: SocketAddr,
+        scheme: &Scheme,
+        authority: Option<&Authority>,
+        configure: &ConfigureEndpoint,
+    ) -> Self {
         let made = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map(|e| e.connect_timeout(super::DEFAULT_CONNECT_TIMEOUT))
+            .map(|e| match authority.and_then(|a| origin(scheme, a)) {
+                Some(origin) => e.origin(origin),
+                None => e,
+            })
             .and_then(|e| configure(e));
         match made {
             Ok(endpoint) => Self::new(endpoint.connect_lazy()),
@@ -86,6 +95,16 @@ impl GrpcEndpoint {
             }
         }
     }
+}
+
+/// `scheme://authority`, the origin calls say they are for.
+fn origin(scheme: &Scheme, authority: &Authority) -> Option<http::Uri> {
+    http::Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .ok()
 }
 
 impl fmt::Debug for GrpcEndpoint {

@@ -70,7 +70,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http_body::Body;
 use tonic::transport::Endpoint;
 use tower::discover::Discover;
@@ -92,6 +92,7 @@ use crate::strategy::{P2c, Strategy};
 pub struct Grpc {
     safety: MethodSafety,
     scheme: Scheme,
+    authority: Option<Authority>,
     configure: ConfigureEndpoint,
 }
 
@@ -145,6 +146,7 @@ impl GrpcChannel<()> {
         let grpc = Grpc {
             safety: MethodSafety::new(),
             scheme: Scheme::HTTP,
+            authority: None,
             configure: Arc::new(Ok),
         };
         // gRPC deadlines are the caller's (`grpc-timeout`), and a call's
@@ -169,6 +171,17 @@ impl<B> ClientBuilder<Grpc, B> {
     /// fails every call; it never falls back to plain text. Default `http`.
     pub fn scheme(mut self, scheme: Scheme) -> Self {
         self.target.scheme = scheme;
+        self
+    }
+
+    /// The `:authority` of every call: the service's name rather than each
+    /// endpoint's address, for virtual hosts and sidecars that route by it.
+    /// [`build_dns`](ClientBuilder::build_dns) with
+    /// [`Dns::host`](crate::discover::Dns::host) sets it to the name and port
+    /// looked up, unless given here. (The TLS server name is the
+    /// `tls_config`'s `domain_name`.)
+    pub fn authority(mut self, authority: Authority) -> Self {
+        self.target.authority = Some(authority);
         self
     }
 
@@ -239,10 +252,11 @@ where
         let Grpc {
             safety: method_safety,
             scheme,
+            authority,
             configure,
         } = self.target;
         let endpoints = MapEndpoints::new(discover, move |addr| {
-            GrpcEndpoint::lazy(addr, &scheme, &configure)
+            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), &configure)
         });
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =
@@ -286,8 +300,12 @@ where
     where
         W: StaticWeights<crate::discover::DnsEndpoint>,
     {
+        let mut builder = self;
+        if builder.target.authority.is_none() {
+            builder.target.authority = dns.authority();
+        }
         let (discover, resolve_now) = dns.build(|addr| addr)?;
-        let mut channel = self.build_discover(discover);
+        let mut channel = builder.build_discover(discover);
         channel.resolve_now = Some(resolve_now);
         Ok(channel)
     }

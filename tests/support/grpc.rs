@@ -104,6 +104,8 @@ struct State {
     load: Mutex<Option<OrcaLoadReport>>,
     /// The `grpc-timeout` header of the last call, if it had one.
     last_grpc_timeout: Mutex<Option<String>>,
+    /// The `:authority` of the last call.
+    last_authority: Mutex<Option<String>>,
 }
 
 impl GrpcServer {
@@ -120,6 +122,7 @@ impl GrpcServer {
             received: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
             last_grpc_timeout: Mutex::new(None),
+            last_authority: Mutex::new(None),
         });
         let tasks = Arc::new(Mutex::new(Tasks {
             listener: Some(listener),
@@ -155,6 +158,11 @@ impl GrpcServer {
             "n" => Duration::from_nanos(amount),
             _ => return None,
         })
+    }
+
+    /// The `:authority` of the last call.
+    pub fn last_authority(&self) -> Option<String> {
+        self.state.last_authority.lock().expect("lock").clone()
     }
 
     /// How many times a call carrying metadata `x-request-id: id` arrived.
@@ -257,6 +265,8 @@ async fn accept_loop(tasks: Arc<Mutex<Tasks>>, state: Arc<State>) {
             let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let health = health.clone();
                 let state = state.clone();
+                *state.last_authority.lock().expect("lock") =
+                    req.uri().authority().map(|a| a.to_string());
                 *state.last_grpc_timeout.lock().expect("lock") = req
                     .headers()
                     .get("grpc-timeout")
