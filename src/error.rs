@@ -112,6 +112,18 @@ pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
     })
 }
 
+/// The server reset the request's HTTP/2 stream with `REFUSED_STREAM`:
+/// "closed prior to any processing having occurred" (RFC 9113, 8.7), so the
+/// request may be sent again whatever its method.
+#[cfg(feature = "http")]
+pub(crate) fn is_refused_stream(error: &(dyn StdError + 'static)) -> bool {
+    chain(error).any(|err| {
+        err.downcast_ref::<h2::Error>()
+            .and_then(h2::Error::reason)
+            .is_some_and(|reason| reason == h2::Reason::REFUSED_STREAM)
+    })
+}
+
 /// `error`, then each of its `source()`s in turn.
 pub(crate) fn chain<'a>(
     error: &'a (dyn StdError + 'static),

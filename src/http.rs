@@ -248,6 +248,8 @@ pub struct HttpError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Connect,
+    /// An HTTP/2 `REFUSED_STREAM`: the server processed nothing.
+    RefusedStream,
     Request,
     InvalidUri,
 }
@@ -256,6 +258,8 @@ impl HttpError {
     fn from_client(error: legacy::Error) -> Self {
         let kind = if error.is_connect() {
             Kind::Connect
+        } else if crate::error::is_refused_stream(&error) {
+            Kind::RefusedStream
         } else {
             Kind::Request
         };
@@ -270,11 +274,15 @@ impl HttpError {
         self.kind == Kind::Connect
     }
 
-    /// The request provably never left the client (a connect failure, or a
-    /// request that could not be addressed to the endpoint), so sending it
-    /// again cannot duplicate it.
+    /// The request provably never reached the server's application (a
+    /// connect failure, an HTTP/2 stream the server refused before any
+    /// processing, or a request that could not be addressed to the
+    /// endpoint), so sending it again cannot duplicate it.
     pub fn is_never_sent(&self) -> bool {
-        matches!(self.kind, Kind::Connect | Kind::InvalidUri)
+        matches!(
+            self.kind,
+            Kind::Connect | Kind::RefusedStream | Kind::InvalidUri
+        )
     }
 
     /// The client refused to address the request to the endpoint (a CONNECT,
@@ -299,6 +307,11 @@ impl fmt::Display for HttpError {
             Kind::Connect => write!(
                 f,
                 "could not connect to the endpoint, so the request was never sent: {}",
+                self.source
+            ),
+            Kind::RefusedStream => write!(
+                f,
+                "the endpoint refused the request's stream before processing it: {}",
                 self.source
             ),
             Kind::Request => write!(f, "HTTP request to the endpoint failed: {}", self.source),

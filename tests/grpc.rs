@@ -563,3 +563,27 @@ async fn built_from_a_dns_name_calls_carry_the_name_as_their_authority() {
     let authority = format!("orders.test:{}", server.addr.port());
     assert_eq!(server.last_authority(), Some(authority));
 }
+
+#[tokio::test]
+async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
+    let refusing = support::RefusingH2Server::start().await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    // No `MethodSafety`: every call is unsafe, so only the proof that the
+    // server processed nothing lets it go elsewhere.
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .outlier_detection(None)
+        .build([refusing.addr, server.addr]);
+    for i in 0..10 {
+        call(&channel, &format!("r{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(
+        refusing.refused() >= 4,
+        "round robin drew the refusing server: {}",
+        refusing.refused()
+    );
+    assert!((0..10).all(|i| server.received(&format!("r{i}")) == 1));
+}

@@ -303,3 +303,35 @@ async fn an_explicit_host_wins_over_the_endpoints_address() {
     send(&client, own).await;
     assert_eq!(server.last_host().as_deref(), Some("other.internal"));
 }
+
+#[tokio::test]
+async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
+    let refusing = support::RefusingH2Server::start().await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let mut http2 =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    http2.http2_only(true);
+    let client = HttpClient::builder()
+        .hyper(http2)
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .outlier_detection(None)
+        .build::<Body>([refusing.addr, answering.addr]);
+    for i in 0..10 {
+        let response = send(
+            &client,
+            request(http::Method::POST, &format!("p{i}"), "pay"),
+        )
+        .await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+    }
+    assert!(
+        refusing.refused() >= 4,
+        "round robin drew the refusing server: {}",
+        refusing.refused()
+    );
+    assert_eq!(
+        answering.hits(),
+        10,
+        "each POST reached the answering server once"
+    );
+}

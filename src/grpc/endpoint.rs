@@ -26,8 +26,9 @@ pub(crate) type ConfigureEndpoint =
 /// never left.
 ///
 /// - A call whose connection could not be made (refused, timed out, TLS
-///   handshake failed) fails with its error wrapped in [`NeverSent`], so
-///   even a non-idempotent method is sent elsewhere.
+///   handshake failed), or whose HTTP/2 stream the server refused before
+///   processing it, fails with its error wrapped in [`NeverSent`], so even a
+///   non-idempotent method is sent elsewhere.
 /// - Each attempt tells the server the time it has left: its `grpc-timeout`
 ///   is set from the call's [`CallDeadline`], so the server can give up on
 ///   work the client no longer waits for.
@@ -216,12 +217,16 @@ impl fmt::Debug for GrpcResponseFuture {
 
 /// tonic marks a failure to connect (or to complete a TLS handshake) with
 /// [`tonic::ConnectError`] somewhere in the chain; no byte of the call was
-/// written then. Its `grpc-timeout` timer firing is the call's deadline.
+/// written then. A stream the server refused (`REFUSED_STREAM`) was not
+/// processed either. tonic's `grpc-timeout` timer firing is the call's
+/// deadline.
 fn never_sent_if_unconnected(
     error: tonic::transport::Error,
     timeout: Option<Duration>,
 ) -> BoxError {
-    if chain(&error).any(|link| link.is::<tonic::ConnectError>()) {
+    if chain(&error).any(|link| link.is::<tonic::ConnectError>())
+        || crate::error::is_refused_stream(&error)
+    {
         Box::new(NeverSent::new(error))
     } else if chain(&error).any(|link| link.is::<tonic::TimeoutExpired>()) {
         Box::new(Elapsed::new(Timer::Deadline, timeout.unwrap_or_default()))

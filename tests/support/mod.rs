@@ -630,3 +630,53 @@ impl<K> Registry<K> {
         }
     }
 }
+
+/// An HTTP/2 server on `127.0.0.1:0` that refuses every stream with
+/// `RST_STREAM(REFUSED_STREAM)`, as a server does when it will not take
+/// more work: "closed prior to any processing having occurred".
+pub struct RefusingH2Server {
+    pub addr: SocketAddr,
+    refused: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl RefusingH2Server {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let refused = Arc::new(AtomicUsize::new(0));
+        let counter = refused.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            refused,
+            accept,
+        }
+    }
+
+    /// Streams refused so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RefusingH2Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
