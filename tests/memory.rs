@@ -947,3 +947,68 @@ fn memory_per_endpoint() {
         }
     }
 }
+
+/// A set that grew large and shrank back gives most of the memory of its
+/// largest size back: the balancer's map and the channel's key set shrink
+/// once three quarters of them are unused.
+#[test]
+fn a_set_that_grew_and_shrank_gives_memory_back() {
+    let _profiling = profiling();
+    runtime().block_on(async {
+        let before = heap().curr_bytes;
+        let (handle, stream) = tower_lb::discover::channel::<u64, Echo>();
+        let balancer = Balancer::builder().build(stream);
+        for key in 0..500 {
+            handle.insert(key, Echo::new(key)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        settle("500 endpoints", || balancer.endpoints().len() == 500).await;
+        let first = heap().curr_bytes.saturating_sub(before);
+        for key in 500..20_000 {
+            handle.insert(key, Echo::new(key)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        settle("20,000 endpoints", || balancer.endpoints().len() == 20_000).await;
+        let largest = heap().curr_bytes.saturating_sub(before);
+        for key in 500..20_000 {
+            handle.remove(key).unwrap_or_else(|e| panic!("{e}"));
+        }
+        settle("back to 500", || balancer.endpoints().len() == 500).await;
+        let shrunk = heap().curr_bytes.saturating_sub(before);
+        println!("500 endpoints: {first} bytes; at 20,000: {largest}; back at 500: {shrunk}");
+        assert!(first > 0 && largest > first * 10, "{first} then {largest}");
+        assert!(
+            shrunk < first * 3,
+            "back at 500 endpoints the balancer holds {shrunk} bytes, {:.1}x what it held at first ({first})",
+            shrunk as f64 / first as f64
+        );
+    });
+}
+
+/// A producer that inserts faster than one change per poll does not run
+/// ahead of the balancer: each turn of the driver takes a whole batch, not
+/// the 128 changes tokio's cooperative budget would allow a channel.
+#[test]
+fn a_fast_producer_does_not_run_ahead_of_the_balancer() {
+    // Not measuring, but the heap figures of the other tests must not see
+    // this one's allocations.
+    let _profiling = profiling();
+    runtime().block_on(async {
+        let (handle, stream) = tower_lb::discover::channel::<u64, Echo>();
+        let balancer = Balancer::builder().build(stream);
+        // 1,000 changes between two turns of the driver, 20 times.
+        for round in 0..20u64 {
+            for key in round * 1_000..(round + 1) * 1_000 {
+                handle
+                    .insert(key, Echo::new(key))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+        }
+        let applied = balancer.endpoints().len();
+        println!("after 20 rounds of 1,000 inserts, two yields each: {applied} applied");
+        assert!(
+            applied >= 19_000,
+            "the balancer fell behind: {applied} of 20,000 applied"
+        );
+    });
+}

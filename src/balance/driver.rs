@@ -124,6 +124,16 @@ struct Endpoints<K, S> {
     warmed: bool,
 }
 
+/// A set that grew to many endpoints and shrank back should not keep the
+/// memory of its largest size: give back half once three quarters are
+/// unused (halving, so that a set hovering around a size does not
+/// reallocate back and forth).
+fn shrink_when_mostly_empty<K: Hash + Eq, V>(map: &mut IndexMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.capacity() / 2);
+    }
+}
+
 impl<K, S> Endpoints<K, S>
 where
     K: Hash + Eq + Clone + fmt::Debug,
@@ -175,6 +185,7 @@ where
                     tracing::debug!(endpoint = ?key, in_flight = old.endpoint.load().in_flight(), "endpoint removed; draining");
                     old.endpoint.start_draining();
                     self.draining.push(old.endpoint);
+                    shrink_when_mostly_empty(&mut self.active);
                     true
                 }
                 None => {

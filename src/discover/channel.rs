@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 use tower::discover::Change;
 
 /// A discovery stream fed through a handle: the balancer consumes the
@@ -155,10 +156,22 @@ where
             if let Some(change) = self.pending.pop_front() {
                 return Poll::Ready(Some(Ok(change)));
             }
-            let update = match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(update)) => update,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+            // A large `replace_all` is over: give its queue back.
+            if self.pending.capacity() > 1024 {
+                self.pending.shrink_to_fit();
+            }
+            // `try_recv` first: `poll_recv` spends tokio's cooperative
+            // budget, which would hand the balancer at most 128 changes per
+            // turn of its task, and a busy producer would run ahead of it.
+            // The balancer yields after a batch of its own.
+            let update = match self.rx.try_recv() {
+                Ok(update) => update,
+                Err(TryRecvError::Disconnected) => return Poll::Ready(None),
+                Err(TryRecvError::Empty) => match self.rx.poll_recv(cx) {
+                    Poll::Ready(Some(update)) => update,
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                },
             };
             match update {
                 Update::Insert(key, service) => {
@@ -167,6 +180,11 @@ where
                 }
                 Update::Remove(key) => {
                     self.known.remove(&key);
+                    // Give back the memory of a set that was much larger.
+                    if self.known.capacity() > 64 && self.known.len() < self.known.capacity() / 4 {
+                        let half = self.known.capacity() / 2;
+                        self.known.shrink_to(half);
+                    }
                     return Poll::Ready(Some(Ok(Change::Remove(key))));
                 }
                 Update::ReplaceAll(endpoints) => self.expand_replace_all(endpoints),
