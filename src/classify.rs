@@ -313,11 +313,12 @@ mod http {
         }
     }
 
-    /// tower-http's [`GrpcErrorsAsFailures`], plus two things a gRPC client
+    /// tower-http's [`GrpcErrorsAsFailures`], plus three things a gRPC client
     /// knows that it does not: a response whose HTTP status is not 200 (a
-    /// proxy's 503, a server that does not speak gRPC), and a response that
-    /// ends with no `grpc-status` at all, are failed calls (`UNAVAILABLE` or
-    /// `UNKNOWN` in gRPC's HTTP mapping), not successes.
+    /// proxy's 503, a server that does not speak gRPC), a response that ends
+    /// with no `grpc-status` at all, and a `grpc-status` that is not a code
+    /// from 0 to 16, are failed calls (`UNAVAILABLE`, `UNKNOWN` or `INTERNAL`
+    /// in gRPC's HTTP mapping), not successes.
     #[derive(Debug, Clone)]
     pub struct GrpcClassifier {
         codes: GrpcErrorsAsFailures,
@@ -345,6 +346,9 @@ mod http {
                     "HTTP status {status} on a gRPC call"
                 ))));
             }
+            if let Some(malformed) = malformed_grpc_status(response.headers()) {
+                return ClassifiedResponse::Ready(Err(malformed));
+            }
             match self.codes.classify_response(response) {
                 ClassifiedResponse::Ready(verdict) => ClassifiedResponse::Ready(verdict),
                 ClassifiedResponse::RequiresEos(eos) => {
@@ -355,6 +359,20 @@ mod http {
 
         fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> GrpcFailureClass {
             self.codes.classify_error(error)
+        }
+    }
+
+    /// A `grpc-status` that is not a code from 0 to 16 (`OK`, `14 `, empty):
+    /// tower-http would count it a success, but a gRPC client reads it as
+    /// a failed call, and so does this classifier.
+    fn malformed_grpc_status(headers: &HeaderMap) -> Option<GrpcFailureClass> {
+        let value = headers.get("grpc-status")?;
+        let code = value.to_str().ok().and_then(|s| s.parse::<i32>().ok());
+        match code {
+            Some(0..=16) => None,
+            _ => Some(GrpcFailureClass::Error(format!(
+                "grpc-status {value:?} is not a gRPC code"
+            ))),
         }
     }
 
@@ -370,7 +388,10 @@ mod http {
         fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), GrpcFailureClass> {
             match trailers {
                 Some(trailers) if trailers.contains_key("grpc-status") => {
-                    self.eos.classify_eos(Some(trailers))
+                    match malformed_grpc_status(trailers) {
+                        Some(malformed) => Err(malformed),
+                        None => self.eos.classify_eos(Some(trailers)),
+                    }
                 }
                 _ => Err(GrpcFailureClass::Error(
                     "the gRPC response ended without a grpc-status".to_owned(),

@@ -484,8 +484,11 @@ struct Builder {
     /// The known fields seen so far, a bit each: the usual report has only
     /// these, and checking them allocates nothing.
     seen_fields: u16,
-    /// Map entries and unknown keys seen so far.
+    /// Map entries (and, in TEXT, unknown keys) seen so far.
     seen: HashSet<String>,
+    /// Unknown top-level JSON keys seen so far: a namespace of their own, as
+    /// `"named_metrics.x"` there is an unknown key, not a map entry.
+    seen_unknown: HashSet<String>,
 }
 
 impl Builder {
@@ -502,6 +505,14 @@ impl Builder {
 
     fn see(&mut self, key: &str) -> Result<(), LoadReportError> {
         if self.seen.insert(key.to_owned()) {
+            Ok(())
+        } else {
+            Err(LoadReportError::DuplicateKey { key: excerpt(key) })
+        }
+    }
+
+    fn see_unknown_json_key(&mut self, key: &str) -> Result<(), LoadReportError> {
+        if self.seen_unknown.insert(key.to_owned()) {
             Ok(())
         } else {
             Err(LoadReportError::DuplicateKey { key: excerpt(key) })
@@ -596,7 +607,7 @@ fn parse_json(body: &str) -> Result<LoadReport, LoadReportError> {
     let mut builder = Builder::default();
     for (key, value) in entries {
         let Some(field) = Field::from_name(&key) else {
-            builder.see(&key)?;
+            builder.see_unknown_json_key(&key)?;
             continue;
         };
         builder.see_field(field)?;
@@ -662,12 +673,25 @@ fn checked_proto(field: &str, value: f64) -> Result<f64, LoadReportError> {
     checked(field, value, || value.to_string())
 }
 
+/// The map's values checked, -0 made +0. With several bad values the error
+/// names the first by name, so the same bytes always give the same error
+/// (the map's own order is random).
 fn checked_proto_map(
     field: &str,
-    map: HashMap<String, f64>,
+    mut map: HashMap<String, f64>,
 ) -> Result<HashMap<String, f64>, LoadReportError> {
-    for (name, value) in &map {
-        checked(&format!("{field}.{name}"), *value, || value.to_string())?;
+    let first_bad = map
+        .iter()
+        .filter(|(_, value)| !(value.is_finite() && **value >= 0.0))
+        .min_by(|a, b| a.0.cmp(b.0));
+    if let Some((name, value)) = first_bad {
+        return Err(invalid_number(
+            &format!("{field}.{name}"),
+            &value.to_string(),
+        ));
+    }
+    for value in map.values_mut() {
+        *value = value.abs();
     }
     Ok(map)
 }
