@@ -166,8 +166,7 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 /// about the endpoint:
 ///
 /// - a request the client refused to send (the HTTP glue's invalid-URI
-///   errors, a gRPC endpoint configuration that failed), which is the
-///   caller's doing;
+///   errors), which is the caller's doing;
 /// - the call's deadline running out inside the endpoint service (tonic's own
 ///   `grpc-timeout` timer, say): the caller's time was up, which a healthy
 ///   endpoint cannot help. Slowness is the latency detector's business.
@@ -184,6 +183,17 @@ pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> 
         return None;
     }
     Some(Outcome::Failure)
+}
+
+/// A `grpc-status` value's code, read as gRPC clients read it: one digit,
+/// or `10` to `16`. Anything else (`+0`, `00`, `14 `, `OK`) is not a code,
+/// and a client reads it as a failed call.
+pub(crate) fn grpc_code(value: &::http::HeaderValue) -> Option<u8> {
+    match *value.as_bytes() {
+        [d @ b'0'..=b'9'] => Some(d - b'0'),
+        [b'1', d @ b'0'..=b'6'] => Some(10 + d - b'0'),
+        _ => None,
+    }
 }
 
 /// Every response is a success, every error a failure: the default, for any
@@ -362,15 +372,14 @@ mod http {
         }
     }
 
-    /// A `grpc-status` that is not a code from 0 to 16 (`OK`, `14 `, empty):
+    /// A `grpc-status` that is not a code from 0 to 16 (`OK`, `14 `, `+0`):
     /// tower-http would count it a success, but a gRPC client reads it as
     /// a failed call, and so does this classifier.
     fn malformed_grpc_status(headers: &HeaderMap) -> Option<GrpcFailureClass> {
         let value = headers.get("grpc-status")?;
-        let code = value.to_str().ok().and_then(|s| s.parse::<i32>().ok());
-        match code {
-            Some(0..=16) => None,
-            _ => Some(GrpcFailureClass::Error(format!(
+        match super::grpc_code(value) {
+            Some(_) => None,
+            None => Some(GrpcFailureClass::Error(format!(
                 "grpc-status {value:?} is not a gRPC code"
             ))),
         }

@@ -75,8 +75,10 @@ impl Error {
 }
 
 /// Walks an error's `source()` chain and tells whether any link proves that the
-/// request never left the client: a [`NeverSent`] marker, or (with the `http`
-/// feature) an [`HttpError`](crate::http::HttpError) that says so.
+/// request never reached the server's application (it never left the client,
+/// or the server refused its HTTP/2 stream unprocessed): a [`NeverSent`]
+/// marker, or (with the `http` feature) an
+/// [`HttpError`](crate::http::HttpError) that says so.
 pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
     chain(error).any(|err| {
         #[cfg(feature = "http")]
@@ -91,9 +93,8 @@ pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
 
 /// The client refused to send the request, for a reason that is the
 /// caller's and would be the same on any endpoint: the HTTP glue's refusals
-/// (a CONNECT, a scheme the endpoint does not speak) and a gRPC endpoint
-/// configuration that failed. Not retried, and not held against the
-/// endpoint.
+/// (a CONNECT, a scheme the endpoint does not speak). Not retried, and not
+/// held against the endpoint.
 pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
     chain(error).any(|err| {
         #[cfg(feature = "http")]
@@ -101,10 +102,6 @@ pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
             .downcast_ref::<crate::http::HttpError>()
             .is_some_and(crate::http::HttpError::is_refused_by_client)
         {
-            return true;
-        }
-        #[cfg(feature = "grpc")]
-        if err.is::<crate::grpc::EndpointMisconfigured>() {
             return true;
         }
         let _ = err;
@@ -117,10 +114,12 @@ pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
 /// request may be sent again whatever its method.
 #[cfg(feature = "http")]
 pub(crate) fn is_refused_stream(error: &(dyn StdError + 'static)) -> bool {
+    // A reset of this stream by the server; a GOAWAY with the same code
+    // says nothing about the streams below its last stream id.
     chain(error).any(|err| {
-        err.downcast_ref::<h2::Error>()
-            .and_then(h2::Error::reason)
-            .is_some_and(|reason| reason == h2::Reason::REFUSED_STREAM)
+        err.downcast_ref::<h2::Error>().is_some_and(|h2| {
+            h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        })
     })
 }
 

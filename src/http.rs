@@ -102,9 +102,11 @@ impl<B, C> HttpEndpoint<B, C> {
         }
     }
 
-    /// Requests that name no host (a path, no `Host` header) say they are
-    /// for `host` (a DNS name, say) rather than for the endpoint's address,
-    /// so that virtual hosts, sidecars and TLS names still match.
+    /// HTTP/1 requests that name no host (a path, no `Host` header) say they
+    /// are for `host` (a DNS name, say) rather than for the endpoint's
+    /// address, so that virtual hosts and sidecars still route. Not for
+    /// HTTP/2, whose `:authority` comes from the URI (the address) and must
+    /// agree with `Host`.
     pub fn with_host(mut self, host: &Authority) -> Self {
         self.host = http::HeaderValue::from_str(host.as_str()).ok();
         self

@@ -149,7 +149,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: Some(tokio::time::sleep(self.timeout)),
             fired: Elapsed::new(Timer::Attempt, self.timeout),
         }
     }
@@ -211,14 +211,23 @@ fn far_future() -> Instant {
 /// A [`Layer`] that bounds the whole call (see [`Deadline`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
-    budget: Duration,
+    budget: Option<Duration>,
 }
 
 impl DeadlineLayer {
     /// Each call through the layer's services must be over `budget` after it
     /// starts, all attempts and backoffs included.
     pub fn new(budget: Duration) -> Self {
-        Self { budget }
+        Self {
+            budget: Some(budget),
+        }
+    }
+
+    /// No budget of the layer's own: only a deadline the caller put in the
+    /// request ([`CallDeadline`]) is enforced. A call without one passes
+    /// through with no timer.
+    pub fn callers_only() -> Self {
+        Self { budget: None }
     }
 }
 
@@ -242,7 +251,7 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
-    budget: Duration,
+    budget: Option<Duration>,
 }
 
 impl<S, Req> Service<Req> for Deadline<S>
@@ -260,18 +269,22 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        let ours = CallDeadline::after(self.budget);
-        let deadline = match CallDeadline::of(&req) {
-            Some(theirs) if theirs.at <= ours.at => theirs,
-            _ => {
+        let ours = self.budget.map(CallDeadline::after);
+        let deadline = match (CallDeadline::of(&req), ours) {
+            (Some(theirs), Some(ours)) if theirs.at <= ours.at => Some(theirs),
+            (Some(theirs), None) => Some(theirs),
+            (_, Some(ours)) => {
                 req.extensions_mut().insert(ours);
-                ours
+                Some(ours)
             }
+            (None, None) => None,
         };
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: tokio::time::sleep_until(deadline.at),
-            fired: deadline.elapsed(),
+            sleep: deadline.map(|deadline| tokio::time::sleep_until(deadline.at)),
+            fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
+                d.elapsed()
+            }),
         }
     }
 }
@@ -283,7 +296,7 @@ pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
         fired: Elapsed,
     }
 }
@@ -310,9 +323,9 @@ where
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Box::new(*this.fired))),
-            Poll::Pending => Poll::Pending,
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*this.fired))),
+            Some(Poll::Pending) | None => Poll::Pending,
         }
     }
 }
@@ -403,6 +416,33 @@ mod tests {
             elapsed(&err),
             Elapsed::new(Timer::Deadline, Duration::from_secs(1))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_budget_of_its_own_only_the_callers_deadline_holds() {
+        let svc = DeadlineLayer::callers_only().layer(slow(Duration::from_secs(5)));
+        let mut req = get();
+        req.extensions_mut()
+            .insert(CallDeadline::after(Duration::from_secs(1)));
+        let err = svc
+            .clone()
+            .oneshot(req)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no deadline"));
+        assert_eq!(
+            elapsed(&err),
+            Elapsed::new(Timer::Deadline, Duration::from_secs(1))
+        );
+        // Without one the call runs its course, and gets no deadline.
+        let seen = DeadlineLayer::callers_only()
+            .layer(service_fn(|req: http::Request<()>| async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, Infallible>(CallDeadline::of(&req))
+            }))
+            .oneshot(get())
+            .await;
+        assert!(matches!(seen, Ok(None)), "{seen:?}");
     }
 
     #[test]

@@ -491,27 +491,48 @@ async fn an_https_endpoint_never_falls_back_to_plain_text() {
 }
 
 #[tokio::test]
-async fn a_failed_endpoint_configuration_fails_calls_without_sending_them() {
-    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+async fn an_address_whose_configuration_fails_is_left_out() {
+    let servers = start_all(vec![GrpcBehaviour::Serve; 2]).await;
+    let bad_port = servers[0].addr.port();
     let channel = GrpcChannel::builder()
         .method_safety(safe_checks())
-        .configure_endpoint(|e| e.user_agent("bad\nagent"))
+        .configure_endpoint(move |e| {
+            if e.uri().port_u16() == Some(bad_port) {
+                e.user_agent("bad\nagent")
+            } else {
+                Ok(e)
+            }
+        })
+        .build(addrs(&servers));
+    for i in 0..20 {
+        call(&channel, &format!("cfg{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(servers[0].hits(), 0);
+    assert_eq!(servers[1].hits(), 20);
+    let keys: Vec<_> = channel
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, vec![servers[1].addr]);
+}
+
+#[tokio::test]
+async fn an_endpoint_timeout_of_tonics_own_is_held_against_the_endpoint() {
+    let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(2))).await;
+    let channel = GrpcChannel::builder()
+        .outlier_detection(None)
+        .configure_endpoint(|e| Ok(e.timeout(Duration::from_millis(50))))
         .build([server.addr]);
-    let status = call(&channel, "cfg")
+    let status = call(&channel, "slow")
         .await
         .err()
         .unwrap_or_else(|| panic!("no error"));
-    assert!(
-        status.message().contains("could not be configured"),
-        "{status:?}"
-    );
-    assert_eq!(server.hits(), 0);
-    assert_eq!(channel.retry_stats().unwrap_or_default().retries, 0);
-    assert!(channel
-        .balancer()
-        .endpoints()
-        .iter()
-        .all(|e| e.failures == 0));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(channel.balancer().endpoints()[0].failures, 1);
 }
 
 #[tokio::test]

@@ -271,22 +271,6 @@ async fn an_https_client_without_a_tls_connector_never_sends_plain_text() {
 }
 
 #[tokio::test]
-async fn built_from_a_dns_name_requests_carry_the_name_as_their_host() {
-    let server = support::TestServer::start().await;
-    let dns = support::dns::TestDns::start("test.").await;
-    dns.set_a("api.test.", &[std::net::Ipv4Addr::LOCALHOST], 60)
-        .await;
-    let client = HttpClient::builder()
-        .build_dns::<Body>(
-            tower_lb::discover::Dns::host("api.test.", server.addr.port()).name_servers([dns.addr]),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-    send(&client, get("named")).await;
-    let host = format!("api.test:{}", server.addr.port());
-    assert_eq!(server.last_host(), Some(host));
-}
-
-#[tokio::test]
 async fn an_explicit_host_wins_over_the_endpoints_address() {
     let server = support::TestServer::start().await;
     let client = HttpClient::builder()

@@ -616,15 +616,13 @@ pub fn check_retry_on(status: StatusCode, headers: &HeaderMap) {
     }
 }
 
-/// The `grpc-status` code `HttpRetryOn` reads: decimal digits (Rust's and
-/// Go's integer parsers also take a leading `+`), 0 to 255.
+/// The `grpc-status` code `HttpRetryOn` reads: as tonic reads it, one
+/// digit, or `10` to `16`; nothing else is a code.
 fn grpc_status_u8(headers: &HeaderMap) -> Option<u8> {
-    let bytes = headers.get("grpc-status")?.as_bytes();
-    let digits = bytes.strip_prefix(b"+").unwrap_or(bytes);
-    if !all_digits(digits) {
-        return None;
+    match grpc_status(headers) {
+        GrpcStatus::Code(code) => Some(code),
+        _ => None,
     }
-    u8::try_from(saturating_decimal(digits)?).ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -641,7 +639,7 @@ pub fn grpc_classify(data: &[u8]) {
     check_grpc_classify(status, &message.headers, message.trailers.as_ref());
 }
 
-/// What a `grpc-status` says, as tower-http reads it.
+/// What a `grpc-status` says, as tonic reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrpcStatus {
     /// No `grpc-status`.
@@ -659,10 +657,13 @@ pub fn grpc_status(map: &HeaderMap) -> GrpcStatus {
     let Some(value) = map.get("grpc-status") else {
         return GrpcStatus::Missing;
     };
-    match value.to_str().ok().and_then(|s| s.parse::<i32>().ok()) {
-        Some(code @ 0..=16) => GrpcStatus::Code(code as u8),
-        Some(_) => GrpcStatus::OutOfRange,
-        None => GrpcStatus::Malformed,
+    match value.as_bytes() {
+        [d @ b'0'..=b'9'] => GrpcStatus::Code(d - b'0'),
+        [b'1', d @ b'0'..=b'6'] => GrpcStatus::Code(10 + d - b'0'),
+        bytes if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) => {
+            GrpcStatus::OutOfRange
+        }
+        _ => GrpcStatus::Malformed,
     }
 }
 

@@ -113,16 +113,20 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        // Counted before the check: checking first would let a call that
+        // read "open" be counted after `drain` read 0 and returned.
+        self.calls.inner.open.fetch_add(1, Ordering::SeqCst);
+        let open = Open(self.calls.clone());
         if self.calls.is_closed() {
+            drop(open);
             return CountedCall {
                 inner: None,
                 _open: None,
             };
         }
-        self.calls.inner.open.fetch_add(1, Ordering::SeqCst);
         CountedCall {
             inner: Some(self.inner.call(req)),
-            _open: Some(Open(self.calls.clone())),
+            _open: Some(open),
         }
     }
 }

@@ -16,7 +16,7 @@ use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
-use super::{BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints};
+use super::{BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints, DEFAULT_CONNECT_TIMEOUT};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
 use crate::error::BoxError;
@@ -34,11 +34,6 @@ pub struct Http<C = HttpConnector> {
     scheme: Scheme,
     authority: Option<Authority>,
 }
-
-/// How long the default connector may take to connect before the request
-/// goes elsewhere (Envoy's default connect timeout). A connection that was
-/// never made proves the request never left, so even a POST is retried.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The classifier [`HttpClient`] starts with: 5xx are failures, and ORCA
 /// `endpoint-load-metrics` headers are read (for weighted round robin).
@@ -150,10 +145,13 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
         self
     }
 
-    /// The `Host` of requests that name none: the service's name rather than
-    /// each endpoint's address, for virtual hosts, sidecars and TLS.
-    /// [`build_dns`](ClientBuilder::build_dns) with [`Dns::host`](crate::discover::Dns::host)
-    /// sets it to the name and port looked up, unless given here.
+    /// The `Host` of HTTP/1 requests that name none: the service's name
+    /// rather than each endpoint's address, for virtual hosts and sidecars.
+    ///
+    /// HTTP/1 only. On HTTP/2, hyper takes `:authority` from the request's
+    /// URI, which is the endpoint's address, and a `Host` that differs from
+    /// it is malformed (RFC 9113, 8.3.1): leave this unset there. The TLS
+    /// server name is the connector's business.
     pub fn authority(mut self, authority: Authority) -> Self {
         self.target.authority = Some(authority);
         self
@@ -209,10 +207,10 @@ where
         let authority = self.target.authority;
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr);
-            match &authority {
+            Some(match &authority {
                 Some(host) => endpoint.with_host(host),
                 None => endpoint,
-            }
+            })
         });
         let balancer = self.balancer.build(endpoints);
         let calls = Calls::default();
@@ -252,12 +250,8 @@ where
         H: RequestHints<http::Request<ReplayBody<B>>>,
         W: StaticWeights<crate::discover::DnsEndpoint>,
     {
-        let mut builder = self;
-        if builder.target.authority.is_none() {
-            builder.target.authority = dns.authority();
-        }
         let (discover, resolve_now) = dns.build(|addr| addr)?;
-        let mut client = builder.build_discover(discover);
+        let mut client = self.build_discover(discover);
         client.resolve_now = Some(resolve_now);
         Ok(client)
     }

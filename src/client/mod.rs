@@ -45,8 +45,10 @@
 //! ```
 //!
 //! The services are type-erased (`BoxCloneSyncService` inside), so the
-//! client is a plain named type you can keep in a struct; that costs one
-//! allocation per call for the boxed future, measured in `benches/layers.rs`.
+//! client is a plain named type you can keep in a struct. That costs an
+//! allocation per call for the boxed future (about 130 ns in
+//! `benches/layers.rs`), and for `HttpClient` one per response for the boxed
+//! body; counting calls for a graceful shutdown adds two atomic operations.
 
 mod calls;
 mod discover;
@@ -75,6 +77,12 @@ use crate::timeout::{DeadlineLayer, TimeoutLayer};
 
 /// The default per-attempt timeout of the ready-made clients.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting to an endpoint may take before the request goes
+/// elsewhere (Envoy's default connect timeout): the default of both
+/// ready-made clients. A connection that was never made proves the request
+/// never left, so even a POST is retried.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default deadline of the ready-made clients: Envoy's route timeout.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
@@ -309,8 +317,10 @@ impl CallSettings {
         };
         // Always there, so that a deadline the caller sets (a
         // `CallDeadline`, a gRPC `grpc-timeout`) holds even when the client
-        // sets none of its own.
-        let deadline = DeadlineLayer::new(self.deadline.unwrap_or(Duration::MAX));
+        // sets none of its own; a call with neither arms no timer.
+        let deadline = self
+            .deadline
+            .map_or(DeadlineLayer::callers_only(), DeadlineLayer::new);
         ServiceBuilder::new()
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))

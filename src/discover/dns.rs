@@ -156,7 +156,7 @@ impl Dns {
     /// The name and port as a URI authority (`api.internal:8080`), for an
     /// A/AAAA lookup: what requests to its addresses should say they are
     /// for. `None` for SRV, whose targets differ from record to record.
-    #[cfg(feature = "http")]
+    #[cfg(feature = "grpc")]
     pub(crate) fn authority(&self) -> Option<http::uri::Authority> {
         match self.target {
             Target::Host { port } => {

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -32,9 +31,9 @@ pub(crate) type ConfigureEndpoint =
 /// - Each attempt tells the server the time it has left: its `grpc-timeout`
 ///   is set from the call's [`CallDeadline`], so the server can give up on
 ///   work the client no longer waits for.
-/// - When tonic's own `grpc-timeout` timer ends the call, the error is an
-///   [`Elapsed`] of the call's deadline (the caller's time ran out; the
-///   endpoint is not to blame), not tonic's `CANCELLED`.
+/// - When tonic's own `grpc-timeout` timer ends the call at its deadline,
+///   the error is an [`Elapsed`] of that deadline (the caller's time ran
+///   out; the endpoint is not to blame), not tonic's `CANCELLED`.
 ///
 /// ```
 /// use tonic::transport::Endpoint;
@@ -50,49 +49,38 @@ pub(crate) type ConfigureEndpoint =
 /// ```
 #[derive(Clone)]
 pub struct GrpcEndpoint {
-    kind: Kind,
-}
-
-#[derive(Clone)]
-enum Kind {
-    Channel(Channel),
-    /// The user's endpoint configuration failed for this address: every
-    /// call fails with the reason, and nothing is sent.
-    Misconfigured(Arc<str>),
+    channel: Channel,
 }
 
 impl GrpcEndpoint {
     /// Sends calls through `channel`.
     pub fn new(channel: Channel) -> Self {
-        Self {
-            kind: Kind::Channel(channel),
-        }
+        Self { channel }
     }
 
     /// A channel to `scheme://addr` made by `configure` from tonic's default
     /// [`Endpoint`], connected lazily: on the first call, and again after the
-    /// connection drops. A configuration that fails is reported once (a
-    /// `warn` event) and fails every call.
+    /// connection drops. `None`, with a `warn` event, when the configuration
+    /// fails for this address: the address is left out rather than kept as
+    /// an endpoint that fails every call in no time (which P2C would favour).
     pub(crate) fn lazy(
         addr: SocketAddr,
         scheme: &Scheme,
         authority: Option<&Authority>,
         configure: &ConfigureEndpoint,
-    ) -> Self {
+    ) -> Option<Self> {
         let made = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map(|e| e.connect_timeout(super::DEFAULT_CONNECT_TIMEOUT))
+            .map(|e| e.connect_timeout(crate::client::DEFAULT_CONNECT_TIMEOUT))
             .map(|e| match authority.and_then(|a| origin(scheme, a)) {
                 Some(origin) => e.origin(origin),
                 None => e,
             })
             .and_then(|e| configure(e));
         match made {
-            Ok(endpoint) => Self::new(endpoint.connect_lazy()),
+            Ok(endpoint) => Some(Self::new(endpoint.connect_lazy())),
             Err(error) => {
-                tracing::warn!(%addr, %error, "the gRPC endpoint could not be configured");
-                Self {
-                    kind: Kind::Misconfigured(error.to_string().into()),
-                }
+                tracing::warn!(%addr, %error, "the gRPC endpoint could not be configured; it is left out");
+                None
             }
         }
     }
@@ -110,22 +98,9 @@ fn origin(scheme: &Scheme, authority: &Authority) -> Option<http::Uri> {
 
 impl fmt::Debug for GrpcEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            Kind::Channel(_) => f.debug_struct("GrpcEndpoint").finish_non_exhaustive(),
-            Kind::Misconfigured(why) => f
-                .debug_struct("GrpcEndpoint")
-                .field("misconfigured", why)
-                .finish(),
-        }
+        f.debug_struct("GrpcEndpoint").finish_non_exhaustive()
     }
 }
-
-/// The user's endpoint configuration failed: the caller's problem, the same
-/// on every endpoint, so it is neither retried nor held against the
-/// endpoint.
-#[derive(Debug, thiserror::Error)]
-#[error("the gRPC endpoint could not be configured, so the call was not sent: {0}")]
-pub struct EndpointMisconfigured(Arc<str>);
 
 impl<B> Service<http::Request<B>> for GrpcEndpoint
 where
@@ -137,75 +112,49 @@ where
     type Future = GrpcResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match &mut self.kind {
-            Kind::Channel(channel) => {
-                Service::<http::Request<tonic::body::Body>>::poll_ready(channel, cx)
-                    .map_err(|error| never_sent_if_unconnected(error, None))
-            }
-            Kind::Misconfigured(_) => Poll::Ready(Ok(())),
-        }
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.channel, cx)
+            .map_err(|error| never_sent_if_unconnected(error, None))
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> GrpcResponseFuture {
-        let channel = match &mut self.kind {
-            Kind::Channel(channel) => channel,
-            Kind::Misconfigured(why) => {
-                return GrpcResponseFuture {
-                    inner: Err(Some(EndpointMisconfigured(why.clone()))),
-                    timeout: None,
-                }
-            }
-        };
-        let timeout = tell_the_server_the_time_left(&mut req);
+        let deadline = tell_the_server_the_time_left(&mut req);
         GrpcResponseFuture {
-            inner: Ok(channel.call(req.map(tonic::body::Body::new))),
-            timeout,
+            inner: self.channel.call(req.map(tonic::body::Body::new)),
+            deadline,
         }
     }
 }
 
 /// Sets the attempt's `grpc-timeout` to the time left before the call's
-/// deadline (none when the call has no real deadline), and returns the
-/// timeout the attempt carries.
-fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<Duration> {
+/// deadline, and returns that deadline: the call's [`CallDeadline`], or
+/// the one a caller's own `grpc-timeout` sets; none when there is no real
+/// deadline.
+fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<CallDeadline> {
     let Some(deadline) = CallDeadline::of(req) else {
         return req
             .headers()
             .get("grpc-timeout")
-            .and_then(|value| parse_grpc_timeout(value.as_bytes()));
+            .and_then(|value| parse_grpc_timeout(value.as_bytes()))
+            .map(CallDeadline::after);
     };
-    // `Duration::MAX` is how the ready-made clients say "no deadline of
-    // our own": there is nothing to tell.
-    if deadline.budget() == Duration::MAX {
-        return None;
-    }
-    let left = deadline.remaining();
     req.headers_mut()
-        .insert("grpc-timeout", format_grpc_timeout(left));
-    Some(left)
+        .insert("grpc-timeout", format_grpc_timeout(deadline.remaining()));
+    Some(deadline)
 }
 
 /// The future of a call through a [`GrpcEndpoint`].
 pub struct GrpcResponseFuture {
-    inner: Result<tonic::transport::channel::ResponseFuture, Option<EndpointMisconfigured>>,
-    timeout: Option<Duration>,
+    inner: tonic::transport::channel::ResponseFuture,
+    deadline: Option<CallDeadline>,
 }
 
 impl Future for GrpcResponseFuture {
     type Output = Result<http::Response<tonic::body::Body>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let timeout = self.timeout;
-        match &mut self.inner {
-            Ok(inner) => {
-                let result = ready!(Pin::new(inner).poll(cx));
-                Poll::Ready(result.map_err(|error| never_sent_if_unconnected(error, timeout)))
-            }
-            Err(misconfigured) => match misconfigured.take() {
-                Some(error) => Poll::Ready(Err(Box::new(error))),
-                None => panic!("GrpcResponseFuture polled after completion"),
-            },
-        }
+        let result = ready!(Pin::new(&mut self.inner).poll(cx));
+        let deadline = self.deadline;
+        Poll::Ready(result.map_err(|error| never_sent_if_unconnected(error, deadline)))
     }
 }
 
@@ -218,19 +167,23 @@ impl fmt::Debug for GrpcResponseFuture {
 /// tonic marks a failure to connect (or to complete a TLS handshake) with
 /// [`tonic::ConnectError`] somewhere in the chain; no byte of the call was
 /// written then. A stream the server refused (`REFUSED_STREAM`) was not
-/// processed either. tonic's `grpc-timeout` timer firing is the call's
-/// deadline.
+/// processed either. tonic's timer firing once the call's deadline has
+/// passed is that deadline; any other tonic timeout (an `Endpoint::timeout`)
+/// stays the endpoint's error.
 fn never_sent_if_unconnected(
     error: tonic::transport::Error,
-    timeout: Option<Duration>,
+    deadline: Option<CallDeadline>,
 ) -> BoxError {
     if chain(&error).any(|link| link.is::<tonic::ConnectError>())
         || crate::error::is_refused_stream(&error)
     {
-        Box::new(NeverSent::new(error))
-    } else if chain(&error).any(|link| link.is::<tonic::TimeoutExpired>()) {
-        Box::new(Elapsed::new(Timer::Deadline, timeout.unwrap_or_default()))
-    } else {
-        Box::new(error)
+        return Box::new(NeverSent::new(error));
+    }
+    let timed_out = chain(&error).any(|link| link.is::<tonic::TimeoutExpired>());
+    match deadline {
+        Some(deadline) if timed_out && deadline.remaining().is_zero() => {
+            Box::new(Elapsed::new(Timer::Deadline, deadline.budget()))
+        }
+        _ => Box::new(error),
     }
 }

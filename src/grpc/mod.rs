@@ -44,7 +44,7 @@
 //!   (`tonic::Request::set_timeout`) bounds the call, retries included
 //!   ([`GrpcTimeoutLayer`]), and each attempt tells the server the time left.
 //!   A deadline running out is not held against the endpoint. Connecting
-//!   times out after [`DEFAULT_CONNECT_TIMEOUT`].
+//!   times out after [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT).
 //! - **Errors** reach the generated client as a `tonic::Status` with the
 //!   right code ([`status_from_error`]): `DEADLINE_EXCEEDED` for timeouts,
 //!   `UNAVAILABLE` when there is no endpoint or the channel is closed.
@@ -58,7 +58,7 @@ mod safety;
 mod status;
 mod timeout;
 
-pub use self::endpoint::{EndpointMisconfigured, GrpcEndpoint, GrpcResponseFuture};
+pub use self::endpoint::{GrpcEndpoint, GrpcResponseFuture};
 pub use self::safety::{MethodSafety, WithMethodSafety};
 pub use self::status::status_from_error;
 pub use self::timeout::{GrpcTimeout, GrpcTimeoutLayer};
@@ -96,11 +96,6 @@ pub struct Grpc {
     configure: ConfigureEndpoint,
 }
 
-/// How long connecting to an endpoint may take before the call goes
-/// elsewhere (Envoy's default connect timeout). A connection that was never
-/// made proves the call never left, so even an unsafe call is retried.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl fmt::Debug for Grpc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grpc")
@@ -123,8 +118,6 @@ type Reply = http::Response<tonic::body::Body>;
 /// connections.
 pub struct GrpcChannel<K = SocketAddr> {
     service: BoxCloneSyncService<Call, Reply, BoxError>,
-    /// Why the stack refused readiness, returned from the next `call`.
-    not_ready: Option<BoxError>,
     calls: Calls,
     balancer: BalancerHandle<K>,
     budget: Option<RetryBudget>,
@@ -188,10 +181,8 @@ impl<B> ClientBuilder<Grpc, B> {
     /// Configures each endpoint's tonic [`Endpoint`] (keep-alive, TLS,
     /// timeouts, ...) before its channel is made. It starts from
     /// `scheme://address` with a connect timeout of
-    /// [`DEFAULT_CONNECT_TIMEOUT`]. An endpoint whose configuration fails
-    /// is reported (a `warn` event) and fails its calls with
-    /// [`EndpointMisconfigured`], which is neither retried nor held against
-    /// it.
+    /// [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT). An endpoint whose configuration fails
+    /// is reported (a `warn` event) and left out.
     ///
     /// ```
     /// use std::time::Duration;
@@ -272,7 +263,6 @@ where
             .service(self.calls.wrap(boxed_bodies));
         GrpcChannel {
             service: BoxCloneSyncService::new(service),
-            not_ready: None,
             calls,
             balancer: BalancerHandle::new(balancer),
             budget: self.calls.budget(),
@@ -362,21 +352,22 @@ impl<K> Service<Call> for GrpcChannel<K> {
     type Error = BoxError;
     type Future = <BoxCloneSyncService<Call, Reply, BoxError> as Service<Call>>::Future;
 
-    /// Always ready: the balancer applies no back-pressure, and a closed
-    /// balancer's refusal comes back from `call` as `UNAVAILABLE` (a
-    /// generated client turns an error here into `UNKNOWN`).
+    /// Ready when the stack is. A closed balancer's refusal is not an error
+    /// here (a generated client would turn it into `UNKNOWN`): `call`
+    /// answers it with `UNAVAILABLE`.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if let Poll::Ready(Err(error)) = self.service.poll_ready(cx) {
-            self.not_ready = Some(error);
+        match self.service.poll_ready(cx) {
+            Poll::Ready(Err(_)) if self.balancer.is_closed() => Poll::Ready(Ok(())),
+            other => other,
         }
-        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Call) -> Self::Future {
-        match self.not_ready.take() {
-            Some(error) => Box::pin(std::future::ready(Err(error))),
-            None => self.service.call(req),
+        if self.balancer.is_closed() {
+            let closed = status_from_error(Box::new(crate::Error::Closed));
+            return Box::pin(std::future::ready(Err(BoxError::from(closed))));
         }
+        self.service.call(req)
     }
 }
 
@@ -384,7 +375,6 @@ impl<K> Clone for GrpcChannel<K> {
     fn clone(&self) -> Self {
         Self {
             service: self.service.clone(),
-            not_ready: None,
             calls: self.calls.clone(),
             balancer: self.balancer.clone(),
             budget: self.budget.clone(),

@@ -76,9 +76,13 @@ pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-/// `left` as a `grpc-timeout` value: the finest unit that fits in 8 digits.
+/// `left` as a `grpc-timeout` value, rounded up to whole microseconds (as
+/// grpc-go does, so that the server's timer and tonic's own never fire
+/// before the client's deadline), then in the finest of `u`, `m`, `S`, `M`,
+/// `H` that fits in 8 digits.
 pub(crate) fn format_grpc_timeout(left: Duration) -> http::HeaderValue {
     const MAX: u128 = 99_999_999;
+    let left = left.saturating_add(Duration::from_nanos(999));
     let micros = left.as_micros();
     let (amount, unit) = if micros <= MAX {
         (micros, 'u')
@@ -119,7 +123,9 @@ mod tests {
     fn a_formatted_timeout_reads_back_within_its_unit() {
         for left in [
             Duration::ZERO,
+            Duration::from_nanos(1),
             Duration::from_micros(1),
+            Duration::from_nanos(1_500),
             Duration::from_millis(250),
             Duration::from_secs(99),
             Duration::from_secs(100_000),
@@ -130,9 +136,15 @@ mod tests {
             let read = parse_grpc_timeout(value.as_bytes())
                 .unwrap_or_else(|| panic!("{value:?} does not parse"));
             assert!(
-                read <= left,
-                "{value:?} reads as {read:?}, more than {left:?}"
+                read <= left.saturating_add(Duration::from_nanos(999)),
+                "{value:?} reads as {read:?}, more than {left:?} rounded up"
             );
+            if value.as_bytes().last() == Some(&b'u') {
+                assert!(
+                    read >= left,
+                    "{value:?} reads as {read:?}, less than {left:?}"
+                );
+            }
             let unit = match value.as_bytes().last() {
                 Some(b'u') => Duration::from_micros(1),
                 Some(b'm') => Duration::from_millis(1),
@@ -141,7 +153,7 @@ mod tests {
                 _ => Duration::from_secs(3600),
             };
             let capped = left.min(Duration::from_secs(99_999_999 * 3600));
-            assert!(capped - read < unit, "{value:?} for {left:?}");
+            assert!(capped.saturating_sub(read) < unit, "{value:?} for {left:?}");
         }
     }
 

@@ -242,9 +242,8 @@ impl HttpRetryOn {
     fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
         let code = headers
             .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u8>().ok());
-        code.is_some_and(|c| c <= 16 && self.grpc_codes & (1 << c) != 0)
+            .and_then(crate::classify::grpc_code);
+        code.is_some_and(|c| self.grpc_codes & (1 << c) != 0)
     }
 }
 
