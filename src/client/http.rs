@@ -16,13 +16,15 @@ use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
-use super::{BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints, DEFAULT_CONNECT_TIMEOUT};
+use super::{
+    BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints, Parts, DEFAULT_CONNECT_TIMEOUT,
+};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
 use crate::error::BoxError;
 use crate::http::HttpEndpoint;
 use crate::load::OrcaLoadReports;
-use crate::retry::{ReplayBody, RetryBudget, RetryStats};
+use crate::retry::{ReplayBody, RetryStats};
 use crate::strategy::{P2c, Strategy};
 
 /// The HTTP settings of a [`ClientBuilder`]: the hyper-util client every
@@ -73,11 +75,7 @@ pub type DefaultHttpClassify =
 /// ```
 pub struct HttpClient<B, K = SocketAddr> {
     service: BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError>,
-    calls: Calls,
-    balancer: BalancerHandle<K>,
-    budget: Option<RetryBudget>,
-    #[cfg(feature = "dns")]
-    resolve_now: Option<crate::discover::ResolveNow>,
+    parts: Parts<K>,
 }
 
 impl HttpClient<(), ()> {
@@ -217,11 +215,7 @@ where
         let service = calls.layer(self.calls.wrap(ResponseBody::map(balancer.clone())));
         HttpClient {
             service: BoxCloneSyncService::new(service),
-            calls,
-            balancer: BalancerHandle::new(balancer),
-            budget: self.calls.budget(),
-            #[cfg(feature = "dns")]
-            resolve_now: None,
+            parts: Parts::new(calls, BalancerHandle::new(balancer), self.calls.budget()),
         }
     }
 
@@ -252,7 +246,7 @@ where
     {
         let (discover, resolve_now) = dns.build(|addr| addr)?;
         let mut client = self.build_discover(discover);
-        client.resolve_now = Some(resolve_now);
+        client.parts.resolve_now = Some(resolve_now);
         Ok(client)
     }
 }
@@ -260,20 +254,20 @@ where
 impl<B, K> HttpClient<B, K> {
     /// The balancer: its endpoints and their state.
     pub fn balancer(&self) -> &BalancerHandle<K> {
-        &self.balancer
+        &self.parts.balancer
     }
 
     /// Stops taking calls: new ones fail at once with
     /// [`Error::Closed`](crate::Error::Closed), while calls in progress go
     /// on, retries included. Affects every clone.
     pub fn close(&self) {
-        self.calls.close();
+        self.parts.calls.close();
     }
 
     /// Calls in progress: from `call` until the response (its headers)
     /// arrives, pauses between retries included.
     pub fn calls_in_progress(&self) -> usize {
-        self.calls.open()
+        self.parts.calls.open()
     }
 
     /// Graceful shutdown: [`close`](Self::close)s, waits until the calls in
@@ -285,22 +279,20 @@ impl<B, K> HttpClient<B, K> {
     /// [`Error::ShutdownTimedOut`](crate::Error::ShutdownTimedOut) when calls
     /// were still in progress after `timeout`.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
-        let drained = self.calls.drain(timeout).await;
-        self.balancer.close();
-        drained
+        self.parts.shutdown(timeout).await
     }
 
     /// What the retry budget has seen (requests, retries, hedges, refusals),
     /// or `None` without retries and hedging.
     pub fn retry_stats(&self) -> Option<RetryStats> {
-        self.budget.as_ref().map(RetryBudget::stats)
+        self.parts.retry_stats()
     }
 
     /// For a client built with [`build_dns`](ClientBuilder::build_dns): a
     /// handle that asks for a resolution now.
     #[cfg(feature = "dns")]
     pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
-        self.resolve_now.as_ref()
+        self.parts.resolve_now.as_ref()
     }
 }
 
@@ -324,11 +316,7 @@ impl<B, K> Clone for HttpClient<B, K> {
     fn clone(&self) -> Self {
         Self {
             service: self.service.clone(),
-            calls: self.calls.clone(),
-            balancer: self.balancer.clone(),
-            budget: self.budget.clone(),
-            #[cfg(feature = "dns")]
-            resolve_now: self.resolve_now.clone(),
+            parts: self.parts.clone(),
         }
     }
 }
@@ -336,7 +324,7 @@ impl<B, K> Clone for HttpClient<B, K> {
 impl<B, K> fmt::Debug for HttpClient<B, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpClient")
-            .field("balancer", &self.balancer)
+            .field("balancer", &self.parts.balancer)
             .field("retry_stats", &self.retry_stats())
             .finish_non_exhaustive()
     }

@@ -275,6 +275,56 @@ impl<T: fmt::Debug, B: fmt::Debug> fmt::Debug for ClientBuilder<T, B> {
     }
 }
 
+/// What both ready-made clients keep beside their service: the calls they
+/// count, the balancer, the retry budget, and the DNS refresh handle.
+pub(crate) struct Parts<K> {
+    pub(crate) calls: Calls,
+    pub(crate) balancer: BalancerHandle<K>,
+    pub(crate) budget: Option<RetryBudget>,
+    #[cfg(feature = "dns")]
+    pub(crate) resolve_now: Option<crate::discover::ResolveNow>,
+}
+
+impl<K> Parts<K> {
+    pub(crate) fn new(
+        calls: Calls,
+        balancer: BalancerHandle<K>,
+        budget: Option<RetryBudget>,
+    ) -> Self {
+        Self {
+            calls,
+            balancer,
+            budget,
+            #[cfg(feature = "dns")]
+            resolve_now: None,
+        }
+    }
+
+    /// Refuses new calls, waits for those in progress, then closes the
+    /// balancer.
+    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
+        let drained = self.calls.drain(timeout).await;
+        self.balancer.close();
+        drained
+    }
+
+    pub(crate) fn retry_stats(&self) -> Option<crate::retry::RetryStats> {
+        self.budget.as_ref().map(RetryBudget::stats)
+    }
+}
+
+impl<K> Clone for Parts<K> {
+    fn clone(&self) -> Self {
+        Self {
+            calls: self.calls.clone(),
+            balancer: self.balancer.clone(),
+            budget: self.budget.clone(),
+            #[cfg(feature = "dns")]
+            resolve_now: self.resolve_now.clone(),
+        }
+    }
+}
+
 /// The balancer hints every ready-made client uses: retries and hedges go to
 /// endpoints the call has not tried.
 pub(crate) type Hints = ExtensionHints;

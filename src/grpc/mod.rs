@@ -80,10 +80,10 @@ use tower::{Service, ServiceBuilder};
 use self::endpoint::ConfigureEndpoint;
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
-use crate::client::{BalancerHandle, Calls, ClientBuilder, MapEndpoints};
+use crate::client::{BalancerHandle, Calls, ClientBuilder, MapEndpoints, Parts};
 use crate::error::BoxError;
 use crate::load::OrcaLoadReports;
-use crate::retry::{ReplayBody, RetryBudget, RetryStats};
+use crate::retry::{ReplayBody, RetryStats};
 use crate::strategy::{P2c, Strategy};
 
 /// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
@@ -118,11 +118,7 @@ type Reply = http::Response<tonic::body::Body>;
 /// connections.
 pub struct GrpcChannel<K = SocketAddr> {
     service: BoxCloneSyncService<Call, Reply, BoxError>,
-    calls: Calls,
-    balancer: BalancerHandle<K>,
-    budget: Option<RetryBudget>,
-    #[cfg(feature = "dns")]
-    resolve_now: Option<crate::discover::ResolveNow>,
+    parts: Parts<K>,
 }
 
 impl GrpcChannel<()> {
@@ -263,11 +259,7 @@ where
             .service(self.calls.wrap(boxed_bodies));
         GrpcChannel {
             service: BoxCloneSyncService::new(service),
-            calls,
-            balancer: BalancerHandle::new(balancer),
-            budget: self.calls.budget(),
-            #[cfg(feature = "dns")]
-            resolve_now: None,
+            parts: Parts::new(calls, BalancerHandle::new(balancer), self.calls.budget()),
         }
     }
 
@@ -296,7 +288,7 @@ where
         }
         let (discover, resolve_now) = dns.build(|addr| addr)?;
         let mut channel = builder.build_discover(discover);
-        channel.resolve_now = Some(resolve_now);
+        channel.parts.resolve_now = Some(resolve_now);
         Ok(channel)
     }
 }
@@ -304,19 +296,19 @@ where
 impl<K> GrpcChannel<K> {
     /// The balancer: its endpoints and their state.
     pub fn balancer(&self) -> &BalancerHandle<K> {
-        &self.balancer
+        &self.parts.balancer
     }
 
     /// Stops taking calls: new ones fail at once with `UNAVAILABLE`, while
     /// calls in progress go on, retries included. Affects every clone.
     pub fn close(&self) {
-        self.calls.close();
+        self.parts.calls.close();
     }
 
     /// Calls in progress: from `call` until the response headers arrive,
     /// pauses between retries included.
     pub fn calls_in_progress(&self) -> usize {
-        self.calls.open()
+        self.parts.calls.open()
     }
 
     /// Graceful shutdown: [`close`](Self::close)s, waits until the calls in
@@ -328,22 +320,20 @@ impl<K> GrpcChannel<K> {
     /// [`Error::ShutdownTimedOut`](crate::Error::ShutdownTimedOut) when calls
     /// were still in progress after `timeout`.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
-        let drained = self.calls.drain(timeout).await;
-        self.balancer.close();
-        drained
+        self.parts.shutdown(timeout).await
     }
 
     /// What the retry budget has seen, or `None` without retries and
     /// hedging.
     pub fn retry_stats(&self) -> Option<RetryStats> {
-        self.budget.as_ref().map(RetryBudget::stats)
+        self.parts.retry_stats()
     }
 
     /// For a channel built with [`build_dns`](ClientBuilder::build_dns): a
     /// handle that asks for a resolution now.
     #[cfg(feature = "dns")]
     pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
-        self.resolve_now.as_ref()
+        self.parts.resolve_now.as_ref()
     }
 }
 
@@ -357,13 +347,13 @@ impl<K> Service<Call> for GrpcChannel<K> {
     /// answers it with `UNAVAILABLE`.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self.service.poll_ready(cx) {
-            Poll::Ready(Err(_)) if self.balancer.is_closed() => Poll::Ready(Ok(())),
+            Poll::Ready(Err(_)) if self.parts.balancer.is_closed() => Poll::Ready(Ok(())),
             other => other,
         }
     }
 
     fn call(&mut self, req: Call) -> Self::Future {
-        if self.balancer.is_closed() {
+        if self.parts.balancer.is_closed() {
             let closed = status_from_error(Box::new(crate::Error::Closed));
             return Box::pin(std::future::ready(Err(BoxError::from(closed))));
         }
@@ -375,11 +365,7 @@ impl<K> Clone for GrpcChannel<K> {
     fn clone(&self) -> Self {
         Self {
             service: self.service.clone(),
-            calls: self.calls.clone(),
-            balancer: self.balancer.clone(),
-            budget: self.budget.clone(),
-            #[cfg(feature = "dns")]
-            resolve_now: self.resolve_now.clone(),
+            parts: self.parts.clone(),
         }
     }
 }
@@ -387,7 +373,7 @@ impl<K> Clone for GrpcChannel<K> {
 impl<K> fmt::Debug for GrpcChannel<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcChannel")
-            .field("balancer", &self.balancer)
+            .field("balancer", &self.parts.balancer)
             .field("retry_stats", &self.retry_stats())
             .finish_non_exhaustive()
     }
