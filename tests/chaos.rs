@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Frame, Incoming};
+use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
@@ -51,6 +51,11 @@ use tower_lb::discover::{self, DiscoveryHandle};
 use tower_lb::retry::{BudgetExhausted, DeadlineTooClose, RetryStats};
 use tower_lb::timeout::{Elapsed, Timer};
 use tower_lb::EndpointState;
+
+mod support;
+
+use support::killable::Killable;
+use support::recording::ResetBody;
 
 /// Servers under test.
 const SERVERS: usize = 5;
@@ -176,20 +181,12 @@ struct ServerState {
     in_flight: AtomicUsize,
 }
 
-/// What a kill tears down.
-struct Tasks {
-    /// `None` while killed: the port refuses connections.
-    listener: Option<TcpListener>,
-    /// The accept loop and one task per connection.
-    set: JoinSet<()>,
-}
-
 struct ChaosServer {
     /// Where it listens now (or last listened, while killed).
     addr: SocketAddr,
     state: Arc<ServerState>,
-    tasks: Arc<Mutex<Tasks>>,
-    up: bool,
+    /// `None` while killed.
+    serving: Option<Killable>,
     restarts: u32,
     /// Restarts that could not bind the old port again.
     port_changes: u32,
@@ -206,15 +203,10 @@ impl ChaosServer {
             records: Mutex::new(Records::default()),
             in_flight: AtomicUsize::new(0),
         });
-        let tasks = Arc::new(Mutex::new(Tasks {
-            listener: None,
-            set: JoinSet::new(),
-        }));
         let mut server = Self {
             addr,
             state,
-            tasks,
-            up: false,
+            serving: None,
             restarts: 0,
             port_changes: 0,
         };
@@ -223,12 +215,16 @@ impl ChaosServer {
     }
 
     fn serve(&mut self, listener: TcpListener) {
-        let mut tasks = self.tasks.lock().expect("lock");
-        tasks.listener = Some(listener);
-        tasks
-            .set
-            .spawn(accept_loop(self.tasks.clone(), self.state.clone()));
-        self.up = true;
+        let state = self.state.clone();
+        self.serving = Some(Killable::serve(listener, move |stream| {
+            let state = state.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        }));
     }
 
     fn set(&self, behaviour: Behaviour) {
@@ -238,16 +234,15 @@ impl ChaosServer {
     /// Stops accepting (the port refuses connections once this returns) and
     /// aborts every connection, so requests in flight see a reset.
     fn kill(&mut self) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.listener = None;
-        tasks.set.abort_all();
-        self.up = false;
+        if let Some(serving) = self.serving.take() {
+            serving.kill();
+        }
     }
 
     /// Listens again, healthy, on the old port if it can be bound (tokio
     /// sets `SO_REUSEADDR`), else on a new one. Returns the address.
     async fn restart(&mut self) -> SocketAddr {
-        assert!(!self.up, "restart of a live server");
+        assert!(self.serving.is_none(), "restart of a live server");
         let listener = match TcpListener::bind(self.addr).await {
             Ok(listener) => listener,
             Err(_) => {
@@ -264,6 +259,10 @@ impl ChaosServer {
         self.addr
     }
 
+    fn is_up(&self) -> bool {
+        self.serving.is_some()
+    }
+
     fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
     }
@@ -278,51 +277,6 @@ impl ChaosServer {
 impl Drop for ChaosServer {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Accepts connections until the listener is taken away, serving each in a
-/// task of the same set (so that a kill aborts them all).
-async fn accept_loop(tasks: Arc<Mutex<Tasks>>, state: Arc<ServerState>) {
-    loop {
-        // The listener stays in the shared slot (locked only within a poll)
-        // so that `kill` can drop it at once.
-        let accepted = std::future::poll_fn(|cx| {
-            let tasks = tasks.lock().expect("lock");
-            match tasks.listener.as_ref() {
-                Some(listener) => listener.poll_accept(cx).map(Some),
-                None => std::task::Poll::Ready(None),
-            }
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok((stream, _))) => stream,
-            Some(Err(_)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-        };
-        // Zero linger: a dropped connection is a TCP reset, not an orderly
-        // close. (A zero linger never blocks; the method is deprecated for
-        // the other values.)
-        #[allow(deprecated)]
-        let _ = stream.set_linger(Some(Duration::ZERO));
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let connection = async move {
-            let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        };
-        let mut tasks = tasks.lock().expect("lock");
-        if tasks.listener.is_none() {
-            // Killed between the accept and now: drop the connection.
-            return;
-        }
-        while tasks.set.try_join_next().is_some() {}
-        tasks.set.spawn(connection);
     }
 }
 
@@ -403,38 +357,6 @@ fn full(status: http::StatusCode, text: &'static str) -> Response<ServerBody> {
     );
     *response.status_mut() = status;
     response
-}
-
-/// Sends one chunk, waits 20 ms so that the headers and the chunk are on the
-/// wire, then fails, which makes hyper drop the connection (a reset, with
-/// the zero linger).
-#[derive(Default)]
-struct ResetBody {
-    sent: bool,
-    stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl http_body::Body for ResetBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if !self.sent {
-            self.sent = true;
-            return std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"partial")))));
-        }
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
-        std::task::ready!(std::future::Future::poll(stall.as_mut(), cx));
-        std::task::Poll::Ready(Some(Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "reset in the middle of the response",
-        ))))
-    }
 }
 
 // -------------------------------------------------------------------------
@@ -614,10 +536,10 @@ impl Injector {
     /// are down stay down. If none is down, one is killed, so that the
     /// final endpoint set always shows a removal.
     async fn finish(&mut self) {
-        for server in self.servers.iter().filter(|s| s.up) {
+        for server in self.servers.iter().filter(|s| s.is_up()) {
             server.set(Behaviour::Healthy);
         }
-        if self.servers.iter().all(|s| s.up) {
+        if self.servers.iter().all(|s| s.is_up()) {
             let i = self.rng.random_range(0..self.servers.len());
             self.final_kill = true;
             self.kill(i).await;
@@ -628,7 +550,7 @@ impl Injector {
     fn live(&self) -> BTreeSet<SocketAddr> {
         self.servers
             .iter()
-            .filter(|s| s.up)
+            .filter(|s| s.is_up())
             .map(|s| s.addr)
             .collect()
     }
@@ -1166,7 +1088,7 @@ async fn chaos_soak() {
     // The brownout: every server up answers 503 (those down stay down).
     control.brownout.store(true, Ordering::SeqCst);
     let brownout_started = Instant::now();
-    for server in injector.servers.iter().filter(|s| s.up) {
+    for server in injector.servers.iter().filter(|s| s.is_up()) {
         server.set(Behaviour::Unavailable);
     }
     let open = tokio::spawn(open_loop(client.clone(), seed, brownout_started + BROWNOUT));
@@ -1345,7 +1267,7 @@ async fn chaos_soak() {
         println!(
             "{:<19} {:<5} {:>8} {:>12} {:>6} {:>7} {:>7}",
             server.addr.to_string(),
-            server.up,
+            server.is_up(),
             server.restarts,
             server.port_changes,
             injector.per_server[i],

@@ -93,7 +93,9 @@ impl<S> Layer<S> for Calls {
 }
 
 /// Counts each call from `call` until its future completes or is dropped,
-/// and refuses new calls once closed.
+/// and refuses new calls once closed. Per call: two atomic operations on one
+/// shared counter and an `Arc` clone, the price of a shutdown that waits for
+/// calls between attempts.
 #[derive(Clone, Debug)]
 pub(crate) struct CountCalls<S> {
     inner: S,

@@ -137,6 +137,8 @@ fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<CallDe
             .and_then(|value| parse_grpc_timeout(value.as_bytes()))
             .map(CallDeadline::after);
     };
+    // One small string per attempt of a call with a deadline: the value
+    // changes with every attempt, so it cannot be made once.
     req.headers_mut()
         .insert("grpc-timeout", format_grpc_timeout(deadline.remaining()));
     Some(deadline)

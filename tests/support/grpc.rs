@@ -20,11 +20,12 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::ServiceExt as _;
+
+use super::killable::Killable;
 
 /// The metadata key of a binary ORCA load report.
 pub const ORCA_TRAILER: &str = "endpoint-load-metrics-bin";
@@ -79,17 +80,7 @@ impl OrcaLoadReport {
 pub struct GrpcServer {
     pub addr: SocketAddr,
     state: Arc<State>,
-    /// The listener and every task (the accept loop, one per connection),
-    /// so that [`GrpcServer::kill`] can drop and abort them all at once.
-    tasks: Arc<Mutex<Tasks>>,
-}
-
-/// What `kill` tears down.
-struct Tasks {
-    /// `None` once killed: the port is closed.
-    listener: Option<TcpListener>,
-    /// The accept loop and the connections.
-    set: JoinSet<()>,
+    serving: Killable,
 }
 
 /// What the service shares with the handle.
@@ -124,13 +115,18 @@ impl GrpcServer {
             last_grpc_timeout: Mutex::new(None),
             last_authority: Mutex::new(None),
         });
-        let tasks = Arc::new(Mutex::new(Tasks {
-            listener: Some(listener),
-            set: JoinSet::new(),
-        }));
-        let accept = accept_loop(tasks.clone(), state.clone());
-        tasks.lock().expect("lock").set.spawn(accept);
-        Self { addr, state, tasks }
+        let health = HealthServer::new(Checks(state.clone()));
+        let serving = {
+            let state = state.clone();
+            Killable::serve(listener, move |stream| {
+                serve_connection(stream, health.clone(), state.clone())
+            })
+        };
+        Self {
+            addr,
+            state,
+            serving,
+        }
     }
 
     /// Changes what the server does with the next calls.
@@ -192,12 +188,7 @@ impl GrpcServer {
     /// connections as soon as this returns) and aborts every open
     /// connection, so calls in flight fail with a reset.
     pub fn kill(&self) {
-        // A poisoned lock still holds the listener: kill it anyway.
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        // Dropping the listener closes the socket now; aborting the accept
-        // task would only drop it when the runtime next gets to the task.
-        tasks.listener = None;
-        tasks.set.abort_all();
+        self.serving.kill();
     }
 }
 
@@ -226,73 +217,32 @@ pub fn received(servers: &[GrpcServer], id: &str) -> usize {
     servers.iter().map(|s| s.received(id)).sum()
 }
 
-/// Accepts connections until the listener is taken away, serving each one
-/// (HTTP/2 only) in a task of the same set.
-async fn accept_loop(tasks: Arc<Mutex<Tasks>>, state: Arc<State>) {
-    let health = HealthServer::new(Checks(state.clone()));
-    loop {
-        // The listener stays in the shared slot (locked only within a poll)
-        // so that `kill` can drop it synchronously.
-        let accepted = std::future::poll_fn(|cx| {
-            let tasks = tasks.lock().expect("lock");
-            match tasks.listener.as_ref() {
-                Some(listener) => listener.poll_accept(cx).map(Some),
-                None => std::task::Poll::Ready(None),
-            }
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok((stream, _))) => stream,
-            Some(Err(_)) => {
-                // Out of descriptors and the like: try again shortly.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-        };
-        // Zero linger: when `kill` drops the connection, the peer gets a
-        // TCP reset rather than an orderly close. (A zero linger never
-        // blocks; the method is deprecated for the other values.)
-        #[allow(deprecated)]
-        let _ = stream.set_linger(Some(Duration::ZERO));
-        // A gRPC response is several small writes (headers, message,
-        // trailers); with Nagle on, the later ones wait for the client's
-        // delayed ACK, 40 ms on Linux.
-        let _ = stream.set_nodelay(true);
+/// Serves one connection (HTTP/2 only), recording what each call carries.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    health: HealthServer<Checks>,
+    state: Arc<State>,
+) {
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let health = health.clone();
         let state = state.clone();
-        let connection = async move {
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let health = health.clone();
-                let state = state.clone();
-                *state.last_authority.lock().expect("lock") =
-                    req.uri().authority().map(|a| a.to_string());
-                *state.last_grpc_timeout.lock().expect("lock") = req
-                    .headers()
-                    .get("grpc-timeout")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                async move {
-                    let response = match health.oneshot(req).await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    };
-                    Ok::<_, Infallible>(decorate(response, &state))
-                }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        };
-        let mut tasks = tasks.lock().expect("lock");
-        if tasks.listener.is_none() {
-            // Killed between the accept and now: drop the connection.
-            return;
+        *state.last_authority.lock().expect("lock") = req.uri().authority().map(|a| a.to_string());
+        *state.last_grpc_timeout.lock().expect("lock") = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        async move {
+            let response = match health.oneshot(req).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            Ok::<_, Infallible>(decorate(response, &state))
         }
-        // Forget the connections that are over.
-        while tasks.set.try_join_next().is_some() {}
-        tasks.set.spawn(connection);
-    }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// Adds `x-server-port` to the headers of every response, and the load

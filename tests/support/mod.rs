@@ -3,6 +3,7 @@
 
 pub mod dns;
 pub mod grpc;
+pub mod killable;
 pub mod recording;
 pub mod reporting;
 

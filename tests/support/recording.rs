@@ -206,9 +206,10 @@ fn unavailable(retry_after: Option<&'static str>) -> Response<ErrorBody> {
 }
 
 /// A body that sends one chunk, stalls 20 ms so that the headers and the
-/// chunk reach the client, then fails, which makes hyper drop the connection.
+/// chunk reach the client, then fails, which makes hyper drop the connection
+/// (a reset, where the socket has a zero linger).
 #[derive(Default)]
-struct ResetBody {
+pub struct ResetBody {
     sent: bool,
     stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
