@@ -87,6 +87,7 @@ impl OutcomeReport {
     }
 
     /// Records `outcome` on the endpoint.
+    #[inline]
     pub fn report(mut self, outcome: Outcome) {
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.record_outcome(outcome);

@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tower_lb::client::{ClientBuilder, HttpClient};
 use tower_lb::discover::{self, Change};
 use tower_lb::http::{self as lb_http, HttpEndpoint};
+use tower_lb::load::LatencyClock;
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
 use tower_lb::{Balancer, BoxError, EndpointState, Error};
 
@@ -857,4 +858,51 @@ async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried(k
         );
         assert_eq!(tried.attempts(), 2);
     }
+}
+
+/// The latency estimate of an endpoint that answers after 250 ms of tokio's
+/// paused time, through a Peak-EWMA balancer timing requests with `clock`.
+async fn estimate_of_a_paused_250ms_answer(clock: LatencyClock) -> Duration {
+    let slow = tower::service_fn(|_: ()| async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        Ok::<_, BoxError>(())
+    });
+    let balancer = Balancer::builder()
+        .latency_clock(clock)
+        .build(discover::fixed([(0, slow)]));
+    balancer.clone().oneshot(()).await.expect("answered");
+    balancer.endpoints()[0]
+        .rtt_estimate
+        .expect("Peak EWMA times requests")
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tokio_latency_clock_times_requests_in_paused_time() {
+    let estimate = estimate_of_a_paused_250ms_answer(LatencyClock::Tokio).await;
+    assert_eq!(estimate, Duration::from_millis(250));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_latency_clock_keeps_real_time_while_tokio_time_is_paused() {
+    let estimate = estimate_of_a_paused_250ms_answer(LatencyClock::default()).await;
+    assert!(estimate < Duration::from_millis(50), "{estimate:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_latency_clock_measures_a_real_servers_latency() {
+    let server = TestServer::with_delay(Duration::from_millis(30)).await;
+    let balancer = Balancer::builder().build(discover::fixed([(0, endpoint(server.addr))]));
+    for _ in 0..3 {
+        let response = balancer.clone().oneshot(get()).await.expect("answered");
+        assert_eq!(response.status(), 200);
+    }
+    let estimate = balancer.endpoints()[0]
+        .rtt_estimate
+        .expect("Peak EWMA times requests");
+    // At least the server's delay; the upper bound only catches a clock
+    // that counts in the wrong unit.
+    assert!(
+        (Duration::from_millis(30)..Duration::from_secs(2)).contains(&estimate),
+        "{estimate:?}"
+    );
 }

@@ -17,7 +17,7 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
 use tower_lb::health::OutlierDetection;
 use tower_lb::hedge::HedgeLayer;
-use tower_lb::load::{LoadReport, LoadReportError};
+use tower_lb::load::{LatencyClock, LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
@@ -128,20 +128,24 @@ impl Contender {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
 
-    /// Builds the contender over `endpoints` (index = backend number). Must run
-    /// inside the tokio runtime it will serve on.
-    pub fn build(self, endpoints: Vec<Endpoint>, seed: u64) -> Built {
+    /// Builds the contender over `endpoints` (index = backend number), timing
+    /// requests with `clock` (tokio's on simulated time). Must run inside the
+    /// tokio runtime it will serve on.
+    pub fn build(self, endpoints: Vec<Endpoint>, seed: u64, clock: LatencyClock) -> Built {
         match self {
-            Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, None),
-            Contender::P2cLeastRequests => tower_lb(P2c::least_requests(), endpoints, seed, None),
-            Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, None),
+            Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, clock, None),
+            Contender::P2cLeastRequests => {
+                tower_lb(P2c::least_requests(), endpoints, seed, clock, None)
+            }
+            Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, clock, None),
             Contender::P2cPeakEwmaRetry => {
-                resilient(P2c::peak_ewma(), endpoints, seed, None, false)
+                resilient(P2c::peak_ewma(), endpoints, seed, clock, None, false)
             }
             Contender::P2cPeakEwmaOutliersRetry => resilient(
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
+                clock,
                 Some(OutlierDetection::new()),
                 false,
             ),
@@ -149,32 +153,39 @@ impl Contender {
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
+                clock,
                 Some(OutlierDetection::new()),
                 true,
             ),
-            Contender::RoundRobinHedge => resilient(RoundRobin::new(), endpoints, seed, None, true),
+            Contender::RoundRobinHedge => {
+                resilient(RoundRobin::new(), endpoints, seed, clock, None, true)
+            }
             Contender::WeightedRoundRobin => tower_lb(
                 WeightedRoundRobin::new().blackout_period(Duration::from_secs(1)),
                 endpoints,
                 seed,
+                clock,
                 None,
             ),
             Contender::RoundRobinOutliers => tower_lb(
                 RoundRobin::new(),
                 endpoints,
                 seed,
+                clock,
                 Some(OutlierDetection::new()),
             ),
             Contender::P2cLeastRequestsOutliers => tower_lb(
                 P2c::least_requests(),
                 endpoints,
                 seed,
+                clock,
                 Some(OutlierDetection::new()),
             ),
             Contender::P2cPeakEwmaOutliers => tower_lb(
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
+                clock,
                 Some(OutlierDetection::new()),
             ),
             Contender::TowerP2cPeakEwma => {
@@ -203,12 +214,14 @@ fn tower_lb<P: Strategy>(
     strategy: P,
     endpoints: Vec<Endpoint>,
     seed: u64,
+    clock: LatencyClock,
     detection: Option<OutlierDetection>,
 ) -> Built {
     let builder = Balancer::builder()
         .strategy(strategy)
         .classify(ServerErrors)
         .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
+        .latency_clock(clock)
         .seed(seed);
     let builder = match detection {
         Some(detection) => builder.outlier_detection(detection),
@@ -228,6 +241,7 @@ fn resilient<P: Strategy>(
     strategy: P,
     endpoints: Vec<Endpoint>,
     seed: u64,
+    clock: LatencyClock,
     detection: Option<OutlierDetection>,
     hedge: bool,
 ) -> Built {
@@ -235,6 +249,7 @@ fn resilient<P: Strategy>(
         .strategy(strategy)
         .classify(ServerErrors)
         .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
+        .latency_clock(clock)
         .seed(seed)
         .avoid_tried_endpoints();
     let builder = match detection {

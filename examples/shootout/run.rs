@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tower::{service_fn, BoxError, ServiceExt};
 use tower_lb::http::HttpEndpoint;
+use tower_lb::load::LatencyClock;
 use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
 
 use crate::backend::Backend;
@@ -252,7 +253,8 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
                 }))
             })
             .collect();
-        let client = contender.build(endpoints, load.seed);
+        // Paused time: only tokio's clock sees the simulated latencies.
+        let client = contender.build(endpoints, load.seed, LatencyClock::Tokio);
         RunResult::new(contender, generate(client, load).await, &backends)
     })
 }
@@ -284,7 +286,7 @@ pub async fn real(
             Endpoint::new(endpoint)
         })
         .collect();
-    let client = contender.build(endpoints, load.seed);
+    let client = contender.build(endpoints, load.seed, LatencyClock::default());
     let generated = generate(client, load).await;
     servers.abort_all();
     Ok(RunResult::new(contender, generated, &backends))

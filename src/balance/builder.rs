@@ -11,7 +11,7 @@ use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
 use crate::health::{OutlierDetection, SlowStart};
-use crate::load::RttEstimate;
+use crate::load::{LatencyClock, RttEstimate};
 use crate::strategy::{P2c, Strategy};
 
 /// Configures and builds a [`Balancer`].
@@ -74,6 +74,7 @@ struct Options {
     startup_wait: Duration,
     rtt: RttEstimate,
     track_latency: bool,
+    latency_clock: LatencyClock,
     seed: Option<u64>,
     outlier_detection: Option<OutlierDetection>,
     panic_threshold: u32,
@@ -94,6 +95,7 @@ impl Builder<P2c> {
                 startup_wait: Duration::from_secs(5),
                 rtt: RttEstimate::DEFAULT,
                 track_latency: false,
+                latency_clock: LatencyClock::CpuCounter,
                 seed: None,
                 outlier_detection: None,
                 panic_threshold: 50,
@@ -265,6 +267,21 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         self
     }
 
+    /// The clock that times requests for the latency estimates: the CPU's
+    /// counter by default ([`LatencyClock::CpuCounter`], the cheapest to
+    /// read), or tokio's ([`LatencyClock::Tokio`]) so that paused time
+    /// applies to them in simulations and tests.
+    ///
+    /// ```
+    /// use tower_lb::{load::LatencyClock, Balancer};
+    /// let builder = Balancer::builder().latency_clock(LatencyClock::Tokio);
+    /// # let _ = builder;
+    /// ```
+    pub fn latency_clock(mut self, clock: LatencyClock) -> Self {
+        self.options.latency_clock = clock;
+        self
+    }
+
     /// Makes every random choice (P2C candidates, round-robin start) a
     /// function of `seed`, for repeatable simulations. Unseeded balancers use
     /// a faster thread-local generator; seeded ones share one atomic sequence.
@@ -298,7 +315,7 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         let shared = Shared::new(
             self.options.rtt,
             self.options.seed,
-            track_latency,
+            track_latency.then_some(self.options.latency_clock),
             self.options.outlier_detection.as_ref(),
         );
         let settings = Settings {

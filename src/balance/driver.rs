@@ -339,7 +339,7 @@ where
             }
         }
         if let Some(detector) = &detection.latency {
-            let now_ns = shared.ns_at(now);
+            let now_ns = shared.latency_now_ns();
             let estimates: Vec<Option<f64>> = judged
                 .iter()
                 .zip(&counts)

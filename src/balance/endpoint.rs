@@ -11,17 +11,18 @@ use tokio::time::Instant;
 
 use crate::classify::{Outcome, RecordOutcome};
 use crate::health::OutlierDetection;
-use crate::load::{EndpointLoad, RttEstimate};
+use crate::load::{EndpointLoad, LatencyClock, RequestClock, RttEstimate};
 use crate::strategy::PickContext;
 
 /// State shared by a balancer and all of its endpoints (not generic, so that
 /// endpoints can reach it without knowing the strategy).
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The start of the health clock (ejections, load reports): tokio's.
     epoch: Instant,
     pub(crate) rtt: RttEstimate,
-    /// Whether requests are timed (see `Strategy::uses_latency`).
-    track_latency: bool,
+    /// Times requests, when they are timed (see `Strategy::uses_latency`).
+    latency_clock: Option<RequestClock>,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
     /// Whether outcomes are counted for outlier detection (successes, and
@@ -44,13 +45,13 @@ impl Shared {
     pub(crate) fn new(
         rtt: RttEstimate,
         seed: Option<u64>,
-        track_latency: bool,
+        latency_clock: Option<LatencyClock>,
         outlier_detection: Option<&OutlierDetection>,
     ) -> Self {
         Self {
             epoch: Instant::now(),
             rtt,
-            track_latency,
+            latency_clock: latency_clock.map(RequestClock::new),
             seed: seed.map(AtomicU64::new),
             closed: AtomicBool::new(false),
             count_outcomes: outlier_detection.is_some(),
@@ -63,21 +64,33 @@ impl Shared {
 
     /// Nanoseconds since the balancer was built, on tokio's clock (so paused
     /// time in tests and simulations applies).
+    #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
         self.ns_at(Instant::now())
     }
 
     /// `at` in nanoseconds since the balancer was built.
+    #[inline]
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
         let nanos = at.saturating_duration_since(self.epoch).as_nanos();
         u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 
-    /// The time a request starts, when requests are timed.
+    /// The time a request starts, when requests are timed: nanoseconds since
+    /// the balancer was built on the [`LatencyClock`], which is the clock of
+    /// every latency estimate.
+    #[inline]
     pub(crate) fn request_clock(&self) -> Option<u64> {
-        self.track_latency.then(|| self.now_ns())
+        self.latency_clock.as_ref().map(RequestClock::now_ns)
     }
 
+    /// The latency clock's time, or 0 when requests are not timed.
+    #[inline]
+    pub(crate) fn latency_now_ns(&self) -> u64 {
+        self.request_clock().unwrap_or(0)
+    }
+
+    #[inline]
     pub(crate) fn pick_context(&self, now_ns: u64) -> PickContext<'_> {
         match &self.seed {
             Some(seed) => PickContext::seeded(now_ns, &self.rtt, seed),
@@ -85,6 +98,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
@@ -128,7 +142,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl<K, S> Endpoint<K, S> {
     pub(crate) fn new(key: K, service: S, shared: Arc<Shared>) -> Self {
-        let load = EndpointLoad::new(shared.now_ns(), &shared.rtt);
+        let load = EndpointLoad::new(shared.latency_now_ns(), &shared.rtt);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             key,
@@ -141,18 +155,22 @@ impl<K, S> Endpoint<K, S> {
         }
     }
 
+    #[inline]
     pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
+    #[inline]
     pub(crate) fn key(&self) -> &K {
         &self.key
     }
 
+    #[inline]
     pub(crate) fn service(&self) -> &S {
         &self.service
     }
 
+    #[inline]
     pub(crate) fn load(&self) -> &EndpointLoad {
         &self.load
     }
@@ -163,11 +181,13 @@ impl<K, S> Endpoint<K, S> {
         self.state.store(DRAINING, Ordering::SeqCst);
     }
 
+    #[inline]
     fn is_draining(&self) -> bool {
         self.state.load(Ordering::SeqCst) == DRAINING
     }
 
     /// Neither ejected nor about to be, nor removed.
+    #[inline]
     pub(crate) fn is_in_service(&self) -> bool {
         self.state.load(Ordering::Relaxed) == ACTIVE
     }
@@ -221,8 +241,8 @@ impl<K, S> Endpoint<K, S> {
         K: Clone,
     {
         let now = self.shared.now_ns();
-        let rtt_estimate = self.shared.track_latency.then(|| {
-            let rtt = self.load.rtt_estimate_ns(now, &self.shared.rtt);
+        let rtt_estimate = self.shared.request_clock().map(|latency_now| {
+            let rtt = self.load.rtt_estimate_ns(latency_now, &self.shared.rtt);
             Duration::from_nanos(rtt as u64)
         });
         let state = self.state();
@@ -372,7 +392,7 @@ impl<K, S> InFlight<K, S> {
         };
         if let Some(start) = self.start_ns {
             let shared = &endpoint.shared;
-            let now = shared.now_ns();
+            let now = shared.latency_now_ns();
             endpoint
                 .load
                 .record_rtt(now.saturating_sub(start), now, &shared.rtt);
@@ -404,7 +424,7 @@ impl<K, S> Drop for InFlight<K, S> {
         if let Some(endpoint) = self.endpoint.take() {
             if let Some(start) = self.start_ns {
                 let shared = &endpoint.shared;
-                let now = shared.now_ns();
+                let now = shared.latency_now_ns();
                 endpoint
                     .load
                     .record_rtt_at_least(now.saturating_sub(start), now, &shared.rtt);

@@ -464,7 +464,7 @@ mod tests {
         let shared = Arc::new(Shared::new(
             RttEstimate::DEFAULT,
             None,
-            false,
+            None,
             Some(&detection),
         ));
         (0..n)

@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use crate::strategy::PickContext;
 
+mod clock;
 mod report;
 mod reported;
+
+pub use self::clock::LatencyClock;
+pub(crate) use self::clock::RequestClock;
 
 pub use self::report::{
     LoadExtractor, LoadReport, LoadReportError, NoLoadReports, OrcaLoadReports, UtilizationHeader,
@@ -93,7 +97,8 @@ pub struct EndpointLoad {
     consecutive_failures: AtomicU32,
     /// Latency estimate in nanoseconds, as `f64` bits.
     rtt_ns: AtomicU64,
-    /// When `rtt_ns` was last written, in nanoseconds since the balancer's epoch.
+    /// When `rtt_ns` was last written, in nanoseconds on the latency clock
+    /// (see `LatencyClock`).
     rtt_stamp_ns: AtomicU64,
     /// False while `rtt_ns` still holds the default, not a measurement.
     measured: AtomicBool,
@@ -107,7 +112,7 @@ pub struct EndpointLoad {
 
 impl EndpointLoad {
     /// A fresh load record, as of `now_ns` (nanoseconds on the balancer's
-    /// clock), with the estimate at `rtt`'s default.
+    /// [`LatencyClock`]), with the estimate at `rtt`'s default.
     pub fn new(now_ns: u64, rtt: &RttEstimate) -> Self {
         Self {
             counters: AtomicU64::new(0),
@@ -125,6 +130,7 @@ impl EndpointLoad {
 
     /// The share of its weight the endpoint gets while in
     /// [slow start](crate::health::SlowStart): from the minimum up to 1.
+    #[inline]
     pub fn slow_start_factor(&self) -> f64 {
         f64::from_bits(self.slow_start.load(Ordering::Relaxed))
     }
@@ -137,6 +143,7 @@ impl EndpointLoad {
     /// [`Builder::static_weights`](crate::Builder::static_weights)); 1 unless
     /// set. Weighted round robin uses it while no load reports are in, and
     /// P2C divides its cost by it. Always finite and positive.
+    #[inline]
     pub fn static_weight(&self) -> f64 {
         f64::from_bits(self.static_weight.load(Ordering::Relaxed))
     }
@@ -195,6 +202,7 @@ impl EndpointLoad {
     }
 
     /// Requests sent to the endpoint that have not completed or been dropped.
+    #[inline]
     pub fn in_flight(&self) -> usize {
         (self.counters.load(Ordering::Relaxed) & IN_FLIGHT_MASK) as usize
     }
@@ -206,6 +214,7 @@ impl EndpointLoad {
     }
 
     /// Requests sent to the endpoint so far (modulo 2^40).
+    #[inline]
     pub fn requests(&self) -> u64 {
         self.counters.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
     }
@@ -229,6 +238,7 @@ impl EndpointLoad {
 
     /// The Peak-EWMA latency estimate in nanoseconds at `now_ns`, decayed for
     /// the time since the last sample.
+    #[inline]
     pub fn rtt_estimate_ns(&self, now_ns: u64, settings: &RttEstimate) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
@@ -237,6 +247,7 @@ impl EndpointLoad {
     }
 
     /// The Peak-EWMA cost: latency estimate x (in-flight + 1).
+    #[inline]
     pub fn peak_ewma_cost(&self, ctx: &PickContext<'_>) -> f64 {
         let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
         rtt * (self.in_flight() as f64 + 1.0)
@@ -244,22 +255,26 @@ impl EndpointLoad {
 
     /// Counts a request as started. `SeqCst` pairs with the shutdown path: a
     /// request that raced `close()` either sees the flag or is seen in flight.
+    #[inline]
     pub(crate) fn start(&self) {
         self.counters.fetch_add(ONE_STARTED + 1, Ordering::SeqCst);
     }
 
     /// Takes back the started count of a request that was turned away before
     /// it was sent (its in-flight count is released by `finish`).
+    #[inline]
     pub(crate) fn uncount_start(&self) {
         self.counters.fetch_sub(ONE_STARTED, Ordering::Relaxed);
     }
 
     /// Counts a request as finished (completed or dropped); returns how many
     /// were in flight before.
+    #[inline]
     pub(crate) fn finish(&self) -> usize {
         (self.counters.fetch_sub(1, Ordering::SeqCst) & IN_FLIGHT_MASK) as usize
     }
 
+    #[inline]
     pub(crate) fn record_success(&self) {
         self.successes.fetch_add(1, Ordering::Relaxed);
         // Read before writing: a healthy endpoint's line is not dirtied for
@@ -269,6 +284,7 @@ impl EndpointLoad {
         }
     }
 
+    #[inline]
     pub(crate) fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -291,6 +307,7 @@ impl EndpointLoad {
     /// Two responses finishing at once may both read the old estimate and the
     /// last store wins; losing one sample of an estimate is harmless and keeps
     /// the update a pair of plain stores instead of a CAS loop.
+    #[inline]
     pub(crate) fn record_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let sample = sample_ns as f64;
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
@@ -309,6 +326,7 @@ impl EndpointLoad {
     /// Folds in a sample known only to be a lower bound (a request dropped
     /// before its answer): it can only raise the estimate, as a peak, and
     /// never stands in for the first real measurement.
+    #[inline]
     pub(crate) fn record_rtt_at_least(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         if self.measured.load(Ordering::Relaxed) && sample_ns as f64 > prior {
@@ -326,6 +344,7 @@ impl EndpointLoad {
 /// microseconds against a decay of seconds, so `x` is nearly always tiny; there
 /// a second-order Taylor step is exact to 2e-7 and far cheaper than `exp`,
 /// which this path would otherwise call three times per request.
+#[inline]
 fn decay_factor(x: f64) -> f64 {
     if x < 0.01 {
         1.0 - x + 0.5 * x * x
