@@ -111,13 +111,16 @@ impl Shared {
 
 /// An endpoint: its key, its service (cloned for each request), and its live
 /// load.
+// `repr(C)` with the load first: its hot fields then sit right after the
+// `Arc`'s reference counts (see `EndpointLoad`).
+#[repr(C)]
 pub(crate) struct Endpoint<K, S> {
+    load: EndpointLoad,
     /// Unique in the process, so that a call can remember the endpoints it
     /// tried without knowing their key type.
     id: u64,
     key: K,
     service: S,
-    load: EndpointLoad,
     /// One of the `ACTIVE`, `TRIPPED`, `EJECTED`, `DRAINING` states.
     state: AtomicU8,
     /// Times outlier detection ejected it.

@@ -86,28 +86,35 @@ const IN_FLIGHT_MASK: u64 = ONE_STARTED - 1;
 ///
 /// All fields are atomics updated by the balancer's response futures; reads
 /// are racy snapshots, which is all a load balancer needs.
+//
+// `repr(C)`, in this order: the fields a request reads or writes come first,
+// so that they share a cache line, and (the balancer keeps the load first in
+// its endpoint) in most allocations the line of the `Arc`'s reference count
+// that each request also bumps. With two cores picking through one balancer
+// this took the 64-task benchmark from 78 to 68 ns per request.
 #[derive(Debug)]
+#[repr(C)]
 pub struct EndpointLoad {
     /// Requests in flight (low `IN_FLIGHT_BITS` bits) and requests started
     /// (the bits above), packed so that starting a request is one atomic add.
     counters: AtomicU64,
-    successes: AtomicU64,
-    failures: AtomicU64,
-    /// Failures since the last success, for outlier detection.
-    consecutive_failures: AtomicU32,
     /// Latency estimate in nanoseconds, as `f64` bits.
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last written, in nanoseconds on the latency clock
     /// (see `LatencyClock`).
     rtt_stamp_ns: AtomicU64,
-    /// False while `rtt_ns` still holds the default, not a measurement.
-    measured: AtomicBool,
-    /// What the endpoint last reported about its own load.
-    reported: ReportedLoadCell,
     /// The weight discovery gave it (1 unless set), as `f64` bits.
     static_weight: AtomicU64,
     /// Its slow-start factor (1 when not in slow start), as `f64` bits.
     slow_start: AtomicU64,
+    successes: AtomicU64,
+    /// Failures since the last success, for outlier detection.
+    consecutive_failures: AtomicU32,
+    /// False while `rtt_ns` still holds the default, not a measurement.
+    measured: AtomicBool,
+    failures: AtomicU64,
+    /// What the endpoint last reported about its own load.
+    reported: ReportedLoadCell,
 }
 
 impl EndpointLoad {
@@ -242,7 +249,7 @@ impl EndpointLoad {
     pub fn rtt_estimate_ns(&self, now_ns: u64, settings: &RttEstimate) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
-        let elapsed = now_ns.saturating_sub(stamp) as f64;
+        let elapsed = ns_as_f64(now_ns.saturating_sub(stamp));
         rtt * decay_factor(elapsed * settings.decay_rate)
     }
 
@@ -250,7 +257,8 @@ impl EndpointLoad {
     #[inline]
     pub fn peak_ewma_cost(&self, ctx: &PickContext<'_>) -> f64 {
         let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
-        rtt * (self.in_flight() as f64 + 1.0)
+        // In flight fits 24 bits: a signed conversion, one instruction.
+        rtt * (f64::from(self.in_flight() as u32) + 1.0)
     }
 
     /// Counts a request as started. `SeqCst` pairs with the shutdown path: a
@@ -309,13 +317,13 @@ impl EndpointLoad {
     /// the update a pair of plain stores instead of a CAS loop.
     #[inline]
     pub(crate) fn record_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
-        let sample = sample_ns as f64;
+        let sample = ns_as_f64(sample_ns);
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let next = if sample > prior || !self.measured.load(Ordering::Relaxed) {
             self.measured.store(true, Ordering::Relaxed);
             sample
         } else {
-            let elapsed = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)) as f64;
+            let elapsed = ns_as_f64(now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)));
             let decay = decay_factor(elapsed * rtt.decay_rate);
             prior * decay + sample * (1.0 - decay)
         };
@@ -329,7 +337,7 @@ impl EndpointLoad {
     #[inline]
     pub(crate) fn record_rtt_at_least(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        if self.measured.load(Ordering::Relaxed) && sample_ns as f64 > prior {
+        if self.measured.load(Ordering::Relaxed) && ns_as_f64(sample_ns) > prior {
             self.record_rtt(sample_ns, now_ns, rtt);
         }
     }
@@ -338,6 +346,13 @@ impl EndpointLoad {
     pub(crate) fn set_in_flight(&self, n: usize) {
         self.counters.store(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Nanoseconds as `f64` through a signed conversion (one instruction on
+/// x86-64, where `u64 as f64` takes several), saturating at 292 years.
+#[inline]
+fn ns_as_f64(ns: u64) -> f64 {
+    ns.min(i64::MAX as u64) as i64 as f64
 }
 
 /// `exp(-x)` for `x >= 0`. A busy endpoint is read and updated every few
