@@ -1,5 +1,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 use super::{Candidates, PickContext, Ramp, Strategy, MAX_PASSES};
 
 /// Round robin: endpoints in turn, from one shared atomic counter.
@@ -17,7 +19,9 @@ use super::{Candidates, PickContext, Ramp, Strategy, MAX_PASSES};
 /// ```
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: AtomicUsize,
+    /// On a cache line of its own: every pick writes it, and the balancer's
+    /// fields beside it are read by every request.
+    next: CachePadded<AtomicUsize>,
 }
 
 /// Where the cycle starts for one set of endpoints.
