@@ -323,7 +323,8 @@ impl EndpointLoad {
             self.measured.store(true, Ordering::Relaxed);
             sample
         } else {
-            let elapsed = ns_as_f64(now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)));
+            let elapsed =
+                ns_as_f64(now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)));
             let decay = decay_factor(elapsed * rtt.decay_rate);
             prior * decay + sample * (1.0 - decay)
         };
