@@ -11,14 +11,20 @@
 //! - `pick/*`: a strategy's `pick` alone over plain load records, so that
 //!   weighted round robin (with a weight per endpoint from load reports)
 //!   compares with round robin on the same footing.
+//! - `floor/*`: what no request through a shared balancer avoids, measured
+//!   on the machine at hand, for reading the figures above.
 //!
 //! Run with `cargo bench --bench balance`.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tower::balance::p2c::Balance;
@@ -59,10 +65,18 @@ fn runtime() -> Runtime {
         .expect("tokio runtime")
 }
 
-fn tower_lb<P: Strategy>(rt: &Runtime, strategy: P, n: usize) -> Balancer<usize, Noop, P> {
+/// A tower-lb balancer over `n` no-op endpoints; `timed` times every request
+/// even when the strategy does not need it (`Builder::track_latency`).
+fn tower_lb<P: Strategy>(
+    rt: &Runtime,
+    strategy: P,
+    n: usize,
+    timed: bool,
+) -> Balancer<usize, Noop, P> {
     rt.block_on(async {
         let balancer = Balancer::builder()
             .strategy(strategy)
+            .track_latency(timed)
             .build(discover::fixed((0..n).map(|i| (i, Noop))));
         while balancer.endpoints().len() < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -135,9 +149,10 @@ fn bench_tower_lb<P: Strategy>(
     rt: &Runtime,
     name: &str,
     strategy: impl Fn() -> P,
+    timed: bool,
 ) {
     for n in ENDPOINTS {
-        let balancer = tower_lb(rt, strategy(), n);
+        let balancer = tower_lb(rt, strategy(), n, timed);
         let mut group = c.benchmark_group(format!("single/{name}"));
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -186,7 +201,9 @@ fn bench_pick<P: Strategy>(
     let rtt = RttEstimate::DEFAULT;
     let now_ns = 60_000_000_000;
     for n in ENDPOINTS {
-        let loads: Vec<EndpointLoad> = (0..n).map(|_| EndpointLoad::new(0, &rtt)).collect();
+        // Estimates as of now, as on a busy balancer (a stale one would time
+        // `exp` instead of the pick).
+        let loads: Vec<EndpointLoad> = (0..n).map(|_| EndpointLoad::new(now_ns, &rtt)).collect();
         if weighted {
             for (i, load) in loads.iter().enumerate() {
                 load.record_reported_load(100.0 * (i + 1) as f64, 0.0, 0.5, 0);
@@ -205,15 +222,59 @@ fn bench_pick<P: Strategy>(
     }
 }
 
+/// The parts of a request through a tower-lb balancer that no strategy can
+/// save, each alone: the six atomic read-modify-writes (the snapshot loaded
+/// through arc-swap, the endpoint reference the response future holds, the
+/// in-flight count up and down) and, for Peak EWMA, the two clock reads that
+/// time a request, with the CPU's counter and with `Instant::now()`.
+fn bench_floor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("floor");
+    let endpoint = Arc::new(AtomicU64::new(0));
+    let snapshot = ArcSwap::from_pointee(vec![endpoint; 10]);
+    group.bench_function("six-atomics", |b| {
+        b.iter(|| {
+            let endpoint = snapshot.load()[black_box(3)].clone();
+            endpoint.fetch_add(1, Ordering::SeqCst);
+            endpoint.fetch_sub(1, Ordering::SeqCst);
+            endpoint
+        })
+    });
+    let clock = quanta::Clock::new();
+    group.bench_function("two-cpu-counter-reads", |b| {
+        b.iter(|| (black_box(clock.raw()), black_box(clock.raw())))
+    });
+    group.bench_function("two-instant-now-reads", |b| {
+        b.iter(|| (black_box(Instant::now()), black_box(Instant::now())))
+    });
+    group.finish();
+}
+
 fn balance(c: &mut Criterion) {
+    bench_floor(c);
     bench_pick(c, "round-robin", RoundRobin::new, false);
     bench_pick(c, "weighted-round-robin", WeightedRoundRobin::new, true);
     bench_pick(c, "p2c-least-requests", P2c::least_requests, false);
+    bench_pick(c, "p2c-peak-ewma", P2c::peak_ewma, false);
     let rt = runtime();
-    bench_tower_lb(c, &rt, "weighted-round-robin", WeightedRoundRobin::new);
-    bench_tower_lb(c, &rt, "round-robin", RoundRobin::new);
-    bench_tower_lb(c, &rt, "p2c-least-requests", P2c::least_requests);
-    bench_tower_lb(c, &rt, "p2c-peak-ewma", P2c::peak_ewma);
+    bench_tower_lb(
+        c,
+        &rt,
+        "weighted-round-robin",
+        WeightedRoundRobin::new,
+        false,
+    );
+    bench_tower_lb(c, &rt, "round-robin", RoundRobin::new, false);
+    bench_tower_lb(c, &rt, "p2c-least-requests", P2c::least_requests, false);
+    // The same with every request timed: what the two clock reads that Peak
+    // EWMA needs cost in place, apart from its arithmetic.
+    bench_tower_lb(
+        c,
+        &rt,
+        "p2c-least-requests+timed",
+        P2c::least_requests,
+        true,
+    );
+    bench_tower_lb(c, &rt, "p2c-peak-ewma", P2c::peak_ewma, false);
     bench_tower_p2c(c, &rt);
 }
 
