@@ -22,7 +22,7 @@ use tower::ServiceExt;
 use tower_lb::client::{ClientBuilder, HttpClient};
 use tower_lb::discover::{self, Change};
 use tower_lb::http::{self as lb_http, HttpEndpoint};
-use tower_lb::load::LatencyClock;
+use tower_lb::load::{LatencyClock, RttEstimate};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy};
 use tower_lb::{Balancer, BoxError, EndpointState, Error};
 
@@ -860,11 +860,11 @@ async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried(k
     }
 }
 
-/// The latency estimate of an endpoint that answers after 250 ms of tokio's
+/// The latency estimate of an endpoint that answers after `delay` of tokio's
 /// paused time, through a Peak-EWMA balancer timing requests with `clock`.
-async fn estimate_of_a_paused_250ms_answer(clock: LatencyClock) -> Duration {
-    let slow = tower::service_fn(|_: ()| async {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+async fn estimate_of_a_paused_answer(clock: LatencyClock, delay: Duration) -> Duration {
+    let slow = tower::service_fn(move |_: ()| async move {
+        tokio::time::sleep(delay).await;
         Ok::<_, BoxError>(())
     });
     let balancer = Balancer::builder()
@@ -878,14 +878,57 @@ async fn estimate_of_a_paused_250ms_answer(clock: LatencyClock) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn the_tokio_latency_clock_times_requests_in_paused_time() {
-    let estimate = estimate_of_a_paused_250ms_answer(LatencyClock::Tokio).await;
-    assert_eq!(estimate, Duration::from_millis(250));
+    let delay = Duration::from_millis(250);
+    let estimate = estimate_of_a_paused_answer(LatencyClock::Tokio, delay).await;
+    assert_eq!(estimate, delay);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_default_latency_clock_keeps_real_time_while_tokio_time_is_paused() {
-    let estimate = estimate_of_a_paused_250ms_answer(LatencyClock::default()).await;
-    assert!(estimate < Duration::from_millis(50), "{estimate:?}");
+    let delay = Duration::from_secs(10);
+    let estimate = estimate_of_a_paused_answer(LatencyClock::default(), delay).await;
+    assert!(estimate < Duration::from_secs(1), "{estimate:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_keeps_avoiding_a_slow_endpoint_when_tokio_time_jumps_ahead() {
+    // Endpoint 0 takes 30 ms of real time (the default clock's time); 1
+    // answers at once. A tiny default RTT gets both measured first.
+    let slow_hits = Arc::new(AtomicUsize::new(0));
+    let slow = tower::service_fn({
+        let slow_hits = slow_hits.clone();
+        move |_: ()| {
+            slow_hits.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            std::future::ready(Ok::<_, BoxError>(()))
+        }
+    });
+    let fast = tower::service_fn(|_: ()| std::future::ready(Ok::<_, BoxError>(())));
+    let endpoints = [(0, tower::util::BoxCloneSyncService::new(slow))]
+        .into_iter()
+        .chain([(1, tower::util::BoxCloneSyncService::new(fast))]);
+    let balancer = Balancer::builder()
+        .rtt_estimate(RttEstimate::new(
+            Duration::from_micros(1),
+            Duration::from_secs(10),
+        ))
+        .build(discover::fixed(endpoints));
+    for _ in 0..50 {
+        balancer.clone().oneshot(()).await.expect("answered");
+        if slow_hits.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+    }
+    let warm_up = slow_hits.load(Ordering::SeqCst);
+    assert!(warm_up > 0, "the slow endpoint was measured");
+
+    // Three hours of tokio time: estimates stamped on one clock and decayed
+    // against the other would all reach 0 and tie.
+    tokio::time::advance(Duration::from_secs(3 * 3600)).await;
+    for _ in 0..50 {
+        balancer.clone().oneshot(()).await.expect("answered");
+    }
+    assert_eq!(slow_hits.load(Ordering::SeqCst), warm_up);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

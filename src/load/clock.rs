@@ -18,9 +18,16 @@ pub enum LatencyClock {
     /// The CPU's counter (the invariant TSC on x86-64, the system counter on
     /// AArch64), read through [`quanta`](https://docs.rs/quanta) and scaled
     /// to nanoseconds: about 8 ns a read on this project's VM, against 17 ns
-    /// for `Instant::now()`. Where the CPU has no usable counter, quanta
-    /// falls back to the OS's monotonic clock. It keeps real time:
-    /// `tokio::time::pause` does not stop it.
+    /// for `Instant::now()`. It keeps real time: `tokio::time::pause` does
+    /// not stop it.
+    ///
+    /// Where the CPU has no usable counter, quanta uses the OS's monotonic
+    /// clock; so does this clock on Linux when the kernel does not time
+    /// itself with the TSC (it marks the TSC unreliable on some virtual
+    /// machines, or after a live migration). The first balancer built in a
+    /// process calibrates the counter against the OS clock, which takes
+    /// about half a millisecond (quanta allows up to 200 ms on a noisy
+    /// machine).
     #[default]
     CpuCounter,
     /// tokio's clock, so that paused time (`tokio::time::pause`,
@@ -34,8 +41,17 @@ pub enum LatencyClock {
 /// built.
 #[derive(Debug)]
 pub(crate) enum RequestClock {
-    CpuCounter { clock: quanta::Clock, epoch: u64 },
-    Tokio { epoch: Instant },
+    CpuCounter {
+        clock: quanta::Clock,
+        epoch: u64,
+    },
+    /// `CpuCounter` where the kernel does not trust the TSC.
+    Monotonic {
+        epoch: std::time::Instant,
+    },
+    Tokio {
+        epoch: Instant,
+    },
 }
 
 impl RequestClock {
@@ -43,6 +59,9 @@ impl RequestClock {
         match kind {
             // The first `quanta::Clock::new` in a process calibrates the
             // counter (about half a millisecond); later ones reuse it.
+            LatencyClock::CpuCounter if kernel_distrusts_tsc() => Self::Monotonic {
+                epoch: std::time::Instant::now(),
+            },
             LatencyClock::CpuCounter => {
                 let clock = quanta::Clock::new();
                 let epoch = clock.raw();
@@ -61,12 +80,31 @@ impl RequestClock {
             // 0 rather than a wrapped value if another core's counter is a
             // little behind the epoch's.
             Self::CpuCounter { clock, epoch } => clock.delta_as_nanos(*epoch, clock.raw()),
-            Self::Tokio { epoch } => {
-                let nanos = Instant::now().saturating_duration_since(*epoch).as_nanos();
-                u64::try_from(nanos).unwrap_or(u64::MAX)
-            }
+            Self::Monotonic { epoch } => nanos(epoch.elapsed()),
+            Self::Tokio { epoch } => nanos(Instant::now().saturating_duration_since(*epoch)),
         }
     }
+}
+
+fn nanos(elapsed: std::time::Duration) -> u64 {
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// True on x86-64 Linux when the kernel times itself with another
+/// clocksource than the TSC: quanta trusts the CPU's flags alone, the kernel
+/// also how the TSC has behaved since boot. Elsewhere, or when the file
+/// cannot be read, quanta's own check stands.
+fn kernel_distrusts_tsc() -> bool {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return false;
+    }
+    let current =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource");
+    distrusts_tsc(current.ok().as_deref())
+}
+
+fn distrusts_tsc(current_clocksource: Option<&str>) -> bool {
+    current_clocksource.is_some_and(|current| current.trim() != "tsc")
 }
 
 #[cfg(test)]
@@ -79,8 +117,30 @@ mod tests {
         let clock = RequestClock::new(LatencyClock::CpuCounter);
         let before = clock.now_ns();
         std::thread::sleep(Duration::from_millis(20));
-        let elapsed = clock.now_ns() - before;
+        // Saturating: another core's counter may be a few cycles behind.
+        let elapsed = clock.now_ns().saturating_sub(before);
         // Generous upper bound: a loaded CI machine may oversleep.
+        assert!(
+            (19_000_000..2_000_000_000).contains(&elapsed),
+            "{elapsed} ns for a 20 ms sleep"
+        );
+    }
+
+    #[test]
+    fn a_kernel_on_another_clocksource_than_the_tsc_means_the_os_clock() {
+        assert!(distrusts_tsc(Some("kvm-clock\n")));
+        assert!(distrusts_tsc(Some("hpet\n")));
+        assert!(!distrusts_tsc(Some("tsc\n")));
+        assert!(!distrusts_tsc(None), "no sysfs: quanta's own check");
+    }
+
+    #[test]
+    fn the_os_clock_fallback_measures_real_time_in_nanoseconds() {
+        let clock = RequestClock::Monotonic {
+            epoch: std::time::Instant::now(),
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let elapsed = clock.now_ns();
         assert!(
             (19_000_000..2_000_000_000).contains(&elapsed),
             "{elapsed} ns for a 20 ms sleep"

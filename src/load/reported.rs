@@ -17,7 +17,7 @@ pub struct ReportedLoad {
     /// `application_utilization`, or `cpu_utilization` when that is 0.
     pub utilization: f64,
     /// When the last usable report arrived, in nanoseconds on the balancer's
-    /// clock.
+    /// health clock (tokio's, since the balancer was built).
     pub last_update_ns: u64,
     /// Since when usable reports have been arriving without a gap longer
     /// than the weight expiration (A58's `non_empty_since`).

@@ -52,7 +52,10 @@ pub trait Strategy: Send + Sync + 'static {
     /// Builds the schedule for a new set of eligible endpoints. Called off the
     /// request path, each time the set changes (and every
     /// [`reschedule_every`](Self::reschedule_every)). Here `ctx.now_ns()` is
-    /// always the current time, whether or not requests are timed.
+    /// always the current time on tokio's clock (the clock of load reports and
+    /// health), whether or not requests are timed. Latency estimates are
+    /// stamped on the [`LatencyClock`](crate::load::LatencyClock), so read
+    /// them in `pick`, not here.
     fn schedule<C: Candidates + ?Sized>(
         &self,
         candidates: &C,
@@ -61,8 +64,8 @@ pub trait Strategy: Send + Sync + 'static {
 
     /// Whether `pick` reads latency estimates or the time. When no strategy
     /// and no other part of the balancer needs them, the balancer reads no
-    /// clock on the request path (even with the CPU's counter, two clock
-    /// reads are about a sixth of the cost of a request through it).
+    /// clock on the request path (even with the CPU's counter, timing a
+    /// request is about a third of its cost through the balancer).
     /// Default: `false`.
     fn uses_latency(&self) -> bool {
         false
@@ -140,8 +143,9 @@ enum Randomness<'a> {
 }
 
 impl<'a> PickContext<'a> {
-    /// A context at `now_ns` (nanoseconds on the balancer's clock) drawing from
-    /// the thread-local random generator.
+    /// A context at `now_ns` (nanoseconds since the balancer was built, on the
+    /// clock `now_ns()` describes) drawing from the thread-local random
+    /// generator.
     pub fn new(now_ns: u64, rtt: &'a RttEstimate) -> Self {
         Self {
             now_ns,

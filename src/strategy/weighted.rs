@@ -108,6 +108,9 @@ pub struct WeightedRoundRobin {
 pub struct WeightedRoundRobinSchedule {
     /// One column per endpoint; empty for plain round robin.
     columns: Box<[Column]>,
+    /// Not padded onto a cache line of its own as round robin's counter is:
+    /// measured, that made the 64-task benchmark slower here (123 – 131 ->
+    /// 139 – 146 ns per request).
     sequence: AtomicU64,
 }
 
