@@ -26,7 +26,6 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -55,7 +54,7 @@ use tower_lb::EndpointState;
 mod support;
 
 use support::killable::Killable;
-use support::recording::ResetBody;
+use support::recording::{reset_after_headers, text_response, ServerBody};
 
 /// Servers under test.
 const SERVERS: usize = 5;
@@ -280,8 +279,6 @@ impl Drop for ChaosServer {
     }
 }
 
-type ServerBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
 /// Counts a handler in flight until dropped (answered, or aborted by a kill).
 struct InFlight(Arc<ServerState>);
 
@@ -327,36 +324,21 @@ async fn handle(
     }
     let behaviour = *state.behaviour.lock().expect("lock");
     match behaviour {
-        Behaviour::Healthy => Ok(full(http::StatusCode::OK, "ok")),
-        Behaviour::Unavailable => Ok(full(http::StatusCode::SERVICE_UNAVAILABLE, "unavailable")),
+        Behaviour::Healthy => Ok(text_response(http::StatusCode::OK, "ok")),
+        Behaviour::Unavailable => Ok(text_response(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+        )),
         Behaviour::Stall => {
             tokio::time::sleep(STALL).await;
-            Ok(full(http::StatusCode::OK, "ok, late"))
+            Ok(text_response(http::StatusCode::OK, "ok, late"))
         }
         Behaviour::ResetBeforeHeaders => Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "reset before the response",
         )),
-        Behaviour::ResetMidResponse => {
-            let mut response = Response::new(ResetBody::default().boxed());
-            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-            response.headers_mut().insert(
-                http::header::CONTENT_LENGTH,
-                http::HeaderValue::from_static("1000"),
-            );
-            Ok(response)
-        }
+        Behaviour::ResetMidResponse => Ok(reset_after_headers()),
     }
-}
-
-fn full(status: http::StatusCode, text: &'static str) -> Response<ServerBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response
 }
 
 // -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget};
 use tower_lb::strategy::{Candidates, PickContext, RoundRobin, Strategy};
 use tower_lb::{discover, Balancer};
 
-use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
+use support::recording::{self, addrs, received, start_all as start, Behaviour, RecordingServer};
 
 type Body = Full<Bytes>;
 type Client =
@@ -46,13 +46,9 @@ fn client_with<P: Strategy>(
     )
 }
 
+/// A request with no body.
 fn request(method: http::Method, id: &str) -> http::Request<Body> {
-    http::Request::builder()
-        .method(method)
-        .uri("/")
-        .header("x-request-id", id)
-        .body(Full::new(Bytes::new()))
-        .unwrap_or_else(|e| panic!("{e}"))
+    recording::request(method, id, Bytes::new())
 }
 
 /// Sends `n` GETs one after another, so the layer learns the latency.

@@ -17,19 +17,12 @@ use tower_lb::client::{HttpClient, ResponseBody};
 use tower_lb::timeout::{Elapsed, Timer};
 use tower_lb::EndpointState;
 
-use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
+use support::recording::{
+    addrs, received, request, start_all as start, Behaviour, RecordingServer,
+};
 use support::{servers, wait_until};
 
 type Body = Full<Bytes>;
-
-fn request(method: http::Method, id: &str, body: impl Into<Bytes>) -> http::Request<Body> {
-    http::Request::builder()
-        .method(method)
-        .uri("/")
-        .header("x-request-id", id)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn get(id: &str) -> http::Request<Body> {
     request(http::Method::GET, id, Bytes::new())

@@ -25,7 +25,9 @@ use tower_lb::strategy::P2c;
 use tower_lb::timeout::{DeadlineLayer, Elapsed, TimeoutLayer, Timer};
 use tower_lb::{discover, Balancer};
 
-use support::recording::{addrs, received, start_all as start, Behaviour, RecordingServer};
+use support::recording::{
+    addrs, received, request, start_all as start, Behaviour, RecordingServer,
+};
 use support::{AnyBody, StackKind};
 
 type Body = Full<Bytes>;
@@ -112,15 +114,6 @@ support::for_both_stacks! {
     #[tokio::test] a_body_over_the_cap_is_sent_once_and_not_retried,
     #[tokio::test] a_body_under_the_cap_is_replayed_whole,
     #[tokio::test] an_idempotency_key_lets_a_post_be_retried,
-}
-
-fn request(method: http::Method, id: &str, body: impl Into<Bytes>) -> http::Request<Body> {
-    http::Request::builder()
-        .method(method)
-        .uri("/")
-        .header("x-request-id", id)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn post(id: &str) -> http::Request<Body> {

@@ -36,7 +36,8 @@ pub enum Behaviour {
     },
 }
 
-type ErrorBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+/// What the test servers answer with: any body, failing with an I/O error.
+pub type ServerBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 pub struct RecordingServer {
     pub addr: SocketAddr,
@@ -130,7 +131,7 @@ impl Drop for RecordingServer {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
-) -> Result<Response<ErrorBody>, std::io::Error> {
+) -> Result<Response<ServerBody>, std::io::Error> {
     let port = state.port;
     let id = req
         .headers()
@@ -153,35 +154,19 @@ async fn handle(
     };
     state.body_lengths.lock().expect("lock").push(body.len());
     let behaviour = state.behaviour.lock().expect("lock").clone();
-    let full = |status: u16, text: String| {
-        let mut response = Response::new(
-            Full::new(Bytes::from(text))
-                .map_err(|never: Infallible| match never {})
-                .boxed(),
-        );
-        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
-        response
-    };
+    let answer = || text_response(http::StatusCode::OK, port.to_string());
     match behaviour {
-        Behaviour::Answer => Ok(full(200, port.to_string())),
+        Behaviour::Answer => Ok(answer()),
         Behaviour::UnavailableFirst { times, retry_after } if nth <= times => {
             Ok(unavailable(retry_after))
         }
-        Behaviour::UnavailableFirst { .. } => Ok(full(200, port.to_string())),
+        Behaviour::UnavailableFirst { .. } => Ok(answer()),
         Behaviour::Stall(delay) => {
             tokio::time::sleep(delay).await;
-            Ok(full(200, port.to_string()))
+            Ok(answer())
         }
         Behaviour::Unavailable { retry_after } => Ok(unavailable(retry_after)),
-        Behaviour::ResetAfterHeaders => {
-            let mut response = Response::new(ResetBody::default().boxed());
-            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-            response.headers_mut().insert(
-                http::header::CONTENT_LENGTH,
-                http::HeaderValue::from_static("1000"),
-            );
-            Ok(response)
-        }
+        Behaviour::ResetAfterHeaders => Ok(reset_after_headers()),
         Behaviour::ResetBeforeHeaders => Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "reset before the response",
@@ -189,14 +174,46 @@ async fn handle(
     }
 }
 
-/// A 503, with `Retry-After` if given.
-fn unavailable(retry_after: Option<&'static str>) -> Response<ErrorBody> {
+/// A request the recording servers know by its `x-request-id`.
+pub fn request(
+    method: http::Method,
+    id: &str,
+    body: impl Into<Bytes>,
+) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("x-request-id", id)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A response of `status` with `text` for its body.
+pub fn text_response(status: http::StatusCode, text: impl Into<Bytes>) -> Response<ServerBody> {
     let mut response = Response::new(
-        Full::new(Bytes::from("unavailable"))
+        Full::new(text.into())
             .map_err(|never: Infallible| match never {})
             .boxed(),
     );
+    *response.status_mut() = status;
+    response
+}
+
+/// A 503 whose body promises 1,000 bytes and is reset after one chunk (see
+/// [`ResetBody`]).
+pub fn reset_after_headers() -> Response<ServerBody> {
+    let mut response = Response::new(ResetBody::default().boxed());
     *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    response.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from_static("1000"),
+    );
+    response
+}
+
+/// A 503, with `Retry-After` if given.
+fn unavailable(retry_after: Option<&'static str>) -> Response<ServerBody> {
+    let mut response = text_response(http::StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     if let Some(after) = retry_after {
         response
             .headers_mut()
