@@ -463,7 +463,17 @@ struct Checkpoint {
     failed: u64,
     /// Ejections recorded on the live endpoints.
     ejections: u64,
+    /// Live endpoints with a current load report.
+    reporting: usize,
     elapsed: Duration,
+}
+
+/// What a churn case's endpoints must have been through, besides requests:
+/// proof that the state the case means to churn was built.
+#[derive(Clone, Copy, PartialEq)]
+enum History {
+    Ejections,
+    LoadReports,
 }
 
 /// Sends `BURST` requests; every `HOLD_EVERY`-th stays in flight in `held`.
@@ -582,6 +592,7 @@ where
             requests,
             failed,
             ejections: view.iter().map(|e| u64::from(e.ejections)).sum(),
+            reporting: view.iter().filter(|e| e.reported_load.is_some()).count(),
             elapsed: started.elapsed(),
         });
     }
@@ -629,7 +640,7 @@ fn print_checkpoints(label: &str, checkpoints: &[Checkpoint], peak: usize) {
 fn churn_case<P, C>(
     label: &str,
     total: usize,
-    ejects: bool,
+    history: History,
     build: impl FnOnce(discover::ChannelDiscover<u64, Echo>) -> Balancer<u64, Echo, P, C>,
 ) where
     P: Strategy,
@@ -685,13 +696,18 @@ fn churn_case<P, C>(
         let last = checkpoints.last().expect("a checkpoint");
         assert!(last.changes >= total);
         assert!(last.failed > 0 && last.requests > last.failed);
-        // The endpoints had a history: requests, and ejections when on.
+        // The endpoints had a history: requests, and ejections or load
+        // reports.
         assert!(checkpoints.iter().all(|c| c.served > 0));
-        if ejects {
-            assert!(
+        match history {
+            History::Ejections => assert!(
                 checkpoints.iter().any(|c| c.ejections > 0),
                 "{label}: no endpoint was ever ejected"
-            );
+            ),
+            History::LoadReports => assert!(
+                checkpoints.iter().all(|c| c.reporting > 0),
+                "{label}: no load report was kept"
+            ),
         }
         println!(
             "{label}: {} changes in {:.1} s",
@@ -704,25 +720,30 @@ fn churn_case<P, C>(
 #[test]
 fn churn_leaves_memory_flat() {
     let total = churn_changes();
-    churn_case("P2C peak-EWMA + outlier detection", total, true, |stream| {
-        Balancer::builder()
-            .strategy(P2c::peak_ewma())
-            .outlier_detection(
-                OutlierDetection::new()
-                    .interval(Duration::from_millis(20))
-                    .base_ejection_time(Duration::from_millis(10))
-                    .max_ejection_time(Duration::from_millis(50))
-                    .consecutive_failures(Some(2))
-                    .failure_percentage(Some(
-                        FailurePercentage::new().minimum_hosts(5).request_volume(1),
-                    )),
-            )
-            .build(stream)
-    });
+    churn_case(
+        "P2C peak-EWMA + outlier detection",
+        total,
+        History::Ejections,
+        |stream| {
+            Balancer::builder()
+                .strategy(P2c::peak_ewma())
+                .outlier_detection(
+                    OutlierDetection::new()
+                        .interval(Duration::from_millis(20))
+                        .base_ejection_time(Duration::from_millis(10))
+                        .max_ejection_time(Duration::from_millis(50))
+                        .consecutive_failures(Some(2))
+                        .failure_percentage(Some(
+                            FailurePercentage::new().minimum_hosts(5).request_volume(1),
+                        )),
+                )
+                .build(stream)
+        },
+    );
     churn_case(
         "weighted round robin + load reports + slow start",
         total,
-        false,
+        History::LoadReports,
         |stream| {
             Balancer::builder()
                 .strategy(
@@ -975,8 +996,10 @@ fn a_set_that_grew_and_shrank_gives_memory_back() {
         let shrunk = heap().curr_bytes.saturating_sub(before);
         println!("500 endpoints: {first} bytes; at 20,000: {largest}; back at 500: {shrunk}");
         assert!(first > 0 && largest > first * 10, "{first} then {largest}");
+        // 1.6x here; without the channel shrinking its known set, 3x; without
+        // the driver shrinking its map, 14x.
         assert!(
-            shrunk < first * 3,
+            shrunk < first * 2,
             "back at 500 endpoints the balancer holds {shrunk} bytes, {:.1}x what it held at first ({first})",
             shrunk as f64 / first as f64
         );

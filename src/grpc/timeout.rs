@@ -200,7 +200,14 @@ mod tests {
         earlier
             .extensions_mut()
             .insert(CallDeadline::after(Duration::from_secs(1)));
-        let kept = service.oneshot(earlier).await;
+        let kept = service.clone().oneshot(earlier).await;
         assert_eq!(kept, Ok(Some(Duration::from_secs(1))));
+
+        let mut later = call("200m");
+        later
+            .extensions_mut()
+            .insert(CallDeadline::after(Duration::from_secs(10)));
+        let shortened = service.oneshot(later).await;
+        assert_eq!(shortened, Ok(Some(Duration::from_millis(200))));
     }
 }

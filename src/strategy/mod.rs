@@ -189,7 +189,7 @@ impl<'a> PickContext<'a> {
     pub fn random_u64(&self) -> u64 {
         match self.randomness {
             Randomness::Thread => fastrand::u64(..),
-            Randomness::Seeded(seed) => self.seeded_rng(seed).random(),
+            Randomness::Seeded(seed) => seeded_rng(seed).random(),
         }
     }
 
@@ -201,7 +201,7 @@ impl<'a> PickContext<'a> {
         }
         match self.randomness {
             Randomness::Thread => fastrand::usize(..n),
-            Randomness::Seeded(seed) => self.seeded_rng(seed).random_range(0..n),
+            Randomness::Seeded(seed) => seeded_rng(seed).random_range(0..n),
         }
     }
 
@@ -214,17 +214,17 @@ impl<'a> PickContext<'a> {
         let (a, b) = match self.randomness {
             Randomness::Thread => (fastrand::usize(..n), fastrand::usize(..n - 1)),
             Randomness::Seeded(seed) => {
-                let mut rng = self.seeded_rng(seed);
+                let mut rng = seeded_rng(seed);
                 (rng.random_range(0..n), rng.random_range(0..n - 1))
             }
         };
         (a, if b >= a { b + 1 } else { b })
     }
+}
 
-    /// The generator for the next draw of a seeded sequence.
-    fn seeded_rng(&self, seed: &AtomicU64) -> SmallRng {
-        SmallRng::seed_from_u64(seed.fetch_add(1, Ordering::Relaxed))
-    }
+/// The generator for the next draw of a seeded sequence.
+fn seeded_rng(seed: &AtomicU64) -> SmallRng {
+    SmallRng::seed_from_u64(seed.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Where the candidates stand in [slow start](crate::health::SlowStart),

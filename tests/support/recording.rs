@@ -48,8 +48,9 @@ pub struct RecordingServer {
 struct State {
     port: u16,
     behaviour: Mutex<Behaviour>,
-    /// Request id (the `x-request-id` header) -> times received.
-    received: Mutex<HashMap<String, usize>>,
+    /// Request id (the `x-request-id` header) -> when each copy arrived
+    /// (whole), on tokio's clock.
+    received: Mutex<HashMap<String, Vec<tokio::time::Instant>>>,
     /// The length of each request body, in arrival order.
     body_lengths: Mutex<Vec<usize>>,
 }
@@ -80,23 +81,33 @@ impl RecordingServer {
 
     /// Requests received, counting repeats.
     pub fn hits(&self) -> usize {
-        self.state.received.lock().expect("lock").values().sum()
-    }
-
-    /// How often the request with `id` arrived.
-    pub fn received(&self, id: &str) -> usize {
         self.state
             .received
             .lock()
             .expect("lock")
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// How often the request with `id` arrived.
+    pub fn received(&self, id: &str) -> usize {
+        self.arrivals(id).len()
+    }
+
+    /// When each copy of the request with `id` arrived, in order.
+    pub fn arrivals(&self, id: &str) -> Vec<tokio::time::Instant> {
+        let received = self.state.received.lock().expect("lock");
+        received.get(id).cloned().unwrap_or_default()
     }
 
     /// Every id with how often it arrived.
     pub fn all_received(&self) -> HashMap<String, usize> {
-        self.state.received.lock().expect("lock").clone()
+        let received = self.state.received.lock().expect("lock");
+        received
+            .iter()
+            .map(|(id, at)| (id.clone(), at.len()))
+            .collect()
     }
 
     pub fn body_lengths(&self) -> Vec<usize> {
@@ -149,8 +160,11 @@ async fn handle(
         .to_bytes();
     let nth = {
         let mut received = state.received.lock().expect("lock");
-        *received.entry(id).or_default() += 1;
-        received.values().sum::<usize>()
+        received
+            .entry(id)
+            .or_default()
+            .push(tokio::time::Instant::now());
+        received.values().map(Vec::len).sum::<usize>()
     };
     state.body_lengths.lock().expect("lock").push(body.len());
     let behaviour = state.behaviour.lock().expect("lock").clone();
