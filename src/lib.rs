@@ -53,6 +53,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod balance;
+mod capacity;
 pub mod classify;
 #[cfg(feature = "http")]
 pub mod client;

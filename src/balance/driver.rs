@@ -125,12 +125,10 @@ struct Endpoints<K, S> {
 }
 
 /// A set that grew to many endpoints and shrank back should not keep the
-/// memory of its largest size: give back half once three quarters are
-/// unused (halving, so that a set hovering around a size does not
-/// reallocate back and forth).
+/// memory of its largest size.
 fn shrink_when_mostly_empty<K: Hash + Eq, V>(map: &mut IndexMap<K, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.capacity() / 2);
+    if let Some(capacity) = crate::capacity::shrink_target(map.len(), map.capacity()) {
+        map.shrink_to(capacity);
     }
 }
 

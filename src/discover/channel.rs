@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tower::discover::Change;
 
+use crate::capacity::shrink_target;
+
 /// A discovery stream fed through a handle: the balancer consumes the
 /// [`ChannelDiscover`], your code keeps the [`DiscoveryHandle`] (cloneable)
 /// and pushes changes as it learns of them.
@@ -139,6 +141,14 @@ where
             self.known.remove(&key);
             self.pending.push_back(Change::Remove(key));
         }
+        self.shrink_known();
+    }
+
+    /// Gives back the memory of a set that was much larger.
+    fn shrink_known(&mut self) {
+        if let Some(capacity) = shrink_target(self.known.len(), self.known.capacity()) {
+            self.known.shrink_to(capacity);
+        }
     }
 }
 
@@ -180,11 +190,7 @@ where
                 }
                 Update::Remove(key) => {
                     self.known.remove(&key);
-                    // Give back the memory of a set that was much larger.
-                    if self.known.capacity() > 64 && self.known.len() < self.known.capacity() / 4 {
-                        let half = self.known.capacity() / 2;
-                        self.known.shrink_to(half);
-                    }
+                    self.shrink_known();
                     return Poll::Ready(Some(Ok(Change::Remove(key))));
                 }
                 Update::ReplaceAll(endpoints) => self.expand_replace_all(endpoints),
@@ -270,6 +276,27 @@ mod tests {
         drain(&mut stream).await;
         handle.replace_all([]).unwrap();
         assert_eq!(drain_sorted(&mut stream).await, ["-a", "-b"]);
+    }
+
+    #[tokio::test]
+    async fn a_replace_all_that_shrinks_the_set_gives_memory_back() {
+        let (handle, mut stream) = channel::<u32, u32>();
+        handle
+            .replace_all((0..20_000).map(|k| (k, k)))
+            .expect("the stream is alive");
+        for _ in 0..20_000 {
+            poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await;
+        }
+        let largest = stream.known.capacity();
+        handle
+            .replace_all((0..10).map(|k| (k, k)))
+            .expect("the stream is alive");
+        poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await;
+        assert!(
+            stream.known.capacity() <= largest / 2,
+            "{} slots for 10 keys, {largest} at 20,000",
+            stream.known.capacity()
+        );
     }
 
     #[tokio::test]
