@@ -163,8 +163,6 @@ where
                     tracked.record = old.record.for_new_counters();
                     tracked.endpoint.inherit_health(&old.endpoint);
                     tracked.slow_start_since = old.slow_start_since;
-                    let factor = old.endpoint.load().slow_start_factor();
-                    tracked.endpoint.load().set_slow_start_factor(factor);
                 } else if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
                     tracked.begin_slow_start(slow_start);
                 }

@@ -208,12 +208,15 @@ impl<K, S> Endpoint<K, S> {
         self.state.store(EJECTED, Ordering::SeqCst);
     }
 
-    /// Takes over `old`'s ejection count and, if it is ejected, its ejection:
-    /// `self` is a new service for the same key.
+    /// Takes over `old`'s ejection count, its load reports, its slow-start
+    /// factor and, if it is ejected, its ejection: `self` is a new service
+    /// for the same key.
     pub(crate) fn inherit_health(&self, old: &Self) {
         // Its weight too: a new service for the same endpoint is the same
-        // server, with the same load and no new blackout.
+        // server, with the same load, no new blackout and no new slow start.
         self.load.inherit_reported_load(&old.load);
+        self.load
+            .set_slow_start_factor(old.load.slow_start_factor());
         self.ejections
             .store(old.ejections.load(Ordering::Relaxed), Ordering::Relaxed);
         if old.state.load(Ordering::SeqCst) == EJECTED {
