@@ -35,7 +35,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tower::discover::Discover;
 use tower::util::Oneshot;
@@ -301,23 +301,7 @@ impl<K, S, P: Strategy, C, H> Balancer<K, S, P, C, H> {
     /// arrived; a response body still streaming is not waited for.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), Error> {
         self.close();
-        let started = Instant::now();
-        let deadline = started.checked_add(timeout);
-        loop {
-            let idle = self.inner.shared.idle.notified();
-            tokio::pin!(idle);
-            // Registered before counting, so a completion in between wakes us.
-            idle.as_mut().enable();
-            if self.in_flight() == 0 {
-                return Ok(());
-            }
-            if until(deadline, idle).await.is_none() {
-                return Err(Error::ShutdownTimedOut {
-                    waited: started.elapsed(),
-                    in_flight: self.in_flight(),
-                });
-            }
-        }
+        wait_until_idle(&self.inner.shared.idle, || self.in_flight(), timeout).await
     }
 }
 
@@ -375,6 +359,33 @@ where
                 Box::pin(self.inner.clone().dispatch_when_ready(req)),
                 classify,
             ),
+        }
+    }
+}
+
+/// Waits until `open()` is 0, woken by `idle` whenever it may have dropped;
+/// fails with [`Error::ShutdownTimedOut`] after `timeout`. The graceful
+/// shutdown of a balancer and of the ready-made clients.
+pub(crate) async fn wait_until_idle(
+    idle: &Notify,
+    open: impl Fn() -> usize,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let deadline = started.checked_add(timeout);
+    loop {
+        let notified = idle.notified();
+        tokio::pin!(notified);
+        // Registered before counting, so a completion in between wakes us.
+        notified.as_mut().enable();
+        if open() == 0 {
+            return Ok(());
+        }
+        if until(deadline, notified).await.is_none() {
+            return Err(Error::ShutdownTimedOut {
+                waited: started.elapsed(),
+                in_flight: open(),
+            });
         }
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::error::BoxError;
@@ -45,30 +44,7 @@ impl Calls {
     /// Closes, then waits until no call is open or `timeout` passes.
     pub(crate) async fn drain(&self, timeout: Duration) -> Result<(), Error> {
         self.close();
-        let started = Instant::now();
-        let deadline = started.checked_add(timeout);
-        loop {
-            let idle = self.inner.idle.notified();
-            tokio::pin!(idle);
-            // Registered before counting, so a call ending in between wakes us.
-            idle.as_mut().enable();
-            if self.open() == 0 {
-                return Ok(());
-            }
-            let woke = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, idle).await.is_ok(),
-                None => {
-                    idle.await;
-                    true
-                }
-            };
-            if !woke {
-                return Err(Error::ShutdownTimedOut {
-                    waited: started.elapsed(),
-                    in_flight: self.open(),
-                });
-            }
-        }
+        crate::balance::wait_until_idle(&self.inner.idle, || self.open(), timeout).await
     }
 }
 
