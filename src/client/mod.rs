@@ -379,6 +379,8 @@ impl CallSettings {
                     .clone()
                     .map(|policy| RetryLayer::new(policy, self.budget.clone())),
             )
+            // Hedges draw on the budget set last, whether `retry_budget` came
+            // before or after `hedging`.
             .option_layer(
                 self.hedge
                     .clone()

@@ -220,6 +220,11 @@ impl<'a> PickContext<'a> {
         };
         (a, if b >= a { b + 1 } else { b })
     }
+
+    /// True with probability `p`: always when `p >= 1`, without a draw.
+    pub(crate) fn chance(&self, p: f64) -> bool {
+        p >= 1.0 || (self.random_u64() as f64) < p * u64::MAX as f64
+    }
 }
 
 /// The generator for the next draw of a seeded sequence.
@@ -261,7 +266,7 @@ impl Ramp {
         } else {
             1.0
         };
-        chance >= 1.0 || (ctx.random_u64() as f64) < chance * u64::MAX as f64
+        ctx.chance(chance)
     }
 }
 

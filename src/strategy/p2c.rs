@@ -132,7 +132,7 @@ impl Strategy for P2c {
                 // that ramp together compare by load alone.
                 let won = candidates.load(winner).slow_start_factor();
                 let lost = candidates.load(loser).slow_start_factor();
-                if won >= lost || (ctx.random_u64() as f64) < (won / lost) * u64::MAX as f64 {
+                if won >= lost || ctx.chance(won / lost) {
                     Some(winner)
                 } else {
                     Some(loser)
