@@ -200,7 +200,7 @@ async fn a_server_killed_mid_run_is_drained_out_with_no_failed_calls() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed_at = servers[0].hits();
-    servers[0].kill();
+    servers[0].crash().await;
 
     let (mut calls, mut failures) = (0, Vec::new());
     while let Some(done) = tasks.join_next().await {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +98,8 @@ struct State {
     last_grpc_timeout: Mutex<Option<String>>,
     /// The `:authority` of the last call.
     last_authority: Mutex<Option<String>>,
+    /// Set by `crash`: calls get no answer any more.
+    crashing: AtomicBool,
 }
 
 impl GrpcServer {
@@ -114,6 +117,7 @@ impl GrpcServer {
             load: Mutex::new(None),
             last_grpc_timeout: Mutex::new(None),
             last_authority: Mutex::new(None),
+            crashing: AtomicBool::new(false),
         });
         let health = HealthServer::new(Checks(state.clone()));
         let serving = {
@@ -190,6 +194,18 @@ impl GrpcServer {
     pub fn kill(&self) {
         self.serving.kill();
     }
+
+    /// Crashes the server with every call either answered whole or not at
+    /// all: calls get no answer any more, the answers already given have
+    /// 5 ms to reach the wire, then the server is [killed](Self::kill).
+    /// (A hard kill alone may land between a response's headers and its
+    /// body, a failure no client can retry, which would make a test of
+    /// draining flaky.)
+    pub async fn crash(&self) {
+        self.state.crashing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.kill();
+    }
 }
 
 impl Drop for GrpcServer {
@@ -237,6 +253,9 @@ async fn serve_connection(
                 Ok(response) => response,
                 Err(never) => match never {},
             };
+            if state.crashing.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             Ok::<_, Infallible>(decorate(response, &state))
         }
     });
