@@ -230,6 +230,7 @@ mod http {
 
     use super::{Classify, Outcome, OutcomeReport};
     use crate::load::{LoadExtractor, NoLoadReports};
+    use crate::timeout::CallDeadline;
 
     /// Classifies `http::Response`s with a classifier from
     /// [`tower_http::classify`], watching the body's trailers when the
@@ -428,18 +429,24 @@ mod http {
             report: OutcomeReport,
         ) -> Self::Response {
             report.load_from(&self.load, response.headers(), false);
+            let deadline = CallersDeadline::of(&response);
             let pending = match self.classifier.clone().classify_response(&response) {
                 ClassifiedResponse::Ready(verdict) => {
-                    report.report(outcome(verdict.is_ok()));
+                    deadline.report(report, verdict.is_ok(), Some(response.headers()));
                     None
                 }
                 // Nothing more will come: decide now rather than wait for a
                 // poll that a caller who checks `is_end_stream` never makes.
                 ClassifiedResponse::RequiresEos(eos) if response.body().is_end_stream() => {
-                    report.report(outcome(eos.classify_eos(None).is_ok()));
+                    deadline.report(report, eos.classify_eos(None).is_ok(), None);
                     None
                 }
-                ClassifiedResponse::RequiresEos(eos) => Some((eos, report, self.load.clone())),
+                ClassifiedResponse::RequiresEos(eos) => Some(Pending {
+                    eos,
+                    report,
+                    load: self.load.clone(),
+                    deadline,
+                }),
             };
             response.map(|inner| ClassifiedBody { inner, pending })
         }
@@ -453,6 +460,59 @@ mod http {
         }
     }
 
+    /// Whether the server was told the caller's deadline: then its
+    /// `DEADLINE_EXCEEDED` is the caller's doing, not the endpoint's.
+    ///
+    /// A gRPC server that enforces the `grpc-timeout` it was sent answers
+    /// `DEADLINE_EXCEEDED` when the caller's time runs out, or at once when
+    /// it sees the time left cannot cover the work. Either way a healthy
+    /// server did what it was asked; counting it would eject healthy
+    /// endpoints whenever callers choose tight deadlines (and a client-side
+    /// expiry of the same deadline counts as nothing either, see
+    /// [`default_error_outcome`](super::default_error_outcome)). So such a
+    /// failure is reported as nothing: neither a failure nor a success, so
+    /// it neither extends nor breaks a streak of failures. An endpoint
+    /// service says it told the server by leaving the call's
+    /// [`CallDeadline`] in the response's extensions, as
+    /// [`GrpcEndpoint`](crate::grpc::GrpcEndpoint) does.
+    #[derive(Debug, Clone, Copy)]
+    struct CallersDeadline {
+        told: bool,
+    }
+
+    impl CallersDeadline {
+        fn of<B>(response: &http::Response<B>) -> Self {
+            Self {
+                told: response.extensions().get::<CallDeadline>().is_some(),
+            }
+        }
+
+        /// Reports the verdict, unless it is a failure that only says the
+        /// caller's deadline passed (`grpc-status: 4` in `status`).
+        fn report(self, report: OutcomeReport, success: bool, status: Option<&HeaderMap>) {
+            let deadline_exceeded = status
+                .and_then(|headers| headers.get("grpc-status"))
+                .and_then(super::grpc_code)
+                == Some(GRPC_DEADLINE_EXCEEDED);
+            if !success && self.told && deadline_exceeded {
+                return;
+            }
+            report.report(outcome(success));
+        }
+    }
+
+    /// gRPC's `DEADLINE_EXCEEDED`.
+    const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+
+    /// What a body waits for before it can report: the end-of-stream
+    /// classifier, the report, the load extractor and the deadline rule.
+    struct Pending<E, L> {
+        eos: E,
+        report: OutcomeReport,
+        load: L,
+        deadline: CallersDeadline,
+    }
+
     pin_project! {
         /// A response body that reports its request's outcome when it ends:
         /// from the trailers, or as a failure if the body fails. A load
@@ -460,7 +520,7 @@ mod http {
         pub struct ClassifiedBody<B, E, L = NoLoadReports> {
             #[pin]
             inner: B,
-            pending: Option<(E, OutcomeReport, L)>,
+            pending: Option<Pending<E, L>>,
         }
     }
 
@@ -499,27 +559,32 @@ mod http {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {
-                        if let Some((eos, report, load)) = this.pending.take() {
-                            report.load_from(&load, trailers, true);
-                            report.report(outcome(eos.classify_eos(Some(trailers)).is_ok()));
+                        if let Some(pending) = this.pending.take() {
+                            pending.report.load_from(&pending.load, trailers, true);
+                            let success = pending.eos.classify_eos(Some(trailers)).is_ok();
+                            pending
+                                .deadline
+                                .report(pending.report, success, Some(trailers));
                         }
                     } else if this.inner.is_end_stream() {
                         // The last data frame of a body without trailers: a
                         // caller may stop here, so decide now.
-                        if let Some((eos, report, _)) = this.pending.take() {
-                            report.report(outcome(eos.classify_eos(None).is_ok()));
+                        if let Some(pending) = this.pending.take() {
+                            let success = pending.eos.classify_eos(None).is_ok();
+                            pending.report.report(outcome(success));
                         }
                     }
                 }
                 Some(Err(error)) => {
-                    if let Some((eos, report, _)) = this.pending.take() {
-                        let _class = eos.classify_error(error);
-                        report.report(Outcome::Failure);
+                    if let Some(pending) = this.pending.take() {
+                        let _class = pending.eos.classify_error(error);
+                        pending.report.report(Outcome::Failure);
                     }
                 }
                 None => {
-                    if let Some((eos, report, _)) = this.pending.take() {
-                        report.report(outcome(eos.classify_eos(None).is_ok()));
+                    if let Some(pending) = this.pending.take() {
+                        let success = pending.eos.classify_eos(None).is_ok();
+                        pending.report.report(outcome(success));
                     }
                 }
             }
@@ -674,6 +739,62 @@ mod tests {
                 .header("grpc-status", "14")
                 .body(grpc_body(None))
                 .expect("response");
+            let _ = HttpClassify::grpc().classify_response(response, report);
+            assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        /// A gRPC response whose status 4 (`DEADLINE_EXCEEDED`) comes in the
+        /// headers or in the trailers, for a call whose deadline the server
+        /// was told (or not).
+        fn deadline_exceeded(in_trailers: bool, told: bool) -> ::http::Response<Frames> {
+            let mut response = if in_trailers {
+                ::http::Response::new(grpc_body(Some("4")))
+            } else {
+                ::http::Response::builder()
+                    .header("grpc-status", "4")
+                    .body(grpc_body(None))
+                    .expect("response")
+            };
+            if told {
+                let deadline =
+                    crate::timeout::CallDeadline::after(std::time::Duration::from_millis(300));
+                response.extensions_mut().insert(deadline);
+            }
+            response
+        }
+
+        #[test]
+        fn deadline_exceeded_on_a_call_whose_server_knew_the_deadline_counts_as_nothing() {
+            for in_trailers in [false, true] {
+                let (recorder, report) = recorder();
+                let response = HttpClassify::grpc()
+                    .classify_response(deadline_exceeded(in_trailers, true), report);
+                drain(response.into_body());
+                assert!(outcomes(&recorder).is_empty(), "trailers: {in_trailers}");
+            }
+        }
+
+        #[test]
+        fn deadline_exceeded_without_the_callers_deadline_is_a_failure() {
+            for in_trailers in [false, true] {
+                let (recorder, report) = recorder();
+                let response = HttpClassify::grpc()
+                    .classify_response(deadline_exceeded(in_trailers, false), report);
+                drain(response.into_body());
+                assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+            }
+        }
+
+        #[test]
+        fn a_known_deadline_does_not_excuse_other_failures() {
+            let (recorder, report) = recorder();
+            let mut response = ::http::Response::builder()
+                .header("grpc-status", "14")
+                .body(grpc_body(None))
+                .expect("response");
+            let deadline =
+                crate::timeout::CallDeadline::after(std::time::Duration::from_millis(300));
+            response.extensions_mut().insert(deadline);
             let _ = HttpClassify::grpc().classify_response(response, report);
             assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
         }

@@ -623,3 +623,92 @@ async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
     );
     assert!((0..10).all(|i| server.received(&format!("r{i}")) == 1));
 }
+
+#[tokio::test]
+async fn a_server_that_refuses_a_deadline_too_short_for_its_work_is_not_held_against() {
+    // The server answers DEADLINE_EXCEEDED at once: the caller chose a
+    // deadline shorter than the work. Healthy servers, every call a
+    // server's answer: none may count, so none is ejected.
+    let servers = start_all(vec![
+        GrpcBehaviour::RefuseShortDeadline(Duration::from_secs(
+            1
+        ));
+        3
+    ])
+    .await;
+    let channel = GrpcChannel::builder()
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    for i in 0..30 {
+        let mut request = check(&format!("early{i}"));
+        request.set_timeout(Duration::from_millis(300));
+        let status = HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no error"));
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    let endpoints = channel.balancer().endpoints();
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e.failures == 0 && e.ejections == 0),
+        "{endpoints:?}"
+    );
+    let answered: u64 = endpoints.iter().map(|e| e.requests).sum();
+    assert_eq!(answered, 30, "every call reached a server: {endpoints:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_enforces_the_callers_deadline_is_never_ejected() {
+    // 300 ms deadlines on 1 s of work: the server's DEADLINE_EXCEEDED and
+    // the client's own timer race; whichever wins, nothing counts.
+    let servers = start_all(vec![
+        GrpcBehaviour::EnforceDeadline(Duration::from_secs(1));
+        3
+    ])
+    .await;
+    let channel = GrpcChannel::builder()
+        .method_safety(safe_checks())
+        .build(addrs(&servers));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let channel = channel.clone();
+        calls.spawn(async move {
+            let mut request = check(&format!("late{i}"));
+            request.set_timeout(Duration::from_millis(300));
+            HealthClient::new(channel).check(request).await
+        });
+    }
+    while let Some(result) = calls.join_next().await {
+        let status = result
+            .unwrap_or_else(|e| panic!("{e}"))
+            .err()
+            .unwrap_or_else(|| panic!("no error"));
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    let endpoints = channel.balancer().endpoints();
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e.failures == 0 && e.ejections == 0),
+        "{endpoints:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_callers_deadline_a_servers_deadline_exceeded_is_its_failure() {
+    // No deadline was sent: the server's DEADLINE_EXCEEDED is about its own
+    // work (a dependency timing out), so it counts.
+    let server = GrpcServer::start(GrpcBehaviour::Fail(Code::DeadlineExceeded)).await;
+    let channel = GrpcChannel::builder()
+        .outlier_detection(None)
+        .build([server.addr]);
+    let status = call(&channel, "own")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(channel.balancer().endpoints()[0].failures, 1);
+}

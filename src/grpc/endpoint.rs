@@ -156,7 +156,19 @@ impl Future for GrpcResponseFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = ready!(Pin::new(&mut self.inner).poll(cx));
         let deadline = self.deadline;
-        Poll::Ready(result.map_err(|error| never_sent_if_unconnected(error, deadline)))
+        Poll::Ready(match result {
+            Ok(mut response) => {
+                // Says the server was told the caller's deadline, so that its
+                // DEADLINE_EXCEEDED is not held against it (see
+                // `HttpClassify`). Only calls with a deadline pay for it: the
+                // response's extension map, one small allocation.
+                if let Some(deadline) = deadline {
+                    response.extensions_mut().insert(deadline);
+                }
+                Ok(response)
+            }
+            Err(error) => Err(never_sent_if_unconnected(error, deadline)),
+        })
     }
 }
 

@@ -44,6 +44,32 @@ pub enum GrpcBehaviour {
     /// Fails the call with this status code (e.g. `tonic::Code::Unavailable`,
     /// `InvalidArgument`).
     Fail(tonic::Code),
+    /// Works this long, but enforces the caller's `grpc-timeout` as gRPC
+    /// servers do: answers `DEADLINE_EXCEEDED` when it runs out first.
+    EnforceDeadline(Duration),
+    /// Works this long, and answers `DEADLINE_EXCEEDED` at once when the
+    /// caller's `grpc-timeout` leaves less time than that (a server that
+    /// knows it cannot make it and says so early).
+    RefuseShortDeadline(Duration),
+}
+
+/// The `grpc-timeout` a call arrived with, in the request's extensions.
+#[derive(Clone, Copy, Debug)]
+struct CallersTimeout(Duration);
+
+/// A `grpc-timeout` value (`300m`, `1S`, ...), as a server reads it.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The ORCA load report (`xds.data.orca.v3.OrcaLoadReport`), the fields the
@@ -239,9 +265,19 @@ async fn serve_connection(
     health: HealthServer<Checks>,
     state: Arc<State>,
 ) {
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         let health = health.clone();
         let state = state.clone();
+        // tonic keeps `grpc-timeout` out of the metadata: hand it to the
+        // service through the extensions.
+        if let Some(timeout) = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+        {
+            req.extensions_mut().insert(CallersTimeout(timeout));
+        }
         *state.last_authority.lock().expect("lock") = req.uri().authority().map(|a| a.to_string());
         *state.last_grpc_timeout.lock().expect("lock") = req
             .headers()
@@ -322,7 +358,25 @@ impl Health for Checks {
                 .or_default() += 1;
         }
         let behaviour = state.behaviour.lock().expect("lock").clone();
+        let callers_timeout = request.extensions().get::<CallersTimeout>().map(|t| t.0);
+        let deadline_exceeded = || {
+            tonic::Status::deadline_exceeded(format!(
+                "the caller's deadline ran out (port {})",
+                state.port
+            ))
+        };
         match behaviour {
+            GrpcBehaviour::EnforceDeadline(work) => match callers_timeout {
+                Some(timeout) if timeout < work => {
+                    tokio::time::sleep(timeout).await;
+                    return Err(deadline_exceeded());
+                }
+                _ => tokio::time::sleep(work).await,
+            },
+            GrpcBehaviour::RefuseShortDeadline(work) => match callers_timeout {
+                Some(timeout) if timeout < work => return Err(deadline_exceeded()),
+                _ => tokio::time::sleep(work).await,
+            },
             GrpcBehaviour::Serve => {}
             GrpcBehaviour::Delay(pause) => tokio::time::sleep(pause).await,
             GrpcBehaviour::Fail(code) => {
