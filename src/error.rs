@@ -123,6 +123,37 @@ pub(crate) fn is_refused_stream(error: &(dyn StdError + 'static)) -> bool {
     })
 }
 
+/// The connection under the request died: closed before the response was
+/// complete, reset, a broken pipe, or an HTTP/2 connection-level error. Every
+/// request on that connection fails at once, so the balancer counts such
+/// failures as one burst (see `Endpoint::record_connection_lost`).
+pub(crate) fn is_connection_lost(error: &(dyn StdError + 'static)) -> bool {
+    chain(error).any(|err| {
+        #[cfg(feature = "http")]
+        {
+            if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+                if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+                    return true;
+                }
+            }
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                if h2.is_go_away() || h2.is_io() {
+                    return true;
+                }
+            }
+        }
+        err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        })
+    })
+}
+
 /// `error`, then each of its `source()`s in turn.
 pub(crate) fn chain<'a>(
     error: &'a (dyn StdError + 'static),

@@ -25,8 +25,8 @@ use tower_lb::strategy::{RoundRobin, Strategy};
 use tower_lb::{Balancer, EndpointState, EndpointStats};
 
 use support::{
-    find_error, get, servers, wait_until, Body, Discovery, GrpcTrailersServer, Lb, Registry,
-    StackKind, TestServer,
+    find_error, get, servers, wait_until, Body, Discovery, GrpcTrailersServer, HangUpServer, Lb,
+    Registry, StackKind, TestServer,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -241,6 +241,56 @@ support::for_both_stacks! {
     grpc_invalid_argument_in_trailers_is_not_the_servers_fault,
     #[tokio::test]
     an_endpoint_back_from_ejection_ramps_up_in_slow_start,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_requests_lost_with_closing_connections_count_as_one_failure,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    connections_lost_again_after_a_burst_count_again,
+}
+
+/// Sends `n` GETs at once to a [`HangUpServer`] and hangs up on all of
+/// them together; every one fails.
+async fn lose_connections(lb: &Lb, server: &HangUpServer, n: usize) {
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        calls.spawn(tower::ServiceExt::oneshot(lb.client(), get()));
+    }
+    server.wait_for(n).await;
+    server.hang_up();
+    while let Some(result) = calls.join_next().await {
+        let error = result.expect("task").err().expect("no answer, no response");
+        assert!(
+            format!("{error:?}").contains("IncompleteMessage"),
+            "{error:?}"
+        );
+    }
+}
+
+async fn the_requests_lost_with_closing_connections_count_as_one_failure(kind: StackKind) {
+    // Eight requests on eight keep-alive connections that the server closes
+    // at once (a reload): one signal about the endpoint, not eight, so
+    // five-in-a-row does not eject it.
+    let server = HangUpServer::start().await;
+    let lb = Stack::new(OutlierDetection::new()).build(kind, [server.addr]);
+    ready(&lb, 1).await;
+    lose_connections(&lb, &server, 8).await;
+    let stats = stats_of(&lb, server.addr);
+    assert_eq!((stats.failures, stats.ejections), (1, 0), "{stats:?}");
+    assert_eq!(stats.state, EndpointState::Active);
+}
+
+async fn connections_lost_again_after_a_burst_count_again(kind: StackKind) {
+    // A server that keeps dropping connections is still caught: each burst
+    // counts once, and two in a row reach a limit of two.
+    let server = HangUpServer::start().await;
+    let detection = OutlierDetection::new().consecutive_failures(Some(2));
+    let lb = Stack::new(detection).build(kind, [server.addr]);
+    ready(&lb, 1).await;
+    lose_connections(&lb, &server, 4).await;
+    assert_eq!(stats_of(&lb, server.addr).state, EndpointState::Active);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    lose_connections(&lb, &server, 1).await;
+    wait_until(WAIT, || ejected(&lb) == vec![server.addr]).await;
+    assert_eq!(stats_of(&lb, server.addr).failures, 2);
 }
 
 async fn backend_answering_only_503_is_ejected_after_exactly_five_consecutive_failures(

@@ -7,6 +7,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -322,4 +324,60 @@ async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
         10,
         "each POST reached the answering server once"
     );
+}
+
+/// A hyper server on loopback that counts the connections it accepts.
+async fn connection_counting_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_before_common_servers_close_it() {
+    // Node.js and Apache close idle connections after 5 s: a client that
+    // keeps them longer races the server's close with its next request.
+    let (addr, connections) = connection_counting_server().await;
+    let client: HttpClient<Body> = HttpClient::builder().build([addr]);
+    let first = send(&client, get("a")).await;
+    first.into_body().collect().await.expect("body");
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(4_500)).await;
+    tokio::time::resume();
+    let second = send(&client, get("b")).await;
+    second.into_body().collect().await.expect("body");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "the idle one was reused"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_idle_for_less_than_the_timeout_is_reused() {
+    let (addr, connections) = connection_counting_server().await;
+    let client: HttpClient<Body> = HttpClient::builder().build([addr]);
+    for id in ["a", "b", "c"] {
+        let response = send(&client, get(id)).await;
+        response.into_body().collect().await.expect("body");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
 }

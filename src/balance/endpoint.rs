@@ -127,8 +127,21 @@ pub(crate) struct Endpoint<K, S> {
     ejections: AtomicU32,
     /// While ejected: when it returns, in nanoseconds since the epoch.
     returns_at_ns: AtomicU64,
+    /// When a lost connection last counted as a failure, in nanoseconds
+    /// since the epoch; `NEVER` before the first.
+    connection_lost_at_ns: AtomicU64,
     shared: Arc<Shared>,
 }
+
+/// How long the failures of one lost connection keep coming. A server that
+/// closes its connections (a reload, a restart, an idle timeout racing a
+/// request) fails every request written to them within a few milliseconds;
+/// those failures are one signal about the endpoint, not one each, or a
+/// healthy server would be ejected on every deploy. Lost connections that
+/// keep happening still count, once per window.
+pub(crate) const CONNECTION_LOSS_BURST: Duration = Duration::from_secs(1);
+
+const NEVER: u64 = u64::MAX;
 
 /// In service.
 const ACTIVE: u8 = 0;
@@ -154,7 +167,32 @@ impl<K, S> Endpoint<K, S> {
             state: AtomicU8::new(ACTIVE),
             ejections: AtomicU32::new(0),
             returns_at_ns: AtomicU64::new(0),
+            connection_lost_at_ns: AtomicU64::new(NEVER),
             shared,
+        }
+    }
+
+    /// Records a failure because the request's connection was lost: the
+    /// first of a burst counts, the rest of the burst (within
+    /// [`CONNECTION_LOSS_BURST`] of it) count as nothing.
+    pub(crate) fn record_connection_lost(&self)
+    where
+        K: Send + Sync,
+        S: Send + Sync,
+    {
+        let now = self.shared.now_ns();
+        let last = self.connection_lost_at_ns.load(Ordering::Relaxed);
+        let window = CONNECTION_LOSS_BURST.as_nanos() as u64;
+        if last != NEVER && now.saturating_sub(last) < window {
+            return;
+        }
+        // One of the burst's requests wins; the others see its stamp.
+        if self
+            .connection_lost_at_ns
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.record_outcome(Outcome::Failure);
         }
     }
 

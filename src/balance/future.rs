@@ -10,7 +10,7 @@ use tower::util::Oneshot;
 use tower::Service;
 
 use super::endpoint::InFlight;
-use crate::classify::{Classify, OutcomeReport, RecordOutcome};
+use crate::classify::{Classify, Outcome, OutcomeReport, RecordOutcome};
 use crate::error::BoxError;
 use crate::Error;
 
@@ -115,8 +115,14 @@ where
                         }
                         Err(source) => {
                             let source: BoxError = source.into();
-                            if let Some(outcome) = this.classify.classify_error(&*source) {
-                                endpoint.record_outcome(outcome);
+                            match this.classify.classify_error(&*source) {
+                                Some(Outcome::Failure)
+                                    if crate::error::is_connection_lost(&*source) =>
+                                {
+                                    endpoint.record_connection_lost();
+                                }
+                                Some(outcome) => endpoint.record_outcome(outcome),
+                                None => {}
                             }
                             Err(Error::Endpoint {
                                 endpoint: format!("{:?}", endpoint.key()),

@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
@@ -18,6 +18,7 @@ use tower::{Layer, Service};
 
 use super::{
     BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints, Parts, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
@@ -80,7 +81,8 @@ pub struct HttpClient<B, K = SocketAddr> {
 
 impl HttpClient<(), ()> {
     /// A builder with the defaults of the [module docs](super), over plain
-    /// HTTP with hyper-util's default client settings.
+    /// HTTP with hyper-util's default client settings, except that idle
+    /// connections are closed after [`DEFAULT_POOL_IDLE_TIMEOUT`].
     #[allow(clippy::type_complexity)]
     pub fn builder() -> ClientBuilder<Http, balance::Builder<P2c, DefaultHttpClassify, Hints>> {
         let balancer = balance::Builder::new()
@@ -89,9 +91,13 @@ impl HttpClient<(), ()> {
             .avoid_tried_endpoints();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
+        let mut hyper = Client::builder(TokioExecutor::new());
+        hyper
+            .pool_idle_timeout(DEFAULT_POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new());
         let http = Http {
             connector,
-            hyper: Client::builder(TokioExecutor::new()),
+            hyper,
             scheme: Scheme::HTTP,
             authority: None,
         };
@@ -118,7 +124,9 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
     }
 
     /// The hyper-util client settings (pool, HTTP/2 prior knowledge, ...),
-    /// shared by every endpoint.
+    /// shared by every endpoint. They replace the default's whole: set
+    /// `pool_idle_timeout` (with a `pool_timer`) below your servers' idle
+    /// timeout, as the default does with [`DEFAULT_POOL_IDLE_TIMEOUT`].
     ///
     /// ```
     /// use hyper_util::client::legacy::Client;

@@ -200,6 +200,76 @@ pub async fn refusing_addr() -> SocketAddr {
     addr
 }
 
+/// A server on loopback that reads each request and then, when told, closes
+/// every connection without answering: what a server does to the requests
+/// written to keep-alive connections it is closing (a reload, a restart, an
+/// idle timeout racing the request). The client sees "connection closed
+/// before message completed" on each of them at once.
+pub struct HangUpServer {
+    pub addr: SocketAddr,
+    /// Requests read and waiting for the hang-up.
+    waiting: Arc<AtomicUsize>,
+    hang_up: Arc<tokio::sync::Notify>,
+    accept: JoinHandle<()>,
+}
+
+impl HangUpServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let accept = tokio::spawn({
+            let (waiting, hang_up) = (waiting.clone(), hang_up.clone());
+            async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let (waiting, hang_up) = (waiting.clone(), hang_up.clone());
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = [0u8; 4096];
+                        // A GET's head fits one read on loopback.
+                        if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                            let notified = hang_up.notified();
+                            waiting.fetch_add(1, Ordering::SeqCst);
+                            notified.await;
+                            waiting.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        drop(stream);
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            waiting,
+            hang_up,
+            accept,
+        }
+    }
+
+    /// Waits until `n` requests have been read.
+    pub async fn wait_for(&self, n: usize) {
+        wait_until(Duration::from_secs(5), || {
+            self.waiting.load(Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+
+    /// Closes every connection holding a request, all at once.
+    pub fn hang_up(&self) {
+        self.hang_up.notify_waiters();
+    }
+}
+
+impl Drop for HangUpServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.hang_up.notify_waiters();
+    }
+}
+
 /// An HTTP/2 server on loopback that answers like a gRPC server: a data frame,
 /// then trailers carrying `grpc-status` (settable), and counts requests.
 pub struct GrpcTrailersServer {
