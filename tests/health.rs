@@ -257,7 +257,7 @@ async fn lose_connections(lb: &Lb, server: &HangUpServer, n: usize) {
     server.wait_for(n).await;
     server.hang_up();
     while let Some(result) = calls.join_next().await {
-        let error = result.expect("task").err().expect("no answer, no response");
+        let error = result.expect("task").expect_err("no answer, no response");
         assert!(
             format!("{error:?}").contains("IncompleteMessage"),
             "{error:?}"
