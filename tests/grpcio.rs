@@ -207,3 +207,17 @@ async fn the_health_service_of_every_server_answers_serving() {
         .collect();
     assert_eq!(requests.iter().sum::<u64>(), 4, "{}", describe(&channel));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_mid_call_reaches_the_caller_as_unavailable() {
+    let servers = start_all(&[Mode::Exit]).await;
+    let channel = GrpcChannel::builder().build(addrs(&servers));
+
+    let status = work(channel.clone(), b"work", None)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a server that died answered"));
+
+    eprintln!("exit: {status:?}");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}

@@ -71,6 +71,8 @@ enum FailureKind {
     ConnectionLost,
     /// Anything else (a deadline, a GOAWAY with an error, ...).
     Other,
+    /// No error, but a response other than nginx's `200 ok`.
+    Status,
 }
 
 impl FailureKind {
@@ -191,13 +193,19 @@ async fn run_with_reloads(protocol: Protocol) -> Run {
         .map(|m| m.into_inner().expect("lock"))
         .unwrap_or_else(|_| panic!("every task is over"));
     // nginx writes a request's log line after its response: wait for the
-    // lines of every request answered.
-    let answered = outcomes
-        .values()
-        .filter(|(_, outcome)| matches!(outcome, Outcome::Answered(_)))
-        .count();
+    // line of every request answered. (One that failed for a connection
+    // nginx ended was logged before that end, if nginx got it at all.)
+    let answered: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, (_, outcome))| matches!(outcome, Outcome::Answered(_)))
+        .map(|(id, _)| id)
+        .collect();
     let log = nginx
-        .wait_for_logged(answered, |line| line.request_id != "-")
+        .wait_for_log(|log| {
+            let ids: std::collections::HashSet<&str> =
+                log.iter().map(|line| line.request_id.as_str()).collect();
+            answered.iter().all(|id| ids.contains(id.as_str()))
+        })
         .await;
     let mut logged = HashMap::new();
     for line in log {
@@ -254,13 +262,18 @@ fn chain(error: &BoxError) -> String {
 }
 
 impl Run {
-    fn failed(&self, method: http::Method) -> Vec<(&String, FailureKind, &String)> {
+    /// The requests of `method` that failed, or were answered with another
+    /// status than 200.
+    fn failed(&self, method: http::Method) -> Vec<(&String, FailureKind, String)> {
         self.outcomes
             .iter()
             .filter(|(_, (m, _))| *m == method)
             .filter_map(|(id, (_, outcome))| match outcome {
-                Outcome::Failed(kind, message) => Some((id, *kind, message)),
-                Outcome::Answered(_) => None,
+                Outcome::Failed(kind, message) => Some((id, *kind, message.clone())),
+                Outcome::Answered(200) => None,
+                Outcome::Answered(status) => {
+                    Some((id, FailureKind::Status, format!("answered {status}")))
+                }
             })
             .collect()
     }
@@ -270,9 +283,18 @@ impl Run {
         let mut by_kind: BTreeMap<(String, FailureKind), usize> = BTreeMap::new();
         let mut examples: BTreeMap<FailureKind, &String> = BTreeMap::new();
         let mut not_200 = 0;
-        for (method, outcome) in self.outcomes.values() {
+        // Failures by the quarter of the run their request was in: a reload
+        // follows each of the first three.
+        let mut by_quarter = [0; RELOADS + 1];
+        for (id, (method, outcome)) in &self.outcomes {
             match outcome {
                 Outcome::Failed(kind, message) => {
+                    let i: usize = id
+                        .rsplit('-')
+                        .next()
+                        .and_then(|i| i.parse().ok())
+                        .unwrap_or(0);
+                    by_quarter[i * (RELOADS + 1) / REQUESTS] += 1;
                     *by_kind.entry((method.to_string(), *kind)).or_default() += 1;
                     examples.entry(*kind).or_insert(message);
                 }
@@ -287,7 +309,10 @@ impl Run {
             self.reloads,
             self.took,
         );
-        eprintln!("  retries: {:?}", self.retries);
+        eprintln!(
+            "  failures by quarter: {by_quarter:?}; retries: {:?}",
+            self.retries
+        );
         for (kind, message) in examples {
             eprintln!("  e.g. {kind:?}: {message}");
         }

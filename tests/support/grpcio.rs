@@ -33,6 +33,9 @@ pub enum Mode {
     /// Fails with DEADLINE_EXCEEDED at once when the caller has less time
     /// left than this, the work's length; otherwise works and answers.
     EarlyDeadline(Duration),
+    /// Exits the process in the middle of the first call, without an
+    /// answer: the call's connection ends under it, as in a crash.
+    Exit,
 }
 
 impl Mode {
@@ -42,6 +45,7 @@ impl Mode {
             Mode::Unavailable => ("unavailable", None),
             Mode::EnforceDeadline(work) => ("enforce-deadline", Some(work)),
             Mode::EarlyDeadline(work) => ("early-deadline", Some(work)),
+            Mode::Exit => ("exit", None),
         };
         let mut args = vec![name.to_owned()];
         if let Some(work) = work {

@@ -17,7 +17,9 @@ It serves, on 127.0.0.1 and a port the OS picks:
                       has run out, as a server that honours deadlines does;
     early-deadline    fails with DEADLINE_EXCEEDED at once when the time the
                       caller has left is less than --work (no point
-                      starting), otherwise works and answers.
+                      starting), otherwise works and answers;
+    exit              exits the process mid-call, without an answer (its
+                      connections end under the call, as in a crash).
 
 It prints the bound port on stdout (one line), then serves until killed, or
 until its stdin closes (so that it does not outlive a test that died).
@@ -25,6 +27,7 @@ until its stdin closes (so that it does not outlive a test that died).
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
 
@@ -32,7 +35,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "fieldtest.Modes"
-MODES = ("serve", "unavailable", "enforce-deadline", "early-deadline")
+MODES = ("serve", "unavailable", "enforce-deadline", "early-deadline", "exit")
 
 
 def parse_args():
@@ -49,6 +52,8 @@ def parse_args():
 
 def work_handler(mode, work_seconds):
     async def work(request, context):
+        if mode == "exit":
+            os._exit(3)
         if mode == "unavailable":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "mode: unavailable")
         left = context.time_remaining()

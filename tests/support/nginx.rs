@@ -67,7 +67,7 @@ impl Nginx {
             let ports = free_ports(backends);
             std::fs::write(dir.join("nginx.conf"), config(&dir, protocol, &ports))
                 .unwrap_or_else(|e| panic!("writing nginx.conf in {}: {e}", dir.display()));
-            let master = Command::new("nginx")
+            let master = Command::new(nginx())
                 .arg("-p")
                 .arg(&dir)
                 .arg("-c")
@@ -136,7 +136,7 @@ impl Nginx {
     /// ones sent a GOAWAY, requests in progress finished). Returns once the
     /// new worker has started.
     pub async fn reload(&mut self) {
-        let status = tokio::process::Command::new("nginx")
+        let status = tokio::process::Command::new(nginx())
             .arg("-p")
             .arg(&self.dir)
             .arg("-c")
@@ -185,7 +185,7 @@ impl Nginx {
     ///
     /// nginx logs a request after sending its response, so a client can
     /// hold the response before the line is written: wait for the lines
-    /// you expect (see [`wait_for_logged`](Self::wait_for_logged)).
+    /// you expect (see [`wait_for_log`](Self::wait_for_log)).
     pub fn access_log(&self) -> Vec<Logged> {
         read(&self.dir.join("access.log"))
             .lines()
@@ -193,19 +193,18 @@ impl Nginx {
             .collect()
     }
 
-    /// Waits (bounded) until the access log holds at least `n` lines that
-    /// `select` picks, and returns the whole log.
-    pub async fn wait_for_logged(&self, n: usize, select: impl Fn(&Logged) -> bool) -> Vec<Logged> {
+    /// Waits (bounded) until the access log is `complete`, and returns it.
+    pub async fn wait_for_log(&self, complete: impl Fn(&[Logged]) -> bool) -> Vec<Logged> {
         let start = Instant::now();
         loop {
             let log = self.access_log();
-            let found = log.iter().filter(|line| select(line)).count();
-            if found >= n {
+            if complete(&log) {
                 return log;
             }
             assert!(
                 start.elapsed() < PATIENCE,
-                "{found} of {n} requests logged after {PATIENCE:?}"
+                "the access log is not complete after {PATIENCE:?} ({} lines)",
+                log.len()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -217,7 +216,7 @@ impl Drop for Nginx {
         // A SIGKILL to the master alone would leave its worker running (and
         // the ports bound): ask the master to stop, which stops the worker
         // first, and kill only if it does not.
-        let _ = Command::new("nginx")
+        let _ = Command::new(nginx())
             .arg("-p")
             .arg(&self.dir)
             .arg("-c")
@@ -302,6 +301,17 @@ fn read(path: &Path) -> String {
     std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default()
+}
+
+/// The nginx binary: the one on `PATH`, else Debian's, which is in
+/// `/usr/sbin` (not on every user's `PATH`).
+fn nginx() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nginx"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
 }
 
 /// `n` distinct ports of 127.0.0.1 that were free a moment ago (all bound
