@@ -33,13 +33,15 @@ const RELOADS: usize = 3;
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_reloads_of_an_http1_nginx_under_load_eject_nothing_and_fail_no_get() {
+async fn three_reloads_of_an_http1_nginx_under_load_eject_nothing_fail_no_get_and_resend_every_unsent_post(
+) {
     let run = run_with_reloads(Protocol::Http1).await;
     run.assert_done_when();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_reloads_of_an_h2c_nginx_under_load_eject_nothing_and_fail_no_get() {
+async fn three_reloads_of_an_h2c_nginx_under_load_eject_nothing_fail_no_get_and_resend_every_unsent_post(
+) {
     let run = run_with_reloads(Protocol::H2c).await;
     run.assert_done_when();
 }
