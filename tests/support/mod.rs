@@ -3,7 +3,9 @@
 
 pub mod dns;
 pub mod grpc;
+pub mod grpcio;
 pub mod killable;
+pub mod nginx;
 pub mod recording;
 pub mod reporting;
 
