@@ -1,6 +1,6 @@
 //! The balancer's background task: it consumes the discovery stream, builds
 //! new snapshots off the request path, and lets go of drained endpoints. It
-//! ends when the last `Balancer` handle is dropped.
+//! ends when the balancer is closed or the last `Balancer` handle is dropped.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -428,7 +428,8 @@ where
 type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::Service, P, C, H>>;
 
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
-/// state, so that happens when the last handle is dropped).
+/// state, and `close` drops it, so that happens when the balancer is closed
+/// or the last handle is dropped).
 pub(crate) async fn run<D, P, C, H, W>(
     discover: D,
     inner: WeakInner<D, P, C, H>,
@@ -525,7 +526,8 @@ pub(crate) async fn run<D, P, C, H, W>(
                 }
                 more_ready = full;
                 if batch.ended {
-                    tracing::info!(endpoints = endpoints.active.len(), "discovery stream ended; keeping the last known endpoints");
+                    // A finite list ends: routine, whatever it held.
+                    tracing::debug!(endpoints = endpoints.active.len(), "discovery stream ended; keeping the last known endpoints");
                     discovery_open = false;
                 }
             }

@@ -106,8 +106,9 @@ pub(crate) struct Inner<K, S, P: Strategy, C, H> {
     classify: C,
     /// Reads the endpoints a request's call has tried.
     hints: H,
-    /// Dropped with the last handle, which stops the driver.
-    _stop_driver: oneshot::Sender<()>,
+    /// Dropped by `close`, or with the last handle: either stops the
+    /// driver. (A lock, taken once by `close` and never by requests.)
+    stop_driver: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// What happened when a request tried to pick an endpoint.
@@ -279,8 +280,21 @@ impl<K, S, P: Strategy, C, H> Balancer<K, S, P, C, H> {
     /// Stops taking requests: from now on `poll_ready` and `call` fail with
     /// [`Error::Closed`] (requests waiting for a first endpoint too), while
     /// requests already sent complete normally. Affects every clone.
+    ///
+    /// The driver task stops too, and with it discovery (a DNS discovery
+    /// stops resolving), outlier detection and its timers: a closed balancer
+    /// never takes a request again, so nothing it would do matters, and its
+    /// logs would only be noise. [`endpoints`](Self::endpoints) shows the
+    /// set as it was.
     pub fn close(&self) {
         self.inner.shared.close();
+        let stop = self
+            .inner
+            .stop_driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(stop);
         self.inner
             .published
             .send_modify(|generation| *generation += 1);
@@ -452,7 +466,7 @@ where
         startup_wait,
         classify,
         hints,
-        _stop_driver: stop_tx,
+        stop_driver: std::sync::Mutex::new(Some(stop_tx)),
     });
     tokio::spawn(driver::run(
         discover,
