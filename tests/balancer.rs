@@ -225,6 +225,12 @@ support::for_both_stacks! {
     #[tokio::test]
     a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_empty_list_fails_requests_at_once_with_a_clear_error,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_empty_set_pushed_at_startup_fails_requests_at_once,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_set_emptied_by_discovery_fails_requests_at_once_until_an_endpoint_returns,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     the_end_of_a_fixed_list_is_logged_at_debug_not_info,
     #[tokio::test]
     a_shut_down_stack_logs_no_ejection_over_afterwards,
@@ -952,6 +958,78 @@ async fn the_default_latency_clock_measures_a_real_servers_latency() {
         (Duration::from_millis(30)..Duration::from_secs(2)).contains(&estimate),
         "{estimate:?}"
     );
+}
+
+/// Well under the default 5 s startup wait: an error that comes sooner did
+/// not wait for an endpoint that discovery has said will not come.
+const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// Sends one GET that must fail because discovery found no endpoints: its
+/// error, and how long it took.
+async fn failure_and_time<K: 'static>(lb: &Lb<K>) -> (BoxError, Duration) {
+    let started = tokio::time::Instant::now();
+    let err = lb.send(get()).await.expect_err("there is no endpoint");
+    let took = started.elapsed();
+    assert!(
+        matches!(find_error(&*err), Some(Error::DiscoveredNone { .. })),
+        "{err:?}"
+    );
+    (err, took)
+}
+
+async fn an_empty_list_fails_requests_at_once_with_a_clear_error(kind: StackKind) {
+    let lb = fixed(kind, RoundRobin::new(), []);
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: the discovery stream ended without any endpoint"
+    );
+}
+
+async fn an_empty_set_pushed_at_startup_fails_requests_at_once(kind: StackKind) {
+    let (registry, discovery) = Registry::<SocketAddr>::new(kind);
+    let lb = over(discovery, RoundRobin::new());
+    registry.replace_all([]);
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: the discovery channel's set was replaced with an empty one"
+    );
+}
+
+async fn a_set_emptied_by_discovery_fails_requests_at_once_until_an_endpoint_returns(
+    kind: StackKind,
+) {
+    let server = TestServer::start().await;
+    let (registry, discovery) = Registry::new(kind);
+    let lb = over(discovery, RoundRobin::new());
+    registry.insert(server.addr, server.addr);
+    roundtrip(&lb).await.expect("request succeeds");
+
+    registry.remove(server.addr);
+    wait_until(Duration::from_secs(2), || {
+        lb.endpoints()
+            .iter()
+            .all(|e| e.state != EndpointState::Active)
+    })
+    .await;
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: discovery removed every endpoint"
+    );
+
+    registry.insert(server.addr, server.addr);
+    wait_until(Duration::from_secs(2), || {
+        lb.endpoints()
+            .iter()
+            .any(|e| e.state == EndpointState::Active)
+    })
+    .await;
+    roundtrip(&lb).await.expect("the returned endpoint answers");
 }
 
 async fn the_end_of_a_fixed_list_is_logged_at_debug_not_info(kind: StackKind) {
