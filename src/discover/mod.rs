@@ -30,8 +30,8 @@
 //! caller for the startup wait and end in the same error. Discovery says
 //! so when
 //!
-//! - the stream ends and no endpoint was ever inserted (an empty
-//!   [`fixed`] list): "the discovery stream ended without any endpoint";
+//! - the stream ends with no endpoint (an empty [`fixed`] list): "the
+//!   discovery stream ended without any endpoint";
 //! - it removes the last endpoint (a [`DiscoveryHandle::remove`], a
 //!   [`DiscoveryHandle::replace_all`] with nothing, a DNS name gone to
 //!   nothing with [`Dns::apply_empty_answers`]): "discovery removed every
@@ -40,7 +40,8 @@
 //!   (NXDOMAIN, or none of the type asked), or a `replace_all` with
 //!   nothing at startup.
 //!
-//! The first endpoint inserted afterwards ends it. A DNS resolver that fails
+//! Entering that state is one `warn` event with the reason. The first
+//! endpoint inserted afterwards ends it. A DNS resolver that fails
 //! or times out is not an answer: requests keep waiting, and a name that had
 //! records keeps them.
 
