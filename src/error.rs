@@ -23,6 +23,16 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// Discovery has said there are no endpoints (a DNS name with no
+    /// records, an empty list, every endpoint removed), so the request
+    /// failed at once rather than wait for one. See
+    /// [`discover::Empty`](crate::discover::Empty).
+    #[error("no endpoints available: {reason}")]
+    DiscoveredNone {
+        /// What discovery said (its text is this error's).
+        reason: crate::discover::Empty,
+    },
+
     /// Endpoints exist but the strategy declined to pick one of them.
     #[error("the balancing strategy picked none of the {endpoints} eligible endpoints")]
     NoPick {

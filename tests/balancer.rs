@@ -27,8 +27,8 @@ use tower_lb::strategy::{P2c, RoundRobin, Strategy};
 use tower_lb::{Balancer, BoxError, EndpointState, Error};
 
 use support::{
-    find_error, get, refusing_addr, servers, wait_until, Body, Discovery, Lb, Registry, StackKind,
-    TestServer,
+    find_error, get, refusing_addr, servers, wait_until, Body, CapturedLogs, Discovery, Lb,
+    Registry, StackKind, TestServer,
 };
 
 type Endpoint = HttpEndpoint<Body>;
@@ -224,6 +224,16 @@ support::for_both_stacks! {
     connect_request_is_refused_and_never_sent,
     #[tokio::test]
     a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_empty_list_fails_requests_at_once_with_a_clear_error,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_empty_set_pushed_at_startup_fails_requests_at_once,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_set_emptied_by_discovery_fails_requests_at_once_until_an_endpoint_returns,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_end_of_a_fixed_list_is_logged_at_debug_not_info,
+    #[tokio::test]
+    a_shut_down_stack_logs_no_ejection_over_afterwards,
 }
 
 async fn round_robin_spreads_requests_exactly_evenly(kind: StackKind) {
@@ -948,4 +958,162 @@ async fn the_default_latency_clock_measures_a_real_servers_latency() {
         (Duration::from_millis(30)..Duration::from_secs(2)).contains(&estimate),
         "{estimate:?}"
     );
+}
+
+/// Well under the default 5 s startup wait: an error that comes sooner did
+/// not wait for an endpoint that discovery has said will not come.
+const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// Sends one GET that must fail because discovery found no endpoints: its
+/// error, and how long it took.
+async fn failure_and_time<K: 'static>(lb: &Lb<K>) -> (BoxError, Duration) {
+    let started = tokio::time::Instant::now();
+    let err = lb.send(get()).await.expect_err("there is no endpoint");
+    let took = started.elapsed();
+    assert!(
+        matches!(find_error(&*err), Some(Error::DiscoveredNone { .. })),
+        "{err:?}"
+    );
+    (err, took)
+}
+
+async fn an_empty_list_fails_requests_at_once_with_a_clear_error(kind: StackKind) {
+    let lb = fixed(kind, RoundRobin::new(), []);
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: the discovery stream ended without any endpoint"
+    );
+}
+
+async fn an_empty_set_pushed_at_startup_fails_requests_at_once(kind: StackKind) {
+    let (registry, discovery) = Registry::<SocketAddr>::new(kind);
+    let lb = over(discovery, RoundRobin::new());
+    registry.replace_all([]);
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: the discovery channel's set was replaced with an empty one"
+    );
+}
+
+async fn a_set_emptied_by_discovery_fails_requests_at_once_until_an_endpoint_returns(
+    kind: StackKind,
+) {
+    let server = TestServer::start().await;
+    let (registry, discovery) = Registry::new(kind);
+    let lb = over(discovery, RoundRobin::new());
+    registry.insert(server.addr, server.addr);
+    roundtrip(&lb).await.expect("request succeeds");
+
+    registry.remove(server.addr);
+    wait_until(Duration::from_secs(2), || {
+        lb.endpoints()
+            .iter()
+            .all(|e| e.state != EndpointState::Active)
+    })
+    .await;
+    let (err, took) = failure_and_time(&lb).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: discovery removed every endpoint"
+    );
+
+    registry.insert(server.addr, server.addr);
+    wait_until(Duration::from_secs(2), || {
+        lb.endpoints()
+            .iter()
+            .any(|e| e.state == EndpointState::Active)
+    })
+    .await;
+    roundtrip(&lb).await.expect("the returned endpoint answers");
+}
+
+async fn the_end_of_a_fixed_list_is_logged_at_debug_not_info(kind: StackKind) {
+    let logs = CapturedLogs::global();
+    let server = TestServer::start().await;
+    let lb = fixed(kind, RoundRobin::new(), [server.addr]);
+    roundtrip(&lb).await.expect("request succeeds");
+    let ended = ["discovery stream ended", "DEBUG"];
+    wait_until(Duration::from_secs(2), || {
+        !logs.lines_with(&ended).is_empty()
+    })
+    .await;
+    // Any stack in this test binary, this one included: the end of a list
+    // is routine, so nothing logs it at INFO.
+    let at_info = logs.lines_with(&["discovery stream ended", " INFO "]);
+    assert!(at_info.is_empty(), "{at_info:?}");
+}
+
+/// A round-robin stack over `addrs` that ejects an endpoint after 5
+/// consecutive 5xx answers, for 30 s.
+fn ejecting(kind: StackKind, addrs: impl IntoIterator<Item = SocketAddr>) -> Lb {
+    let detection = tower_lb::health::OutlierDetection::new().base_ejection_time(EJECTION);
+    match kind {
+        StackKind::HandBuilt => {
+            let client = lb_http::client();
+            Lb::hand_built(
+                Balancer::builder()
+                    .strategy(RoundRobin::new())
+                    .classify(tower_lb::classify::HttpClassify::server_errors())
+                    .outlier_detection(detection)
+                    .build(discover::fixed(lb_http::endpoints(&client, addrs))),
+            )
+        }
+        StackKind::OneStop => Lb::one_stop(
+            bare(HttpClient::builder())
+                .strategy(RoundRobin::new())
+                .outlier_detection(detection)
+                .build(addrs),
+        ),
+    }
+}
+
+const EJECTION: Duration = Duration::from_secs(30);
+
+/// A stack over two servers, the first answering 500 to everything, with
+/// that first one ejected (as the captured logs show); and its address.
+async fn with_an_ejected_endpoint(
+    kind: StackKind,
+    logs: &CapturedLogs,
+) -> (Lb, Vec<TestServer>, String) {
+    let all = servers(2, Duration::ZERO).await;
+    all[0].fail_every(1);
+    let lb = ejecting(kind, addrs(&all));
+    wait_until(Duration::from_secs(2), || lb.endpoints().len() == 2).await;
+    for _ in 0..10 {
+        let response = lb.send(get()).await.expect("answered");
+        response.into_body().collect().await.expect("body");
+    }
+    let addr = all[0].addr.to_string();
+    wait_until(Duration::from_secs(5), || {
+        !logs.lines_with(&["endpoint ejected", &addr]).is_empty()
+    })
+    .await;
+    (lb, all, addr)
+}
+
+/// Lets the ejection time of [`with_an_ejected_endpoint`] run out (on
+/// tokio's paused clock) and gives a driver every chance to log its end.
+async fn outlast_the_ejection() {
+    tokio::time::pause();
+    tokio::time::advance(EJECTION + Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+async fn a_shut_down_stack_logs_no_ejection_over_afterwards(kind: StackKind) {
+    let logs = CapturedLogs::global();
+    let (lb, _servers, addr) = with_an_ejected_endpoint(kind, logs).await;
+    lb.shutdown(Duration::from_secs(1))
+        .await
+        .expect("nothing in flight");
+    outlast_the_ejection().await;
+    let late = logs.lines_with(&["ejection over", &addr]);
+    assert!(late.is_empty(), "{late:?}");
 }

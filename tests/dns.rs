@@ -12,12 +12,13 @@ use std::time::Duration;
 use futures_core::Stream;
 use tower::discover::Change;
 use tower::ServiceExt;
-use tower_lb::discover::{Dns, DnsDiscover, DnsEndpoint, ResolveNow};
+use tower_lb::discover::{Dns, DnsDiscover, DnsEndpoint, DnsError, ResolveNow};
 use tower_lb::http::{self as lb_http, HttpEndpoint};
 use tower_lb::strategy::WeightedRoundRobin;
 use tower_lb::Balancer;
 
 use support::dns::TestDns;
+use support::CapturedLogs;
 
 const LOCAL: [Ipv4Addr; 3] = [
     Ipv4Addr::new(127, 0, 0, 1),
@@ -25,11 +26,13 @@ const LOCAL: [Ipv4Addr; 3] = [
     Ipv4Addr::new(127, 0, 0, 3),
 ];
 
-/// A change, as the tests compare them: insert or remove, address, weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A change, as the tests compare them: insert or remove, address, weight;
+/// or the answer that the name has nothing, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Seen {
     Insert(SocketAddr, u16),
     Remove(SocketAddr),
+    Nothing(String),
 }
 
 /// Host discovery of `name` at port 80 through `dns`, with `settings`
@@ -52,7 +55,7 @@ async fn next(stream: &mut DnsDiscover<SocketAddr>, wait: Duration) -> Option<Se
     Some(match item {
         Ok(Change::Insert(key, _)) => Seen::Insert(key.addr, key.weight),
         Ok(Change::Remove(key)) => Seen::Remove(key.addr),
-        Err(never) => match never {},
+        Err(empty) => Seen::Nothing(empty.to_string()),
     })
 }
 
@@ -282,8 +285,11 @@ async fn an_empty_answer_after_records_keeps_the_set_unless_opted_in() {
     resolve_now(&dns, &applied_refresh).await;
     quiet(&mut kept).await;
     assert_eq!(
-        changes(&mut applied, 1).await,
-        vec![Seen::Remove(at(LOCAL[0], 80))]
+        changes(&mut applied, 2).await,
+        vec![
+            Seen::Remove(at(LOCAL[0], 80)),
+            Seen::Nothing("DNS name applied.test. does not exist (NXDOMAIN)".into())
+        ]
     );
 }
 
@@ -343,4 +349,101 @@ async fn a_balancer_over_srv_discovery_weighs_endpoints_by_their_records() {
     }
     let share = (servers[0].hits() - before) as f64 / 2_000.0;
     assert!((share - 0.25).abs() < 0.02, "weight 1 of 4 got {share:.3}");
+}
+
+/// Well under the default 5 s startup wait: an error that comes sooner did
+/// not wait for an endpoint that DNS has said will not come.
+const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// A balancer over the A/AAAA records of `name` at port 80, with `settings`.
+fn balancer_over(
+    dns: &TestDns,
+    name: &str,
+    settings: impl FnOnce(Dns) -> Dns,
+) -> (
+    Balancer<DnsEndpoint, HttpEndpoint<support::Body>>,
+    ResolveNow,
+) {
+    let client = lb_http::client();
+    let (discover, refresh) = settings(Dns::host(name, 80).name_servers([dns.addr]))
+        .build(move |addr| HttpEndpoint::new(client.clone(), addr))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (Balancer::builder().build(discover), refresh)
+}
+
+/// Sends one GET that must fail: its error, and how long it took.
+async fn failure_and_time(
+    balancer: &Balancer<DnsEndpoint, HttpEndpoint<support::Body>>,
+) -> (tower_lb::Error, Duration) {
+    let started = tokio::time::Instant::now();
+    let err = balancer
+        .clone()
+        .oneshot(support::get())
+        .await
+        .expect_err("the name has no addresses");
+    (err, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_exist_is_a_warning_and_fails_requests_at_once() {
+    let logs = CapturedLogs::global();
+    let dns = TestDns::start("test.").await;
+    let (balancer, _) = balancer_over(&dns, "missing.test.", |d| d);
+    let (err, took) = failure_and_time(&balancer).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: DNS name missing.test. does not exist (NXDOMAIN)"
+    );
+    let reason = match &err {
+        tower_lb::Error::DiscoveredNone { reason } => reason.reason(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        matches!(reason.downcast_ref(), Some(DnsError::NxDomain { name }) if name == "missing.test."),
+        "{reason:?}"
+    );
+    let warned = logs.lines_with(&["WARN", "name=missing.test.", "NXDOMAIN"]);
+    assert!(!warned.is_empty(), "{}", logs.text());
+}
+
+#[tokio::test]
+async fn a_name_without_address_records_is_a_warning_and_fails_requests_at_once() {
+    let logs = CapturedLogs::global();
+    let dns = TestDns::start("test.").await;
+    // The name exists (it has an SRV record) but has no A or AAAA record.
+    dns.set_srv("bare.test.", &[(0, 1, 80, "elsewhere.test.")], 60)
+        .await;
+    let (balancer, _) = balancer_over(&dns, "bare.test.", |d| d);
+    let (err, took) = failure_and_time(&balancer).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: DNS name bare.test. has no A or AAAA records"
+    );
+    let warned = logs.lines_with(&["WARN", "name=bare.test.", "no A or AAAA records"]);
+    assert!(!warned.is_empty(), "{}", logs.text());
+}
+
+#[tokio::test]
+async fn a_name_emptied_in_dns_fails_requests_at_once_when_empty_answers_apply() {
+    let dns = TestDns::start("test.").await;
+    dns.set_a("gone.test.", &LOCAL[..1], 60).await;
+    let (balancer, refresh) = balancer_over(&dns, "gone.test.", |d| d.apply_empty_answers(true));
+    support::wait_until(Duration::from_secs(5), || balancer.endpoints().len() == 1).await;
+    dns.set_a("gone.test.", &[], 60).await;
+    resolve_now(&dns, &refresh).await;
+    support::wait_until(Duration::from_secs(5), || {
+        balancer
+            .endpoints()
+            .iter()
+            .all(|e| e.state != tower_lb::EndpointState::Active)
+    })
+    .await;
+    let (err, took) = failure_and_time(&balancer).await;
+    assert!(took < AT_ONCE, "failed after {took:?}: {err}");
+    assert_eq!(
+        err.to_string(),
+        "no endpoints available: DNS name gone.test. does not exist (NXDOMAIN)"
+    );
 }

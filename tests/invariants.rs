@@ -304,6 +304,9 @@ struct Model {
     slots: BTreeMap<u8, Slot>,
     instances: BTreeMap<u64, Instance>,
     failing: BTreeSet<u8>,
+    /// Discovery said there are no endpoints: it removed the last one, or a
+    /// `replace_all` left none. Requests then fail at once.
+    said_none: bool,
 }
 
 impl Model {
@@ -315,6 +318,7 @@ impl Model {
             slots: BTreeMap::new(),
             instances: BTreeMap::new(),
             failing: BTreeSet::new(),
+            said_none: false,
         }
     }
 
@@ -574,6 +578,7 @@ impl<P: tower_lb::strategy::Strategy> Harness<P> {
     }
 
     fn insert(&mut self, key: u8) -> Result<(), TestCaseError> {
+        self.model.said_none = false;
         let instance = self.model.insert(key);
         let backend = self.backend(key, instance);
         self.discovery
@@ -582,7 +587,10 @@ impl<P: tower_lb::strategy::Strategy> Harness<P> {
     }
 
     fn remove(&mut self, key: u8) -> Result<(), TestCaseError> {
-        self.model.remove(key);
+        if self.model.slots.contains_key(&key) {
+            self.model.remove(key);
+            self.model.said_none |= self.model.slots.is_empty();
+        }
         self.discovery
             .remove(key)
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", self.step)))
@@ -610,6 +618,7 @@ impl<P: tower_lb::strategy::Strategy> Harness<P> {
             };
             set.push((key, self.backend(key, instance)));
         }
+        self.model.said_none = keys.is_empty();
         self.discovery
             .replace_all(set)
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", self.step)))
@@ -646,8 +655,17 @@ impl<P: tower_lb::strategy::Strategy> Harness<P> {
         let calls = self.world.calls_since(before);
         let panicking = self.balancer.is_panicking();
 
+        if self.model.slots.is_empty() && self.model.said_none {
+            // Discovery said there is none: the request fails at once.
+            prop_assert!(calls.is_empty(), "{step}: no endpoint, yet {calls:?}");
+            prop_assert!(
+                matches!(polled, Poll::Ready(Err(Error::DiscoveredNone { .. }))),
+                "{step}: discovery said there is no endpoint, yet {polled:?}"
+            );
+            return Ok(None);
+        }
         if self.model.slots.is_empty() {
-            // No endpoint: the request waits for one (the startup wait);
+            // No endpoint yet: the request waits for one (the startup wait);
             // dropping it cancels it.
             prop_assert!(calls.is_empty(), "{step}: no endpoint, yet {calls:?}");
             prop_assert!(

@@ -30,7 +30,6 @@
 //! `TOWER_LB_MEMORY=full TOWER_LB_CHURN=full cargo test --release --test memory -- --nocapture`.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::fmt;
 use std::future::{ready, Ready};
 use std::pin::Pin;
@@ -44,7 +43,7 @@ use tower::discover::Change;
 use tower::{Service, ServiceExt};
 use tower_lb::balance::ResponseFuture;
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
-use tower_lb::discover::{self, DiscoveryHandle};
+use tower_lb::discover::{self, DiscoveryHandle, Empty};
 use tower_lb::health::{FailurePercentage, OutlierDetection, SlowStart};
 use tower_lb::load::LoadReport;
 use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
@@ -161,8 +160,9 @@ impl Classify<Reply> for ReportsLoad {
 }
 
 /// What every balancer here consumes: a boxed discovery stream, so one
-/// builder closure takes both the channel and the generated list.
-type Source = Pin<Box<dyn Stream<Item = Result<Change<u64, Echo>, Infallible>> + Send>>;
+/// builder closure takes both the channel and the generated list (whose
+/// error is the channel's: an `Empty` answer, which neither yields here).
+type Source = Pin<Box<dyn Stream<Item = Result<Change<u64, Echo>, Empty>> + Send>>;
 
 /// Inserts keys `0..n` and ends, holding nothing: unlike `discover::fixed`
 /// (which keeps its list) it adds no memory per endpoint of its own.
@@ -172,7 +172,7 @@ struct Generated {
 }
 
 impl Stream for Generated {
-    type Item = Result<Change<u64, Echo>, Infallible>;
+    type Item = Result<Change<u64, Echo>, Empty>;
 
     fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.next == self.end {

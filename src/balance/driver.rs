@@ -1,6 +1,6 @@
 //! The balancer's background task: it consumes the discovery stream, builds
 //! new snapshots off the request path, and lets go of drained endpoints. It
-//! ends when the last `Balancer` handle is dropped.
+//! ends when the balancer is closed or the last `Balancer` handle is dropped.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -18,6 +18,7 @@ use tower::discover::{Change, Discover};
 use super::endpoint::{Endpoint, Shared};
 use super::snapshot::{EndpointList, Snapshot};
 use super::{Inner, StaticWeights};
+use crate::discover::{find_empty, Empty};
 use crate::error::BoxError;
 use crate::health::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
@@ -428,7 +429,8 @@ where
 type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::Service, P, C, H>>;
 
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
-/// state, so that happens when the last handle is dropped).
+/// state, and `close` drops it, so that happens when the balancer is closed
+/// or the last handle is dropped).
 pub(crate) async fn run<D, P, C, H, W>(
     discover: D,
     inner: WeakInner<D, P, C, H>,
@@ -481,10 +483,14 @@ pub(crate) async fn run<D, P, C, H, W>(
     let mut discovery_open = true;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = ERROR_BACKOFF_MIN;
+    // Why discovery says there are no endpoints, while it does.
+    let mut discovered_none: Option<Empty> = None;
 
     loop {
         let mut changed = false;
         let mut more_ready = false;
+        // What requests that find no endpoint should do from now on.
+        let mut none_update: Option<Option<Empty>> = None;
         let next_return = endpoints.next_return();
         if slow_start_step.is_none() && endpoints.in_slow_start() {
             slow_start_step = slow_start.and_then(|s| Instant::now().checked_add(s.step()));
@@ -500,6 +506,7 @@ pub(crate) async fn run<D, P, C, H, W>(
             }, if discovery_open => {
                 retry_at = None;
                 let full = batch.is_full();
+                let mut answer: Option<Empty> = None;
                 let (mut inserted, mut removed) = (0usize, 0usize);
                 for item in batch.changes {
                     match item {
@@ -513,6 +520,11 @@ pub(crate) async fn run<D, P, C, H, W>(
                         }
                         Err(error) => {
                             let error: BoxError = error.into();
+                            // An answer, not a failure: no back-off.
+                            if let Some(empty) = find_empty(&*error) {
+                                answer = Some(empty.clone());
+                                continue;
+                            }
                             tracing::warn!(%error, endpoints = endpoints.active.len(), retry_in = ?backoff,
                                 "discovery stream failed; keeping the last known endpoints");
                             retry_at = Some(Instant::now() + backoff);
@@ -525,9 +537,17 @@ pub(crate) async fn run<D, P, C, H, W>(
                 }
                 more_ready = full;
                 if batch.ended {
-                    tracing::info!(endpoints = endpoints.active.len(), "discovery stream ended; keeping the last known endpoints");
+                    // A finite list ends: routine, whatever it held.
+                    tracing::debug!(endpoints = endpoints.active.len(), "discovery stream ended; keeping the last known endpoints");
                     discovery_open = false;
                 }
+                none_update = discovered_none_after(
+                    &discovered_none,
+                    removed > 0,
+                    endpoints.active.len(),
+                    answer,
+                    batch.ended,
+                );
             }
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {
                 changed = true;
@@ -563,9 +583,26 @@ pub(crate) async fn run<D, P, C, H, W>(
                 changed = true;
             }
         }
-        if changed {
+        if changed || none_update.is_some() {
             let Some(inner) = inner.upgrade() else { break };
-            endpoints.publish(&inner);
+            // Cleared before a set with endpoints is published, set after
+            // an empty one is: see `Inner::dispatch`.
+            if matches!(none_update, Some(None)) {
+                inner.set_discovered_none(None);
+                discovered_none = None;
+            }
+            if changed {
+                endpoints.publish(&inner);
+            }
+            if let Some(Some(reason)) = none_update {
+                if discovered_none.is_none() {
+                    tracing::warn!(%reason, "discovery found no endpoints: requests fail at once until one is inserted");
+                } else {
+                    tracing::debug!(%reason, "discovery still finds no endpoints");
+                }
+                inner.set_discovered_none(Some(reason.clone()));
+                discovered_none = Some(reason);
+            }
         }
         if more_ready {
             // A full batch: the stream may be always ready; let other tasks
@@ -574,4 +611,38 @@ pub(crate) async fn run<D, P, C, H, W>(
         }
     }
     tracing::debug!("balancer driver stopped");
+}
+
+/// Whether a batch of discovery changes tells requests that find no
+/// endpoint something new: `Some(Some(reason))` to fail at once,
+/// `Some(None)` to wait again, `None` for no change.
+///
+/// `removed` says whether the batch removed an endpoint, `answer` is an
+/// [`Empty`] the stream yielded in it, `ended` whether it ended.
+fn discovered_none_after(
+    current: &Option<Empty>,
+    removed: bool,
+    endpoints: usize,
+    answer: Option<Empty>,
+    ended: bool,
+) -> Option<Option<Empty>> {
+    if endpoints > 0 {
+        if let Some(answer) = answer {
+            tracing::warn!(reason = %answer, endpoints,
+                "discovery found no endpoints but removed none; keeping the last known endpoints");
+        }
+        return current.is_some().then_some(None);
+    }
+    if let Some(answer) = answer {
+        return Some(Some(answer));
+    }
+    if removed {
+        return Some(Some(Empty::new("discovery removed every endpoint")));
+    }
+    if ended && current.is_none() {
+        return Some(Some(Empty::new(
+            "the discovery stream ended without any endpoint",
+        )));
+    }
+    None
 }

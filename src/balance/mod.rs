@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tower::discover::Discover;
@@ -45,6 +45,7 @@ use self::endpoint::{InFlight, Refused, Shared};
 use self::future::Dispatched;
 use self::snapshot::{EndpointList, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
+use crate::discover::Empty;
 use crate::error::BoxError;
 use crate::strategy::{P2c, Strategy};
 use crate::Error;
@@ -65,7 +66,11 @@ use crate::Error;
 /// the [startup wait](Builder::startup_wait), and then fails with
 /// [`Error::NoEndpoints`]. That wait lives in the response future rather than
 /// in `poll_ready`, because tower treats an error from `poll_ready` as the end
-/// of a service (`Buffer`, for one, would never recover).
+/// of a service (`Buffer`, for one, would never recover). Once discovery has
+/// said there are no endpoints (its stream ended empty, it removed them all,
+/// or it yielded an [`Empty`] answer), requests fail
+/// at once with [`Error::DiscoveredNone`] instead, until an endpoint is
+/// inserted: see [the discovery docs](crate::discover).
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -101,13 +106,17 @@ pub(crate) struct Inner<K, S, P: Strategy, C, H> {
     /// Bumped on every publish and on close; requests in the startup wait
     /// watch it.
     published: watch::Sender<u64>,
+    /// Set by the driver while discovery says there are no endpoints: why.
+    /// Read only by requests that found no endpoint to pick.
+    discovered_none: ArcSwapOption<Empty>,
     startup_wait: Duration,
     /// Decides what counts as a failure of an endpoint.
     classify: C,
     /// Reads the endpoints a request's call has tried.
     hints: H,
-    /// Dropped with the last handle, which stops the driver.
-    _stop_driver: oneshot::Sender<()>,
+    /// Dropped by `close`, or with the last handle: either stops the
+    /// driver. (A lock, taken once by `close` and never by requests.)
+    stop_driver: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// What happened when a request tried to pick an endpoint.
@@ -125,6 +134,13 @@ where
 const REPICKS: usize = 2;
 
 impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
+    /// What requests that find no endpoint do: fail at once with `reason`,
+    /// or (`None`) wait for one. Those already waiting look again.
+    fn set_discovered_none(&self, reason: Option<Empty>) {
+        self.discovered_none.store(reason.map(Arc::new));
+        self.published.send_modify(|generation| *generation += 1);
+    }
+
     fn dispatch<Req>(&self, req: Req) -> Dispatch<K, S, Req>
     where
         S: Service<Req> + Clone,
@@ -140,6 +156,14 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             if !snapshot.ejected.is_empty() {
                 return Dispatch::Failed(Error::AllEjected {
                     endpoints: snapshot.ejected.len(),
+                });
+            }
+            // Read after the snapshot: the driver sets it after publishing
+            // an empty set and clears it before publishing a non-empty one,
+            // so a request never fails for a reason that is out of date.
+            if let Some(reason) = self.discovered_none.load_full() {
+                return Dispatch::Failed(Error::DiscoveredNone {
+                    reason: Empty::clone(&reason),
                 });
             }
             return Dispatch::NoEndpoints(req);
@@ -279,8 +303,21 @@ impl<K, S, P: Strategy, C, H> Balancer<K, S, P, C, H> {
     /// Stops taking requests: from now on `poll_ready` and `call` fail with
     /// [`Error::Closed`] (requests waiting for a first endpoint too), while
     /// requests already sent complete normally. Affects every clone.
+    ///
+    /// The driver task stops too, and with it discovery (a DNS discovery
+    /// stops resolving), outlier detection and its timers: a closed balancer
+    /// never takes a request again, so nothing it would do matters, and its
+    /// logs would only be noise. [`endpoints`](Self::endpoints) shows the
+    /// set as it was.
     pub fn close(&self) {
         self.inner.shared.close();
+        let stop = self
+            .inner
+            .stop_driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(stop);
         self.inner
             .published
             .send_modify(|generation| *generation += 1);
@@ -449,10 +486,11 @@ where
         strategy,
         shared: shared.clone(),
         published: watch::Sender::new(0),
+        discovered_none: ArcSwapOption::empty(),
         startup_wait,
         classify,
         hints,
-        _stop_driver: stop_tx,
+        stop_driver: std::sync::Mutex::new(Some(stop_tx)),
     });
     tokio::spawn(driver::run(
         discover,

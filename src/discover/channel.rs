@@ -1,5 +1,4 @@
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,6 +8,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tower::discover::Change;
 
+use super::Empty;
 use crate::capacity::shrink_target;
 
 /// A discovery stream fed through a handle: the balancer consumes the
@@ -19,6 +19,11 @@ use crate::capacity::shrink_target;
 /// are rare next to requests, and each is applied in one batch by the
 /// balancer. When every handle is dropped the stream ends and the balancer
 /// keeps the last set.
+///
+/// A [`replace_all`](DiscoveryHandle::replace_all) that leaves the set
+/// empty says there are no endpoints (the stream yields an [`Empty`]
+/// answer after the removals): requests fail at once rather than wait for
+/// one, even before any endpoint was inserted.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -43,6 +48,7 @@ pub fn channel<K, S>() -> (DiscoveryHandle<K, S>, ChannelDiscover<K, S>) {
             rx,
             known: HashSet::new(),
             pending: VecDeque::new(),
+            empty_pending: false,
         },
     )
 }
@@ -115,6 +121,8 @@ pub struct ChannelDiscover<K, S> {
     known: HashSet<K>,
     /// Changes expanded from a `replace_all`, not yet yielded.
     pending: VecDeque<Change<K, S>>,
+    /// A `replace_all` left the set empty: say so once `pending` is out.
+    empty_pending: bool,
 }
 
 impl<K, S> ChannelDiscover<K, S>
@@ -141,6 +149,7 @@ where
             self.known.remove(&key);
             self.pending.push_back(Change::Remove(key));
         }
+        self.empty_pending = self.known.is_empty();
         self.shrink_known();
     }
 
@@ -159,12 +168,18 @@ impl<K, S> Stream for ChannelDiscover<K, S>
 where
     K: Hash + Eq + Clone,
 {
-    type Item = Result<Change<K, S>, Infallible>;
+    /// Never fails: the only error is the [`Empty`] answer of a
+    /// `replace_all` with nothing.
+    type Item = Result<Change<K, S>, Empty>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             if let Some(change) = self.pending.pop_front() {
                 return Poll::Ready(Some(Ok(change)));
+            }
+            if std::mem::take(&mut self.empty_pending) {
+                let reason = "the discovery channel's set was replaced with an empty one";
+                return Poll::Ready(Some(Err(Empty::new(reason))));
             }
             // A large `replace_all` is over: give its queue back.
             if self.pending.capacity() > 1024 {
@@ -219,18 +234,20 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
 
-    /// The changes the stream yields until it goes quiet, in order.
+    /// The changes the stream yields until it goes quiet, in order (an
+    /// [`Empty`] answer as "none").
     async fn drain(stream: &mut ChannelDiscover<&'static str, u32>) -> Vec<String> {
         let mut seen = Vec::new();
-        while let Ok(Some(Ok(change))) = tokio::time::timeout(
+        while let Ok(Some(item)) = tokio::time::timeout(
             std::time::Duration::from_millis(10),
             poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)),
         )
         .await
         {
-            seen.push(match change {
-                Change::Insert(k, s) => format!("+{k}={s}"),
-                Change::Remove(k) => format!("-{k}"),
+            seen.push(match item {
+                Ok(Change::Insert(k, s)) => format!("+{k}={s}"),
+                Ok(Change::Remove(k)) => format!("-{k}"),
+                Err(_) => "none".to_owned(),
             });
         }
         seen
@@ -269,13 +286,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn replace_all_with_an_empty_set_removes_everything() {
+    async fn replace_all_with_an_empty_set_removes_everything_then_says_none_are_left() {
         let (handle, mut stream) = channel();
         handle.insert("a", 1).unwrap();
         handle.insert("b", 2).unwrap();
         drain(&mut stream).await;
         handle.replace_all([]).unwrap();
-        assert_eq!(drain_sorted(&mut stream).await, ["-a", "-b"]);
+        let seen = drain(&mut stream).await;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[2], "none");
+    }
+
+    #[tokio::test]
+    async fn replace_all_with_an_empty_set_at_startup_says_none_are_left() {
+        let (handle, mut stream) = channel::<&str, u32>();
+        handle.replace_all([]).unwrap();
+        assert_eq!(drain(&mut stream).await, ["none"]);
     }
 
     #[tokio::test]

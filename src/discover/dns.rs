@@ -3,7 +3,6 @@
 //! records' TTL runs out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +20,8 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 use tower::discover::Change;
+
+use super::Empty;
 
 /// One endpoint found in DNS: its address, and its SRV weight (1 for A and
 /// AAAA records).
@@ -73,7 +74,8 @@ enum Target {
     Srv,
 }
 
-/// Why DNS discovery could not start.
+/// Why DNS discovery could not start ([`Dns::build`]), or why it found no
+/// endpoints (the reason of the [`Empty`] answer its stream yields).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DnsError {
@@ -83,6 +85,28 @@ pub enum DnsError {
     /// The settings make no sense.
     #[error("invalid DNS discovery settings: {0}")]
     Settings(String),
+    /// The DNS server says the name does not exist (NXDOMAIN).
+    #[error("DNS name {name} does not exist (NXDOMAIN)")]
+    NxDomain {
+        /// The name resolved.
+        name: String,
+    },
+    /// The name exists but has no records of the type asked (a NOERROR
+    /// answer with no answers).
+    #[error("DNS name {name} has no {records} records")]
+    NoRecords {
+        /// The name resolved.
+        name: String,
+        /// The record types asked: `"A or AAAA"`, or `"SRV"`.
+        records: &'static str,
+    },
+    /// The name has SRV records, but none of their targets has an A or
+    /// AAAA record.
+    #[error("no SRV target of DNS name {name} has an A or AAAA record")]
+    NoTargetAddresses {
+        /// The name resolved.
+        name: String,
+    },
 }
 
 /// DNS discovery settings; [`build`](Dns::build) starts it.
@@ -213,7 +237,13 @@ impl Dns {
     /// Whether an empty answer (NXDOMAIN, or no records) after a non-empty
     /// one removes every endpoint. Default false: an empty answer is more
     /// often a DNS outage or a bad deploy of the zone than a service with no
-    /// instances, so the last set stays (with a `warn` event).
+    /// instances, so the last set stays (with a `warn` event). When true,
+    /// the endpoints go, and requests fail at once with the answer (see
+    /// [`Empty`]).
+    ///
+    /// Whatever this says, an empty answer while there are no endpoints
+    /// (at startup) is a `warn` event, and requests fail at once with it
+    /// rather than wait the [startup wait](crate::Builder::startup_wait).
     pub fn apply_empty_answers(mut self, apply: bool) -> Self {
         self.apply_empty = apply;
         self
@@ -309,8 +339,11 @@ impl ResolveNow {
 /// The discovery stream of [`Dns::build`]: only changes (an endpoint added,
 /// removed, or its weight changed), so unchanged endpoints keep their
 /// connections and health. Never fails: resolution errors keep the last set.
+/// Its one error is an answer: an [`Empty`] (whose reason is a
+/// [`DnsError`]) when the name resolved to nothing and there are no
+/// endpoints (or, with [`Dns::apply_empty_answers`], no longer are).
 pub struct DnsDiscover<S> {
-    rx: mpsc::UnboundedReceiver<Change<DnsEndpoint, S>>,
+    rx: mpsc::UnboundedReceiver<Result<Change<DnsEndpoint, S>, Empty>>,
 }
 
 impl<S> fmt::Debug for DnsDiscover<S> {
@@ -320,10 +353,10 @@ impl<S> fmt::Debug for DnsDiscover<S> {
 }
 
 impl<S> Stream for DnsDiscover<S> {
-    type Item = Result<Change<DnsEndpoint, S>, Infallible>;
+    type Item = Result<Change<DnsEndpoint, S>, Empty>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx).map(|change| change.map(Ok))
+        self.rx.poll_recv(cx)
     }
 }
 
@@ -339,7 +372,7 @@ struct Resolution<S, F> {
     settings: Dns,
     resolver: TokioResolver,
     make: F,
-    tx: mpsc::UnboundedSender<Change<DnsEndpoint, S>>,
+    tx: mpsc::UnboundedSender<Result<Change<DnsEndpoint, S>, Empty>>,
     now: Arc<Notify>,
     /// The set the stream has announced: address to weight.
     current: HashMap<SocketAddr, u16>,
@@ -367,21 +400,22 @@ where
                     }
                     self.next_refresh(ttl)
                 }
-                Ok(Ok(_)) | Ok(Err(Failure::NoRecords)) => {
-                    if self.current.is_empty() || self.settings.apply_empty {
-                        if !self.current.is_empty() {
-                            tracing::warn!(%name, "DNS has no records for the name any more; removing every endpoint, as configured");
-                        }
-                        if !self.apply(BTreeMap::new()) {
-                            return;
-                        }
-                    } else {
-                        tracing::warn!(%name, endpoints = self.current.len(), retry_in = ?backoff,
-                            "DNS has no records for the name; keeping the last known endpoints");
+                Ok(Ok(_)) => {
+                    // Only SRV answers with records and no address.
+                    if !self.resolved_to_nothing(NoAnswer::NoTargetAddresses, backoff) {
+                        return;
+                    }
+                    next_backoff(&mut backoff)
+                }
+                Ok(Err(Failure::NoRecords(answer))) => {
+                    if !self.resolved_to_nothing(answer, backoff) {
+                        return;
                     }
                     next_backoff(&mut backoff)
                 }
                 Ok(Err(Failure::Error(error))) => {
+                    // Not an answer: requests keep waiting for one, and a
+                    // name that had records keeps them.
                     tracing::warn!(%name, %error, endpoints = self.current.len(), retry_in = ?backoff,
                         "DNS resolution failed; keeping the last known endpoints");
                     next_backoff(&mut backoff)
@@ -421,6 +455,28 @@ where
             .max(MIN_PAUSE)
     }
 
+    /// The name resolved to nothing (`answer`): a `warn` event, and, unless
+    /// a set is kept, no endpoints and the [`Empty`] answer that fails
+    /// requests at once. False once nobody listens.
+    fn resolved_to_nothing(&mut self, answer: NoAnswer, retry_in: Duration) -> bool {
+        let name = &self.settings.name;
+        let endpoints = self.current.len();
+        if endpoints > 0 && !self.settings.apply_empty {
+            tracing::warn!(%name, %answer, endpoints, ?retry_in,
+                "DNS name resolved to nothing; keeping the last known endpoints");
+            return true;
+        }
+        if endpoints > 0 {
+            tracing::warn!(%name, %answer, endpoints, ?retry_in,
+                "DNS name resolved to nothing; removing every endpoint, as configured");
+        } else {
+            tracing::warn!(%name, %answer, ?retry_in,
+                "DNS name resolved to nothing; no endpoints");
+        }
+        let reason = answer.error(&self.settings);
+        self.apply(BTreeMap::new()) && self.tx.send(Err(Empty::new(reason))).is_ok()
+    }
+
     /// Announces the difference between the current set and `found`; false
     /// once nobody listens.
     fn apply(&mut self, found: BTreeMap<SocketAddr, u16>) -> bool {
@@ -433,7 +489,7 @@ where
         for addr in removed {
             self.current.remove(&addr);
             let key = DnsEndpoint { addr, weight: 0 };
-            if self.tx.send(Change::Remove(key)).is_err() {
+            if self.tx.send(Ok(Change::Remove(key))).is_err() {
                 return false;
             }
         }
@@ -447,7 +503,7 @@ where
             let service = (self.make)(addr);
             if self
                 .tx
-                .send(Change::Insert(DnsEndpoint { addr, weight }, service))
+                .send(Ok(Change::Insert(DnsEndpoint { addr, weight }, service)))
                 .is_err()
             {
                 return false;
@@ -484,12 +540,15 @@ where
         let now = std::time::Instant::now();
         let mut ips = Vec::new();
         let mut ttl: Option<Duration> = None;
+        // NXDOMAIN from either query: the name does not exist.
+        let mut nothing = NoAnswer::NoData("A or AAAA");
         match v4.map_err(Failure::from) {
             Ok(found) => {
                 ttl = shorter(ttl, found.valid_until(), now);
                 ips.extend(found.iter().map(|a| IpAddr::V4(a.0)));
             }
-            Err(Failure::NoRecords) => {}
+            Err(Failure::NoRecords(NoAnswer::NxDomain)) => nothing = NoAnswer::NxDomain,
+            Err(Failure::NoRecords(_)) => {}
             Err(error) => return Err(error),
         }
         match v6.map_err(Failure::from) {
@@ -497,12 +556,13 @@ where
                 ttl = shorter(ttl, found.valid_until(), now);
                 ips.extend(found.iter().map(|aaaa| IpAddr::V6(aaaa.0)));
             }
-            Err(Failure::NoRecords) => {}
+            Err(Failure::NoRecords(NoAnswer::NxDomain)) => nothing = NoAnswer::NxDomain,
+            Err(Failure::NoRecords(_)) => {}
             Err(error) => return Err(error),
         }
         match ttl {
             Some(ttl) if !ips.is_empty() => Ok((ips, ttl)),
-            _ => Err(Failure::NoRecords),
+            _ => Err(Failure::NoRecords(nothing)),
         }
     }
 
@@ -515,7 +575,12 @@ where
             .resolver
             .srv_lookup(self.settings.name.as_str())
             .await
-            .map_err(Failure::from)?;
+            .map_err(|error| match Failure::from(error) {
+                Failure::NoRecords(NoAnswer::NoData(_)) => {
+                    Failure::NoRecords(NoAnswer::NoData("SRV"))
+                }
+                other => other,
+            })?;
         let mut ttl = found
             .as_lookup()
             .valid_until()
@@ -523,6 +588,9 @@ where
         let mut records: Vec<_> = found.iter().cloned().collect();
         records.sort_by_key(|r| r.priority());
         let mut endpoints = BTreeMap::new();
+        // A target that did not resolve may have addresses: with none found
+        // at all, the resolution failed rather than answered "nothing".
+        let mut target_error = None;
         let mut priorities: Vec<u16> = records.iter().map(|r| r.priority()).collect();
         priorities.dedup();
         for priority in priorities {
@@ -534,15 +602,17 @@ where
                         self.srv_targets.insert(target, ips.clone());
                         ips
                     }
-                    Err(Failure::NoRecords) => {
-                        tracing::debug!(%target, "SRV target has no addresses");
+                    Err(Failure::NoRecords(answer)) => {
+                        tracing::debug!(%target, %answer, "SRV target has no addresses");
                         self.srv_targets.remove(&target);
                         Vec::new()
                     }
                     Err(Failure::Error(error)) => {
                         tracing::warn!(%target, %error, "SRV target did not resolve; keeping its last addresses");
                         ttl = ttl.min(BACKOFF_MIN);
-                        self.srv_targets.get(&target).cloned().unwrap_or_default()
+                        let last = self.srv_targets.get(&target).cloned();
+                        target_error.get_or_insert(error);
+                        last.unwrap_or_default()
                     }
                 };
                 for ip in ips {
@@ -553,7 +623,10 @@ where
                 break;
             }
         }
-        Ok(Answer { endpoints, ttl })
+        match target_error {
+            Some(error) if endpoints.is_empty() => Err(Failure::Error(error)),
+            _ => Ok(Answer { endpoints, ttl }),
+        }
     }
 }
 
@@ -576,9 +649,42 @@ fn next_backoff(backoff: &mut Duration) -> Duration {
 /// A resolution that found nothing.
 enum Failure {
     /// NXDOMAIN, or the name has no records of the type asked.
-    NoRecords,
+    NoRecords(NoAnswer),
     /// The resolver failed (no answer, SERVFAIL, a network error).
     Error(ResolveError),
+}
+
+/// How DNS said a name has nothing: the `answer` of the `warn` event.
+#[derive(Debug, Clone, Copy)]
+enum NoAnswer {
+    /// NXDOMAIN.
+    NxDomain,
+    /// NOERROR with no answers, for these record types.
+    NoData(&'static str),
+    /// SRV records whose targets have no addresses.
+    NoTargetAddresses,
+}
+
+impl NoAnswer {
+    /// The reason requests fail with.
+    fn error(self, settings: &Dns) -> DnsError {
+        let name = settings.name.clone();
+        match self {
+            NoAnswer::NxDomain => DnsError::NxDomain { name },
+            NoAnswer::NoData(records) => DnsError::NoRecords { name, records },
+            NoAnswer::NoTargetAddresses => DnsError::NoTargetAddresses { name },
+        }
+    }
+}
+
+impl fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoAnswer::NxDomain => f.write_str("NXDOMAIN"),
+            NoAnswer::NoData(records) => write!(f, "no {records} records"),
+            NoAnswer::NoTargetAddresses => f.write_str("no SRV target has an address"),
+        }
+    }
 }
 
 impl From<ResolveError> for Failure {
@@ -589,9 +695,14 @@ impl From<ResolveError> for Failure {
         let kind = error.proto().map(|e| e.kind());
         match kind {
             Some(ProtoErrorKind::NoRecordsFound {
-                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                response_code: ResponseCode::NXDomain,
                 ..
-            }) => Failure::NoRecords,
+            }) => Failure::NoRecords(NoAnswer::NxDomain),
+            // The address queries' answer; the SRV query says "SRV".
+            Some(ProtoErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NoError,
+                ..
+            }) => Failure::NoRecords(NoAnswer::NoData("A or AAAA")),
             _ => Failure::Error(error),
         }
     }

@@ -18,15 +18,114 @@
 //! | `Remove` of a known key | stops sending to it; in-flight requests finish |
 //! | `Remove` of an unknown key | ignores it (a `debug` event) |
 //! | an error | keeps the last good set (a `warn` event), polls again after a back-off |
-//! | the end of the stream | keeps the last set |
+//! | an [`Empty`] error (discovery found nothing) | with no endpoints: fails requests at once with its reason ([`Error::DiscoveredNone`](crate::Error::DiscoveredNone)); with some: keeps them (a `warn` event) |
+//! | the end of the stream | keeps the last set (a `debug` event) |
+//!
+//! Requests that arrive while the set is empty wait for an endpoint, up to
+//! the [startup wait](crate::Builder::startup_wait), only until discovery
+//! has said something. Once it has said there is nothing, they fail at once
+//! with [`Error::DiscoveredNone`](crate::Error::DiscoveredNone), as gRPC
+//! fails calls on a channel whose resolver produced no addresses and Envoy
+//! answers 503 when a cluster has no hosts: waiting would only hold every
+//! caller for the startup wait and end in the same error. Discovery says
+//! so when
+//!
+//! - the stream ends with no endpoint (an empty [`fixed`] list): "the
+//!   discovery stream ended without any endpoint";
+//! - it removes the last endpoint (a [`DiscoveryHandle::remove`], a
+//!   [`DiscoveryHandle::replace_all`] with nothing, a DNS name gone to
+//!   nothing with [`Dns::apply_empty_answers`]): "discovery removed every
+//!   endpoint", or the stream's own reason;
+//! - it yields an [`Empty`] error: a [`Dns`] name with no records
+//!   (NXDOMAIN, or none of the type asked), or a `replace_all` with
+//!   nothing at startup.
+//!
+//! Entering that state is one `warn` event with the reason. The first
+//! endpoint inserted afterwards ends it. A DNS resolver that fails
+//! or times out is not an answer: requests keep waiting, and a name that had
+//! records keeps them.
 
 mod channel;
 #[cfg(feature = "dns")]
 mod dns;
 mod fixed;
 
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::BoxError;
+
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
 pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
 pub use tower::discover::{Change, Discover};
+
+/// Discovery's answer that there are no endpoints, yielded as a discovery
+/// stream's error (the [`Discover`] interface has no other way to say it):
+/// not a failure of discovery but its result, like a DNS name with no
+/// records.
+///
+/// A balancer with no endpoints that reads it fails requests at once with
+/// [`Error::DiscoveredNone`](crate::Error::DiscoveredNone), whose reason it
+/// is, instead of having them wait the
+/// [startup wait](crate::Builder::startup_wait); the next endpoint inserted
+/// ends that. A balancer that still has endpoints keeps them (with a `warn`
+/// event): removing them is the stream's to do. Yield it as the stream's
+/// error, or anywhere in that error's `source()` chain.
+///
+/// Its `Display` is the reason's.
+///
+/// ```
+/// use tower_lb::discover::{Change, Empty};
+///
+/// let answer: Result<Change<&str, ()>, Empty> =
+///     Err(Empty::new("the registry lists no instance of `api`"));
+/// # let _ = answer;
+/// ```
+#[derive(Clone)]
+pub struct Empty {
+    // Shared: every request that fails while the set is empty carries it.
+    reason: Arc<dyn StdError + Send + Sync>,
+}
+
+impl Empty {
+    /// Says there are no endpoints, and why (the reason requests will
+    /// fail with).
+    pub fn new(reason: impl Into<BoxError>) -> Self {
+        Self {
+            reason: Arc::from(reason.into()),
+        }
+    }
+
+    /// Why there are no endpoints: for [`Dns`] discovery, a [`DnsError`].
+    pub fn reason(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.reason
+    }
+}
+
+impl fmt::Debug for Empty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Empty").field(&self.reason).finish()
+    }
+}
+
+impl fmt::Display for Empty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.reason, f)
+    }
+}
+
+/// Transparent: the reason's text is this error's, so its `source()` is
+/// the reason's too (not the reason itself, which would print it twice).
+impl StdError for Empty {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.reason.source()
+    }
+}
+
+/// The [`Empty`] answer in `error`'s `source()` chain, if there is one.
+pub(crate) fn find_empty<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Empty> {
+    crate::error::chain(error).find_map(|err| err.downcast_ref::<Empty>())
+}
