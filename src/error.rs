@@ -109,18 +109,58 @@ pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
     })
 }
 
-/// The server reset the request's HTTP/2 stream with `REFUSED_STREAM`:
-/// "closed prior to any processing having occurred" (RFC 9113, 8.7), so the
-/// request may be sent again whatever its method.
+/// How an HTTP/2 server said that it did not process a request's stream,
+/// so that the request may be sent again whatever its method.
 #[cfg(feature = "http")]
-pub(crate) fn is_refused_stream(error: &(dyn StdError + 'static)) -> bool {
-    // A reset of this stream by the server; a GOAWAY with the same code
-    // says nothing about the streams below its last stream id.
-    chain(error).any(|err| {
-        err.downcast_ref::<h2::Error>().is_some_and(|h2| {
-            h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        })
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unprocessed {
+    /// The server reset the stream with `REFUSED_STREAM`: "closed prior to
+    /// any processing having occurred" (RFC 9113, 8.7). A server does this
+    /// when it will not take more work (its stream limit, overload): the
+    /// endpoint's failure, as a 503 would be.
+    Refused,
+    /// The server is shutting down gracefully (a deploy, a reload): its
+    /// `GOAWAY` with `NO_ERROR` named a last stream below this one, which it
+    /// "might still complete" no stream above (RFC 9113, 6.8). Not the
+    /// endpoint's failure.
+    GoingAway,
+}
+
+/// Whether `error`'s chain holds the server's word that it did not process
+/// the request's HTTP/2 stream, and which word.
+///
+/// h2 hands a received `GOAWAY` only to the streams above its last stream
+/// id, and a stream opened after it to a new request, so a remote `GOAWAY`
+/// error on a stream proves it unprocessed, but only with `NO_ERROR`: a
+/// connection ended with an error code gives that code to every stream,
+/// processed or not. Likewise only a reset of the stream itself proves
+/// `REFUSED_STREAM`, not a `GOAWAY` that carries that code.
+#[cfg(feature = "http")]
+pub(crate) fn unprocessed_stream(error: &(dyn StdError + 'static)) -> Option<Unprocessed> {
+    chain(error).find_map(|err| {
+        let h2 = err.downcast_ref::<h2::Error>()?;
+        if !h2.is_remote() {
+            return None;
+        }
+        match h2.reason()? {
+            h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
+            h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoingAway),
+            _ => None,
+        }
     })
+}
+
+/// The server did not process the request because it is shutting down
+/// gracefully (see [`Unprocessed::GoingAway`]): a routine deploy or
+/// reload, which says nothing against the endpoint.
+pub(crate) fn is_server_going_away(error: &(dyn StdError + 'static)) -> bool {
+    #[cfg(feature = "http")]
+    return unprocessed_stream(error) == Some(Unprocessed::GoingAway);
+    #[cfg(not(feature = "http"))]
+    {
+        let _ = error;
+        false
+    }
 }
 
 /// `error`, then each of its `source()`s in turn.

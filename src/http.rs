@@ -250,8 +250,8 @@ pub struct HttpError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Connect,
-    /// An HTTP/2 `REFUSED_STREAM`: the server processed nothing.
-    RefusedStream,
+    /// The HTTP/2 server said it did not process the stream.
+    Unprocessed(crate::error::Unprocessed),
     Request,
     InvalidUri,
 }
@@ -260,8 +260,8 @@ impl HttpError {
     fn from_client(error: legacy::Error) -> Self {
         let kind = if error.is_connect() {
             Kind::Connect
-        } else if crate::error::is_refused_stream(&error) {
-            Kind::RefusedStream
+        } else if let Some(unprocessed) = crate::error::unprocessed_stream(&error) {
+            Kind::Unprocessed(unprocessed)
         } else {
             Kind::Request
         };
@@ -277,13 +277,14 @@ impl HttpError {
     }
 
     /// The request provably never reached the server's application (a
-    /// connect failure, an HTTP/2 stream the server refused before any
-    /// processing, or a request that could not be addressed to the
+    /// connect failure; an HTTP/2 stream the server refused before any
+    /// processing, or left unprocessed when it went away gracefully with
+    /// `GOAWAY(NO_ERROR)`; a request that could not be addressed to the
     /// endpoint), so sending it again cannot duplicate it.
     pub fn is_never_sent(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Connect | Kind::RefusedStream | Kind::InvalidUri
+            Kind::Connect | Kind::Unprocessed(_) | Kind::InvalidUri
         )
     }
 
@@ -311,9 +312,14 @@ impl fmt::Display for HttpError {
                 "could not connect to the endpoint, so the request was never sent: {}",
                 self.source
             ),
-            Kind::RefusedStream => write!(
+            Kind::Unprocessed(crate::error::Unprocessed::Refused) => write!(
                 f,
                 "the endpoint refused the request's stream before processing it: {}",
+                self.source
+            ),
+            Kind::Unprocessed(crate::error::Unprocessed::GoingAway) => write!(
+                f,
+                "the endpoint is shutting down and did not process the request: {}",
                 self.source
             ),
             Kind::Request => write!(f, "HTTP request to the endpoint failed: {}", self.source),

@@ -623,3 +623,65 @@ async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
     );
     assert!((0..10).all(|i| server.received(&format!("r{i}")) == 1));
 }
+
+#[tokio::test]
+async fn a_call_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
+    let going = support::goaway::GoingAwayH2Server::start(0).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    // No `MethodSafety`: every call is unsafe, so only the proof that the
+    // server processed nothing lets it go elsewhere.
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build([going.addr, server.addr]);
+    for i in 0..10 {
+        call(&channel, &format!("g{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(
+        going.streams() >= 4,
+        "round robin drew the server going away: {}",
+        going.streams()
+    );
+    assert!((0..10).all(|i| server.received(&format!("g{i}")) == 1));
+    let stats = channel
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == going.addr)
+        .unwrap_or_else(|| panic!("endpoint known"));
+    assert_eq!(
+        (stats.failures, stats.state),
+        (0, EndpointState::Active),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
+    // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
+    // proves nothing about what the server processed.
+    let going = support::goaway::GoingAwayH2Server::start(2).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .outlier_detection(None)
+        .build([going.addr, server.addr]);
+    let mut failed = Vec::new();
+    for i in 0..10 {
+        let id = format!("e{i}");
+        if call(&channel, &id).await.is_err() {
+            failed.push(id);
+        }
+    }
+    assert!(
+        failed.len() >= 4,
+        "round robin drew the server going away: {failed:?}"
+    );
+    assert!(
+        failed.iter().all(|id| server.received(id) == 0),
+        "{failed:?}"
+    );
+}

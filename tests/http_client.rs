@@ -323,3 +323,87 @@ async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
         "each POST reached the answering server once"
     );
 }
+
+/// An HTTP/2-only client over `endpoints`, taking turns, with the default
+/// retries and outlier detection.
+fn http2_client(endpoints: Vec<std::net::SocketAddr>) -> HttpClient<Body> {
+    let mut http2 =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    http2.http2_only(true);
+    HttpClient::builder()
+        .hyper(http2)
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .build::<Body>(endpoints)
+}
+
+#[tokio::test]
+async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
+    let going = support::goaway::GoingAwayH2Server::start(0).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    for i in 0..10 {
+        let response = send(
+            &client,
+            request(http::Method::POST, &format!("p{i}"), "pay"),
+        )
+        .await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+    }
+    assert!(
+        going.streams() >= 4,
+        "round robin drew the server going away: {}",
+        going.streams()
+    );
+    assert_eq!(
+        answering.hits(),
+        10,
+        "each POST reached the answering server once"
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_goaway_is_not_held_against_the_server() {
+    let going = support::goaway::GoingAwayH2Server::start(0).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    for i in 0..10 {
+        send(&client, get(&format!("g{i}"))).await;
+    }
+    let stats = client
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == going.addr)
+        .expect("endpoint known");
+    assert!(going.streams() >= 4, "{}", going.streams());
+    assert_eq!(
+        (stats.failures, stats.state),
+        (0, EndpointState::Active),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
+    // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
+    // proves nothing about what the server processed.
+    let going = support::goaway::GoingAwayH2Server::start(2).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    let mut failed = 0;
+    for i in 0..10 {
+        let post = request(http::Method::POST, &format!("p{i}"), "pay");
+        if client.clone().oneshot(post).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= 4,
+        "round robin drew the server going away: {failed}"
+    );
+    assert_eq!(
+        answering.hits(),
+        10 - failed,
+        "no failed POST was sent to the answering server"
+    );
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod goaway;
 pub mod grpc;
 pub mod killable;
 pub mod recording;
