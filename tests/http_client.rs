@@ -17,6 +17,7 @@ use tower_lb::client::{HttpClient, ResponseBody};
 use tower_lb::timeout::{Elapsed, Timer};
 use tower_lb::EndpointState;
 
+use support::raw_h2::{RawH2Behaviour, RawH2Server};
 use support::recording::{
     addrs, received, request, start_all as start, Behaviour, RecordingServer,
 };
@@ -338,7 +339,7 @@ fn http2_client(endpoints: Vec<std::net::SocketAddr>) -> HttpClient<Body> {
 
 #[tokio::test]
 async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
-    let going = support::goaway::GoingAwayH2Server::start(0).await;
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
     let client = http2_client(vec![going.addr, answering.addr]);
     for i in 0..10 {
@@ -363,7 +364,7 @@ async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_else
 
 #[tokio::test]
 async fn a_graceful_goaway_is_not_held_against_the_server() {
-    let going = support::goaway::GoingAwayH2Server::start(0).await;
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
     let client = http2_client(vec![going.addr, answering.addr]);
     for i in 0..10 {
@@ -387,7 +388,7 @@ async fn a_graceful_goaway_is_not_held_against_the_server() {
 async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
     // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
     // proves nothing about what the server processed.
-    let going = support::goaway::GoingAwayH2Server::start(2).await;
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(2)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
     let client = http2_client(vec![going.addr, answering.addr]);
     let mut failed = 0;

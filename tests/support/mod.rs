@@ -2,9 +2,9 @@
 #![allow(dead_code)]
 
 pub mod dns;
-pub mod goaway;
 pub mod grpc;
 pub mod killable;
+pub mod raw_h2;
 pub mod recording;
 pub mod reporting;
 
