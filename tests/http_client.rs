@@ -38,7 +38,7 @@ async fn send<K>(
         .clone()
         .oneshot(req)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
 }
 
 async fn body_text(response: http::Response<ResponseBody>) -> String {
@@ -119,7 +119,7 @@ async fn by_default_a_call_gets_three_attempts_of_five_seconds_within_fifteen() 
     let elapsed = err.downcast_ref::<Elapsed>().copied();
     assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
     assert!(
-        err.to_string().contains("deadline passed after 15s"),
+        err.to_string().contains("deadline passed after 15.0s"),
         "{err}"
     );
     assert!(started.elapsed() <= Duration::from_millis(15_050));
@@ -406,5 +406,33 @@ async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
         answering.hits(),
         10 - failed,
         "no failed POST was sent to the answering server"
+    );
+}
+
+#[tokio::test]
+async fn an_error_printed_link_by_link_says_each_message_once() {
+    let client = HttpClient::builder()
+        .no_retries()
+        .build::<Body>([support::refusing_addr().await]);
+    let error = client
+        .clone()
+        .oneshot(get("refused"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("nothing listens"));
+    let mut messages = Vec::new();
+    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+    while let Some(error) = link {
+        messages.push(error.to_string());
+        link = error.source();
+    }
+    let printed = messages.join("\n");
+    assert!(messages.len() >= 3, "{printed}");
+    for message in &messages {
+        assert_eq!(printed.matches(message.as_str()).count(), 1, "{printed}");
+    }
+    assert_eq!(
+        tower_lb::error::report(&*error).to_string(),
+        messages.join(": ")
     );
 }

@@ -80,6 +80,7 @@ impl GrpcEndpoint {
         match made {
             Ok(endpoint) => Some(Self::new(endpoint.connect_lazy())),
             Err(error) => {
+                let error = crate::error::report(&error);
                 tracing::warn!(%addr, %error, "the gRPC endpoint could not be configured; it is left out");
                 None
             }

@@ -7,7 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use crate::error::{chain, BoxError, NeverSent};
+use crate::error::{chain, report, BoxError, NeverSent};
 use crate::timeout::Elapsed;
 
 /// The gRPC status a generated client should see for an error of the
@@ -63,14 +63,23 @@ pub fn status_from_error(error: BoxError) -> Status {
         return status;
     }
     let code = chain(&*error).find_map(code_of);
-    match code {
-        Some(code) => {
-            let mut status = Status::new(code, error.to_string());
-            status.set_source(Arc::from(error));
-            status
-        }
-        None => Status::from_error(error),
-    }
+    let error = match code {
+        Some(code) => return with_source(code, error),
+        None => match Status::try_from_error(error) {
+            Ok(status) => return status,
+            Err(error) => error,
+        },
+    };
+    with_source(Code::Unknown, error)
+}
+
+/// A status of `code` that says what the whole chain of `error` says (each
+/// of the crate's errors says only its own part), with `error` as its
+/// source.
+fn with_source(code: Code, error: BoxError) -> Status {
+    let mut status = Status::new(code, report(&*error).to_string());
+    status.set_source(Arc::from(error));
+    status
 }
 
 /// The code one link of the chain decides, if it decides one.
@@ -225,5 +234,22 @@ mod tests {
             source: "something odd".into(),
         };
         assert_eq!(status_from_error(Box::new(error)).code(), Code::Unknown);
+    }
+
+    #[test]
+    fn the_message_says_the_whole_chain_once() {
+        for source in [
+            BoxError::from("something odd"),
+            Box::new(NeverSent::new("something odd")),
+        ] {
+            let error = crate::Error::Endpoint {
+                endpoint: "a".into(),
+                source,
+            };
+            let status = status_from_error(Box::new(error));
+            let message = status.message();
+            assert!(message.starts_with("endpoint a failed: "), "{message}");
+            assert_eq!(message.matches("something odd").count(), 1, "{message}");
+        }
     }
 }
