@@ -646,6 +646,22 @@ async fn a_call_the_server_did_not_process_before_a_graceful_goaway_is_sent_else
         going.streams()
     );
     assert!((0..10).all(|i| server.received(&format!("g{i}")) == 1));
+}
+
+#[tokio::test]
+async fn a_graceful_goaway_is_not_held_against_the_grpc_server() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build([going.addr, server.addr]);
+    for i in 0..10 {
+        call(&channel, &format!("g{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(going.streams() >= 4, "{}", going.streams());
     let stats = channel
         .balancer()
         .endpoints()
