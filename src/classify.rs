@@ -168,12 +168,16 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 ///
 /// - a request the client refused to send (the HTTP glue's invalid-URI
 ///   errors), which is the caller's doing;
+/// - an HTTP/2 stream the server left unprocessed as it shut down
+///   gracefully (a `GOAWAY` with `NO_ERROR`, as in a deploy or a reload):
+///   routine, and the request is resent elsewhere. A `REFUSED_STREAM`
+///   still counts: the server is up but will not take the work;
 /// - the call's deadline running out inside the endpoint service (tonic's own
 ///   `grpc-timeout` timer, say): the caller's time was up, which a healthy
 ///   endpoint cannot help. Slowness is the latency detector's business.
 pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
     let error: &(dyn StdError + 'static) = error;
-    if crate::error::is_refused_by_client(error) {
+    if crate::error::is_refused_by_client(error) || crate::error::is_server_going_away(error) {
         return None;
     }
     let deadline = crate::error::chain(error).any(|e| {

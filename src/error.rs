@@ -1,5 +1,11 @@
-//! The error type returned by the balancer, and the marker that says a request
-//! never left the client.
+//! The error type returned by the balancer, the marker that says a request
+//! never left the client, and how the crate's errors print.
+//!
+//! Each error of the crate says what happened at its own level only, and
+//! hands the error it wraps out through [`std::error::Error::source`] (as
+//! the Rust API guidelines ask: one or the other, never both), so that a
+//! chain printed link by link says each thing once. [`report`] prints a
+//! whole chain on one line.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -11,13 +17,14 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// What went wrong with a request sent through a [`Balancer`](crate::Balancer).
 ///
 /// Every variant says in words what happened; errors that wrap an inner error
-/// expose it through [`std::error::Error::source`].
+/// expose it through [`std::error::Error::source`], and do not repeat it
+/// (print the whole chain with [`report`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// No endpoint was known when the request arrived, and none appeared within
     /// the startup wait.
-    #[error("no endpoints available: none appeared within {waited:?}")]
+    #[error("no endpoints available: none appeared within {}", duration(.waited))]
     NoEndpoints {
         /// How long the request waited for the first endpoint.
         waited: Duration,
@@ -34,7 +41,7 @@ pub enum Error {
     },
 
     /// Endpoints exist but the strategy declined to pick one of them.
-    #[error("the balancing strategy picked none of the {endpoints} eligible endpoints")]
+    #[error("the balancing strategy picked none of {}", eligible(*.endpoints))]
     NoPick {
         /// How many endpoints the strategy was offered.
         endpoints: usize,
@@ -43,7 +50,7 @@ pub enum Error {
     /// Every endpoint is ejected by outlier detection, and panic mode is off
     /// ([`Builder::panic_threshold`](crate::Builder::panic_threshold)`(0)`),
     /// so there is nowhere to send the request.
-    #[error("all {endpoints} endpoints are ejected by outlier detection and panic mode is off")]
+    #[error("{} ejected by outlier detection and panic mode is off", all_endpoints_are(*.endpoints))]
     AllEjected {
         /// How many endpoints there are, all ejected.
         endpoints: usize,
@@ -56,7 +63,11 @@ pub enum Error {
 
     /// [`Balancer::shutdown`](crate::Balancer::shutdown) gave up waiting for
     /// in-flight requests to finish.
-    #[error("shutdown gave up after {waited:?} with {in_flight} requests still in flight")]
+    #[error(
+        "shutdown gave up after {} with {} still in flight",
+        duration(.waited),
+        count(*.in_flight as u64, "request")
+    )]
     ShutdownTimedOut {
         /// How long the shutdown waited.
         waited: Duration,
@@ -64,8 +75,9 @@ pub enum Error {
         in_flight: usize,
     },
 
-    /// The endpoint service the request was sent to failed.
-    #[error("endpoint {endpoint} failed: {source}")]
+    /// The endpoint service the request was sent to failed; what it said is
+    /// the [`source`](std::error::Error::source).
+    #[error("endpoint {endpoint} failed")]
     Endpoint {
         /// The endpoint's key, formatted with `Debug`.
         endpoint: String,
@@ -73,6 +85,104 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+}
+
+/// "the 1 eligible endpoint", "the 3 eligible endpoints".
+fn eligible(endpoints: usize) -> String {
+    format!("the {}", count(endpoints as u64, "eligible endpoint"))
+}
+
+/// "the only endpoint is", "all 3 endpoints are".
+fn all_endpoints_are(endpoints: usize) -> String {
+    match endpoints {
+        1 => "the only endpoint is".to_owned(),
+        n => format!("all {n} endpoints are"),
+    }
+}
+
+/// `n` and `noun`, in the plural unless `n` is 1: "1 request", "2 requests".
+/// For the crate's messages, whose nouns take an `s`.
+pub(crate) fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// How the crate's messages print a duration: rounded to what a reader
+/// needs, with one rule everywhere.
+///
+/// - a second or more: seconds with one decimal (`5.0s`, `1.5s`, `90.0s`);
+/// - a millisecond or more: whole milliseconds (`300ms`, `1ms`);
+/// - less: whole microseconds (`250µs`, `0µs`).
+///
+/// Each is rounded to the nearest unit, and a value that rounds up to the
+/// next range prints in it (`999.7ms` is `1.0s`).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::error::duration;
+///
+/// assert_eq!(duration(&Duration::from_micros(5_000_123)).to_string(), "5.0s");
+/// assert_eq!(duration(&Duration::from_nanos(300_000_001)).to_string(), "300ms");
+/// ```
+pub fn duration(d: &Duration) -> impl fmt::Display {
+    RoundedDuration(*d)
+}
+
+struct RoundedDuration(Duration);
+
+impl fmt::Display for RoundedDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nanos = self.0.as_nanos();
+        if nanos < 1_000_000 {
+            return match (nanos + 500) / 1_000 {
+                1_000.. => f.write_str("1ms"),
+                micros => write!(f, "{micros}µs"),
+            };
+        }
+        match (nanos + 500_000) / 1_000_000 {
+            millis @ ..1_000 => write!(f, "{millis}ms"),
+            _ => {
+                let tenths = (nanos + 50_000_000) / 100_000_000;
+                write!(f, "{}.{}s", tenths / 10, tenths % 10)
+            }
+        }
+    }
+}
+
+/// Prints `error` and every error of its `source()` chain on one line,
+/// joined by `": "`: each says its own part once, so the line says what
+/// happened from the outside in.
+///
+/// ```
+/// use tower_lb::error::{report, NeverSent};
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let err = tower_lb::Error::Endpoint {
+///     endpoint: "127.0.0.1:8080".into(),
+///     source: Box::new(NeverSent::new(refused)),
+/// };
+/// assert_eq!(
+///     report(&err).to_string(),
+///     "endpoint 127.0.0.1:8080 failed: the request was never sent: connection refused",
+/// );
+/// ```
+pub fn report<'a>(error: &'a (dyn StdError + 'static)) -> impl fmt::Display + 'a {
+    Report(error)
+}
+
+struct Report<'a>(&'a (dyn StdError + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut links = chain(self.0);
+        if let Some(first) = links.next() {
+            write!(f, "{first}")?;
+        }
+        links.try_for_each(|link| write!(f, ": {link}"))
+    }
 }
 
 impl Error {
@@ -119,17 +229,44 @@ pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
     })
 }
 
-/// The server reset the request's HTTP/2 stream with `REFUSED_STREAM`:
-/// "closed prior to any processing having occurred" (RFC 9113, 8.7), so the
-/// request may be sent again whatever its method.
+/// How an HTTP/2 server said that it did not process a request's stream,
+/// so that the request may be sent again whatever its method.
 #[cfg(feature = "http")]
-pub(crate) fn is_refused_stream(error: &(dyn StdError + 'static)) -> bool {
-    // A reset of this stream by the server; a GOAWAY with the same code
-    // says nothing about the streams below its last stream id.
-    chain(error).any(|err| {
-        err.downcast_ref::<h2::Error>().is_some_and(|h2| {
-            h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        })
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unprocessed {
+    /// The server reset the stream with `REFUSED_STREAM`: "closed prior to
+    /// any processing having occurred" (RFC 9113, 8.7). A server does this
+    /// when it will not take more work (its stream limit, overload): the
+    /// endpoint's failure, as a 503 would be.
+    Refused,
+    /// The server is shutting down gracefully (a deploy, a reload): its
+    /// `GOAWAY` with `NO_ERROR` named a last stream below this one, which it
+    /// "might still complete" no stream above (RFC 9113, 6.8). Not the
+    /// endpoint's failure.
+    GoingAway,
+}
+
+/// Whether `error`'s chain holds the server's word that it did not process
+/// the request's HTTP/2 stream, and which word.
+///
+/// h2 hands a received `GOAWAY` only to the streams above its last stream
+/// id, and a stream opened after it to a new request, so a remote `GOAWAY`
+/// error on a stream proves it unprocessed, but only with `NO_ERROR`: a
+/// connection ended with an error code gives that code to every stream,
+/// processed or not. Likewise only a reset of the stream itself proves
+/// `REFUSED_STREAM`, not a `GOAWAY` that carries that code.
+#[cfg(feature = "http")]
+pub(crate) fn unprocessed_stream(error: &(dyn StdError + 'static)) -> Option<Unprocessed> {
+    chain(error).find_map(|err| {
+        let h2 = err.downcast_ref::<h2::Error>()?;
+        if !h2.is_remote() {
+            return None;
+        }
+        match h2.reason()? {
+            h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
+            h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoingAway),
+            _ => None,
+        }
     })
 }
 
@@ -162,6 +299,19 @@ pub(crate) fn is_connection_lost(error: &(dyn StdError + 'static)) -> bool {
             )
         })
     })
+}
+
+/// The server did not process the request because it is shutting down
+/// gracefully (see [`Unprocessed::GoingAway`]): a routine deploy or
+/// reload, which says nothing against the endpoint.
+pub(crate) fn is_server_going_away(error: &(dyn StdError + 'static)) -> bool {
+    #[cfg(feature = "http")]
+    return unprocessed_stream(error) == Some(Unprocessed::GoingAway);
+    #[cfg(not(feature = "http"))]
+    {
+        let _ = error;
+        false
+    }
 }
 
 /// `error`, then each of its `source()`s in turn.
@@ -211,7 +361,8 @@ impl fmt::Debug for NeverSent {
 
 impl fmt::Display for NeverSent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "request was never sent: {}", self.source)
+        // Why is the source's to tell.
+        f.write_str("the request was never sent")
     }
 }
 
@@ -225,6 +376,11 @@ impl StdError for NeverSent {
 mod tests {
     use super::*;
 
+    /// Every message of `error`'s chain, outside in.
+    fn messages(error: &(dyn StdError + 'static)) -> Vec<String> {
+        chain(error).map(ToString::to_string).collect()
+    }
+
     #[test]
     fn no_endpoints_message_says_how_long_it_waited() {
         let err = Error::NoEndpoints {
@@ -237,13 +393,13 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_error_exposes_the_inner_error_as_source() {
+    fn endpoint_error_says_its_own_part_and_hands_out_the_inner_error() {
         let inner = std::io::Error::other("boom");
         let err = Error::Endpoint {
             endpoint: "127.0.0.1:80".into(),
             source: Box::new(inner),
         };
-        assert_eq!(err.to_string(), "endpoint 127.0.0.1:80 failed: boom");
+        assert_eq!(err.to_string(), "endpoint 127.0.0.1:80 failed");
         assert_eq!(err.source().map(|s| s.to_string()), Some("boom".into()));
         assert!(!err.is_never_sent());
     }
@@ -255,6 +411,75 @@ mod tests {
             source: Box::new(NeverSent::new("refused")),
         };
         assert!(err.is_never_sent());
-        assert!(err.to_string().contains("request was never sent: refused"));
+        assert_eq!(
+            messages(&err),
+            ["endpoint a failed", "the request was never sent", "refused"]
+        );
+    }
+
+    #[test]
+    fn a_chain_printed_link_by_link_says_each_message_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = Error::Endpoint {
+            endpoint: "127.0.0.1:80".into(),
+            source: Box::new(NeverSent::new(refused)),
+        };
+        let printed: String = messages(&err).join("\n");
+        for message in ["127.0.0.1:80", "never sent", "refused"] {
+            assert_eq!(printed.matches(message).count(), 1, "{printed}");
+        }
+        assert_eq!(
+            report(&err).to_string(),
+            "endpoint 127.0.0.1:80 failed: the request was never sent: refused"
+        );
+    }
+
+    #[test]
+    fn durations_print_rounded_to_the_unit_a_reader_needs() {
+        let cases = [
+            (Duration::from_secs(5), "5.0s"),
+            (Duration::from_micros(5_000_123), "5.0s"),
+            (Duration::from_millis(1_450), "1.5s"),
+            (Duration::from_secs(90), "90.0s"),
+            (Duration::from_nanos(999_700_000), "1.0s"),
+            (Duration::from_millis(300), "300ms"),
+            (Duration::from_nanos(300_000_001), "300ms"),
+            (Duration::from_micros(1_499), "1ms"),
+            (Duration::from_micros(999), "999µs"),
+            (Duration::from_nanos(999_600), "1ms"),
+            (Duration::from_nanos(250_400), "250µs"),
+            (Duration::ZERO, "0µs"),
+        ];
+        for (d, printed) in cases {
+            assert_eq!(duration(&d).to_string(), printed, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn counts_are_singular_for_one_only() {
+        let err = |in_flight| Error::ShutdownTimedOut {
+            waited: Duration::from_secs(5),
+            in_flight,
+        };
+        assert_eq!(
+            err(1).to_string(),
+            "shutdown gave up after 5.0s with 1 request still in flight"
+        );
+        assert_eq!(
+            err(2).to_string(),
+            "shutdown gave up after 5.0s with 2 requests still in flight"
+        );
+        assert_eq!(
+            Error::NoPick { endpoints: 1 }.to_string(),
+            "the balancing strategy picked none of the 1 eligible endpoint"
+        );
+        assert_eq!(
+            Error::AllEjected { endpoints: 1 }.to_string(),
+            "the only endpoint is ejected by outlier detection and panic mode is off"
+        );
+        assert_eq!(
+            Error::AllEjected { endpoints: 3 }.to_string(),
+            "all 3 endpoints are ejected by outlier detection and panic mode is off"
+        );
     }
 }

@@ -240,7 +240,8 @@ impl fmt::Debug for HttpResponseFuture {
 }
 
 /// Why an HTTP request to an endpoint failed, and whether it can have reached
-/// the endpoint.
+/// the endpoint. It says what happened; the client's error, which says why,
+/// is its [`source`](std::error::Error::source).
 #[derive(Debug)]
 pub struct HttpError {
     kind: Kind,
@@ -250,8 +251,8 @@ pub struct HttpError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Connect,
-    /// An HTTP/2 `REFUSED_STREAM`: the server processed nothing.
-    RefusedStream,
+    /// The HTTP/2 server said it did not process the stream.
+    Unprocessed(crate::error::Unprocessed),
     Request,
     InvalidUri,
 }
@@ -260,8 +261,8 @@ impl HttpError {
     fn from_client(error: legacy::Error) -> Self {
         let kind = if error.is_connect() {
             Kind::Connect
-        } else if crate::error::is_refused_stream(&error) {
-            Kind::RefusedStream
+        } else if let Some(unprocessed) = crate::error::unprocessed_stream(&error) {
+            Kind::Unprocessed(unprocessed)
         } else {
             Kind::Request
         };
@@ -277,13 +278,14 @@ impl HttpError {
     }
 
     /// The request provably never reached the server's application (a
-    /// connect failure, an HTTP/2 stream the server refused before any
-    /// processing, or a request that could not be addressed to the
+    /// connect failure; an HTTP/2 stream the server refused before any
+    /// processing, or left unprocessed when it went away gracefully with
+    /// `GOAWAY(NO_ERROR)`; a request that could not be addressed to the
     /// endpoint), so sending it again cannot duplicate it.
     pub fn is_never_sent(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Connect | Kind::RefusedStream | Kind::InvalidUri
+            Kind::Connect | Kind::Unprocessed(_) | Kind::InvalidUri
         )
     }
 
@@ -304,30 +306,45 @@ impl HttpError {
 }
 
 impl fmt::Display for HttpError {
+    /// What happened at this level; the client's error, which says why, is
+    /// the [`source`](std::error::Error::source).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            Kind::Connect => write!(
-                f,
-                "could not connect to the endpoint, so the request was never sent: {}",
-                self.source
-            ),
-            Kind::RefusedStream => write!(
-                f,
-                "the endpoint refused the request's stream before processing it: {}",
-                self.source
-            ),
-            Kind::Request => write!(f, "HTTP request to the endpoint failed: {}", self.source),
-            Kind::InvalidUri => write!(
-                f,
-                "could not address the request to the endpoint: {}",
-                self.source
-            ),
-        }
+        f.write_str(match self.kind {
+            Kind::Connect => "could not connect to the endpoint, so the request was never sent",
+            Kind::Unprocessed(crate::error::Unprocessed::Refused) => {
+                "the endpoint refused the request's stream before processing it"
+            }
+            Kind::Unprocessed(crate::error::Unprocessed::GoingAway) => {
+                "the endpoint is shutting down and did not process the request"
+            }
+            Kind::Request => "the HTTP request to the endpoint failed",
+            Kind::InvalidUri => "could not address the request to the endpoint",
+        })
     }
 }
 
 impl std::error::Error for HttpError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn an_http_error_says_its_own_part_and_hands_out_the_clients_error() {
+        let error = HttpError::refused_for_test();
+        assert_eq!(
+            error.to_string(),
+            "could not address the request to the endpoint"
+        );
+        assert_eq!(
+            error.source().map(ToString::to_string).as_deref(),
+            Some("CONNECT is not balanced")
+        );
     }
 }

@@ -61,8 +61,8 @@ pub enum Timer {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{}", match .timer {
-    Timer::Attempt => format!("the per-attempt timeout fired after {:?}", .after),
-    Timer::Deadline => format!("the call's deadline passed after {:?}", .after),
+    Timer::Attempt => format!("the per-attempt timeout fired after {}", crate::error::duration(.after)),
+    Timer::Deadline => format!("the call's deadline passed after {}", crate::error::duration(.after)),
 })]
 pub struct Elapsed {
     timer: Timer,

@@ -16,6 +16,7 @@ use tower_lb::strategy::{RoundRobin, WeightedRoundRobin};
 use tower_lb::EndpointState;
 
 use support::grpc::{addrs, received, start_all, GrpcBehaviour, GrpcServer};
+use support::raw_h2::{RawH2Behaviour, RawH2Server};
 
 const HEALTH: &str = "grpc.health.v1.Health";
 
@@ -622,6 +623,119 @@ async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
         refusing.refused()
     );
     assert!((0..10).all(|i| server.received(&format!("r{i}")) == 1));
+}
+
+#[tokio::test]
+async fn a_call_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    // No `MethodSafety`: every call is unsafe, so only the proof that the
+    // server processed nothing lets it go elsewhere.
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build([going.addr, server.addr]);
+    for i in 0..10 {
+        call(&channel, &format!("g{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(
+        going.streams() >= 4,
+        "round robin drew the server going away: {}",
+        going.streams()
+    );
+    assert!((0..10).all(|i| server.received(&format!("g{i}")) == 1));
+}
+
+#[tokio::test]
+async fn a_graceful_goaway_is_not_held_against_the_grpc_server() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .build([going.addr, server.addr]);
+    for i in 0..10 {
+        call(&channel, &format!("g{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+    assert!(going.streams() >= 4, "{}", going.streams());
+    let stats = channel
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == going.addr)
+        .unwrap_or_else(|| panic!("endpoint known"));
+    assert_eq!(
+        (stats.failures, stats.state),
+        (0, EndpointState::Active),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
+    // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
+    // proves nothing about what the server processed.
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(2)).await;
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .outlier_detection(None)
+        .build([going.addr, server.addr]);
+    let mut failed = Vec::new();
+    for i in 0..10 {
+        let id = format!("e{i}");
+        if call(&channel, &id).await.is_err() {
+            failed.push(id);
+        }
+    }
+    assert!(
+        failed.len() >= 4,
+        "round robin drew the server going away: {failed:?}"
+    );
+    assert!(
+        failed.iter().all(|id| server.received(id) == 0),
+        "{failed:?}"
+    );
+}
+
+/// The status of a call to a single `server` that may not repeat.
+async fn status_of_one_unsafe_call(server: SocketAddr) -> tonic::Status {
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .build([server]);
+    call(&channel, "once")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("the call succeeded"))
+}
+
+#[tokio::test]
+async fn a_connection_reset_mid_call_reaches_the_caller_as_unavailable() {
+    let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(10))).await;
+    let status = tokio::spawn(status_of_one_unsafe_call(server.addr));
+    support::wait_until(Duration::from_secs(5), || server.hits() == 1).await;
+    server.kill();
+    let status = status.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_connection_closed_before_the_answer_reaches_the_caller_as_unavailable() {
+    let server = RawH2Server::start(RawH2Behaviour::Close).await;
+    let status = status_of_one_unsafe_call(server.addr).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_connection_closed_in_the_middle_of_the_answer_reaches_the_caller_as_unavailable() {
+    let server = RawH2Server::start(RawH2Behaviour::AnswerHeadersThenClose).await;
+    let status = status_of_one_unsafe_call(server.addr).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
 #[tokio::test]

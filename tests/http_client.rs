@@ -19,6 +19,7 @@ use tower_lb::client::{HttpClient, ResponseBody};
 use tower_lb::timeout::{Elapsed, Timer};
 use tower_lb::EndpointState;
 
+use support::raw_h2::{RawH2Behaviour, RawH2Server};
 use support::recording::{
     addrs, received, request, start_all as start, Behaviour, RecordingServer,
 };
@@ -39,7 +40,7 @@ async fn send<K>(
         .clone()
         .oneshot(req)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
 }
 
 async fn body_text(response: http::Response<ResponseBody>) -> String {
@@ -120,7 +121,7 @@ async fn by_default_a_call_gets_three_attempts_of_five_seconds_within_fifteen() 
     let elapsed = err.downcast_ref::<Elapsed>().copied();
     assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
     assert!(
-        err.to_string().contains("deadline passed after 15s"),
+        err.to_string().contains("deadline passed after 15.0s"),
         "{err}"
     );
     assert!(started.elapsed() <= Duration::from_millis(15_050));
@@ -323,6 +324,118 @@ async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
         answering.hits(),
         10,
         "each POST reached the answering server once"
+    );
+}
+
+/// An HTTP/2-only client over `endpoints`, taking turns, with the default
+/// retries and outlier detection.
+fn http2_client(endpoints: Vec<std::net::SocketAddr>) -> HttpClient<Body> {
+    let mut http2 =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    http2.http2_only(true);
+    HttpClient::builder()
+        .hyper(http2)
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .build::<Body>(endpoints)
+}
+
+#[tokio::test]
+async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    for i in 0..10 {
+        let response = send(
+            &client,
+            request(http::Method::POST, &format!("p{i}"), "pay"),
+        )
+        .await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+    }
+    assert!(
+        going.streams() >= 4,
+        "round robin drew the server going away: {}",
+        going.streams()
+    );
+    assert_eq!(
+        answering.hits(),
+        10,
+        "each POST reached the answering server once"
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_goaway_is_not_held_against_the_server() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    for i in 0..10 {
+        send(&client, get(&format!("g{i}"))).await;
+    }
+    let stats = client
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == going.addr)
+        .expect("endpoint known");
+    assert!(going.streams() >= 4, "{}", going.streams());
+    assert_eq!(
+        (stats.failures, stats.state),
+        (0, EndpointState::Active),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
+    // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
+    // proves nothing about what the server processed.
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(2)).await;
+    let answering = support::GrpcTrailersServer::start(0).await;
+    let client = http2_client(vec![going.addr, answering.addr]);
+    let mut failed = 0;
+    for i in 0..10 {
+        let post = request(http::Method::POST, &format!("p{i}"), "pay");
+        if client.clone().oneshot(post).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= 4,
+        "round robin drew the server going away: {failed}"
+    );
+    assert_eq!(
+        answering.hits(),
+        10 - failed,
+        "no failed POST was sent to the answering server"
+    );
+}
+
+#[tokio::test]
+async fn an_error_printed_link_by_link_says_each_message_once() {
+    let client = HttpClient::builder()
+        .no_retries()
+        .build::<Body>([support::refusing_addr().await]);
+    let error = client
+        .clone()
+        .oneshot(get("refused"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("nothing listens"));
+    let mut messages = Vec::new();
+    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+    while let Some(error) = link {
+        messages.push(error.to_string());
+        link = error.source();
+    }
+    let printed = messages.join("\n");
+    assert!(messages.len() >= 3, "{printed}");
+    for message in &messages {
+        assert_eq!(printed.matches(message.as_str()).count(), 1, "{printed}");
+    }
+    assert_eq!(
+        tower_lb::error::report(&*error).to_string(),
+        messages.join(": ")
     );
 }
 

@@ -404,7 +404,7 @@ async fn the_deadline_ends_the_whole_call_and_says_so(kind: StackKind) {
     let elapsed = err.downcast_ref::<Elapsed>().copied();
     assert_eq!(elapsed.map(|e| e.timer()), Some(Timer::Deadline), "{err}");
     assert!(
-        err.to_string().contains("deadline passed after 1s"),
+        err.to_string().contains("deadline passed after 1.0s"),
         "{err}"
     );
     assert!(started.elapsed() <= Duration::from_millis(1_050));

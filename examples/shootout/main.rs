@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     match shootout(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("shootout: {error}");
+            eprintln!("shootout: {}", tower_lb::error::report(&*error));
             ExitCode::FAILURE
         }
     }

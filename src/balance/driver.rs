@@ -525,6 +525,7 @@ pub(crate) async fn run<D, P, C, H, W>(
                                 answer = Some(empty.clone());
                                 continue;
                             }
+                            let error = crate::error::report(&*error);
                             tracing::warn!(%error, endpoints = endpoints.active.len(), retry_in = ?backoff,
                                 "discovery stream failed; keeping the last known endpoints");
                             retry_at = Some(Instant::now() + backoff);

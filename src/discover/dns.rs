@@ -80,7 +80,7 @@ enum Target {
 #[non_exhaustive]
 pub enum DnsError {
     /// The system's resolver configuration could not be read.
-    #[error("could not read the system's DNS configuration: {0}")]
+    #[error("could not read the system's DNS configuration")]
     SystemConfig(#[source] ResolveError),
     /// The settings make no sense.
     #[error("invalid DNS discovery settings: {0}")]

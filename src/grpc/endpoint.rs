@@ -26,7 +26,8 @@ pub(crate) type ConfigureEndpoint =
 ///
 /// - A call whose connection could not be made (refused, timed out, TLS
 ///   handshake failed), or whose HTTP/2 stream the server refused before
-///   processing it, fails with its error wrapped in [`NeverSent`], so even a
+///   processing it or left unprocessed as it shut down gracefully (a
+///   `GOAWAY` with `NO_ERROR`), fails with its error wrapped in [`NeverSent`], so even a
 ///   non-idempotent method is sent elsewhere.
 /// - Each attempt tells the server the time it has left: its `grpc-timeout`
 ///   is set from the call's [`CallDeadline`], so the server can give up on
@@ -79,6 +80,7 @@ impl GrpcEndpoint {
         match made {
             Ok(endpoint) => Some(Self::new(endpoint.connect_lazy())),
             Err(error) => {
+                let error = crate::error::report(&error);
                 tracing::warn!(%addr, %error, "the gRPC endpoint could not be configured; it is left out");
                 None
             }
@@ -180,8 +182,9 @@ impl fmt::Debug for GrpcResponseFuture {
 
 /// tonic marks a failure to connect (or to complete a TLS handshake) with
 /// [`tonic::ConnectError`] somewhere in the chain; no byte of the call was
-/// written then. A stream the server refused (`REFUSED_STREAM`) was not
-/// processed either. tonic's timer firing once the call's deadline has
+/// written then. A stream the server refused (`REFUSED_STREAM`), or left
+/// unprocessed as it went away gracefully (`GOAWAY` with `NO_ERROR`), was
+/// not processed either. tonic's timer firing once the call's deadline has
 /// passed is that deadline; any other tonic timeout (an `Endpoint::timeout`)
 /// stays the endpoint's error.
 fn never_sent_if_unconnected(
@@ -189,7 +192,7 @@ fn never_sent_if_unconnected(
     deadline: Option<CallDeadline>,
 ) -> BoxError {
     if chain(&error).any(|link| link.is::<tonic::ConnectError>())
-        || crate::error::is_refused_stream(&error)
+        || crate::error::unprocessed_stream(&error).is_some()
     {
         return Box::new(NeverSent::new(error));
     }

@@ -47,7 +47,9 @@
 //!   times out after [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT).
 //! - **Errors** reach the generated client as a `tonic::Status` with the
 //!   right code ([`status_from_error`]): `DEADLINE_EXCEEDED` for timeouts,
-//!   `UNAVAILABLE` when there is no endpoint or the channel is closed.
+//!   `UNAVAILABLE` when there is no endpoint, the channel is closed, or the
+//!   connection broke under the call (reset, closed), even in the middle of
+//!   the answer.
 //! - **TLS**: [`ClientBuilder::scheme`]`(Scheme::HTTPS)`, with one of tonic's
 //!   TLS features enabled in your `Cargo.toml` (tonic then applies TLS to
 //!   `https` endpoints, or the `tls_config` you give
@@ -248,7 +250,7 @@ where
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =
             tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
-                response.map(tonic::body::Body::new)
+                response.map(|body| tonic::body::Body::new(status::StatusBody::new(body)))
             });
         let calls = Calls::default();
         let service = ServiceBuilder::new()

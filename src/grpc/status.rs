@@ -1,8 +1,13 @@
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use crate::error::{chain, BoxError, NeverSent};
+use crate::error::{chain, report, BoxError, NeverSent};
 use crate::timeout::Elapsed;
 
 /// The gRPC status a generated client should see for an error of the
@@ -13,11 +18,21 @@ use crate::timeout::Elapsed;
 ///
 /// | error | code |
 /// |---|---|
-/// | a `Status` anywhere in the chain | that status |
+/// | a `Status` anywhere in the chain | that status (but see below) |
 /// | [`Elapsed`]: the deadline or an attempt's timeout fired; tonic's own `grpc-timeout` timer | `DEADLINE_EXCEEDED` |
 /// | no endpoint to send to, the balancer closed | `UNAVAILABLE` |
-/// | the connection could not be made ([`NeverSent`], [`tonic::ConnectError`]) | `UNAVAILABLE` |
-/// | anything else | what tonic makes of it (a reset is `UNAVAILABLE`, the rest `UNKNOWN`) |
+/// | the call never left ([`NeverSent`], [`tonic::ConnectError`]): the connection could not be made, the server refused the stream or went away before processing it | `UNAVAILABLE` |
+/// | the connection broke under the call, before or during the answer: reset, broken pipe, closed | `UNAVAILABLE` |
+/// | anything else | what tonic makes of it (an HTTP/2 error code as gRPC's [HTTP/2 mapping] says, the rest `UNKNOWN`) |
+///
+/// A broken connection is `UNAVAILABLE` as gRPC's [status code table] says
+/// ("some data transmitted ... before connection breaks") and grpc-go and
+/// grpc-java do; tonic alone makes it `UNKNOWN`. [`GrpcChannel`](super::GrpcChannel)
+/// maps the errors of answers' bodies too, so a connection that breaks in
+/// the middle of an answer is `UNAVAILABLE` as well.
+///
+/// [status code table]: https://github.com/grpc/grpc/blob/master/doc/statuscodes.md
+/// [HTTP/2 mapping]: https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md#errors
 ///
 /// The retry layer's refusals ([`BudgetExhausted`](crate::retry::BudgetExhausted),
 /// [`DeadlineTooClose`](crate::retry::DeadlineTooClose)) carry the last
@@ -32,18 +47,39 @@ use crate::timeout::Elapsed;
 /// assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
 /// ```
 pub fn status_from_error(error: BoxError) -> Status {
-    if chain(&*error).any(|link| link.is::<Status>()) {
-        return Status::from_error(error);
+    let found = chain(&*error).find_map(|link| link.downcast_ref::<Status>());
+    if let Some(status) = found {
+        // tonic turns the errors of an answer's body into statuses itself,
+        // a broken connection into UNKNOWN; a status the server sent has no
+        // source.
+        let broken =
+            status.code() == Code::Unknown && chain(status).skip(1).any(is_connection_broken);
+        if !broken {
+            return Status::from_error(error);
+        }
+        let message = status.message().to_owned();
+        let mut status = Status::new(Code::Unavailable, message);
+        status.set_source(Arc::from(error));
+        return status;
     }
     let code = chain(&*error).find_map(code_of);
-    match code {
-        Some(code) => {
-            let mut status = Status::new(code, error.to_string());
-            status.set_source(Arc::from(error));
-            status
-        }
-        None => Status::from_error(error),
-    }
+    let error = match code {
+        Some(code) => return with_source(code, error),
+        None => match Status::try_from_error(error) {
+            Ok(status) => return status,
+            Err(error) => error,
+        },
+    };
+    with_source(Code::Unknown, error)
+}
+
+/// A status of `code` that says what the whole chain of `error` says (each
+/// of the crate's errors says only its own part), with `error` as its
+/// source.
+fn with_source(code: Code, error: BoxError) -> Status {
+    let mut status = Status::new(code, report(&*error).to_string());
+    status.set_source(Arc::from(error));
+    status
 }
 
 /// The code one link of the chain decides, if it decides one.
@@ -53,7 +89,7 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
     if link.is::<Elapsed>() || link.is::<tonic::TimeoutExpired>() {
         return Some(Code::DeadlineExceeded);
     }
-    if link.is::<NeverSent>() || link.is::<tonic::ConnectError>() {
+    if link.is::<NeverSent>() || link.is::<tonic::ConnectError>() || is_connection_broken(link) {
         return Some(Code::Unavailable);
     }
     match link.downcast_ref::<crate::Error>()? {
@@ -61,6 +97,71 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
         // No endpoint, none eligible, closed, a strategy that picked none:
         // the service is not there for this call.
         _ => Some(Code::Unavailable),
+    }
+}
+
+/// The connection broke under the call: reset by the peer, a broken pipe,
+/// closed before the answer was complete. hyper reports it as an I/O error,
+/// in its own chain or inside h2's error (which has no `source()`).
+fn is_connection_broken(link: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let io = link
+        .downcast_ref::<std::io::Error>()
+        .or_else(|| link.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+    if let Some(io) = io {
+        return matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::NotConnected
+        );
+    }
+    link.downcast_ref::<hyper::Error>()
+        .is_some_and(|hyper| hyper.is_closed() || hyper.is_incomplete_message())
+}
+
+pin_project! {
+    /// An answer's body whose errors are [`status_from_error`]'s statuses,
+    /// which tonic hands to the caller as they are (a connection that breaks
+    /// in the middle of an answer is `UNAVAILABLE`, not tonic's `UNKNOWN`).
+    pub(crate) struct StatusBody<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> StatusBody<B> {
+    pub(crate) fn new(inner: B) -> Self {
+        Self { inner }
+    }
+}
+
+impl<B> Body for StatusBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.project()
+            .inner
+            .poll_frame(cx)
+            .map_err(|error| status_from_error(error.into()))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -117,11 +218,38 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_reset_is_unavailable() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let error = crate::Error::Endpoint {
+            endpoint: "a".into(),
+            source: Box::new(reset),
+        };
+        assert_eq!(status_from_error(Box::new(error)).code(), Code::Unavailable);
+    }
+
+    #[test]
     fn an_unrecognised_error_is_unknown() {
         let error = crate::Error::Endpoint {
             endpoint: "a".into(),
             source: "something odd".into(),
         };
         assert_eq!(status_from_error(Box::new(error)).code(), Code::Unknown);
+    }
+
+    #[test]
+    fn the_message_says_the_whole_chain_once() {
+        for source in [
+            BoxError::from("something odd"),
+            Box::new(NeverSent::new("something odd")),
+        ] {
+            let error = crate::Error::Endpoint {
+                endpoint: "a".into(),
+                source,
+            };
+            let status = status_from_error(Box::new(error));
+            let message = status.message();
+            assert!(message.starts_with("endpoint a failed: "), "{message}");
+            assert_eq!(message.matches("something odd").count(), 1, "{message}");
+        }
     }
 }

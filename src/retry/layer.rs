@@ -19,9 +19,12 @@ use crate::request::{Replayable, Safety};
 use crate::timeout::CallDeadline;
 
 /// A retry was due but the [`RetryBudget`] had no room, so the last
-/// attempt's error is returned, inside this one.
+/// attempt's error is returned, inside this one (its `source()`).
 #[derive(Debug, thiserror::Error)]
-#[error("not retried, the retry budget is exhausted (after {attempts} attempts): {source}")]
+#[error(
+    "not retried, the retry budget is exhausted (after {})",
+    crate::error::count(u64::from(*.attempts), "attempt")
+)]
 pub struct BudgetExhausted {
     attempts: u32,
     #[source]
@@ -29,9 +32,14 @@ pub struct BudgetExhausted {
 }
 
 /// A retry was due but its pause would have ended after the call's
-/// [`CallDeadline`], so the last attempt's error is returned, inside this one.
+/// [`CallDeadline`], so the last attempt's error is returned, inside this one
+/// (its `source()`).
 #[derive(Debug, thiserror::Error)]
-#[error("not retried, a retry after {pause:?} would end past the call's deadline (after {attempts} attempts): {source}")]
+#[error(
+    "not retried, a retry after {} would end past the call's deadline (after {})",
+    crate::error::duration(.pause),
+    crate::error::count(u64::from(*.attempts), "attempt")
+)]
 pub struct DeadlineTooClose {
     attempts: u32,
     pause: Duration,
@@ -274,12 +282,14 @@ impl fmt::Display for Stop {
             Stop::NoAttemptsLeft => f.write_str("no attempts left"),
             Stop::NotReplayable(why) => write!(f, "the request cannot be sent again: {why}"),
             Stop::PushbackTooLong(after) => {
-                write!(f, "the server asked to wait {after:?}, too long")
+                let after = crate::error::duration(after);
+                write!(f, "the server asked to wait {after}, too long")
             }
             Stop::PastDeadline(pause) => {
+                let pause = crate::error::duration(pause);
                 write!(
                     f,
-                    "a retry after {pause:?} would end past the call's deadline"
+                    "a retry after {pause} would end past the call's deadline"
                 )
             }
             Stop::Budget => f.write_str("the retry budget is exhausted"),

@@ -525,7 +525,8 @@ impl Cursor {
                 }
                 Poll::Ready(Some(Err(err))) => {
                     let err: BoxError = err.into();
-                    state.failed = Some(err.to_string());
+                    // The whole chain: the clones get only this text.
+                    state.failed = Some(crate::error::report(&*err).to_string());
                     state.body = None;
                     self.done = true;
                     return (Poll::Ready(Some(Err(err))), true);

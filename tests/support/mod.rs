@@ -6,6 +6,7 @@ pub mod grpc;
 pub mod grpcio;
 pub mod killable;
 pub mod nginx;
+pub mod raw_h2;
 pub mod recording;
 pub mod reporting;
 
