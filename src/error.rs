@@ -271,34 +271,52 @@ pub(crate) fn unprocessed_stream(error: &(dyn StdError + 'static)) -> Option<Unp
 }
 
 /// The connection under the request died: closed before the response was
-/// complete, reset, a broken pipe, or an HTTP/2 connection-level error. Every
+/// complete, reset, a broken pipe (see [`is_connection_broken`]), or an
+/// HTTP/2 connection-level error (a `GOAWAY` with an error code). Every
 /// request on that connection fails at once, so the balancer counts such
 /// failures as one burst (see `Endpoint::record_connection_lost`).
 pub(crate) fn is_connection_lost(error: &(dyn StdError + 'static)) -> bool {
-    chain(error).any(|err| {
+    chain(error).any(|link| {
         #[cfg(feature = "http")]
         {
-            if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
-                if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
-                    return true;
-                }
-            }
-            if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                if h2.is_go_away() || h2.is_io() {
-                    return true;
-                }
+            if link
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+                || link
+                    .downcast_ref::<h2::Error>()
+                    .is_some_and(h2::Error::is_go_away)
+            {
+                return true;
             }
         }
-        err.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            )
-        })
+        is_connection_broken(link)
     })
+}
+
+/// One link of an error chain says the connection broke under the request:
+/// reset by the peer, a broken pipe, closed before the answer was complete.
+/// hyper reports it as an I/O error, in its own chain or inside h2's error
+/// (which has no `source()`), or as a closed or incomplete message.
+pub(crate) fn is_connection_broken(link: &(dyn StdError + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let io = link.downcast_ref::<std::io::Error>();
+    #[cfg(feature = "http")]
+    let io = io.or_else(|| link.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+    if let Some(io) = io {
+        return matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::NotConnected
+        );
+    }
+    #[cfg(feature = "http")]
+    if let Some(hyper) = link.downcast_ref::<hyper::Error>() {
+        return hyper.is_closed() || hyper.is_incomplete_message();
+    }
+    false
 }
 
 /// The server did not process the request because it is shutting down

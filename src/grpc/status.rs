@@ -7,7 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use crate::error::{chain, report, BoxError, NeverSent};
+use crate::error::{chain, is_connection_broken, report, BoxError, NeverSent};
 use crate::timeout::Elapsed;
 
 /// The gRPC status a generated client should see for an error of the
@@ -98,28 +98,6 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
         // the service is not there for this call.
         _ => Some(Code::Unavailable),
     }
-}
-
-/// The connection broke under the call: reset by the peer, a broken pipe,
-/// closed before the answer was complete. hyper reports it as an I/O error,
-/// in its own chain or inside h2's error (which has no `source()`).
-fn is_connection_broken(link: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind;
-    let io = link
-        .downcast_ref::<std::io::Error>()
-        .or_else(|| link.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
-    if let Some(io) = io {
-        return matches!(
-            io.kind(),
-            ErrorKind::ConnectionReset
-                | ErrorKind::ConnectionAborted
-                | ErrorKind::BrokenPipe
-                | ErrorKind::UnexpectedEof
-                | ErrorKind::NotConnected
-        );
-    }
-    link.downcast_ref::<hyper::Error>()
-        .is_some_and(|hyper| hyper.is_closed() || hyper.is_incomplete_message())
 }
 
 pin_project! {
