@@ -131,6 +131,7 @@ pub struct PickContext<'a> {
     now_ns: u64,
     rtt: &'a RttEstimate,
     randomness: Randomness<'a>,
+    retry: bool,
 }
 
 /// Where random numbers come from. The thread-local generator is the fast
@@ -151,6 +152,7 @@ impl<'a> PickContext<'a> {
             now_ns,
             rtt,
             randomness: Randomness::Thread,
+            retry: false,
         }
     }
 
@@ -161,7 +163,29 @@ impl<'a> PickContext<'a> {
             now_ns,
             rtt,
             randomness: Randomness::Seeded(seed),
+            retry: false,
         }
+    }
+
+    /// The same context for a retry or a hedge (`true`): a pick for a call
+    /// that has already been sent to some endpoint (its
+    /// [`TriedEndpoints`](crate::TriedEndpoints) is not empty).
+    pub fn retry(mut self, retry: bool) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// True when this pick is for a retry or a hedge, not a call's first
+    /// attempt. Strategies that go in turn (round robin, weighted round
+    /// robin) pick these at random instead of taking a turn: a retry that
+    /// took the turn after the endpoint that failed would shift every later
+    /// first attempt by one, and an endpoint that fails everything would get
+    /// nearly every first attempt. The balancer knows it only when it reads
+    /// the hints (see
+    /// [`Builder::avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)).
+    #[inline]
+    pub fn is_retry(&self) -> bool {
+        self.retry
     }
 
     /// The current time, in nanoseconds since the balancer started.

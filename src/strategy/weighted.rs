@@ -239,10 +239,13 @@ impl Strategy for WeightedRoundRobin {
         &self,
         schedule: &WeightedRoundRobinSchedule,
         candidates: &C,
-        _ctx: &PickContext<'_>,
+        ctx: &PickContext<'_>,
     ) -> Option<usize> {
         match candidates.len() {
             0 => None,
+            // A retry takes no turn (see `PickContext::is_retry`): a random
+            // spot of the table, so still in proportion to the weights.
+            n if ctx.is_retry() => Some(schedule.pick_at(ctx.random_u64() >> 1, n)),
             n => Some(schedule.pick(n)),
         }
     }
@@ -262,7 +265,11 @@ impl WeightedRoundRobinSchedule {
     /// the columns, a few intervals of total length its share, so over any
     /// run of picks its count follows its share to within a few picks.
     fn pick(&self, n: usize) -> usize {
-        let k = self.sequence.fetch_add(1, Ordering::Relaxed);
+        self.pick_at(self.sequence.fetch_add(1, Ordering::Relaxed), n)
+    }
+
+    /// The pick of counter value `k` among `n > 0` endpoints.
+    fn pick_at(&self, k: u64, n: usize) -> usize {
         if self.columns.len() != n {
             // Plain round robin (or a schedule built for another set).
             return (k % n as u64) as usize;
@@ -758,6 +765,23 @@ mod tests {
             total
         });
         assert_proportional(&counts, &weights, 0.01);
+    }
+
+    #[test]
+    fn a_retry_takes_no_turn() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = weighted_loads(&[1.0, 2.0, 3.0]);
+        let wrr = WeightedRoundRobin::new();
+        let schedule = wrr.schedule(&endpoints[..], &ctx);
+        let before = schedule.sequence.load(Ordering::Relaxed);
+        let retry = PickContext::new(0, &rtt).retry(true);
+        for _ in 0..10 {
+            assert!(wrr
+                .pick(&schedule, &endpoints[..], &retry)
+                .is_some_and(|i| i < 3));
+        }
+        assert_eq!(schedule.sequence.load(Ordering::Relaxed), before);
     }
 
     #[test]
