@@ -4,12 +4,13 @@
 
 mod support;
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lb::http::{self as lb_http};
 use tower_lb::retry::{Backoff, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
-use tower_lb::strategy::RoundRobin;
+use tower_lb::strategy::{P2c, RoundRobin};
 use tower_lb::{discover, Balancer};
 
 use support::{get, Body, TestServer};
@@ -72,4 +73,59 @@ async fn a_retry_takes_no_round_robin_turn_with_two_healthy_endpoints_beside() {
         "first attempts on the failing server: {hits:?}"
     );
     assert_eq!(hits[1] + hits[2], 30, "{hits:?}");
+}
+
+/// The endpoints (0 to 9) that `calls` requests sent one by one went to,
+/// through P2C least-requests seeded with `seed`: every endpoint is idle at
+/// each pick, so the picks are the seeded draws themselves.
+async fn seeded_picks(seed: u64, calls: usize) -> Vec<usize> {
+    let endpoints = (0..10usize).map(|i| {
+        let answer = tower::service_fn(move |_: ()| async move { Ok::<_, Infallible>(i) });
+        (i, answer)
+    });
+    let balancer = Balancer::builder()
+        .strategy(P2c::least_requests())
+        .seed(seed)
+        .build(discover::fixed(endpoints));
+    let mut picks = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        picks.push(
+            balancer
+                .clone()
+                .oneshot(())
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    picks
+}
+
+#[tokio::test]
+async fn balancers_with_consecutive_seeds_pick_independently() {
+    let mut runs = Vec::new();
+    for seed in 1..=20 {
+        runs.push(seeded_picks(seed, 200).await);
+    }
+    assert_eq!(
+        runs[0],
+        seeded_picks(1, 200).await,
+        "a seed repeats its picks"
+    );
+    let mut most = 0;
+    for (i, a) in runs.iter().enumerate() {
+        for (j, b) in runs.iter().enumerate() {
+            for shift in 1..=3 {
+                let agree = a.iter().zip(&b[shift..]).filter(|(x, y)| x == y).count();
+                most = most.max(agree);
+                // Independent picks among 10 agree about a tenth of the time.
+                assert!(
+                    agree <= 100,
+                    "seeds {} and {}: {agree} picks agree after a shift of {shift}",
+                    i + 1,
+                    j + 1
+                );
+            }
+        }
+    }
+    println!("most picks two seeds agree on after a shift of 1 to 3: {most} of 199");
 }

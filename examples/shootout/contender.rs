@@ -59,6 +59,10 @@ pub struct Built {
     pub probe: Option<Probe>,
 }
 
+/// Told apart from the balancer's seed, so that the backoff jitter is not
+/// the balancer's own stream of draws.
+const RETRY_SEED: u64 = 0x0b0f_f5ee_d000_0001;
+
 /// The Peak-EWMA settings every latency-aware contender gets (Linkerd's).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY: Duration = Duration::from_secs(10);
@@ -263,7 +267,9 @@ fn resilient<P: Strategy>(
     let hedging = hedge.then(|| HedgeLayer::new(budget.clone()));
     let client = ServiceBuilder::new()
         .layer(DeadlineLayer::new(Duration::from_secs(5)))
-        .layer(RetryLayer::new(policy, budget))
+        // Seeded too (apart from the balancer's stream), so a seeded run
+        // with retries repeats bit for bit.
+        .layer(RetryLayer::new(policy, budget).seed(seed ^ RETRY_SEED))
         .option_layer(hedging)
         .layer(TimeoutLayer::new(Duration::from_secs(1)))
         .service(balancer);

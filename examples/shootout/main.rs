@@ -206,6 +206,32 @@ mod tests {
     }
 
     #[test]
+    fn same_seed_gives_the_same_numbers_with_retries_and_hedges_on() {
+        // Every 503 from the failing backend is retried after a jittered
+        // backoff: the jitter must come from the seed too.
+        let scenario = scenario::by_name("failing-node").expect("known scenario");
+        let retrying = [
+            Contender::P2cPeakEwmaRetry,
+            Contender::P2cPeakEwmaOutliersRetry,
+            Contender::P2cPeakEwmaOutliersHedge,
+            Contender::RoundRobinHedge,
+        ];
+        let run = |seed| {
+            retrying
+                .iter()
+                .map(|&c| run::simulate(&scenario, c, short(seed)))
+                .collect::<Vec<_>>()
+        };
+        let first = run(7);
+        assert_eq!(fingerprint(&first), fingerprint(&run(7)));
+        assert_ne!(
+            fingerprint(&first),
+            fingerprint(&run(8)),
+            "the seed matters"
+        );
+    }
+
+    #[test]
     fn open_loop_offers_the_configured_rate_whatever_the_answers() {
         let results = simulate_all("slow-node", short(1));
         for r in &results {
