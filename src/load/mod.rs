@@ -151,7 +151,7 @@ impl EndpointLoad {
     /// The weight discovery gave the endpoint (see
     /// [`Builder::static_weights`](crate::Builder::static_weights)); 1 unless
     /// set. Weighted round robin uses it while no load reports are in, and
-    /// P2C divides its cost by it. Always finite and positive.
+    /// P2C draws candidates in proportion to it. Always finite and positive.
     #[inline]
     pub fn static_weight(&self) -> f64 {
         f64::from_bits(self.static_weight.load(Ordering::Relaxed))

@@ -118,7 +118,7 @@ pub struct WeightedRoundRobinSchedule {
 /// belongs to its own endpoint, the rest to endpoint `alias`. A column that
 /// belongs to its own endpoint alone has itself as alias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Column {
+pub(super) struct Column {
     threshold: u32,
     alias: u32,
 }
@@ -274,17 +274,24 @@ impl WeightedRoundRobinSchedule {
             // Plain round robin (or a schedule built for another set).
             return (k % n as u64) as usize;
         }
-        let spot = u128::from(k.wrapping_mul(GOLDEN)) * n as u128;
-        // Below `n`: `k * GOLDEN` is below 2^64.
-        let column = (spot >> 64) as usize;
-        // The top 32 bits of the fraction.
-        let coin = (spot >> 32) as u32;
-        let Column { threshold, alias } = self.columns[column];
-        if coin < threshold {
-            column
-        } else {
-            alias as usize
-        }
+        alias_pick(&self.columns, k.wrapping_mul(GOLDEN))
+    }
+}
+
+/// The endpoint at `u / 2^64` of a (non-empty) alias table: `u` names the
+/// column (the integer part of `n u / 2^64`) and where in the column it
+/// falls (the top 32 bits of the fraction, the coin). A uniformly random
+/// `u` picks each endpoint with the probability of its weight's share.
+pub(super) fn alias_pick(columns: &[Column], u: u64) -> usize {
+    let spot = u128::from(u) * columns.len() as u128;
+    // Below `n`: `u` is below 2^64.
+    let column = (spot >> 64) as usize;
+    let coin = (spot >> 32) as u32;
+    let Column { threshold, alias } = columns[column];
+    if coin < threshold {
+        column
+    } else {
+        alias as usize
     }
 }
 
@@ -331,7 +338,7 @@ fn scale(weights: &[f64]) -> Vec<f64> {
 /// columns times its weight's share. Empty for plain round robin: fewer than
 /// two weights, all weights equal (to the table's precision), or more
 /// endpoints than a `u32` counts.
-fn alias_table(weights: &[f64]) -> Box<[Column]> {
+pub(super) fn alias_table(weights: &[f64]) -> Box<[Column]> {
     let n = weights.len();
     if n < 2 || u32::try_from(n).is_err() {
         return Box::default();
