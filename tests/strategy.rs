@@ -5,10 +5,12 @@
 mod support;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tower::{ServiceBuilder, ServiceExt};
-use tower_lb::http::{self as lb_http};
+use tower_lb::http::{self as lb_http, HttpEndpoint};
+use tower_lb::load::RttEstimate;
 use tower_lb::retry::{Backoff, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
 use tower_lb::strategy::{P2c, RoundRobin};
 use tower_lb::{discover, Balancer};
@@ -128,4 +130,114 @@ async fn balancers_with_consecutive_seeds_pick_independently() {
         }
     }
     println!("most picks two seeds agree on after a shift of 1 to 3: {most} of 199");
+}
+
+/// P2C Peak-EWMA (the default) over a push channel, outlier detection off,
+/// with estimates stale after 1 s (10 s by default).
+fn peak_ewma_over_channel() -> (
+    tower_lb::discover::DiscoveryHandle<SocketAddr, HttpEndpoint<Body>>,
+    Balancer<SocketAddr, HttpEndpoint<Body>>,
+) {
+    let (handle, stream) = discover::channel();
+    let balancer = Balancer::builder()
+        .rtt_estimate(RttEstimate::DEFAULT.probe_after(Duration::from_secs(1)))
+        .build(stream);
+    (handle, balancer)
+}
+
+fn insert(
+    handle: &tower_lb::discover::DiscoveryHandle<SocketAddr, HttpEndpoint<Body>>,
+    http: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
+    server: &TestServer,
+) {
+    handle
+        .insert(server.addr, HttpEndpoint::new(http.clone(), server.addr))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Sends `n` GETs one by one.
+async fn send_one_by_one<S>(balancer: &S, n: usize)
+where
+    S: tower::Service<http::Request<Body>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let response = balancer.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "{:?}", response.err());
+    }
+}
+
+/// `hits` of one server over the mean of `others`' since `before`.
+fn relative_share(server: usize, others: &[usize], hits: &[usize], before: &[usize]) -> f64 {
+    let got = |i: usize| (hits[i] - before[i]) as f64;
+    let mean = others.iter().map(|&i| got(i)).sum::<f64>() / others.len() as f64;
+    got(server) / mean.max(1.0)
+}
+
+#[tokio::test]
+async fn a_new_endpoint_gets_its_share_within_20_requests_from_one_caller() {
+    let servers = support::servers(5, Duration::from_millis(1)).await;
+    let http = lb_http::client();
+    let (handle, balancer) = peak_ewma_over_channel();
+    for server in &servers[..4] {
+        insert(&handle, &http, server);
+    }
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 4).await;
+    // Every old endpoint measured, for a second or so.
+    send_one_by_one(&balancer, 400).await;
+    insert(&handle, &http, &servers[4]);
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 5).await;
+    send_one_by_one(&balancer, 20).await;
+    let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    assert!(before[4] > 0, "no request in the first 20 after it joined");
+    send_one_by_one(&balancer, 200).await;
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let relative = relative_share(4, &[0, 1, 2, 3], &hits, &before);
+    println!("after 20 requests, the newcomer gets {relative:.2}x an old endpoint's share");
+    assert!(
+        relative >= 0.8,
+        "{relative:.2}x: {hits:?} (before: {before:?})"
+    );
+}
+
+#[tokio::test]
+async fn a_recovered_endpoint_is_probed_within_the_bound_and_gets_its_share_back() {
+    let servers = support::servers(4, Duration::from_millis(1)).await;
+    servers[0].set_delay(Duration::from_millis(100));
+    let http = lb_http::client();
+    let (handle, balancer) = peak_ewma_over_channel();
+    for server in &servers {
+        insert(&handle, &http, server);
+    }
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 4).await;
+    // Until the slow one has answered slowly, and some more.
+    while servers[0].hits() == 0 {
+        send_one_by_one(&balancer, 1).await;
+    }
+    send_one_by_one(&balancer, 100).await;
+    // It recovers; its estimate still says 100 ms.
+    servers[0].set_delay(Duration::from_millis(1));
+    let recovered = tokio::time::Instant::now();
+    let slow_hits = servers[0].hits();
+    // A probe within the 1 s bound (plus the requests in between).
+    while servers[0].hits() == slow_hits {
+        assert!(
+            recovered.elapsed() < Duration::from_millis(1_500),
+            "no probe 1.5 s after it recovered"
+        );
+        send_one_by_one(&balancer, 1).await;
+    }
+    println!("probed {:?} after it recovered", recovered.elapsed());
+    let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    send_one_by_one(&balancer, 200).await;
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let relative = relative_share(0, &[1, 2, 3], &hits, &before);
+    println!("after its probe, it gets {relative:.2}x the others' share");
+    assert!(
+        relative >= 0.8,
+        "{relative:.2}x: {hits:?} (before: {before:?})"
+    );
 }

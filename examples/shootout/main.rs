@@ -34,7 +34,7 @@ use scenario::Scenario;
 #[command(name = "shootout")]
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
-    /// gc-pause, capacity, heavy-tail); default: all.
+    /// gc-pause, capacity, heavy-tail, scale-up); default: all.
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
@@ -343,6 +343,27 @@ mod tests {
             }
         }
         assert!(success(Contender::P2cPeakEwmaRetry) > success(Contender::P2cPeakEwma));
+    }
+
+    #[test]
+    fn after_a_scale_up_every_new_backend_gets_its_share_within_a_second() {
+        let scenario = scenario::by_name("scale-up").expect("known scenario");
+        let load = Load {
+            rate: 2000.0,
+            duration: Duration::from_secs(4),
+            seed: 1,
+        };
+        for contender in [Contender::P2cPeakEwma, Contender::P2cPeakEwmaOutliersRetry] {
+            let result = run::simulate(&scenario, contender, load);
+            let scale_up = result.scale_up(scenario.late).expect("late backends");
+            for (i, reach) in scale_up.reach.iter().enumerate() {
+                assert!(
+                    reach.is_some_and(|t| t <= Duration::from_secs(1)),
+                    "{}: new backend {i} reached 0.8x an old one's share after {reach:?}: {scale_up:?}",
+                    contender.name()
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,29 @@
+use std::time::Duration;
+
 use super::weighted::{alias_pick, alias_table, Column};
 use super::{Candidates, PickContext, Ramp, Strategy};
+use crate::load::EndpointLoad;
+
+/// How often P2C Peak-EWMA recomputes its candidates' typical estimate
+/// (besides every change of the set).
+const TYPICAL_EVERY: Duration = Duration::from_secs(1);
+
+/// The median of the latency estimates of the candidates that have one,
+/// each as of its last sample; `NaN` when none has. The median, not the
+/// mean: one slow endpoint among fast ones must not make newcomers look
+/// slow. O(n) (a selection), on the driver at each schedule.
+fn typical_rtt_ns<C: Candidates + ?Sized>(candidates: &C) -> f64 {
+    let mut estimates: Vec<f64> = (0..candidates.len())
+        .filter_map(|i| candidates.load(i).last_rtt_estimate_ns())
+        .filter(|rtt| rtt.is_finite())
+        .collect();
+    if estimates.is_empty() {
+        return f64::NAN;
+    }
+    let middle = (estimates.len() - 1) / 2;
+    let (_, median, _) = estimates.select_nth_unstable_by(middle, f64::total_cmp);
+    *median
+}
 
 /// With unequal static weights, how far apart two latency estimates must be
 /// before P2C Peak-EWMA lets them decide. An estimate is a running peak, so
@@ -23,6 +47,31 @@ const LATENCY_BAND: f64 = 2.0;
 ///   ([`Builder::rtt_estimate`](crate::balance::Builder::rtt_estimate)),
 ///   because every strategy and [`Balancer::endpoints`](crate::Balancer::endpoints)
 ///   share it.
+///
+/// # New and recovered endpoints (Peak-EWMA)
+///
+/// An endpoint that has not answered yet is weighed at the *typical*
+/// estimate of the others: the median of their latency estimates, which
+/// the balancer's driver recomputes whenever the set changes and every
+/// second. So a new endpoint competes level with its peers from its first
+/// pick and gets its share within a few requests, even from one sequential
+/// caller, instead of sitting at the 30 ms default prior while its peers
+/// measure 1 ms (which kept it out for about ln(30) x 10 s = 34 s). Slow
+/// start, when on, still ramps its share. (With no estimate anywhere yet,
+/// at start-up, the default prior applies.)
+///
+/// An endpoint whose estimate is *stale* (no sample for
+/// [`RttEstimate::probe_after`](crate::load::RttEstimate::probe_after),
+/// by default the decay, 10 s) and above the typical estimate is weighed at the typical
+/// value while nothing is in flight to it: it wins its next pick or two,
+/// gets one request (a probe), and that request's latency replaces the
+/// stale estimate. Once the probe is in flight it no longer qualifies, and
+/// its answer makes the estimate fresh again, so an endpoint that stays
+/// slow gets at most one request per period per balancer, and one that
+/// recovered is back in rotation after its probe, instead of after the
+/// decay has brought its estimate down (ln(100) x 10 s = 46 s for one that
+/// answered 100 times slower than its peers). The cost on the request path is one more load and
+/// compare per candidate, on the cache line the pick already reads.
 ///
 /// # Static weights
 ///
@@ -91,12 +140,20 @@ impl P2c {
         candidates: &C,
         a: usize,
         b: usize,
+        typical: f64,
         ctx: &PickContext<'_>,
     ) -> bool {
         let (a, b) = (candidates.load(a), candidates.load(b));
         match self.cost {
             Cost::InFlight => b.in_flight() < a.in_flight(),
-            Cost::PeakEwma => b.peak_ewma_cost(ctx) < a.peak_ewma_cost(ctx),
+            Cost::PeakEwma => {
+                let cost = |load: &EndpointLoad| {
+                    let in_flight = load.in_flight() as u32;
+                    let rtt = load.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight == 0);
+                    rtt * (f64::from(in_flight) + 1.0)
+                };
+                cost(b) < cost(a)
+            }
         }
     }
 
@@ -111,6 +168,7 @@ impl P2c {
         candidates: &C,
         a: usize,
         b: usize,
+        typical: f64,
         ctx: &PickContext<'_>,
     ) -> bool {
         let (a, b) = (candidates.load(a), candidates.load(b));
@@ -120,8 +178,8 @@ impl P2c {
         let queue_a = (f64::from(a.in_flight() as u32) + weight_a) * weight_b;
         let queue_b = (f64::from(b.in_flight() as u32) + weight_b) * weight_a;
         if self.cost == Cost::PeakEwma {
-            let rtt_a = a.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
-            let rtt_b = b.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
+            let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, a.in_flight() == 0);
+            let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, b.in_flight() == 0);
             if rtt_a > rtt_b * LATENCY_BAND || rtt_b > rtt_a * LATENCY_BAND {
                 return rtt_b * queue_b < rtt_a * queue_a;
             }
@@ -140,11 +198,16 @@ impl P2c {
         if schedule.weights.len() == n {
             let a = alias_pick(&schedule.weights, ctx.random_u64());
             let b = alias_pick(&schedule.weights, ctx.random_u64());
-            let b_wins = a != b && self.prefers_b_weighted(candidates, a, b, ctx);
+            let b_wins =
+                a != b && self.prefers_b_weighted(candidates, a, b, schedule.typical_rtt_ns, ctx);
             return (a, b, b_wins);
         }
         let (a, b) = ctx.random_pair(n);
-        (a, b, self.prefers_b(candidates, a, b, ctx))
+        (
+            a,
+            b,
+            self.prefers_b(candidates, a, b, schedule.typical_rtt_ns, ctx),
+        )
     }
 }
 
@@ -163,6 +226,11 @@ pub struct P2cSchedule {
     /// An alias table over the static weights; empty when they are all
     /// equal (uniform draws).
     weights: Box<[Column]>,
+    /// The median of the candidates' latency estimates (each as of its last
+    /// sample), `NaN` when none has one or the cost is not Peak-EWMA: what
+    /// a new endpoint is weighed at until it answers, and a stale one while
+    /// it waits for a probe.
+    typical_rtt_ns: f64,
 }
 
 impl Strategy for P2c {
@@ -172,15 +240,26 @@ impl Strategy for P2c {
         let weights: Vec<f64> = (0..candidates.len())
             .map(|i| candidates.load(i).static_weight())
             .collect();
+        let typical_rtt_ns = match self.cost {
+            Cost::InFlight => f64::NAN,
+            Cost::PeakEwma => typical_rtt_ns(candidates),
+        };
         P2cSchedule {
             ramping: Ramp::of(candidates).is_some(),
             // Empty when the weights are equal (to the table's precision).
             weights: alias_table(&weights),
+            typical_rtt_ns,
         }
     }
 
     fn uses_latency(&self) -> bool {
         self.cost == Cost::PeakEwma
+    }
+
+    /// Peak-EWMA keeps its typical estimate current: new endpoints start
+    /// from it, and stale ones are probed at it.
+    fn reschedule_every(&self) -> Option<Duration> {
+        (self.cost == Cost::PeakEwma).then_some(TYPICAL_EVERY)
     }
 
     fn pick<C: Candidates + ?Sized>(
@@ -289,7 +368,8 @@ mod tests {
             P2c::peak_ewma().pick(
                 &P2cSchedule {
                     ramping: false,
-                    weights: Box::default()
+                    weights: Box::default(),
+                    typical_rtt_ns: f64::NAN,
                 },
                 &loads(1)[..],
                 &ctx
@@ -300,7 +380,8 @@ mod tests {
             P2c::peak_ewma().pick(
                 &P2cSchedule {
                     ramping: false,
-                    weights: Box::default()
+                    weights: Box::default(),
+                    typical_rtt_ns: f64::NAN,
                 },
                 &loads(0)[..],
                 &ctx
@@ -319,10 +400,10 @@ mod tests {
         // 3 / 2 < 2 / 1: the heavier one wins every comparison.
         endpoints[0].set_in_flight(2);
         endpoints[1].set_in_flight(3);
-        assert!(p2c.prefers_b_weighted(&endpoints[..], 0, 1, &ctx));
+        assert!(p2c.prefers_b_weighted(&endpoints[..], 0, 1, f64::NAN, &ctx));
         // 5 / 2 > 2 / 1: it loses.
         endpoints[1].set_in_flight(5);
-        assert!(!p2c.prefers_b_weighted(&endpoints[..], 0, 1, &ctx));
+        assert!(!p2c.prefers_b_weighted(&endpoints[..], 0, 1, f64::NAN, &ctx));
     }
 
     /// Shares of `picks` picks by `p2c` over idle endpoints of `weights`.
