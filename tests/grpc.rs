@@ -321,9 +321,9 @@ async fn a_callers_short_grpc_timeouts_are_not_held_against_healthy_servers() {
 
 #[tokio::test]
 async fn each_attempt_tells_the_server_the_time_left() {
-    // Round robin over a failing server and a serving one, and two calls:
-    // whichever comes first in turn, the last call the serving server gets
-    // is a retry, 300 ms into the call.
+    // Round robin over a failing server and a serving one, and calls until
+    // one starts on the failing server: the last call the serving server
+    // gets is that one's retry, 300 ms into the call.
     let servers = start_all(vec![
         GrpcBehaviour::Fail(Code::Unavailable),
         GrpcBehaviour::Serve,
@@ -339,8 +339,12 @@ async fn each_attempt_tells_the_server_the_time_left() {
         .strategy(RoundRobin::new())
         .method_safety(safe_checks())
         .build(addrs(&servers));
-    for id in ["timed-1", "timed-2"] {
-        call(&channel, id).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut id = 0;
+    while servers[0].hits() == 0 {
+        id += 1;
+        call(&channel, &format!("timed-{id}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     let sent = servers[1]
         .last_grpc_timeout()
@@ -405,7 +409,8 @@ async fn shutdown_waits_for_a_call_between_two_attempts() {
         .method_safety(safe_checks())
         .build(addrs(&servers));
     // Round robin starts at random: once a call has drawn the failing
-    // server (then the other, on its retry), the next starts with it again.
+    // server (then the other, on its retry, which takes no turn), the next
+    // starts with the serving one and the one after with the failing one.
     let mut warm = 0;
     while servers[0].hits() == 0 {
         warm += 1;
@@ -413,6 +418,9 @@ async fn shutdown_waits_for_a_call_between_two_attempts() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
+    call(&channel, "the-serving-ones-turn")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let in_progress = {
         let channel = channel.clone();
         tokio::spawn(async move { call(&channel, "slow-retry").await })

@@ -230,12 +230,15 @@ async fn shutdown_waits_for_a_call_between_two_attempts() {
         .strategy(tower_lb::strategy::RoundRobin::new())
         .retry_policy(tower_lb::retry::RetryPolicy::new().backoff(slow_backoff))
         .build::<Body>(addrs(&servers));
-    // Round robin starts at random: find the 503 with a first call.
+    // Round robin starts at random: find the 503 with a first call. Its
+    // retry takes no turn, so the next call starts on the healthy server
+    // and the one after on the 503 again.
     let mut id = 0;
     while servers[0].hits() == 0 {
         id += 1;
         send(&client, get(&format!("warm-{id}"))).await;
     }
+    send(&client, get("the-healthy-ones-turn")).await;
     let in_progress = {
         let client = client.clone();
         tokio::spawn(async move { client.oneshot(get("slow-retry")).await })

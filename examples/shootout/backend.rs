@@ -22,6 +22,8 @@ pub struct Backend {
     queue: Option<Semaphore>,
     /// Seeded per backend, so a simulated run repeats exactly.
     rng: Mutex<SmallRng>,
+    /// Requests received in each `WINDOW` since `epoch`.
+    timeline: Mutex<Vec<u64>>,
     load: Mutex<LoadWindow>,
 }
 
@@ -40,6 +42,9 @@ struct LoadWindow {
 /// How long a backend measures its rate and utilization before reporting.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
+/// The width of the windows a backend counts its requests in, over time.
+pub const WINDOW: Duration = Duration::from_millis(100);
+
 impl Backend {
     pub fn new(spec: BackendSpec, seed: u64) -> Arc<Self> {
         Arc::new(Self {
@@ -48,6 +53,7 @@ impl Backend {
             epoch: Instant::now(),
             hits: AtomicU64::new(0),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            timeline: Mutex::new(Vec::new()),
             load: Mutex::new(LoadWindow {
                 start: Instant::now(),
                 served: 0,
@@ -99,10 +105,31 @@ impl Backend {
         self.hits.load(Ordering::Relaxed)
     }
 
+    /// When the backend was made: the start of its first window.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Requests received in each [`WINDOW`] since [`epoch`](Self::epoch).
+    pub fn timeline(&self) -> Vec<u64> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Serves one request: waits as the spec says, then gives the status
     /// and, for a backend with a capacity, its load report.
     pub async fn handle(&self) -> (StatusCode, Option<String>) {
         self.hits.fetch_add(1, Ordering::Relaxed);
+        {
+            let window = (self.epoch.elapsed().as_nanos() / WINDOW.as_nanos()) as usize;
+            let mut timeline = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+            if timeline.len() <= window {
+                timeline.resize(window + 1, 0);
+            }
+            timeline[window] += 1;
+        }
         let (fails, slow) = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             (

@@ -1,7 +1,12 @@
 //! The contenders: every tower-lb strategy, and tower's own p2c as the
 //! baseline, each built over the same endpoints.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::time::Duration;
+
+use futures_core::Stream;
+use tower::discover::Change;
 
 use http::StatusCode;
 use rand::rngs::SmallRng;
@@ -9,7 +14,6 @@ use rand::{RngCore, SeedableRng};
 use std::sync::Arc;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
-use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
 
@@ -21,7 +25,7 @@ use tower_lb::load::{LatencyClock, LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
-use tower_lb::{discover, Balancer, EndpointStats};
+use tower_lb::{Balancer, EndpointStats};
 
 /// What the load generator sends: a GET whose (empty) body the retry and
 /// hedge layers can replay.
@@ -46,6 +50,10 @@ impl Answer {
 
 /// One endpoint, real (hyper client) or simulated, as every contender sees it.
 pub type Endpoint = BoxCloneSyncService<Request, Answer, BoxError>;
+/// The endpoints as discovery gives them (keys are backend numbers): all
+/// at once, or some later (see `Scenario::late`).
+pub type Discovery =
+    Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infallible>> + Send>>;
 /// A contender, ready to take requests.
 pub type Client = BoxCloneService<Request, StatusCode, BoxError>;
 /// Reads a tower-lb contender's per-endpoint stats (keys are backend
@@ -58,6 +66,10 @@ pub struct Built {
     /// `None` for tower's p2c, which shows no stats.
     pub probe: Option<Probe>,
 }
+
+/// Told apart from the balancer's seed, so that the backoff jitter is not
+/// the balancer's own stream of draws.
+const RETRY_SEED: u64 = 0x0b0f_f5ee_d000_0001;
 
 /// The Peak-EWMA settings every latency-aware contender gets (Linkerd's).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -131,7 +143,7 @@ impl Contender {
     /// Builds the contender over `endpoints` (index = backend number), timing
     /// requests with `clock` (tokio's on simulated time). Must run inside the
     /// tokio runtime it will serve on.
-    pub fn build(self, endpoints: Vec<Endpoint>, seed: u64, clock: LatencyClock) -> Built {
+    pub fn build(self, endpoints: Discovery, seed: u64, clock: LatencyClock) -> Built {
         match self {
             Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, clock, None),
             Contender::P2cLeastRequests => {
@@ -189,17 +201,14 @@ impl Contender {
                 Some(OutlierDetection::new()),
             ),
             Contender::TowerP2cPeakEwma => {
-                let endpoints: Vec<_> = endpoints
-                    .into_iter()
-                    .map(|e| e.map_response(|answer: Answer| answer.status))
-                    .collect();
                 let discover = PeakEwmaDiscover::new(
-                    ServiceList::new(endpoints),
+                    endpoints,
                     DEFAULT_RTT,
                     DECAY,
                     CompleteOnResponse::default(),
                 );
-                let balance = Balance::from_rng(discover, SeededRng(SmallRng::seed_from_u64(seed)));
+                let balance = Balance::from_rng(discover, SeededRng(SmallRng::seed_from_u64(seed)))
+                    .map_response(|answer: Answer| answer.status);
                 // `Balance` takes `&mut self`; a `Buffer` is how it is shared.
                 Built {
                     client: BoxCloneService::new(Buffer::new(balance, 1024)),
@@ -212,7 +221,7 @@ impl Contender {
 
 fn tower_lb<P: Strategy>(
     strategy: P,
-    endpoints: Vec<Endpoint>,
+    endpoints: Discovery,
     seed: u64,
     clock: LatencyClock,
     detection: Option<OutlierDetection>,
@@ -227,7 +236,7 @@ fn tower_lb<P: Strategy>(
         Some(detection) => builder.outlier_detection(detection),
         None => builder,
     };
-    let balancer = builder.build(discover::fixed(endpoints.into_iter().enumerate()));
+    let balancer = builder.build(endpoints);
     let stats = balancer.clone();
     Built {
         client: BoxCloneService::new(balancer.map_err(BoxError::from)),
@@ -239,7 +248,7 @@ fn tower_lb<P: Strategy>(
 /// balancer sending retries and hedges to endpoints not yet tried.
 fn resilient<P: Strategy>(
     strategy: P,
-    endpoints: Vec<Endpoint>,
+    endpoints: Discovery,
     seed: u64,
     clock: LatencyClock,
     detection: Option<OutlierDetection>,
@@ -256,14 +265,16 @@ fn resilient<P: Strategy>(
         Some(detection) => builder.outlier_detection(detection),
         None => builder,
     };
-    let balancer = builder.build(discover::fixed(endpoints.into_iter().enumerate()));
+    let balancer = builder.build(endpoints);
     let stats = balancer.clone();
     let budget = RetryBudget::new();
     let policy = RetryPolicy::new().retry_on(GatewayErrors);
     let hedging = hedge.then(|| HedgeLayer::new(budget.clone()));
     let client = ServiceBuilder::new()
         .layer(DeadlineLayer::new(Duration::from_secs(5)))
-        .layer(RetryLayer::new(policy, budget))
+        // Seeded too (apart from the balancer's stream), so a seeded run
+        // with retries repeats bit for bit.
+        .layer(RetryLayer::new(policy, budget).seed(seed ^ RETRY_SEED))
         .option_layer(hedging)
         .layer(TimeoutLayer::new(Duration::from_secs(1)))
         .service(balancer);

@@ -34,7 +34,7 @@ use scenario::Scenario;
 #[command(name = "shootout")]
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
-    /// gc-pause, capacity, heavy-tail); default: all.
+    /// gc-pause, capacity, heavy-tail, scale-up); default: all.
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
@@ -206,6 +206,32 @@ mod tests {
     }
 
     #[test]
+    fn same_seed_gives_the_same_numbers_with_retries_and_hedges_on() {
+        // Every 503 from the failing backend is retried after a jittered
+        // backoff: the jitter must come from the seed too.
+        let scenario = scenario::by_name("failing-node").expect("known scenario");
+        let retrying = [
+            Contender::P2cPeakEwmaRetry,
+            Contender::P2cPeakEwmaOutliersRetry,
+            Contender::P2cPeakEwmaOutliersHedge,
+            Contender::RoundRobinHedge,
+        ];
+        let run = |seed| {
+            retrying
+                .iter()
+                .map(|&c| run::simulate(&scenario, c, short(seed)))
+                .collect::<Vec<_>>()
+        };
+        let first = run(7);
+        assert_eq!(fingerprint(&first), fingerprint(&run(7)));
+        assert_ne!(
+            fingerprint(&first),
+            fingerprint(&run(8)),
+            "the seed matters"
+        );
+    }
+
+    #[test]
     fn open_loop_offers_the_configured_rate_whatever_the_answers() {
         let results = simulate_all("slow-node", short(1));
         for r in &results {
@@ -317,6 +343,27 @@ mod tests {
             }
         }
         assert!(success(Contender::P2cPeakEwmaRetry) > success(Contender::P2cPeakEwma));
+    }
+
+    #[test]
+    fn after_a_scale_up_every_new_backend_gets_its_share_within_a_second() {
+        let scenario = scenario::by_name("scale-up").expect("known scenario");
+        let load = Load {
+            rate: 2000.0,
+            duration: Duration::from_secs(4),
+            seed: 1,
+        };
+        for contender in [Contender::P2cPeakEwma, Contender::P2cPeakEwmaOutliersRetry] {
+            let result = run::simulate(&scenario, contender, load);
+            let scale_up = result.scale_up(scenario.late).expect("late backends");
+            for (i, reach) in scale_up.reach.iter().enumerate() {
+                assert!(
+                    reach.is_some_and(|t| t <= Duration::from_secs(1)),
+                    "{}: new backend {i} reached 0.8x an old one's share after {reach:?}: {scale_up:?}",
+                    contender.name()
+                );
+            }
+        }
     }
 
     #[test]

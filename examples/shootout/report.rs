@@ -50,6 +50,34 @@ pub fn table(scenario: &Scenario, results: &[RunResult]) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    if scenario.late > 0 {
+        let _ = writeln!(
+            out,
+            "after the scale-up: time for each new backend to get 0.8x an old one's requests \
+             (100 ms windows); the lowest new/old ratio in each of the first 10 windows; \
+             old backends' req/s before -> after:"
+        );
+        for r in results {
+            let Some(s) = r.scale_up(scenario.late) else {
+                continue;
+            };
+            let reach: Vec<String> = s
+                .reach
+                .iter()
+                .map(|t| t.map_or("never".to_string(), |t| format!("{:.1}s", t.as_secs_f64())))
+                .collect();
+            let lowest: Vec<String> = s.lowest.iter().map(|x| format!("{x:.2}")).collect();
+            let _ = writeln!(
+                out,
+                "  {:<20} {}  | {}  | {:.0} -> {:.0}",
+                r.contender.name(),
+                reach.join(" "),
+                lowest.join(" "),
+                s.old_before,
+                s.old_after
+            );
+        }
+    }
     let ejections: Vec<String> = results
         .iter()
         .filter_map(|r| ejection_summary(scenario, r))

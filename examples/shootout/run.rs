@@ -17,12 +17,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tower::{service_fn, BoxError, ServiceExt};
+use tower_lb::discover;
 use tower_lb::http::HttpEndpoint;
 use tower_lb::load::LatencyClock;
 use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
 
-use crate::backend::Backend;
-use crate::contender::{Answer, Built, Contender, Endpoint, Probe, Request};
+use crate::backend::{Backend, WINDOW};
+use crate::contender::{Answer, Built, Contender, Discovery, Endpoint, Probe, Request};
 
 /// The ORCA load report header.
 const LOAD_METRICS: &str = "endpoint-load-metrics";
@@ -57,6 +58,27 @@ pub struct RunResult {
     /// Per backend: how many times outlier detection ejected it, and how
     /// many requests it had been sent when it was first ejected.
     pub ejections: Vec<Ejections>,
+    /// Per backend: requests received in each `backend::WINDOW` of the run.
+    pub timeline: Vec<Vec<u64>>,
+    /// When the late backends joined, since the run started (scenarios with
+    /// late backends only).
+    pub joined_at: Option<Duration>,
+}
+
+/// After a scale-up: how soon each new backend got its share, and the load
+/// of the old ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleUp {
+    /// Per new backend: from the join to the end of the first window in
+    /// which it got at least 0.8x the old backends' mean (`None`: never).
+    pub reach: Vec<Option<Duration>>,
+    /// For each of the first ten windows after the join: the lowest new
+    /// backend's requests over the old backends' mean.
+    pub lowest: Vec<f64>,
+    /// Requests per second to each old backend (their mean) in the second
+    /// before the join, and from one second after it to the end.
+    pub old_before: f64,
+    pub old_after: f64,
 }
 
 /// One backend's ejections during a run.
@@ -67,7 +89,12 @@ pub struct Ejections {
 }
 
 impl RunResult {
-    fn new(contender: Contender, generated: Generated, backends: &[Arc<Backend>]) -> Self {
+    fn new(
+        contender: Contender,
+        generated: Generated,
+        backends: &[Arc<Backend>],
+        joined_at: Option<Duration>,
+    ) -> Self {
         let Generated {
             latency_us,
             ok,
@@ -86,6 +113,8 @@ impl RunResult {
             hits: backends.iter().map(|b| b.hits()).collect(),
             utilization: backends.iter().map(|b| b.utilization(elapsed)).collect(),
             ejections,
+            timeline: backends.iter().map(|b| b.timeline()).collect(),
+            joined_at,
         }
     }
 
@@ -114,6 +143,54 @@ impl RunResult {
     /// Attempts per request: 1.0 without retries or hedges.
     pub fn amplification(&self) -> f64 {
         self.attempts() as f64 / self.requests().max(1) as f64
+    }
+
+    /// What happened after the late backends joined, for a scenario with
+    /// `late` of them.
+    pub fn scale_up(&self, late: usize) -> Option<ScaleUp> {
+        let joined_at = self.joined_at?;
+        let n = self.timeline.len();
+        if late == 0 || late >= n {
+            return None;
+        }
+        let old = n - late;
+        let window_s = WINDOW.as_secs_f64();
+        // The first whole window after the join.
+        let first = joined_at.as_nanos().div_ceil(WINDOW.as_nanos()) as usize;
+        let windows = self.timeline.iter().map(Vec::len).max().unwrap_or(0);
+        let count = |backend: usize, w: usize| self.timeline[backend].get(w).copied().unwrap_or(0);
+        let old_mean = |w: usize| (0..old).map(|b| count(b, w)).sum::<u64>() as f64 / old as f64;
+        let ratio = |backend: usize, w: usize| {
+            let mean = old_mean(w);
+            if mean > 0.0 {
+                count(backend, w) as f64 / mean
+            } else {
+                1.0
+            }
+        };
+        let reach = (old..n)
+            .map(|b| {
+                (first..windows)
+                    .find(|&w| ratio(b, w) >= 0.8)
+                    .map(|w| WINDOW * (w - first + 1) as u32)
+            })
+            .collect();
+        let lowest = (first..windows.min(first + 10))
+            .map(|w| (old..n).map(|b| ratio(b, w)).fold(f64::INFINITY, f64::min))
+            .collect();
+        // Per old backend, in the second before the join and from a second
+        // after it to the end (the last window may be partial: left out).
+        let rate = |from: usize, to: usize| {
+            let span = to.saturating_sub(from).max(1);
+            (from..to).map(old_mean).sum::<f64>() / (span as f64 * window_s)
+        };
+        let per_second = (1.0 / window_s).round() as usize;
+        Some(ScaleUp {
+            reach,
+            lowest,
+            old_before: rate(first.saturating_sub(per_second), first),
+            old_after: rate(first + per_second, windows.saturating_sub(1)),
+        })
     }
 
     /// Each backend's share of the requests, in percent.
@@ -219,6 +296,42 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
     }
 }
 
+/// The discovery stream of a run: every backend from the start, or for a
+/// scenario with late backends the others first and the late ones at
+/// `join_at` (a task inserts them then). Returns when they join, since the
+/// backends' epoch.
+fn discovery(
+    scenario: &Scenario,
+    endpoints: Vec<Endpoint>,
+    backends: &[Arc<Backend>],
+    join_at: Instant,
+) -> (Discovery, Option<Duration>) {
+    if scenario.late == 0 {
+        return (
+            Box::pin(discover::fixed(endpoints.into_iter().enumerate())),
+            None,
+        );
+    }
+    let (handle, stream) = discover::channel();
+    let first = endpoints.len().saturating_sub(scenario.late);
+    let mut endpoints = endpoints.into_iter().enumerate();
+    for (i, endpoint) in endpoints.by_ref().take(first) {
+        let _ = handle.insert(i, endpoint);
+    }
+    let late: Vec<_> = endpoints.collect();
+    tokio::spawn(async move {
+        sleep_until(join_at).await;
+        for (i, endpoint) in late {
+            let _ = handle.insert(i, endpoint);
+        }
+    });
+    let epoch = backends.first().map_or(join_at, |b| b.epoch());
+    (
+        Box::pin(stream),
+        Some(join_at.saturating_duration_since(epoch)),
+    )
+}
+
 fn backends(scenario: &Scenario, seed: u64) -> Vec<Arc<Backend>> {
     scenario
         .backends
@@ -253,9 +366,20 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
                 }))
             })
             .collect();
+        let (discovery, joined_at) = discovery(
+            scenario,
+            endpoints,
+            &backends,
+            Instant::now() + load.duration / 2,
+        );
         // Paused time: only tokio's clock sees the simulated latencies.
-        let client = contender.build(endpoints, load.seed, LatencyClock::Tokio);
-        RunResult::new(contender, generate(client, load).await, &backends)
+        let client = contender.build(discovery, load.seed, LatencyClock::Tokio);
+        RunResult::new(
+            contender,
+            generate(client, load).await,
+            &backends,
+            joined_at,
+        )
     })
 }
 
@@ -286,10 +410,16 @@ pub async fn real(
             Endpoint::new(endpoint)
         })
         .collect();
-    let client = contender.build(endpoints, load.seed, LatencyClock::default());
+    let (discovery, joined_at) = discovery(
+        scenario,
+        endpoints,
+        &backends,
+        Instant::now() + load.duration / 2,
+    );
+    let client = contender.build(discovery, load.seed, LatencyClock::default());
     let generated = generate(client, load).await;
     servers.abort_all();
-    Ok(RunResult::new(contender, generated, &backends))
+    Ok(RunResult::new(contender, generated, &backends, joined_at))
 }
 
 async fn serve(listener: TcpListener, backend: Arc<Backend>) {

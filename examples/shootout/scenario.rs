@@ -46,6 +46,9 @@ pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub backends: Vec<BackendSpec>,
+    /// How many backends, the last ones, join (through discovery) only at
+    /// the halfway point of the run.
+    pub late: usize,
 }
 
 /// Normal service time, and how many backends each scenario has.
@@ -63,6 +66,7 @@ pub fn all() -> Vec<Scenario> {
             name: "baseline",
             about: "8 identical backends answering in 5 ms",
             backends: uniform(),
+            late: 0,
         },
         Scenario {
             name: "slow-node",
@@ -72,6 +76,7 @@ pub fn all() -> Vec<Scenario> {
                 b[0] = BackendSpec::answering_in(BASE_MS * 10);
                 b
             },
+            late: 0,
         },
         Scenario {
             name: "heterogeneous",
@@ -80,6 +85,7 @@ pub fn all() -> Vec<Scenario> {
                 .into_iter()
                 .map(BackendSpec::answering_in)
                 .collect(),
+            late: 0,
         },
         Scenario {
             name: "failing-node",
@@ -92,6 +98,7 @@ pub fn all() -> Vec<Scenario> {
                 };
                 b
             },
+            late: 0,
         },
         Scenario {
             name: "gc-pause",
@@ -104,6 +111,7 @@ pub fn all() -> Vec<Scenario> {
                 });
                 b
             },
+            late: 0,
         },
         Scenario {
             name: "capacity",
@@ -115,6 +123,7 @@ pub fn all() -> Vec<Scenario> {
                     ..BackendSpec::answering_in(BASE_MS * 2)
                 })
                 .collect(),
+            late: 0,
         },
         Scenario {
             name: "heavy-tail",
@@ -127,6 +136,13 @@ pub fn all() -> Vec<Scenario> {
                 };
                 BACKENDS
             ],
+            late: 0,
+        },
+        Scenario {
+            name: "scale-up",
+            about: "4 backends answering in 5 ms, and 4 more join at the halfway point",
+            backends: uniform(),
+            late: BACKENDS / 2,
         },
     ]
 }

@@ -140,7 +140,10 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     /// Gives each endpoint a static weight, read from its discovery key
     /// when it is inserted: [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin)
     /// follows these weights until load reports come in, and
-    /// [`P2c`] divides each candidate's load by its weight. Default: all 1.
+    /// [`P2c`] draws candidates in proportion to them and compares their
+    /// load per unit of weight (see [`P2c`]'s "Static weights"); either way
+    /// each endpoint's share follows its weight, with one caller or many.
+    /// Default: all 1.
     ///
     /// ```
     /// use std::net::SocketAddr;

@@ -52,7 +52,7 @@ impl Shared {
             epoch: Instant::now(),
             rtt,
             latency_clock: latency_clock.map(RequestClock::new),
-            seed: seed.map(AtomicU64::new),
+            seed: seed.map(crate::strategy::seeded_state),
             closed: AtomicBool::new(false),
             count_outcomes: outlier_detection.is_some(),
             trip_after: outlier_detection.and_then(|d| d.consecutive_failures),

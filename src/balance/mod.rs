@@ -169,11 +169,14 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             return Dispatch::NoEndpoints(req);
         }
         let now_ns = shared.request_clock();
-        let ctx = shared.pick_context(now_ns.unwrap_or(0));
         // Cloned (one reference count) because `req` moves into the call.
         let tried = self.hints.tried(&req).cloned();
         // The first attempt has nothing to avoid but must still be recorded.
         let avoid = tried.as_ref().filter(|t| !t.is_empty());
+        // A retry must not take a round-robin turn (see `is_retry`).
+        let ctx = shared
+            .pick_context(now_ns.unwrap_or(0))
+            .retry(avoid.is_some());
         let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
         // but one can trip between two snapshots; and a retry should not go

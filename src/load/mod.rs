@@ -28,34 +28,70 @@ use self::reported::ReportedLoadCell;
 /// towards zero with time constant `decay`, so an endpoint that was slow is
 /// tried again eventually.
 ///
-/// One difference on purpose: the default RTT is only a prior, and the first
-/// measured sample replaces it. In tower and Finagle samples below the default
-/// pull it down at the rate of the decay, so with the usual 30 ms default and
-/// 10 s decay every endpoint of a fast service looks the same for tens of
-/// seconds and the estimate says nothing; here it is meaningful from the first
-/// response, and peak sensitivity still catches any slower one.
+/// Differences on purpose:
+/// - The default RTT is only a prior, and the first measured sample replaces
+///   it. In tower and Finagle samples below the default pull it down at the
+///   rate of the decay, so with the usual 30 ms default and 10 s decay every
+///   endpoint of a fast service looks the same for tens of seconds and the
+///   estimate says nothing; here it is meaningful from the first response,
+///   and peak sensitivity still catches any slower one.
+/// - A sample that comes more than [`probe_after`](Self::probe_after)
+///   (by default the decay, 10 s) after the previous one replaces the
+///   estimate too: the
+///   old value says how the endpoint was, the new sample how it is. This is
+///   what lets a recovered endpoint back in after one probe (see
+///   [`P2c`](crate::strategy::P2c)), rather than after tens of seconds of
+///   decay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RttEstimate {
     pub(crate) default_rtt_ns: f64,
     /// `1 / decay` in nanoseconds: the request path multiplies rather than
     /// divides.
     pub(crate) decay_rate: f64,
+    /// An estimate with no sample for longer than this is stale.
+    pub(crate) probe_after_ns: u64,
 }
 
 impl RttEstimate {
-    /// Linkerd's defaults: 30 ms assumed before the first response, 10 s decay.
+    /// Linkerd's defaults: 30 ms assumed before the first response, 10 s
+    /// decay; and stale after one decay, 10 s, without a sample.
     pub const DEFAULT: RttEstimate = RttEstimate {
         default_rtt_ns: 30e6,
         decay_rate: 1.0 / 10e9,
+        probe_after_ns: 10_000_000_000,
     };
 
     /// An estimate that starts at `default_rtt` and decays with time constant
-    /// `decay`. A zero `decay` is raised to one nanosecond.
+    /// `decay`, and is stale after `decay` without a sample. A zero `decay`
+    /// is raised to one nanosecond.
     pub fn new(default_rtt: Duration, decay: Duration) -> Self {
         Self {
             default_rtt_ns: default_rtt.as_nanos() as f64,
             decay_rate: 1.0 / (decay.as_nanos() as f64).max(1.0),
+            probe_after_ns: u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX).max(1),
         }
+    }
+
+    /// How long without a sample makes an estimate stale (default: the
+    /// decay, one time constant, by when the estimate has lost most of its
+    /// weight anyway): its next sample replaces it, and while it is idle and
+    /// above its peers' typical estimate,
+    /// [`P2c::peak_ewma`](crate::strategy::P2c::peak_ewma) counts it at that
+    /// typical value, so that it gets one probe. At most one request per
+    /// period per balancer goes to an endpoint that stays slow; but one good
+    /// probe puts an endpoint back in rotation, so one that stalls now and
+    /// then (a garbage-collection pause every few seconds) is tried again
+    /// once per period, and the requests it then gets during its next stall
+    /// wait for it. Shorter periods bring recovered endpoints back sooner at
+    /// that price. `Duration::MAX` turns probes off.
+    pub fn probe_after(mut self, after: Duration) -> Self {
+        self.probe_after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// See [`probe_after`](Self::probe_after).
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_nanos(self.probe_after_ns)
     }
 
     /// The latency assumed for an endpoint that has not answered yet.
@@ -151,7 +187,7 @@ impl EndpointLoad {
     /// The weight discovery gave the endpoint (see
     /// [`Builder::static_weights`](crate::Builder::static_weights)); 1 unless
     /// set. Weighted round robin uses it while no load reports are in, and
-    /// P2C divides its cost by it. Always finite and positive.
+    /// P2C draws candidates in proportion to it. Always finite and positive.
     #[inline]
     pub fn static_weight(&self) -> f64 {
         f64::from_bits(self.static_weight.load(Ordering::Relaxed))
@@ -261,6 +297,43 @@ impl EndpointLoad {
         rtt * decay_factor(elapsed * settings.decay_rate)
     }
 
+    /// The estimate as of its last sample, without the decay since; `None`
+    /// until the first sample. Needs no clock, so a
+    /// [`schedule`](crate::strategy::Strategy::schedule) may read it.
+    pub fn last_rtt_estimate_ns(&self) -> Option<f64> {
+        self.measured
+            .load(Ordering::Relaxed)
+            .then(|| f64::from_bits(self.rtt_ns.load(Ordering::Relaxed)))
+    }
+
+    /// The latency P2C Peak-EWMA weighs the endpoint by, at `now_ns` on the
+    /// latency clock, given the typical estimate of its peers (`NaN` when
+    /// none is known): the estimate; but the typical value while it has no
+    /// sample (a new endpoint starts level with its peers, not at the
+    /// default), and while it is idle, stale (no sample for
+    /// `probe_after`) and above the typical value (a probe, so that a
+    /// recovered endpoint is measured again instead of waiting for decay).
+    #[inline]
+    pub(crate) fn rtt_for_pick(
+        &self,
+        now_ns: u64,
+        settings: &RttEstimate,
+        typical: f64,
+        idle: bool,
+    ) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
+        let since = now_ns.saturating_sub(stamp);
+        let estimate = rtt * decay_factor(ns_as_f64(since) * settings.decay_rate);
+        // `NaN` compares false: without a typical value, the estimate.
+        if estimate > typical
+            && (!self.measured.load(Ordering::Relaxed) || (idle && since > settings.probe_after_ns))
+        {
+            return typical;
+        }
+        estimate
+    }
+
     /// The Peak-EWMA cost: latency estimate x (in-flight + 1), at
     /// `ctx.now_ns()`. Call it from `pick`, whose context is on the latency
     /// clock (see [`rtt_estimate_ns`](Self::rtt_estimate_ns)).
@@ -329,13 +402,15 @@ impl EndpointLoad {
     pub(crate) fn record_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let sample = ns_as_f64(sample_ns);
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let next = if sample > prior || !self.measured.load(Ordering::Relaxed) {
+        let since = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed));
+        let next = if sample > prior
+            || !self.measured.load(Ordering::Relaxed)
+            || since > rtt.probe_after_ns
+        {
             self.measured.store(true, Ordering::Relaxed);
             sample
         } else {
-            let elapsed =
-                ns_as_f64(now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed)));
-            let decay = decay_factor(elapsed * rtt.decay_rate);
+            let decay = decay_factor(ns_as_f64(since) * rtt.decay_rate);
             prior * decay + sample * (1.0 - decay)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -417,14 +492,52 @@ mod tests {
 
     #[test]
     fn samples_below_pull_the_estimate_down_by_elapsed_time() {
-        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(1));
+        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(1))
+            .probe_after(Duration::from_secs(2));
         let load = EndpointLoad::new(0, &rtt);
         load.record_rtt(100 * MS, 0, &rtt);
-        // One decay constant later, the old value keeps weight 1/e.
+        // One decay constant later (not yet stale), the old value keeps
+        // weight 1/e.
         load.record_rtt(10 * MS, 1000 * MS, &rtt);
         let expected = 100e6 * (-1f64).exp() + 10e6 * (1.0 - (-1f64).exp());
         let got = load.rtt_estimate_ns(1000 * MS, &rtt);
         assert!((got - expected).abs() < 1.0, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn a_sample_after_a_stale_estimate_replaces_it() {
+        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10))
+            .probe_after(Duration::from_secs(1));
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(500 * MS, MS, &rtt);
+        load.record_rtt(2 * MS, 1_002 * MS, &rtt);
+        assert_eq!(load.rtt_estimate_ns(1_002 * MS, &rtt), 2e6);
+    }
+
+    #[test]
+    fn an_endpoint_without_samples_is_weighed_at_the_typical_estimate() {
+        let rtt = RttEstimate::DEFAULT;
+        let load = EndpointLoad::new(0, &rtt);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true), 2e6);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, false), 2e6);
+        // None known: the default.
+        assert_eq!(load.rtt_for_pick(0, &rtt, f64::NAN, true), 30e6);
+    }
+
+    #[test]
+    fn only_an_idle_stale_estimate_above_the_typical_one_is_probed() {
+        let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10))
+            .probe_after(Duration::from_secs(1));
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(500 * MS, 0, &rtt);
+        // Fresh: its own estimate.
+        assert!(load.rtt_for_pick(500 * MS, &rtt, 2e6, true) > 400e6);
+        // Stale but busy (the probe is in flight): its own estimate.
+        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, false) > 400e6);
+        // Stale and idle: the typical value, once.
+        assert_eq!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, true), 2e6);
+        // Stale but already below the typical value: its own.
+        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 900e6, true) < 900e6);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -99,6 +100,7 @@ impl BudgetExhausted {
 pub struct RetryLayer<C = HttpRetryOn> {
     policy: Arc<RetryPolicy<C>>,
     budget: RetryBudget,
+    jitter: Jitter,
 }
 
 impl<C> RetryLayer<C> {
@@ -108,9 +110,25 @@ impl<C> RetryLayer<C> {
         Self {
             policy: Arc::new(policy),
             budget,
+            jitter: None,
         }
     }
+
+    /// Makes the backoff jitter a function of `seed`, for repeatable
+    /// simulations (with a [seeded balancer](crate::Builder::seed) and
+    /// tokio's paused clock, a whole run repeats bit for bit). Every service
+    /// this layer makes, and every call through them, draws from one shared
+    /// sequence (one atomic add per retry). Without a seed (the default) the
+    /// jitter comes from the thread-local generator.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.jitter = Some(Arc::new(crate::strategy::seeded_state(seed)));
+        self
+    }
 }
+
+/// Where the backoff jitter comes from: `None` for the thread-local
+/// generator, else a seeded sequence shared by the layer's services.
+type Jitter = Option<Arc<AtomicU64>>;
 
 impl<S, C> Layer<S> for RetryLayer<C> {
     type Service = Retry<S, C>;
@@ -120,6 +138,7 @@ impl<S, C> Layer<S> for RetryLayer<C> {
             inner,
             policy: self.policy.clone(),
             budget: self.budget.clone(),
+            jitter: self.jitter.clone(),
         }
     }
 }
@@ -155,6 +174,7 @@ pub struct Retry<S, C = HttpRetryOn> {
     inner: S,
     policy: Arc<RetryPolicy<C>>,
     budget: RetryBudget,
+    jitter: Jitter,
 }
 
 impl<S, C> Retry<S, C> {
@@ -209,6 +229,7 @@ where
             attempts: 1,
             policy: self.policy.clone(),
             budget: self.budget.clone(),
+            jitter: self.jitter.clone(),
         }
     }
 }
@@ -231,6 +252,7 @@ pin_project! {
         attempts: u32,
         policy: Arc<RetryPolicy<C>>,
         budget: RetryBudget,
+        jitter: Jitter,
     }
 }
 
@@ -399,7 +421,12 @@ where
         let pause = match pushback {
             Some(after) if after > policy.max_pushback => return Err(Stop::PushbackTooLong(after)),
             Some(after) => after,
-            None => policy.backoff.delay(*this.attempts, &mut rand::rng()),
+            None => match this.jitter {
+                Some(sequence) => policy
+                    .backoff
+                    .delay(*this.attempts, &mut jitter_rng(sequence)),
+                None => policy.backoff.delay(*this.attempts, &mut rand::rng()),
+            },
         };
         if let Some(deadline) = this.deadline {
             // A pause too long to represent ends after any deadline.
@@ -413,5 +440,67 @@ where
         }
         *this.next = Some(next);
         Ok(pause)
+    }
+}
+
+/// A generator for one backoff's jitter, from the next number of a seeded
+/// sequence.
+fn jitter_rng(sequence: &AtomicU64) -> rand::rngs::SmallRng {
+    use rand::SeedableRng;
+    rand::rngs::SmallRng::seed_from_u64(crate::strategy::next_seeded(sequence))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::retry::ReplayBody;
+
+    type Request = http::Request<ReplayBody<Empty<Bytes>>>;
+
+    /// The pauses between the attempts of 4 GETs answered 503 every time
+    /// (5 attempts each), through a layer made by `layer`.
+    async fn pauses(layer: RetryLayer) -> Vec<Duration> {
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let seen = arrivals.clone();
+        let unavailable = tower::service_fn(move |_: Request| {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now());
+            async {
+                let mut response = http::Response::new(());
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let service = layer.layer(unavailable);
+        for _ in 0..4 {
+            let request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+            let response = service.clone().oneshot(request).await;
+            assert!(response.is_ok(), "{:?}", response.err());
+        }
+        let arrivals = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        arrivals.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    fn layer() -> RetryLayer {
+        RetryLayer::new(
+            RetryPolicy::new().max_attempts(5),
+            RetryBudget::new().min_per_second(1_000),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_seed_gives_the_same_backoff_delays() {
+        let first = pauses(layer().seed(7)).await;
+        assert_eq!(first.len(), 19, "{first:?}");
+        assert_eq!(first, pauses(layer().seed(7)).await);
+        assert_ne!(first, pauses(layer().seed(8)).await, "the seed matters");
     }
 }

@@ -35,9 +35,6 @@ pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-
 use crate::load::{EndpointLoad, RttEstimate};
 
 /// A balancing strategy.
@@ -131,6 +128,7 @@ pub struct PickContext<'a> {
     now_ns: u64,
     rtt: &'a RttEstimate,
     randomness: Randomness<'a>,
+    retry: bool,
 }
 
 /// Where random numbers come from. The thread-local generator is the fast
@@ -151,17 +149,44 @@ impl<'a> PickContext<'a> {
             now_ns,
             rtt,
             randomness: Randomness::Thread,
+            retry: false,
         }
     }
 
     /// A context whose random numbers are a deterministic function of the
-    /// sequence `seed` (which advances by one per draw).
+    /// sequence `seed`: SplitMix64, whose state `seed` advances by the golden
+    /// gamma (`0x9E37_79B9_7F4A_7C15`) per draw. Different states give
+    /// independent streams unless they differ by a multiple of that gamma;
+    /// the balancer starts from its seed mixed, so that consecutive seeds
+    /// are far apart.
     pub fn seeded(now_ns: u64, rtt: &'a RttEstimate, seed: &'a AtomicU64) -> Self {
         Self {
             now_ns,
             rtt,
             randomness: Randomness::Seeded(seed),
+            retry: false,
         }
+    }
+
+    /// The same context for a retry or a hedge (`true`): a pick for a call
+    /// that has already been sent to some endpoint (its
+    /// [`TriedEndpoints`](crate::TriedEndpoints) is not empty).
+    pub fn retry(mut self, retry: bool) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// True when this pick is for a retry or a hedge, not a call's first
+    /// attempt. Strategies that go in turn (round robin, weighted round
+    /// robin) pick these at random instead of taking a turn: a retry that
+    /// took the turn after the endpoint that failed would shift every later
+    /// first attempt by one, and an endpoint that fails everything would get
+    /// nearly every first attempt. The balancer knows it only when it reads
+    /// the hints (see
+    /// [`Builder::avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)).
+    #[inline]
+    pub fn is_retry(&self) -> bool {
+        self.retry
     }
 
     /// The current time, in nanoseconds since the balancer started.
@@ -189,7 +214,7 @@ impl<'a> PickContext<'a> {
     pub fn random_u64(&self) -> u64 {
         match self.randomness {
             Randomness::Thread => fastrand::u64(..),
-            Randomness::Seeded(seed) => seeded_rng(seed).random(),
+            Randomness::Seeded(seed) => next_seeded(seed),
         }
     }
 
@@ -201,7 +226,7 @@ impl<'a> PickContext<'a> {
         }
         match self.randomness {
             Randomness::Thread => fastrand::usize(..n),
-            Randomness::Seeded(seed) => seeded_rng(seed).random_range(0..n),
+            Randomness::Seeded(seed) => below(next_seeded(seed), n),
         }
     }
 
@@ -214,8 +239,7 @@ impl<'a> PickContext<'a> {
         let (a, b) = match self.randomness {
             Randomness::Thread => (fastrand::usize(..n), fastrand::usize(..n - 1)),
             Randomness::Seeded(seed) => {
-                let mut rng = seeded_rng(seed);
-                (rng.random_range(0..n), rng.random_range(0..n - 1))
+                (below(next_seeded(seed), n), below(next_seeded(seed), n - 1))
             }
         };
         (a, if b >= a { b + 1 } else { b })
@@ -227,9 +251,40 @@ impl<'a> PickContext<'a> {
     }
 }
 
-/// The generator for the next draw of a seeded sequence.
-fn seeded_rng(seed: &AtomicU64) -> SmallRng {
-    SmallRng::seed_from_u64(seed.fetch_add(1, Ordering::Relaxed))
+/// SplitMix64's increment: `2^64` over the golden ratio, odd.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function (Steele, Lea and Flood, 2014): a bijection
+/// in which every output bit depends on every input bit, so that states one
+/// apart give unrelated numbers.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The starting state of the seeded sequence for `seed`. Mixed, so that
+/// seeds 1, 2, 3 ... start at unrelated points of the SplitMix64 cycle:
+/// unmixed, seed `s + 1` would be the stream of `s` one draw ahead, and
+/// simulated clients seeded in a row would herd.
+pub(crate) fn seeded_state(seed: u64) -> AtomicU64 {
+    AtomicU64::new(mix64(seed))
+}
+
+/// The next number of a seeded sequence: one atomic add (so threads sharing
+/// the sequence never draw the same number) and a mix.
+pub(crate) fn next_seeded(state: &AtomicU64) -> u64 {
+    mix64(
+        state
+            .fetch_add(GAMMA, Ordering::Relaxed)
+            .wrapping_add(GAMMA),
+    )
+}
+
+/// `random` mapped onto `0..n` by a widening multiply (Lemire's method
+/// without the rejection step: the bias is below `n / 2^64`).
+fn below(random: u64, n: usize) -> usize {
+    ((u128::from(random) * n as u128) >> 64) as usize
 }
 
 /// Where the candidates stand in [slow start](crate::health::SlowStart),
@@ -307,5 +362,29 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn consecutive_seeds_give_streams_that_are_not_shifts_of_each_other() {
+        let rtt = RttEstimate::DEFAULT;
+        let draw = |seed: u64| {
+            let state = seeded_state(seed);
+            let ctx = PickContext::seeded(0, &rtt, &state);
+            (0..200).map(|_| ctx.random_index(10)).collect::<Vec<_>>()
+        };
+        let streams: Vec<Vec<usize>> = (1..=20).map(draw).collect();
+        for (i, a) in streams.iter().enumerate() {
+            for b in &streams[i + 1..] {
+                for shift in 0..=3 {
+                    let agree = a.iter().zip(&b[shift..]).filter(|(x, y)| x == y).count();
+                    // Independent streams agree on about a tenth.
+                    assert!(
+                        agree < 50,
+                        "{agree} of {} agree at shift {shift}",
+                        200 - shift
+                    );
+                }
+            }
+        }
     }
 }

@@ -1,9 +1,43 @@
-use super::{Candidates, PickContext, Ramp, Strategy};
+use std::time::Duration;
 
-/// Power of two choices: two distinct endpoints at random, the less loaded
-/// one wins. Load is divided by each endpoint's static weight, if discovery
-/// gave it one; a winner in [slow start](crate::health::SlowStart) keeps its
-/// win with the probability of its factor.
+use super::weighted::{alias_pick, alias_table, Column};
+use super::{Candidates, PickContext, Ramp, Strategy};
+use crate::load::EndpointLoad;
+
+/// How often P2C Peak-EWMA recomputes its candidates' typical estimate
+/// (besides every change of the set).
+const TYPICAL_EVERY: Duration = Duration::from_secs(1);
+
+/// The median of the latency estimates of the candidates that have one,
+/// each as of its last sample; `NaN` when none has. The median, not the
+/// mean: one slow endpoint among fast ones must not make newcomers look
+/// slow. O(n) (a selection), on the driver at each schedule.
+fn typical_rtt_ns<C: Candidates + ?Sized>(candidates: &C) -> f64 {
+    let mut estimates: Vec<f64> = (0..candidates.len())
+        .filter_map(|i| candidates.load(i).last_rtt_estimate_ns())
+        .filter(|rtt| rtt.is_finite())
+        .collect();
+    if estimates.is_empty() {
+        return f64::NAN;
+    }
+    let middle = (estimates.len() - 1) / 2;
+    let (_, median, _) = estimates.select_nth_unstable_by(middle, f64::total_cmp);
+    *median
+}
+
+/// With unequal static weights, how far apart two latency estimates must be
+/// before P2C Peak-EWMA lets them decide. An estimate is a running peak, so
+/// an endpoint sampled three times as often (its weight is 3) shows a higher
+/// one for the same server: compared strictly, the heavier endpoint would
+/// lose nearly every pair it shares with a lighter one, and with weights 3:1
+/// and one caller the shares came out near 55:45. Within the band the
+/// requests in flight per unit of weight decide, which under concurrency
+/// still sees a slower endpoint (its requests stay in flight longer).
+const LATENCY_BAND: f64 = 2.0;
+
+/// Power of two choices: two endpoints at random, the less loaded one wins;
+/// a winner in [slow start](crate::health::SlowStart) keeps its win with the
+/// probability of its factor.
 ///
 /// Two load signals are available:
 /// - [`P2c::least_requests`]: requests in flight;
@@ -13,6 +47,59 @@ use super::{Candidates, PickContext, Ramp, Strategy};
 ///   ([`Builder::rtt_estimate`](crate::balance::Builder::rtt_estimate)),
 ///   because every strategy and [`Balancer::endpoints`](crate::Balancer::endpoints)
 ///   share it.
+///
+/// # New and recovered endpoints (Peak-EWMA)
+///
+/// An endpoint that has not answered yet is weighed at the *typical*
+/// estimate of the others: the median of their latency estimates, which
+/// the balancer's driver recomputes whenever the set changes and every
+/// second. So a new endpoint competes level with its peers from its first
+/// pick and gets its share within a few requests, even from one sequential
+/// caller, instead of sitting at the 30 ms default prior while its peers
+/// measure 1 ms (which kept it out for about ln(30) x 10 s = 34 s). Slow
+/// start, when on, still ramps its share. (With no estimate anywhere yet,
+/// at start-up, the default prior applies.)
+///
+/// An endpoint whose estimate is *stale* (no sample for
+/// [`RttEstimate::probe_after`](crate::load::RttEstimate::probe_after),
+/// by default the decay, 10 s) and above the typical estimate is weighed at the typical
+/// value while nothing is in flight to it: it wins its next pick or two,
+/// gets one request (a probe), and that request's latency replaces the
+/// stale estimate. Once the probe is in flight it no longer qualifies, and
+/// its answer makes the estimate fresh again, so an endpoint that stays
+/// slow gets at most one request per period per balancer, and one that
+/// recovered is back in rotation after its probe, instead of after the
+/// decay has brought its estimate down (ln(100) x 10 s = 46 s for one that
+/// answered 100 times slower than its peers). The cost on the request path is one more load and
+/// compare per candidate, on the cache line the pick already reads.
+///
+/// # Static weights
+///
+/// With equal weights (the default) the two candidates are distinct and
+/// drawn uniformly. When discovery gives unequal
+/// [static weights](crate::Builder::static_weights), each candidate is drawn
+/// in proportion to its weight instead, independently (from an alias table
+/// built off the request path whenever the set changes, so a pick stays two
+/// random numbers and two table loads: lock-free, allocation-free, O(1)),
+/// and they are compared by load *per unit of weight*: in flight / weight,
+/// or latency x (in flight / weight + 1). Both halves are needed:
+/// - drawn in proportion, and compared by anything that does not favour one
+///   weight over another, endpoint `i` gets `p_i^2 + sum_j p_i p_j = p_i` of
+///   the picks, its weight's share; so when the comparison cannot tell them
+///   apart (a single sequential caller: nothing in flight, ties) the shares
+///   still follow the weights;
+/// - under concurrency the comparison per unit of weight holds each
+///   endpoint's in-flight count in proportion to its weight, which with
+///   equal latencies is the same proportion of the requests.
+///
+/// Dividing the load by the weight alone, as this strategy did before,
+/// is not proportional: idle, every endpoint's load is 0 (or, counting the
+/// request about to be sent, 1 / weight), so the heavier endpoint won every
+/// comparison and with weights 3:1 the lighter one got nothing. Envoy's
+/// least-request balancer avoids that differently: when weights differ it
+/// leaves P2C for an earliest-deadline-first schedule over weight /
+/// (in flight + 1), which needs a shared, locked schedule per pick. The
+/// alias table keeps picks as cheap as with equal weights.
 ///
 /// ```
 /// use tower_lb::strategy::P2c;
@@ -46,37 +133,81 @@ impl P2c {
         }
     }
 
-    /// The candidate's load, and its [static
-    /// weight](crate::load::EndpointLoad::static_weight). Least-requests
-    /// counts the request about to be sent, as Envoy's weighted least-request
-    /// does, so that weights tell idle endpoints apart too.
-    fn cost<C: Candidates + ?Sized>(
-        &self,
-        candidates: &C,
-        i: usize,
-        ctx: &PickContext<'_>,
-    ) -> (f64, f64) {
-        let load = candidates.load(i);
-        let cost = match self.cost {
-            Cost::InFlight => (load.in_flight() + 1) as f64,
-            Cost::PeakEwma => load.peak_ewma_cost(ctx),
-        };
-        (cost, load.static_weight())
-    }
-
-    /// Whether `b` is less loaded than `a` per unit of weight: an endpoint
-    /// of weight 2 looks half as loaded. Cross-multiplied rather than
-    /// divided: a division is most of a pick's cost.
+    /// Whether `b` is less loaded than `a`, with equal weights: in flight,
+    /// or latency x (in flight + 1).
     fn prefers_b<C: Candidates + ?Sized>(
         &self,
         candidates: &C,
         a: usize,
         b: usize,
+        typical: f64,
         ctx: &PickContext<'_>,
     ) -> bool {
-        let (cost_a, weight_a) = self.cost(candidates, a, ctx);
-        let (cost_b, weight_b) = self.cost(candidates, b, ctx);
-        cost_b * weight_a < cost_a * weight_b
+        let (a, b) = (candidates.load(a), candidates.load(b));
+        match self.cost {
+            Cost::InFlight => b.in_flight() < a.in_flight(),
+            Cost::PeakEwma => {
+                let cost = |load: &EndpointLoad| {
+                    let in_flight = load.in_flight() as u32;
+                    let rtt = load.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight == 0);
+                    rtt * (f64::from(in_flight) + 1.0)
+                };
+                cost(b) < cost(a)
+            }
+        }
+    }
+
+    /// Whether `b` is less loaded than `a` per unit of weight: requests in
+    /// flight per unit of weight, `(in flight + weight) / weight`, times the
+    /// latency estimate for Peak-EWMA when the two estimates are more than
+    /// [`LATENCY_BAND`] apart. Cross-multiplied rather than divided: a
+    /// division is most of a pick's cost. Ties go to `a`, which was drawn in
+    /// proportion to its weight.
+    fn prefers_b_weighted<C: Candidates + ?Sized>(
+        &self,
+        candidates: &C,
+        a: usize,
+        b: usize,
+        typical: f64,
+        ctx: &PickContext<'_>,
+    ) -> bool {
+        let (a, b) = (candidates.load(a), candidates.load(b));
+        let (weight_a, weight_b) = (a.static_weight(), b.static_weight());
+        // Scaled by both weights: `queue_a` is `(in flight + w_a) / w_a`
+        // times `w_a w_b`.
+        let queue_a = (f64::from(a.in_flight() as u32) + weight_a) * weight_b;
+        let queue_b = (f64::from(b.in_flight() as u32) + weight_b) * weight_a;
+        if self.cost == Cost::PeakEwma {
+            let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, a.in_flight() == 0);
+            let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, b.in_flight() == 0);
+            if rtt_a > rtt_b * LATENCY_BAND || rtt_b > rtt_a * LATENCY_BAND {
+                return rtt_b * queue_b < rtt_a * queue_a;
+            }
+        }
+        queue_b < queue_a
+    }
+
+    /// The two candidates, and whether `b` wins.
+    fn draw<C: Candidates + ?Sized>(
+        &self,
+        schedule: &P2cSchedule,
+        candidates: &C,
+        n: usize,
+        ctx: &PickContext<'_>,
+    ) -> (usize, usize, bool) {
+        if schedule.weights.len() == n {
+            let a = alias_pick(&schedule.weights, ctx.random_u64());
+            let b = alias_pick(&schedule.weights, ctx.random_u64());
+            let b_wins =
+                a != b && self.prefers_b_weighted(candidates, a, b, schedule.typical_rtt_ns, ctx);
+            return (a, b, b_wins);
+        }
+        let (a, b) = ctx.random_pair(n);
+        (
+            a,
+            b,
+            self.prefers_b(candidates, a, b, schedule.typical_rtt_ns, ctx),
+        )
     }
 }
 
@@ -87,23 +218,48 @@ impl Default for P2c {
     }
 }
 
-/// What P2C precomputes: whether any endpoint is in slow start.
-#[derive(Debug, Clone, Copy)]
+/// What P2C precomputes: whether any endpoint is in slow start, and with
+/// unequal static weights the table candidates are drawn from.
+#[derive(Debug, Clone)]
 pub struct P2cSchedule {
     ramping: bool,
+    /// An alias table over the static weights; empty when they are all
+    /// equal (uniform draws).
+    weights: Box<[Column]>,
+    /// The median of the candidates' latency estimates (each as of its last
+    /// sample), `NaN` when none has one or the cost is not Peak-EWMA: what
+    /// a new endpoint is weighed at until it answers, and a stale one while
+    /// it waits for a probe.
+    typical_rtt_ns: f64,
 }
 
 impl Strategy for P2c {
     type Schedule = P2cSchedule;
 
     fn schedule<C: Candidates + ?Sized>(&self, candidates: &C, _: &PickContext<'_>) -> P2cSchedule {
+        let weights: Vec<f64> = (0..candidates.len())
+            .map(|i| candidates.load(i).static_weight())
+            .collect();
+        let typical_rtt_ns = match self.cost {
+            Cost::InFlight => f64::NAN,
+            Cost::PeakEwma => typical_rtt_ns(candidates),
+        };
         P2cSchedule {
             ramping: Ramp::of(candidates).is_some(),
+            // Empty when the weights are equal (to the table's precision).
+            weights: alias_table(&weights),
+            typical_rtt_ns,
         }
     }
 
     fn uses_latency(&self) -> bool {
         self.cost == Cost::PeakEwma
+    }
+
+    /// Peak-EWMA keeps its typical estimate current: new endpoints start
+    /// from it, and stale ones are probed at it.
+    fn reschedule_every(&self) -> Option<Duration> {
+        (self.cost == Cost::PeakEwma).then_some(TYPICAL_EVERY)
     }
 
     fn pick<C: Candidates + ?Sized>(
@@ -116,12 +272,8 @@ impl Strategy for P2c {
             0 => None,
             1 => Some(0),
             n => {
-                let (a, b) = ctx.random_pair(n);
-                let (winner, loser) = if self.prefers_b(candidates, a, b, ctx) {
-                    (b, a)
-                } else {
-                    (a, b)
-                };
+                let (a, b, b_wins) = self.draw(schedule, candidates, n, ctx);
+                let (winner, loser) = if b_wins { (b, a) } else { (a, b) };
                 if !schedule.ramping {
                     return Some(winner);
                 }
@@ -213,11 +365,27 @@ mod tests {
         let rtt = RttEstimate::DEFAULT;
         let ctx = PickContext::new(0, &rtt);
         assert_eq!(
-            P2c::peak_ewma().pick(&P2cSchedule { ramping: false }, &loads(1)[..], &ctx),
+            P2c::peak_ewma().pick(
+                &P2cSchedule {
+                    ramping: false,
+                    weights: Box::default(),
+                    typical_rtt_ns: f64::NAN,
+                },
+                &loads(1)[..],
+                &ctx
+            ),
             Some(0)
         );
         assert_eq!(
-            P2c::peak_ewma().pick(&P2cSchedule { ramping: false }, &loads(0)[..], &ctx),
+            P2c::peak_ewma().pick(
+                &P2cSchedule {
+                    ramping: false,
+                    weights: Box::default(),
+                    typical_rtt_ns: f64::NAN,
+                },
+                &loads(0)[..],
+                &ctx
+            ),
             None
         );
     }
@@ -228,19 +396,50 @@ mod tests {
         let ctx = PickContext::new(0, &rtt);
         let endpoints = loads(2);
         assert!(endpoints[1].set_static_weight(2.0));
-        // (2 + 1) / 2 = 1.5 beats (1 + 1) / 1 = 2: the heavier one still wins.
-        endpoints[0].set_in_flight(1);
-        endpoints[1].set_in_flight(2);
-        assert_eq!(
-            P2c::least_requests().pick(&P2cSchedule { ramping: false }, &endpoints[..], &ctx),
-            Some(1)
-        );
-        // (4 + 1) / 2 = 2.5 loses to 2.
-        endpoints[1].set_in_flight(4);
-        assert_eq!(
-            P2c::least_requests().pick(&P2cSchedule { ramping: false }, &endpoints[..], &ctx),
-            Some(0)
-        );
+        let p2c = P2c::least_requests();
+        // 3 / 2 < 2 / 1: the heavier one wins every comparison.
+        endpoints[0].set_in_flight(2);
+        endpoints[1].set_in_flight(3);
+        assert!(p2c.prefers_b_weighted(&endpoints[..], 0, 1, f64::NAN, &ctx));
+        // 5 / 2 > 2 / 1: it loses.
+        endpoints[1].set_in_flight(5);
+        assert!(!p2c.prefers_b_weighted(&endpoints[..], 0, 1, f64::NAN, &ctx));
+    }
+
+    /// Shares of `picks` picks by `p2c` over idle endpoints of `weights`.
+    fn idle_shares(p2c: P2c, weights: &[f64], picks: usize) -> Vec<f64> {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = loads(weights.len());
+        for (load, &w) in endpoints.iter().zip(weights) {
+            assert!(load.set_static_weight(w));
+        }
+        let schedule = p2c.schedule(&endpoints[..], &ctx);
+        let mut counts = vec![0usize; weights.len()];
+        for _ in 0..picks {
+            counts[p2c.pick(&schedule, &endpoints[..], &ctx).unwrap()] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / picks as f64).collect()
+    }
+
+    #[test]
+    fn idle_endpoints_get_shares_in_proportion_to_their_weights() {
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            let shares = idle_shares(p2c, &[3.0, 1.0], 100_000);
+            assert!((shares[0] - 0.75).abs() < 0.01, "{p2c:?}: {shares:?}");
+            let shares = idle_shares(p2c, &[1.0, 2.0, 3.0, 4.0], 100_000);
+            for (share, want) in shares.iter().zip([0.1, 0.2, 0.3, 0.4]) {
+                assert!((share - want).abs() < 0.01, "{p2c:?}: {shares:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn equal_weights_other_than_one_draw_uniformly() {
+        let shares = idle_shares(P2c::least_requests(), &[5.0; 4], 100_000);
+        for share in shares {
+            assert!((share - 0.25).abs() < 0.01, "{share}");
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@ use super::{Candidates, PickContext, Ramp, Strategy, MAX_PASSES};
 /// (an endpoint in [slow start](crate::health::SlowStart) takes its turn only
 /// with the probability of its factor).
 ///
+/// A retry or a hedge ([`PickContext::is_retry`]) takes no turn: it goes to
+/// an endpoint at random (the balancer then steers it off the endpoints its
+/// call tried), so first attempts stay exactly evenly spread even when one
+/// endpoint fails every request.
+///
 /// ```
 /// use tower_lb::strategy::RoundRobin;
 /// let strategy = RoundRobin::new();
@@ -39,7 +44,12 @@ impl RoundRobin {
 }
 
 impl RoundRobin {
-    fn turn(&self, schedule: &RoundRobinSchedule, n: usize) -> usize {
+    /// The next endpoint in turn, or for a retry one at random, leaving the
+    /// turns to first attempts.
+    fn turn(&self, schedule: &RoundRobinSchedule, n: usize, ctx: &PickContext<'_>) -> usize {
+        if ctx.is_retry() {
+            return ctx.random_index(n);
+        }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         schedule.start.wrapping_add(turn) % n
     }
@@ -69,7 +79,7 @@ impl Strategy for RoundRobin {
         if n == 0 {
             return None;
         }
-        let mut index = self.turn(schedule, n);
+        let mut index = self.turn(schedule, n, ctx);
         // While some endpoint ramps up, it keeps its turn with the
         // probability of its factor (relative to the furthest along), else
         // the turn passes on.
@@ -78,7 +88,7 @@ impl Strategy for RoundRobin {
                 if ramp.keeps(candidates.load(index).slow_start_factor(), ctx) {
                     break;
                 }
-                index = self.turn(schedule, n);
+                index = self.turn(schedule, n, ctx);
             }
         }
         Some(index)
@@ -119,6 +129,26 @@ mod tests {
         for step in 1..10 {
             let i = rr.pick(&schedule, &endpoints[..], &ctx).unwrap();
             assert_eq!(i, (first + step) % 5);
+        }
+    }
+
+    #[test]
+    fn a_retry_takes_no_turn() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let retry = PickContext::new(0, &rtt).retry(true);
+        let endpoints = loads(3);
+        let rr = RoundRobin::new();
+        let schedule = rr.schedule(&endpoints[..], &ctx);
+        let first = rr.pick(&schedule, &endpoints[..], &ctx).unwrap();
+        for step in 1..10 {
+            for _ in 0..5 {
+                assert!(rr.pick(&schedule, &endpoints[..], &retry).unwrap() < 3);
+            }
+            assert_eq!(
+                rr.pick(&schedule, &endpoints[..], &ctx),
+                Some((first + step) % 3)
+            );
         }
     }
 

@@ -118,7 +118,7 @@ pub struct WeightedRoundRobinSchedule {
 /// belongs to its own endpoint, the rest to endpoint `alias`. A column that
 /// belongs to its own endpoint alone has itself as alias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Column {
+pub(super) struct Column {
     threshold: u32,
     alias: u32,
 }
@@ -239,10 +239,13 @@ impl Strategy for WeightedRoundRobin {
         &self,
         schedule: &WeightedRoundRobinSchedule,
         candidates: &C,
-        _ctx: &PickContext<'_>,
+        ctx: &PickContext<'_>,
     ) -> Option<usize> {
         match candidates.len() {
             0 => None,
+            // A retry takes no turn (see `PickContext::is_retry`): a random
+            // spot of the table, so still in proportion to the weights.
+            n if ctx.is_retry() => Some(schedule.pick_at(ctx.random_u64() >> 1, n)),
             n => Some(schedule.pick(n)),
         }
     }
@@ -262,22 +265,33 @@ impl WeightedRoundRobinSchedule {
     /// the columns, a few intervals of total length its share, so over any
     /// run of picks its count follows its share to within a few picks.
     fn pick(&self, n: usize) -> usize {
-        let k = self.sequence.fetch_add(1, Ordering::Relaxed);
+        self.pick_at(self.sequence.fetch_add(1, Ordering::Relaxed), n)
+    }
+
+    /// The pick of counter value `k` among `n > 0` endpoints.
+    fn pick_at(&self, k: u64, n: usize) -> usize {
         if self.columns.len() != n {
             // Plain round robin (or a schedule built for another set).
             return (k % n as u64) as usize;
         }
-        let spot = u128::from(k.wrapping_mul(GOLDEN)) * n as u128;
-        // Below `n`: `k * GOLDEN` is below 2^64.
-        let column = (spot >> 64) as usize;
-        // The top 32 bits of the fraction.
-        let coin = (spot >> 32) as u32;
-        let Column { threshold, alias } = self.columns[column];
-        if coin < threshold {
-            column
-        } else {
-            alias as usize
-        }
+        alias_pick(&self.columns, k.wrapping_mul(GOLDEN))
+    }
+}
+
+/// The endpoint at `u / 2^64` of a (non-empty) alias table: `u` names the
+/// column (the integer part of `n u / 2^64`) and where in the column it
+/// falls (the top 32 bits of the fraction, the coin). A uniformly random
+/// `u` picks each endpoint with the probability of its weight's share.
+pub(super) fn alias_pick(columns: &[Column], u: u64) -> usize {
+    let spot = u128::from(u) * columns.len() as u128;
+    // Below `n`: `u` is below 2^64.
+    let column = (spot >> 64) as usize;
+    let coin = (spot >> 32) as u32;
+    let Column { threshold, alias } = columns[column];
+    if coin < threshold {
+        column
+    } else {
+        alias as usize
     }
 }
 
@@ -324,7 +338,7 @@ fn scale(weights: &[f64]) -> Vec<f64> {
 /// columns times its weight's share. Empty for plain round robin: fewer than
 /// two weights, all weights equal (to the table's precision), or more
 /// endpoints than a `u32` counts.
-fn alias_table(weights: &[f64]) -> Box<[Column]> {
+pub(super) fn alias_table(weights: &[f64]) -> Box<[Column]> {
     let n = weights.len();
     if n < 2 || u32::try_from(n).is_err() {
         return Box::default();
@@ -758,6 +772,23 @@ mod tests {
             total
         });
         assert_proportional(&counts, &weights, 0.01);
+    }
+
+    #[test]
+    fn a_retry_takes_no_turn() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(0, &rtt);
+        let endpoints = weighted_loads(&[1.0, 2.0, 3.0]);
+        let wrr = WeightedRoundRobin::new();
+        let schedule = wrr.schedule(&endpoints[..], &ctx);
+        let before = schedule.sequence.load(Ordering::Relaxed);
+        let retry = PickContext::new(0, &rtt).retry(true);
+        for _ in 0..10 {
+            assert!(wrr
+                .pick(&schedule, &endpoints[..], &retry)
+                .is_some_and(|i| i < 3));
+        }
+        assert_eq!(schedule.sequence.load(Ordering::Relaxed), before);
     }
 
     #[test]

@@ -1,0 +1,243 @@
+//! How strategies spread requests over real hyper servers on loopback:
+//! retries under round robin, new and recovered endpoints under P2C
+//! Peak-EWMA.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lb::http::{self as lb_http, HttpEndpoint};
+use tower_lb::load::RttEstimate;
+use tower_lb::retry::{Backoff, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
+use tower_lb::strategy::{P2c, RoundRobin};
+use tower_lb::{discover, Balancer};
+
+use support::{get, Body, TestServer};
+
+/// Round robin over `servers`, behind retries (1 ms backoff, a budget that
+/// never refuses) and with retries sent to endpoints not yet tried;
+/// outlier detection off. Sends `calls` GETs one by one and returns each
+/// server's hits.
+async fn round_robin_with_retries(servers: &[TestServer], calls: usize) -> Vec<usize> {
+    let http = lb_http::client::<ReplayBody<Body>>();
+    let balancer = Balancer::builder()
+        .strategy(RoundRobin::new())
+        .avoid_tried_endpoints()
+        .build(discover::fixed(lb_http::endpoints(
+            &http,
+            servers.iter().map(|s| s.addr),
+        )));
+    let client = ServiceBuilder::new()
+        .layer(ReplayLayer::new(tower_lb::retry::DEFAULT_REPLAY_CAP))
+        .layer(RetryLayer::new(
+            RetryPolicy::new().backoff(Backoff::new().initial(Duration::from_millis(1))),
+            RetryBudget::new().min_per_second(1_000),
+        ))
+        .service(balancer);
+    for _ in 0..calls {
+        let response = client.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "{:?}", response.err());
+    }
+    servers.iter().map(TestServer::hits).collect()
+}
+
+/// Servers that answer 200, the first one 503 to everything. Retries
+/// avoid the endpoint a call tried, so the failing server only ever sees
+/// first attempts.
+async fn one_failing_of(n: usize) -> Vec<TestServer> {
+    let servers = support::servers(n, Duration::ZERO).await;
+    servers[0].fail_every(1);
+    servers
+}
+
+#[tokio::test]
+async fn a_retry_takes_no_round_robin_turn_with_one_healthy_endpoint_beside() {
+    let servers = one_failing_of(2).await;
+    let hits = round_robin_with_retries(&servers, 30).await;
+    // Every call's first attempt in turn: 15 on each; each one on the
+    // failing server is retried on the healthy one.
+    assert_eq!(
+        hits[0], 15,
+        "first attempts on the failing server: {hits:?}"
+    );
+    assert_eq!(hits[1], 30, "{hits:?}");
+}
+
+#[tokio::test]
+async fn a_retry_takes_no_round_robin_turn_with_two_healthy_endpoints_beside() {
+    let servers = one_failing_of(3).await;
+    let hits = round_robin_with_retries(&servers, 30).await;
+    assert_eq!(
+        hits[0], 10,
+        "first attempts on the failing server: {hits:?}"
+    );
+    assert_eq!(hits[1] + hits[2], 30, "{hits:?}");
+}
+
+/// The endpoints (0 to 9) that `calls` requests sent one by one went to,
+/// through P2C least-requests seeded with `seed`: every endpoint is idle at
+/// each pick, so the picks are the seeded draws themselves.
+async fn seeded_picks(seed: u64, calls: usize) -> Vec<usize> {
+    let endpoints = (0..10usize).map(|i| {
+        let answer = tower::service_fn(move |_: ()| async move { Ok::<_, Infallible>(i) });
+        (i, answer)
+    });
+    let balancer = Balancer::builder()
+        .strategy(P2c::least_requests())
+        .seed(seed)
+        .build(discover::fixed(endpoints));
+    let mut picks = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        picks.push(
+            balancer
+                .clone()
+                .oneshot(())
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    picks
+}
+
+#[tokio::test]
+async fn balancers_with_consecutive_seeds_pick_independently() {
+    let mut runs = Vec::new();
+    for seed in 1..=20 {
+        runs.push(seeded_picks(seed, 200).await);
+    }
+    assert_eq!(
+        runs[0],
+        seeded_picks(1, 200).await,
+        "a seed repeats its picks"
+    );
+    let mut most = 0;
+    for (i, a) in runs.iter().enumerate() {
+        for (j, b) in runs.iter().enumerate() {
+            for shift in 1..=3 {
+                let agree = a.iter().zip(&b[shift..]).filter(|(x, y)| x == y).count();
+                most = most.max(agree);
+                // Independent picks among 10 agree about a tenth of the time.
+                assert!(
+                    agree <= 100,
+                    "seeds {} and {}: {agree} picks agree after a shift of {shift}",
+                    i + 1,
+                    j + 1
+                );
+            }
+        }
+    }
+    println!("most picks two seeds agree on after a shift of 1 to 3: {most} of 199");
+}
+
+/// P2C Peak-EWMA (the default) over a push channel, outlier detection off,
+/// with estimates stale after 1 s (10 s by default).
+fn peak_ewma_over_channel() -> (
+    tower_lb::discover::DiscoveryHandle<SocketAddr, HttpEndpoint<Body>>,
+    Balancer<SocketAddr, HttpEndpoint<Body>>,
+) {
+    let (handle, stream) = discover::channel();
+    let balancer = Balancer::builder()
+        .rtt_estimate(RttEstimate::DEFAULT.probe_after(Duration::from_secs(1)))
+        .build(stream);
+    (handle, balancer)
+}
+
+fn insert(
+    handle: &tower_lb::discover::DiscoveryHandle<SocketAddr, HttpEndpoint<Body>>,
+    http: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
+    server: &TestServer,
+) {
+    handle
+        .insert(server.addr, HttpEndpoint::new(http.clone(), server.addr))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Sends `n` GETs one by one.
+async fn send_one_by_one<S>(balancer: &S, n: usize)
+where
+    S: tower::Service<http::Request<Body>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let response = balancer.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "{:?}", response.err());
+    }
+}
+
+/// `hits` of one server over the mean of `others`' since `before`.
+fn relative_share(server: usize, others: &[usize], hits: &[usize], before: &[usize]) -> f64 {
+    let got = |i: usize| (hits[i] - before[i]) as f64;
+    let mean = others.iter().map(|&i| got(i)).sum::<f64>() / others.len() as f64;
+    got(server) / mean.max(1.0)
+}
+
+#[tokio::test]
+async fn a_new_endpoint_gets_its_share_within_20_requests_from_one_caller() {
+    let servers = support::servers(5, Duration::from_millis(1)).await;
+    let http = lb_http::client();
+    let (handle, balancer) = peak_ewma_over_channel();
+    for server in &servers[..4] {
+        insert(&handle, &http, server);
+    }
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 4).await;
+    // Every old endpoint measured, for a second or so.
+    send_one_by_one(&balancer, 400).await;
+    insert(&handle, &http, &servers[4]);
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 5).await;
+    send_one_by_one(&balancer, 20).await;
+    let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    assert!(before[4] > 0, "no request in the first 20 after it joined");
+    send_one_by_one(&balancer, 200).await;
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let relative = relative_share(4, &[0, 1, 2, 3], &hits, &before);
+    println!("after 20 requests, the newcomer gets {relative:.2}x an old endpoint's share");
+    assert!(
+        relative >= 0.8,
+        "{relative:.2}x: {hits:?} (before: {before:?})"
+    );
+}
+
+#[tokio::test]
+async fn a_recovered_endpoint_is_probed_within_the_bound_and_gets_its_share_back() {
+    let servers = support::servers(4, Duration::from_millis(1)).await;
+    servers[0].set_delay(Duration::from_millis(100));
+    let http = lb_http::client();
+    let (handle, balancer) = peak_ewma_over_channel();
+    for server in &servers {
+        insert(&handle, &http, server);
+    }
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 4).await;
+    // Until the slow one has answered slowly, and some more.
+    while servers[0].hits() == 0 {
+        send_one_by_one(&balancer, 1).await;
+    }
+    send_one_by_one(&balancer, 100).await;
+    // It recovers; its estimate still says 100 ms.
+    servers[0].set_delay(Duration::from_millis(1));
+    let recovered = tokio::time::Instant::now();
+    let slow_hits = servers[0].hits();
+    // A probe within the 1 s bound (plus the requests in between).
+    while servers[0].hits() == slow_hits {
+        assert!(
+            recovered.elapsed() < Duration::from_millis(1_500),
+            "no probe 1.5 s after it recovered"
+        );
+        send_one_by_one(&balancer, 1).await;
+    }
+    println!("probed {:?} after it recovered", recovered.elapsed());
+    let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    send_one_by_one(&balancer, 200).await;
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let relative = relative_share(0, &[1, 2, 3], &hits, &before);
+    println!("after its probe, it gets {relative:.2}x the others' share");
+    assert!(
+        relative >= 0.8,
+        "{relative:.2}x: {hits:?} (before: {before:?})"
+    );
+}
