@@ -1,7 +1,6 @@
 //! The contenders: every tower-lb strategy, and tower's own p2c as the
 //! baseline, each built over the same endpoints.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -52,8 +51,7 @@ impl Answer {
 pub type Endpoint = BoxCloneSyncService<Request, Answer, BoxError>;
 /// The endpoints as discovery gives them (keys are backend numbers): all
 /// at once, or some later (see `Scenario::late`).
-pub type Discovery =
-    Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infallible>> + Send>>;
+pub type Discovery = Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, BoxError>> + Send>>;
 /// A contender, ready to take requests.
 pub type Client = BoxCloneService<Request, StatusCode, BoxError>;
 /// Reads a tower-lb contender's per-endpoint stats (keys are backend

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_core::Stream;
 use hdrhistogram::Histogram;
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -308,7 +309,9 @@ fn discovery(
 ) -> (Discovery, Option<Duration>) {
     if scenario.late == 0 {
         return (
-            Box::pin(discover::fixed(endpoints.into_iter().enumerate())),
+            Box::pin(BoxErrors(discover::fixed(
+                endpoints.into_iter().enumerate(),
+            ))),
             None,
         );
     }
@@ -327,9 +330,30 @@ fn discovery(
     });
     let epoch = backends.first().map_or(join_at, |b| b.epoch());
     (
-        Box::pin(stream),
+        Box::pin(BoxErrors(stream)),
         Some(join_at.saturating_duration_since(epoch)),
     )
+}
+
+/// A discovery stream whose errors are boxed, so that a fixed list (which
+/// never fails) and a channel (which can say it found nothing) have one type.
+struct BoxErrors<S>(S);
+
+impl<S, T, E> Stream for BoxErrors<S>
+where
+    S: Stream<Item = Result<T, E>> + Unpin,
+    E: Into<BoxError>,
+{
+    type Item = Result<T, BoxError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|item| item.map(|result| result.map_err(Into::into)))
+    }
 }
 
 fn backends(scenario: &Scenario, seed: u64) -> Vec<Arc<Backend>> {
