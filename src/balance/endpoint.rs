@@ -127,21 +127,12 @@ pub(crate) struct Endpoint<K, S> {
     ejections: AtomicU32,
     /// While ejected: when it returns, in nanoseconds since the epoch.
     returns_at_ns: AtomicU64,
-    /// When a lost connection last counted as a failure, in nanoseconds
-    /// since the epoch; `NEVER` before the first.
-    connection_lost_at_ns: AtomicU64,
+    /// Requests started on it when a lost connection last counted in its
+    /// failures in a row: the requests numbered below were under way then,
+    /// so their own lost connections are the same event.
+    lost_connection_mark: AtomicU64,
     shared: Arc<Shared>,
 }
-
-/// How long the failures of one lost connection keep coming. A server that
-/// closes its connections (a reload, a restart, an idle timeout racing a
-/// request) fails every request written to them within a few milliseconds;
-/// those failures are one signal about the endpoint, not one each, or a
-/// healthy server would be ejected on every deploy. Lost connections that
-/// keep happening still count, once per window.
-pub(crate) const CONNECTION_LOSS_BURST: Duration = Duration::from_secs(1);
-
-const NEVER: u64 = u64::MAX;
 
 /// In service.
 const ACTIVE: u8 = 0;
@@ -167,32 +158,50 @@ impl<K, S> Endpoint<K, S> {
             state: AtomicU8::new(ACTIVE),
             ejections: AtomicU32::new(0),
             returns_at_ns: AtomicU64::new(0),
-            connection_lost_at_ns: AtomicU64::new(NEVER),
+            lost_connection_mark: AtomicU64::new(0),
             shared,
         }
     }
 
-    /// Records a failure because the request's connection was lost: the
-    /// first of a burst counts, the rest of the burst (within
-    /// [`CONNECTION_LOSS_BURST`] of it) count as nothing.
-    pub(crate) fn record_connection_lost(&self)
+    /// Records a failure because the request's connection was lost, for
+    /// request number `started` (see `EndpointLoad::start`).
+    ///
+    /// A server that closes its connections (a reload, a restart, an idle
+    /// timeout racing a request) fails every request under way on them at
+    /// once. That is one event: the first such failure counts in the
+    /// failures in a row, and the failures of requests that had started
+    /// before it count only in the totals (which the interval detectors
+    /// and the stats read), or a healthy server would be ejected on every
+    /// deploy. A request started after it that loses its connection again
+    /// is a new event and counts in full, so a server that keeps dropping
+    /// connections is ejected as before.
+    pub(crate) fn record_connection_lost(&self, started: u64)
     where
         K: Send + Sync,
         S: Send + Sync,
     {
-        let now = self.shared.now_ns();
-        let last = self.connection_lost_at_ns.load(Ordering::Relaxed);
-        let window = CONNECTION_LOSS_BURST.as_nanos() as u64;
-        if last != NEVER && now.saturating_sub(last) < window {
-            return;
-        }
-        // One of the burst's requests wins; the others see its stamp.
-        if self
-            .connection_lost_at_ns
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.record_outcome(Outcome::Failure);
+        let mut mark = self.lost_connection_mark.load(Ordering::Relaxed);
+        loop {
+            if started < mark {
+                self.load.record_failure();
+                return;
+            }
+            // Every request started so far was under way when this one
+            // lost its connection.
+            let now = self.load.requests();
+            match self.lost_connection_mark.compare_exchange(
+                mark,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.record_outcome(Outcome::Failure);
+                    return;
+                }
+                // Another failure of the same event got there first.
+                Err(current) => mark = current,
+            }
         }
     }
 
@@ -380,6 +389,8 @@ pub(crate) struct InFlight<K, S> {
     endpoint: Option<Arc<Endpoint<K, S>>>,
     /// When the request started, if requests are timed.
     start_ns: Option<u64>,
+    /// Its number among the requests started on the endpoint.
+    started: u64,
 }
 
 impl<K, S> InFlight<K, S> {
@@ -391,7 +402,7 @@ impl<K, S> InFlight<K, S> {
         start_ns: Option<u64>,
         avoid_ejected: bool,
     ) -> Result<Self, Refused> {
-        endpoint.load.start();
+        let started = endpoint.load.start();
         // Both flags are read after the increment, and their writers read the
         // in-flight count after setting them (`shutdown` sums the counts; the
         // driver prunes drained endpoints), all `SeqCst`: so either this
@@ -408,6 +419,7 @@ impl<K, S> InFlight<K, S> {
         let mut guard = Self {
             endpoint: Some(endpoint),
             start_ns,
+            started,
         };
         if let Some(refused) = refused {
             guard.endpoint().load.uncount_start();
@@ -425,6 +437,11 @@ impl<K, S> InFlight<K, S> {
             Some(endpoint) => endpoint,
             None => unreachable!("InFlight used after complete"),
         }
+    }
+
+    /// The request's number among those started on its endpoint.
+    pub(crate) fn started(&self) -> u64 {
+        self.started
     }
 
     /// Records the latency and releases the request; returns the endpoint,

@@ -107,6 +107,7 @@ where
                     let Some(guard) = guard.take() else {
                         panic!("tower_lb::ResponseFuture polled after completion");
                     };
+                    let started = guard.started();
                     let endpoint = guard.complete();
                     return Poll::Ready(match result {
                         Ok(response) => {
@@ -119,7 +120,7 @@ where
                                 Some(Outcome::Failure)
                                     if crate::error::is_connection_lost(&*source) =>
                                 {
-                                    endpoint.record_connection_lost();
+                                    endpoint.record_connection_lost(started);
                                 }
                                 Some(outcome) => endpoint.record_outcome(outcome),
                                 None => {}

@@ -347,8 +347,12 @@ impl EndpointLoad {
     /// Counts a request as started. `SeqCst` pairs with the shutdown path: a
     /// request that raced `close()` either sees the flag or is seen in flight.
     #[inline]
-    pub(crate) fn start(&self) {
-        self.counters.fetch_add(ONE_STARTED + 1, Ordering::SeqCst);
+    ///
+    /// Returns the request's number among those started on the endpoint
+    /// (modulo 2^40): the add returns it anyway, and it tells which requests
+    /// were already under way when a connection was lost.
+    pub(crate) fn start(&self) -> u64 {
+        self.counters.fetch_add(ONE_STARTED + 1, Ordering::SeqCst) >> IN_FLIGHT_BITS
     }
 
     /// Takes back the started count of a request that was turned away before
