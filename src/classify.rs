@@ -464,45 +464,66 @@ mod http {
         }
     }
 
-    /// Whether the server was told the caller's deadline: then its
-    /// `DEADLINE_EXCEEDED` is the caller's doing, not the endpoint's.
+    /// The deadline the server was told, if any: then its
+    /// `DEADLINE_EXCEEDED` may be the caller's doing, not the endpoint's.
     ///
     /// A gRPC server that enforces the `grpc-timeout` it was sent answers
     /// `DEADLINE_EXCEEDED` when the caller's time runs out, or at once when
-    /// it sees the time left cannot cover the work. Either way a healthy
+    /// it sees that the time left cannot cover the work. Either way a healthy
     /// server did what it was asked; counting it would eject healthy
     /// endpoints whenever callers choose tight deadlines (and a client-side
     /// expiry of the same deadline counts as nothing either, see
     /// [`default_error_outcome`](super::default_error_outcome)). So such a
     /// failure is reported as nothing: neither a failure nor a success, so
-    /// it neither extends nor breaks a streak of failures. An endpoint
-    /// service says it told the server by leaving the call's
-    /// [`CallDeadline`] in the response's extensions, as
+    /// it neither extends nor breaks a streak of failures.
+    ///
+    /// Only while the caller's deadline is [nearly out](nearly_out) when
+    /// the answer arrives, though: a server that answers `DEADLINE_EXCEEDED`
+    /// with most of a long deadline left is speaking of its own (a
+    /// dependency that timed out), and a broken one that answers so at once
+    /// must still be ejected. An endpoint service says it told the server by
+    /// leaving the call's [`CallDeadline`] in the response's extensions, as
     /// [`GrpcEndpoint`](crate::grpc::GrpcEndpoint) does.
     #[derive(Debug, Clone, Copy)]
     struct CallersDeadline {
-        told: bool,
+        told: Option<CallDeadline>,
     }
 
     impl CallersDeadline {
         fn of<B>(response: &http::Response<B>) -> Self {
             Self {
-                told: response.extensions().get::<CallDeadline>().is_some(),
+                told: response.extensions().get::<CallDeadline>().copied(),
             }
         }
 
         /// Reports the verdict, unless it is a failure that only says the
-        /// caller's deadline passed (`grpc-status: 4` in `status`).
+        /// caller's deadline passed (`grpc-status: 4` in `status`, with the
+        /// deadline nearly out).
         fn report(self, report: OutcomeReport, success: bool, status: Option<&HeaderMap>) {
-            let deadline_exceeded = status
-                .and_then(|headers| headers.get("grpc-status"))
-                .and_then(super::grpc_code)
-                == Some(GRPC_DEADLINE_EXCEEDED);
-            if !success && self.told && deadline_exceeded {
-                return;
+            if !success {
+                if let Some(deadline) = self.told {
+                    let deadline_exceeded = status
+                        .and_then(|headers| headers.get("grpc-status"))
+                        .and_then(super::grpc_code)
+                        == Some(GRPC_DEADLINE_EXCEEDED);
+                    if deadline_exceeded && nearly_out(&deadline) {
+                        return;
+                    }
+                }
             }
             report.report(outcome(success));
         }
+    }
+
+    /// Whether a call's deadline is nearly out: less than a second left, or
+    /// less than a tenth of its budget. A server that gives up on a deadline
+    /// answers a little before it passes (it propagates a shorter one to its
+    /// own calls, or keeps a margin), and one that refuses a deadline too
+    /// short for its work answers at once, with all of a short deadline
+    /// left.
+    fn nearly_out(deadline: &CallDeadline) -> bool {
+        let slack = (deadline.budget() / 10).max(std::time::Duration::from_secs(1));
+        deadline.remaining() <= slack
     }
 
     /// gRPC's `DEADLINE_EXCEEDED`.

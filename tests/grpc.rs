@@ -820,6 +820,25 @@ async fn a_server_that_enforces_the_callers_deadline_is_never_ejected() {
 }
 
 #[tokio::test]
+async fn a_servers_deadline_exceeded_with_most_of_a_long_deadline_left_is_its_failure() {
+    // 10 s were left: the server speaks of a deadline of its own (a
+    // dependency that timed out), or it is broken. Either way it counts.
+    let server = GrpcServer::start(GrpcBehaviour::Fail(Code::DeadlineExceeded)).await;
+    let channel = GrpcChannel::builder()
+        .outlier_detection(None)
+        .build([server.addr]);
+    let mut request = check("long");
+    request.set_timeout(Duration::from_secs(10));
+    let status = HealthClient::new(channel.clone())
+        .check(request)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no error"));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(channel.balancer().endpoints()[0].failures, 1);
+}
+
+#[tokio::test]
 async fn without_a_callers_deadline_a_servers_deadline_exceeded_is_its_failure() {
     // No deadline was sent: the server's DEADLINE_EXCEEDED is about its own
     // work (a dependency timing out), so it counts.

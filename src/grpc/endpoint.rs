@@ -161,9 +161,10 @@ impl Future for GrpcResponseFuture {
         Poll::Ready(match result {
             Ok(mut response) => {
                 // Says the server was told the caller's deadline, so that its
-                // DEADLINE_EXCEEDED is not held against it (see
-                // `HttpClassify`). Only calls with a deadline pay for it: the
-                // response's extension map, one small allocation.
+                // DEADLINE_EXCEEDED when that runs out is not held against it
+                // (see `HttpClassify`). Only calls with a deadline pay for it:
+                // the response's extension map (a map and a box, unless tonic
+                // made one already).
                 if let Some(deadline) = deadline {
                     response.extensions_mut().insert(deadline);
                 }
