@@ -126,6 +126,27 @@ async fn an_added_and_a_removed_record_arrive_as_one_insert_and_one_remove() {
     quiet(&mut stream).await;
 }
 
+#[tokio::test]
+async fn a_replaced_only_address_is_inserted_before_the_old_one_is_removed() {
+    // Removed first, a balancer could see a moment with no endpoint, and
+    // fail requests at once for a routine address change.
+    let dns = TestDns::start("test.").await;
+    dns.set_a("api.test.", &LOCAL[..1], 60).await;
+    let (mut stream, refresh) = host(&dns, "api.test.", |d| d);
+    assert_eq!(changes(&mut stream, 1).await.len(), 1);
+    dns.set_a("api.test.", &LOCAL[1..2], 60).await;
+    resolve_now(&dns, &refresh).await;
+    let wait = Duration::from_secs(5);
+    assert_eq!(
+        next(&mut stream, wait).await,
+        Some(Seen::Insert(at(LOCAL[1], 80), 1))
+    );
+    assert_eq!(
+        next(&mut stream, wait).await,
+        Some(Seen::Remove(at(LOCAL[0], 80)))
+    );
+}
+
 /// Resolutions of a host discovery of `name` during `period` (each is an A
 /// and an AAAA query).
 async fn resolutions(

@@ -479,6 +479,11 @@ where
 
     /// Announces the difference between the current set and `found`; false
     /// once nobody listens.
+    ///
+    /// Inserts first, then removes: a balancer that saw the removal of a
+    /// name's only address before the insertion of its new one would have no
+    /// endpoint for a moment, and fail requests at once (see
+    /// [`Empty`](super::Empty)).
     fn apply(&mut self, found: BTreeMap<SocketAddr, u16>) -> bool {
         let removed: Vec<SocketAddr> = self
             .current
@@ -486,13 +491,6 @@ where
             .filter(|addr| !found.contains_key(addr))
             .copied()
             .collect();
-        for addr in removed {
-            self.current.remove(&addr);
-            let key = DnsEndpoint { addr, weight: 0 };
-            if self.tx.send(Ok(Change::Remove(key))).is_err() {
-                return false;
-            }
-        }
         let mut inserted = 0;
         for (addr, weight) in found {
             if self.current.get(&addr) == Some(&weight) {
@@ -506,6 +504,13 @@ where
                 .send(Ok(Change::Insert(DnsEndpoint { addr, weight }, service)))
                 .is_err()
             {
+                return false;
+            }
+        }
+        for addr in removed {
+            self.current.remove(&addr);
+            let key = DnsEndpoint { addr, weight: 0 };
+            if self.tx.send(Ok(Change::Remove(key))).is_err() {
                 return false;
             }
         }

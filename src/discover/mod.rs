@@ -43,7 +43,8 @@
 //! Entering that state is one `warn` event with the reason. The first
 //! endpoint inserted afterwards ends it. A DNS resolver that fails
 //! or times out is not an answer: requests keep waiting, and a name that had
-//! records keeps them.
+//! records keeps them; after an empty answer, the last answer stands, so
+//! requests keep failing at once until a later answer has records.
 
 mod channel;
 #[cfg(feature = "dns")]
