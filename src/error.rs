@@ -9,6 +9,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A type-erased error, as used throughout tower.
@@ -37,7 +38,7 @@ pub enum Error {
     #[error("no endpoints available: {reason}")]
     DiscoveredNone {
         /// What discovery said (its text is this error's).
-        reason: crate::discover::Empty,
+        reason: Empty,
     },
 
     /// Endpoints exist but the strategy declined to pick one of them.
@@ -191,6 +192,69 @@ impl Error {
     /// duplicate it. Retry layers rely on this to retry non-idempotent requests.
     pub fn is_never_sent(&self) -> bool {
         is_never_sent(self)
+    }
+}
+
+/// Discovery's answer that there are no endpoints, yielded as a discovery
+/// stream's error (the [`Discover`](tower::discover::Discover) interface has no other way to say it):
+/// not a failure of discovery but its result, like a DNS name with no
+/// records.
+///
+/// A balancer with no endpoints that reads it fails requests at once with
+/// [`Error::DiscoveredNone`], whose reason it
+/// is, instead of having them wait the
+/// [startup wait](crate::Builder::startup_wait); the next endpoint inserted
+/// ends that. A balancer that still has endpoints keeps them (with a `warn`
+/// event): removing them is the stream's to do. Yield it as the stream's
+/// error, or anywhere in that error's `source()` chain.
+///
+/// Its `Display` is the reason's.
+///
+/// ```
+/// use tower_lb::discover::{Change, Empty};
+///
+/// let answer: Result<Change<&str, ()>, Empty> =
+///     Err(Empty::new("the registry lists no instance of `api`"));
+/// # let _ = answer;
+/// ```
+#[derive(Clone)]
+pub struct Empty {
+    // Shared: every request that fails while the set is empty carries it.
+    reason: Arc<dyn StdError + Send + Sync>,
+}
+
+impl Empty {
+    /// Says there are no endpoints, and why (the reason requests will
+    /// fail with).
+    pub fn new(reason: impl Into<BoxError>) -> Self {
+        Self {
+            reason: Arc::from(reason.into()),
+        }
+    }
+
+    /// Why there are no endpoints: for DNS discovery, a `DnsError`.
+    pub fn reason(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.reason
+    }
+}
+
+impl fmt::Debug for Empty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Empty").field(&self.reason).finish()
+    }
+}
+
+impl fmt::Display for Empty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.reason, f)
+    }
+}
+
+/// Transparent: the reason's text is this error's, so its `source()` is
+/// the reason's too (not the reason itself, which would print it twice).
+impl StdError for Empty {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.reason.source()
     }
 }
 

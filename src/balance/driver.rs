@@ -18,8 +18,8 @@ use tower::discover::{Change, Discover};
 use super::endpoint::{Endpoint, Shared};
 use super::snapshot::{EndpointList, Snapshot};
 use super::{Inner, StaticWeights};
-use crate::discover::{find_empty, Empty};
 use crate::error::BoxError;
+use crate::error::Empty;
 use crate::health::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
     EjectionRecord, OutlierDetection, SlowStart,
@@ -646,4 +646,9 @@ fn discovered_none_after(
         )));
     }
     None
+}
+
+/// The [`Empty`] answer in `error`'s `source()` chain, if there is one.
+fn find_empty<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Empty> {
+    crate::error::chain(error).find_map(|err| err.downcast_ref::<Empty>())
 }

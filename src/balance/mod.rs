@@ -45,8 +45,8 @@ use self::endpoint::{InFlight, Refused, Shared};
 use self::future::Dispatched;
 use self::snapshot::{EndpointList, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
-use crate::discover::Empty;
 use crate::error::BoxError;
+use crate::error::Empty;
 use crate::strategy::{P2c, Strategy};
 use crate::Error;
 

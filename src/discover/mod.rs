@@ -51,82 +51,9 @@ mod channel;
 mod dns;
 mod fixed;
 
-use std::error::Error as StdError;
-use std::fmt;
-use std::sync::Arc;
-
-use crate::error::BoxError;
-
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
 pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
+pub use crate::error::Empty;
 pub use tower::discover::{Change, Discover};
-
-/// Discovery's answer that there are no endpoints, yielded as a discovery
-/// stream's error (the [`Discover`] interface has no other way to say it):
-/// not a failure of discovery but its result, like a DNS name with no
-/// records.
-///
-/// A balancer with no endpoints that reads it fails requests at once with
-/// [`Error::DiscoveredNone`](crate::Error::DiscoveredNone), whose reason it
-/// is, instead of having them wait the
-/// [startup wait](crate::Builder::startup_wait); the next endpoint inserted
-/// ends that. A balancer that still has endpoints keeps them (with a `warn`
-/// event): removing them is the stream's to do. Yield it as the stream's
-/// error, or anywhere in that error's `source()` chain.
-///
-/// Its `Display` is the reason's.
-///
-/// ```
-/// use tower_lb::discover::{Change, Empty};
-///
-/// let answer: Result<Change<&str, ()>, Empty> =
-///     Err(Empty::new("the registry lists no instance of `api`"));
-/// # let _ = answer;
-/// ```
-#[derive(Clone)]
-pub struct Empty {
-    // Shared: every request that fails while the set is empty carries it.
-    reason: Arc<dyn StdError + Send + Sync>,
-}
-
-impl Empty {
-    /// Says there are no endpoints, and why (the reason requests will
-    /// fail with).
-    pub fn new(reason: impl Into<BoxError>) -> Self {
-        Self {
-            reason: Arc::from(reason.into()),
-        }
-    }
-
-    /// Why there are no endpoints: for [`Dns`] discovery, a [`DnsError`].
-    pub fn reason(&self) -> &(dyn StdError + Send + Sync + 'static) {
-        &*self.reason
-    }
-}
-
-impl fmt::Debug for Empty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Empty").field(&self.reason).finish()
-    }
-}
-
-impl fmt::Display for Empty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.reason, f)
-    }
-}
-
-/// Transparent: the reason's text is this error's, so its `source()` is
-/// the reason's too (not the reason itself, which would print it twice).
-impl StdError for Empty {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.reason.source()
-    }
-}
-
-/// The [`Empty`] answer in `error`'s `source()` chain, if there is one.
-pub(crate) fn find_empty<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Empty> {
-    crate::error::chain(error).find_map(|err| err.downcast_ref::<Empty>())
-}
