@@ -17,9 +17,9 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::ServiceExt;
-use tower_lb::client::HttpClient;
+use tower_lb::client::{HttpClient, DEFAULT_POOL_IDLE_TIMEOUT};
 use tower_lb::BoxError;
 
 use support::nginx::{Nginx, Protocol};
@@ -29,6 +29,8 @@ const TASKS: usize = 32;
 const BACKENDS: usize = 3;
 /// A reload after each quarter of the requests.
 const RELOADS: usize = 3;
+/// Requests sent after the last reload has started its new worker, at least.
+const AFTER_LAST_RELOAD: usize = 400;
 /// The whole run, reloads included, must end within this.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -138,24 +140,40 @@ struct Run {
 
 async fn run_with_reloads(protocol: Protocol) -> Run {
     let mut nginx = Nginx::start(protocol, BACKENDS);
-    let mut hyper = Client::builder(TokioExecutor::new());
-    hyper.http2_only(protocol == Protocol::H2c);
-    let client: HttpClient<Full<Bytes>> = HttpClient::builder()
-        .hyper(hyper)
-        .build(nginx.backends.clone());
+    let builder = match protocol {
+        // The defaults, idle timeout included.
+        Protocol::Http1 => HttpClient::builder(),
+        // HTTP/2 with prior knowledge, and otherwise the defaults.
+        Protocol::H2c => {
+            let mut hyper = Client::builder(TokioExecutor::new());
+            hyper
+                .http2_only(true)
+                .pool_idle_timeout(DEFAULT_POOL_IDLE_TIMEOUT)
+                .pool_timer(TokioTimer::new());
+            HttpClient::builder().hyper(hyper)
+        }
+    };
+    let client: HttpClient<Full<Bytes>> = builder.build(nginx.backends.clone());
 
     let started = tokio::time::Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
+    // The load goes on past the last reload (see below), whatever the count.
+    let last = Arc::new(AtomicUsize::new(usize::MAX));
     let outcomes = Arc::new(Mutex::new(BTreeMap::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..TASKS {
-        let (client, next, done, outcomes) =
-            (client.clone(), next.clone(), done.clone(), outcomes.clone());
+        let (client, next, done, last, outcomes) = (
+            client.clone(),
+            next.clone(),
+            done.clone(),
+            last.clone(),
+            outcomes.clone(),
+        );
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= REQUESTS {
+                if i >= REQUESTS && i >= last.load(Ordering::Relaxed) {
                     return;
                 }
                 let (id, request) = request(i);
@@ -176,6 +194,12 @@ async fn run_with_reloads(protocol: Protocol) -> Run {
             .await;
             nginx.reload().await;
         }
+        // Every reload meets traffic: requests go on while the old workers
+        // close their connections, even if the last reload came late.
+        last.store(
+            next.load(Ordering::Relaxed) + AFTER_LAST_RELOAD,
+            Ordering::Relaxed,
+        );
     };
     let all_done = async {
         while tasks
@@ -211,6 +235,20 @@ async fn run_with_reloads(protocol: Protocol) -> Run {
         .await;
     let mut logged = HashMap::new();
     for line in log {
+        // What nginx logged is what the test sent, and nginx answered it.
+        assert!(
+            nginx.backends.iter().any(|b| b.port() == line.port)
+                && line.method
+                    == line
+                        .request_id
+                        .split('-')
+                        .next()
+                        .unwrap_or("")
+                        .to_uppercase()
+                && line.uri == format!("/{}", line.request_id)
+                && line.status == 200,
+            "{line:?}"
+        );
         *logged.entry(line.request_id).or_insert(0) += 1;
     }
     Run {
@@ -296,7 +334,7 @@ impl Run {
                         .next()
                         .and_then(|i| i.parse().ok())
                         .unwrap_or(0);
-                    by_quarter[i * (RELOADS + 1) / REQUESTS] += 1;
+                    by_quarter[(i * (RELOADS + 1) / REQUESTS).min(RELOADS)] += 1;
                     *by_kind.entry((method.to_string(), *kind)).or_default() += 1;
                     examples.entry(*kind).or_insert(message);
                 }
@@ -330,7 +368,7 @@ impl Run {
     /// one panic.
     fn assert_done_when(&self) {
         self.report();
-        assert_eq!(self.outcomes.len(), REQUESTS);
+        assert!(self.outcomes.len() >= REQUESTS, "{}", self.outcomes.len());
         assert_eq!(self.reloads, RELOADS);
         let mut unmet = Vec::new();
 

@@ -58,7 +58,6 @@ impl Mode {
 /// A running Python grpcio server, killed on drop.
 pub struct GrpcioServer {
     pub addr: SocketAddr,
-    pub mode: Mode,
     /// Holds the server's stdin open: the server also exits when it closes,
     /// should this process die without killing it.
     _process: Child,
@@ -110,7 +109,6 @@ impl GrpcioServer {
         // there would block, and this one writes nothing once started.
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            mode,
             _process: process,
         }
     }
