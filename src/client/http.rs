@@ -124,9 +124,10 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
     }
 
     /// The hyper-util client settings (pool, HTTP/2 prior knowledge, ...),
-    /// shared by every endpoint. They replace the default's whole: set
-    /// `pool_idle_timeout` (with a `pool_timer`) below your servers' idle
-    /// timeout, as the default does with [`DEFAULT_POOL_IDLE_TIMEOUT`].
+    /// shared by every endpoint. They replace the default settings
+    /// entirely, idle timeout included: set `pool_idle_timeout` (with a
+    /// `pool_timer`) below your servers' idle timeout, as the default does
+    /// with [`DEFAULT_POOL_IDLE_TIMEOUT`].
     ///
     /// ```
     /// use hyper_util::client::legacy::Client;

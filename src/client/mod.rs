@@ -85,11 +85,15 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long `HttpClient` keeps an idle keep-alive connection: 4 s, below
-/// the shortest idle timeout common servers use (5 s in Node.js and Apache;
-/// nginx 75 s). A client that keeps a connection longer than the server
-/// races the server's close: a request written just as the server closes
-/// fails with "connection closed before message completed", and a POST so
-/// lost cannot be resent. hyper-util's own default is 90 s.
+/// the idle timeout of Node.js and Apache (5 s) and nginx (75 s). A client
+/// that keeps a connection longer than the server races the server's close:
+/// a request written just as the server closes fails with "connection closed
+/// before message completed", and a POST so lost cannot be resent.
+/// hyper-util's own default is 90 s. Servers with shorter timeouts exist
+/// (gunicorn's is 2 s): against those, set the client's lower with
+/// [`ClientBuilder::hyper`]. Either way such races do not eject a healthy
+/// endpoint: the failures of one lost connection count as one (see
+/// [`health`](crate::health)).
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The default deadline of the ready-made clients: Envoy's route timeout.

@@ -10,6 +10,13 @@
 //! - **Consecutive failures** (default 5): the endpoint is ejected as soon as
 //!   that many requests in a row fail. Counted on the request path, so a
 //!   sequential caller sends exactly that many requests to a dead endpoint.
+//!   One lost connection is one event: when a connection dies under several
+//!   requests at once (a server reloading or restarting closes its
+//!   keep-alive connections, an idle timeout races a request), the first of
+//!   those failures counts in a row and the others, which had started
+//!   before it, count only in the totals below. A request started after it
+//!   that loses its connection too is a new event, so a server that keeps
+//!   dropping connections is ejected as before.
 //! - **Success rate**: every [interval](OutlierDetection::interval), among
 //!   endpoints with at least `request_volume` requests in the interval (and
 //!   only if at least `minimum_hosts` of them), eject those whose success
