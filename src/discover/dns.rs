@@ -97,8 +97,8 @@ pub enum DnsError {
     NoRecords {
         /// The name resolved.
         name: String,
-        /// The record types asked: `"A or AAAA"`, or `"SRV"`.
-        records: &'static str,
+        /// The record types asked.
+        records: DnsRecords,
     },
     /// The name has SRV records, but none of their targets has an A or
     /// AAAA record.
@@ -107,6 +107,25 @@ pub enum DnsError {
         /// The name resolved.
         name: String,
     },
+}
+
+/// The record types a DNS discovery asks for a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DnsRecords {
+    /// A and AAAA ([`Dns::host`]).
+    Address,
+    /// SRV ([`Dns::srv`]).
+    Srv,
+}
+
+impl fmt::Display for DnsRecords {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DnsRecords::Address => "A or AAAA",
+            DnsRecords::Srv => "SRV",
+        })
+    }
 }
 
 /// DNS discovery settings; [`build`](Dns::build) starts it.
@@ -546,7 +565,7 @@ where
         let mut ips = Vec::new();
         let mut ttl: Option<Duration> = None;
         // NXDOMAIN from either query: the name does not exist.
-        let mut nothing = NoAnswer::NoData("A or AAAA");
+        let mut nothing = NoAnswer::NoData(DnsRecords::Address);
         match v4.map_err(Failure::from) {
             Ok(found) => {
                 ttl = shorter(ttl, found.valid_until(), now);
@@ -582,7 +601,7 @@ where
             .await
             .map_err(|error| match Failure::from(error) {
                 Failure::NoRecords(NoAnswer::NoData(_)) => {
-                    Failure::NoRecords(NoAnswer::NoData("SRV"))
+                    Failure::NoRecords(NoAnswer::NoData(DnsRecords::Srv))
                 }
                 other => other,
             })?;
@@ -665,7 +684,7 @@ enum NoAnswer {
     /// NXDOMAIN.
     NxDomain,
     /// NOERROR with no answers, for these record types.
-    NoData(&'static str),
+    NoData(DnsRecords),
     /// SRV records whose targets have no addresses.
     NoTargetAddresses,
 }
@@ -707,7 +726,7 @@ impl From<ResolveError> for Failure {
             Some(ProtoErrorKind::NoRecordsFound {
                 response_code: ResponseCode::NoError,
                 ..
-            }) => Failure::NoRecords(NoAnswer::NoData("A or AAAA")),
+            }) => Failure::NoRecords(NoAnswer::NoData(DnsRecords::Address)),
             _ => Failure::Error(error),
         }
     }

@@ -53,7 +53,7 @@ mod fixed;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
-pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, ResolveNow};
+pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, DnsRecords, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
 pub use crate::error::Empty;
 pub use tower::discover::{Change, Discover};
