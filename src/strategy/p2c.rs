@@ -2,7 +2,6 @@ use std::time::Duration;
 
 use super::weighted::{alias_pick, alias_table, Column};
 use super::{Candidates, PickContext, Ramp, Strategy};
-use crate::load::EndpointLoad;
 
 /// How often P2C Peak-EWMA recomputes its candidates' typical estimate
 /// (besides every change of the set).
@@ -24,6 +23,20 @@ fn typical_rtt_ns<C: Candidates + ?Sized>(candidates: &C) -> f64 {
     let (_, median, _) = estimates.select_nth_unstable_by(middle, f64::total_cmp);
     *median
 }
+
+/// How far apart two Peak-EWMA estimates must be before P2C takes them
+/// for a real difference; closer ones are equal, and the requests in flight
+/// decide (then the draw). Identical servers measure a little differently
+/// (scheduling, a GC, the connect in a first request), and an estimate is
+/// a running peak, so it keeps the worst of that noise for seconds.
+/// Compared strictly, every pair goes to the lower estimate, and a single
+/// sequential caller's requests are shared out by rank (40, 30, 20, 10 and
+/// 0 % over five equal endpoints), whoever happened to measure a few
+/// percent slower getting nothing until its estimate is stale. A real
+/// difference (a node 10x slower, a stall, 5 ms against 7 ms) is well
+/// outside the band; under concurrency a slower endpoint inside it still
+/// holds its requests longer and so loses on in-flight.
+const ESTIMATE_NOISE: f64 = 1.25;
 
 /// With unequal static weights, how far apart two latency estimates must be
 /// before P2C Peak-EWMA lets them decide. An estimate is a running peak, so
@@ -47,6 +60,16 @@ const LATENCY_BAND: f64 = 2.0;
 ///   ([`Builder::rtt_estimate`](crate::balance::Builder::rtt_estimate)),
 ///   because every strategy and [`Balancer::endpoints`](crate::Balancer::endpoints)
 ///   share it.
+///
+/// # Estimates within 25 % are equal (Peak-EWMA)
+///
+/// Unlike Finagle's, Linkerd's and tower's, this comparison takes two
+/// latency estimates less than 25 % apart for noise: the requests in flight
+/// decide between them, and on a tie the draw. Compared strictly, equal
+/// servers get a single caller's requests by the rank of their last noisy
+/// peak (40/30/20/10/0 % over five), and a new or re-probed endpoint that
+/// measured a little slow is out again. Estimates further apart compare as
+/// latency x (in flight + 1), as everywhere.
 ///
 /// # New and recovered endpoints (Peak-EWMA)
 ///
@@ -147,12 +170,15 @@ impl P2c {
         match self.cost {
             Cost::InFlight => b.in_flight() < a.in_flight(),
             Cost::PeakEwma => {
-                let cost = |load: &EndpointLoad| {
-                    let in_flight = load.in_flight() as u32;
-                    let rtt = load.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight == 0);
-                    rtt * (f64::from(in_flight) + 1.0)
-                };
-                cost(b) < cost(a)
+                let (in_flight_a, in_flight_b) = (a.in_flight(), b.in_flight());
+                let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_a == 0);
+                let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_b == 0);
+                if rtt_a > rtt_b * ESTIMATE_NOISE || rtt_b > rtt_a * ESTIMATE_NOISE {
+                    // In flight fits 24 bits: a signed conversion, one instruction.
+                    let queue = |in_flight: usize| f64::from(in_flight as u32) + 1.0;
+                    return rtt_b * queue(in_flight_b) < rtt_a * queue(in_flight_a);
+                }
+                in_flight_b < in_flight_a
             }
         }
     }
@@ -333,6 +359,58 @@ mod tests {
                     Some(6)
                 );
             }
+        }
+    }
+
+    /// Idle endpoints with the given latency estimates (ms); P2C Peak-EWMA
+    /// picks among them 100,000 times. Returns each one's picks.
+    fn idle_picks(estimates_ms: &[f64]) -> Vec<usize> {
+        let rtt = RttEstimate::DEFAULT;
+        let endpoints = loads(estimates_ms.len());
+        for (e, ms) in endpoints.iter().zip(estimates_ms) {
+            e.record_rtt((ms * 1e6) as u64, 1_000, &rtt);
+        }
+        let ctx = PickContext::new(1_000, &rtt);
+        let p2c = P2c::peak_ewma();
+        let schedule = p2c.schedule(&endpoints[..], &ctx);
+        let mut picks = vec![0; endpoints.len()];
+        for _ in 0..100_000 {
+            if let Some(i) = p2c.pick(&schedule, &endpoints[..], &ctx) {
+                picks[i] += 1;
+            }
+        }
+        picks
+    }
+
+    #[test]
+    fn estimates_within_a_quarter_of_each_other_share_idle_picks_evenly() {
+        // Compared strictly, these would get 50, 33, 17 and 0 %.
+        let picks = idle_picks(&[6.3, 6.5, 6.9, 7.8]);
+        for p in &picks {
+            assert!((24_000..=26_000).contains(p), "{picks:?}");
+        }
+    }
+
+    #[test]
+    fn an_estimate_more_than_a_quarter_above_another_loses_their_idle_pairs() {
+        let picks = idle_picks(&[6.0, 6.1, 7.7]);
+        assert_eq!(picks[2], 0, "{picks:?}");
+    }
+
+    #[test]
+    fn within_a_quarter_the_fewer_requests_in_flight_win() {
+        let rtt = RttEstimate::DEFAULT;
+        let endpoints = loads(2);
+        endpoints[0].record_rtt(7_000_000, 1_000, &rtt);
+        endpoints[1].record_rtt(6_000_000, 1_000, &rtt);
+        // Latency x (in flight + 1) would say 77 against 72: the second.
+        endpoints[0].set_in_flight(10);
+        endpoints[1].set_in_flight(11);
+        let ctx = PickContext::new(1_000, &rtt);
+        let p2c = P2c::peak_ewma();
+        let schedule = p2c.schedule(&endpoints[..], &ctx);
+        for _ in 0..1_000 {
+            assert_eq!(p2c.pick(&schedule, &endpoints[..], &ctx), Some(0));
         }
     }
 
