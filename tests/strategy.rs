@@ -201,6 +201,22 @@ fn relative_share(server: usize, others: &[usize], hits: &[usize], before: &[usi
 }
 
 #[tokio::test]
+async fn every_endpoint_of_a_new_balancer_gets_requests_from_one_caller_at_once() {
+    let servers = support::servers(3, Duration::ZERO).await;
+    let http = lb_http::client();
+    let balancer = Balancer::builder().build(discover::fixed(lb_http::endpoints(
+        &http,
+        servers.iter().map(|s| s.addr),
+    )));
+    support::wait_until(Duration::from_secs(1), || balancer.endpoints().len() == 3).await;
+    // Well within the second before the balancer first computes a typical
+    // estimate. Each of three gets none of 60 with a chance of 1 in 10^10.
+    send_one_by_one(&balancer, 60).await;
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    assert!(hits.iter().all(|&h| h > 0), "{hits:?}");
+}
+
+#[tokio::test]
 async fn a_new_endpoint_gets_its_share_within_20_requests_from_one_caller() {
     let _alone = MEASURING.lock().await;
     let servers = support::servers(5, ANSWER_IN).await;

@@ -312,7 +312,9 @@ impl EndpointLoad {
     /// sample (a new endpoint starts level with its peers, not at the
     /// default), and while it is idle, stale (no sample for
     /// `probe_after`) and above the typical value (a probe, so that a
-    /// recovered endpoint is measured again instead of waiting for decay).
+    /// recovered endpoint is measured again instead of waiting for decay);
+    /// and `NaN`, no latency, while it has no sample and no typical value is
+    /// known (start-up), which P2C takes as "compare by requests in flight".
     #[inline]
     pub(crate) fn rtt_for_pick(
         &self,
@@ -325,10 +327,19 @@ impl EndpointLoad {
         let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
         let since = now_ns.saturating_sub(stamp);
         let estimate = rtt * decay_factor(ns_as_f64(since) * settings.decay_rate);
-        // `NaN` compares false: without a typical value, the estimate.
-        if estimate > typical
-            && (!self.measured.load(Ordering::Relaxed) || (idle && since > settings.probe_after_ns))
-        {
+        let measured = self.measured.load(Ordering::Relaxed);
+        // At start-up nobody had a sample when the typical value was last
+        // computed (it is `NaN`), and until the next computation (up to a
+        // second) the first endpoints to answer would beat the default
+        // prior of all the others: one caller's requests would stay on
+        // them. No latency at all (`NaN`, which compares false) makes P2C
+        // weigh such an endpoint by its requests in flight alone.
+        if !measured && typical.is_nan() {
+            return f64::NAN;
+        }
+        // `NaN` compares false: a measured endpoint without a typical value
+        // keeps its estimate.
+        if estimate > typical && (!measured || (idle && since > settings.probe_after_ns)) {
             return typical;
         }
         estimate
@@ -524,8 +535,15 @@ mod tests {
         let load = EndpointLoad::new(0, &rtt);
         assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true), 2e6);
         assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, false), 2e6);
-        // None known: the default.
-        assert_eq!(load.rtt_for_pick(0, &rtt, f64::NAN, true), 30e6);
+    }
+
+    #[test]
+    fn an_endpoint_without_samples_has_no_latency_while_no_typical_is_known() {
+        let rtt = RttEstimate::DEFAULT;
+        let load = EndpointLoad::new(0, &rtt);
+        assert!(load.rtt_for_pick(0, &rtt, f64::NAN, true).is_nan());
+        load.record_rtt(3 * MS, MS, &rtt);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, f64::NAN, true), 3e6);
     }
 
     #[test]

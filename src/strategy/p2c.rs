@@ -80,8 +80,11 @@ const LATENCY_BAND: f64 = 2.0;
 /// pick and gets its share within a few requests, even from one sequential
 /// caller, instead of sitting at the 30 ms default prior while its peers
 /// measure 1 ms (which kept it out for about ln(30) x 10 s = 34 s). Slow
-/// start, when on, still ramps its share. (With no estimate anywhere yet,
-/// at start-up, the default prior applies.)
+/// start, when on, still ramps its share. At start-up, until the driver
+/// first sees an estimate, there is no typical value, and an endpoint
+/// without a sample is compared by requests in flight alone: the first
+/// endpoints to answer do not keep a sequential caller's requests while the
+/// others sit at the 30 ms default prior.
 ///
 /// An endpoint whose estimate is *stale* (no sample for
 /// [`RttEstimate::probe_after`](crate::load::RttEstimate::probe_after),
@@ -173,6 +176,7 @@ impl P2c {
                 let (in_flight_a, in_flight_b) = (a.in_flight(), b.in_flight());
                 let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_a == 0);
                 let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_b == 0);
+                // False with a `NaN` (no latency): in flight decides.
                 if rtt_a > rtt_b * ESTIMATE_NOISE || rtt_b > rtt_a * ESTIMATE_NOISE {
                     // In flight fits 24 bits: a signed conversion, one instruction.
                     let queue = |in_flight: usize| f64::from(in_flight as u32) + 1.0;
@@ -412,6 +416,26 @@ mod tests {
         for _ in 0..1_000 {
             assert_eq!(p2c.pick(&schedule, &endpoints[..], &ctx), Some(0));
         }
+    }
+
+    #[test]
+    fn at_start_up_an_endpoint_without_a_sample_gets_its_share_of_idle_picks() {
+        let rtt = RttEstimate::DEFAULT;
+        let ctx = PickContext::new(1_000, &rtt);
+        let endpoints = loads(3);
+        let p2c = P2c::peak_ewma();
+        // Scheduled before any answer: no typical estimate.
+        let schedule = p2c.schedule(&endpoints[..], &ctx);
+        endpoints[0].record_rtt(500_000, 1_000, &rtt);
+        endpoints[1].record_rtt(500_000, 1_000, &rtt);
+        let mut picks = [0; 3];
+        for _ in 0..30_000 {
+            if let Some(i) = p2c.pick(&schedule, &endpoints[..], &ctx) {
+                picks[i] += 1;
+            }
+        }
+        // Weighed at the 30 ms default it would get none.
+        assert!((9_000..=11_000).contains(&picks[2]), "{picks:?}");
     }
 
     #[test]
