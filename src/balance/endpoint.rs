@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::classify::{Outcome, RecordOutcome};
 use crate::health::OutlierDetection;
 use crate::load::{EndpointLoad, LatencyClock, RequestClock, RttEstimate};
-use crate::strategy::PickContext;
+use crate::strategy::{Candidates, PickContext};
 
 /// State shared by a balancer and all of its endpoints (not generic, so that
 /// endpoints can reach it without knowing the strategy).
@@ -558,4 +558,17 @@ pub struct EndpointStats<K> {
     /// The share of its weight it gets now: below 1 while in
     /// [slow start](crate::health::SlowStart).
     pub slow_start_factor: f64,
+}
+
+/// The balancer's snapshot is what its strategy picks from. Implemented
+/// here, beside the private `Endpoint`, so that `strategy` knows nothing of
+/// the balancer above it.
+impl<K, S> Candidates for [Arc<Endpoint<K, S>>] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+
+    fn load(&self, index: usize) -> &EndpointLoad {
+        self[index].load()
+    }
 }

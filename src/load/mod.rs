@@ -4,8 +4,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::strategy::PickContext;
-
 mod clock;
 mod report;
 mod reported;
@@ -343,16 +341,6 @@ impl EndpointLoad {
             return typical;
         }
         estimate
-    }
-
-    /// The Peak-EWMA cost: latency estimate x (in-flight + 1), at
-    /// `ctx.now_ns()`. Call it from `pick`, whose context is on the latency
-    /// clock (see [`rtt_estimate_ns`](Self::rtt_estimate_ns)).
-    #[inline]
-    pub fn peak_ewma_cost(&self, ctx: &PickContext<'_>) -> f64 {
-        let rtt = self.rtt_estimate_ns(ctx.now_ns(), ctx.rtt());
-        // In flight fits 24 bits: a signed conversion, one instruction.
-        rtt * (f64::from(self.in_flight() as u32) + 1.0)
     }
 
     /// Counts a request as started. `SeqCst` pairs with the shutdown path: a

@@ -33,7 +33,6 @@ pub use self::round_robin::{RoundRobin, RoundRobinSchedule};
 pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use crate::load::{EndpointLoad, RttEstimate};
 
@@ -108,16 +107,6 @@ impl Candidates for [EndpointLoad] {
 
     fn load(&self, index: usize) -> &EndpointLoad {
         &self[index]
-    }
-}
-
-impl<K, S> Candidates for [Arc<crate::balance::Endpoint<K, S>>] {
-    fn len(&self) -> usize {
-        <[_]>::len(self)
-    }
-
-    fn load(&self, index: usize) -> &EndpointLoad {
-        self[index].load()
     }
 }
 
@@ -207,6 +196,18 @@ impl<'a> PickContext<'a> {
     #[inline]
     pub fn rtt(&self) -> &RttEstimate {
         self.rtt
+    }
+
+    /// The Peak-EWMA cost of `load` now: its latency estimate x (requests in
+    /// flight + 1), as [`P2c::peak_ewma`] weighs an endpoint (before its
+    /// new-endpoint and probe rules). For a custom strategy's `pick`, whose
+    /// context is on the latency clock (see
+    /// [`EndpointLoad::rtt_estimate_ns`]).
+    #[inline]
+    pub fn peak_ewma_cost(&self, load: &EndpointLoad) -> f64 {
+        let rtt = load.rtt_estimate_ns(self.now_ns, self.rtt);
+        // In flight fits 24 bits: a signed conversion, one instruction.
+        rtt * (f64::from(load.in_flight() as u32) + 1.0)
     }
 
     /// A uniformly random number.
@@ -339,6 +340,15 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_ewma_cost_is_the_estimate_times_in_flight_plus_one() {
+        let rtt = RttEstimate::DEFAULT;
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(2_000_000, 1_000, &rtt);
+        load.set_in_flight(2);
+        assert_eq!(PickContext::new(1_000, &rtt).peak_ewma_cost(&load), 6e6);
+    }
 
     #[test]
     fn random_pair_is_always_two_distinct_indices_in_range() {
