@@ -259,19 +259,25 @@ impl StdError for Empty {
 }
 
 /// Walks an error's `source()` chain and tells whether any link proves that the
-/// request never reached the server's application (it never left the client,
-/// or the server refused its HTTP/2 stream unprocessed): a [`NeverSent`]
-/// marker, or (with the `http` feature) an
-/// [`HttpError`](crate::http::HttpError) that says so.
+/// request never reached the server's application: a [`NeverSent`] marker;
+/// the client's refusal to address it (a CONNECT, a scheme the endpoint does
+/// not speak); with the `http` feature, hyper-util's failure to connect, or
+/// an HTTP/2 stream the server refused unprocessed or left unprocessed when
+/// it went away gracefully (what `http::HttpError` reports).
 pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
-    chain(error).any(|err| {
-        #[cfg(feature = "http")]
-        if let Some(http) = err.downcast_ref::<crate::http::HttpError>() {
-            if http.is_never_sent() {
-                return true;
-            }
+    chain(error).any(|link| {
+        if link.is::<NeverSent>() || link.is::<RefusedByClient>() {
+            return true;
         }
-        err.is::<NeverSent>()
+        #[cfg(feature = "http")]
+        if link
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+            || unprocessed_link(link).is_some()
+        {
+            return true;
+        }
+        false
     })
 }
 
@@ -280,17 +286,45 @@ pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
 /// (a CONNECT, a scheme the endpoint does not speak). Not retried, and not
 /// held against the endpoint.
 pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
-    chain(error).any(|err| {
-        #[cfg(feature = "http")]
-        if err
-            .downcast_ref::<crate::http::HttpError>()
-            .is_some_and(crate::http::HttpError::is_refused_by_client)
-        {
-            return true;
+    chain(error).any(|link| link.is::<RefusedByClient>())
+}
+
+/// A link in an error chain that says the client refused to send the
+/// request, for a reason of the caller's (see [`is_refused_by_client`]).
+/// Transparent: it prints as its reason, whose `source()` is its own, so
+/// the reason is not printed twice.
+pub(crate) struct RefusedByClient {
+    reason: BoxError,
+}
+
+// Only the HTTP glue refuses requests so far.
+#[cfg(feature = "http")]
+impl RefusedByClient {
+    pub(crate) fn new(reason: impl Into<BoxError>) -> Self {
+        Self {
+            reason: reason.into(),
         }
-        let _ = err;
-        false
-    })
+    }
+}
+
+impl fmt::Debug for RefusedByClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RefusedByClient")
+            .field(&self.reason)
+            .finish()
+    }
+}
+
+impl fmt::Display for RefusedByClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.reason, f)
+    }
+}
+
+impl StdError for RefusedByClient {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.reason.source()
+    }
 }
 
 /// How an HTTP/2 server said that it did not process a request's stream,
@@ -321,17 +355,21 @@ pub(crate) enum Unprocessed {
 /// `REFUSED_STREAM`, not a `GOAWAY` that carries that code.
 #[cfg(feature = "http")]
 pub(crate) fn unprocessed_stream(error: &(dyn StdError + 'static)) -> Option<Unprocessed> {
-    chain(error).find_map(|err| {
-        let h2 = err.downcast_ref::<h2::Error>()?;
-        if !h2.is_remote() {
-            return None;
-        }
-        match h2.reason()? {
-            h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
-            h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoingAway),
-            _ => None,
-        }
-    })
+    chain(error).find_map(unprocessed_link)
+}
+
+/// [`unprocessed_stream`] for one link of the chain.
+#[cfg(feature = "http")]
+fn unprocessed_link(link: &(dyn StdError + 'static)) -> Option<Unprocessed> {
+    let h2 = link.downcast_ref::<h2::Error>()?;
+    if !h2.is_remote() {
+        return None;
+    }
+    match h2.reason()? {
+        h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
+        h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoingAway),
+        _ => None,
+    }
 }
 
 /// The connection under the request died: closed before the response was

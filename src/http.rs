@@ -42,7 +42,7 @@ use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use crate::error::BoxError;
+use crate::error::{BoxError, RefusedByClient};
 
 /// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
 /// knowledge if you build your own) on the tokio runtime, ready to be shared
@@ -202,7 +202,7 @@ where
                 inner: None,
                 invalid: Some(HttpError {
                     kind: Kind::InvalidUri,
-                    source: error,
+                    source: Box::new(RefusedByClient::new(error)),
                 }),
             },
         }
@@ -300,7 +300,7 @@ impl HttpError {
     pub(crate) fn refused_for_test() -> Self {
         Self {
             kind: Kind::InvalidUri,
-            source: "CONNECT is not balanced".into(),
+            source: Box::new(RefusedByClient::new("CONNECT is not balanced")),
         }
     }
 }
