@@ -1,7 +1,7 @@
 //! Per-endpoint load signals: requests in flight and a Peak-EWMA latency
 //! estimate, kept in atomics so that recording and reading them takes no lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 mod clock;
@@ -17,6 +17,14 @@ pub use self::report::{
 pub use self::reported::ReportedLoad;
 use self::reported::ReportedLoadCell;
 
+/// Samples before an estimate counts as a measurement, each replacing the
+/// last. The first request to an endpoint usually pays for connecting (a
+/// TCP handshake, TLS, an HTTP/2 preface), which a peak-sensitive estimate
+/// would keep: on loopback a first sample of 1.5 ms against peers at 0.5
+/// and 1.0 ms kept a new endpoint out of one caller's rotation until its
+/// estimate went stale. The second answer comes over a warm connection.
+pub(crate) const SETTLED: u8 = 2;
+
 /// How the per-endpoint latency estimate behaves: the value assumed before the
 /// first response, and how fast old samples are forgotten.
 ///
@@ -27,8 +35,9 @@ use self::reported::ReportedLoadCell;
 /// tried again eventually.
 ///
 /// Differences on purpose:
-/// - The default RTT is only a prior, and the first measured sample replaces
-///   it. In tower and Finagle samples below the default pull it down at the
+/// - The default RTT is only a prior, and the first sample replaces it,
+///   the second the first (which usually paid for connecting; until then
+///   P2C does not count the endpoint as measured). In tower and Finagle samples below the default pull it down at the
 ///   rate of the decay, so with the usual 30 ms default and 10 s decay every
 ///   endpoint of a fast service looks the same for tens of seconds and the
 ///   estimate says nothing; here it is meaningful from the first response,
@@ -141,8 +150,9 @@ pub struct EndpointLoad {
     rtt_stamp_ns: AtomicU64,
     /// Failures since the last success, for outlier detection.
     consecutive_failures: AtomicU32,
-    /// False while `rtt_ns` still holds the default, not a measurement.
-    measured: AtomicBool,
+    /// Samples taken, up to [`SETTLED`]: below it the estimate does not
+    /// yet say how the endpoint answers (see `rtt_for_pick`).
+    samples: AtomicU8,
     /// The weight discovery gave it (1 unless set), as `f64` bits.
     static_weight: AtomicU64,
     /// Its slow-start factor (1 when not in slow start), as `f64` bits.
@@ -164,7 +174,7 @@ impl EndpointLoad {
             consecutive_failures: AtomicU32::new(0),
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
-            measured: AtomicBool::new(false),
+            samples: AtomicU8::new(0),
             reported: ReportedLoadCell::default(),
             static_weight: AtomicU64::new(1.0f64.to_bits()),
             slow_start: AtomicU64::new(1.0f64.to_bits()),
@@ -296,23 +306,29 @@ impl EndpointLoad {
     }
 
     /// The estimate as of its last sample, without the decay since; `None`
-    /// until the first sample. Needs no clock, so a
+    /// until it is a measurement (two samples). Needs no clock, so a
     /// [`schedule`](crate::strategy::Strategy::schedule) may read it.
     pub fn last_rtt_estimate_ns(&self) -> Option<f64> {
-        self.measured
-            .load(Ordering::Relaxed)
+        self.is_settled()
             .then(|| f64::from_bits(self.rtt_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the estimate is a measurement: [`SETTLED`] samples taken.
+    #[inline]
+    fn is_settled(&self) -> bool {
+        self.samples.load(Ordering::Relaxed) >= SETTLED
     }
 
     /// The latency P2C Peak-EWMA weighs the endpoint by, at `now_ns` on the
     /// latency clock, given the typical estimate of its peers (`NaN` when
-    /// none is known): the estimate; but the typical value while it has no
-    /// sample (a new endpoint starts level with its peers, not at the
-    /// default), and while it is idle, stale (no sample for
+    /// none is known): the estimate; but the typical value while it is not
+    /// yet measured (fewer than two samples: a new endpoint starts level
+    /// with its peers, not at the default nor at a first answer that paid
+    /// for connecting), and while it is idle, stale (no sample for
     /// `probe_after`) and above the typical value (a probe, so that a
     /// recovered endpoint is measured again instead of waiting for decay);
-    /// and `NaN`, no latency, while it has no sample and no typical value is
-    /// known (start-up), which P2C takes as "compare by requests in flight".
+    /// and `NaN`, no latency, while it is not measured and no typical value
+    /// is known (start-up), which P2C takes as "compare by requests in flight".
     #[inline]
     pub(crate) fn rtt_for_pick(
         &self,
@@ -325,7 +341,7 @@ impl EndpointLoad {
         let stamp = self.rtt_stamp_ns.load(Ordering::Relaxed);
         let since = now_ns.saturating_sub(stamp);
         let estimate = rtt * decay_factor(ns_as_f64(since) * settings.decay_rate);
-        let measured = self.measured.load(Ordering::Relaxed);
+        let measured = self.is_settled();
         // At start-up nobody had a sample when the typical value was last
         // computed (it is `NaN`), and until the next computation (up to a
         // second) the first endpoints to answer would beat the default
@@ -406,11 +422,13 @@ impl EndpointLoad {
         let sample = ns_as_f64(sample_ns);
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let since = now_ns.saturating_sub(self.rtt_stamp_ns.load(Ordering::Relaxed));
-        let next = if sample > prior
-            || !self.measured.load(Ordering::Relaxed)
-            || since > rtt.probe_after_ns
-        {
-            self.measured.store(true, Ordering::Relaxed);
+        let samples = self.samples.load(Ordering::Relaxed);
+        if samples < SETTLED {
+            // A lost increment (two first answers at once) costs one more
+            // replacing sample.
+            self.samples.store(samples + 1, Ordering::Relaxed);
+        }
+        let next = if samples < SETTLED || sample > prior || since > rtt.probe_after_ns {
             sample
         } else {
             let decay = decay_factor(ns_as_f64(since) * rtt.decay_rate);
@@ -420,13 +438,22 @@ impl EndpointLoad {
         self.rtt_stamp_ns.store(now_ns, Ordering::Relaxed);
     }
 
+    /// Takes `sample_ns` as the endpoint's measurement, as if it had
+    /// answered in that time [`SETTLED`] times.
+    #[cfg(test)]
+    pub(crate) fn settle_rtt(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
+        for _ in 0..SETTLED {
+            self.record_rtt(sample_ns, now_ns, rtt);
+        }
+    }
+
     /// Folds in a sample known only to be a lower bound (a request dropped
     /// before its answer): it can only raise the estimate, as a peak, and
     /// never stands in for the first real measurement.
     #[inline]
     pub(crate) fn record_rtt_at_least(&self, sample_ns: u64, now_ns: u64, rtt: &RttEstimate) {
         let prior = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        if self.measured.load(Ordering::Relaxed) && ns_as_f64(sample_ns) > prior {
+        if self.samples.load(Ordering::Relaxed) > 0 && ns_as_f64(sample_ns) > prior {
             self.record_rtt(sample_ns, now_ns, rtt);
         }
     }
@@ -498,7 +525,7 @@ mod tests {
         let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(1))
             .probe_after(Duration::from_secs(2));
         let load = EndpointLoad::new(0, &rtt);
-        load.record_rtt(100 * MS, 0, &rtt);
+        load.settle_rtt(100 * MS, 0, &rtt);
         // One decay constant later (not yet stale), the old value keeps
         // weight 1/e.
         load.record_rtt(10 * MS, 1000 * MS, &rtt);
@@ -512,7 +539,7 @@ mod tests {
         let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10))
             .probe_after(Duration::from_secs(1));
         let load = EndpointLoad::new(0, &rtt);
-        load.record_rtt(500 * MS, MS, &rtt);
+        load.settle_rtt(500 * MS, MS, &rtt);
         load.record_rtt(2 * MS, 1_002 * MS, &rtt);
         assert_eq!(load.rtt_estimate_ns(1_002 * MS, &rtt), 2e6);
     }
@@ -530,8 +557,24 @@ mod tests {
         let rtt = RttEstimate::DEFAULT;
         let load = EndpointLoad::new(0, &rtt);
         assert!(load.rtt_for_pick(0, &rtt, f64::NAN, true).is_nan());
-        load.record_rtt(3 * MS, MS, &rtt);
+        load.settle_rtt(3 * MS, MS, &rtt);
         assert_eq!(load.rtt_for_pick(MS, &rtt, f64::NAN, true), 3e6);
+    }
+
+    #[test]
+    fn the_second_sample_replaces_the_first_which_paid_for_connecting() {
+        let rtt = RttEstimate::DEFAULT;
+        let load = EndpointLoad::new(0, &rtt);
+        load.record_rtt(5 * MS, MS, &rtt);
+        // One sample: still weighed at the typical value.
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true), 2e6);
+        load.record_rtt(MS, 2 * MS, &rtt);
+        assert_eq!(load.rtt_estimate_ns(2 * MS, &rtt), 1e6);
+        assert_eq!(load.rtt_for_pick(2 * MS, &rtt, 2e6, true), 1e6);
+        // From then on, peaks stick.
+        load.record_rtt(4 * MS, 3 * MS, &rtt);
+        load.record_rtt(MS, 4 * MS, &rtt);
+        assert!(load.rtt_estimate_ns(4 * MS, &rtt) > 3.9e6);
     }
 
     #[test]
@@ -539,7 +582,7 @@ mod tests {
         let rtt = RttEstimate::new(Duration::from_millis(1), Duration::from_secs(10))
             .probe_after(Duration::from_secs(1));
         let load = EndpointLoad::new(0, &rtt);
-        load.record_rtt(500 * MS, 0, &rtt);
+        load.settle_rtt(500 * MS, 0, &rtt);
         // Fresh: its own estimate.
         assert!(load.rtt_for_pick(500 * MS, &rtt, 2e6, true) > 400e6);
         // Stale but busy (the probe is in flight): its own estimate.

@@ -345,7 +345,7 @@ mod tests {
     fn peak_ewma_cost_is_the_estimate_times_in_flight_plus_one() {
         let rtt = RttEstimate::DEFAULT;
         let load = EndpointLoad::new(0, &rtt);
-        load.record_rtt(2_000_000, 1_000, &rtt);
+        load.settle_rtt(2_000_000, 1_000, &rtt);
         load.set_in_flight(2);
         assert_eq!(PickContext::new(1_000, &rtt).peak_ewma_cost(&load), 6e6);
     }

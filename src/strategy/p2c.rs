@@ -73,7 +73,8 @@ const LATENCY_BAND: f64 = 2.0;
 ///
 /// # New and recovered endpoints (Peak-EWMA)
 ///
-/// An endpoint that has not answered yet is weighed at the *typical*
+/// An endpoint that has not answered twice yet (the first answer usually
+/// paid for connecting, so the second replaces it) is weighed at the *typical*
 /// estimate of the others: the median of their latency estimates, which
 /// the balancer's driver recomputes whenever the set changes and every
 /// second. So a new endpoint competes level with its peers from its first
@@ -82,7 +83,7 @@ const LATENCY_BAND: f64 = 2.0;
 /// measure 1 ms (which kept it out for about ln(30) x 10 s = 34 s). Slow
 /// start, when on, still ramps its share. At start-up, until the driver
 /// first sees an estimate, there is no typical value, and an endpoint
-/// without a sample is compared by requests in flight alone: the first
+/// not yet measured is compared by requests in flight alone: the first
 /// endpoints to answer do not keep a sequential caller's requests while the
 /// others sit at the 30 ms default prior.
 ///
@@ -372,7 +373,7 @@ mod tests {
         let rtt = RttEstimate::DEFAULT;
         let endpoints = loads(estimates_ms.len());
         for (e, ms) in endpoints.iter().zip(estimates_ms) {
-            e.record_rtt((ms * 1e6) as u64, 1_000, &rtt);
+            e.settle_rtt((ms * 1e6) as u64, 1_000, &rtt);
         }
         let ctx = PickContext::new(1_000, &rtt);
         let p2c = P2c::peak_ewma();
@@ -405,8 +406,8 @@ mod tests {
     fn within_a_quarter_the_fewer_requests_in_flight_win() {
         let rtt = RttEstimate::DEFAULT;
         let endpoints = loads(2);
-        endpoints[0].record_rtt(7_000_000, 1_000, &rtt);
-        endpoints[1].record_rtt(6_000_000, 1_000, &rtt);
+        endpoints[0].settle_rtt(7_000_000, 1_000, &rtt);
+        endpoints[1].settle_rtt(6_000_000, 1_000, &rtt);
         // Latency x (in flight + 1) would say 77 against 72: the second.
         endpoints[0].set_in_flight(10);
         endpoints[1].set_in_flight(11);
@@ -426,8 +427,8 @@ mod tests {
         let p2c = P2c::peak_ewma();
         // Scheduled before any answer: no typical estimate.
         let schedule = p2c.schedule(&endpoints[..], &ctx);
-        endpoints[0].record_rtt(500_000, 1_000, &rtt);
-        endpoints[1].record_rtt(500_000, 1_000, &rtt);
+        endpoints[0].settle_rtt(500_000, 1_000, &rtt);
+        endpoints[1].settle_rtt(500_000, 1_000, &rtt);
         let mut picks = [0; 3];
         for _ in 0..30_000 {
             if let Some(i) = p2c.pick(&schedule, &endpoints[..], &ctx) {
