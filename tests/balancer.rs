@@ -907,8 +907,8 @@ async fn the_default_latency_clock_keeps_real_time_while_tokio_time_is_paused() 
 #[tokio::test(start_paused = true)]
 async fn peak_ewma_keeps_avoiding_a_slow_endpoint_when_tokio_time_jumps_ahead() {
     // Endpoint 0 takes 30 ms of real time (the default clock's time); 1
-    // answers at once. Both are measured first (at start-up, endpoints
-    // without a sample compare by requests in flight).
+    // answers at once. Both are measured first, twice each (at start-up,
+    // endpoints not yet measured compare by requests in flight).
     let slow_hits = Arc::new(AtomicUsize::new(0));
     let slow = tower::service_fn({
         let slow_hits = slow_hits.clone();
@@ -930,13 +930,13 @@ async fn peak_ewma_keeps_avoiding_a_slow_endpoint_when_tokio_time_jumps_ahead() 
         .build(discover::fixed(endpoints));
     for _ in 0..50 {
         balancer.clone().oneshot(()).await.expect("answered");
-        if balancer.endpoints().iter().all(|e| e.requests > 0) {
+        if balancer.endpoints().iter().all(|e| e.requests >= 2) {
             break;
         }
     }
     let warm_up = slow_hits.load(Ordering::SeqCst);
     assert!(
-        balancer.endpoints().iter().all(|e| e.requests > 0),
+        balancer.endpoints().iter().all(|e| e.requests >= 2),
         "both endpoints were measured"
     );
 
