@@ -190,6 +190,10 @@ pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> 
     Some(Outcome::Failure)
 }
 
+/// The trailer's name as a constant: a lookup by it neither parses nor
+/// lowercases a string, and this runs on every response.
+pub(crate) const GRPC_STATUS: ::http::HeaderName = ::http::HeaderName::from_static("grpc-status");
+
 /// A `grpc-status` value's code, read as gRPC clients read it: one digit,
 /// or `10` to `16`. Anything else (`+0`, `00`, `14 `, `OK`) is not a code,
 /// and a client reads it as a failed call.
@@ -382,7 +386,7 @@ mod http {
     /// tower-http would count it a success, but a gRPC client reads it as
     /// a failed call, and so does this classifier.
     fn malformed_grpc_status(headers: &HeaderMap) -> Option<GrpcFailureClass> {
-        let value = headers.get("grpc-status")?;
+        let value = headers.get(&super::GRPC_STATUS)?;
         match super::grpc_code(value) {
             Some(_) => None,
             None => Some(GrpcFailureClass::Error(format!(
@@ -402,7 +406,7 @@ mod http {
 
         fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), GrpcFailureClass> {
             match trailers {
-                Some(trailers) if trailers.contains_key("grpc-status") => {
+                Some(trailers) if trailers.contains_key(&super::GRPC_STATUS) => {
                     match malformed_grpc_status(trailers) {
                         Some(malformed) => Err(malformed),
                         None => self.eos.classify_eos(Some(trailers)),

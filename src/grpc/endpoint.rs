@@ -11,7 +11,7 @@ use http_body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
-use super::timeout::{format_grpc_timeout, parse_grpc_timeout};
+use super::timeout::{format_grpc_timeout, parse_grpc_timeout, GRPC_TIMEOUT};
 use crate::error::{chain, BoxError, NeverSent};
 use crate::timeout::{CallDeadline, Elapsed, Timer};
 
@@ -135,14 +135,14 @@ fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<CallDe
     let Some(deadline) = CallDeadline::of(req) else {
         return req
             .headers()
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()))
             .map(CallDeadline::after);
     };
     // One small string per attempt of a call with a deadline: the value
     // changes with every attempt, so it cannot be made once.
     req.headers_mut()
-        .insert("grpc-timeout", format_grpc_timeout(deadline.remaining()));
+        .insert(GRPC_TIMEOUT, format_grpc_timeout(deadline.remaining()));
     Some(deadline)
 }
 

@@ -5,6 +5,10 @@ use tower::{Layer, Service};
 
 use crate::timeout::CallDeadline;
 
+/// The header's name as a constant: a lookup by it neither parses nor
+/// lowercases a string, and this runs on every call.
+pub(crate) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// Turns a call's `grpc-timeout` header (set by
 /// `tonic::Request::set_timeout`) into its [`CallDeadline`], so the
 /// [`Deadline`](crate::timeout::Deadline) layer and the retry layer keep to
@@ -42,7 +46,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> S::Future {
         let timeout = req
             .headers()
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
         if let Some(timeout) = timeout {
             let theirs = CallDeadline::after(timeout);

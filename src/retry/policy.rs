@@ -241,7 +241,7 @@ impl HttpRetryOn {
 
     fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
         let code = headers
-            .get("grpc-status")
+            .get(&crate::classify::GRPC_STATUS)
             .and_then(crate::classify::grpc_code);
         code.is_some_and(|c| self.grpc_codes & (1 << c) != 0)
     }

@@ -3,10 +3,11 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::RETRY_AFTER;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// gRPC's pushback header (proposal A6), in milliseconds.
-const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+// A constant name, so that a lookup neither parses nor lowercases it.
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// What a server asked of the client's retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +51,7 @@ pub enum Pushback {
 /// assert_eq!(pushback(&headers, SystemTime::now()), Some(Pushback::DoNotRetry));
 /// ```
 pub fn pushback(headers: &HeaderMap, now: SystemTime) -> Option<Pushback> {
-    if let Some(value) = headers.get(GRPC_RETRY_PUSHBACK_MS) {
+    if let Some(value) = headers.get(&GRPC_RETRY_PUSHBACK_MS) {
         return Some(grpc_pushback(value));
     }
     headers
@@ -126,6 +127,8 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_431_704_061)
     }
 
+    const PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+
     fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for &(name, value) in pairs {
@@ -136,7 +139,7 @@ mod tests {
     }
 
     fn grpc(value: &[u8]) -> Option<Pushback> {
-        pushback(&headers(&[(GRPC_RETRY_PUSHBACK_MS, value)]), now())
+        pushback(&headers(&[(PUSHBACK_MS, value)]), now())
     }
 
     fn retry_after_of(value: &[u8]) -> Option<Pushback> {
@@ -252,16 +255,16 @@ mod tests {
 
     #[test]
     fn grpc_pushback_wins_over_retry_after() {
-        let both = headers(&[("retry-after", b"120"), (GRPC_RETRY_PUSHBACK_MS, b"50")]);
+        let both = headers(&[("retry-after", b"120"), (PUSHBACK_MS, b"50")]);
         assert_eq!(pushback(&both, now()), after(Duration::from_millis(50)));
 
-        let refused = headers(&[("retry-after", b"120"), (GRPC_RETRY_PUSHBACK_MS, b"-1")]);
+        let refused = headers(&[("retry-after", b"120"), (PUSHBACK_MS, b"-1")]);
         assert_eq!(pushback(&refused, now()), Some(Pushback::DoNotRetry));
     }
 
     #[test]
     fn a_malformed_retry_after_does_not_hide_grpc_pushback() {
-        let both = headers(&[("retry-after", b"soon"), (GRPC_RETRY_PUSHBACK_MS, b"50")]);
+        let both = headers(&[("retry-after", b"soon"), (PUSHBACK_MS, b"50")]);
         assert_eq!(pushback(&both, now()), after(Duration::from_millis(50)));
     }
 
@@ -270,10 +273,7 @@ mod tests {
         let twice = headers(&[("retry-after", b"5"), ("retry-after", b"60")]);
         assert_eq!(pushback(&twice, now()), after(Duration::from_secs(5)));
 
-        let twice = headers(&[
-            (GRPC_RETRY_PUSHBACK_MS, b"-1"),
-            (GRPC_RETRY_PUSHBACK_MS, b"10"),
-        ]);
+        let twice = headers(&[(PUSHBACK_MS, b"-1"), (PUSHBACK_MS, b"10")]);
         assert_eq!(pushback(&twice, now()), Some(Pushback::DoNotRetry));
     }
 }
