@@ -31,7 +31,7 @@ use tower_lb::grpc::GrpcChannel;
 use tower_lb::{discover, http as lb_http, Balancer};
 
 use crate::measure::{drive, Mode, Sample};
-use crate::server::{Ports, HTTP_BODY};
+use crate::server::{Ports, ServerCpu, HTTP_BODY};
 use crate::BoxError;
 
 /// The request body of every HTTP contender.
@@ -162,24 +162,40 @@ impl Contender {
     }
 
     /// Builds the contender over the servers and drives it once.
-    pub async fn run(self, ports: &Ports, tasks: usize, mode: Mode) -> Result<Sample, BoxError> {
+    pub async fn run(
+        self,
+        ports: &Ports,
+        server: ServerCpu,
+        tasks: usize,
+        mode: Mode,
+    ) -> Result<Sample, BoxError> {
         match self {
             Contender::Http1RawOne => {
-                drive(RawHttp::new(h1_client(), &ports.h1[..1]), tasks, mode).await
+                drive(
+                    RawHttp::new(h1_client(), &ports.h1[..1]),
+                    tasks,
+                    mode,
+                    server,
+                )
+                .await
             }
             Contender::Http1RawRoundRobin => {
-                drive(RawHttp::new(h1_client(), &ports.h1), tasks, mode).await
+                drive(RawHttp::new(h1_client(), &ports.h1), tasks, mode, server).await
             }
-            Contender::Http1TowerP2c => drive(tower_p2c(&ports.h1), tasks, mode).await,
-            Contender::Http1Balancer => drive(balancer(h1_client(), &ports.h1), tasks, mode).await,
+            Contender::Http1TowerP2c => drive(tower_p2c(&ports.h1), tasks, mode, server).await,
+            Contender::Http1Balancer => {
+                drive(balancer(h1_client(), &ports.h1), tasks, mode, server).await
+            }
             Contender::Http1HttpClient => {
                 let client = HttpClient::builder().build::<HttpBody>(ports.h1.iter().copied());
-                drive(ThroughService::new(client), tasks, mode).await
+                drive(ThroughService::new(client), tasks, mode, server).await
             }
             Contender::H2RawRoundRobin => {
-                drive(RawHttp::new(h2_client(), &ports.h2), tasks, mode).await
+                drive(RawHttp::new(h2_client(), &ports.h2), tasks, mode, server).await
             }
-            Contender::H2Balancer => drive(balancer(h2_client(), &ports.h2), tasks, mode).await,
+            Contender::H2Balancer => {
+                drive(balancer(h2_client(), &ports.h2), tasks, mode, server).await
+            }
             Contender::H2HttpClient => {
                 // As a user sets up h2 (the `hyper` builder method's own
                 // example): hyper-util's settings, HTTP/2 only.
@@ -188,11 +204,11 @@ impl Contender {
                 let client = HttpClient::builder()
                     .hyper(hyper)
                     .build::<HttpBody>(ports.h2.iter().copied());
-                drive(ThroughService::new(client), tasks, mode).await
+                drive(ThroughService::new(client), tasks, mode, server).await
             }
             Contender::GrpcOneChannel => {
                 let channels = vec![tonic_channel(ports.grpc[0])?];
-                drive(Grpc::<Channel>::new(channels), tasks, mode).await
+                drive(Grpc::<Channel>::new(channels), tasks, mode, server).await
             }
             Contender::GrpcRoundRobin => {
                 let channels = ports
@@ -200,7 +216,7 @@ impl Contender {
                     .iter()
                     .map(|addr| tonic_channel(*addr))
                     .collect::<Result<Vec<_>, _>>()?;
-                drive(Grpc::<Channel>::new(channels), tasks, mode).await
+                drive(Grpc::<Channel>::new(channels), tasks, mode, server).await
             }
             Contender::GrpcBalanceList => {
                 let endpoints = ports
@@ -209,11 +225,11 @@ impl Contender {
                     .map(|addr| tonic_endpoint(*addr))
                     .collect::<Result<Vec<_>, _>>()?;
                 let channel = Channel::balance_list(endpoints.into_iter());
-                drive(Grpc::<Channel>::new(vec![channel]), tasks, mode).await
+                drive(Grpc::<Channel>::new(vec![channel]), tasks, mode, server).await
             }
             Contender::GrpcChannel => {
                 let channel = GrpcChannel::builder().build(ports.grpc.iter().copied());
-                drive(Grpc::<GrpcChannel>::new(vec![channel]), tasks, mode).await
+                drive(Grpc::<GrpcChannel>::new(vec![channel]), tasks, mode, server).await
             }
         }
     }

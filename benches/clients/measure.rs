@@ -12,6 +12,7 @@ use nix::sys::time::TimeValLike;
 use tokio::task::JoinSet;
 
 use crate::contenders::Caller;
+use crate::server::ServerCpu;
 use crate::BoxError;
 
 /// How long the tasks may take to stop once told (a request in flight
@@ -37,6 +38,12 @@ pub struct Sample {
     pub elapsed: Duration,
     /// The process's CPU time over the window.
     pub cpu: Duration,
+    /// The server process's, when it can be read.
+    pub server_cpu: Option<Duration>,
+    /// The whole machine's busy time over the window (all cores, steal
+    /// included), when it can be read: what is left after the client and
+    /// the servers is other processes', which skews the run.
+    pub machine_cpu: Option<Duration>,
 }
 
 impl Sample {
@@ -47,6 +54,29 @@ impl Sample {
     /// Client CPU per request, µs.
     pub fn cpu_micros(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / (self.requests.max(1) as f64)
+    }
+
+    /// How busy the client's core was, in %: below 100 the client waited
+    /// for the servers.
+    pub fn client_busy(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(1e-9) * 100.0
+    }
+
+    /// How busy the servers' core was, in %, if known: near 100 the
+    /// servers, not the client, set the rate.
+    pub fn server_busy(&self) -> Option<f64> {
+        self.server_cpu
+            .map(|cpu| cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(1e-9) * 100.0)
+    }
+
+    /// How much of a core other processes (and the hypervisor) took over
+    /// the window, in %, if known.
+    pub fn others_busy(&self) -> Option<f64> {
+        let others = self
+            .machine_cpu?
+            .saturating_sub(self.cpu)
+            .saturating_sub(self.server_cpu?);
+        Some(others.as_secs_f64() / self.elapsed.as_secs_f64().max(1e-9) * 100.0)
     }
 }
 
@@ -83,6 +113,26 @@ pub fn cpu_time() -> Result<Duration, BoxError> {
     Ok(Duration::from_micros(u64::try_from(micros).unwrap_or(0)))
 }
 
+/// The machine's busy time so far, all cores: user, nice, system, irq,
+/// softirq and steal from the first line of `/proc/stat`, in `USER_HZ`
+/// (100 a second), or `None` where there is no `/proc/stat`.
+fn machine_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user).
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0))
+        .sum::<u64>();
+    Some(Duration::from_millis(busy * 10))
+}
+
 /// Runs `tasks` tasks, each sending requests through its clone of `caller`
 /// one after another, as `mode` says.
 ///
@@ -90,7 +140,14 @@ pub fn cpu_time() -> Result<Duration, BoxError> {
 ///
 /// When a request failed, a task panicked, or the tasks did not stop in
 /// time.
-pub async fn drive<C: Caller>(caller: C, tasks: usize, mode: Mode) -> Result<Sample, BoxError> {
+pub async fn drive<C: Caller>(
+    caller: C,
+    tasks: usize,
+    mode: Mode,
+    server: ServerCpu,
+) -> Result<Sample, BoxError> {
+    // The server's CPU time is a hint: missing where /proc is.
+    let server_cpu = || server.read().ok();
     let progress = Arc::new(Progress::default());
     let budget = match mode {
         Mode::Smoke { requests, .. } => Some(requests),
@@ -136,10 +193,12 @@ pub async fn drive<C: Caller>(caller: C, tasks: usize, mode: Mode) -> Result<Sam
     let sample = match mode {
         Mode::Timed { warmup, measure } => {
             tokio::time::sleep(warmup).await;
-            let (start, cpu_start) = (Instant::now(), cpu_time()?);
+            let (start, cpu_start, server_start) = (Instant::now(), cpu_time()?, server_cpu());
+            let machine_start = machine_cpu();
             let done_start = progress.succeeded.load(Ordering::Relaxed);
             tokio::time::sleep(measure).await;
-            let (end, cpu_end) = (Instant::now(), cpu_time()?);
+            let (end, cpu_end, server_end) = (Instant::now(), cpu_time()?, server_cpu());
+            let machine_end = machine_cpu();
             let done_end = progress.succeeded.load(Ordering::Relaxed);
             progress.stop.store(true, Ordering::Relaxed);
             join(&mut set, STOP_TIMEOUT, "stop after the measured window").await?;
@@ -147,12 +206,20 @@ pub async fn drive<C: Caller>(caller: C, tasks: usize, mode: Mode) -> Result<Sam
                 requests: done_end - done_start,
                 elapsed: end - start,
                 cpu: cpu_end.saturating_sub(cpu_start),
+                server_cpu: server_start
+                    .zip(server_end)
+                    .map(|(start, end)| end.saturating_sub(start)),
+                machine_cpu: machine_start
+                    .zip(machine_end)
+                    .map(|(start, end)| end.saturating_sub(start)),
             }
         }
         Mode::Smoke { requests, limit } => {
-            let (start, cpu_start) = (Instant::now(), cpu_time()?);
+            let (start, cpu_start, server_start) = (Instant::now(), cpu_time()?, server_cpu());
+            let machine_start = machine_cpu();
             join(&mut set, limit, "send their requests").await?;
-            let (end, cpu_end) = (Instant::now(), cpu_time()?);
+            let (end, cpu_end, server_end) = (Instant::now(), cpu_time()?, server_cpu());
+            let machine_end = machine_cpu();
             if let Some(failure) = progress.failure() {
                 return Err(failure.into());
             }
@@ -164,6 +231,12 @@ pub async fn drive<C: Caller>(caller: C, tasks: usize, mode: Mode) -> Result<Sam
                 requests: succeeded,
                 elapsed: end - start,
                 cpu: cpu_end.saturating_sub(cpu_start),
+                server_cpu: server_start
+                    .zip(server_end)
+                    .map(|(start, end)| end.saturating_sub(start)),
+                machine_cpu: machine_start
+                    .zip(machine_end)
+                    .map(|(start, end)| end.saturating_sub(start)),
             }
         }
     };

@@ -192,6 +192,13 @@ impl ServerProcess {
         }
     }
 
+    /// Reads the server process's CPU time.
+    pub fn cpu(&self) -> ServerCpu {
+        ServerCpu {
+            pid: self.child.id(),
+        }
+    }
+
     /// An error if the server process has exited.
     pub fn check_alive(&mut self) -> Result<(), BoxError> {
         match self.child.try_wait() {
@@ -207,6 +214,44 @@ impl Drop for ServerProcess {
         drop(self.stdin.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads the server process's CPU time (user + system, all its threads)
+/// from `/proc/PID/stat`, to tell whether the servers' core was the
+/// bottleneck of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerCpu {
+    pid: u32,
+}
+
+impl ServerCpu {
+    /// Linux reports CPU time in `/proc` in units of `USER_HZ`, which is
+    /// 100 on every architecture Linux has (the kernel scales its own
+    /// tick rate to it for user space).
+    const TICKS_PER_SECOND: u64 = 100;
+
+    /// The CPU time so far, or an error when `/proc` does not have it (not
+    /// Linux, say).
+    pub fn read(self) -> Result<Duration, BoxError> {
+        let path = format!("/proc/{}/stat", self.pid);
+        let stat = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the server process's {path}: {e}"))?;
+        // The command name, in parentheses, may hold spaces: the fields
+        // that follow start after the last `)`, with the state (field 3);
+        // utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |index: usize| {
+            fields
+                .get(index)
+                .and_then(|field| field.parse::<u64>().ok())
+                .ok_or_else(|| format!("{path} has no CPU time in field {}: {stat:?}", index + 3))
+        };
+        let total = ticks(11)? + ticks(12)?;
+        Ok(Duration::from_millis(total * 1000 / Self::TICKS_PER_SECOND))
     }
 }
 
