@@ -203,27 +203,54 @@ fn run() -> Result<(), BoxError> {
 
     let machine = machine(cores.len(), servers.pinned, client_pinned);
     if config.smoke {
-        println!("clients bench, smoke run (no --bench): {SMOKE_REQUESTS} requests per contender, {} tasks; {machine}", config.tasks);
-        for contender in contenders {
-            servers.check_alive()?;
-            let mode = Mode::Smoke {
-                requests: SMOKE_REQUESTS,
-                limit: SMOKE_LIMIT,
-            };
-            let sample = runtime
-                .block_on(contender.run(&servers.ports, servers.cpu(), config.tasks, mode))
-                .map_err(|e| format!("{}: {e}", contender.id()))?;
-            println!(
-                "{:<18} {} requests, all OK, in {:.0} ms",
-                contender.id(),
-                sample.requests,
-                sample.elapsed.as_secs_f64() * 1e3
-            );
-            runtime.block_on(async { tokio::time::sleep(BETWEEN_RUNS).await });
-        }
-        return Ok(());
+        smoke(&config, &contenders, &mut servers, &runtime, &machine)
+    } else {
+        timed(&config, &contenders, &mut servers, &runtime, &machine)
     }
+}
 
+/// Every contender once, a few hundred requests each, all of which must
+/// succeed.
+fn smoke(
+    config: &Config,
+    contenders: &[Contender],
+    servers: &mut ServerProcess,
+    runtime: &tokio::runtime::Runtime,
+    machine: &str,
+) -> Result<(), BoxError> {
+    println!(
+        "clients bench, smoke run (no --bench): {SMOKE_REQUESTS} requests per contender, {} tasks; {machine}",
+        config.tasks
+    );
+    for &contender in contenders {
+        servers.check_alive()?;
+        let mode = Mode::Smoke {
+            requests: SMOKE_REQUESTS,
+            limit: SMOKE_LIMIT,
+        };
+        let sample = runtime
+            .block_on(contender.run(&servers.ports, servers.cpu(), config.tasks, mode))
+            .map_err(|e| format!("{}: {e}", contender.id()))?;
+        println!(
+            "{:<18} {} requests, all OK, in {:.0} ms",
+            contender.id(),
+            sample.requests,
+            sample.elapsed.as_secs_f64() * 1e3
+        );
+        runtime.block_on(async { tokio::time::sleep(BETWEEN_RUNS).await });
+    }
+    Ok(())
+}
+
+/// The measurement: every repetition runs every contender, in an order
+/// rotated by one each time; then the table.
+fn timed(
+    config: &Config,
+    contenders: &[Contender],
+    servers: &mut ServerProcess,
+    runtime: &tokio::runtime::Runtime,
+    machine: &str,
+) -> Result<(), BoxError> {
     println!(
         "clients bench: {} repetitions, interleaved; each run {} ms warm-up + {} ms measured; {} tasks, closed loop",
         config.reps,
@@ -296,7 +323,7 @@ fn run() -> Result<(), BoxError> {
             }
         }
     }
-    println!("{}", table(&contenders, &samples));
+    println!("{}", table(contenders, &samples));
     println!(
         "Medians of {} interleaved runs. Client CPU: user + system time of the client process (getrusage), servers excluded. \
          Busy: % of one core over the measured window, taken by the client process / the server process / everything else on the machine. \
