@@ -155,6 +155,72 @@ where
     }
 }
 
+/// The ready-made clients' per-attempt timeout: [`Timeout`], but an attempt
+/// also ends at the call's [`CallDeadline`] when that comes first, failing
+/// with [`Elapsed`] ([`Timer::Deadline`]). With it under a
+/// [`Deadline`] that arms no timer, a call arms one timer per attempt
+/// instead of two. (Crate-internal: reading the deadline needs the
+/// request's extensions, which the public `Timeout` does not ask for.)
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttemptTimeoutLayer {
+    timeout: Duration,
+}
+
+impl AttemptTimeoutLayer {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> AttemptTimeout<S> {
+        AttemptTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// See [`AttemptTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct AttemptTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, Req> Service<Req> for AttemptTimeout<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: HasExtensions,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let ends = Instant::now()
+            .checked_add(self.timeout)
+            .unwrap_or_else(far_future);
+        // At the deadline no attempt may go on, and none would be retried.
+        let (ends, fired) = match CallDeadline::of(&req) {
+            Some(deadline) if deadline.at <= ends => (deadline.at, deadline.elapsed()),
+            _ => (ends, Elapsed::new(Timer::Attempt, self.timeout)),
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            sleep: Some(tokio::time::sleep_until(ends)),
+            fired,
+        }
+    }
+}
+
 /// The moment a call must be over, in the request's extensions.
 ///
 /// [`Deadline`] inserts it; the retry layer reads it so as not to start an
@@ -212,6 +278,7 @@ fn far_future() -> Instant {
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
     budget: Option<Duration>,
+    timer: bool,
 }
 
 impl DeadlineLayer {
@@ -220,6 +287,7 @@ impl DeadlineLayer {
     pub fn new(budget: Duration) -> Self {
         Self {
             budget: Some(budget),
+            timer: true,
         }
     }
 
@@ -227,7 +295,21 @@ impl DeadlineLayer {
     /// request ([`CallDeadline`]) is enforced. A call without one passes
     /// through with no timer.
     pub fn callers_only() -> Self {
-        Self { budget: None }
+        Self {
+            budget: None,
+            timer: true,
+        }
+    }
+
+    /// Sets the deadline but arms no timer of its own: for a stack in which
+    /// every attempt ends by the deadline anyway ([`AttemptTimeout`]) and
+    /// the retry layer pauses no further than it, so that a call arms one
+    /// timer per attempt instead of two.
+    pub(crate) fn enforced_by_attempts(self) -> Self {
+        Self {
+            timer: false,
+            ..self
+        }
     }
 }
 
@@ -238,6 +320,7 @@ impl<S> Layer<S> for DeadlineLayer {
         Deadline {
             inner,
             budget: self.budget,
+            timer: self.timer,
         }
     }
 }
@@ -252,6 +335,7 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct Deadline<S> {
     inner: S,
     budget: Option<Duration>,
+    timer: bool,
 }
 
 impl<S, Req> Service<Req> for Deadline<S>
@@ -281,7 +365,9 @@ where
         };
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: deadline.map(|deadline| tokio::time::sleep_until(deadline.at)),
+            sleep: deadline
+                .filter(|_| self.timer)
+                .map(|deadline| tokio::time::sleep_until(deadline.at)),
             fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
                 d.elapsed()
             }),
@@ -389,6 +475,61 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(300));
         assert!(err.to_string().contains("deadline passed after 300ms"));
         assert!(!Elapsed::is_attempt_timeout(&*err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_ends_at_the_calls_deadline_when_that_comes_first() {
+        let svc = DeadlineLayer::new(Duration::from_millis(300))
+            .enforced_by_attempts()
+            .layer(
+                AttemptTimeoutLayer::new(Duration::from_secs(1))
+                    .layer(slow(Duration::from_secs(5))),
+            );
+        let started = Instant::now();
+        let err = svc
+            .oneshot(get())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no deadline"));
+        assert_eq!(
+            elapsed(&err),
+            Elapsed::new(Timer::Deadline, Duration::from_millis(300))
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        assert!(!Elapsed::is_attempt_timeout(&*err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_ends_at_its_own_timeout_before_a_later_deadline() {
+        let svc = DeadlineLayer::new(Duration::from_secs(10))
+            .enforced_by_attempts()
+            .layer(
+                AttemptTimeoutLayer::new(Duration::from_millis(100))
+                    .layer(slow(Duration::from_secs(5))),
+            );
+        let err = svc
+            .oneshot(get())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("no timeout"));
+        assert_eq!(
+            elapsed(&err),
+            Elapsed::new(Timer::Attempt, Duration::from_millis(100))
+        );
+        assert!(Elapsed::is_attempt_timeout(&*err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_enforced_by_attempts_sets_the_deadline_but_arms_no_timer() {
+        let svc = DeadlineLayer::new(Duration::from_millis(100))
+            .enforced_by_attempts()
+            .layer(service_fn(|req: http::Request<()>| async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, Infallible>(CallDeadline::of(&req).map(|d| d.budget()))
+            }));
+        // Nothing under it ends the call: the answer comes, late.
+        let budget = svc.oneshot(get()).await.ok().flatten();
+        assert_eq!(budget, Some(Duration::from_millis(100)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,7 +73,7 @@ use crate::hedge::HedgeLayer;
 use crate::request::Replayable;
 use crate::retry::{ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
 use crate::strategy::Strategy;
-use crate::timeout::{DeadlineLayer, TimeoutLayer};
+use crate::timeout::{AttemptTimeoutLayer, DeadlineLayer};
 
 /// The default per-attempt timeout of the ready-made clients.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -383,6 +383,14 @@ impl CallSettings {
         let deadline = self
             .deadline
             .map_or(DeadlineLayer::callers_only(), DeadlineLayer::new);
+        // With attempt timeouts every attempt ends by the deadline, and the
+        // retry layer pauses no further than it (hedges start only while
+        // an attempt runs): the deadline needs no timer of its own, and a
+        // call arms one per attempt instead of two.
+        let deadline = match self.attempt_timeout {
+            Some(_) => deadline.enforced_by_attempts(),
+            None => deadline,
+        };
         ServiceBuilder::new()
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))
@@ -398,7 +406,7 @@ impl CallSettings {
                     .clone()
                     .map(|hedge| hedge.budget(self.budget.clone())),
             )
-            .option_layer(self.attempt_timeout.map(TimeoutLayer::new))
+            .option_layer(self.attempt_timeout.map(AttemptTimeoutLayer::new))
             .map_err(Into::<BoxError>::into)
             .service(inner)
     }
