@@ -161,35 +161,32 @@ where
 /// [`Deadline`] that arms no timer, a call arms one timer per attempt
 /// instead of two. (Crate-internal: reading the deadline needs the
 /// request's extensions, which the public `Timeout` does not ask for.)
+#[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AttemptTimeoutLayer {
-    timeout: Duration,
-}
+pub(crate) struct AttemptTimeoutLayer(TimeoutLayer);
 
+#[cfg(feature = "http")]
 impl AttemptTimeoutLayer {
     pub(crate) fn new(timeout: Duration) -> Self {
-        Self { timeout }
+        Self(TimeoutLayer::new(timeout))
     }
 }
 
+#[cfg(feature = "http")]
 impl<S> Layer<S> for AttemptTimeoutLayer {
     type Service = AttemptTimeout<S>;
 
     fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout {
-            inner,
-            timeout: self.timeout,
-        }
+        AttemptTimeout(self.0.layer(inner))
     }
 }
 
 /// See [`AttemptTimeoutLayer`].
+#[cfg(feature = "http")]
 #[derive(Debug, Clone)]
-pub(crate) struct AttemptTimeout<S> {
-    inner: S,
-    timeout: Duration,
-}
+pub(crate) struct AttemptTimeout<S>(Timeout<S>);
 
+#[cfg(feature = "http")]
 impl<S, Req> Service<Req> for AttemptTimeout<S>
 where
     S: Service<Req>,
@@ -201,20 +198,21 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.0.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let timeout = self.0.timeout;
         let ends = Instant::now()
-            .checked_add(self.timeout)
+            .checked_add(timeout)
             .unwrap_or_else(far_future);
         // At the deadline no attempt may go on, and none would be retried.
         let (ends, fired) = match CallDeadline::of(&req) {
             Some(deadline) if deadline.at <= ends => (deadline.at, deadline.elapsed()),
-            _ => (ends, Elapsed::new(Timer::Attempt, self.timeout)),
+            _ => (ends, Elapsed::new(Timer::Attempt, timeout)),
         };
         ResponseFuture {
-            inner: self.inner.call(req),
+            inner: self.0.inner.call(req),
             sleep: Some(tokio::time::sleep_until(ends)),
             fired,
         }
@@ -305,6 +303,7 @@ impl DeadlineLayer {
     /// every attempt ends by the deadline anyway ([`AttemptTimeout`]) and
     /// the retry layer pauses no further than it, so that a call arms one
     /// timer per attempt instead of two.
+    #[cfg(feature = "http")]
     pub(crate) fn enforced_by_attempts(self) -> Self {
         Self {
             timer: false,
@@ -477,6 +476,7 @@ mod tests {
         assert!(!Elapsed::is_attempt_timeout(&*err));
     }
 
+    #[cfg(feature = "http")]
     #[tokio::test(start_paused = true)]
     async fn an_attempt_ends_at_the_calls_deadline_when_that_comes_first() {
         let svc = DeadlineLayer::new(Duration::from_millis(300))
@@ -499,6 +499,7 @@ mod tests {
         assert!(!Elapsed::is_attempt_timeout(&*err));
     }
 
+    #[cfg(feature = "http")]
     #[tokio::test(start_paused = true)]
     async fn an_attempt_ends_at_its_own_timeout_before_a_later_deadline() {
         let svc = DeadlineLayer::new(Duration::from_secs(10))
@@ -519,6 +520,7 @@ mod tests {
         assert!(Elapsed::is_attempt_timeout(&*err));
     }
 
+    #[cfg(feature = "http")]
     #[tokio::test(start_paused = true)]
     async fn a_deadline_enforced_by_attempts_sets_the_deadline_but_arms_no_timer() {
         let svc = DeadlineLayer::new(Duration::from_millis(100))
