@@ -176,15 +176,8 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 ///   `grpc-timeout` timer, say): the caller's time was up, which a healthy
 ///   endpoint cannot help. Slowness is the latency detector's business.
 pub fn default_error_outcome(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Outcome> {
-    let error: &(dyn StdError + 'static) = error;
-    if crate::error::is_refused_by_client(error) || crate::error::is_server_going_away(error) {
-        return None;
-    }
-    let deadline = crate::error::chain(error).any(|e| {
-        e.downcast_ref::<crate::timeout::Elapsed>()
-            .is_some_and(|elapsed| elapsed.timer() == crate::timeout::Timer::Deadline)
-    });
-    if deadline {
+    let cause = crate::cause::Cause::of(error);
+    if cause.refused_by_client || cause.server_going_away || cause.deadline {
         return None;
     }
     Some(Outcome::Failure)

@@ -265,32 +265,29 @@ impl StdError for Empty {
 /// an HTTP/2 stream the server refused unprocessed or left unprocessed when
 /// it went away gracefully (what `http::HttpError` reports).
 pub fn is_never_sent(error: &(dyn StdError + 'static)) -> bool {
-    chain(error).any(|link| {
-        if link.is::<NeverSent>() || link.is::<RefusedByClient>() {
-            return true;
-        }
-        #[cfg(feature = "http")]
-        if link
-            .downcast_ref::<hyper_util::client::legacy::Error>()
-            .is_some_and(hyper_util::client::legacy::Error::is_connect)
-            || unprocessed_link(link).is_some()
-        {
-            return true;
-        }
-        false
-    })
+    chain(error).any(never_sent_link)
 }
 
-/// The client refused to send the request, for a reason that is the
-/// caller's and would be the same on any endpoint: the HTTP glue's refusals
-/// (a CONNECT, a scheme the endpoint does not speak). Not retried, and not
-/// held against the endpoint.
-pub(crate) fn is_refused_by_client(error: &(dyn StdError + 'static)) -> bool {
-    chain(error).any(|link| link.is::<RefusedByClient>())
+/// [`is_never_sent`] for one link of a chain.
+pub(crate) fn never_sent_link(link: &(dyn StdError + 'static)) -> bool {
+    if link.is::<NeverSent>() || link.is::<RefusedByClient>() {
+        return true;
+    }
+    #[cfg(feature = "http")]
+    if link
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        || unprocessed_link(link).is_some()
+    {
+        return true;
+    }
+    false
 }
 
 /// A link in an error chain that says the client refused to send the
-/// request, for a reason of the caller's (see [`is_refused_by_client`]).
+/// request, for a reason of the caller's (a CONNECT, a scheme the endpoint
+/// does not speak), which would be the same on any endpoint: not retried,
+/// and not held against the endpoint.
 /// Transparent: it prints as its reason, whose `source()` is its own, so
 /// the reason is not printed twice.
 pub(crate) struct RefusedByClient {
@@ -360,7 +357,7 @@ pub(crate) fn unprocessed_stream(error: &(dyn StdError + 'static)) -> Option<Unp
 
 /// [`unprocessed_stream`] for one link of the chain.
 #[cfg(feature = "http")]
-fn unprocessed_link(link: &(dyn StdError + 'static)) -> Option<Unprocessed> {
+pub(crate) fn unprocessed_link(link: &(dyn StdError + 'static)) -> Option<Unprocessed> {
     let h2 = link.downcast_ref::<h2::Error>()?;
     if !h2.is_remote() {
         return None;
@@ -419,19 +416,6 @@ pub(crate) fn is_connection_broken(link: &(dyn StdError + 'static)) -> bool {
         return hyper.is_closed() || hyper.is_incomplete_message();
     }
     false
-}
-
-/// The server did not process the request because it is shutting down
-/// gracefully (see [`Unprocessed::GoingAway`]): a routine deploy or
-/// reload, which says nothing against the endpoint.
-pub(crate) fn is_server_going_away(error: &(dyn StdError + 'static)) -> bool {
-    #[cfg(feature = "http")]
-    return unprocessed_stream(error) == Some(Unprocessed::GoingAway);
-    #[cfg(not(feature = "http"))]
-    {
-        let _ = error;
-        false
-    }
 }
 
 /// `error`, then each of its `source()`s in turn.

@@ -54,6 +54,7 @@
 
 pub mod balance;
 mod capacity;
+mod cause;
 pub mod classify;
 #[cfg(feature = "http")]
 pub mod client;

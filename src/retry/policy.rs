@@ -6,8 +6,8 @@ use http::StatusCode;
 
 use super::backoff::Backoff;
 use super::pushback::{pushback, Pushback};
+use crate::cause::Cause;
 use crate::request::Safety;
-use crate::timeout::Elapsed;
 
 /// How the retry layer decides: attempts, backoff, the most pushback it
 /// honours, and which outcomes deserve another attempt.
@@ -117,33 +117,25 @@ impl<C> RetryPolicy<C> {
         error: &(dyn std::error::Error + 'static),
         safety: Safety,
     ) -> bool {
+        let cause = Cause::of(error);
         // Checked first: a request the client refused to address is "never
         // sent" too, but another endpoint would refuse it the same way.
-        if crate::error::is_refused_by_client(error) {
+        if cause.refused_by_client {
             return false;
         }
-        if crate::error::is_never_sent(error) {
+        if cause.never_sent {
             return true;
         }
         if !safety.may_repeat() {
             return false;
         }
-        if Elapsed::is_attempt_timeout(error) {
+        if cause.attempt_timeout {
             return self.retry_timeouts;
         }
-        self.retry_endpoint_errors && is_endpoint_failure(error)
+        // An endpoint failed to answer, as opposed to the balancer having
+        // nowhere to send the request, or being closed.
+        self.retry_endpoint_errors && cause.endpoint_failed
     }
-}
-
-/// An endpoint failed to answer (as opposed to the balancer having nowhere
-/// to send the request, or being closed).
-fn is_endpoint_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    crate::error::chain(error).any(|err| {
-        matches!(
-            err.downcast_ref::<crate::Error>(),
-            Some(crate::Error::Endpoint { .. })
-        )
-    })
 }
 
 /// What the retry layer makes of a response.
@@ -384,7 +376,8 @@ mod tests {
     #[test]
     fn attempt_timeouts_are_retried_only_for_requests_that_may_repeat() {
         let policy = RetryPolicy::new();
-        let err = Elapsed::new(crate::timeout::Timer::Attempt, Duration::from_millis(10));
+        let err =
+            crate::timeout::Elapsed::new(crate::timeout::Timer::Attempt, Duration::from_millis(10));
         assert!(policy.retries_error(&err, Safety::Safe));
         assert!(!policy.retries_error(&err, Safety::Unsafe));
         assert!(!policy
