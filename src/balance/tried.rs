@@ -30,7 +30,15 @@ struct Slots {
     ids: [AtomicU64; CAPACITY],
     /// Attempts recorded; may exceed `CAPACITY`.
     recorded: AtomicUsize,
+    /// The retry budgets (by address; 0 is an empty slot) that have
+    /// counted the call: kept here, in the call's one shared set, rather
+    /// than in an extension of its own, which every attempt's copy of the
+    /// request would clone (an allocation each).
+    budgets: [AtomicUsize; BUDGETS],
 }
+
+/// Budgets a call remembers having counted it: nearly always one.
+const BUDGETS: usize = 4;
 
 impl TriedEndpoints {
     /// An empty set.
@@ -53,6 +61,20 @@ impl TriedEndpoints {
         self.inner.ids[..recorded]
             .iter()
             .any(|slot| slot.load(Ordering::Acquire) == id)
+    }
+
+    /// Whether the budget `id` (its address, never 0) is counting the call
+    /// for the first time, remembering that it has. A fifth budget on one
+    /// call (never seen in practice) counts it each time.
+    pub(crate) fn first_count_by(&self, id: usize) -> bool {
+        for slot in &self.inner.budgets {
+            match slot.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(current) if current == id => return false,
+                Err(_) => {}
+            }
+        }
+        true
     }
 
     pub(crate) fn record(&self, id: u64) {

@@ -154,12 +154,6 @@ pub struct RetryBudget {
     inner: Arc<Inner>,
 }
 
-/// The budgets (by address; 0 is an empty slot) that have counted a call,
-/// in its extensions. A fixed array: nearly always one budget, and no
-/// allocation beyond the extension's own.
-#[derive(Clone, Copy, Debug, Default)]
-struct CountedBy([usize; 4]);
-
 /// The shared state behind every clone of a [`RetryBudget`].
 struct Inner {
     config: Config,
@@ -278,22 +272,12 @@ impl RetryBudget {
     /// attempts to share, and one deposit in this budget, however many
     /// layers (and attempts) it passes through.
     pub(crate) fn begin_call<Req: crate::request::HasExtensions>(&self, req: &mut Req) {
-        let extensions = req.extensions_mut();
-        if extensions.get::<crate::TriedEndpoints>().is_none() {
-            extensions.insert(crate::TriedEndpoints::new());
+        let tried = req
+            .extensions_mut()
+            .get_or_insert_default::<crate::TriedEndpoints>();
+        if tried.first_count_by(Arc::as_ptr(&self.inner) as usize) {
+            self.deposit();
         }
-        let id = Arc::as_ptr(&self.inner) as usize;
-        let mut counted = extensions.get::<CountedBy>().copied().unwrap_or_default();
-        if counted.0.contains(&id) {
-            return;
-        }
-        // A fifth budget on one call (never seen in practice) is counted
-        // each time rather than remembered.
-        if let Some(slot) = counted.0.iter_mut().find(|slot| **slot == 0) {
-            *slot = id;
-            extensions.insert(counted);
-        }
-        self.deposit();
     }
 
     /// Records an original request (not a retry or a hedge): call it once
