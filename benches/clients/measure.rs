@@ -106,6 +106,39 @@ impl Progress {
     }
 }
 
+/// Every clock a sample reads, at one moment.
+struct Clocks {
+    wall: Instant,
+    cpu: Duration,
+    server_cpu: Option<Duration>,
+    machine_cpu: Option<Duration>,
+}
+
+impl Clocks {
+    fn read(server_cpu: &impl Fn() -> Option<Duration>) -> Result<Self, BoxError> {
+        Ok(Self {
+            wall: Instant::now(),
+            cpu: cpu_time()?,
+            server_cpu: server_cpu(),
+            machine_cpu: machine_cpu(),
+        })
+    }
+
+    /// The sample of `requests` between `start` and these readings.
+    fn since(&self, start: &Clocks, requests: u64) -> Sample {
+        let between = |start: Option<Duration>, end: Option<Duration>| {
+            start.zip(end).map(|(start, end)| end.saturating_sub(start))
+        };
+        Sample {
+            requests,
+            elapsed: self.wall - start.wall,
+            cpu: self.cpu.saturating_sub(start.cpu),
+            server_cpu: between(start.server_cpu, self.server_cpu),
+            machine_cpu: between(start.machine_cpu, self.machine_cpu),
+        }
+    }
+}
+
 /// The process's CPU time so far, user + system, all threads.
 pub fn cpu_time() -> Result<Duration, BoxError> {
     let usage = getrusage(UsageWho::RUSAGE_SELF).map_err(|e| format!("getrusage failed: {e}"))?;
@@ -193,33 +226,19 @@ pub async fn drive<C: Caller>(
     let sample = match mode {
         Mode::Timed { warmup, measure } => {
             tokio::time::sleep(warmup).await;
-            let (start, cpu_start, server_start) = (Instant::now(), cpu_time()?, server_cpu());
-            let machine_start = machine_cpu();
+            let start = Clocks::read(&server_cpu)?;
             let done_start = progress.succeeded.load(Ordering::Relaxed);
             tokio::time::sleep(measure).await;
-            let (end, cpu_end, server_end) = (Instant::now(), cpu_time()?, server_cpu());
-            let machine_end = machine_cpu();
+            let end = Clocks::read(&server_cpu)?;
             let done_end = progress.succeeded.load(Ordering::Relaxed);
             progress.stop.store(true, Ordering::Relaxed);
             join(&mut set, STOP_TIMEOUT, "stop after the measured window").await?;
-            Sample {
-                requests: done_end - done_start,
-                elapsed: end - start,
-                cpu: cpu_end.saturating_sub(cpu_start),
-                server_cpu: server_start
-                    .zip(server_end)
-                    .map(|(start, end)| end.saturating_sub(start)),
-                machine_cpu: machine_start
-                    .zip(machine_end)
-                    .map(|(start, end)| end.saturating_sub(start)),
-            }
+            end.since(&start, done_end - done_start)
         }
         Mode::Smoke { requests, limit } => {
-            let (start, cpu_start, server_start) = (Instant::now(), cpu_time()?, server_cpu());
-            let machine_start = machine_cpu();
+            let start = Clocks::read(&server_cpu)?;
             join(&mut set, limit, "send their requests").await?;
-            let (end, cpu_end, server_end) = (Instant::now(), cpu_time()?, server_cpu());
-            let machine_end = machine_cpu();
+            let end = Clocks::read(&server_cpu)?;
             if let Some(failure) = progress.failure() {
                 return Err(failure.into());
             }
@@ -227,17 +246,7 @@ pub async fn drive<C: Caller>(
             if succeeded != requests {
                 return Err(format!("{succeeded} requests succeeded, expected {requests}").into());
             }
-            Sample {
-                requests: succeeded,
-                elapsed: end - start,
-                cpu: cpu_end.saturating_sub(cpu_start),
-                server_cpu: server_start
-                    .zip(server_end)
-                    .map(|(start, end)| end.saturating_sub(start)),
-                machine_cpu: machine_start
-                    .zip(machine_end)
-                    .map(|(start, end)| end.saturating_sub(start)),
-            }
+            end.since(&start, succeeded)
         }
     };
     match progress.failure() {
