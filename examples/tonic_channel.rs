@@ -21,7 +21,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-use tower_lb::grpc::{GrpcChannel, MethodSafety};
+use tower_lb::client::GrpcChannel;
+use tower_lb::grpc::MethodSafety;
 use tower_lb::request::Safety;
 use tower_lb::EndpointState;
 

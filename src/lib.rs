@@ -44,7 +44,7 @@
 //!
 //! Or all of it at once: [`client::HttpClient`] goes from a list of
 //! addresses or a DNS name to the whole stack with sensible defaults, every
-//! part replaceable, and [`grpc::GrpcChannel`] does the same with one tonic
+//! part replaceable, and [`client::GrpcChannel`] does the same with one tonic
 //! channel per endpoint, for generated gRPC clients.
 //!
 //! See the README for the design, the benchmarks and the feature table.
@@ -72,5 +72,5 @@ pub mod retry;
 pub mod strategy;
 pub mod timeout;
 
-pub use balance::{Balancer, Builder, EndpointState, EndpointStats, TriedEndpoints};
+pub use balance::{Balancer, Builder, EndpointState, EndpointStats};
 pub use error::{BoxError, Error};

@@ -10,8 +10,9 @@
 //!
 //! so the deadline covers every attempt and every backoff, and the per-attempt
 //! timeout turns one stalled endpoint into a retryable error. The deadline
-//! travels in the request's extensions as a [`CallDeadline`], where the retry
-//! layer reads it: a retry whose backoff would outlive it is not started.
+//! travels in the call's [`CallContext`](crate::request::CallContext) as a
+//! [`CallDeadline`], where the retry layer reads it: a retry whose backoff
+//! would outlive it is not started.
 //!
 //! ```
 //! use std::time::Duration;
@@ -34,11 +35,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tower::{Layer, Service};
 
 use crate::error::BoxError;
-use crate::request::HasExtensions;
+use crate::request::{context_mut, HasCallContext};
+
+pub use crate::request::CallDeadline;
 
 /// Which timer ended a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -160,7 +163,8 @@ where
 /// with [`Elapsed`] ([`Timer::Deadline`]). With it under a
 /// [`Deadline`] that arms no timer, a call arms one timer per attempt
 /// instead of two. (Crate-internal: reading the deadline needs the
-/// request's extensions, which the public `Timeout` does not ask for.)
+/// request's [`CallContext`](crate::request::CallContext), which the public
+/// `Timeout` does not ask for.)
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttemptTimeoutLayer(TimeoutLayer);
@@ -191,7 +195,7 @@ impl<S, Req> Service<Req> for AttemptTimeout<S>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    Req: HasExtensions,
+    Req: HasCallContext,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -203,12 +207,12 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let timeout = self.0.timeout;
-        let ends = Instant::now()
+        let ends = tokio::time::Instant::now()
             .checked_add(timeout)
-            .unwrap_or_else(far_future);
+            .unwrap_or_else(crate::request::far_future);
         // At the deadline no attempt may go on, and none would be retried.
         let (ends, fired) = match CallDeadline::of(&req) {
-            Some(deadline) if deadline.at <= ends => (deadline.at, deadline.elapsed()),
+            Some(deadline) if deadline.at() <= ends => (deadline.at(), deadline_elapsed(&deadline)),
             _ => (ends, Elapsed::new(Timer::Attempt, timeout)),
         };
         ResponseFuture {
@@ -219,57 +223,9 @@ where
     }
 }
 
-/// The moment a call must be over, in the request's extensions.
-///
-/// [`Deadline`] inserts it; the retry layer reads it so as not to start an
-/// attempt it cannot finish; your own layers may read it too (to pass the
-/// time left to a server, say).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallDeadline {
-    at: Instant,
-    budget: Duration,
-}
-
-impl CallDeadline {
-    /// A deadline `budget` from now.
-    pub fn after(budget: Duration) -> Self {
-        let now = Instant::now();
-        Self {
-            // A budget too long to represent is no deadline at all, in effect.
-            at: now.checked_add(budget).unwrap_or_else(far_future),
-            budget,
-        }
-    }
-
-    /// When the call must be over.
-    pub fn at(&self) -> Instant {
-        self.at
-    }
-
-    /// The whole call's time budget.
-    pub fn budget(&self) -> Duration {
-        self.budget
-    }
-
-    /// The time left, zero once passed.
-    pub fn remaining(&self) -> Duration {
-        self.at.saturating_duration_since(Instant::now())
-    }
-
-    /// The deadline of a request, if a [`Deadline`] layer (or the caller) set
-    /// one.
-    pub fn of<Req: HasExtensions>(req: &Req) -> Option<CallDeadline> {
-        req.extensions().get::<CallDeadline>().copied()
-    }
-
-    fn elapsed(&self) -> Elapsed {
-        Elapsed::new(Timer::Deadline, self.budget)
-    }
-}
-
-/// About 30 years from now: later than any call lives.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+/// The [`Elapsed`] of a call whose deadline passed.
+fn deadline_elapsed(deadline: &CallDeadline) -> Elapsed {
+    Elapsed::new(Timer::Deadline, deadline.budget())
 }
 
 /// A [`Layer`] that bounds the whole call (see [`Deadline`]).
@@ -326,9 +282,9 @@ impl<S> Layer<S> for DeadlineLayer {
 
 /// Bounds a whole call and tells the layers beneath how long they have.
 ///
-/// Each request gets a [`CallDeadline`] in its extensions, `budget` from
-/// now; if it already carries an earlier one (the caller's own), that one
-/// stands. When it passes, the call fails with [`Elapsed`]
+/// Each request gets a [`CallDeadline`] in its
+/// [`CallContext`](crate::request::CallContext), `budget` from now; if it
+/// already carries an earlier one (the caller's own), that one stands. When it passes, the call fails with [`Elapsed`]
 /// ([`Timer::Deadline`]) and whatever attempt is running is cancelled.
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
@@ -341,7 +297,7 @@ impl<S, Req> Service<Req> for Deadline<S>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    Req: HasExtensions,
+    Req: HasCallContext,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -352,23 +308,21 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        let ours = self.budget.map(CallDeadline::after);
-        let deadline = match (CallDeadline::of(&req), ours) {
-            (Some(theirs), Some(ours)) if theirs.at <= ours.at => Some(theirs),
-            (Some(theirs), None) => Some(theirs),
-            (_, Some(ours)) => {
-                req.extensions_mut().insert(ours);
-                Some(ours)
+        let deadline = match self.budget {
+            // The call's context is made here, the outermost layer that
+            // needs one, with the deadline in it.
+            Some(budget) => {
+                Some(context_mut(&mut req).tighten_deadline(CallDeadline::after(budget)))
             }
-            (None, None) => None,
+            None => CallDeadline::of(&req),
         };
         ResponseFuture {
             inner: self.inner.call(req),
             sleep: deadline
                 .filter(|_| self.timer)
-                .map(|deadline| tokio::time::sleep_until(deadline.at)),
+                .map(|deadline| tokio::time::sleep_until(deadline.at())),
             fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
-                d.elapsed()
+                deadline_elapsed(&d)
             }),
         }
     }
@@ -419,6 +373,7 @@ where
 mod tests {
     use super::*;
     use std::convert::Infallible;
+    use tokio::time::Instant;
     use tower::{service_fn, ServiceExt};
 
     fn slow(

@@ -851,12 +851,13 @@ async fn a_second_attempt_of_a_call_goes_to_an_endpoint_the_call_has_not_tried(k
         StackKind::OneStop => fixed(kind, P2c::least_requests(), addrs(&servers)),
     };
     for _ in 0..30 {
-        let tried = tower_lb::TriedEndpoints::new();
+        let tried = tower_lb::request::TriedEndpoints::new();
         let mut hits_before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
         let mut first_and_second = Vec::new();
         for _attempt in 0..2 {
             let mut req = get();
-            req.extensions_mut().insert(tried.clone());
+            req.extensions_mut()
+                .insert(tower_lb::request::CallContext::new().with_tried(tried.clone()));
             let response = lb.send(req).await.expect("answered");
             assert_eq!(response.status(), 200);
             let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();

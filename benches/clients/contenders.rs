@@ -26,8 +26,8 @@ use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{Service, ServiceExt};
+use tower_lb::client::GrpcChannel;
 use tower_lb::client::HttpClient;
-use tower_lb::grpc::GrpcChannel;
 use tower_lb::{discover, http as lb_http, Balancer};
 
 use crate::measure::{drive, Mode, Sample};

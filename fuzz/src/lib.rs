@@ -45,7 +45,7 @@ use tower_lb::grpc::{GrpcTimeoutLayer, MethodSafety};
 use tower_lb::load::{
     LoadExtractor, LoadReport, LoadReportError, OrcaLoadReports, UtilizationHeader,
 };
-use tower_lb::request::Safety;
+use tower_lb::request::{CallContext, HasCallContext, Safety};
 use tower_lb::retry::{HttpRetryOn, Pushback, ResponseVerdict, RetryOn};
 use tower_lb::timeout::CallDeadline;
 
@@ -868,7 +868,12 @@ pub fn check_request_safety(method: &Method, path: &[u8], headers: &HeaderMap) {
     let from_table = table.of(req.uri().path());
     let inner = tower::service_fn(|req: Request<()>| {
         std::future::ready(Ok::<_, Infallible>((
-            req.extensions().get::<Safety>().copied(),
+            // The class the layer gave the call: the caller's explicit
+            // one, else the table's, in the call's context.
+            req.extensions()
+                .get::<Safety>()
+                .copied()
+                .or_else(|| req.call_context().and_then(CallContext::safety)),
             Safety::of_http(&req),
         )))
     });

@@ -6,7 +6,7 @@ use tower::discover::Discover;
 
 use super::driver::HealthSettings;
 use super::endpoint::Shared;
-use super::tried::{ExtensionHints, NoHints};
+use super::tried::{CallHints, NoHints};
 use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
@@ -174,14 +174,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
 
     /// Sends a retry or a hedge to an endpoint its call has not tried yet,
     /// while one in service is left: the balancer reads the
-    /// [`TriedEndpoints`](super::TriedEndpoints) that the
-    /// [retry](crate::retry) and [hedge](crate::hedge) layers put in the
-    /// request's extensions (so requests must implement
-    /// [`HasExtensions`](crate::request::HasExtensions), as `http::Request`
-    /// does). Off by default, because a balancer over other request types
-    /// has nothing to read. Costs each request one look-up in its
-    /// extensions and, when the set is there, one reference count; no
-    /// lock and no allocation.
+    /// [`TriedEndpoints`](crate::request::TriedEndpoints) that the
+    /// [retry](crate::retry) and [hedge](crate::hedge) layers record in the
+    /// call's [`CallContext`](crate::request::CallContext) (so requests must
+    /// implement [`HasCallContext`](crate::request::HasCallContext), as
+    /// `http::Request` does). Off by default, because a balancer over other
+    /// request types has nothing to read. Costs each request one look-up of
+    /// its context; no lock and no allocation.
     ///
     /// ```
     /// use tower_lb::Balancer;
@@ -189,11 +188,11 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     /// let builder = Balancer::builder().avoid_tried_endpoints();
     /// # let _ = builder;
     /// ```
-    pub fn avoid_tried_endpoints(self) -> Builder<P, C, ExtensionHints, W> {
+    pub fn avoid_tried_endpoints(self) -> Builder<P, C, CallHints, W> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
-            hints: ExtensionHints,
+            hints: CallHints,
             weights: self.weights,
             options: self.options,
         }

@@ -25,7 +25,7 @@ mod tried;
 pub use self::builder::{Builder, NoStaticWeights, StaticWeights};
 pub use self::endpoint::{EndpointState, EndpointStats};
 pub use self::future::ResponseFuture;
-pub use self::tried::{ExtensionHints, NoHints, RequestHints, TriedEndpoints};
+pub use self::tried::{CallHints, NoHints, RequestHints};
 
 pub(crate) use self::endpoint::Endpoint;
 

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Calls;
 use crate::balance::{Balancer, EndpointStats};
 use crate::strategy::Strategy;
 use crate::Error;
@@ -12,6 +13,8 @@ use crate::Error;
 /// classifier: its endpoints, and its graceful shutdown.
 pub struct BalancerHandle<K> {
     inner: Arc<dyn Control<K>>,
+    /// The calls of the client the balancer is inside, closed with it.
+    client: Option<Calls>,
 }
 
 type Shutdown<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
@@ -70,7 +73,15 @@ impl<K> BalancerHandle<K> {
     {
         Self {
             inner: Arc::new(balancer),
+            client: None,
         }
+    }
+
+    /// The handle of the balancer inside the client counting `calls`:
+    /// closing it closes the client as well.
+    pub(crate) fn closing(mut self, calls: Calls) -> Self {
+        self.client = Some(calls);
+        self
     }
 
     /// A point-in-time view of every endpoint (see [`Balancer::endpoints`]).
@@ -90,8 +101,12 @@ impl<K> BalancerHandle<K> {
     }
 
     /// Stops taking requests; those in flight complete (see
-    /// [`Balancer::close`]).
+    /// [`Balancer::close`]). The handle of a ready-made client's balancer
+    /// closes the client too, so that its new calls fail as closed.
     pub fn close(&self) {
+        if let Some(client) = &self.client {
+            client.close();
+        }
         self.inner.close()
     }
 
@@ -103,6 +118,9 @@ impl<K> BalancerHandle<K> {
     /// Closes, then waits up to `timeout` for the requests in flight (see
     /// [`Balancer::shutdown`]).
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), Error> {
+        if let Some(client) = &self.client {
+            client.close();
+        }
         self.inner.shutdown(timeout).await
     }
 }
@@ -126,6 +144,7 @@ impl<K> Clone for BalancerHandle<K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            client: self.client.clone(),
         }
     }
 }

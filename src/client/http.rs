@@ -2,7 +2,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -13,19 +12,18 @@ use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tower::discover::Discover;
-use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
 use super::{
-    BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints, Parts, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_POOL_IDLE_TIMEOUT,
+    BalancedClient, BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
 use crate::error::BoxError;
 use crate::http::HttpEndpoint;
 use crate::load::OrcaLoadReports;
-use crate::retry::{ReplayBody, RetryStats};
+use crate::retry::ReplayBody;
 use crate::strategy::{P2c, Strategy};
 
 /// The HTTP settings of a [`ClientBuilder`]: the hyper-util client every
@@ -74,12 +72,10 @@ pub type DefaultHttpClassify =
 /// # Ok(())
 /// # }
 /// ```
-pub struct HttpClient<B, K = SocketAddr> {
-    service: BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError>,
-    parts: Parts<K>,
-}
+pub type HttpClient<B, K = SocketAddr> =
+    BalancedClient<http::Request<B>, http::Response<ResponseBody>, K>;
 
-impl HttpClient<(), ()> {
+impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
     /// A builder with the defaults of the [module docs](super), over plain
     /// HTTP with hyper-util's default client settings, except that idle
     /// connections are closed after [`DEFAULT_POOL_IDLE_TIMEOUT`].
@@ -222,10 +218,8 @@ where
         let balancer = self.balancer.build(endpoints);
         let calls = Calls::default();
         let service = calls.layer(self.calls.wrap(ResponseBody::map(balancer.clone())));
-        HttpClient {
-            service: BoxCloneSyncService::new(service),
-            parts: Parts::new(calls, BalancerHandle::new(balancer), self.calls.budget()),
-        }
+        let budget = self.calls.budget();
+        BalancedClient::new(service, calls, BalancerHandle::new(balancer), budget)
     }
 
     /// A client over every address of a DNS name (A/AAAA, or SRV),
@@ -254,88 +248,7 @@ where
         W: StaticWeights<crate::discover::DnsEndpoint>,
     {
         let (discover, resolve_now) = dns.build(|addr| addr)?;
-        let mut client = self.build_discover(discover);
-        client.parts.resolve_now = Some(resolve_now);
-        Ok(client)
-    }
-}
-
-impl<B, K> HttpClient<B, K> {
-    /// The balancer: its endpoints and their state.
-    pub fn balancer(&self) -> &BalancerHandle<K> {
-        &self.parts.balancer
-    }
-
-    /// Stops taking calls: new ones fail at once with
-    /// [`Error::Closed`](crate::Error::Closed), while calls in progress go
-    /// on, retries included. Affects every clone.
-    pub fn close(&self) {
-        self.parts.calls.close();
-    }
-
-    /// Calls in progress: from `call` until the response (its headers)
-    /// arrives, pauses between retries included.
-    pub fn calls_in_progress(&self) -> usize {
-        self.parts.calls.open()
-    }
-
-    /// Graceful shutdown: [`close`](Self::close)s, waits until the calls in
-    /// progress are over (retries included) or `timeout` passes, then closes
-    /// the balancer.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ShutdownTimedOut`](crate::Error::ShutdownTimedOut) when calls
-    /// were still in progress after `timeout`.
-    pub async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
-        self.parts.shutdown(timeout).await
-    }
-
-    /// What the retry budget has seen (requests, retries, hedges, refusals),
-    /// or `None` without retries and hedging.
-    pub fn retry_stats(&self) -> Option<RetryStats> {
-        self.parts.retry_stats()
-    }
-
-    /// For a client built with [`build_dns`](ClientBuilder::build_dns): a
-    /// handle that asks for a resolution now.
-    #[cfg(feature = "dns")]
-    pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
-        self.parts.resolve_now.as_ref()
-    }
-}
-
-impl<B, K> Service<http::Request<B>> for HttpClient<B, K> {
-    type Response = http::Response<ResponseBody>;
-    type Error = BoxError;
-    type Future = <BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError> as Service<
-        http::Request<B>,
-    >>::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.service.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        self.service.call(req)
-    }
-}
-
-impl<B, K> Clone for HttpClient<B, K> {
-    fn clone(&self) -> Self {
-        Self {
-            service: self.service.clone(),
-            parts: self.parts.clone(),
-        }
-    }
-}
-
-impl<B, K> fmt::Debug for HttpClient<B, K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpClient")
-            .field("balancer", &self.parts.balancer)
-            .field("retry_stats", &self.retry_stats())
-            .finish_non_exhaustive()
+        Ok(self.build_discover(discover).with_resolve_now(resolve_now))
     }
 }
 

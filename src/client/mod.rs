@@ -2,7 +2,7 @@
 //! balanced, retrying service in a few lines.
 //!
 //! [`HttpClient`] (feature `http`) and
-//! [`GrpcChannel`](crate::grpc::GrpcChannel) (feature `grpc`) are the whole
+//! [`GrpcChannel`] (feature `grpc`) are the whole
 //! request path of the crate put together with defaults an experienced user
 //! would pick:
 //!
@@ -52,11 +52,17 @@
 
 mod calls;
 mod discover;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod handle;
 mod http;
+mod service;
 
+#[cfg(feature = "grpc")]
+pub use self::grpc::{DefaultGrpcClassify, Grpc, GrpcChannel};
 pub use self::handle::BalancerHandle;
 pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};
+pub use self::service::BalancedClient;
 
 pub(crate) use self::calls::Calls;
 pub(crate) use self::discover::MapEndpoints;
@@ -66,7 +72,7 @@ use std::time::Duration;
 
 use tower::{Service, ServiceBuilder};
 
-use crate::balance::{self, ExtensionHints, StaticWeights};
+use crate::balance::{self, CallHints, StaticWeights};
 use crate::error::BoxError;
 use crate::health::{OutlierDetection, SlowStart};
 use crate::hedge::HedgeLayer;
@@ -100,7 +106,7 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Configures a ready-made client: [`HttpClient::builder`] or
-/// [`GrpcChannel::builder`](crate::grpc::GrpcChannel::builder).
+/// [`GrpcChannel::builder`](GrpcChannel::builder).
 ///
 /// `T` is what it builds (its protocol's settings), `B` the
 /// [`balance::Builder`] it hands the endpoints to. Every setter replaces one
@@ -287,59 +293,9 @@ impl<T: fmt::Debug, B: fmt::Debug> fmt::Debug for ClientBuilder<T, B> {
     }
 }
 
-/// What both ready-made clients keep beside their service: the calls they
-/// count, the balancer, the retry budget, and the DNS refresh handle.
-pub(crate) struct Parts<K> {
-    pub(crate) calls: Calls,
-    pub(crate) balancer: BalancerHandle<K>,
-    pub(crate) budget: Option<RetryBudget>,
-    #[cfg(feature = "dns")]
-    pub(crate) resolve_now: Option<crate::discover::ResolveNow>,
-}
-
-impl<K> Parts<K> {
-    pub(crate) fn new(
-        calls: Calls,
-        balancer: BalancerHandle<K>,
-        budget: Option<RetryBudget>,
-    ) -> Self {
-        Self {
-            calls,
-            balancer,
-            budget,
-            #[cfg(feature = "dns")]
-            resolve_now: None,
-        }
-    }
-
-    /// Refuses new calls, waits for those in progress, then closes the
-    /// balancer.
-    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<(), crate::Error> {
-        let drained = self.calls.drain(timeout).await;
-        self.balancer.close();
-        drained
-    }
-
-    pub(crate) fn retry_stats(&self) -> Option<crate::retry::RetryStats> {
-        self.budget.as_ref().map(RetryBudget::stats)
-    }
-}
-
-impl<K> Clone for Parts<K> {
-    fn clone(&self) -> Self {
-        Self {
-            calls: self.calls.clone(),
-            balancer: self.balancer.clone(),
-            budget: self.budget.clone(),
-            #[cfg(feature = "dns")]
-            resolve_now: self.resolve_now.clone(),
-        }
-    }
-}
-
 /// The balancer hints every ready-made client uses: retries and hedges go to
 /// endpoints the call has not tried.
-pub(crate) type Hints = ExtensionHints;
+pub(crate) type Hints = CallHints;
 
 impl CallSettings {
     /// The budget, when anything draws on it.

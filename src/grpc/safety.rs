@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use crate::request::Safety;
+use crate::request::{context_mut, CallContext, HasCallContext, Safety};
 
 /// Which gRPC methods may be sent twice: a [`Safety`] class per method or
 /// per service, given to each call by its path, and a [`Layer`] that does
@@ -100,11 +100,13 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> S::Future {
-        if req.extensions().get::<Safety>().is_none() {
+        let explicit = req.extensions().get::<Safety>().is_some()
+            || req.call_context().and_then(CallContext::safety).is_some();
+        if !explicit {
             if let Some(safety) = self.table.of(req.uri().path()) {
-                // One small allocation in the extensions map, beside the
-                // several tonic's own call path makes.
-                req.extensions_mut().insert(safety);
+                // Into the call's context, which the retry and hedge layers
+                // beneath would make anyway: no allocation of its own.
+                context_mut(&mut req).set_safety(safety);
             }
         }
         self.inner.call(req)
@@ -138,7 +140,8 @@ mod tests {
         use tower::ServiceExt;
 
         let echo = tower::service_fn(|req: http::Request<()>| async move {
-            Ok::<_, std::convert::Infallible>(req.extensions().get::<Safety>().copied())
+            let class = req.call_context().and_then(CallContext::safety);
+            Ok::<_, std::convert::Infallible>(class.or(req.extensions().get::<Safety>().copied()))
         });
         let service = MethodSafety::new()
             .service("shop.Orders", Safety::Safe)

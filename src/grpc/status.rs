@@ -27,7 +27,7 @@ use crate::timeout::Elapsed;
 ///
 /// A broken connection is `UNAVAILABLE` as gRPC's [status code table] says
 /// ("some data transmitted ... before connection breaks") and grpc-go and
-/// grpc-java do; tonic alone makes it `UNKNOWN`. [`GrpcChannel`](super::GrpcChannel)
+/// grpc-java do; tonic alone makes it `UNKNOWN`. [`GrpcChannel`](crate::client::GrpcChannel)
 /// maps the errors of answers' bodies too, so a connection that breaks in
 /// the middle of an answer is `UNAVAILABLE` as well.
 ///

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use crate::timeout::CallDeadline;
+use crate::request::{context_mut, CallDeadline};
 
 /// The header's name as a constant: a lookup by it neither parses nor
 /// lowercases a string, and this runs on every call.
@@ -49,11 +49,7 @@ where
             .get(&GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
         if let Some(timeout) = timeout {
-            let theirs = CallDeadline::after(timeout);
-            let earlier = CallDeadline::of(&req).is_some_and(|ours| ours.at() <= theirs.at());
-            if !earlier {
-                req.extensions_mut().insert(theirs);
-            }
+            context_mut(&mut req).tighten_deadline(CallDeadline::after(timeout));
         }
         self.inner.call(req)
     }

@@ -288,8 +288,8 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        self.shared.budget.begin_call(&mut req);
-        let delay = match req.safety().may_repeat() {
+        let (safety, _) = self.shared.budget.begin_call(&mut req);
+        let delay = match safety.may_repeat() {
             true => self.shared.delay(self.shared.now_ns()),
             false => None,
         };

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::request::{context_mut, CallContext, CallDeadline, Replayable, Safety};
+
 /// Buckets in the ring that makes up the window: each covers a tenth of it,
 /// so a deposit stops counting between 0.9 and 1.0 windows after it was
 /// made.
@@ -268,16 +270,29 @@ impl RetryBudget {
     }
 
     /// Readies a call for the retry and hedge layers, whichever sees it
-    /// first: a [`TriedEndpoints`](crate::TriedEndpoints) set for its
-    /// attempts to share, and one deposit in this budget, however many
-    /// layers (and attempts) it passes through.
-    pub(crate) fn begin_call<Req: crate::request::HasExtensions>(&self, req: &mut Req) {
-        let tried = req
-            .extensions_mut()
-            .get_or_insert_default::<crate::TriedEndpoints>();
-        if tried.first_count_by(Arc::as_ptr(&self.inner) as usize) {
+    /// first, in the call's [`CallContext`]: its safety class, worked out
+    /// once and kept; a [`TriedEndpoints`](crate::request::TriedEndpoints)
+    /// set for its attempts to share; and one deposit in this budget,
+    /// however many layers (and attempts) it passes through. Returns the
+    /// class and the call's deadline, which the layers keep for the call.
+    pub(crate) fn begin_call<Req: Replayable>(
+        &self,
+        req: &mut Req,
+    ) -> (Safety, Option<CallDeadline>) {
+        let safety = match req.call_context().and_then(CallContext::safety) {
+            Some(known) => known,
+            None => req.safety(),
+        };
+        let context = context_mut(req);
+        context.set_safety(safety);
+        let deadline = context.deadline();
+        if context
+            .tried_or_insert()
+            .first_count_by(Arc::as_ptr(&self.inner) as usize)
+        {
             self.deposit();
         }
+        (safety, deadline)
     }
 
     /// Records an original request (not a retry or a hedge): call it once
@@ -630,14 +645,16 @@ mod tests {
     #[test]
     fn each_budget_counts_a_call_once_however_many_layers_ask() {
         let (a, b) = (RetryBudget::new(), RetryBudget::new());
-        let mut req = http::Request::new(());
+        let body = crate::retry::ReplayBody::new(http_body_util::Empty::<bytes::Bytes>::new(), 0);
+        let mut req = http::Request::new(body);
         a.begin_call(&mut req);
         b.begin_call(&mut req);
         a.begin_call(&mut req);
-        let mut copy = http::Request::new(());
-        *copy.extensions_mut() = req.extensions().clone();
+        let mut copy = req.replay().unwrap_or_else(|e| panic!("copy: {e}"));
         b.begin_call(&mut copy);
         assert_eq!((a.stats().requests, b.stats().requests), (1, 1));
-        assert!(copy.extensions().get::<crate::TriedEndpoints>().is_some());
+        assert!(crate::request::HasCallContext::call_context(&copy)
+            .and_then(CallContext::tried)
+            .is_some());
     }
 }

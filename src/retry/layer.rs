@@ -148,8 +148,9 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 ///
 /// For each call it:
 /// - counts the call in the [`RetryBudget`] (once per call and budget,
-///   however many layers draw from it) and puts a [`TriedEndpoints`](crate::TriedEndpoints) into
-///   the request's extensions, so that a balancer built with
+///   however many layers draw from it) and records its attempts in the
+///   call's [`CallContext`](crate::request::CallContext), so that a
+///   balancer built with
 ///   [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
 ///   sends each retry somewhere new;
 /// - after a failed attempt, asks: may this request repeat
@@ -200,9 +201,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        self.budget.begin_call(&mut req);
-        let safety = req.safety();
-        let deadline = CallDeadline::of(&req);
+        let (safety, deadline) = self.budget.begin_call(&mut req);
         // Keep the original to copy from, and send a copy; without a copy
         // (or with one attempt allowed) the original goes and no retry can
         // follow.

@@ -159,7 +159,7 @@ impl<'a> PickContext<'a> {
 
     /// The same context for a retry or a hedge (`true`): a pick for a call
     /// that has already been sent to some endpoint (its
-    /// [`TriedEndpoints`](crate::TriedEndpoints) is not empty).
+    /// [`TriedEndpoints`](crate::request::TriedEndpoints) is not empty).
     pub fn retry(mut self, retry: bool) -> Self {
         self.retry = retry;
         self

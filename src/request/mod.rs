@@ -1,62 +1,32 @@
 //! What the layers of a tower-lb stack read from and write into a request:
-//! its [`Extensions`], its [`Safety`] class, and how to copy it for another
-//! attempt.
+//! its [`CallContext`] (deadline, safety class, attempts), its [`Safety`]
+//! class, and how to copy it for another attempt.
 //!
 //! `http::Request` (hyper and tonic alike) has all of this built in. A
-//! request type of your own joins in by implementing [`HasExtensions`] (for the
-//! deadline and the balancer's hints) and [`Replayable`] (for retries and
-//! hedges).
+//! request type of your own joins in by implementing [`HasCallContext`]
+//! (for the deadline and the balancer's hints) and [`Replayable`] (for
+//! retries and hedges).
+
+mod context;
+
+pub use self::context::{CallContext, CallDeadline, HasCallContext, TriedEndpoints};
+
+pub(crate) use self::context::context_mut;
+#[cfg(feature = "http")]
+pub(crate) use self::context::far_future;
 
 use std::fmt;
 
-use http::{Extensions, Method};
-
-/// A request that carries [`http::Extensions`], the type map through which
-/// the layers pass facts down the stack: the call's deadline, the endpoints
-/// already tried.
-///
-/// ```
-/// use http::Extensions;
-/// use tower_lb::request::HasExtensions;
-///
-/// struct Query {
-///     sql: String,
-///     extensions: Extensions,
-/// }
-///
-/// impl HasExtensions for Query {
-///     fn extensions(&self) -> &Extensions {
-///         &self.extensions
-///     }
-///     fn extensions_mut(&mut self) -> &mut Extensions {
-///         &mut self.extensions
-///     }
-/// }
-/// ```
-pub trait HasExtensions {
-    /// The request's extensions.
-    fn extensions(&self) -> &Extensions;
-    /// The request's extensions, to insert into.
-    fn extensions_mut(&mut self) -> &mut Extensions;
-}
-
-impl<B> HasExtensions for http::Request<B> {
-    fn extensions(&self) -> &Extensions {
-        http::Request::extensions(self)
-    }
-
-    fn extensions_mut(&mut self) -> &mut Extensions {
-        http::Request::extensions_mut(self)
-    }
-}
+use http::Method;
 
 /// What sending a request more than once may do: the fact that decides
 /// whether it may be retried or hedged.
 ///
-/// Set it explicitly by inserting it into the request's extensions; without
-/// it, an `http::Request` is classified by its method and headers (see
-/// [`Safety::of_http`]), and any other request counts as
-/// [`Unsafe`](Safety::Unsafe).
+/// Set it explicitly in the call's [`CallContext`]
+/// ([`CallContext::set_safety`]) or, for an `http::Request`, by inserting it
+/// into the request's extensions; without it, an `http::Request` is
+/// classified by its method and headers (see [`Safety::of_http`]), and any
+/// other request counts as [`Unsafe`](Safety::Unsafe).
 ///
 /// ```
 /// use tower_lb::request::Safety;
@@ -92,12 +62,17 @@ impl Safety {
     }
 
     /// The class of an HTTP request: an explicit [`Safety`] in its
-    /// extensions, else by RFC 9110: GET, HEAD, OPTIONS and TRACE are safe;
+    /// extensions, else the class in its [`CallContext`] (given by a layer
+    /// such as the gRPC `MethodSafety`, or found by an
+    /// earlier layer), else by RFC 9110: GET, HEAD, OPTIONS and TRACE are safe;
     /// PUT, DELETE and any request with an `Idempotency-Key` header are
     /// idempotent; everything else is unsafe.
     pub fn of_http<B>(req: &http::Request<B>) -> Safety {
         if let Some(explicit) = req.extensions().get::<Safety>() {
             return *explicit;
+        }
+        if let Some(known) = req.call_context().and_then(CallContext::safety) {
+            return known;
         }
         match *req.method() {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => Safety::Safe,
@@ -145,21 +120,23 @@ pub enum NotReplayable {
 /// [`ReplayLayer`](crate::retry::ReplayLayer) in front, or use
 /// [`RetryLayer`](crate::retry::RetryLayer), which does); a request type of
 /// your own implements it by saying how to copy it and, if it can repeat at
-/// all, what its safety class is.
+/// all, what its safety class is. It needs no `http::Extensions`: a field
+/// holding its [`CallContext`] will do.
 ///
 /// ```
-/// use http::Extensions;
-/// use tower_lb::request::{HasExtensions, NotReplayable, Replayable, Safety};
+/// use tower_lb::request::{CallContext, HasCallContext, NotReplayable, Replayable, Safety};
 ///
 /// #[derive(Clone)]
 /// struct Lookup {
 ///     key: String,
-///     extensions: Extensions,
+///     call: Option<CallContext>,
 /// }
 ///
-/// impl HasExtensions for Lookup {
-///     fn extensions(&self) -> &Extensions { &self.extensions }
-///     fn extensions_mut(&mut self) -> &mut Extensions { &mut self.extensions }
+/// impl HasCallContext for Lookup {
+///     fn call_context(&self) -> Option<&CallContext> { self.call.as_ref() }
+///     fn call_context_mut(&mut self) -> &mut CallContext {
+///         self.call.get_or_insert_with(CallContext::new)
+///     }
 /// }
 ///
 /// impl Replayable for Lookup {
@@ -171,18 +148,19 @@ pub enum NotReplayable {
 ///     }
 /// }
 /// ```
-pub trait Replayable: HasExtensions + Sized {
-    /// The request's safety class. The default reads an explicit [`Safety`]
-    /// from the extensions and otherwise says [`Unsafe`](Safety::Unsafe).
+pub trait Replayable: HasCallContext + Sized {
+    /// The request's safety class. The default reads an explicit class
+    /// from the call's [`CallContext`] and otherwise says
+    /// [`Unsafe`](Safety::Unsafe).
     fn safety(&self) -> Safety {
-        self.extensions()
-            .get::<Safety>()
-            .copied()
+        self.call_context()
+            .and_then(CallContext::safety)
             .unwrap_or(Safety::Unsafe)
     }
 
-    /// A copy of the request for another attempt, extensions included (so
-    /// every attempt shares the deadline and the endpoints tried).
+    /// A copy of the request for another attempt, its [`CallContext`]
+    /// included (so every attempt shares the deadline and the endpoints
+    /// tried).
     fn replay(&self) -> Result<Self, NotReplayable>;
 
     /// A copy to send *beside* an attempt still running (a hedge): it must

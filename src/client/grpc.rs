@@ -1,0 +1,222 @@
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http_body::Body;
+use tonic::transport::Endpoint;
+use tower::discover::Discover;
+use tower::ServiceBuilder;
+
+use super::{BalancedClient, BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints};
+use crate::balance::{self, RequestHints, StaticWeights};
+use crate::classify::{Classify, GrpcClassifier, HttpClassify};
+use crate::error::BoxError;
+use crate::grpc::{
+    status_from_error, ConfigureEndpoint, GrpcEndpoint, GrpcTimeoutLayer, MethodSafety, StatusBody,
+};
+use crate::load::OrcaLoadReports;
+use crate::retry::ReplayBody;
+use crate::strategy::{P2c, Strategy};
+
+/// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
+/// how each endpoint's tonic `Endpoint` is made.
+#[derive(Clone)]
+pub struct Grpc {
+    safety: MethodSafety,
+    scheme: Scheme,
+    authority: Option<Authority>,
+    configure: ConfigureEndpoint,
+}
+
+impl fmt::Debug for Grpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grpc")
+            .field("safety", &self.safety)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The classifier [`GrpcChannel`] starts with: gRPC status codes, and ORCA
+/// reports from the `endpoint-load-metrics-bin` trailer.
+pub type DefaultGrpcClassify = HttpClassify<GrpcClassifier, OrcaLoadReports>;
+
+type Call = http::Request<tonic::body::Body>;
+type Reply = http::Response<tonic::body::Body>;
+
+/// A balanced channel for tonic generated clients: see the [module
+/// docs](crate::grpc).
+///
+/// A cheap `Clone` handle; every clone shares the endpoints and their
+/// connections.
+pub type GrpcChannel<K = SocketAddr> = BalancedClient<Call, Reply, K>;
+
+impl BalancedClient<Call, Reply, ()> {
+    /// A builder with the defaults of the [client module](crate::client),
+    /// gRPC classification, and plain-text HTTP/2 endpoints with tonic's
+    /// default settings.
+    #[allow(clippy::type_complexity)]
+    pub fn builder() -> ClientBuilder<Grpc, balance::Builder<P2c, DefaultGrpcClassify, Hints>> {
+        let balancer = balance::Builder::new()
+            .classify(HttpClassify::grpc().load_reports(OrcaLoadReports))
+            .outlier_detection(crate::health::OutlierDetection::default())
+            .avoid_tried_endpoints();
+        let grpc = Grpc {
+            safety: MethodSafety::new(),
+            scheme: Scheme::HTTP,
+            authority: None,
+            configure: Arc::new(Ok),
+        };
+        // gRPC deadlines are the caller's (`grpc-timeout`), and a call's
+        // response headers may come only after a long request stream: no
+        // timeouts of the channel's own unless asked for.
+        ClientBuilder::with(grpc, balancer)
+            .attempt_timeout(None)
+            .deadline(None)
+    }
+}
+
+impl<B> ClientBuilder<Grpc, B> {
+    /// Which methods may be sent twice (retried and hedged).
+    pub fn method_safety(mut self, safety: MethodSafety) -> Self {
+        self.target.safety = safety;
+        self
+    }
+
+    /// `https` to connect with TLS: give the TLS settings with
+    /// [`configure_endpoint`](Self::configure_endpoint) (`tls_config`, from
+    /// one of tonic's TLS features). Without TLS support an `https` endpoint
+    /// fails every call; it never falls back to plain text. Default `http`.
+    pub fn scheme(mut self, scheme: Scheme) -> Self {
+        self.target.scheme = scheme;
+        self
+    }
+
+    /// The `:authority` of every call: the service's name rather than each
+    /// endpoint's address, for virtual hosts and sidecars that route by it.
+    /// [`build_dns`](ClientBuilder::build_dns) with
+    /// [`Dns::host`](crate::discover::Dns::host) sets it to the name and port
+    /// looked up, unless given here. (The TLS server name is the
+    /// `tls_config`'s `domain_name`.)
+    pub fn authority(mut self, authority: Authority) -> Self {
+        self.target.authority = Some(authority);
+        self
+    }
+
+    /// Configures each endpoint's tonic [`Endpoint`] (keep-alive, TLS,
+    /// timeouts, ...) before its channel is made. It starts from
+    /// `scheme://address` with a connect timeout of
+    /// [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT). An endpoint whose configuration fails
+    /// is reported (a `warn` event) and left out.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::client::GrpcChannel;
+    ///
+    /// let builder = GrpcChannel::builder().configure_endpoint(|e| {
+    ///     Ok(e.connect_timeout(Duration::from_millis(500))
+    ///         .http2_keep_alive_interval(Duration::from_secs(30)))
+    /// });
+    /// # let _ = builder;
+    /// ```
+    pub fn configure_endpoint(
+        mut self,
+        configure: impl Fn(Endpoint) -> Result<Endpoint, tonic::transport::Error>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.target.configure = Arc::new(configure);
+        self
+    }
+}
+
+impl<P, C, H, W, RB> ClientBuilder<Grpc, balance::Builder<P, C, H, W>>
+where
+    P: Strategy,
+    C: Classify<Reply, Response = http::Response<RB>>,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+    H: RequestHints<http::Request<ReplayBody<tonic::body::Body>>> + Send + Sync + 'static,
+{
+    /// A channel over a fixed list of addresses.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
+    pub fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> GrpcChannel
+    where
+        W: StaticWeights<SocketAddr>,
+    {
+        let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
+        self.build_discover(crate::discover::fixed(addrs))
+    }
+
+    /// A channel over the addresses a discovery stream gives, under keys of
+    /// its choosing.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the balancer spawns its driver task.
+    pub fn build_discover<D>(self, discover: D) -> GrpcChannel<D::Key>
+    where
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+        D::Error: Into<BoxError>,
+        W: StaticWeights<D::Key>,
+    {
+        let Grpc {
+            safety: method_safety,
+            scheme,
+            authority,
+            configure,
+        } = self.target;
+        let endpoints = MapEndpoints::new(discover, move |addr| {
+            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), &configure)
+        });
+        let balancer = self.balancer.build(endpoints);
+        let boxed_bodies =
+            tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
+                response.map(|body| tonic::body::Body::new(StatusBody::new(body)))
+            });
+        let calls = Calls::default();
+        let service = ServiceBuilder::new()
+            .map_err(|error| BoxError::from(status_from_error(error)))
+            .layer(calls.clone())
+            .layer(method_safety)
+            .layer(GrpcTimeoutLayer)
+            .service(self.calls.wrap(boxed_bodies));
+        let budget = self.calls.budget();
+        BalancedClient::new(service, calls, BalancerHandle::new(balancer), budget)
+    }
+
+    /// A channel over every address of a DNS name, re-resolved on the
+    /// records' TTL (see [`Dns`](crate::discover::Dns)).
+    ///
+    /// # Errors
+    ///
+    /// When the resolver cannot be set up (see
+    /// [`Dns::build`](crate::discover::Dns::build)).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[cfg(feature = "dns")]
+    pub fn build_dns(
+        self,
+        dns: crate::discover::Dns,
+    ) -> Result<GrpcChannel<crate::discover::DnsEndpoint>, crate::discover::DnsError>
+    where
+        W: StaticWeights<crate::discover::DnsEndpoint>,
+    {
+        let mut builder = self;
+        if builder.target.authority.is_none() {
+            builder.target.authority = dns.authority();
+        }
+        let (discover, resolve_now) = dns.build(|addr| addr)?;
+        Ok(builder
+            .build_discover(discover)
+            .with_resolve_now(resolve_now))
+    }
+}
