@@ -30,6 +30,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -70,6 +71,14 @@ where
 
 /// Sends requests through a shared hyper-util [`Client`] to one endpoint.
 pub struct HttpEndpoint<B, C = HttpConnector> {
+    /// Shared by the endpoint's clones: the balancer clones an endpoint's
+    /// service for every request it sends there, and a hyper-util `Client`
+    /// is half a dozen reference counts and settings to copy and drop.
+    origin: Arc<Origin<B, C>>,
+}
+
+/// Where an [`HttpEndpoint`] sends requests, and through which client.
+struct Origin<B, C> {
     client: Client<C, B>,
     scheme: Scheme,
     authority: Authority,
@@ -95,26 +104,18 @@ impl<B, C> HttpEndpoint<B, C> {
     /// TLS-capable connector, or a host name).
     pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
         Self {
-            client,
-            scheme,
-            authority,
-            host: None,
+            origin: Arc::new(Origin {
+                client,
+                scheme,
+                authority,
+                host: None,
+            }),
         }
-    }
-
-    /// HTTP/1 requests that name no host (a path, no `Host` header) say they
-    /// are for `host` (a DNS name, say) rather than for the endpoint's
-    /// address, so that virtual hosts and sidecars still route. Not for
-    /// HTTP/2, whose `:authority` comes from the URI (the address) and must
-    /// agree with `Host`.
-    pub fn with_host(mut self, host: &Authority) -> Self {
-        self.host = http::HeaderValue::from_str(host.as_str()).ok();
-        self
     }
 
     /// The `host:port` requests are sent to.
     pub fn authority(&self) -> &Authority {
-        &self.authority
+        &self.origin.authority
     }
 
     /// Points the request at this endpoint. Refuses what cannot be balanced
@@ -127,10 +128,10 @@ impl<B, C> HttpEndpoint<B, C> {
             return Err("a CONNECT request cannot be balanced".into());
         }
         if let Some(scheme) = parts.uri.scheme() {
-            if *scheme != self.scheme {
+            if *scheme != self.origin.scheme {
                 return Err(format!(
                     "the request is for {scheme} but the endpoint speaks {}",
-                    self.scheme
+                    self.origin.scheme
                 )
                 .into());
             }
@@ -139,7 +140,7 @@ impl<B, C> HttpEndpoint<B, C> {
             if let Some(authority) = parts.uri.authority() {
                 let host = http::HeaderValue::from_str(authority.as_str())?;
                 parts.headers.insert(http::header::HOST, host);
-            } else if let Some(host) = &self.host {
+            } else if let Some(host) = &self.origin.host {
                 parts.headers.insert(http::header::HOST, host.clone());
             }
         }
@@ -149,8 +150,8 @@ impl<B, C> HttpEndpoint<B, C> {
 
     fn rewrite(&self, uri: Uri) -> Result<Uri, http::Error> {
         let mut parts = uri.into_parts();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        parts.scheme = Some(self.origin.scheme.clone());
+        parts.authority = Some(self.origin.authority.clone());
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
@@ -158,20 +159,45 @@ impl<B, C> HttpEndpoint<B, C> {
     }
 }
 
-impl<B, C: Clone> Clone for HttpEndpoint<B, C> {
+impl<B, C: Clone> HttpEndpoint<B, C> {
+    /// HTTP/1 requests that name no host (a path, no `Host` header) say they
+    /// are for `host` (a DNS name, say) rather than for the endpoint's
+    /// address, so that virtual hosts and sidecars still route. Not for
+    /// HTTP/2, whose `:authority` comes from the URI (the address) and must
+    /// agree with `Host`.
+    pub fn with_host(self, host: &Authority) -> Self {
+        let Origin {
+            client,
+            scheme,
+            authority,
+            ..
+        } = &*self.origin;
+        Self {
+            origin: Arc::new(Origin {
+                client: client.clone(),
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+                host: http::HeaderValue::from_str(host.as_str()).ok(),
+            }),
+        }
+    }
+}
+
+impl<B, C> Clone for HttpEndpoint<B, C> {
     fn clone(&self) -> Self {
         Self {
-            client: self.client.clone(),
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            host: self.host.clone(),
+            origin: self.origin.clone(),
         }
     }
 }
 
 impl<B, C> fmt::Debug for HttpEndpoint<B, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HttpEndpoint({}://{})", self.scheme, self.authority)
+        write!(
+            f,
+            "HttpEndpoint({}://{})",
+            self.origin.scheme, self.origin.authority
+        )
     }
 }
 
@@ -195,7 +221,7 @@ where
         let (mut parts, body) = req.into_parts();
         match self.address(&mut parts) {
             Ok(()) => HttpResponseFuture {
-                inner: Some(self.client.request(Request::from_parts(parts, body))),
+                inner: Some(self.origin.client.request(Request::from_parts(parts, body))),
                 invalid: None,
             },
             Err(error) => HttpResponseFuture {

@@ -301,7 +301,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = DeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -316,11 +316,11 @@ where
             }
             None => CallDeadline::of(&req),
         };
-        ResponseFuture {
+        DeadlineFuture {
             inner: self.inner.call(req),
             sleep: deadline
                 .filter(|_| self.timer)
-                .map(|deadline| tokio::time::sleep_until(deadline.at())),
+                .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.at()))),
             fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
                 deadline_elapsed(&d)
             }),
@@ -329,8 +329,55 @@ where
 }
 
 pin_project! {
-    /// The future of [`Timeout`] and [`Deadline`]: the inner future, or
-    /// [`Elapsed`] when the timer fires first.
+    /// The future of [`Deadline`]: the inner future, or [`Elapsed`] when the
+    /// call's deadline passes first.
+    ///
+    /// Its timer is boxed: in the ready-made clients most calls arm none
+    /// here (each attempt's timeout ends by the deadline, and gRPC calls
+    /// without a `grpc-timeout` have no deadline at all), and this future
+    /// sits inside every layer above it, each of which moves it once. A
+    /// timer held inline would be 100-odd bytes copied that often for
+    /// nothing; boxed, a call with a timer pays one allocation.
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        sleep: Option<Pin<Box<Sleep>>>,
+        fired: Elapsed,
+    }
+}
+
+impl<F> fmt::Debug for DeadlineFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineFuture")
+            .field("armed", &self.sleep.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // The inner future first: an answer that is ready when the deadline
+        // passes still counts.
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        match this.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*this.fired))),
+            Some(Poll::Pending) | None => Poll::Pending,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Timeout`]: the inner future, or [`Elapsed`] when the
+    /// timer fires first.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,

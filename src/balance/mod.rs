@@ -169,10 +169,11 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             return Dispatch::NoEndpoints(req);
         }
         let now_ns = shared.request_clock();
-        // Cloned (one reference count) because `req` moves into the call.
-        let tried = self.hints.tried(&req).cloned();
+        // Borrowed from `req`: read and recorded before `req` moves into
+        // the call, so no reference count is taken.
+        let tried = self.hints.tried(&req);
         // The first attempt has nothing to avoid but must still be recorded.
-        let avoid = tried.as_ref().filter(|t| !t.is_empty());
+        let avoid = tried.filter(|t| !t.is_empty());
         // A retry must not take a round-robin turn (see `is_retry`).
         let ctx = shared
             .pick_context(now_ns.unwrap_or(0))
@@ -204,7 +205,7 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             let endpoint = &eligible[index];
             match InFlight::start(endpoint.clone(), now_ns, avoid_ejected && !last_try) {
                 Ok(guard) => {
-                    if let Some(tried) = &tried {
+                    if let Some(tried) = tried {
                         tried.record(endpoint.id());
                     }
                     let call = Oneshot::new(endpoint.service().clone(), req);

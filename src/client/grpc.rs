@@ -7,9 +7,11 @@ use http::uri::{Authority, Scheme};
 use http_body::Body;
 use tonic::transport::Endpoint;
 use tower::discover::Discover;
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder};
 
-use super::{BalancedClient, BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints};
+use super::{
+    BalancedClient, BalancerHandle, Calls, ClientBuilder, FinishStack, Hints, MapEndpoints,
+};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
 use crate::error::BoxError;
@@ -180,15 +182,12 @@ where
             tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
                 response.map(|body| tonic::body::Body::new(StatusBody::new(body)))
             });
-        let calls = Calls::default();
-        let service = ServiceBuilder::new()
-            .map_err(|error| BoxError::from(status_from_error(error)))
-            .layer(calls.clone())
-            .layer(method_safety)
-            .layer(GrpcTimeoutLayer)
-            .service(self.calls.wrap(boxed_bodies));
-        let budget = self.calls.budget();
-        BalancedClient::new(service, calls, BalancerHandle::new(balancer), budget)
+        let finish = FinishGrpc {
+            method_safety,
+            balancer: BalancerHandle::new(balancer),
+            budget: self.calls.budget(),
+        };
+        self.calls.wrap(boxed_bodies, finish)
     }
 
     /// A channel over every address of a DNS name, re-resolved on the
@@ -218,5 +217,32 @@ where
         Ok(builder
             .build_discover(discover)
             .with_resolve_now(resolve_now))
+    }
+}
+
+/// `GrpcChannel`'s own outer layers (errors as `Status`, the calls in
+/// progress, method safety, `grpc-timeout`) and its box.
+struct FinishGrpc<K> {
+    method_safety: MethodSafety,
+    balancer: BalancerHandle<K>,
+    budget: Option<crate::retry::RetryBudget>,
+}
+
+impl<K> FinishStack<Call, Reply> for FinishGrpc<K> {
+    type Output = GrpcChannel<K>;
+
+    fn finish<S>(self, stack: S) -> GrpcChannel<K>
+    where
+        S: Service<Call, Response = Reply, Error = BoxError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        let calls = Calls::default();
+        let service = ServiceBuilder::new()
+            .map_err(|error| BoxError::from(status_from_error(error)))
+            .layer(calls.clone())
+            .layer(self.method_safety)
+            .layer(GrpcTimeoutLayer)
+            .service(stack);
+        BalancedClient::new(service, calls, self.balancer, self.budget)
     }
 }

@@ -15,7 +15,7 @@ use tower::discover::Discover;
 use tower::{Layer, Service};
 
 use super::{
-    BalancedClient, BalancerHandle, Calls, ClientBuilder, Hints, MapEndpoints,
+    BalancedClient, BalancerHandle, Calls, ClientBuilder, FinishStack, Hints, MapEndpoints,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use crate::balance::{self, RequestHints, StaticWeights};
@@ -216,10 +216,11 @@ where
             })
         });
         let balancer = self.balancer.build(endpoints);
-        let calls = Calls::default();
-        let service = calls.layer(self.calls.wrap(ResponseBody::map(balancer.clone())));
-        let budget = self.calls.budget();
-        BalancedClient::new(service, calls, BalancerHandle::new(balancer), budget)
+        let finish = FinishHttp {
+            balancer: BalancerHandle::new(balancer.clone()),
+            budget: self.calls.budget(),
+        };
+        self.calls.wrap(ResponseBody::map(balancer), finish)
     }
 
     /// A client over every address of a DNS name (A/AAAA, or SRV),
@@ -249,6 +250,29 @@ where
     {
         let (discover, resolve_now) = dns.build(|addr| addr)?;
         Ok(self.build_discover(discover).with_resolve_now(resolve_now))
+    }
+}
+
+/// `HttpClient`'s own outer layer (the calls in progress) and its box.
+struct FinishHttp<K> {
+    balancer: BalancerHandle<K>,
+    budget: Option<crate::retry::RetryBudget>,
+}
+
+impl<B, K> FinishStack<http::Request<B>, http::Response<ResponseBody>> for FinishHttp<K> {
+    type Output = HttpClient<B, K>;
+
+    fn finish<S>(self, stack: S) -> HttpClient<B, K>
+    where
+        S: Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let calls = Calls::default();
+        BalancedClient::new(calls.layer(stack), calls, self.balancer, self.budget)
     }
 }
 

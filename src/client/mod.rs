@@ -70,7 +70,7 @@ pub(crate) use self::discover::MapEndpoints;
 use std::fmt;
 use std::time::Duration;
 
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::balance::{self, CallHints, StaticWeights};
 use crate::error::BoxError;
@@ -304,15 +304,15 @@ impl CallSettings {
     }
 
     /// Deadline -> replay -> retry -> hedge -> per-attempt timeout ->
-    /// `inner` (the balancer).
-    pub(crate) fn wrap<S, Body, Resp>(
-        &self,
-        inner: S,
-    ) -> impl Service<::http::Request<Body>, Response = Resp, Error = BoxError, Future: Send + 'static>
-           + Clone
-           + Send
-           + Sync
-           + 'static
+    /// `inner` (the balancer), handed to `finish` for the client's own
+    /// outer layers and its box.
+    ///
+    /// The parts that are off are left out of the type, not put in as
+    /// `Either` or `Option` layers: an `Either`'s future is as large as its
+    /// larger side, so an unused hedge layer made every call's future some
+    /// 700 bytes larger, and every layer above moves that future once. Each
+    /// combination is its own type (eight in all), which `finish` boxes.
+    pub(crate) fn wrap<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
     where
         S: Service<::http::Request<ReplayBody<Body>>, Response = Resp>
             + Clone
@@ -325,6 +325,78 @@ impl CallSettings {
         ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
         Resp: Send + 'static,
         crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+        F: FinishStack<::http::Request<Body>, Resp>,
+    {
+        let inner =
+            tower::util::MapErr::new(inner, Into::<BoxError>::into as fn(S::Error) -> BoxError);
+        match self.attempt_timeout {
+            Some(timeout) => {
+                self.wrap_hedge(AttemptTimeoutLayer::new(timeout).layer(inner), finish)
+            }
+            None => self.wrap_hedge(inner, finish),
+        }
+    }
+
+    fn wrap_hedge<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
+    where
+        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        Body: http_body::Body + Send + 'static,
+        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
+        Resp: Send + 'static,
+        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+        F: FinishStack<::http::Request<Body>, Resp>,
+    {
+        // Hedges draw on the budget set last, whether `retry_budget` came
+        // before or after `hedging`.
+        match &self.hedge {
+            Some(hedge) => self.wrap_retry(
+                hedge.clone().budget(self.budget.clone()).layer(inner),
+                finish,
+            ),
+            None => self.wrap_retry(inner, finish),
+        }
+    }
+
+    fn wrap_retry<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
+    where
+        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        Body: http_body::Body + Send + 'static,
+        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
+        Resp: Send + 'static,
+        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+        F: FinishStack<::http::Request<Body>, Resp>,
+    {
+        match &self.retry {
+            Some(policy) => {
+                let retry = RetryLayer::new(policy.clone(), self.budget.clone()).layer(inner);
+                self.wrap_deadline(retry, finish)
+            }
+            None => self.wrap_deadline(inner, finish),
+        }
+    }
+
+    fn wrap_deadline<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
+    where
+        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        Body: http_body::Body + Send + 'static,
+        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
+        Resp: Send + 'static,
+        F: FinishStack<::http::Request<Body>, Resp>,
     {
         // Nothing repeats a request without retries or hedges, so nothing
         // needs keeping: a cap of 0 sends bodies straight through.
@@ -347,23 +419,23 @@ impl CallSettings {
             Some(_) => deadline.enforced_by_attempts(),
             None => deadline,
         };
-        ServiceBuilder::new()
+        let stack = ServiceBuilder::new()
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))
-            .option_layer(
-                self.retry
-                    .clone()
-                    .map(|policy| RetryLayer::new(policy, self.budget.clone())),
-            )
-            // Hedges draw on the budget set last, whether `retry_budget` came
-            // before or after `hedging`.
-            .option_layer(
-                self.hedge
-                    .clone()
-                    .map(|hedge| hedge.budget(self.budget.clone())),
-            )
-            .option_layer(self.attempt_timeout.map(AttemptTimeoutLayer::new))
-            .map_err(Into::<BoxError>::into)
-            .service(inner)
+            .service(inner);
+        finish.finish(stack)
     }
+}
+
+/// What a ready-made client does with the stack [`CallSettings::wrap`]
+/// built: puts its own outer layers on it, and boxes it.
+pub(crate) trait FinishStack<Req, Resp> {
+    /// The client.
+    type Output;
+
+    /// The client over `stack`.
+    fn finish<S>(self, stack: S) -> Self::Output
+    where
+        S: Service<Req, Response = Resp, Error = BoxError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static;
 }

@@ -300,11 +300,11 @@ where
             _ => (req, None),
         };
         let timer = original.as_ref().and(delay).map(tokio::time::sleep);
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
         let now = Instant::now();
         ResponseFuture {
-            primary: Some(Oneshot::new(ready, attempt)),
+            // The service `poll_ready` readied takes the first attempt; a
+            // clone, made ready in its turn, the hedge.
+            primary: Some(self.inner.call(attempt)),
             primary_started: now,
             timer,
             hedge: None,
@@ -329,7 +329,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        primary: Option<Oneshot<S, Req>>,
+        primary: Option<S::Future>,
         primary_started: Instant,
         #[pin]
         timer: Option<Sleep>,

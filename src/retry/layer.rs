@@ -212,17 +212,14 @@ where
             },
             false => (req, None),
         };
-        // The service that was made ready goes with the first attempt; a
+        // The first attempt goes to the service `poll_ready` readied; a
         // clone (made ready in its turn) serves the retries.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
-            state: State::Attempt {
-                call: Oneshot::new(ready, attempt),
+            state: State::First {
+                future: self.inner.call(attempt),
             },
             service: self.inner.clone(),
             original,
-            next: None,
             safety,
             deadline,
             attempts: 1,
@@ -244,8 +241,6 @@ pin_project! {
         state: State<S, Req>,
         service: S,
         original: Option<Req>,
-        // The copy the next attempt sends, made before the pause.
-        next: Option<Req>,
         safety: Safety,
         deadline: Option<CallDeadline>,
         attempts: u32,
@@ -261,14 +256,31 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Attempt {
+        // The first attempt, on the service readied by `poll_ready`: the
+        // common case, with no service or request held beside the future.
+        First {
             #[pin]
-            call: Oneshot<S, Req>,
+            future: S::Future,
+        },
+        // A retry, and the pause before it with the copy it will send, are
+        // boxed: they are rare, and held inline they would make the future
+        // of every call (which each layer above moves) hundreds of bytes
+        // larger.
+        Attempt {
+            call: Pin<Box<Oneshot<S, Req>>>,
         },
         Pause {
-            #[pin]
-            sleep: Sleep,
+            pause: Pin<Box<Pause<Req>>>,
         },
+    }
+}
+
+pin_project! {
+    /// The pause before a retry, and the copy of the request it will send.
+    struct Pause<Req> {
+        #[pin]
+        sleep: Sleep,
+        next: Option<Req>,
     }
 }
 
@@ -330,48 +342,52 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
-            match this.state.as_mut().project() {
-                StateProj::Pause { sleep } => {
-                    ready!(sleep.poll(cx));
-                    let Some(next) = this.next.take() else {
+            let result = match this.state.as_mut().project() {
+                StateProj::First { future } => ready!(future.poll(cx)).map_err(Into::into),
+                StateProj::Attempt { call } => ready!(call.as_mut().poll(cx)).map_err(Into::into),
+                StateProj::Pause { pause } => {
+                    let pause = pause.as_mut().project();
+                    ready!(pause.sleep.poll(cx));
+                    let Some(next) = pause.next.take() else {
                         return Poll::Ready(Err("retry state lost its request copy".into()));
                     };
                     *this.attempts += 1;
-                    let call = Oneshot::new(this.service.clone(), next);
+                    let call = Box::pin(Oneshot::new(this.service.clone(), next));
                     this.state.set(State::Attempt { call });
+                    continue;
                 }
-                StateProj::Attempt { call } => {
-                    let result = ready!(call.poll(cx)).map_err(Into::into);
-                    let pause = match self.as_mut().next_pause(&result) {
-                        Ok(pause) => pause,
-                        Err(Stop::Budget) => {
-                            let attempts = self.attempts;
-                            return Poll::Ready(result.map_err(|source| {
-                                Box::new(BudgetExhausted { attempts, source }) as BoxError
-                            }));
-                        }
-                        Err(Stop::PastDeadline(pause)) => {
-                            let attempts = self.attempts;
-                            return Poll::Ready(result.map_err(|source| {
-                                Box::new(DeadlineTooClose {
-                                    attempts,
-                                    pause,
-                                    source,
-                                }) as BoxError
-                            }));
-                        }
-                        Err(stop) => {
-                            if !matches!(stop, Stop::Accepted) {
-                                tracing::debug!(attempts = self.attempts, reason = %stop, "not retrying");
-                            }
-                            return Poll::Ready(result);
-                        }
-                    };
-                    tracing::debug!(attempts = self.attempts, ?pause, "retrying");
-                    let sleep = tokio::time::sleep(pause);
-                    self.as_mut().project().state.set(State::Pause { sleep });
+            };
+            let (pause, next) = match self.as_mut().next_pause(&result) {
+                Ok(retry) => retry,
+                Err(Stop::Budget) => {
+                    let attempts = self.attempts;
+                    return Poll::Ready(result.map_err(|source| {
+                        Box::new(BudgetExhausted { attempts, source }) as BoxError
+                    }));
                 }
-            }
+                Err(Stop::PastDeadline(pause)) => {
+                    let attempts = self.attempts;
+                    return Poll::Ready(result.map_err(|source| {
+                        Box::new(DeadlineTooClose {
+                            attempts,
+                            pause,
+                            source,
+                        }) as BoxError
+                    }));
+                }
+                Err(stop) => {
+                    if !matches!(stop, Stop::Accepted) {
+                        tracing::debug!(attempts = self.attempts, reason = %stop, "not retrying");
+                    }
+                    return Poll::Ready(result);
+                }
+            };
+            tracing::debug!(attempts = self.attempts, ?pause, "retrying");
+            let pause = Box::pin(Pause {
+                sleep: tokio::time::sleep(pause),
+                next: Some(next),
+            });
+            self.as_mut().project().state.set(State::Pause { pause });
         }
     }
 }
@@ -382,12 +398,13 @@ where
     C: RetryOn<S::Response>,
     Req: Replayable,
 {
-    /// The pause before the next attempt, or why there is none. The budget
-    /// is asked last, so that it is spent only on retries that happen.
+    /// The pause before the next attempt and the copy it sends, or why
+    /// there is none. The budget is asked last, so that it is spent only on
+    /// retries that happen.
     fn next_pause(
         self: Pin<&mut Self>,
         result: &Result<S::Response, BoxError>,
-    ) -> Result<Duration, Stop> {
+    ) -> Result<(Duration, Req), Stop> {
         let this = self.project();
         let policy = &**this.policy;
         let pushback = match result {
@@ -437,8 +454,7 @@ where
         if !this.budget.try_spend(Spend::Retry) {
             return Err(Stop::Budget);
         }
-        *this.next = Some(next);
-        Ok(pause)
+        Ok((pause, next))
     }
 }
 
