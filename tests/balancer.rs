@@ -1126,3 +1126,68 @@ async fn a_shut_down_stack_logs_no_ejection_over_afterwards(kind: StackKind) {
     let late = logs.lines_with(&["ejection over", &addr]);
     assert!(late.is_empty(), "{late:?}");
 }
+
+/// An endpoint service that is not ready for its first `not_ready` polls
+/// (waking its caller each time), or whose readiness fails when
+/// `fails_ready`; it answers with its name.
+#[derive(Clone)]
+struct SlowToBeReady {
+    not_ready: Arc<AtomicUsize>,
+    fails_ready: bool,
+}
+
+impl tower::Service<()> for SlowToBeReady {
+    type Response = &'static str;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<&'static str, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.fails_ready {
+            return Poll::Ready(Err("the endpoint's connection could not be made".into()));
+        }
+        let left = self.not_ready.load(Ordering::SeqCst);
+        if left > 0 {
+            self.not_ready.store(left - 1, Ordering::SeqCst);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        std::future::ready(Ok("answered"))
+    }
+}
+
+#[tokio::test]
+async fn a_request_to_an_endpoint_not_yet_ready_waits_for_it_and_is_answered() {
+    let endpoint = SlowToBeReady {
+        not_ready: Arc::new(AtomicUsize::new(3)),
+        fails_ready: false,
+    };
+    let balancer = Balancer::builder().build(discover::fixed([(0, endpoint.clone())]));
+    let answer = tokio::time::timeout(Duration::from_secs(5), balancer.clone().oneshot(()))
+        .await
+        .expect("answered in time");
+    assert_eq!(answer.expect("answered"), "answered");
+    assert_eq!(
+        endpoint.not_ready.load(Ordering::SeqCst),
+        0,
+        "readiness was polled to the end"
+    );
+    assert_eq!(balancer.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn an_endpoint_whose_readiness_fails_fails_the_request_as_its_own_error() {
+    let endpoint = SlowToBeReady {
+        not_ready: Arc::new(AtomicUsize::new(0)),
+        fails_ready: true,
+    };
+    let balancer = Balancer::builder().build(discover::fixed([(0, endpoint)]));
+    let error = balancer.clone().oneshot(()).await.expect_err("failed");
+    assert!(matches!(error, Error::Endpoint { .. }), "{error}");
+    let report = tower_lb::error::report(&error).to_string();
+    assert!(report.contains("could not be made"), "{report}");
+    assert_eq!(balancer.in_flight(), 0);
+}

@@ -14,9 +14,37 @@ use crate::classify::{Classify, Outcome, OutcomeReport, RecordOutcome};
 use crate::error::BoxError;
 use crate::Error;
 
-/// A request bound to its endpoint: the endpoint service (ready, then call)
-/// and the guard that counts it in flight.
-pub(crate) type Dispatched<K, S, Req> = (Oneshot<S, Req>, InFlight<K, S>);
+/// A request bound to its endpoint: the call to the endpoint's service and
+/// the guard that counts it in flight.
+pub(crate) type Dispatched<K, S, Req> = (EndpointCall<S, Req>, InFlight<K, S>);
+
+/// The call to the picked endpoint's service.
+pub(crate) enum EndpointCall<S: Service<Req>, Req> {
+    /// The service was ready when asked (nearly always: a hyper-util
+    /// client or a tonic channel with room): its call, started.
+    Started(S::Future),
+    /// It was not: a `Oneshot` drives it to readiness, then calls it.
+    /// Boxed, because it is rare and holds the whole request, which would
+    /// otherwise make every call's future (moved by each layer above) the
+    /// request's size larger.
+    Readying(Pin<Box<Oneshot<S, Req>>>),
+    /// Its readiness failed.
+    Failed(S::Error),
+}
+
+impl<S: Service<Req>, Req> EndpointCall<S, Req> {
+    /// Asks `service` once whether it is ready, with a waker that does
+    /// nothing (the `Oneshot`, if needed, asks again with the caller's), and
+    /// calls it if so.
+    pub(crate) fn start(mut service: S, req: Req) -> Self {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match service.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Self::Started(service.call(req)),
+            Poll::Ready(Err(error)) => Self::Failed(error),
+            Poll::Pending => Self::Readying(Box::pin(Oneshot::new(service, req))),
+        }
+    }
+}
 
 /// Waits for endpoints to appear (the startup wait), then dispatches. Boxed:
 /// this path runs only while the balancer has no endpoints.
@@ -49,7 +77,15 @@ pin_project! {
         Waiting { wait: Waiting<K, S, Req> },
         Calling {
             #[pin]
-            call: Oneshot<S, Req>,
+            future: S::Future,
+            guard: Option<InFlight<K, S>>,
+        },
+        Readying {
+            call: Pin<Box<Oneshot<S, Req>>>,
+            guard: Option<InFlight<K, S>>,
+        },
+        NotReady {
+            error: Option<S::Error>,
             guard: Option<InFlight<K, S>>,
         },
         Failed { error: Option<Error> },
@@ -62,10 +98,7 @@ where
 {
     pub(crate) fn dispatched((call, guard): Dispatched<K, S, Req>, classify: C) -> Self {
         Self {
-            state: State::Calling {
-                call,
-                guard: Some(guard),
-            },
+            state: State::calling(call, guard),
             classify,
         }
     }
@@ -102,45 +135,84 @@ where
                     Ok(dispatched) => dispatched,
                     Err(error) => return Poll::Ready(Err(error)),
                 },
-                StateProj::Calling { call, guard } => {
-                    let result = ready!(call.poll(cx));
-                    let Some(guard) = guard.take() else {
+                StateProj::Calling { future, guard } => {
+                    let result = ready!(future.poll(cx));
+                    return Poll::Ready(complete(result, guard.take(), this.classify));
+                }
+                StateProj::Readying { call, guard } => {
+                    let result = ready!(call.as_mut().poll(cx));
+                    return Poll::Ready(complete(result, guard.take(), this.classify));
+                }
+                StateProj::NotReady { error, guard } => {
+                    let Some(error) = error.take() else {
                         panic!("tower_lb::ResponseFuture polled after completion");
                     };
-                    let started = guard.started();
-                    let endpoint = guard.complete();
-                    return Poll::Ready(match result {
-                        Ok(response) => {
-                            let report = OutcomeReport::new(endpoint);
-                            Ok(this.classify.classify_response(response, report))
-                        }
-                        Err(source) => {
-                            let source: BoxError = source.into();
-                            match this.classify.classify_error(&*source) {
-                                Some(Outcome::Failure)
-                                    if crate::error::is_connection_lost(&*source) =>
-                                {
-                                    endpoint.record_connection_lost(started);
-                                }
-                                Some(outcome) => endpoint.record_outcome(outcome),
-                                None => {}
-                            }
-                            Err(Error::Endpoint {
-                                endpoint: format!("{:?}", endpoint.key()),
-                                source,
-                            })
-                        }
-                    });
+                    return Poll::Ready(complete(Err(error), guard.take(), this.classify));
                 }
                 StateProj::Failed { error } => match error.take() {
                     Some(error) => return Poll::Ready(Err(error)),
                     None => panic!("tower_lb::ResponseFuture polled after completion"),
                 },
             };
-            self.as_mut().project().state.set(State::Calling {
-                call: dispatched.0,
-                guard: Some(dispatched.1),
-            });
+            let (call, guard) = dispatched;
+            self.as_mut()
+                .project()
+                .state
+                .set(State::calling(call, guard));
+        }
+    }
+}
+
+impl<K, S: Service<Req>, Req> State<K, S, Req> {
+    fn calling(call: EndpointCall<S, Req>, guard: InFlight<K, S>) -> Self {
+        let guard = Some(guard);
+        match call {
+            EndpointCall::Started(future) => State::Calling { future, guard },
+            EndpointCall::Readying(call) => State::Readying { call, guard },
+            EndpointCall::Failed(error) => State::NotReady {
+                error: Some(error),
+                guard,
+            },
+        }
+    }
+}
+
+/// The endpoint's answer, or its error, classified and recorded against it
+/// (the guard, taken once, ends the request's time in flight).
+fn complete<K, S, Req, C>(
+    result: Result<S::Response, S::Error>,
+    guard: Option<InFlight<K, S>>,
+    classify: &mut C,
+) -> Result<C::Response, Error>
+where
+    K: fmt::Debug + Send + Sync + 'static,
+    S: Service<Req> + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    let Some(guard) = guard else {
+        panic!("tower_lb::ResponseFuture polled after completion");
+    };
+    let started = guard.started();
+    let endpoint = guard.complete();
+    match result {
+        Ok(response) => {
+            let report = OutcomeReport::new(endpoint);
+            Ok(classify.classify_response(response, report))
+        }
+        Err(source) => {
+            let source: BoxError = source.into();
+            match classify.classify_error(&*source) {
+                Some(Outcome::Failure) if crate::error::is_connection_lost(&*source) => {
+                    endpoint.record_connection_lost(started);
+                }
+                Some(outcome) => endpoint.record_outcome(outcome),
+                None => {}
+            }
+            Err(Error::Endpoint {
+                endpoint: format!("{:?}", endpoint.key()),
+                source,
+            })
         }
     }
 }
@@ -152,7 +224,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting for endpoints",
-            State::Calling { .. } => "calling",
+            State::Calling { .. } | State::Readying { .. } | State::NotReady { .. } => "calling",
             State::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")

@@ -38,11 +38,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tower::discover::Discover;
-use tower::util::Oneshot;
 use tower::Service;
 
 use self::endpoint::{InFlight, Refused, Shared};
-use self::future::Dispatched;
+use self::future::{Dispatched, EndpointCall};
 use self::snapshot::{EndpointList, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::error::BoxError;
@@ -208,7 +207,7 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
                     if let Some(tried) = tried {
                         tried.record(endpoint.id());
                     }
-                    let call = Oneshot::new(endpoint.service().clone(), req);
+                    let call = EndpointCall::start(endpoint.service().clone(), req);
                     return Dispatch::Sent((call, guard));
                 }
                 Err(Refused::Closed) => return Dispatch::Failed(Error::Closed),
