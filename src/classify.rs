@@ -225,8 +225,8 @@ mod http {
     use http_body::{Body, Frame, SizeHint};
     use pin_project_lite::pin_project;
     use tower_http::classify::{
-        ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcEosErrorsAsFailures,
-        GrpcErrorsAsFailures, GrpcFailureClass, ServerErrorsAsFailures,
+        ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
+        GrpcFailureClass, ServerErrorsAsFailures,
     };
 
     use super::{Classify, Outcome, OutcomeReport};
@@ -332,16 +332,81 @@ mod http {
     /// with no `grpc-status` at all, and a `grpc-status` that is not a code
     /// from 0 to 16, are failed calls (`UNAVAILABLE`, `UNKNOWN` or `INTERNAL`
     /// in gRPC's HTTP mapping), not successes.
+    ///
+    /// It reads `grpc-status` once from the headers and once from the
+    /// trailers, by a constant name, and judges the code against the
+    /// successes of `codes`, read from it once when the classifier is made:
+    /// tower-http's own check parses the name from a string at every look,
+    /// and with the checks above the status was looked up six times a call.
     #[derive(Debug, Clone)]
     pub struct GrpcClassifier {
         codes: GrpcErrorsAsFailures,
+        successes: GrpcSuccesses,
     }
 
     impl GrpcClassifier {
         /// Judges the gRPC status with `codes` (which says which codes are
         /// successes).
         pub fn new(codes: GrpcErrorsAsFailures) -> Self {
-            Self { codes }
+            let successes = GrpcSuccesses::of(&codes);
+            Self { codes, successes }
+        }
+    }
+
+    /// The gRPC codes a classifier counts as successes, bit `c` for code `c`.
+    #[derive(Debug, Clone, Copy)]
+    struct GrpcSuccesses(u32);
+
+    /// What the `grpc-status` of a header map says.
+    enum GrpcVerdict {
+        Success,
+        /// A code the classifier does not count as a success.
+        Failure,
+        /// Not a code at all.
+        Malformed(GrpcFailureClass),
+    }
+
+    impl GrpcSuccesses {
+        /// Asks `codes` about each code once: tower-http keeps its set of
+        /// successes to itself.
+        fn of(codes: &GrpcErrorsAsFailures) -> Self {
+            let mut bits = 0;
+            for code in 0..=16u8 {
+                let mut probe = http::Response::new(());
+                probe
+                    .headers_mut()
+                    .insert(super::GRPC_STATUS, http::HeaderValue::from(u16::from(code)));
+                if let ClassifiedResponse::Ready(Ok(())) = codes.clone().classify_response(&probe) {
+                    bits |= 1 << code;
+                }
+            }
+            Self(bits)
+        }
+
+        /// The verdict on the `grpc-status` in `headers`, `None` when there
+        /// is none.
+        fn judge(self, headers: &HeaderMap) -> Option<GrpcVerdict> {
+            let value = headers.get(&super::GRPC_STATUS)?;
+            Some(match super::grpc_code(value) {
+                None => GrpcVerdict::Malformed(GrpcFailureClass::Error(format!(
+                    "grpc-status {value:?} is not a gRPC code"
+                ))),
+                Some(code) if self.0 & (1 << code) != 0 => GrpcVerdict::Success,
+                Some(_) => GrpcVerdict::Failure,
+            })
+        }
+    }
+
+    /// The failure class tower-http gives a failed call (its status, with
+    /// the decoded `grpc-message`), asked only once the call is known to
+    /// have failed: it has no constructor of its own.
+    fn failure_class<B>(
+        codes: &GrpcErrorsAsFailures,
+        response: &http::Response<B>,
+    ) -> GrpcFailureClass {
+        match codes.clone().classify_response(response) {
+            ClassifiedResponse::Ready(Err(class)) => class,
+            _ => GrpcFailureClass::Error("a failed gRPC status".to_owned()),
         }
     }
 
@@ -359,14 +424,17 @@ mod http {
                     "HTTP status {status} on a gRPC call"
                 ))));
             }
-            if let Some(malformed) = malformed_grpc_status(response.headers()) {
-                return ClassifiedResponse::Ready(Err(malformed));
-            }
-            match self.codes.classify_response(response) {
-                ClassifiedResponse::Ready(verdict) => ClassifiedResponse::Ready(verdict),
-                ClassifiedResponse::RequiresEos(eos) => {
-                    ClassifiedResponse::RequiresEos(GrpcClassifyEos { eos })
+            // A trailers-only response has its status in the headers.
+            match self.successes.judge(response.headers()) {
+                Some(GrpcVerdict::Success) => ClassifiedResponse::Ready(Ok(())),
+                Some(GrpcVerdict::Failure) => {
+                    ClassifiedResponse::Ready(Err(failure_class(&self.codes, response)))
                 }
+                Some(GrpcVerdict::Malformed(class)) => ClassifiedResponse::Ready(Err(class)),
+                None => ClassifiedResponse::RequiresEos(GrpcClassifyEos {
+                    codes: self.codes,
+                    successes: self.successes,
+                }),
             }
         }
 
@@ -375,45 +443,41 @@ mod http {
         }
     }
 
-    /// A `grpc-status` that is not a code from 0 to 16 (`OK`, `14 `, `+0`):
-    /// tower-http would count it a success, but a gRPC client reads it as
-    /// a failed call, and so does this classifier.
-    fn malformed_grpc_status(headers: &HeaderMap) -> Option<GrpcFailureClass> {
-        let value = headers.get(&super::GRPC_STATUS)?;
-        match super::grpc_code(value) {
-            Some(_) => None,
-            None => Some(GrpcFailureClass::Error(format!(
-                "grpc-status {value:?} is not a gRPC code"
-            ))),
-        }
-    }
-
     /// The end-of-stream half of [`GrpcClassifier`].
     #[derive(Debug, Clone)]
     pub struct GrpcClassifyEos {
-        eos: GrpcEosErrorsAsFailures,
+        codes: GrpcErrorsAsFailures,
+        successes: GrpcSuccesses,
     }
 
     impl ClassifyEos for GrpcClassifyEos {
         type FailureClass = GrpcFailureClass;
 
         fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), GrpcFailureClass> {
-            match trailers {
-                Some(trailers) if trailers.contains_key(&super::GRPC_STATUS) => {
-                    match malformed_grpc_status(trailers) {
-                        Some(malformed) => Err(malformed),
-                        None => self.eos.classify_eos(Some(trailers)),
-                    }
+            let Some(trailers) = trailers else {
+                return Err(no_grpc_status());
+            };
+            match self.successes.judge(trailers) {
+                Some(GrpcVerdict::Success) => Ok(()),
+                Some(GrpcVerdict::Failure) => {
+                    // Only on failure: a copy of the trailers for tower-http
+                    // to read the status and message from.
+                    let mut failed = http::Response::new(());
+                    *failed.headers_mut() = trailers.clone();
+                    Err(failure_class(&self.codes, &failed))
                 }
-                _ => Err(GrpcFailureClass::Error(
-                    "the gRPC response ended without a grpc-status".to_owned(),
-                )),
+                Some(GrpcVerdict::Malformed(class)) => Err(class),
+                None => Err(no_grpc_status()),
             }
         }
 
         fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> GrpcFailureClass {
-            self.eos.classify_error(error)
+            self.codes.classify_error(error)
         }
+    }
+
+    fn no_grpc_status() -> GrpcFailureClass {
+        GrpcFailureClass::Error("the gRPC response ended without a grpc-status".to_owned())
     }
 
     impl<C, L, B> Classify<http::Response<B>> for HttpClassify<C, L>
@@ -689,7 +753,12 @@ mod tests {
 
     #[cfg(feature = "http")]
     mod http {
+        use ::http::HeaderMap;
         use http_body::{Body, Frame};
+        use tower_http::classify::{
+            ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
+            GrpcFailureClass,
+        };
 
         use super::*;
 
@@ -819,6 +888,50 @@ mod tests {
             response.extensions_mut().insert(deadline);
             let _ = HttpClassify::grpc().classify_response(response, report);
             assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        }
+
+        #[test]
+        fn a_failed_grpc_status_keeps_its_code_and_message_in_headers_and_trailers() {
+            let classifier = || GrpcClassifier::new(GrpcErrorsAsFailures::new());
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-status", ::http::HeaderValue::from_static("14"));
+            headers.insert(
+                "grpc-message",
+                ::http::HeaderValue::from_static("going%20away"),
+            );
+            let check = |class: GrpcFailureClass| match class {
+                GrpcFailureClass::Status(status) => {
+                    assert_eq!(status.code_raw(), 14);
+                    assert_eq!(status.message(), Some("going away"));
+                }
+                other => panic!("{other}"),
+            };
+            let mut response = ::http::Response::new(());
+            *response.headers_mut() = headers.clone();
+            match classifier().classify_response(&response) {
+                ClassifiedResponse::Ready(Err(class)) => check(class),
+                _ => panic!("a trailers-only failure is judged at once"),
+            }
+            let eos = match classifier().classify_response(&::http::Response::new(())) {
+                ClassifiedResponse::RequiresEos(eos) => eos,
+                ClassifiedResponse::Ready(_) => panic!("no status yet: wait for the trailers"),
+            };
+            check(eos.classify_eos(Some(&headers)).expect_err("a failure"));
+        }
+
+        #[test]
+        fn codes_made_successes_by_the_caller_are_successes() {
+            let codes = GrpcErrorsAsFailures::new().with_success(GrpcCode::Unavailable);
+            let eos = match GrpcClassifier::new(codes).classify_response(&::http::Response::new(()))
+            {
+                ClassifiedResponse::RequiresEos(eos) => eos,
+                ClassifiedResponse::Ready(_) => panic!("no status yet"),
+            };
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", ::http::HeaderValue::from_static("14"));
+            assert!(eos.clone().classify_eos(Some(&trailers)).is_ok());
+            trailers.insert("grpc-status", ::http::HeaderValue::from_static("13"));
+            assert!(eos.classify_eos(Some(&trailers)).is_err());
         }
 
         #[test]

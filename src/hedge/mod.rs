@@ -293,12 +293,11 @@ where
             true => self.shared.delay(self.shared.now_ns()),
             false => None,
         };
-        // With a delay, keep the original to copy the hedge from and send a
-        // copy; otherwise send the original.
-        let (attempt, original) = match delay.map(|_| req.replay()) {
-            Some(Ok(copy)) => (copy, Some(req)),
-            _ => (req, None),
-        };
+        // With a delay, keep a copy to make the hedge from. The caller's
+        // request goes first either way: its header map has room to grow,
+        // where a copy's is cloned full.
+        let original = delay.and_then(|_| req.replay().ok());
+        let attempt = req;
         let timer = original.as_ref().and(delay).map(tokio::time::sleep);
         let now = Instant::now();
         ResponseFuture {

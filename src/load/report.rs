@@ -312,22 +312,46 @@ pub struct OrcaLoadReports;
 
 impl LoadExtractor for OrcaLoadReports {
     fn from_headers(&self, headers: &HeaderMap) -> Option<Result<LoadReport, LoadReportError>> {
-        if let Some(value) = headers.get(ENDPOINT_LOAD_METRICS) {
+        let (text, binary) = orca_values(headers);
+        if let Some(value) = text {
             return Some(LoadReport::from_header(value));
         }
-        headers
-            .get(ENDPOINT_LOAD_METRICS_BIN)
-            .map(LoadReport::from_grpc_trailer)
+        binary.map(LoadReport::from_grpc_trailer)
     }
 
     fn from_trailers(&self, trailers: &HeaderMap) -> Option<Result<LoadReport, LoadReportError>> {
-        if let Some(value) = trailers.get(ENDPOINT_LOAD_METRICS_BIN) {
+        let (text, binary) = orca_values(trailers);
+        if let Some(value) = binary {
             return Some(LoadReport::from_grpc_trailer(value));
         }
-        trailers
-            .get(ENDPOINT_LOAD_METRICS)
-            .map(LoadReport::from_header)
+        text.map(LoadReport::from_header)
     }
+}
+
+/// Maps up to this many entries are searched by a walk over their names.
+const WALKED: usize = 16;
+
+/// The first `endpoint-load-metrics` and `endpoint-load-metrics-bin`
+/// values in `headers`. Nearly every response has neither, and a miss by
+/// `get` hashes the 21- or 25-byte name, twice per map: for the few
+/// entries a response or its trailers usually have, one walk comparing
+/// names (most differ in length at once) costs less.
+fn orca_values(headers: &HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+    if headers.keys_len() > WALKED {
+        return (
+            headers.get(ENDPOINT_LOAD_METRICS),
+            headers.get(ENDPOINT_LOAD_METRICS_BIN),
+        );
+    }
+    let (mut text, mut binary) = (None, None);
+    for (name, value) in headers {
+        if text.is_none() && *name == ENDPOINT_LOAD_METRICS {
+            text = Some(value);
+        } else if binary.is_none() && *name == ENDPOINT_LOAD_METRICS_BIN {
+            binary = Some(value);
+        }
+    }
+    (text, binary)
 }
 
 /// Reads a bare utilization from a header of the user's choice, such as

@@ -202,16 +202,16 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let (safety, deadline) = self.budget.begin_call(&mut req);
-        // Keep the original to copy from, and send a copy; without a copy
-        // (or with one attempt allowed) the original goes and no retry can
-        // follow.
-        let (attempt, original) = match self.policy.max_attempts > 1 {
-            true => match req.replay() {
-                Ok(copy) => (copy, Some(req)),
-                Err(_) => (req, None),
-            },
-            false => (req, None),
+        // Send the caller's request and keep a copy to make retries from;
+        // without a copy (or with one attempt allowed) no retry can follow.
+        // The caller's goes first because its header map has room to grow
+        // (the endpoint may add `Host`, tonic its own headers), where a
+        // copy's is cloned full and would have to grow.
+        let kept = match self.policy.max_attempts > 1 {
+            true => req.replay().ok(),
+            false => None,
         };
+        let (attempt, original) = (req, kept);
         // The first attempt goes to the service `poll_ready` readied; a
         // clone (made ready in its turn) serves the retries.
         ResponseFuture {

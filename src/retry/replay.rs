@@ -186,9 +186,22 @@ impl Waiters {
     /// awake already, and waking it again would poll its task for nothing on
     /// every frame of an upload.
     fn wake_all(&self, except: Option<&Waker>) {
+        let mut waiting = lock(&self.wakers);
+        // Nearly always the only clone waiting is the one that just got the
+        // frame (a body with no retry or hedge reading it yet): forget it in
+        // place, keeping the list's room for the next frame. Dropping its
+        // waker here is safe: it is the running task's, which holds another.
+        if waiting
+            .iter()
+            .all(|waker| except.is_some_and(|e| waker.will_wake(e)))
+        {
+            waiting.clear();
+            return;
+        }
         // Woken outside the lock, so a waker that runs code synchronously
         // cannot come back here and deadlock.
-        let wakers = std::mem::take(&mut *lock(&self.wakers));
+        let wakers = std::mem::take(&mut *waiting);
+        drop(waiting);
         for waker in wakers {
             if !except.is_some_and(|e| waker.will_wake(e)) {
                 waker.wake();
@@ -247,7 +260,9 @@ impl<B> ReplayBody<B> {
             cap,
             state: Mutex::new(State {
                 body: Some(Box::pin(body)),
-                frames: Vec::new(),
+                // Room for the few frames most bodies are, made with the
+                // state rather than grown at the first frame.
+                frames: Vec::with_capacity(4),
                 buffered: 0,
                 capped: false,
                 streamer: None,
