@@ -363,15 +363,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The inner future first: an answer that is ready when the deadline
-        // passes still counts.
-        if let Poll::Ready(result) = this.inner.poll(cx) {
-            return Poll::Ready(result.map_err(Into::into));
-        }
-        match this.sleep.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*this.fired))),
-            Some(Poll::Pending) | None => Poll::Pending,
-        }
+        let sleep = this.sleep.as_mut().map(Pin::as_mut);
+        poll_before(this.inner, sleep, this.fired, cx)
     }
 }
 
@@ -404,15 +397,29 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The inner future first: an answer that is ready when the timer
-        // fires still counts.
-        if let Poll::Ready(result) = this.inner.poll(cx) {
-            return Poll::Ready(result.map_err(Into::into));
-        }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*this.fired))),
-            Some(Poll::Pending) | None => Poll::Pending,
-        }
+        poll_before(this.inner, this.sleep.as_pin_mut(), this.fired, cx)
+    }
+}
+
+/// `inner`'s result, or `fired` once `sleep` (if any) is over. The inner
+/// future is polled first: an answer that is ready when the timer fires
+/// still counts.
+fn poll_before<F, T, E>(
+    inner: Pin<&mut F>,
+    sleep: Option<Pin<&mut Sleep>>,
+    fired: &Elapsed,
+    cx: &mut Context<'_>,
+) -> Poll<Result<T, BoxError>>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    if let Poll::Ready(result) = inner.poll(cx) {
+        return Poll::Ready(result.map_err(Into::into));
+    }
+    match sleep.map(|sleep| sleep.poll(cx)) {
+        Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*fired))),
+        Some(Poll::Pending) | None => Poll::Pending,
     }
 }
 

@@ -44,8 +44,11 @@
 //! # }
 //! ```
 //!
-//! The services are type-erased (`BoxCloneSyncService` inside), so the
-//! client is a plain named type you can keep in a struct. That costs an
+//! Both are one type, [`BalancedClient`], for their protocol's requests and
+//! responses: the same handle (balancer, graceful shutdown, retry stats) and
+//! one "closed" flag, which closing the client or its balancer sets. The
+//! services are type-erased (`BoxCloneSyncService` inside), so the client
+//! is a plain named type you can keep in a struct. That costs an
 //! allocation per call for the boxed future (about 130 ns in
 //! `benches/layers.rs`), and for `HttpClient` one per response for the boxed
 //! body; counting calls for a graceful shutdown adds two atomic operations.
@@ -68,6 +71,7 @@ pub(crate) use self::calls::Calls;
 pub(crate) use self::discover::MapEndpoints;
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceBuilder};
@@ -327,95 +331,105 @@ impl CallSettings {
         crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
         F: FinishStack<::http::Request<Body>, Resp>,
     {
+        let stack = Stack {
+            settings: self,
+            finish,
+            _types: PhantomData,
+        };
         let inner =
             tower::util::MapErr::new(inner, Into::<BoxError>::into as fn(S::Error) -> BoxError);
         match self.attempt_timeout {
-            Some(timeout) => {
-                self.wrap_hedge(AttemptTimeoutLayer::new(timeout).layer(inner), finish)
-            }
-            None => self.wrap_hedge(inner, finish),
+            Some(timeout) => stack.hedge(AttemptTimeoutLayer::new(timeout).layer(inner)),
+            None => stack.hedge(inner),
         }
     }
+}
 
-    fn wrap_hedge<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
-    where
-        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        Body: http_body::Body + Send + 'static,
-        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
-        Resp: Send + 'static,
-        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
-        F: FinishStack<::http::Request<Body>, Resp>,
-    {
+/// [`CallSettings::wrap`] under way: each step adds its layer, if it is on,
+/// and hands the stack to the next, so that every combination is a type of
+/// its own.
+struct Stack<'a, Body, Resp, F> {
+    settings: &'a CallSettings,
+    finish: F,
+    _types: PhantomData<fn(Body) -> Resp>,
+}
+
+/// A stack of the client's layers so far, over requests with replayable
+/// bodies.
+trait Layered<Body, Resp>:
+    Service<
+        ::http::Request<ReplayBody<Body>>,
+        Response = Resp,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, Body, Resp> Layered<Body, Resp> for S where
+    S: Service<
+            ::http::Request<ReplayBody<Body>>,
+            Response = Resp,
+            Error = BoxError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+impl<Body, Resp, F> Stack<'_, Body, Resp, F>
+where
+    Body: http_body::Body + Send + 'static,
+    ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
+    Resp: Send + 'static,
+    crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+    F: FinishStack<::http::Request<Body>, Resp>,
+{
+    fn hedge(self, inner: impl Layered<Body, Resp>) -> F::Output {
         // Hedges draw on the budget set last, whether `retry_budget` came
         // before or after `hedging`.
-        match &self.hedge {
-            Some(hedge) => self.wrap_retry(
-                hedge.clone().budget(self.budget.clone()).layer(inner),
-                finish,
-            ),
-            None => self.wrap_retry(inner, finish),
+        let settings = self.settings;
+        match &settings.hedge {
+            Some(hedge) => self.retry(hedge.clone().budget(settings.budget.clone()).layer(inner)),
+            None => self.retry(inner),
         }
     }
 
-    fn wrap_retry<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
-    where
-        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        Body: http_body::Body + Send + 'static,
-        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
-        Resp: Send + 'static,
-        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
-        F: FinishStack<::http::Request<Body>, Resp>,
-    {
-        match &self.retry {
+    fn retry(self, inner: impl Layered<Body, Resp>) -> F::Output {
+        let settings = self.settings;
+        match &settings.retry {
             Some(policy) => {
-                let retry = RetryLayer::new(policy.clone(), self.budget.clone()).layer(inner);
-                self.wrap_deadline(retry, finish)
+                self.deadline(RetryLayer::new(policy.clone(), settings.budget.clone()).layer(inner))
             }
-            None => self.wrap_deadline(inner, finish),
+            None => self.deadline(inner),
         }
     }
 
-    fn wrap_deadline<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
-    where
-        S: Service<::http::Request<ReplayBody<Body>>, Response = Resp, Error = BoxError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        Body: http_body::Body + Send + 'static,
-        ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
-        Resp: Send + 'static,
-        F: FinishStack<::http::Request<Body>, Resp>,
-    {
+    fn deadline(self, inner: impl Layered<Body, Resp>) -> F::Output {
+        let settings = self.settings;
         // Nothing repeats a request without retries or hedges, so nothing
         // needs keeping: a cap of 0 sends bodies straight through.
-        let replay_cap = if self.budget().is_some() {
-            self.replay_cap
+        let replay_cap = if settings.budget().is_some() {
+            settings.replay_cap
         } else {
             0
         };
         // Always there, so that a deadline the caller sets (a
         // `CallDeadline`, a gRPC `grpc-timeout`) holds even when the client
         // sets none of its own; a call with neither arms no timer.
-        let deadline = self
+        let deadline = settings
             .deadline
             .map_or(DeadlineLayer::callers_only(), DeadlineLayer::new);
         // With attempt timeouts every attempt ends by the deadline, and the
         // retry layer pauses no further than it (hedges start only while
         // an attempt runs): the deadline needs no timer of its own, and a
         // call arms one per attempt instead of two.
-        let deadline = match self.attempt_timeout {
+        let deadline = match settings.attempt_timeout {
             Some(_) => deadline.enforced_by_attempts(),
             None => deadline,
         };
@@ -423,7 +437,7 @@ impl CallSettings {
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))
             .service(inner);
-        finish.finish(stack)
+        self.finish.finish(stack)
     }
 }
 
