@@ -497,3 +497,43 @@ async fn a_connection_idle_for_less_than_the_timeout_is_reused() {
     }
     assert_eq!(connections.load(Ordering::SeqCst), 1);
 }
+
+/// The error of a call that must be refused.
+async fn refused(client: &HttpClient<Body>, id: &str) -> tower_lb::BoxError {
+    client
+        .clone()
+        .oneshot(get(id))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{id} was answered"))
+}
+
+#[tokio::test]
+async fn a_closed_client_refuses_new_calls_as_closed() {
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    assert_eq!(send(&client, get("before")).await.status(), 200);
+    client.close();
+    let error = refused(&client, "after").await;
+    assert!(
+        matches!(error.downcast_ref(), Some(tower_lb::Error::Closed)),
+        "{}",
+        tower_lb::error::report(&*error)
+    );
+    assert_eq!(servers[0].hits(), 1, "nothing was sent after closing");
+}
+
+#[tokio::test]
+async fn closing_a_clients_balancer_closes_the_client_too() {
+    let servers = start(vec![Behaviour::Answer]).await;
+    let client = HttpClient::builder().build(addrs(&servers));
+    client.balancer().close();
+    let error = refused(&client, "after").await;
+    assert!(
+        matches!(error.downcast_ref(), Some(tower_lb::Error::Closed)),
+        "{}",
+        tower_lb::error::report(&*error)
+    );
+    assert_eq!(client.calls_in_progress(), 0);
+    assert_eq!(servers[0].hits(), 0);
+}

@@ -15,9 +15,9 @@ use super::Safety;
 /// and the retry budgets that counted the call).
 ///
 /// It is one value in the request, made by the outermost layer that needs
-/// it: the [`Deadline`](crate::timeout::Deadline) layer or
-/// [`GrpcTimeoutLayer`](crate::grpc::GrpcTimeoutLayer) when they set a
-/// deadline, else the retry or hedge layer. The layers beneath read it
+/// it: the [`Deadline`](crate::timeout::Deadline) layer when it sets a
+/// deadline (or gRPC's `grpc-timeout` and method-safety layers), else the
+/// retry or hedge layer. The layers beneath read it
 /// rather than work anything out again: the retry and hedge layers take
 /// the safety class the first of them found and count the call in the budget
 /// once; the per-attempt timeout and the retry layer end by its deadline;
