@@ -564,7 +564,7 @@ mod http {
             if !success {
                 if let Some(deadline) = self.told {
                     let deadline_exceeded = status
-                        .and_then(|headers| headers.get("grpc-status"))
+                        .and_then(|headers| headers.get(&super::GRPC_STATUS))
                         .and_then(super::grpc_code)
                         == Some(GRPC_DEADLINE_EXCEEDED);
                     if deadline_exceeded && nearly_out(&deadline) {

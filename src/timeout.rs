@@ -39,7 +39,7 @@ use tokio::time::Sleep;
 use tower::{Layer, Service};
 
 use crate::error::BoxError;
-use crate::request::{context_mut, HasCallContext};
+use crate::request::HasCallContext;
 
 pub use crate::request::CallDeadline;
 
@@ -284,8 +284,9 @@ impl<S> Layer<S> for DeadlineLayer {
 ///
 /// Each request gets a [`CallDeadline`] in its
 /// [`CallContext`](crate::request::CallContext), `budget` from now; if it
-/// already carries an earlier one (the caller's own), that one stands. When it passes, the call fails with [`Elapsed`]
-/// ([`Timer::Deadline`]) and whatever attempt is running is cancelled.
+/// already carries an earlier one (the caller's own), that one stands.
+/// When it passes, the call fails with [`Elapsed`] ([`Timer::Deadline`])
+/// and whatever attempt is running is cancelled.
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
@@ -311,12 +312,13 @@ where
         let deadline = match self.budget {
             // The call's context is made here, the outermost layer that
             // needs one, with the deadline in it.
-            Some(budget) => {
-                Some(context_mut(&mut req).tighten_deadline(CallDeadline::after(budget)))
-            }
+            Some(budget) => Some(
+                req.call_context_mut()
+                    .tighten_deadline(CallDeadline::after(budget)),
+            ),
             None => CallDeadline::of(&req),
         };
-        DeadlineFuture {
+        ResponseFuture {
             inner: self.inner.call(req),
             sleep: deadline
                 .filter(|_| self.timer)
@@ -328,98 +330,58 @@ where
     }
 }
 
+/// The future of [`Deadline`]: the inner future, or [`Elapsed`] when the
+/// call's deadline passes first.
+///
+/// Its timer is boxed: in the ready-made clients most calls arm none here
+/// (each attempt's timeout ends by the deadline, and gRPC calls without a
+/// `grpc-timeout` have no deadline at all), and this future sits inside
+/// every layer above it, each of which moves it once. A timer held inline
+/// would be 100-odd bytes copied that often for nothing; boxed, a call with
+/// a timer pays one allocation.
+pub type DeadlineFuture<F> = ResponseFuture<F, Pin<Box<Sleep>>>;
+
 pin_project! {
-    /// The future of [`Deadline`]: the inner future, or [`Elapsed`] when the
-    /// call's deadline passes first.
-    ///
-    /// Its timer is boxed: in the ready-made clients most calls arm none
-    /// here (each attempt's timeout ends by the deadline, and gRPC calls
-    /// without a `grpc-timeout` have no deadline at all), and this future
-    /// sits inside every layer above it, each of which moves it once. A
-    /// timer held inline would be 100-odd bytes copied that often for
-    /// nothing; boxed, a call with a timer pays one allocation.
-    pub struct DeadlineFuture<F> {
+    /// The future of [`Timeout`] (and, with its timer boxed, of
+    /// [`Deadline`]): the inner future, or [`Elapsed`] when the timer fires
+    /// first.
+    pub struct ResponseFuture<F, T = Sleep> {
         #[pin]
         inner: F,
-        sleep: Option<Pin<Box<Sleep>>>,
+        #[pin]
+        sleep: Option<T>,
         fired: Elapsed,
     }
 }
 
-impl<F> fmt::Debug for DeadlineFuture<F> {
+impl<F, T> fmt::Debug for ResponseFuture<F, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeadlineFuture")
+        f.debug_struct("ResponseFuture")
+            .field("timer", &self.fired.timer)
             .field("armed", &self.sleep.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl<F, T, E> Future for DeadlineFuture<F>
+impl<F, T, R, E> Future for ResponseFuture<F, T>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
+    T: Future<Output = ()>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<R, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let sleep = this.sleep.as_mut().map(Pin::as_mut);
-        poll_before(this.inner, sleep, this.fired, cx)
-    }
-}
-
-pin_project! {
-    /// The future of [`Timeout`]: the inner future, or [`Elapsed`] when the
-    /// timer fires first.
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        #[pin]
-        sleep: Option<Sleep>,
-        fired: Elapsed,
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("timer", &self.fired.timer)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        poll_before(this.inner, this.sleep.as_pin_mut(), this.fired, cx)
-    }
-}
-
-/// `inner`'s result, or `fired` once `sleep` (if any) is over. The inner
-/// future is polled first: an answer that is ready when the timer fires
-/// still counts.
-fn poll_before<F, T, E>(
-    inner: Pin<&mut F>,
-    sleep: Option<Pin<&mut Sleep>>,
-    fired: &Elapsed,
-    cx: &mut Context<'_>,
-) -> Poll<Result<T, BoxError>>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    if let Poll::Ready(result) = inner.poll(cx) {
-        return Poll::Ready(result.map_err(Into::into));
-    }
-    match sleep.map(|sleep| sleep.poll(cx)) {
-        Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*fired))),
-        Some(Poll::Pending) | None => Poll::Pending,
+        // The inner future first: an answer that is ready when the timer
+        // fires still counts.
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Box::new(*this.fired))),
+            Some(Poll::Pending) | None => Poll::Pending,
+        }
     }
 }
 

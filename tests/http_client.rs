@@ -528,6 +528,11 @@ async fn closing_a_clients_balancer_closes_the_client_too() {
     let servers = start(vec![Behaviour::Answer]).await;
     let client = HttpClient::builder().build(addrs(&servers));
     client.balancer().close();
+    // Closed as a client, not only as a balancer: it is ready, and refuses
+    // each call as closed (a generated gRPC client would turn a failed
+    // `poll_ready` into `UNKNOWN`).
+    let mut ready = client.clone();
+    assert!(ready.ready().await.is_ok(), "a closed client is ready");
     let error = refused(&client, "after").await;
     assert!(
         matches!(error.downcast_ref(), Some(tower_lb::Error::Closed)),

@@ -18,18 +18,27 @@ use crate::Error;
 /// the guard that counts it in flight.
 pub(crate) type Dispatched<K, S, Req> = (EndpointCall<S, Req>, InFlight<K, S>);
 
-/// The call to the picked endpoint's service.
-pub(crate) enum EndpointCall<S: Service<Req>, Req> {
-    /// The service was ready when asked (nearly always: a hyper-util
-    /// client or a tonic channel with room): its call, started.
-    Started(S::Future),
-    /// It was not: a `Oneshot` drives it to readiness, then calls it.
-    /// Boxed, because it is rare and holds the whole request, which would
-    /// otherwise make every call's future (moved by each layer above) the
-    /// request's size larger.
-    Readying(Pin<Box<Oneshot<S, Req>>>),
-    /// Its readiness failed.
-    Failed(S::Error),
+pin_project! {
+    /// The call to the picked endpoint's service.
+    #[project = EndpointCallProj]
+    pub(crate) enum EndpointCall<S, Req>
+    where
+        S: Service<Req>,
+    {
+        /// The service was ready when asked (nearly always: a hyper-util
+        /// client or a tonic channel with room): its call, started.
+        Started {
+            #[pin]
+            future: S::Future,
+        },
+        /// It was not: a `Oneshot` drives it to readiness, then calls it.
+        /// Boxed, because it is rare and holds the whole request, which would
+        /// otherwise make every call's future (moved by each layer above) the
+        /// request's size larger.
+        Readying { call: Pin<Box<Oneshot<S, Req>>> },
+        /// Its readiness failed.
+        NotReady { error: Option<S::Error> },
+    }
 }
 
 impl<S: Service<Req>, Req> EndpointCall<S, Req> {
@@ -39,9 +48,28 @@ impl<S: Service<Req>, Req> EndpointCall<S, Req> {
     pub(crate) fn start(mut service: S, req: Req) -> Self {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match service.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => Self::Started(service.call(req)),
-            Poll::Ready(Err(error)) => Self::Failed(error),
-            Poll::Pending => Self::Readying(Box::pin(Oneshot::new(service, req))),
+            Poll::Ready(Ok(())) => Self::Started {
+                future: service.call(req),
+            },
+            Poll::Ready(Err(error)) => Self::NotReady { error: Some(error) },
+            Poll::Pending => Self::Readying {
+                call: Box::pin(Oneshot::new(service, req)),
+            },
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Future for EndpointCall<S, Req> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            EndpointCallProj::Started { future } => future.poll(cx),
+            EndpointCallProj::Readying { call } => call.as_mut().poll(cx),
+            EndpointCallProj::NotReady { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                None => panic!("tower_lb::ResponseFuture polled after completion"),
+            },
         }
     }
 }
@@ -77,15 +105,7 @@ pin_project! {
         Waiting { wait: Waiting<K, S, Req> },
         Calling {
             #[pin]
-            future: S::Future,
-            guard: Option<InFlight<K, S>>,
-        },
-        Readying {
-            call: Pin<Box<Oneshot<S, Req>>>,
-            guard: Option<InFlight<K, S>>,
-        },
-        NotReady {
-            error: Option<S::Error>,
+            call: EndpointCall<S, Req>,
             guard: Option<InFlight<K, S>>,
         },
         Failed { error: Option<Error> },
@@ -98,7 +118,10 @@ where
 {
     pub(crate) fn dispatched((call, guard): Dispatched<K, S, Req>, classify: C) -> Self {
         Self {
-            state: State::calling(call, guard),
+            state: State::Calling {
+                call,
+                guard: Some(guard),
+            },
             classify,
         }
     }
@@ -135,84 +158,45 @@ where
                     Ok(dispatched) => dispatched,
                     Err(error) => return Poll::Ready(Err(error)),
                 },
-                StateProj::Calling { future, guard } => {
-                    let result = ready!(future.poll(cx));
-                    return Poll::Ready(complete(result, guard.take(), this.classify));
-                }
-                StateProj::Readying { call, guard } => {
-                    let result = ready!(call.as_mut().poll(cx));
-                    return Poll::Ready(complete(result, guard.take(), this.classify));
-                }
-                StateProj::NotReady { error, guard } => {
-                    let Some(error) = error.take() else {
+                StateProj::Calling { call, guard } => {
+                    let result = ready!(call.poll(cx));
+                    let Some(guard) = guard.take() else {
                         panic!("tower_lb::ResponseFuture polled after completion");
                     };
-                    return Poll::Ready(complete(Err(error), guard.take(), this.classify));
+                    let started = guard.started();
+                    let endpoint = guard.complete();
+                    return Poll::Ready(match result {
+                        Ok(response) => {
+                            let report = OutcomeReport::new(endpoint);
+                            Ok(this.classify.classify_response(response, report))
+                        }
+                        Err(source) => {
+                            let source: BoxError = source.into();
+                            match this.classify.classify_error(&*source) {
+                                Some(Outcome::Failure)
+                                    if crate::error::is_connection_lost(&*source) =>
+                                {
+                                    endpoint.record_connection_lost(started);
+                                }
+                                Some(outcome) => endpoint.record_outcome(outcome),
+                                None => {}
+                            }
+                            Err(Error::Endpoint {
+                                endpoint: format!("{:?}", endpoint.key()),
+                                source,
+                            })
+                        }
+                    });
                 }
                 StateProj::Failed { error } => match error.take() {
                     Some(error) => return Poll::Ready(Err(error)),
                     None => panic!("tower_lb::ResponseFuture polled after completion"),
                 },
             };
-            let (call, guard) = dispatched;
-            self.as_mut()
-                .project()
-                .state
-                .set(State::calling(call, guard));
-        }
-    }
-}
-
-impl<K, S: Service<Req>, Req> State<K, S, Req> {
-    fn calling(call: EndpointCall<S, Req>, guard: InFlight<K, S>) -> Self {
-        let guard = Some(guard);
-        match call {
-            EndpointCall::Started(future) => State::Calling { future, guard },
-            EndpointCall::Readying(call) => State::Readying { call, guard },
-            EndpointCall::Failed(error) => State::NotReady {
-                error: Some(error),
-                guard,
-            },
-        }
-    }
-}
-
-/// The endpoint's answer, or its error, classified and recorded against it
-/// (the guard, taken once, ends the request's time in flight).
-fn complete<K, S, Req, C>(
-    result: Result<S::Response, S::Error>,
-    guard: Option<InFlight<K, S>>,
-    classify: &mut C,
-) -> Result<C::Response, Error>
-where
-    K: fmt::Debug + Send + Sync + 'static,
-    S: Service<Req> + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    C: Classify<S::Response>,
-{
-    let Some(guard) = guard else {
-        panic!("tower_lb::ResponseFuture polled after completion");
-    };
-    let started = guard.started();
-    let endpoint = guard.complete();
-    match result {
-        Ok(response) => {
-            let report = OutcomeReport::new(endpoint);
-            Ok(classify.classify_response(response, report))
-        }
-        Err(source) => {
-            let source: BoxError = source.into();
-            match classify.classify_error(&*source) {
-                Some(Outcome::Failure) if crate::error::is_connection_lost(&*source) => {
-                    endpoint.record_connection_lost(started);
-                }
-                Some(outcome) => endpoint.record_outcome(outcome),
-                None => {}
-            }
-            Err(Error::Endpoint {
-                endpoint: format!("{:?}", endpoint.key()),
-                source,
-            })
+            self.as_mut().project().state.set(State::Calling {
+                call: dispatched.0,
+                guard: Some(dispatched.1),
+            });
         }
     }
 }
@@ -224,7 +208,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting for endpoints",
-            State::Calling { .. } | State::Readying { .. } | State::NotReady { .. } => "calling",
+            State::Calling { .. } => "calling",
             State::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")

@@ -7,11 +7,10 @@ use http::uri::{Authority, Scheme};
 use http_body::Body;
 use tonic::transport::Endpoint;
 use tower::discover::Discover;
+use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
-use super::{
-    BalancedClient, BalancerHandle, Calls, ClientBuilder, FinishStack, Hints, MapEndpoints,
-};
+use super::{BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
 use crate::error::BoxError;
@@ -182,12 +181,9 @@ where
             tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
                 response.map(|body| tonic::body::Body::new(StatusBody::new(body)))
             });
-        let finish = FinishGrpc {
-            method_safety,
-            balancer: BalancerHandle::new(balancer),
-            budget: self.calls.budget(),
-        };
-        self.calls.wrap(boxed_bodies, finish)
+        let handle = BalancerHandle::new(balancer);
+        self.calls
+            .wrap(boxed_bodies, handle, GrpcLayers { method_safety })
     }
 
     /// A channel over every address of a DNS name, re-resolved on the
@@ -220,29 +216,24 @@ where
     }
 }
 
-/// `GrpcChannel`'s own outer layers (errors as `Status`, the calls in
-/// progress, method safety, `grpc-timeout`) and its box.
-struct FinishGrpc<K> {
+/// `GrpcChannel`'s own outer layers: errors as `Status`, method safety,
+/// `grpc-timeout`.
+struct GrpcLayers {
     method_safety: MethodSafety,
-    balancer: BalancerHandle<K>,
-    budget: Option<crate::retry::RetryBudget>,
 }
 
-impl<K> FinishStack<Call, Reply> for FinishGrpc<K> {
-    type Output = GrpcChannel<K>;
-
-    fn finish<S>(self, stack: S) -> GrpcChannel<K>
+impl ProtocolLayers<Call, Reply> for GrpcLayers {
+    fn wrap<S>(self, stack: S) -> BoxCloneSyncService<Call, Reply, BoxError>
     where
         S: Service<Call, Response = Reply, Error = BoxError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        let calls = Calls::default();
-        let service = ServiceBuilder::new()
-            .map_err(|error| BoxError::from(status_from_error(error)))
-            .layer(calls.clone())
-            .layer(self.method_safety)
-            .layer(GrpcTimeoutLayer)
-            .service(stack);
-        BalancedClient::new(service, calls, self.balancer, self.budget)
+        BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .map_err(|error| BoxError::from(status_from_error(error)))
+                .layer(self.method_safety)
+                .layer(GrpcTimeoutLayer)
+                .service(stack),
+        )
     }
 }

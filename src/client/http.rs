@@ -12,10 +12,11 @@ use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tower::discover::Discover;
-use tower::{Layer, Service};
+use tower::util::BoxCloneSyncService;
+use tower::Service;
 
 use super::{
-    BalancedClient, BalancerHandle, Calls, ClientBuilder, FinishStack, Hints, MapEndpoints,
+    BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use crate::balance::{self, RequestHints, StaticWeights};
@@ -216,11 +217,9 @@ where
             })
         });
         let balancer = self.balancer.build(endpoints);
-        let finish = FinishHttp {
-            balancer: BalancerHandle::new(balancer.clone()),
-            budget: self.calls.budget(),
-        };
-        self.calls.wrap(ResponseBody::map(balancer), finish)
+        let handle = BalancerHandle::new(balancer.clone());
+        self.calls
+            .wrap(ResponseBody::map(balancer), handle, HttpLayers)
     }
 
     /// A client over every address of a DNS name (A/AAAA, or SRV),
@@ -253,16 +252,15 @@ where
     }
 }
 
-/// `HttpClient`'s own outer layer (the calls in progress) and its box.
-struct FinishHttp<K> {
-    balancer: BalancerHandle<K>,
-    budget: Option<crate::retry::RetryBudget>,
-}
+/// `HttpClient` has no layers of its own beyond the shared ones: the stack
+/// is only boxed.
+struct HttpLayers;
 
-impl<B, K> FinishStack<http::Request<B>, http::Response<ResponseBody>> for FinishHttp<K> {
-    type Output = HttpClient<B, K>;
-
-    fn finish<S>(self, stack: S) -> HttpClient<B, K>
+impl<B> ProtocolLayers<http::Request<B>, http::Response<ResponseBody>> for HttpLayers {
+    fn wrap<S>(
+        self,
+        stack: S,
+    ) -> BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, BoxError>
     where
         S: Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = BoxError>
             + Clone
@@ -271,8 +269,7 @@ impl<B, K> FinishStack<http::Request<B>, http::Response<ResponseBody>> for Finis
             + 'static,
         S::Future: Send + 'static,
     {
-        let calls = Calls::default();
-        BalancedClient::new(calls.layer(stack), calls, self.balancer, self.budget)
+        BoxCloneSyncService::new(stack)
     }
 }
 

@@ -74,6 +74,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::balance::{self, CallHints, StaticWeights};
@@ -307,16 +308,21 @@ impl CallSettings {
         (self.retry.is_some() || self.hedge.is_some()).then(|| self.budget.clone())
     }
 
-    /// Deadline -> replay -> retry -> hedge -> per-attempt timeout ->
-    /// `inner` (the balancer), handed to `finish` for the client's own
-    /// outer layers and its box.
+    /// The client: calls counted -> deadline -> replay -> retry -> hedge ->
+    /// per-attempt timeout -> `inner` (over `balancer`), under the
+    /// protocol's own outer layers.
     ///
     /// The parts that are off are left out of the type, not put in as
     /// `Either` or `Option` layers: an `Either`'s future is as large as its
     /// larger side, so an unused hedge layer made every call's future some
     /// 700 bytes larger, and every layer above moves that future once. Each
-    /// combination is its own type (eight in all), which `finish` boxes.
-    pub(crate) fn wrap<S, Body, Resp, F>(&self, inner: S, finish: F) -> F::Output
+    /// combination is its own type (eight in all), which `protocol` boxes.
+    pub(crate) fn wrap<S, Body, Resp, K, P>(
+        &self,
+        inner: S,
+        balancer: BalancerHandle<K>,
+        protocol: P,
+    ) -> Built<Body, Resp, K>
     where
         S: Service<::http::Request<ReplayBody<Body>>, Response = Resp>
             + Clone
@@ -329,11 +335,12 @@ impl CallSettings {
         ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
         Resp: Send + 'static,
         crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
-        F: FinishStack<::http::Request<Body>, Resp>,
+        P: ProtocolLayers<::http::Request<Body>, Resp>,
     {
         let stack = Stack {
             settings: self,
-            finish,
+            balancer,
+            protocol,
             _types: PhantomData,
         };
         let inner =
@@ -348,11 +355,15 @@ impl CallSettings {
 /// [`CallSettings::wrap`] under way: each step adds its layer, if it is on,
 /// and hands the stack to the next, so that every combination is a type of
 /// its own.
-struct Stack<'a, Body, Resp, F> {
+struct Stack<'a, Body, Resp, K, P> {
     settings: &'a CallSettings,
-    finish: F,
+    balancer: BalancerHandle<K>,
+    protocol: P,
     _types: PhantomData<fn(Body) -> Resp>,
 }
+
+/// What [`CallSettings::wrap`] builds.
+type Built<Body, Resp, K> = BalancedClient<::http::Request<Body>, Resp, K>;
 
 /// A stack of the client's layers so far, over requests with replayable
 /// bodies.
@@ -382,15 +393,15 @@ impl<S, Body, Resp> Layered<Body, Resp> for S where
 {
 }
 
-impl<Body, Resp, F> Stack<'_, Body, Resp, F>
+impl<Body, Resp, K, P> Stack<'_, Body, Resp, K, P>
 where
     Body: http_body::Body + Send + 'static,
     ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
     Resp: Send + 'static,
     crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
-    F: FinishStack<::http::Request<Body>, Resp>,
+    P: ProtocolLayers<::http::Request<Body>, Resp>,
 {
-    fn hedge(self, inner: impl Layered<Body, Resp>) -> F::Output {
+    fn hedge(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
         // Hedges draw on the budget set last, whether `retry_budget` came
         // before or after `hedging`.
         let settings = self.settings;
@@ -400,7 +411,7 @@ where
         }
     }
 
-    fn retry(self, inner: impl Layered<Body, Resp>) -> F::Output {
+    fn retry(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
         let settings = self.settings;
         match &settings.retry {
             Some(policy) => {
@@ -410,11 +421,12 @@ where
         }
     }
 
-    fn deadline(self, inner: impl Layered<Body, Resp>) -> F::Output {
+    fn deadline(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
         let settings = self.settings;
         // Nothing repeats a request without retries or hedges, so nothing
         // needs keeping: a cap of 0 sends bodies straight through.
-        let replay_cap = if settings.budget().is_some() {
+        let budget = settings.budget();
+        let replay_cap = if budget.is_some() {
             settings.replay_cap
         } else {
             0
@@ -433,22 +445,22 @@ where
             Some(_) => deadline.enforced_by_attempts(),
             None => deadline,
         };
+        let calls = Calls::default();
         let stack = ServiceBuilder::new()
+            .layer(calls.clone())
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))
             .service(inner);
-        self.finish.finish(stack)
+        let service = self.protocol.wrap(stack);
+        BalancedClient::new(service, calls, self.balancer, budget)
     }
 }
 
-/// What a ready-made client does with the stack [`CallSettings::wrap`]
-/// built: puts its own outer layers on it, and boxes it.
-pub(crate) trait FinishStack<Req, Resp> {
-    /// The client.
-    type Output;
-
-    /// The client over `stack`.
-    fn finish<S>(self, stack: S) -> Self::Output
+/// A ready-made client's own outer layers, put on the stack
+/// [`CallSettings::wrap`] built, and the box that gives it a name.
+pub(crate) trait ProtocolLayers<Req, Resp> {
+    /// `stack` under the protocol's layers, boxed.
+    fn wrap<S>(self, stack: S) -> BoxCloneSyncService<Req, Resp, BoxError>
     where
         S: Service<Req, Response = Resp, Error = BoxError> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static;

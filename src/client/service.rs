@@ -27,20 +27,16 @@ pub struct BalancedClient<Req, Resp, K> {
 }
 
 impl<Req, Resp, K> BalancedClient<Req, Resp, K> {
-    /// `service` (the whole stack, the outermost layer counting `calls`)
-    /// over `balancer`.
-    pub(crate) fn new<S>(
-        service: S,
+    /// `service` (the whole stack, with a layer counting `calls`) over
+    /// `balancer`.
+    pub(crate) fn new(
+        service: BoxCloneSyncService<Req, Resp, BoxError>,
         calls: Calls,
         balancer: BalancerHandle<K>,
         budget: Option<RetryBudget>,
-    ) -> Self
-    where
-        S: Service<Req, Response = Resp, Error = BoxError> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-    {
+    ) -> Self {
         Self {
-            service: BoxCloneSyncService::new(service),
+            service,
             // Closing the balancer through the handle closes the client
             // too: the client's own flag is the one its calls check.
             balancer: balancer.closing(calls.clone()),

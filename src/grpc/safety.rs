@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use crate::request::{context_mut, CallContext, HasCallContext, Safety};
+use crate::request::{CallContext, HasCallContext, Safety};
 
 /// Which gRPC methods may be sent twice: a [`Safety`] class per method or
 /// per service, given to each call by its path, and a [`Layer`] that does
@@ -106,7 +106,7 @@ where
             if let Some(safety) = self.table.of(req.uri().path()) {
                 // Into the call's context, which the retry and hedge layers
                 // beneath would make anyway: no allocation of its own.
-                context_mut(&mut req).set_safety(safety);
+                req.call_context_mut().set_safety(safety);
             }
         }
         self.inner.call(req)

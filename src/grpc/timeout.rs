@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use crate::request::{context_mut, CallDeadline};
+use crate::request::{CallDeadline, HasCallContext};
 
 /// The header's name as a constant: a lookup by it neither parses nor
 /// lowercases a string, and this runs on every call.
@@ -49,7 +49,8 @@ where
             .get(&GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
         if let Some(timeout) = timeout {
-            context_mut(&mut req).tighten_deadline(CallDeadline::after(timeout));
+            req.call_context_mut()
+                .tighten_deadline(CallDeadline::after(timeout));
         }
         self.inner.call(req)
     }

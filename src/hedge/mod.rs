@@ -297,13 +297,12 @@ where
         // request goes first either way: its header map has room to grow,
         // where a copy's is cloned full.
         let original = delay.and_then(|_| req.replay().ok());
-        let attempt = req;
         let timer = original.as_ref().and(delay).map(tokio::time::sleep);
         let now = Instant::now();
         ResponseFuture {
             // The service `poll_ready` readied takes the first attempt; a
             // clone, made ready in its turn, the hedge.
-            primary: Some(self.inner.call(attempt)),
+            primary: Some(self.inner.call(req)),
             primary_started: now,
             timer,
             hedge: None,

@@ -142,9 +142,12 @@ pub trait HasCallContext {
     /// The request's context, made empty if it has none yet.
     fn call_context_mut(&mut self) -> &mut CallContext;
 
-    /// A deadline the caller gave in a place of the request type's own,
-    /// taken into the context when the context is made. The default has
-    /// none; `http::Request` reads a [`CallDeadline`] from its extensions.
+    /// A deadline the caller gave outside the context, read by
+    /// [`CallDeadline::of`] while the request has no context yet. A type
+    /// that has one puts it into the context when
+    /// [`call_context_mut`](Self::call_context_mut) makes it. The default
+    /// has none; `http::Request` reads a [`CallDeadline`] from its
+    /// extensions.
     fn preset_deadline(&self) -> Option<CallDeadline> {
         None
     }
@@ -155,7 +158,17 @@ impl<B> HasCallContext for http::Request<B> {
         self.extensions().get::<CallContext>()
     }
 
+    /// The context, made with the [`CallDeadline`] the caller inserted into
+    /// the extensions, if any, so that the caller's deadline holds whoever
+    /// makes the context: a layer, or the caller through this method.
     fn call_context_mut(&mut self) -> &mut CallContext {
+        if self.extensions().get::<CallContext>().is_none() {
+            let deadline = self.preset_deadline();
+            self.extensions_mut().insert(CallContext {
+                deadline,
+                ..CallContext::default()
+            });
+        }
         self.extensions_mut().get_or_insert_default::<CallContext>()
     }
 
@@ -163,19 +176,6 @@ impl<B> HasCallContext for http::Request<B> {
     fn preset_deadline(&self) -> Option<CallDeadline> {
         self.extensions().get::<CallDeadline>().copied()
     }
-}
-
-/// The request's context, made (with the caller's preset deadline, if any)
-/// when it has none: how every layer of the crate reaches it, so that the
-/// preset deadline is read once per call.
-pub(crate) fn context_mut<R: HasCallContext>(req: &mut R) -> &mut CallContext {
-    if req.call_context().is_none() {
-        let preset = req.preset_deadline();
-        let context = req.call_context_mut();
-        context.deadline = preset;
-        return context;
-    }
-    req.call_context_mut()
 }
 
 /// The moment a call must be over.
@@ -358,7 +358,16 @@ mod tests {
         let mut req = http::Request::new(());
         req.extensions_mut().insert(preset);
         assert_eq!(CallDeadline::of(&req), Some(preset));
-        assert_eq!(context_mut(&mut req).deadline(), Some(preset));
+        assert_eq!(req.call_context_mut().deadline(), Some(preset));
+        assert_eq!(CallDeadline::of(&req), Some(preset));
+    }
+
+    #[test]
+    fn a_context_the_caller_makes_keeps_the_callers_preset_deadline() {
+        let preset = CallDeadline::after(Duration::from_secs(2));
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(preset);
+        req.call_context_mut().set_safety(Safety::Idempotent);
         assert_eq!(CallDeadline::of(&req), Some(preset));
     }
 

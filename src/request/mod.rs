@@ -11,7 +11,6 @@ mod context;
 
 pub use self::context::{CallContext, CallDeadline, HasCallContext, TriedEndpoints};
 
-pub(crate) use self::context::context_mut;
 #[cfg(feature = "http")]
 pub(crate) use self::context::far_future;
 
@@ -61,27 +60,33 @@ impl Safety {
         !matches!(self, Safety::Unsafe)
     }
 
-    /// The class of an HTTP request: an explicit [`Safety`] in its
-    /// extensions, else the class in its [`CallContext`] (given by a layer
-    /// such as the gRPC `MethodSafety`, or found by an
-    /// earlier layer), else by RFC 9110: GET, HEAD, OPTIONS and TRACE are safe;
-    /// PUT, DELETE and any request with an `Idempotency-Key` header are
-    /// idempotent; everything else is unsafe.
+    /// The class of an HTTP request: the class in its [`CallContext`] (set
+    /// by the caller, given by a layer such as the gRPC `MethodSafety`, or
+    /// found by an earlier layer and kept), else an explicit [`Safety`] in
+    /// its extensions, else by RFC 9110: GET, HEAD, OPTIONS and TRACE are
+    /// safe; PUT, DELETE and any request with an `Idempotency-Key` header are
+    /// idempotent; everything else is unsafe. The context comes first, as it
+    /// does for the retry and hedge layers, so that every layer of a call
+    /// sees one class.
     pub fn of_http<B>(req: &http::Request<B>) -> Safety {
-        if let Some(explicit) = req.extensions().get::<Safety>() {
-            return *explicit;
-        }
         if let Some(known) = req.call_context().and_then(CallContext::safety) {
             return known;
+        }
+        if let Some(explicit) = req.extensions().get::<Safety>() {
+            return *explicit;
         }
         match *req.method() {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => Safety::Safe,
             Method::PUT | Method::DELETE => Safety::Idempotent,
-            _ if req.headers().contains_key("idempotency-key") => Safety::Idempotent,
+            _ if req.headers().contains_key(&IDEMPOTENCY_KEY) => Safety::Idempotent,
             _ => Safety::Unsafe,
         }
     }
 }
+
+/// The header's name as a constant: a lookup by it neither parses nor
+/// lowercases a string, and every POST's class is looked up by it.
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
 impl fmt::Display for Safety {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -211,6 +216,14 @@ mod tests {
         req.headers_mut()
             .insert("idempotency-key", http::HeaderValue::from_static("k-1"));
         assert_eq!(Safety::of_http(&req), Safety::Idempotent);
+    }
+
+    #[test]
+    fn the_class_in_the_call_context_wins_over_the_extension_and_the_method() {
+        let mut req = request(Method::GET);
+        req.extensions_mut().insert(Safety::Safe);
+        req.call_context_mut().set_safety(Safety::Unsafe);
+        assert_eq!(Safety::of_http(&req), Safety::Unsafe);
     }
 
     #[test]

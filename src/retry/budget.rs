@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::request::{context_mut, CallContext, CallDeadline, Replayable, Safety};
+use crate::request::{CallContext, CallDeadline, Replayable, Safety};
 
 /// Buckets in the ring that makes up the window: each covers a tenth of it,
 /// so a deposit stops counting between 0.9 and 1.0 windows after it was
@@ -279,11 +279,13 @@ impl RetryBudget {
         &self,
         req: &mut Req,
     ) -> (Safety, Option<CallDeadline>) {
+        // The context's class wins (as in `Safety::of_http`): the caller's,
+        // or the one an outer layer found.
         let safety = match req.call_context().and_then(CallContext::safety) {
             Some(known) => known,
             None => req.safety(),
         };
-        let context = context_mut(req);
+        let context = req.call_context_mut();
         context.set_safety(safety);
         let deadline = context.deadline();
         if context

@@ -207,16 +207,15 @@ where
         // The caller's goes first because its header map has room to grow
         // (the endpoint may add `Host`, tonic its own headers), where a
         // copy's is cloned full and would have to grow.
-        let kept = match self.policy.max_attempts > 1 {
+        let original = match self.policy.max_attempts > 1 {
             true => req.replay().ok(),
             false => None,
         };
-        let (attempt, original) = (req, kept);
         // The first attempt goes to the service `poll_ready` readied; a
         // clone (made ready in its turn) serves the retries.
         ResponseFuture {
             state: State::First {
-                future: self.inner.call(attempt),
+                future: self.inner.call(req),
             },
             service: self.inner.clone(),
             original,
