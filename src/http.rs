@@ -47,13 +47,17 @@ use crate::error::{BoxError, RefusedByClient};
 
 /// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
 /// knowledge if you build your own) on the tokio runtime, ready to be shared
-/// by [`HttpEndpoint`]s.
+/// by [`HttpEndpoint`]s. Its connections send at once (`TCP_NODELAY`, as
+/// tonic's and Go's do): with Nagle's algorithm, hyper-util's default, an
+/// HTTP/2 request's body waits for the server's delayed ACK of its headers.
 pub fn client<B>() -> Client<HttpConnector, B>
 where
     B: Body + Send,
     B::Data: Send,
 {
-    Client::builder(TokioExecutor::new()).build_http()
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// One [`HttpEndpoint`] per address, keyed by the address, sharing `client`:
