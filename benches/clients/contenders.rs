@@ -78,11 +78,12 @@ pub enum Contender {
     GrpcRoundRobin,
     GrpcBalanceList,
     GrpcChannel,
+    GrpcHyperRoundRobin,
 }
 
 impl Contender {
     /// In the order of the table.
-    pub const ALL: [Contender; 12] = [
+    pub const ALL: [Contender; 13] = [
         Contender::Http1RawOne,
         Contender::Http1RawRoundRobin,
         Contender::Http1TowerP2c,
@@ -95,6 +96,7 @@ impl Contender {
         Contender::GrpcRoundRobin,
         Contender::GrpcBalanceList,
         Contender::GrpcChannel,
+        Contender::GrpcHyperRoundRobin,
     ];
 
     /// A short name, for `CLIENTS_BENCH_ONLY` and the progress lines.
@@ -112,6 +114,7 @@ impl Contender {
             Contender::GrpcRoundRobin => "grpc-raw-rr",
             Contender::GrpcBalanceList => "grpc-balance-list",
             Contender::GrpcChannel => "grpc-channel",
+            Contender::GrpcHyperRoundRobin => "grpc-hyper-rr",
         }
     }
 
@@ -132,6 +135,9 @@ impl Contender {
             Contender::GrpcRoundRobin => "4 tonic `Channel`s, round robin by hand",
             Contender::GrpcBalanceList => "tonic `Channel::balance_list`",
             Contender::GrpcChannel => "tower-lb `GrpcChannel`, defaults",
+            Contender::GrpcHyperRoundRobin => {
+                "hyper-util h2 `Client` under a tonic client, round robin by hand"
+            }
         }
     }
 
@@ -148,7 +154,8 @@ impl Contender {
             Contender::GrpcOneChannel
             | Contender::GrpcRoundRobin
             | Contender::GrpcBalanceList
-            | Contender::GrpcChannel => Protocol::Grpc,
+            | Contender::GrpcChannel
+            | Contender::GrpcHyperRoundRobin => Protocol::Grpc,
         }
     }
 
@@ -230,6 +237,25 @@ impl Contender {
             Contender::GrpcChannel => {
                 let channel = GrpcChannel::builder().build(ports.grpc.iter().copied());
                 drive(Grpc::<GrpcChannel>::new(vec![channel]), tasks, mode, server).await
+            }
+            Contender::GrpcHyperRoundRobin => {
+                // Without TCP_NODELAY (hyper-util's default) a call's
+                // frames wait on Nagle and the server's delayed ACK: 40 ms.
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                let service = HyperGrpc {
+                    client: Client::builder(TokioExecutor::new())
+                        .http2_only(true)
+                        .build(connector),
+                    origins: ports
+                        .grpc
+                        .iter()
+                        .map(|a| origin(*a))
+                        .collect::<Vec<_>>()
+                        .into(),
+                    next: Arc::default(),
+                };
+                drive(Grpc::<HyperGrpc>::new(vec![service]), tasks, mode, server).await
             }
         }
     }
@@ -398,6 +424,38 @@ fn tower_p2c(addrs: &[SocketAddr]) -> impl Caller {
     ThroughService::new(buffer)
 }
 
+/// hyper-util's HTTP/2 client as a gRPC transport, taking the servers in
+/// turn: a tonic client with no `Channel` (no `Buffer`) under it.
+#[derive(Clone)]
+struct HyperGrpc {
+    client: Client<HttpConnector, tonic::body::Body>,
+    origins: Arc<[Uri]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Service<Request<tonic::body::Body>> for HyperGrpc {
+    type Response = Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.origins.len();
+        let mut parts = self.origins[turn].clone().into_parts();
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        self.client.request(request)
+    }
+}
+
 /// `http://addr` as a tonic `Endpoint`, with tonic's defaults.
 fn tonic_endpoint(addr: SocketAddr) -> Result<Endpoint, BoxError> {
     Endpoint::from_shared(format!("http://{addr}"))
@@ -458,6 +516,7 @@ macro_rules! grpc_caller {
     };
 }
 
+grpc_caller!(HyperGrpc);
 grpc_caller!(Channel);
 grpc_caller!(GrpcChannel);
 
