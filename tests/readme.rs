@@ -1,0 +1,368 @@
+//! Every Rust snippet of the README, compiled, so that none can rot.
+//!
+//! Each snippet sits below between a `// README begin` and a `// README end`
+//! line, inside an `async fn` that returns a `Result` (so `.await` and `?`
+//! work as they do in a user's `main`). The test at the bottom reads the
+//! README and checks that its Rust blocks and these snippets are the same
+//! text, one for one: a snippet changed on one side only fails it.
+//!
+//! The snippets are compiled, not run: they talk to servers at fixed
+//! addresses, as a user's code would. The examples (`cargo run --example
+//! quickstart`, `hyper_client`, `tonic_channel`, `dns`) run the same calls
+//! against real servers, and the integration tests prove each behaviour.
+
+// The functions are never called (see above), and a snippet may show a value
+// it then leaves alone (`let answer = ...`) to say what a call returns.
+#![allow(dead_code, unused_variables)]
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn any_tower_service() -> Result<(), BoxError> {
+    // README begin
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_lb::{discover, strategy::P2c, Balancer};
+
+    let (discovery, stream) = discover::channel();
+    for port in [8080, 8081, 8082] {
+        let endpoint = service_fn(move |req: String| async move {
+            Ok::<_, Infallible>(format!("{port} answered {req}"))
+        });
+        discovery.insert(port, endpoint)?;
+    }
+
+    let balancer = Balancer::builder()
+        .strategy(P2c::least_requests()) // default: P2c::peak_ewma()
+        .startup_wait(Duration::from_secs(2)) // default: 5 s
+        .build(stream); // spawns the driver task
+
+    let client = ServiceBuilder::new()
+        .concurrency_limit(64)
+        .service(balancer.clone());
+    let answer = client.oneshot("ping".to_string()).await?;
+
+    discovery.remove(8081)?; // 8081 drains: no new requests, in-flight ones finish
+    for endpoint in balancer.endpoints() {
+        // key, state, in flight, latency, requests, successes, failures, ejections
+        println!("{endpoint:?}");
+    }
+    balancer.shutdown(Duration::from_secs(5)).await?; // refuse new requests, wait for in-flight ones
+                                                      // README end
+    Ok(())
+}
+
+async fn hyper_endpoints() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower::ServiceExt;
+    use tower_lb::{discover, http as lb_http, Balancer};
+
+    let client = lb_http::client::<Empty<Bytes>>(); // one hyper-util Client, shared
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+    let balancer = Balancer::builder().build(discover::fixed(lb_http::endpoints(&client, addrs)));
+
+    let response = balancer
+        .oneshot(http::Request::get("/hello").body(Empty::new())?)
+        .await?;
+    // README end
+    Ok(())
+}
+
+async fn http_client() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower::ServiceExt;
+    use tower_lb::client::HttpClient;
+
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+    let client = HttpClient::builder().build::<Full<Bytes>>(addrs); // or .build_dns(Dns::host("api.internal", 8080))?
+    let response = client
+        .clone()
+        .oneshot(http::Request::get("/users/7").body(Full::new(Bytes::new()))?)
+        .await?;
+
+    client.balancer().endpoints(); // per-endpoint stats: state (active / ejected / draining), requests, latency
+    client.retry_stats(); // requests, retries, hedges, refusals, amplification
+    client.shutdown(Duration::from_secs(5)).await?; // refuse new calls, let calls in progress finish, retries included
+                                                    // README end
+    Ok(())
+}
+
+async fn grpc_channel() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tower_lb::client::GrpcChannel;
+    use tower_lb::grpc::MethodSafety;
+    use tower_lb::request::Safety;
+
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:50051".parse()?, "127.0.0.1:50052".parse()?];
+    let channel = GrpcChannel::builder()
+        .method_safety(MethodSafety::new().service("grpc.health.v1.Health", Safety::Safe))
+        .configure_endpoint(|e| Ok(e.http2_keep_alive_interval(Duration::from_secs(30)))) // any tonic Endpoint setting
+        .build(addrs); // or .build_dns(Dns::srv("_grpc._tcp.orders.internal"))?
+    let mut client = HealthClient::new(channel.clone());
+    let reply = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    // README end
+    Ok(())
+}
+
+async fn outlier_detection() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::classify::HttpClassify;
+    use tower_lb::health::{OutlierDetection, SuccessRate};
+    use tower_lb::{discover, http as lb_http, Balancer};
+
+    let client = lb_http::client::<Empty<Bytes>>();
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+    let balancer = Balancer::builder()
+        .classify(HttpClassify::server_errors()) // 5xx and errors are failures; 4xx are not
+        .outlier_detection(
+            OutlierDetection::new() // Envoy's defaults
+                .consecutive_failures(Some(5)) // eject after 5 in a row (the default)
+                .success_rate(Some(SuccessRate::new())) // mean - 1.9 x stdev, >= 5 hosts x 100 requests
+                .base_ejection_time(Duration::from_secs(30))
+                .max_ejection_percent(10),
+        )
+        .panic_threshold(50) // below 50 % in service, use everything
+        .build(discover::fixed(lb_http::endpoints(&client, addrs)));
+    // README end
+    Ok(())
+}
+
+async fn timeouts_retries_and_hedging() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_lb::classify::HttpClassify;
+    use tower_lb::health::OutlierDetection;
+    use tower_lb::hedge::HedgeLayer;
+    use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
+    use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
+    use tower_lb::{discover, http as lb_http, Balancer};
+
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+    let http = lb_http::client::<ReplayBody<Full<Bytes>>>(); // bodies the retry layer can replay
+    let balancer = Balancer::builder()
+        .classify(HttpClassify::server_errors())
+        .outlier_detection(OutlierDetection::new())
+        .avoid_tried_endpoints() // a retry or hedge goes to an endpoint the call has not tried, and takes no round-robin turn
+        .build(discover::fixed(lb_http::endpoints(&http, addrs)));
+
+    let budget = RetryBudget::new(); // 20 % of recent requests + 10/s, shared by every clone
+    let client = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(2))) // the whole call, every attempt and pause
+        .layer(ReplayLayer::default()) // buffer bodies as they are sent, up to 64 KiB
+        .layer(RetryLayer::new(RetryPolicy::new(), budget.clone())) // 3 attempts, 25 ms doubling to 250 ms, ±20 %
+        .layer(HedgeLayer::new(budget.clone())) // after p95 of recent calls, at least 10 ms
+        .layer(TimeoutLayer::new(Duration::from_millis(500))) // each attempt
+        .service(balancer);
+
+    let response = client
+        .oneshot(http::Request::get("/orders/7").body(Full::default())?)
+        .await?;
+    println!("{:?}", budget.stats()); // requests, retries, hedges, refused; amplification()
+                                      // README end
+    Ok(())
+}
+
+async fn weighted_round_robin() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::classify::HttpClassify;
+    use tower_lb::http::{self as lb_http, HttpEndpoint};
+    use tower_lb::load::OrcaLoadReports;
+    use tower_lb::strategy::WeightedRoundRobin;
+    use tower_lb::{discover, Balancer};
+
+    let client = lb_http::client::<Empty<Bytes>>();
+    let weighted: [(SocketAddr, u32); 2] =
+        [("10.0.0.1:8080".parse()?, 3), ("10.0.0.2:8080".parse()?, 1)];
+    let endpoints = weighted.map(|key| (key, HttpEndpoint::new(client.clone(), key.0)));
+
+    let balancer = Balancer::builder()
+        .strategy(WeightedRoundRobin::new()) // gRPC A58 defaults
+        .classify(HttpClassify::server_errors().load_reports(OrcaLoadReports)) // read endpoint-load-metrics
+        .static_weights(|&(_, weight): &(SocketAddr, u32)| f64::from(weight)) // until reports come in
+        .build(discover::fixed(endpoints));
+    // README end
+    Ok(())
+}
+
+async fn dns_discovery() -> Result<(), BoxError> {
+    // README begin
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::discover::{Dns, DnsEndpoint};
+    use tower_lb::http::{self as lb_http, HttpEndpoint};
+    use tower_lb::strategy::WeightedRoundRobin;
+    use tower_lb::Balancer;
+
+    let client = lb_http::client::<Empty<Bytes>>();
+
+    // A and AAAA records of a name, at one port (a Kubernetes headless service):
+    let http = client.clone();
+    let (discover, refresh) = Dns::host("api.default.svc.cluster.local", 8080)
+        .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
+        .build(move |addr| HttpEndpoint::new(http.clone(), addr))?;
+
+    // Or SRV records (Consul: _api._tcp.service.consul), weighted by the records:
+    let http = client.clone();
+    let (discover, refresh) = Dns::srv("_api._tcp.service.consul")
+        .name_servers(["127.0.0.1:8600".parse()?])
+        .build(move |addr| HttpEndpoint::new(http.clone(), addr))?;
+    let balancer = Balancer::builder()
+        .strategy(WeightedRoundRobin::new())
+        .static_weights(DnsEndpoint::static_weight)
+        .build(discover);
+
+    refresh.resolve_now(); // a deploy just finished: look again now
+                           // README end
+    Ok(())
+}
+
+/// The README's Rust blocks, each without its fences.
+fn readme_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_else(|e| panic!("cannot read README.md: {e}"));
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in readme.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```rust") => current = Some(Vec::new()),
+            (Some(lines), "```") => {
+                blocks.push(lines.join("\n"));
+                current = None;
+            }
+            (Some(lines), _) => lines.push(line),
+            (None, _) => {}
+        }
+    }
+    assert!(
+        current.is_none(),
+        "a ```rust block in the README is not closed"
+    );
+    blocks
+}
+
+/// The snippets of this file, each without the indent it has here.
+fn snippets() -> Vec<String> {
+    let source = include_str!("readme.rs");
+    let mut snippets = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in source.lines() {
+        match (&mut current, line.trim()) {
+            (None, "// README begin") => current = Some(Vec::new()),
+            (Some(lines), "// README end") => {
+                snippets.push(dedent(lines));
+                current = None;
+            }
+            (Some(lines), _) => lines.push(line),
+            (None, _) => {}
+        }
+    }
+    snippets
+}
+
+/// `lines` without the whitespace they all start with.
+fn dedent(lines: &[&str]) -> String {
+    let indent = lines
+        .iter()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| line.len() - line.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    lines
+        .iter()
+        .map(|line| line.get(indent..).unwrap_or("").trim_end())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_rust_block_of_the_readme_is_a_compiled_snippet_and_the_other_way_round() {
+    let blocks = readme_blocks();
+    let snippets = snippets();
+    assert!(!blocks.is_empty(), "no ```rust block found in the README");
+    for (i, block) in blocks.iter().enumerate() {
+        assert!(
+            snippets.contains(block),
+            "README Rust block {} is not a snippet of tests/readme.rs (copy it there, \
+             or copy the snippet's new text to the README):\n{block}",
+            i + 1
+        );
+    }
+    for snippet in &snippets {
+        assert!(
+            blocks.contains(snippet),
+            "this snippet of tests/readme.rs is not in the README:\n{snippet}"
+        );
+    }
+}
+
+/// The `[dependencies]` lines of a manifest, but tower-lb's own (the README
+/// names a version, the downstream crate a path).
+fn dependency_lines(manifest: &str) -> Vec<&str> {
+    manifest
+        .lines()
+        .skip_while(|line| line.trim() != "[dependencies]")
+        .skip(1)
+        .take_while(|line| !line.trim_start().starts_with('['))
+        .filter(|line| !line.trim().is_empty() && !line.starts_with("tower-lb"))
+        .collect()
+}
+
+#[test]
+fn the_crate_ci_builds_on_the_minimum_rust_has_the_readmes_install_lines() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_else(|e| panic!("cannot read README.md: {e}"));
+    let install = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("the README has no ```toml install block"));
+    let downstream = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/ci/downstream/Cargo.toml"
+    ))
+    .unwrap_or_else(|e| panic!("cannot read ci/downstream/Cargo.toml: {e}"));
+    assert!(
+        install.lines().any(|line| line.starts_with("tower-lb = ")),
+        "the install block does not name tower-lb:\n{install}"
+    );
+    assert_eq!(
+        dependency_lines(install),
+        dependency_lines(&downstream),
+        "the README's install lines and ci/downstream/Cargo.toml differ"
+    );
+}
