@@ -45,6 +45,21 @@
 //! or times out is not an answer: requests keep waiting, and a name that had
 //! records keeps them; after an empty answer, the last answer stands, so
 //! requests keep failing at once until a later answer has records.
+//!
+#![cfg_attr(
+    feature = "dns",
+    doc = "
+[`Dns`]: Dns
+[`Dns::apply_empty_answers`]: Dns::apply_empty_answers
+"
+)]
+#![cfg_attr(
+    not(feature = "dns"),
+    doc = "
+[`Dns`]: crate#cargo-features
+[`Dns::apply_empty_answers`]: crate#cargo-features
+"
+)]
 
 mod channel;
 #[cfg(feature = "dns")]
