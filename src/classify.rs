@@ -235,6 +235,7 @@ impl<Resp> Classify<Resp> for ErrorsAsFailures {
 }
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::{ClassifiedBody, GrpcClassifier, GrpcClassifyEos, HttpClassify};
 
 #[cfg(feature = "http")]

@@ -65,6 +65,7 @@ mod http;
 mod service;
 
 #[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub use self::grpc::{DefaultGrpcClassify, Grpc, GrpcChannel};
 pub use self::handle::BalancerHandle;
 pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};

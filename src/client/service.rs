@@ -112,6 +112,7 @@ impl<Req, Resp, K> BalancedClient<Req, Resp, K> {
     /// [`build_dns`](super::ClientBuilder::build_dns): a handle that asks for
     /// a resolution now.
     #[cfg(feature = "dns")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
     pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
         self.resolve_now.as_ref()
     }

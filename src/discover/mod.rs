@@ -68,6 +68,7 @@ mod fixed;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
 pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, DnsRecords, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
 pub use crate::error::Empty;
