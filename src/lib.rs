@@ -4,8 +4,10 @@
 //! discovery stream ([`tower::discover::Discover`]) provides. It is a cheap
 //! `Clone` handle: many tasks pick through it at once with no lock and no
 //! `Buffer`. Strategies ([`strategy`]) decide which endpoint gets each request:
-//! round robin, and power of two choices by requests in flight or by Peak-EWMA
-//! latency.
+//! round robin; weighted round robin by the load that endpoints report about
+//! themselves (ORCA, as in gRPC's A58), or by static weights from discovery
+//! until reports come in; and power of two choices by requests in flight or
+//! by Peak-EWMA latency.
 //!
 //! ```
 //! use std::convert::Infallible;

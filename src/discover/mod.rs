@@ -1,7 +1,7 @@
 //! Sources of endpoints.
 //!
 //! The balancer consumes any [`tower::discover::Discover`], that is any
-//! `TryStream<Ok = Change<K, S>>`. This module adds two ready-made ones:
+//! `TryStream<Ok = Change<K, S>>`. This module adds three ready-made ones:
 //!
 //! - [`fixed`]: a list known up front;
 //! - [`channel`]: a handle your code pushes changes through (insert, remove,
