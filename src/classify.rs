@@ -39,6 +39,28 @@
 //!     }
 //! }
 //! ```
+//!
+#![cfg_attr(
+    feature = "http",
+    doc = "
+[`HttpClassify`]: HttpClassify
+[`HttpClassify::server_errors`]: HttpClassify::server_errors
+[`HttpClassify::grpc`]: HttpClassify::grpc
+[`tower_http::classify`]: tower_http::classify
+"
+)]
+#![cfg_attr(
+    not(feature = "http"),
+    doc = "
+[`HttpClassify`]: crate#cargo-features
+[`HttpClassify::server_errors`]: crate#cargo-features
+[`HttpClassify::grpc`]: crate#cargo-features
+"
+)]
+#![cfg_attr(
+    not(feature = "http"),
+    doc = "[`tower_http::classify`]: https://docs.rs/tower-http/0.7/tower_http/classify/index.html"
+)]
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -213,6 +235,7 @@ impl<Resp> Classify<Resp> for ErrorsAsFailures {
 }
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::{ClassifiedBody, GrpcClassifier, GrpcClassifyEos, HttpClassify};
 
 #[cfg(feature = "http")]

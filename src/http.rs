@@ -1,5 +1,5 @@
 //! Glue for HTTP with hyper: a per-endpoint service over one shared
-//! hyper-util [`Client`].
+//! hyper-util [`Client`][hyper-util Client].
 //!
 //! [`HttpEndpoint`] sends an [`http::Request`] through the shared client to
 //! one endpoint's address: it rewrites the request's scheme and authority and
@@ -25,6 +25,8 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 
 use std::fmt;
 use std::future::Future;
@@ -73,7 +75,10 @@ where
         .collect()
 }
 
-/// Sends requests through a shared hyper-util [`Client`] to one endpoint.
+/// Sends requests through a shared hyper-util [`Client`][hyper-util Client]
+/// to one endpoint.
+///
+/// [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 pub struct HttpEndpoint<B, C = HttpConnector> {
     /// Shared by the endpoint's clones: the balancer clones an endpoint's
     /// service for every request it sends there, and a hyper-util `Client`

@@ -4,8 +4,10 @@
 //! discovery stream ([`tower::discover::Discover`]) provides. It is a cheap
 //! `Clone` handle: many tasks pick through it at once with no lock and no
 //! `Buffer`. Strategies ([`strategy`]) decide which endpoint gets each request:
-//! round robin, and power of two choices by requests in flight or by Peak-EWMA
-//! latency.
+//! round robin; weighted round robin by the load that endpoints report about
+//! themselves (ORCA, as in gRPC's A58), or by static weights from discovery
+//! until reports come in; and power of two choices by requests in flight or
+//! by Peak-EWMA latency.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -42,13 +44,69 @@
 //! Endpoints come from any discovery stream, or from [`discover`]'s fixed
 //! list, push channel or DNS.
 //!
-//! Or all of it at once: [`client::HttpClient`] goes from a list of
-//! addresses or a DNS name to the whole stack with sensible defaults, every
-//! part replaceable, and [`client::GrpcChannel`] does the same with one tonic
-//! channel per endpoint, for generated gRPC clients.
+//! Or all of it at once: [`client::HttpClient`] (feature `http`) goes from a
+//! list of addresses or a DNS name to the whole stack with sensible
+//! defaults, every part replaceable, and [`client::GrpcChannel`] (feature
+//! `grpc`) does the same with one tonic channel per endpoint, for generated
+//! gRPC clients.
 //!
-//! See the README for the design, the benchmarks and the feature table.
-
+//! ## Cargo features
+//!
+//! | feature | default | enables | pulls in |
+//! |---|---|---|---|
+//! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client), [`client`] ([`client::HttpClient`]), and [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`) | `hyper`, `hyper-util`, `tower-http`, `h2` |
+//! | `dns` | yes | [`discover::Dns`]: A/AAAA or SRV records, re-resolved when their TTL runs out; with `http`, the clients' `build_dns` and `resolve_now` | `hickory-resolver` |
+//! | `grpc` | yes | [`grpc`] and [`client::GrpcChannel`]: one tonic `Channel` per endpoint, balanced, for generated clients; turns on `http` | `tonic` (its `channel` feature), and all of `http`'s |
+//!
+//! With none of them (`default-features = false`) the crate still has the
+//! balancer and every strategy, the fixed list and push channel discovery,
+//! outlier detection and slow start, the ORCA load report parsers, and the
+//! timeout, retry and hedge layers, for `http::Request`s or any request type
+//! that implements [`Replayable`](request::Replayable). The `http` and
+//! `http-body` crates stay dependencies even then: those layers know
+//! `http::Request`, whatever sends it.
+//!
+//! See the README for the design, the benchmarks and the status of each
+//! part.
+//!
+// Links to items behind a feature: to the item when the feature is on,
+// to the table above when it is off, so that rustdoc finds no broken link
+// in any feature set.
+#![cfg_attr(
+    feature = "http",
+    doc = "
+[`http`]: crate::http
+[`client`]: crate::client
+[`client::HttpClient`]: crate::client::HttpClient
+[`classify::HttpClassify`]: crate::classify::HttpClassify
+"
+)]
+#![cfg_attr(feature = "dns", doc = "[`discover::Dns`]: crate::discover::Dns")]
+#![cfg_attr(
+    feature = "grpc",
+    doc = "
+[`grpc`]: crate::grpc
+[`client::GrpcChannel`]: crate::client::GrpcChannel
+"
+)]
+#![cfg_attr(
+    not(feature = "http"),
+    doc = "
+[`http`]: #cargo-features
+[`client`]: #cargo-features
+[`client::HttpClient`]: #cargo-features
+[`classify::HttpClassify`]: #cargo-features
+"
+)]
+#![cfg_attr(not(feature = "dns"), doc = "[`discover::Dns`]: #cargo-features")]
+#![cfg_attr(
+    not(feature = "grpc"),
+    doc = "
+[`grpc`]: #cargo-features
+[`client::GrpcChannel`]: #cargo-features
+"
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
@@ -57,14 +115,17 @@ mod capacity;
 mod cause;
 pub mod classify;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod client;
 pub mod discover;
 pub mod error;
 #[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
 pub mod health;
 pub mod hedge;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod load;
 pub mod request;

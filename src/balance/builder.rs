@@ -125,8 +125,23 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
 
     /// What counts as a failure of an endpoint (see [`crate::classify`]).
     /// Default [`ErrorsAsFailures`]; for HTTP use
-    /// [`HttpClassify::server_errors`](crate::classify::HttpClassify::server_errors)
-    /// or [`HttpClassify::grpc`](crate::classify::HttpClassify::grpc).
+    /// [`HttpClassify::server_errors`] or [`HttpClassify::grpc`] (feature
+    /// `http`).
+    ///
+    #[cfg_attr(
+        feature = "http",
+        doc = "
+[`HttpClassify::server_errors`]: crate::classify::HttpClassify::server_errors
+[`HttpClassify::grpc`]: crate::classify::HttpClassify::grpc
+"
+    )]
+    #[cfg_attr(
+        not(feature = "http"),
+        doc = "
+[`HttpClassify::server_errors`]: crate#cargo-features
+[`HttpClassify::grpc`]: crate#cargo-features
+"
+    )]
     pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W> {
         Builder {
             strategy: self.strategy,

@@ -96,10 +96,24 @@ impl<B> ClientBuilder<Grpc, B> {
 
     /// The `:authority` of every call: the service's name rather than each
     /// endpoint's address, for virtual hosts and sidecars that route by it.
-    /// [`build_dns`](ClientBuilder::build_dns) with
-    /// [`Dns::host`](crate::discover::Dns::host) sets it to the name and port
-    /// looked up, unless given here. (The TLS server name is the
+    /// [`build_dns`] with [`Dns::host`] (feature `dns`) sets it to the name
+    /// and port looked up, unless given here. (The TLS server name is the
     /// `tls_config`'s `domain_name`.)
+    ///
+    #[cfg_attr(
+        feature = "dns",
+        doc = "
+[`build_dns`]: ClientBuilder::build_dns
+[`Dns::host`]: crate::discover::Dns::host
+"
+    )]
+    #[cfg_attr(
+        not(feature = "dns"),
+        doc = "
+[`build_dns`]: crate#cargo-features
+[`Dns::host`]: crate#cargo-features
+"
+    )]
     pub fn authority(mut self, authority: Authority) -> Self {
         self.target.authority = Some(authority);
         self
@@ -198,6 +212,7 @@ where
     ///
     /// Outside a tokio runtime.
     #[cfg(feature = "dns")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
     pub fn build_dns(
         self,
         dns: crate::discover::Dns,

@@ -243,6 +243,7 @@ where
     ///
     /// Outside a tokio runtime.
     #[cfg(feature = "dns")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
     pub fn build_dns<B>(
         self,
         dns: crate::discover::Dns,

@@ -52,6 +52,9 @@
 //! allocation per call for the boxed future (about 130 ns in
 //! `benches/layers.rs`), and for `HttpClient` one per response for the boxed
 //! body; counting calls for a graceful shutdown adds two atomic operations.
+//!
+#![cfg_attr(feature = "grpc", doc = "[`GrpcChannel`]: GrpcChannel")]
+#![cfg_attr(not(feature = "grpc"), doc = "[`GrpcChannel`]: crate#cargo-features")]
 
 mod calls;
 mod discover;
@@ -62,6 +65,7 @@ mod http;
 mod service;
 
 #[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub use self::grpc::{DefaultGrpcClassify, Grpc, GrpcChannel};
 pub use self::handle::BalancerHandle;
 pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};
@@ -111,11 +115,20 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Configures a ready-made client: [`HttpClient::builder`] or
-/// [`GrpcChannel::builder`](GrpcChannel::builder).
+/// [`GrpcChannel::builder`] (feature `grpc`).
 ///
 /// `T` is what it builds (its protocol's settings), `B` the
 /// [`balance::Builder`] it hands the endpoints to. Every setter replaces one
 /// part and keeps the rest; see the [module docs](self) for the defaults.
+///
+#[cfg_attr(
+    feature = "grpc",
+    doc = "[`GrpcChannel::builder`]: GrpcChannel::builder"
+)]
+#[cfg_attr(
+    not(feature = "grpc"),
+    doc = "[`GrpcChannel::builder`]: crate#cargo-features"
+)]
 pub struct ClientBuilder<T, B> {
     pub(crate) target: T,
     pub(crate) balancer: B,
@@ -257,8 +270,22 @@ where
     }
 
     /// Static weights from the discovery keys, for example
-    /// [`DnsEndpoint::static_weight`](crate::discover::DnsEndpoint::static_weight)
-    /// with [`build_dns`](ClientBuilder::build_dns).
+    /// [`DnsEndpoint::static_weight`] with [`build_dns`] (feature `dns`).
+    ///
+    #[cfg_attr(
+        feature = "dns",
+        doc = "
+[`DnsEndpoint::static_weight`]: crate::discover::DnsEndpoint::static_weight
+[`build_dns`]: ClientBuilder::build_dns
+"
+    )]
+    #[cfg_attr(
+        not(feature = "dns"),
+        doc = "
+[`DnsEndpoint::static_weight`]: crate#cargo-features
+[`build_dns`]: crate#cargo-features
+"
+    )]
     pub fn static_weights<V: StaticWeights<K>, K>(
         self,
         weights: V,

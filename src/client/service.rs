@@ -10,13 +10,28 @@ use crate::error::BoxError;
 use crate::retry::{RetryBudget, RetryStats};
 
 /// A ready-made client: [`HttpClient`](super::HttpClient) or
-/// [`GrpcChannel`](super::GrpcChannel), which are this type for their
+/// [`GrpcChannel`] (feature `grpc`), which are this type for their
 /// protocol's requests and responses. Build one with
 /// [`HttpClient::builder`](super::HttpClient::builder) or
-/// [`GrpcChannel::builder`](super::GrpcChannel::builder).
+/// [`GrpcChannel::builder`].
 ///
 /// A cheap `Clone` handle; every clone shares the endpoints, their
 /// connections, and the client's open/closed state.
+///
+#[cfg_attr(
+    feature = "grpc",
+    doc = "
+[`GrpcChannel`]: super::GrpcChannel
+[`GrpcChannel::builder`]: super::GrpcChannel::builder
+"
+)]
+#[cfg_attr(
+    not(feature = "grpc"),
+    doc = "
+[`GrpcChannel`]: crate#cargo-features
+[`GrpcChannel::builder`]: crate#cargo-features
+"
+)]
 pub struct BalancedClient<Req, Resp, K> {
     service: BoxCloneSyncService<Req, Resp, BoxError>,
     calls: Calls,
@@ -97,6 +112,7 @@ impl<Req, Resp, K> BalancedClient<Req, Resp, K> {
     /// [`build_dns`](super::ClientBuilder::build_dns): a handle that asks for
     /// a resolution now.
     #[cfg(feature = "dns")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
     pub fn resolve_now(&self) -> Option<&crate::discover::ResolveNow> {
         self.resolve_now.as_ref()
     }

@@ -1,7 +1,7 @@
 //! Sources of endpoints.
 //!
 //! The balancer consumes any [`tower::discover::Discover`], that is any
-//! `TryStream<Ok = Change<K, S>>`. This module adds two ready-made ones:
+//! `TryStream<Ok = Change<K, S>>`. This module adds three ready-made ones:
 //!
 //! - [`fixed`]: a list known up front;
 //! - [`channel`]: a handle your code pushes changes through (insert, remove,
@@ -45,6 +45,21 @@
 //! or times out is not an answer: requests keep waiting, and a name that had
 //! records keeps them; after an empty answer, the last answer stands, so
 //! requests keep failing at once until a later answer has records.
+//!
+#![cfg_attr(
+    feature = "dns",
+    doc = "
+[`Dns`]: Dns
+[`Dns::apply_empty_answers`]: Dns::apply_empty_answers
+"
+)]
+#![cfg_attr(
+    not(feature = "dns"),
+    doc = "
+[`Dns`]: crate#cargo-features
+[`Dns::apply_empty_answers`]: crate#cargo-features
+"
+)]
 
 mod channel;
 #[cfg(feature = "dns")]
@@ -53,6 +68,7 @@ mod fixed;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
 pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, DnsRecords, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
 pub use crate::error::Empty;

@@ -10,9 +10,12 @@ use std::time::Duration;
 /// The endpoint's weight is multiplied by
 /// `max(min_weight_percent / 100, (age / window) ^ (1 / aggression))`:
 /// an `aggression` of 1 ramps linearly, above 1 it ramps faster early.
-/// Every strategy honours it: round robin skips the endpoint on that share
-/// of its turns, P2C divides its cost by the factor, and weighted round robin
-/// multiplies its weight.
+/// Every strategy honours it, by the endpoint's factor relative to its
+/// peers' (so that endpoints ramping together are not held back): round
+/// robin lets the endpoint keep a turn it drew with the probability of its
+/// factor, P2C lets a winner in slow start keep its win with the probability
+/// of its factor, and weighted round robin multiplies its weight by the
+/// factor.
 ///
 /// ```
 /// use std::time::Duration;

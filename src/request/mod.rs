@@ -121,12 +121,12 @@ pub enum NotReplayable {
 
 /// A request the retry and hedge layers can send more than once.
 ///
-/// `http::Request<ReplayBody<B>>` implements it (put the
-/// [`ReplayLayer`](crate::retry::ReplayLayer) in front, or use
-/// [`RetryLayer`](crate::retry::RetryLayer), which does); a request type of
-/// your own implements it by saying how to copy it and, if it can repeat at
-/// all, what its safety class is. It needs no `http::Extensions`: a field
-/// holding its [`CallContext`] will do.
+/// `http::Request<ReplayBody<B>>` implements it: put a
+/// [`ReplayLayer`](crate::retry::ReplayLayer) in front of the retry and
+/// hedge layers, which do not add one themselves (the ready-made clients
+/// do). A request type of your own implements it by saying how to copy it
+/// and, if it can repeat at all, what its safety class is. It needs no
+/// `http::Extensions`: a field holding its [`CallContext`] will do.
 ///
 /// ```
 /// use tower_lb::request::{CallContext, HasCallContext, NotReplayable, Replayable, Safety};
