@@ -134,6 +134,42 @@ impl Contender {
         }
     }
 
+    /// What the contender is, for the report's legend.
+    pub fn about(self) -> &'static str {
+        match self {
+            Contender::RoundRobin => "tower-lb round robin: each endpoint in turn, blind to load",
+            Contender::P2cLeastRequests => {
+                "tower-lb power of two choices: of two endpoints drawn at random, the one with fewer requests in flight"
+            }
+            Contender::P2cPeakEwma => {
+                "tower-lb power of two choices by Peak-EWMA latency x (requests in flight + 1), Linkerd's settings"
+            }
+            Contender::TowerP2cPeakEwma => {
+                "tower's own p2c::Balance with PeakEwma, the same settings: what a tower user has today"
+            }
+            Contender::RoundRobinOutliers => {
+                "round robin with 5xx classified as failures and outlier detection (+od) at its defaults"
+            }
+            Contender::P2cLeastRequestsOutliers => "P2C least-requests with outlier detection (+od)",
+            Contender::P2cPeakEwmaOutliers => "P2C Peak-EWMA with outlier detection (+od)",
+            Contender::P2cPeakEwmaRetry => {
+                "P2C Peak-EWMA with idempotency-gated retries (3 attempts, the default budget, 1 s per attempt, 5 s deadline), no outlier detection"
+            }
+            Contender::P2cPeakEwmaOutliersRetry => {
+                "P2C Peak-EWMA (ewma) with outlier detection (od) and retries"
+            }
+            Contender::P2cPeakEwmaOutliersHedge => {
+                "the same, and a hedged copy after the adaptive p95 of recent calls (at least 10 ms)"
+            }
+            Contender::RoundRobinHedge => {
+                "round robin with retries and hedging: what hedging does for a strategy blind to latency"
+            }
+            Contender::WeightedRoundRobin => {
+                "weighted round robin from the backends' load reports (gRPC A58, 1 s blackout)"
+            }
+        }
+    }
+
     pub fn by_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }

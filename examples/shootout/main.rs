@@ -367,14 +367,28 @@ mod tests {
     }
 
     #[test]
-    fn report_renders_every_contender_into_the_plot() {
+    fn the_plot_draws_every_contender_and_names_the_highlighted_ones() {
         let scenario = scenario::by_name("baseline").expect("known");
         let results = simulate_all("baseline", short(1));
         let svg = report::plot(&scenario, &results).expect("plot");
-        for c in Contender::ALL {
-            assert!(svg.contains(c.name()), "{} missing from the plot", c.name());
-        }
+        // A curve per contender, and a legend line per highlighted one
+        // and for the grey rest.
+        let lines = svg.matches("<polyline").count();
+        assert!(lines > Contender::ALL.len(), "{lines} lines");
+        let named: Vec<&str> = Contender::ALL
+            .iter()
+            .map(|c| c.name())
+            .filter(|name| svg.lines().any(|line| line.trim() == *name))
+            .collect();
+        assert!((3..=6).contains(&named.len()), "named: {named:?}");
+        assert!(svg.contains(&format!("{} others", Contender::ALL.len() - named.len())));
         let table = report::table(&scenario, &results);
-        assert!(table.contains("tower-p2c-peak-ewma"));
+        for c in Contender::ALL {
+            assert!(
+                table.contains(c.name()),
+                "{} missing from the table",
+                c.name()
+            );
+        }
     }
 }
