@@ -94,7 +94,7 @@ async fn main() -> Result<(), tower::BoxError> {
     );
 
     let client = lb_http::client();
-    let (discover, refresh) = Dns::srv("_http._tcp.example.")
+    let (refresh, discover) = Dns::srv("_http._tcp.example.")
         .name_servers([dns.addr])
         .build(move |addr| HttpEndpoint::new(client.clone(), addr))?;
     let balancer = Balancer::builder()

@@ -49,7 +49,7 @@ pub enum Error {
     },
 
     /// Every endpoint is ejected by outlier detection, and panic mode is off
-    /// ([`Builder::panic_threshold`](crate::Builder::panic_threshold)`(0)`),
+    /// ([`Builder::panic_threshold`](crate::balance::Builder::panic_threshold)`(0)`),
     /// so there is nowhere to send the request.
     #[error("{} ejected by outlier detection and panic mode is off", all_endpoints_are(*.endpoints))]
     AllEjected {
@@ -203,7 +203,7 @@ impl Error {
 /// A balancer with no endpoints that reads it fails requests at once with
 /// [`Error::DiscoveredNone`], whose reason it
 /// is, instead of having them wait the
-/// [startup wait](crate::Builder::startup_wait); the next endpoint inserted
+/// [startup wait](crate::balance::Builder::startup_wait); the next endpoint inserted
 /// ends that. A balancer that still has endpoints keeps them (with a `warn`
 /// event): removing them is the stream's to do. Yield it as the stream's
 /// error, or anywhere in that error's `source()` chain.

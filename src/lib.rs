@@ -133,5 +133,5 @@ pub mod retry;
 pub mod strategy;
 pub mod timeout;
 
-pub use balance::{Balancer, Builder, EndpointState, EndpointStats};
+pub use balance::{Balancer, EndpointState, EndpointStats};
 pub use error::{BoxError, Error};

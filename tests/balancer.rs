@@ -45,8 +45,8 @@ fn addrs(servers: &[TestServer]) -> Vec<SocketAddr> {
 /// detection, no retries, no per-attempt timeout, no deadline. It keeps its
 /// own classifier (5xx are failures), which these servers never answer.
 fn bare<T, P: Strategy, C, H, W>(
-    builder: ClientBuilder<T, tower_lb::Builder<P, C, H, W>>,
-) -> ClientBuilder<T, tower_lb::Builder<P, C, H, W>> {
+    builder: ClientBuilder<T, tower_lb::balance::Builder<P, C, H, W>>,
+) -> ClientBuilder<T, tower_lb::balance::Builder<P, C, H, W>> {
     builder
         .outlier_detection(None)
         .no_retries()

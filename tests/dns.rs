@@ -41,7 +41,7 @@ fn host(
     dns: &TestDns,
     name: &str,
     settings: impl FnOnce(Dns) -> Dns,
-) -> (DnsDiscover<SocketAddr>, ResolveNow) {
+) -> (ResolveNow, DnsDiscover<SocketAddr>) {
     settings(Dns::host(name, 80).name_servers([dns.addr]))
         .build(|addr| addr)
         .unwrap_or_else(|e| panic!("{e}"))
@@ -96,7 +96,7 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
 async fn the_first_resolution_inserts_every_address() {
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
-    let (mut stream, _) = host(&dns, "api.test.", |d| d);
+    let (_, mut stream) = host(&dns, "api.test.", |d| d);
     assert_eq!(
         changes(&mut stream, 2).await,
         vec![
@@ -110,7 +110,7 @@ async fn the_first_resolution_inserts_every_address() {
 async fn an_added_and_a_removed_record_arrive_as_one_insert_and_one_remove() {
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
-    let (mut stream, refresh) = host(&dns, "api.test.", |d| d);
+    let (refresh, mut stream) = host(&dns, "api.test.", |d| d);
     assert_eq!(changes(&mut stream, 2).await.len(), 2);
     dns.set_a("api.test.", &LOCAL[1..], 60).await;
     resolve_now(&dns, &refresh).await;
@@ -132,7 +132,7 @@ async fn a_replaced_only_address_is_inserted_before_the_old_one_is_removed() {
     // fail requests at once for a routine address change.
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..1], 60).await;
-    let (mut stream, refresh) = host(&dns, "api.test.", |d| d);
+    let (refresh, mut stream) = host(&dns, "api.test.", |d| d);
     assert_eq!(changes(&mut stream, 1).await.len(), 1);
     dns.set_a("api.test.", &LOCAL[1..2], 60).await;
     resolve_now(&dns, &refresh).await;
@@ -156,7 +156,7 @@ async fn resolutions(
     period: Duration,
 ) -> usize {
     let before = dns.queries();
-    let (stream, _) = host(dns, name, |d| settings(d.jitter(0.0)));
+    let (_, stream) = host(dns, name, |d| settings(d.jitter(0.0)));
     tokio::time::sleep(period).await;
     drop(stream);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -187,7 +187,7 @@ async fn resolve_now_in_a_loop_is_not_a_query_storm() {
     dns.set_a("api.test.", &LOCAL[..1], 60).await;
     let storm = |d: Dns| d;
     let before = dns.queries();
-    let (stream, refresh) = host(&dns, "api.test.", storm);
+    let (refresh, stream) = host(&dns, "api.test.", storm);
     for _ in 0..500 {
         refresh.resolve_now();
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -208,7 +208,7 @@ async fn srv_falls_back_to_the_next_priority_when_the_first_has_no_addresses() {
         60,
     )
     .await;
-    let (mut stream, _) = Dns::srv("_http._tcp.test.")
+    let (_, mut stream) = Dns::srv("_http._tcp.test.")
         .name_servers([dns.addr])
         .build(|addr| addr)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -234,7 +234,7 @@ async fn srv_records_give_ports_and_weights_of_the_lowest_priority() {
         60,
     )
     .await;
-    let (mut stream, _) = Dns::srv("_http._tcp.test.")
+    let (_, mut stream) = Dns::srv("_http._tcp.test.")
         .name_servers([dns.addr])
         .build(|addr| addr)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -252,7 +252,7 @@ async fn a_dns_outage_keeps_the_last_set() {
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
     // Even opted in to empty answers: a SERVFAIL is not an empty answer.
-    let (mut stream, refresh) = host(&dns, "api.test.", |d| {
+    let (refresh, mut stream) = host(&dns, "api.test.", |d| {
         d.timeout(Duration::from_millis(300))
             .apply_empty_answers(true)
     });
@@ -273,7 +273,7 @@ async fn a_dns_outage_keeps_the_last_set() {
 async fn a_server_that_does_not_answer_keeps_the_last_set() {
     let dns = TestDns::start("test.").await;
     dns.set_a("api.test.", &LOCAL[..2], 60).await;
-    let (mut stream, refresh) = host(&dns, "api.test.", |d| {
+    let (refresh, mut stream) = host(&dns, "api.test.", |d| {
         d.timeout(Duration::from_millis(200))
             .apply_empty_answers(true)
     });
@@ -295,8 +295,8 @@ async fn an_empty_answer_after_records_keeps_the_set_unless_opted_in() {
     let dns = TestDns::start("test.").await;
     dns.set_a("kept.test.", &LOCAL[..1], 60).await;
     dns.set_a("applied.test.", &LOCAL[..1], 60).await;
-    let (mut kept, kept_refresh) = host(&dns, "kept.test.", |d| d);
-    let (mut applied, applied_refresh) =
+    let (kept_refresh, mut kept) = host(&dns, "kept.test.", |d| d);
+    let (applied_refresh, mut applied) =
         host(&dns, "applied.test.", |d| d.apply_empty_answers(true));
     assert_eq!(changes(&mut kept, 1).await.len(), 1);
     assert_eq!(changes(&mut applied, 1).await.len(), 1);
@@ -327,7 +327,7 @@ async fn a_balancer_over_srv_discovery_weighs_endpoints_by_their_records() {
     )
     .await;
     let client = lb_http::client();
-    let (discover, refresh) = Dns::srv("_http._tcp.test.")
+    let (refresh, discover) = Dns::srv("_http._tcp.test.")
         .name_servers([dns.addr])
         .build(move |addr| HttpEndpoint::new(client.clone(), addr))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -386,7 +386,7 @@ fn balancer_over(
     ResolveNow,
 ) {
     let client = lb_http::client();
-    let (discover, refresh) = settings(Dns::host(name, 80).name_servers([dns.addr]))
+    let (refresh, discover) = settings(Dns::host(name, 80).name_servers([dns.addr]))
         .build(move |addr| HttpEndpoint::new(client.clone(), addr))
         .unwrap_or_else(|e| panic!("{e}"));
     (Balancer::builder().build(discover), refresh)

@@ -49,7 +49,7 @@ impl Stack {
 
     /// Round robin (so that who gets what is predictable), 5xx as failures,
     /// and this stack's outlier detection.
-    fn hand_built(self) -> tower_lb::Builder<RoundRobin, HttpClassify> {
+    fn hand_built(self) -> tower_lb::balance::Builder<RoundRobin, HttpClassify> {
         let mut builder = Balancer::builder()
             .strategy(RoundRobin::new())
             .classify(HttpClassify::server_errors())
@@ -70,8 +70,8 @@ impl Stack {
     /// servers do not send).
     fn one_stop<T, P: Strategy, C, H, W>(
         self,
-        builder: ClientBuilder<T, tower_lb::Builder<P, C, H, W>>,
-    ) -> ClientBuilder<T, tower_lb::Builder<RoundRobin, C, H, W>> {
+        builder: ClientBuilder<T, tower_lb::balance::Builder<P, C, H, W>>,
+    ) -> ClientBuilder<T, tower_lb::balance::Builder<RoundRobin, C, H, W>> {
         let mut builder = builder
             .strategy(RoundRobin::new())
             .outlier_detection(self.detection)

@@ -596,3 +596,42 @@ async fn sequential_http2_calls_with_a_body_are_not_held_back_by_nagle() {
         "20 calls took {took:?}: about 40 ms each is Nagle's algorithm waiting on a delayed ACK"
     );
 }
+
+/// A retry rule of the user's own: retries responses that carry
+/// `x-try-elsewhere`, whatever their status, and nothing else.
+struct RetryWhenAsked;
+
+impl<B> tower_lb::retry::RetryOn<http::Response<B>> for RetryWhenAsked {
+    fn response(&self, response: &http::Response<B>) -> tower_lb::retry::ResponseVerdict {
+        match response.headers().get("x-try-elsewhere") {
+            Some(_) => tower_lb::retry::ResponseVerdict::Retry { after: None },
+            None => tower_lb::retry::ResponseVerdict::Accept,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_retry_rule_of_the_users_own_replaces_the_built_in_one() {
+    // The built-in rule retries a 503 on the other server (the test above);
+    // this rule does not, so each GET is answered by the first server it
+    // reaches, 503 or 200, and received once in all.
+    let servers = start(vec![
+        Behaviour::Unavailable { retry_after: None },
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = HttpClient::builder()
+        .retry_policy(tower_lb::retry::RetryPolicy::new().retry_on(RetryWhenAsked))
+        .outlier_detection(None)
+        .build(addrs(&servers));
+    let mut unavailable = 0;
+    for i in 0..20 {
+        let id = format!("get-{i}");
+        let response = send(&client, get(&id)).await;
+        if response.status() == 503 {
+            unavailable += 1;
+        }
+        assert_eq!(received(&servers, &id), 1, "{id}");
+    }
+    assert!(unavailable > 0, "no GET reached the server answering 503");
+}

@@ -232,13 +232,13 @@ async fn dns_discovery() -> Result<(), BoxError> {
 
     // A and AAAA records of a name, at one port (a Kubernetes headless service):
     let http = client.clone();
-    let (discover, refresh) = Dns::host("api.default.svc.cluster.local", 8080)
+    let (refresh, discover) = Dns::host("api.default.svc.cluster.local", 8080)
         .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
         .build(move |addr| HttpEndpoint::new(http.clone(), addr))?;
 
     // Or SRV records (Consul: _api._tcp.service.consul), weighted by the records:
     let http = client.clone();
-    let (discover, refresh) = Dns::srv("_api._tcp.service.consul")
+    let (refresh, discover) = Dns::srv("_api._tcp.service.consul")
         .name_servers(["127.0.0.1:8600".parse()?])
         .build(move |addr| HttpEndpoint::new(http.clone(), addr))?;
     let balancer = Balancer::builder()

@@ -534,12 +534,12 @@ pub struct EndpointStats<K> {
     pub in_flight: usize,
     /// The Peak-EWMA latency estimate now; `None` when the balancer does not
     /// time requests (its strategy does not use latency and
-    /// [`Builder::track_latency`](crate::Builder::track_latency) is off).
+    /// [`Builder::track_latency`](crate::balance::Builder::track_latency) is off).
     pub rtt_estimate: Option<Duration>,
     /// Requests sent to it since it was inserted.
     pub requests: u64,
     /// Requests [classified](crate::classify) as successes; counted only with
-    /// [outlier detection](crate::Builder::outlier_detection) (the only
+    /// [outlier detection](crate::balance::Builder::outlier_detection) (the only
     /// reader), `None` otherwise.
     pub successes: Option<u64>,
     /// Requests classified as failures.
@@ -553,7 +553,7 @@ pub struct EndpointStats<K> {
     pub reported_load: Option<crate::load::ReportedLoad>,
     /// Load reports from it that could not be read, and were ignored.
     pub malformed_load_reports: u64,
-    /// Its static weight (see [`Builder::static_weights`](crate::Builder::static_weights)).
+    /// Its static weight (see [`Builder::static_weights`](crate::balance::Builder::static_weights)).
     pub static_weight: f64,
     /// The share of its weight it gets now: below 1 while in
     /// [slow start](crate::health::SlowStart).

@@ -18,7 +18,7 @@ use crate::grpc::{
     status_from_error, ConfigureEndpoint, GrpcEndpoint, GrpcTimeoutLayer, MethodSafety, StatusBody,
 };
 use crate::load::OrcaLoadReports;
-use crate::retry::ReplayBody;
+use crate::retry::{ReplayBody, RetryOn};
 use crate::strategy::{P2c, Strategy};
 
 /// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
@@ -78,7 +78,7 @@ impl BalancedClient<Call, Reply, ()> {
     }
 }
 
-impl<B> ClientBuilder<Grpc, B> {
+impl<B, R> ClientBuilder<Grpc, B, R> {
     /// Which methods may be sent twice (retried and hedged).
     pub fn method_safety(mut self, safety: MethodSafety) -> Self {
         self.target.safety = safety;
@@ -147,8 +147,9 @@ impl<B> ClientBuilder<Grpc, B> {
     }
 }
 
-impl<P, C, H, W, RB> ClientBuilder<Grpc, balance::Builder<P, C, H, W>>
+impl<P, C, H, W, RB, R> ClientBuilder<Grpc, balance::Builder<P, C, H, W>, R>
 where
+    R: RetryOn<Reply>,
     P: Strategy,
     C: Classify<Reply, Response = http::Response<RB>>,
     RB: Body<Data = Bytes> + Send + 'static,
@@ -224,7 +225,7 @@ where
         if builder.target.authority.is_none() {
             builder.target.authority = dns.authority();
         }
-        let (discover, resolve_now) = dns.build(|addr| addr)?;
+        let (resolve_now, discover) = dns.build(|addr| addr)?;
         Ok(builder
             .build_discover(discover)
             .with_resolve_now(resolve_now))

@@ -24,7 +24,7 @@ use crate::classify::{Classify, HttpClassify};
 use crate::error::BoxError;
 use crate::http::HttpEndpoint;
 use crate::load::OrcaLoadReports;
-use crate::retry::ReplayBody;
+use crate::retry::{ReplayBody, RetryOn};
 use crate::strategy::{P2c, Strategy};
 
 /// The HTTP settings of a [`ClientBuilder`]: the hyper-util client every
@@ -107,14 +107,14 @@ impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
     }
 }
 
-impl<Conn, B> ClientBuilder<Http<Conn>, B> {
+impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     /// The connector the shared hyper-util client dials with: a TLS one
     /// (hyper-rustls, say) for `https`, with [`scheme`](Self::scheme). The
     /// default is hyper-util's `HttpConnector` with a
     /// [`DEFAULT_CONNECT_TIMEOUT`] and `TCP_NODELAY` (set it on yours too:
     /// with Nagle's algorithm on, an HTTP/2 request with a body waits for a
     /// delayed ACK, 40 ms on Linux).
-    pub fn connector<C2>(self, connector: C2) -> ClientBuilder<Http<C2>, B> {
+    pub fn connector<C2>(self, connector: C2) -> ClientBuilder<Http<C2>, B, R> {
         ClientBuilder {
             target: Http {
                 connector,
@@ -169,8 +169,9 @@ impl<Conn, B> ClientBuilder<Http<Conn>, B> {
     }
 }
 
-impl<Conn, P, C, H, W, RB> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W>>
+impl<Conn, P, C, H, W, RB, R> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W>, R>
 where
+    R: RetryOn<http::Response<ResponseBody>>,
     Conn: Connect + Clone + Send + Sync + 'static,
     P: Strategy,
     C: Classify<http::Response<Incoming>, Response = http::Response<RB>>,
@@ -255,7 +256,7 @@ where
         H: RequestHints<http::Request<ReplayBody<B>>>,
         W: StaticWeights<crate::discover::DnsEndpoint>,
     {
-        let (discover, resolve_now) = dns.build(|addr| addr)?;
+        let (resolve_now, discover) = dns.build(|addr| addr)?;
         Ok(self.build_discover(discover).with_resolve_now(resolve_now))
     }
 }

@@ -76,6 +76,7 @@ pub(crate) use self::discover::MapEndpoints;
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower::util::BoxCloneSyncService;
@@ -86,7 +87,9 @@ use crate::error::BoxError;
 use crate::health::{OutlierDetection, SlowStart};
 use crate::hedge::HedgeLayer;
 use crate::request::Replayable;
-use crate::retry::{ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
+use crate::retry::{
+    HttpRetryOn, ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryOn, RetryPolicy,
+};
 use crate::strategy::Strategy;
 use crate::timeout::{AttemptTimeoutLayer, DeadlineLayer};
 
@@ -129,32 +132,48 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
     not(feature = "grpc"),
     doc = "[`GrpcChannel::builder`]: crate#cargo-features"
 )]
-pub struct ClientBuilder<T, B> {
+pub struct ClientBuilder<T, B, R = HttpRetryOn> {
     pub(crate) target: T,
     pub(crate) balancer: B,
-    pub(crate) calls: CallSettings,
+    pub(crate) calls: CallSettings<R>,
 }
 
 /// The layers around the balancer.
-#[derive(Debug, Clone)]
-pub(crate) struct CallSettings {
+#[derive(Debug)]
+pub(crate) struct CallSettings<R = HttpRetryOn> {
     attempt_timeout: Option<Duration>,
     deadline: Option<Duration>,
-    retry: Option<RetryPolicy>,
+    /// Shared, so that the client can be built from it without the retry
+    /// rule being `Clone`.
+    retry: Option<Arc<RetryPolicy<R>>>,
     budget: RetryBudget,
     hedge: Option<HedgeLayer>,
     replay_cap: usize,
 }
 
-impl Default for CallSettings {
+impl Default for CallSettings<HttpRetryOn> {
     fn default() -> Self {
         Self {
             attempt_timeout: Some(DEFAULT_ATTEMPT_TIMEOUT),
             deadline: Some(DEFAULT_DEADLINE),
-            retry: Some(RetryPolicy::new()),
+            retry: Some(Arc::new(RetryPolicy::new())),
             budget: RetryBudget::new(),
             hedge: None,
             replay_cap: crate::retry::DEFAULT_REPLAY_CAP,
+        }
+    }
+}
+
+impl<R> CallSettings<R> {
+    /// The same settings with another retry policy.
+    fn with_retry<D>(self, retry: Option<Arc<RetryPolicy<D>>>) -> CallSettings<D> {
+        CallSettings {
+            attempt_timeout: self.attempt_timeout,
+            deadline: self.deadline,
+            retry,
+            budget: self.budget,
+            hedge: self.hedge,
+            replay_cap: self.replay_cap,
         }
     }
 }
@@ -167,7 +186,9 @@ impl<T, B> ClientBuilder<T, B> {
             calls: CallSettings::default(),
         }
     }
+}
 
+impl<T, B, R> ClientBuilder<T, B, R> {
     /// How long one attempt may take, until its response headers arrive,
     /// before it is abandoned (and, for a request that may repeat, retried
     /// elsewhere); `None` for no bound.
@@ -190,9 +211,41 @@ impl<T, B> ClientBuilder<T, B> {
     /// Whatever it says, a request whose [`Safety`](crate::request::Safety)
     /// class forbids repeating is sent again only when it provably never
     /// left.
-    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.calls.retry = Some(policy);
-        self
+    ///
+    /// Which responses are retried is the policy's [`RetryOn`] rule:
+    /// [`HttpRetryOn`] (HTTP 502, 503, 504 and gRPC `UNAVAILABLE` by
+    /// default), or a rule of your own through
+    /// [`RetryPolicy::retry_on`]. It sees the response as the client's
+    /// layers do (for [`HttpClient`], an `http::Response<`[`ResponseBody`]`>`;
+    /// for [`GrpcChannel`], an `http::Response<tonic::body::Body>`), so a
+    /// rule over any `http::Response<B>` fits both:
+    ///
+    /// ```
+    /// use tower_lb::client::HttpClient;
+    /// use tower_lb::retry::{ResponseVerdict, RetryOn, RetryPolicy};
+    ///
+    /// /// Retries what the server marks as worth another try.
+    /// struct RetryWhenAsked;
+    ///
+    /// impl<B> RetryOn<http::Response<B>> for RetryWhenAsked {
+    ///     fn response(&self, response: &http::Response<B>) -> ResponseVerdict {
+    ///         match response.headers().get("x-try-elsewhere") {
+    ///             Some(_) => ResponseVerdict::Retry { after: None },
+    ///             None => ResponseVerdict::Accept,
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let builder = HttpClient::builder()
+    ///     .retry_policy(RetryPolicy::new().max_attempts(2).retry_on(RetryWhenAsked));
+    /// # let _ = builder;
+    /// ```
+    pub fn retry_policy<D>(self, policy: RetryPolicy<D>) -> ClientBuilder<T, B, D> {
+        ClientBuilder {
+            target: self.target,
+            balancer: self.balancer,
+            calls: self.calls.with_retry(Some(Arc::new(policy))),
+        }
     }
 
     /// No retries (hedging, if set, still draws on the budget).
@@ -236,7 +289,7 @@ impl<T, B> ClientBuilder<T, B> {
     }
 }
 
-impl<T, P, C, H, W> ClientBuilder<T, balance::Builder<P, C, H, W>>
+impl<T, P, C, H, W, R> ClientBuilder<T, balance::Builder<P, C, H, W>, R>
 where
     P: Strategy,
 {
@@ -244,13 +297,13 @@ where
     pub fn strategy<Q: Strategy>(
         self,
         strategy: Q,
-    ) -> ClientBuilder<T, balance::Builder<Q, C, H, W>> {
+    ) -> ClientBuilder<T, balance::Builder<Q, C, H, W>, R> {
         self.balancer(|b| b.strategy(strategy))
     }
 
     /// What counts as a failure of an endpoint (and which load reports are
     /// read), for outlier detection and the latency estimate.
-    pub fn classify<D>(self, classify: D) -> ClientBuilder<T, balance::Builder<P, D, H, W>> {
+    pub fn classify<D>(self, classify: D) -> ClientBuilder<T, balance::Builder<P, D, H, W>, R> {
         self.balancer(|b| b.classify(classify))
     }
 
@@ -289,12 +342,12 @@ where
     pub fn static_weights<V: StaticWeights<K>, K>(
         self,
         weights: V,
-    ) -> ClientBuilder<T, balance::Builder<P, C, H, V>> {
+    ) -> ClientBuilder<T, balance::Builder<P, C, H, V>, R> {
         self.balancer(|b| b.static_weights(weights))
     }
 }
 
-impl<T, B> ClientBuilder<T, B> {
+impl<T, B, R> ClientBuilder<T, B, R> {
     /// Anything else on the balancer: `f` gets the [`balance::Builder`] and
     /// returns the one to use.
     ///
@@ -306,7 +359,7 @@ impl<T, B> ClientBuilder<T, B> {
     ///     .balancer(|b| b.panic_threshold(30).startup_wait(Duration::from_secs(1)));
     /// # let _ = builder;
     /// ```
-    pub fn balancer<B2>(self, f: impl FnOnce(B) -> B2) -> ClientBuilder<T, B2> {
+    pub fn balancer<B2>(self, f: impl FnOnce(B) -> B2) -> ClientBuilder<T, B2, R> {
         ClientBuilder {
             target: self.target,
             balancer: f(self.balancer),
@@ -315,7 +368,7 @@ impl<T, B> ClientBuilder<T, B> {
     }
 }
 
-impl<T: fmt::Debug, B: fmt::Debug> fmt::Debug for ClientBuilder<T, B> {
+impl<T: fmt::Debug, B: fmt::Debug, R: fmt::Debug> fmt::Debug for ClientBuilder<T, B, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientBuilder")
             .field("target", &self.target)
@@ -329,7 +382,7 @@ impl<T: fmt::Debug, B: fmt::Debug> fmt::Debug for ClientBuilder<T, B> {
 /// endpoints the call has not tried.
 pub(crate) type Hints = CallHints;
 
-impl CallSettings {
+impl<R> CallSettings<R> {
     /// The budget, when anything draws on it.
     pub(crate) fn budget(&self) -> Option<RetryBudget> {
         (self.retry.is_some() || self.hedge.is_some()).then(|| self.budget.clone())
@@ -361,7 +414,7 @@ impl CallSettings {
         Body: http_body::Body + Send + 'static,
         ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
         Resp: Send + 'static,
-        crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+        R: RetryOn<Resp>,
         P: ProtocolLayers<::http::Request<Body>, Resp>,
     {
         let stack = Stack {
@@ -382,8 +435,8 @@ impl CallSettings {
 /// [`CallSettings::wrap`] under way: each step adds its layer, if it is on,
 /// and hands the stack to the next, so that every combination is a type of
 /// its own.
-struct Stack<'a, Body, Resp, K, P> {
-    settings: &'a CallSettings,
+struct Stack<'a, Body, Resp, K, P, R> {
+    settings: &'a CallSettings<R>,
     balancer: BalancerHandle<K>,
     protocol: P,
     _types: PhantomData<fn(Body) -> Resp>,
@@ -420,12 +473,12 @@ impl<S, Body, Resp> Layered<Body, Resp> for S where
 {
 }
 
-impl<Body, Resp, K, P> Stack<'_, Body, Resp, K, P>
+impl<Body, Resp, K, P, R> Stack<'_, Body, Resp, K, P, R>
 where
     Body: http_body::Body + Send + 'static,
     ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
     Resp: Send + 'static,
-    crate::retry::HttpRetryOn: crate::retry::RetryOn<Resp>,
+    R: RetryOn<Resp>,
     P: ProtocolLayers<::http::Request<Body>, Resp>,
 {
     fn hedge(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
@@ -441,9 +494,9 @@ where
     fn retry(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
         let settings = self.settings;
         match &settings.retry {
-            Some(policy) => {
-                self.deadline(RetryLayer::new(policy.clone(), settings.budget.clone()).layer(inner))
-            }
+            Some(policy) => self.deadline(
+                RetryLayer::shared(Arc::clone(policy), settings.budget.clone()).layer(inner),
+            ),
             None => self.deadline(inner),
         }
     }

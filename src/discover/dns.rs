@@ -30,7 +30,7 @@ use super::Empty;
 /// that changes in DNS re-inserts the key, which replaces the service and
 /// keeps its health, and the balancer reads the new weight (see
 /// [`DnsEndpoint::static_weight`] and
-/// [`Builder::static_weights`](crate::Builder::static_weights)).
+/// [`Builder::static_weights`](crate::balance::Builder::static_weights)).
 #[derive(Debug, Clone, Copy)]
 pub struct DnsEndpoint {
     /// The endpoint's address.
@@ -136,7 +136,7 @@ impl fmt::Display for DnsRecords {
 /// # use tower::service_fn;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower_lb::discover::DnsError> {
-/// let (discover, refresh) = Dns::host("api.internal.example", 8080)
+/// let (refresh, discover) = Dns::host("api.internal.example", 8080)
 ///     .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
 ///     .build(|addr| service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(addr) }))?;
 /// // Something changed? Look again now rather than at the TTL.
@@ -262,17 +262,18 @@ impl Dns {
     ///
     /// Whatever this says, an empty answer while there are no endpoints
     /// (at startup) is a `warn` event, and requests fail at once with it
-    /// rather than wait the [startup wait](crate::Builder::startup_wait).
+    /// rather than wait the [startup wait](crate::balance::Builder::startup_wait).
     pub fn apply_empty_answers(mut self, apply: bool) -> Self {
         self.apply_empty = apply;
         self
     }
 
     /// Starts resolving (on a task spawned on the current tokio runtime):
-    /// returns the discovery stream for
-    /// [`Balancer::builder().build`](crate::Builder::build), whose services
-    /// `make` builds from each address, and a handle to ask for a
-    /// resolution now.
+    /// returns a handle to ask for a resolution now, and the discovery
+    /// stream for [`Balancer::builder().build`](crate::balance::Builder::build), whose
+    /// services `make` builds from each address. Handle first, stream
+    /// second, as [`discover::channel`](crate::discover::channel) and
+    /// tokio's channels return them.
     ///
     /// # Errors
     ///
@@ -282,7 +283,7 @@ impl Dns {
     /// # Panics
     ///
     /// Outside a tokio runtime, like `tokio::spawn`.
-    pub fn build<S, F>(self, make: F) -> Result<(DnsDiscover<S>, ResolveNow), DnsError>
+    pub fn build<S, F>(self, make: F) -> Result<(ResolveNow, DnsDiscover<S>), DnsError>
     where
         F: Fn(SocketAddr) -> S + Send + Sync + 'static,
         S: Send + 'static,
@@ -328,7 +329,7 @@ impl Dns {
             srv_targets: HashMap::new(),
         };
         tokio::spawn(task.run());
-        Ok((DnsDiscover { rx }, ResolveNow { now }))
+        Ok((ResolveNow { now }, DnsDiscover { rx }))
     }
 
     fn options(&self) -> ResolverOpts {

@@ -22,7 +22,7 @@
 //! | the end of the stream | keeps the last set (a `debug` event) |
 //!
 //! Requests that arrive while the set is empty wait for an endpoint, up to
-//! the [startup wait](crate::Builder::startup_wait), only until discovery
+//! the [startup wait](crate::balance::Builder::startup_wait), only until discovery
 //! has said something. Once it has said there is nothing, they fail at once
 //! with [`Error::DiscoveredNone`](crate::Error::DiscoveredNone), as gRPC
 //! fails calls on a channel whose resolver produced no addresses and Envoy

@@ -3,7 +3,7 @@
 //!
 //! Every response is [classified](crate::classify) as a success or a failure
 //! of its endpoint. With [`OutlierDetection`] on the
-//! [builder](crate::Builder::outlier_detection), endpoints that fail are
+//! [builder](crate::balance::Builder::outlier_detection), endpoints that fail are
 //! *ejected*: they leave the set that requests pick from, and come back when
 //! their ejection time is up. The semantics are gRPC's A50 and Envoy's:
 //!
@@ -39,7 +39,7 @@
 //! swapped call-count buckets, with the swap taken off the request path.
 //!
 //! **Panic threshold:** when fewer than
-//! [`panic_threshold`](crate::Builder::panic_threshold) percent (default 50)
+//! [`panic_threshold`](crate::balance::Builder::panic_threshold) percent (default 50)
 //! of the endpoints are in service, the balancer balances over all of them,
 //! ejected ones included, rather than pile every request onto the few.
 

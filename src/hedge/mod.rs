@@ -6,7 +6,7 @@
 //! of recent calls, with a floor), only requests that may repeat are hedged,
 //! hedges draw from the same [`RetryBudget`] as retries, and, under a
 //! balancer built with
-//! [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints), the
+//! [`avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints), the
 //! copy goes to a different endpoint.
 //!
 //! ```

@@ -3,7 +3,7 @@
 use tokio::time::Instant;
 
 /// Which clock times requests for the Peak-EWMA latency estimates (see
-/// [`Builder::latency_clock`](crate::Builder::latency_clock)).
+/// [`Builder::latency_clock`](crate::balance::Builder::latency_clock)).
 ///
 /// A balancer that uses latency reads its clock twice per request: when the
 /// request starts and when its response arrives. With `Instant::now()` those

@@ -193,7 +193,7 @@ impl EndpointLoad {
     }
 
     /// The weight discovery gave the endpoint (see
-    /// [`Builder::static_weights`](crate::Builder::static_weights)); 1 unless
+    /// [`Builder::static_weights`](crate::balance::Builder::static_weights)); 1 unless
     /// set. Weighted round robin uses it while no load reports are in, and
     /// P2C draws candidates in proportion to it. Always finite and positive.
     #[inline]

@@ -22,7 +22,7 @@ use super::Safety;
 /// the safety class the first of them found and count the call in the budget
 /// once; the per-attempt timeout and the retry layer end by its deadline;
 /// a balancer built with
-/// [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints) skips
+/// [`avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints) skips
 /// the endpoints in [`tried`](Self::tried).
 ///
 /// Every copy of the request for another attempt carries a copy of the
@@ -241,7 +241,7 @@ const CAPACITY: usize = 8;
 ///
 /// Kept in the call's [`CallContext`]; every attempt shares it (its copies
 /// share the `Arc`). A balancer built with
-/// [`Builder::avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
+/// [`Builder::avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints)
 /// picks an endpoint not in it while one in service is left, and adds the
 /// endpoint it picked.
 #[derive(Clone, Default)]

@@ -96,26 +96,45 @@ impl BudgetExhausted {
 ///     .service(endpoint);
 /// # let _: &dyn tower::Service<http::Request<ReplayBody<Body>>, Response = _, Error = _, Future = _> = &client;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RetryLayer<C = HttpRetryOn> {
     policy: Arc<RetryPolicy<C>>,
     budget: RetryBudget,
     jitter: Jitter,
 }
 
+// By hand: a derive would ask the retry rule to be `Clone`, which a shared
+// policy does not need.
+impl<C> Clone for RetryLayer<C> {
+    fn clone(&self) -> Self {
+        Self {
+            policy: Arc::clone(&self.policy),
+            budget: self.budget.clone(),
+            jitter: self.jitter.clone(),
+        }
+    }
+}
+
 impl<C> RetryLayer<C> {
     /// Retries by `policy`, drawing from `budget` (share it with the hedge
     /// layer, if any, so retries and hedges together stay within it).
     pub fn new(policy: RetryPolicy<C>, budget: RetryBudget) -> Self {
+        Self::shared(Arc::new(policy), budget)
+    }
+
+    /// [`new`](Self::new) with a policy already shared: the ready-made
+    /// clients keep theirs so, so that a rule of the user's own need not be
+    /// `Clone`.
+    pub(crate) fn shared(policy: Arc<RetryPolicy<C>>, budget: RetryBudget) -> Self {
         Self {
-            policy: Arc::new(policy),
+            policy,
             budget,
             jitter: None,
         }
     }
 
     /// Makes the backoff jitter a function of `seed`, for repeatable
-    /// simulations (with a [seeded balancer](crate::Builder::seed) and
+    /// simulations (with a [seeded balancer](crate::balance::Builder::seed) and
     /// tokio's paused clock, a whole run repeats bit for bit). Every service
     /// this layer makes, and every call through them, draws from one shared
     /// sequence (one atomic add per retry). Without a seed (the default) the
@@ -151,7 +170,7 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 ///   however many layers draw from it) and records its attempts in the
 ///   call's [`CallContext`](crate::request::CallContext), so that a
 ///   balancer built with
-///   [`avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)
+///   [`avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints)
 ///   sends each retry somewhere new;
 /// - after a failed attempt, asks: may this request repeat
 ///   ([`Safety`]), or does the error prove it never left? Does the policy
@@ -170,12 +189,24 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 /// The layer keeps a copy of each request's head (method, URI, headers,
 /// extensions) for as long as the call runs, so that it can send it again:
 /// an allocation per call, which the balancer beneath does not make.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Retry<S, C = HttpRetryOn> {
     inner: S,
     policy: Arc<RetryPolicy<C>>,
     budget: RetryBudget,
     jitter: Jitter,
+}
+
+// By hand, as for `RetryLayer`: only the service needs to be `Clone`.
+impl<S: Clone, C> Clone for Retry<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            policy: Arc::clone(&self.policy),
+            budget: self.budget.clone(),
+            jitter: self.jitter.clone(),
+        }
+    }
 }
 
 impl<S, C> Retry<S, C> {

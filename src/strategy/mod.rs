@@ -172,7 +172,7 @@ impl<'a> PickContext<'a> {
     /// first attempt by one, and an endpoint that fails everything would get
     /// nearly every first attempt. The balancer knows it only when it reads
     /// the hints (see
-    /// [`Builder::avoid_tried_endpoints`](crate::Builder::avoid_tried_endpoints)).
+    /// [`Builder::avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints)).
     #[inline]
     pub fn is_retry(&self) -> bool {
         self.retry

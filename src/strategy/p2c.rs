@@ -104,7 +104,7 @@ const LATENCY_BAND: f64 = 2.0;
 ///
 /// With equal weights (the default) the two candidates are distinct and
 /// drawn uniformly. When discovery gives unequal
-/// [static weights](crate::Builder::static_weights), each candidate is drawn
+/// [static weights](crate::balance::Builder::static_weights), each candidate is drawn
 /// in proportion to its weight instead, independently (from an alias table
 /// built off the request path whenever the set changes, so a pick stays two
 /// random numbers and two table loads: lock-free, allocation-free, O(1)),
