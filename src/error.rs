@@ -12,6 +12,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::setting::InvalidSetting;
+
 /// A type-erased error, as used throughout tower.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 

@@ -130,6 +130,7 @@ pub mod http;
 pub mod load;
 pub mod request;
 pub mod retry;
+mod setting;
 pub mod strategy;
 pub mod timeout;
 

@@ -156,7 +156,9 @@ async fn resolutions(
     period: Duration,
 ) -> usize {
     let before = dns.queries();
-    let (_, stream) = host(dns, name, |d| settings(d.jitter(0.0)));
+    let (_, stream) = host(dns, name, |d| {
+        settings(d.jitter(0.0).expect("valid setting"))
+    });
     tokio::time::sleep(period).await;
     drop(stream);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -171,13 +173,22 @@ async fn refresh_follows_the_ttl_within_its_bounds() {
     dns.set_a("zero.test.", &LOCAL[..1], 0).await;
     let period = Duration::from_millis(2_300);
     // The TTL itself, between the bounds: at 0, 1 and 2 s.
-    let within = |d: Dns| d.ttl_bounds(Duration::from_millis(100), Duration::from_secs(5));
+    let within = |d: Dns| {
+        d.ttl_bounds(Duration::from_millis(100), Duration::from_secs(5))
+            .expect("valid setting")
+    };
     assert_eq!(resolutions(&dns, "one.test.", within, period).await, 3);
     // A 60 s TTL held to 500 ms: at 0, 0.5, 1, 1.5 and 2 s.
-    let capped = |d: Dns| d.ttl_bounds(Duration::from_millis(100), Duration::from_millis(500));
+    let capped = |d: Dns| {
+        d.ttl_bounds(Duration::from_millis(100), Duration::from_millis(500))
+            .expect("valid setting")
+    };
     assert_eq!(resolutions(&dns, "long.test.", capped, period).await, 5);
     // A 0 s TTL held to at least 1 s: at 0, 1 and 2 s.
-    let floored = |d: Dns| d.ttl_bounds(Duration::from_secs(1), Duration::from_secs(5));
+    let floored = |d: Dns| {
+        d.ttl_bounds(Duration::from_secs(1), Duration::from_secs(5))
+            .expect("valid setting")
+    };
     assert_eq!(resolutions(&dns, "zero.test.", floored, period).await, 3);
 }
 

@@ -336,7 +336,7 @@ async fn each_attempt_tells_the_server_the_time_left() {
         .jitter(0.0);
     let channel = GrpcChannel::builder()
         .deadline(Duration::from_secs(2))
-        .retry_policy(RetryPolicy::new().backoff(backoff))
+        .retry_policy(RetryPolicy::new().backoff(backoff.expect("valid setting")))
         .strategy(RoundRobin::new())
         .method_safety(safe_checks())
         .build(addrs(&servers));

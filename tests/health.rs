@@ -55,7 +55,7 @@ impl Stack {
             .classify(HttpClassify::server_errors())
             .outlier_detection(self.detection);
         if let Some(percent) = self.panic_threshold {
-            builder = builder.panic_threshold(percent);
+            builder = builder.panic_threshold(percent).expect("valid setting");
         }
         if let Some(slow_start) = self.slow_start {
             builder = builder.slow_start(slow_start);
@@ -79,7 +79,7 @@ impl Stack {
             .attempt_timeout(None)
             .deadline(None);
         if let Some(percent) = self.panic_threshold {
-            builder = builder.balancer(|b| b.panic_threshold(percent));
+            builder = builder.balancer(|b| b.panic_threshold(percent).expect("valid setting"));
         }
         if let Some(slow_start) = self.slow_start {
             builder = builder.slow_start(slow_start);
@@ -168,8 +168,10 @@ fn interval_only() -> OutlierDetection {
     OutlierDetection::new()
         .interval(INTERVAL)
         .consecutive_failures(None)
+        .expect("valid setting")
         .success_rate(None)
         .max_ejection_percent(100)
+        .expect("valid setting")
 }
 
 /// The interval of the tests of interval detectors.
@@ -439,7 +441,12 @@ async fn max_ejection_percent_caps_how_many_are_out_at_once(kind: StackKind) {
     for server in &all[..3] {
         server.fail_every(1);
     }
-    let lb = Stack::new(OutlierDetection::new().max_ejection_percent(40)).build(kind, addrs(&all));
+    let lb = Stack::new(
+        OutlierDetection::new()
+            .max_ejection_percent(40)
+            .expect("valid setting"),
+    )
+    .build(kind, addrs(&all));
     ready(&lb, 5).await;
 
     send(&lb, 200).await;
@@ -467,7 +474,9 @@ async fn panic_mode_balances_over_all_endpoints_when_most_are_ejected(kind: Stac
     for server in &all[..3] {
         server.fail_every(1);
     }
-    let detection = OutlierDetection::new().max_ejection_percent(100);
+    let detection = OutlierDetection::new()
+        .max_ejection_percent(100)
+        .expect("valid setting");
     let lb = Stack::new(detection).build(kind, addrs(&all));
     ready(&lb, 4).await;
 
@@ -489,7 +498,11 @@ async fn panic_threshold_zero_keeps_requests_off_ejected_endpoints(kind: StackKi
     }
     let lb = Stack {
         panic_threshold: Some(0),
-        ..Stack::new(OutlierDetection::new().max_ejection_percent(100))
+        ..Stack::new(
+            OutlierDetection::new()
+                .max_ejection_percent(100)
+                .expect("valid setting"),
+        )
     }
     .build(kind, addrs(&all));
     ready(&lb, 4).await;
@@ -537,7 +550,8 @@ async fn panic_mode_ends_when_an_ejection_does(kind: StackKind) {
     let base = Duration::from_secs(10);
     let detection = OutlierDetection::new()
         .base_ejection_time(base)
-        .max_ejection_percent(100);
+        .max_ejection_percent(100)
+        .expect("valid setting");
     let lb = Stack::new(detection).build(kind, addrs(&all));
     ready(&lb, 2).await;
     all[1].fail_every(1);
@@ -558,7 +572,11 @@ async fn with_panic_mode_off_and_everything_ejected_requests_fail_at_once(kind: 
     }
     let lb = Stack {
         panic_threshold: Some(0),
-        ..Stack::new(OutlierDetection::new().max_ejection_percent(100))
+        ..Stack::new(
+            OutlierDetection::new()
+                .max_ejection_percent(100)
+                .expect("valid setting"),
+        )
     }
     .build(kind, addrs(&all));
     ready(&lb, 2).await;
@@ -645,7 +663,9 @@ async fn removed_endpoint_health_state_is_dropped(kind: StackKind) {
 async fn latency_detector_ejects_an_endpoint_far_slower_than_its_peers(kind: StackKind) {
     let mut all = servers(3, Duration::ZERO).await;
     all.push(TestServer::with_delay(Duration::from_millis(30)).await);
-    let detection = interval_only().latency(Some(LatencyOutliers::new().intervals(2)));
+    let detection = interval_only().latency(Some(
+        LatencyOutliers::new().intervals(2).expect("valid setting"),
+    ));
 
     let lb = after_one_interval(kind, &all, detection, 40).await;
     assert!(ejected(&lb).is_empty(), "one slow interval is not enough");

@@ -170,7 +170,10 @@ async fn no_hedge_before_enough_calls_were_measured() {
 #[tokio::test]
 async fn hedges_stop_when_the_budget_is_exhausted() {
     let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
-    let budget = RetryBudget::new().ratio(0.0).min_per_second(0);
+    let budget = RetryBudget::new()
+        .ratio(0.0)
+        .expect("valid setting")
+        .min_per_second(0);
     let client = client(hedge_layer(&budget), addrs(&servers));
     warm_up(&client, 20).await;
     for server in &servers {

@@ -210,7 +210,7 @@ async fn with_hedging_but_no_retries_the_budget_still_counts_every_call() {
     let servers = start(vec![Behaviour::Answer]).await;
     let client = HttpClient::builder()
         .no_retries()
-        .hedging(|hedge| hedge)
+        .hedging(tower_lb::hedge::HedgeLayer::default())
         .build(addrs(&servers));
     for i in 0..5 {
         send(&client, get(&format!("get-{i}"))).await;

@@ -216,6 +216,7 @@ impl Settings {
     fn detection(&self) -> OutlierDetection {
         OutlierDetection::new()
             .consecutive_failures(Some(self.consecutive_failures))
+            .expect("valid setting")
             .success_rate(None)
             .failure_percentage(None)
             .latency(None)
@@ -223,6 +224,7 @@ impl Settings {
             .base_ejection_time(Duration::from_millis(self.base_ejection_ms))
             .max_ejection_time(Duration::from_millis(self.max_ejection_ms))
             .max_ejection_percent(self.max_ejection_percent)
+            .expect("valid setting")
     }
 
     /// How long the ejection that raised the multiplier to `multiplier`
@@ -558,6 +560,7 @@ impl<P: tower_lb::strategy::Strategy> Harness<P> {
             .strategy(strategy)
             .outlier_detection(settings.detection())
             .panic_threshold(settings.panic_threshold)
+            .expect("valid setting")
             .build(stream);
         Self {
             balancer,

@@ -733,6 +733,7 @@ fn churn_leaves_memory_flat() {
                         .base_ejection_time(Duration::from_millis(10))
                         .max_ejection_time(Duration::from_millis(50))
                         .consecutive_failures(Some(2))
+                        .expect("valid setting")
                         .failure_percentage(Some(
                             FailurePercentage::new().minimum_hosts(5).request_volume(1),
                         )),

@@ -140,12 +140,12 @@ async fn outlier_detection() -> Result<(), BoxError> {
         .classify(HttpClassify::server_errors()) // 5xx and errors are failures; 4xx are not
         .outlier_detection(
             OutlierDetection::new() // Envoy's defaults
-                .consecutive_failures(Some(5)) // eject after 5 in a row (the default)
+                .consecutive_failures(Some(5))? // eject after 5 in a row (the default)
                 .success_rate(Some(SuccessRate::new())) // mean - 1.9 x stdev, >= 5 hosts x 100 requests
                 .base_ejection_time(Duration::from_secs(30))
-                .max_ejection_percent(10),
+                .max_ejection_percent(10)?,
         )
-        .panic_threshold(50) // below 50 % in service, use everything
+        .panic_threshold(50)? // below 50 % in service, use everything
         .build(discover::fixed(lb_http::endpoints(&client, addrs)));
     // README end
     Ok(())
@@ -233,7 +233,7 @@ async fn dns_discovery() -> Result<(), BoxError> {
     // A and AAAA records of a name, at one port (a Kubernetes headless service):
     let http = client.clone();
     let (refresh, discover) = Dns::host("api.default.svc.cluster.local", 8080)
-        .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
+        .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))?
         .build(move |addr| HttpEndpoint::new(http.clone(), addr))?;
 
     // Or SRV records (Consul: _api._tcp.service.consul), weighted by the records:

@@ -275,6 +275,7 @@ async fn retries_never_go_back_to_an_endpoint_while_others_are_untried(kind: Sta
     let client = Stack {
         policy: RetryPolicy::new()
             .max_attempts(4)
+            .expect("valid setting")
             .backoff(Backoff::new().initial(Duration::from_millis(1))),
         ..Stack::default()
     }
@@ -311,6 +312,7 @@ async fn under_total_failure_the_budget_caps_attempts(kind: StackKind) {
     let client = Stack {
         policy: RetryPolicy::new()
             .max_attempts(3)
+            .expect("valid setting")
             .backoff(Backoff::new().initial(Duration::ZERO).max(Duration::ZERO)),
         budget: budget.clone(),
         ..Stack::default()
@@ -342,7 +344,10 @@ async fn under_total_failure_the_budget_caps_attempts(kind: StackKind) {
 
 async fn an_exhausted_budget_names_itself_in_the_error(kind: StackKind) {
     let refusing = support::refusing_addr().await;
-    let budget = RetryBudget::new().ratio(0.0).min_per_second(0);
+    let budget = RetryBudget::new()
+        .ratio(0.0)
+        .expect("valid setting")
+        .min_per_second(0);
     let client = Stack {
         budget,
         ..Stack::default()

@@ -1,3 +1,4 @@
+use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::hash::Hash;
 use std::time::Duration;
@@ -252,10 +253,14 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
 
     /// When fewer than this percentage of the endpoints are in service (not
     /// ejected), balance over all of them, as Envoy does. Default 50; 0 turns
-    /// panic mode off; values above 100 are taken as 100.
-    pub fn panic_threshold(mut self, percent: u32) -> Self {
-        self.options.panic_threshold = percent.min(100);
-        self
+    /// panic mode off.
+    ///
+    /// # Errors
+    ///
+    /// When `percent` is above 100.
+    pub fn panic_threshold(mut self, percent: u32) -> Result<Self, InvalidSetting> {
+        self.options.panic_threshold = setting::percent("Builder::panic_threshold", percent)?;
+        Ok(self)
     }
 
     /// How long a request waits for the first endpoint when discovery has not
@@ -348,5 +353,17 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
             },
         };
         super::spawn(discover, settings, shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_threshold_above_100_is_refused_by_name() {
+        let error = Builder::new().panic_threshold(101).unwrap_err();
+        assert_eq!(error.setting(), "Builder::panic_threshold");
+        assert_eq!(error.value(), "101");
     }
 }

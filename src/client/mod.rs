@@ -217,7 +217,7 @@ impl<T, B, R> ClientBuilder<T, B, R> {
     /// default), or a rule of your own through
     /// [`RetryPolicy::retry_on`]. It sees the response as the client's
     /// layers do (for [`HttpClient`], an `http::Response<`[`ResponseBody`]`>`;
-    /// for [`GrpcChannel`], an `http::Response<tonic::body::Body>`), so a
+    /// for `GrpcChannel`, an `http::Response<tonic::body::Body>`), so a
     /// rule over any `http::Response<B>` fits both:
     ///
     /// ```
@@ -237,8 +237,9 @@ impl<T, B, R> ClientBuilder<T, B, R> {
     /// }
     ///
     /// let builder = HttpClient::builder()
-    ///     .retry_policy(RetryPolicy::new().max_attempts(2).retry_on(RetryWhenAsked));
+    ///     .retry_policy(RetryPolicy::new().max_attempts(2)?.retry_on(RetryWhenAsked));
     /// # let _ = builder;
+    /// # Ok::<_, tower_lb::error::InvalidSetting>(())
     /// ```
     pub fn retry_policy<D>(self, policy: RetryPolicy<D>) -> ClientBuilder<T, B, D> {
         ClientBuilder {
@@ -262,21 +263,24 @@ impl<T, B, R> ClientBuilder<T, B, R> {
     }
 
     /// Sends a hedge (a second attempt) after an adaptive delay, for safe
-    /// and idempotent requests. `configure` gets a [`HedgeLayer`] with its
-    /// defaults; hedges draw on the client's retry budget, whichever budget
-    /// is set, so that [`retry_stats`](HttpClient::retry_stats) counts them
-    /// and the budget caps retries and hedges together.
+    /// and idempotent requests, with `hedge`'s settings
+    /// ([`HedgeLayer::default`] for the defaults). Hedges draw on the
+    /// client's retry budget, whichever budget `hedge` was made with, so that
+    /// [`retry_stats`](HttpClient::retry_stats) counts them and the budget
+    /// caps retries and hedges together. Off unless set.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_lb::client::HttpClient;
+    /// use tower_lb::hedge::HedgeLayer;
     ///
     /// let builder = HttpClient::builder()
-    ///     .hedging(|hedge| hedge.percentile(0.9).min_delay(Duration::from_millis(20)));
+    ///     .hedging(HedgeLayer::default().percentile(0.9)?.min_delay(Duration::from_millis(20)));
     /// # let _ = builder;
+    /// # Ok::<_, tower_lb::error::InvalidSetting>(())
     /// ```
-    pub fn hedging(mut self, configure: impl FnOnce(HedgeLayer) -> HedgeLayer) -> Self {
-        self.calls.hedge = Some(configure(HedgeLayer::new(self.calls.budget.clone())));
+    pub fn hedging(mut self, hedge: HedgeLayer) -> Self {
+        self.calls.hedge = Some(hedge);
         self
     }
 
@@ -356,7 +360,7 @@ impl<T, B, R> ClientBuilder<T, B, R> {
     /// use tower_lb::client::HttpClient;
     ///
     /// let builder = HttpClient::builder()
-    ///     .balancer(|b| b.panic_threshold(30).startup_wait(Duration::from_secs(1)));
+    ///     .balancer(|b| b.startup_wait(Duration::from_secs(1)).seed(7));
     /// # let _ = builder;
     /// ```
     pub fn balancer<B2>(self, f: impl FnOnce(B) -> B2) -> ClientBuilder<T, B2, R> {

@@ -2,6 +2,7 @@
 //! records (ports and weights from the records), re-resolved when the
 //! records' TTL runs out.
 
+use crate::setting::{self, InvalidSetting};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -135,9 +136,9 @@ impl fmt::Display for DnsRecords {
 /// use tower_lb::discover::Dns;
 /// # use tower::service_fn;
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), tower_lb::discover::DnsError> {
+/// # async fn main() -> Result<(), tower_lb::BoxError> {
 /// let (refresh, discover) = Dns::host("api.internal.example", 8080)
-///     .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))
+///     .ttl_bounds(Duration::from_secs(5), Duration::from_secs(60))?
 ///     .build(|addr| service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(addr) }))?;
 /// // Something changed? Look again now rather than at the TTL.
 /// refresh.resolve_now();
@@ -228,22 +229,33 @@ impl Dns {
     /// Re-resolves when the records' TTL runs out, but never sooner than
     /// `min` nor later than `max`. Defaults: 1 s and 5 min. Whatever `min`,
     /// two resolutions are at least 100 ms apart.
-    pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
-        self.min_ttl = min.min(MAX_TTL);
-        self.max_ttl = max.clamp(self.min_ttl, MAX_TTL);
-        self
+    ///
+    /// # Errors
+    ///
+    /// When `max` is below `min`, or either is above a day.
+    pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Result<Self, InvalidSetting> {
+        if min > MAX_TTL || max > MAX_TTL || max < min {
+            return Err(InvalidSetting::new(
+                "Dns::ttl_bounds",
+                (min, max),
+                "a minimum and a maximum, in that order, each at most a day",
+            ));
+        }
+        self.min_ttl = min;
+        self.max_ttl = max;
+        Ok(self)
     }
 
     /// Re-resolves up to this fraction of the TTL early, at random, so that
     /// a fleet of clients started together does not ask in lockstep.
-    /// Default 0.1; clamped to 0 to 0.5.
-    pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = if fraction.is_nan() {
-            0.1
-        } else {
-            fraction.clamp(0.0, 0.5)
-        };
-        self
+    /// Default 0.1; 0 turns it off.
+    ///
+    /// # Errors
+    ///
+    /// When `fraction` is not within 0 to 0.5 (NaN included).
+    pub fn jitter(mut self, fraction: f64) -> Result<Self, InvalidSetting> {
+        self.jitter = setting::within("Dns::jitter", fraction, 0.0, 0.5, "a fraction, 0 to 0.5")?;
+        Ok(self)
     }
 
     /// How long one resolution may take before it counts as failed.
@@ -736,6 +748,23 @@ impl From<ResolveError> for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jitter_outside_0_to_half_is_refused_by_name() {
+        for bad in [0.6, -0.1, f64::NAN] {
+            let error = Dns::host("a.test", 80).jitter(bad).unwrap_err();
+            assert_eq!(error.setting(), "Dns::jitter");
+        }
+    }
+
+    #[test]
+    fn ttl_bounds_upside_down_or_above_a_day_are_refused_by_name() {
+        let (second, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+        for (min, max) in [(minute, second), (second, MAX_TTL + second)] {
+            let error = Dns::host("a.test", 80).ttl_bounds(min, max).unwrap_err();
+            assert_eq!(error.setting(), "Dns::ttl_bounds");
+        }
+    }
 
     #[test]
     fn srv_weight_zero_is_a_small_weight_not_none() {

@@ -54,6 +54,7 @@ pub(crate) use self::detect::{
 };
 pub(crate) use self::ejection::EjectionRecord;
 
+use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::time::Duration;
 
@@ -115,10 +116,11 @@ impl fmt::Display for EjectionReason {
 /// let detection = OutlierDetection::new()
 ///     .interval(Duration::from_secs(5))
 ///     .base_ejection_time(Duration::from_secs(10))
-///     .max_ejection_percent(50)
-///     .consecutive_failures(Some(3))
-///     .failure_percentage(Some(FailurePercentage::new().threshold(50)));
+///     .max_ejection_percent(50)?
+///     .consecutive_failures(Some(3))?
+///     .failure_percentage(Some(FailurePercentage::new().threshold(50)?));
 /// # let _ = detection;
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutlierDetection {
@@ -168,18 +170,28 @@ impl OutlierDetection {
 
     /// At most this percentage of the endpoints is ejected at once; an
     /// endpoint is ejected only while fewer than this share are out, so one
-    /// may always be. Default 10; values above 100 are taken as 100, and 0
-    /// ejects nothing.
-    pub fn max_ejection_percent(mut self, percent: u32) -> Self {
-        self.max_ejection_percent = percent.min(100);
-        self
+    /// may always be. Default 10; 0 ejects nothing.
+    ///
+    /// # Errors
+    ///
+    /// When `percent` is above 100.
+    pub fn max_ejection_percent(mut self, percent: u32) -> Result<Self, InvalidSetting> {
+        self.max_ejection_percent =
+            setting::percent("OutlierDetection::max_ejection_percent", percent)?;
+        Ok(self)
     }
 
     /// Ejects an endpoint after this many failures in a row (`None`: off).
-    /// Default `Some(5)`; `Some(0)` is taken as `Some(1)`.
-    pub fn consecutive_failures(mut self, failures: Option<u32>) -> Self {
-        self.consecutive_failures = failures.map(|n| n.max(1));
-        self
+    /// Default `Some(5)`.
+    ///
+    /// # Errors
+    ///
+    /// When `failures` is `Some(0)`: turn the detector off with `None`.
+    pub fn consecutive_failures(mut self, failures: Option<u32>) -> Result<Self, InvalidSetting> {
+        self.consecutive_failures = failures
+            .map(|n| setting::at_least_one("OutlierDetection::consecutive_failures", n))
+            .transpose()?;
+        Ok(self)
     }
 
     /// The success-rate detector (`None`: off). Default on.
@@ -243,13 +255,19 @@ impl SuccessRate {
     }
 
     /// How many standard deviations below the mean is an outlier. Default
-    /// 1.9. A factor that is not a finite non-negative number is ignored
-    /// (the previous value stays).
-    pub fn stdev_factor(mut self, factor: f64) -> Self {
-        if factor.is_finite() && factor >= 0.0 {
-            self.stdev_factor = factor;
-        }
-        self
+    /// 1.9.
+    ///
+    /// # Errors
+    ///
+    /// When `factor` is negative, NaN or infinite.
+    pub fn stdev_factor(mut self, factor: f64) -> Result<Self, InvalidSetting> {
+        self.stdev_factor = setting::finite_at_least(
+            "SuccessRate::stdev_factor",
+            factor,
+            0.0,
+            "a finite number, 0 or more",
+        )?;
+        Ok(self)
     }
 
     /// The detector runs only when at least this many endpoints have enough
@@ -293,10 +311,14 @@ impl FailurePercentage {
     }
 
     /// Failure percentage above which an endpoint is ejected. Default 85;
-    /// values above 100 are taken as 100 (which ejects nothing).
-    pub fn threshold(mut self, percent: u32) -> Self {
-        self.threshold = percent.min(100);
-        self
+    /// 100 ejects nothing.
+    ///
+    /// # Errors
+    ///
+    /// When `percent` is above 100.
+    pub fn threshold(mut self, percent: u32) -> Result<Self, InvalidSetting> {
+        self.threshold = setting::percent("FailurePercentage::threshold", percent)?;
+        Ok(self)
     }
 
     /// The detector runs only when at least this many endpoints have enough
@@ -341,21 +363,29 @@ impl LatencyOutliers {
         }
     }
 
-    /// How many times the median latency is an outlier. Default 3. A factor
-    /// that is not a finite number of at least 1 is ignored (the previous
-    /// value stays).
-    pub fn factor(mut self, factor: f64) -> Self {
-        if factor.is_finite() && factor >= 1.0 {
-            self.factor = factor;
-        }
-        self
+    /// How many times the median latency is an outlier. Default 3.
+    ///
+    /// # Errors
+    ///
+    /// When `factor` is below 1, NaN or infinite.
+    pub fn factor(mut self, factor: f64) -> Result<Self, InvalidSetting> {
+        self.factor = setting::finite_at_least(
+            "LatencyOutliers::factor",
+            factor,
+            1.0,
+            "a finite number, 1 or more",
+        )?;
+        Ok(self)
     }
 
-    /// Intervals in a row an endpoint must be an outlier. Default 3; 0 is
-    /// taken as 1.
-    pub fn intervals(mut self, intervals: u32) -> Self {
-        self.intervals = intervals.max(1);
-        self
+    /// Intervals in a row an endpoint must be an outlier. Default 3.
+    ///
+    /// # Errors
+    ///
+    /// When `intervals` is 0.
+    pub fn intervals(mut self, intervals: u32) -> Result<Self, InvalidSetting> {
+        self.intervals = setting::at_least_one("LatencyOutliers::intervals", intervals)?;
+        Ok(self)
     }
 
     /// The detector runs only with at least this many endpoints in service.
@@ -397,7 +427,9 @@ mod tests {
 
     #[test]
     fn max_ejection_percent_allows_one_ejection_even_when_it_rounds_to_zero() {
-        let d = OutlierDetection::new().max_ejection_percent(10);
+        let d = OutlierDetection::new()
+            .max_ejection_percent(10)
+            .expect("valid setting");
         assert!(d.may_eject(0, 3));
         assert!(!d.may_eject(1, 3));
         assert!(d.may_eject(1, 20));
@@ -406,15 +438,36 @@ mod tests {
 
     #[test]
     fn zero_max_ejection_percent_ejects_nothing() {
-        let d = OutlierDetection::new().max_ejection_percent(0);
+        let d = OutlierDetection::new()
+            .max_ejection_percent(0)
+            .expect("valid setting");
         assert!(!d.may_eject(0, 100));
     }
 
     #[test]
-    fn nonsense_factors_are_ignored() {
-        let s = SuccessRate::new().stdev_factor(f64::NAN).stdev_factor(-1.0);
-        assert_eq!(s.stdev_factor, 1.9);
-        let l = LatencyOutliers::new().factor(f64::INFINITY).factor(0.5);
-        assert_eq!(l.factor, 3.0);
+    fn factors_that_are_not_finite_or_too_small_are_refused_by_name() {
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let error = SuccessRate::new().stdev_factor(bad).unwrap_err();
+            assert_eq!(error.setting(), "SuccessRate::stdev_factor");
+        }
+        for bad in [f64::NAN, f64::INFINITY, 0.5] {
+            let error = LatencyOutliers::new().factor(bad).unwrap_err();
+            assert_eq!(error.setting(), "LatencyOutliers::factor");
+        }
+    }
+
+    #[test]
+    fn percentages_above_100_and_counts_of_zero_are_refused_by_name() {
+        let error = OutlierDetection::new()
+            .max_ejection_percent(101)
+            .unwrap_err();
+        assert_eq!(error.setting(), "OutlierDetection::max_ejection_percent");
+        assert_eq!(error.value(), "101");
+        let error = OutlierDetection::new()
+            .consecutive_failures(Some(0))
+            .unwrap_err();
+        assert_eq!(error.setting(), "OutlierDetection::consecutive_failures");
+        assert!(FailurePercentage::new().threshold(101).is_err());
+        assert!(LatencyOutliers::new().intervals(0).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Slow start: a new endpoint, or one back from an ejection, gets a growing
 //! share of the traffic instead of its full share at once.
 
+use crate::setting::{self, InvalidSetting};
 use std::time::Duration;
 
 /// Ramps an endpoint's share of the traffic up over a window after it joins
@@ -21,10 +22,12 @@ use std::time::Duration;
 /// use std::time::Duration;
 /// use tower_lb::health::SlowStart;
 ///
-/// let slow_start = SlowStart::new(Duration::from_secs(30)).min_weight_percent(5.0).aggression(2.0);
+/// let slow_start = SlowStart::new(Duration::from_secs(30))
+///     .min_weight_percent(5.0)?
+///     .aggression(2.0)?;
 /// assert_eq!(slow_start.factor(Duration::ZERO), 0.05);
 /// assert_eq!(slow_start.factor(Duration::from_secs(30)), 1.0);
-/// # let _ = slow_start;
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlowStart {
@@ -44,25 +47,37 @@ impl SlowStart {
     }
 
     /// The share an endpoint starts at, in percent (0 to 100; default 10).
-    /// A value that is not a number is taken as the default.
-    pub fn min_weight_percent(mut self, percent: f64) -> Self {
-        self.min_weight = if percent.is_nan() {
-            0.1
-        } else {
-            percent.clamp(0.0, 100.0) / 100.0
-        };
-        self
+    ///
+    /// # Errors
+    ///
+    /// When `percent` is not within 0 to 100 (NaN included).
+    pub fn min_weight_percent(mut self, percent: f64) -> Result<Self, InvalidSetting> {
+        let percent = setting::within(
+            "SlowStart::min_weight_percent",
+            percent,
+            0.0,
+            100.0,
+            "a percentage, 0 to 100",
+        )?;
+        self.min_weight = percent / 100.0;
+        Ok(self)
     }
 
-    /// The ramp's shape (default 1, linear); values that are not finite and
-    /// positive are taken as 1.
-    pub fn aggression(mut self, aggression: f64) -> Self {
-        self.aggression = if aggression.is_finite() && aggression > 0.0 {
-            aggression
-        } else {
-            1.0
-        };
-        self
+    /// The ramp's shape (default 1, linear).
+    ///
+    /// # Errors
+    ///
+    /// When `aggression` is not a finite number above 0.
+    pub fn aggression(mut self, aggression: f64) -> Result<Self, InvalidSetting> {
+        if !(aggression.is_finite() && aggression > 0.0) {
+            return Err(InvalidSetting::new(
+                "SlowStart::aggression",
+                aggression,
+                "a finite number above 0",
+            ));
+        }
+        self.aggression = aggression;
+        Ok(self)
     }
 
     /// The window over which the share ramps up.
@@ -113,18 +128,27 @@ mod tests {
 
     #[test]
     fn more_aggression_ramps_faster_early() {
-        let slow_start = SlowStart::new(WINDOW).aggression(2.0);
+        let slow_start = SlowStart::new(WINDOW)
+            .aggression(2.0)
+            .expect("valid setting");
         // (0.25) ^ (1/2) = 0.5
         assert!((slow_start.factor(Duration::from_millis(2_500)) - 0.5).abs() < 1e-9);
     }
 
     #[test]
-    fn odd_settings_are_replaced_not_trusted() {
-        let slow_start = SlowStart::new(WINDOW)
-            .min_weight_percent(f64::NAN)
-            .aggression(f64::NAN);
-        assert_eq!(slow_start.factor(Duration::ZERO), 0.1);
-        assert!((slow_start.factor(Duration::from_secs(5)) - 0.5).abs() < 1e-9);
+    fn odd_settings_are_refused_by_name() {
+        for bad in [f64::NAN, -1.0, 101.0] {
+            let error = SlowStart::new(WINDOW).min_weight_percent(bad).unwrap_err();
+            assert_eq!(error.setting(), "SlowStart::min_weight_percent");
+        }
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -2.0] {
+            let error = SlowStart::new(WINDOW).aggression(bad).unwrap_err();
+            assert_eq!(error.setting(), "SlowStart::aggression");
+        }
+    }
+
+    #[test]
+    fn a_zero_window_is_no_ramp() {
         let zero_window = SlowStart::new(Duration::ZERO);
         assert_eq!(zero_window.factor(Duration::ZERO), 1.0);
     }

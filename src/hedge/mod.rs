@@ -30,6 +30,7 @@
 
 mod latency;
 
+use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -102,17 +103,23 @@ impl HedgeLayer {
 
     /// The latency percentile (0 to 1) after which a copy is sent. Default
     /// 0.95: about 5 % of calls are hedged.
-    pub fn percentile(self, percentile: f64) -> Self {
-        let percentile = if percentile.is_finite() {
-            percentile.clamp(0.0, 1.0)
-        } else {
-            0.95
-        };
+    ///
+    /// # Errors
+    ///
+    /// When `percentile` is not within 0 to 1 (NaN included).
+    pub fn percentile(self, percentile: f64) -> Result<Self, InvalidSetting> {
+        let percentile = setting::within(
+            "HedgeLayer::percentile",
+            percentile,
+            0.0,
+            1.0,
+            "a fraction, 0 to 1",
+        )?;
         let settings = Settings {
             percentile,
             ..self.settings
         };
-        self.with(settings)
+        Ok(self.with(settings))
     }
 
     /// The shortest hedge delay, however fast recent calls were, so that a
@@ -159,6 +166,14 @@ impl HedgeLayer {
             shared: Shared::new(settings, self.shared.budget.clone()),
             settings,
         }
+    }
+}
+
+impl Default for HedgeLayer {
+    /// [`HedgeLayer::new`]'s defaults, with a [`RetryBudget::new`] of its
+    /// own: for the ready-made clients' `hedging`, which give it theirs.
+    fn default() -> Self {
+        Self::new(RetryBudget::new())
     }
 }
 
@@ -422,5 +437,18 @@ where
             }
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percentile_outside_0_to_1_is_refused_by_name() {
+        for bad in [f64::NAN, 1.5, -0.1, f64::INFINITY] {
+            let error = HedgeLayer::default().percentile(bad).unwrap_err();
+            assert_eq!(error.setting(), "HedgeLayer::percentile");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Exponential backoff with jitter between retries.
 
+use crate::setting::{self, InvalidSetting};
 use std::time::Duration;
 
 /// Exponential backoff with jitter, by the gRPC formula (A6): the delay
@@ -22,11 +23,12 @@ use std::time::Duration;
 /// let backoff = Backoff::new()
 ///     .initial(Duration::from_millis(100))
 ///     .max(Duration::from_secs(1))
-///     .jitter(0.0);
+///     .jitter(0.0)?;
 /// let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
 /// assert_eq!(backoff.delay(1, &mut rng), Duration::from_millis(100));
 /// assert_eq!(backoff.delay(3, &mut rng), Duration::from_millis(400));
 /// assert_eq!(backoff.delay(9, &mut rng), Duration::from_secs(1));
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
@@ -66,28 +68,28 @@ impl Backoff {
     /// The factor each delay grows by over the one before. 1.0 gives a
     /// constant delay.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `multiplier` is below 1, NaN or infinite.
-    pub fn multiplier(mut self, multiplier: f64) -> Self {
-        assert!(
-            multiplier.is_finite() && multiplier >= 1.0,
-            "backoff multiplier must be finite and at least 1, got {multiplier}"
-        );
-        self.multiplier = multiplier;
-        self
+    /// When `multiplier` is below 1, NaN or infinite.
+    pub fn multiplier(mut self, multiplier: f64) -> Result<Self, InvalidSetting> {
+        self.multiplier = setting::finite_at_least(
+            "Backoff::multiplier",
+            multiplier,
+            1.0,
+            "a finite number, 1 or more",
+        )?;
+        Ok(self)
     }
 
     /// How far each delay is randomly spread around its nominal value, as a
-    /// fraction of it: 0.2 picks uniformly within ±20 %. Clamped to
-    /// `[0, 1]`; NaN counts as 0.
-    pub fn jitter(mut self, jitter: f64) -> Self {
-        self.jitter = if jitter.is_nan() {
-            0.0
-        } else {
-            jitter.clamp(0.0, 1.0)
-        };
-        self
+    /// fraction of it: 0.2 picks uniformly within ±20 %; 0 turns jitter off.
+    ///
+    /// # Errors
+    ///
+    /// When `jitter` is not within 0 to 1 (NaN included).
+    pub fn jitter(mut self, jitter: f64) -> Result<Self, InvalidSetting> {
+        self.jitter = setting::within("Backoff::jitter", jitter, 0.0, 1.0, "a fraction, 0 to 1")?;
+        Ok(self)
     }
 
     /// A bound on what [`delay`](Self::delay) returns, `max * (1 + jitter)`
@@ -162,7 +164,8 @@ mod tests {
             .initial(Duration::from_millis(10))
             .max(Duration::from_secs(60))
             .multiplier(3.0)
-            .jitter(0.0);
+            .and_then(|b| b.jitter(0.0))
+            .expect("valid setting");
         let mut rng = rng();
         let delays: Vec<_> = (1..=4).map(|n| backoff.delay(n, &mut rng)).collect();
         assert_eq!(
@@ -204,7 +207,10 @@ mod tests {
         for backoff in [
             Backoff::new(),
             Backoff::new().max(Duration::MAX),
-            Backoff::new().max(Duration::MAX).jitter(1.0),
+            Backoff::new()
+                .max(Duration::MAX)
+                .jitter(1.0)
+                .expect("valid setting"),
             Backoff::new().initial(Duration::MAX).max(Duration::MAX),
         ] {
             for retry in [0, 1, 64, 1_100, u32::MAX] {
@@ -213,14 +219,17 @@ mod tests {
             let _ = backoff.upper_bound();
         }
         assert_eq!(
-            Backoff::new().jitter(0.0).delay(u32::MAX, &mut rng),
+            Backoff::new()
+                .jitter(0.0)
+                .expect("valid setting")
+                .delay(u32::MAX, &mut rng),
             Duration::from_millis(250)
         );
     }
 
     #[test]
     fn zero_jitter_is_exact() {
-        let backoff = Backoff::new().jitter(0.0);
+        let backoff = Backoff::new().jitter(0.0).expect("valid setting");
         let mut rng = rng();
         let delays: Vec<_> = (1..=5).map(|n| backoff.delay(n, &mut rng)).collect();
         assert_eq!(
@@ -231,26 +240,23 @@ mod tests {
 
     #[test]
     fn retry_zero_counts_as_the_first() {
-        let backoff = Backoff::new().jitter(0.0);
+        let backoff = Backoff::new().jitter(0.0).expect("valid setting");
         assert_eq!(backoff.delay(0, &mut rng()), Duration::from_millis(25));
     }
 
     #[test]
-    fn jitter_is_clamped() {
-        assert_eq!(Backoff::new().jitter(7.0), Backoff::new().jitter(1.0));
-        assert_eq!(Backoff::new().jitter(-1.0), Backoff::new().jitter(0.0));
-        assert_eq!(Backoff::new().jitter(f64::NAN), Backoff::new().jitter(0.0));
+    fn a_jitter_outside_0_to_1_is_refused_by_name() {
+        for bad in [7.0, -1.0, f64::NAN, f64::INFINITY] {
+            let error = Backoff::new().jitter(bad).unwrap_err();
+            assert_eq!(error.setting(), "Backoff::jitter");
+        }
     }
 
     #[test]
-    #[should_panic(expected = "multiplier")]
-    fn a_multiplier_below_one_panics() {
-        let _ = Backoff::new().multiplier(0.5);
-    }
-
-    #[test]
-    #[should_panic(expected = "multiplier")]
-    fn an_infinite_multiplier_panics() {
-        let _ = Backoff::new().multiplier(f64::INFINITY);
+    fn a_multiplier_below_one_or_not_finite_is_refused_by_name() {
+        for bad in [0.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = Backoff::new().multiplier(bad).unwrap_err();
+            assert_eq!(error.setting(), "Backoff::multiplier");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! A lock-free retry budget, shared by every clone of a client, that caps
 //! retries and hedges to a fraction of recent traffic.
 
+use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,8 +139,8 @@ impl RetryStats {
 /// use tower_lb::retry::{RetryBudget, Spend};
 ///
 /// let budget = RetryBudget::new()
-///     .ratio(0.1)
-///     .window(Duration::from_secs(10))
+///     .ratio(0.1)?
+///     .window(Duration::from_secs(10))?
 ///     .min_per_second(0);
 ///
 /// // Each original request deposits; retries and hedges withdraw.
@@ -150,6 +151,7 @@ impl RetryStats {
 /// assert!(budget.try_spend(Spend::Hedge));
 /// assert!(!budget.try_spend(Spend::Retry)); // 10 % of 20 is 2
 /// assert_eq!(budget.stats().refused, 1);
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Clone)]
 pub struct RetryBudget {
@@ -202,18 +204,20 @@ impl RetryBudget {
     ///
     /// Returns a new, empty budget (see [Sharing](#sharing)).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `ratio` is negative, NaN or infinite.
-    pub fn ratio(self, ratio: f64) -> Self {
-        assert!(
-            ratio.is_finite() && ratio >= 0.0,
-            "retry budget ratio must be finite and non-negative, got {ratio}"
-        );
-        Self::with_config(Config {
+    /// When `ratio` is negative, NaN or infinite.
+    pub fn ratio(self, ratio: f64) -> Result<Self, InvalidSetting> {
+        let ratio = setting::finite_at_least(
+            "RetryBudget::ratio",
+            ratio,
+            0.0,
+            "a finite number, 0 or more",
+        )?;
+        Ok(Self::with_config(Config {
             ratio,
             ..self.inner.config
-        })
+        }))
     }
 
     /// How far back requests count, and the period the floor is given for.
@@ -221,18 +225,21 @@ impl RetryBudget {
     ///
     /// Returns a new, empty budget (see [Sharing](#sharing)).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `window` is zero or longer than one hour.
-    pub fn window(self, window: Duration) -> Self {
-        assert!(
-            !window.is_zero() && window <= MAX_WINDOW,
-            "retry budget window must be more than zero and at most one hour, got {window:?}"
-        );
-        Self::with_config(Config {
+    /// When `window` is zero or longer than one hour.
+    pub fn window(self, window: Duration) -> Result<Self, InvalidSetting> {
+        if window.is_zero() || window > MAX_WINDOW {
+            return Err(InvalidSetting::new(
+                "RetryBudget::window",
+                window,
+                "more than zero and at most one hour",
+            ));
+        }
+        Ok(Self::with_config(Config {
             window,
             ..self.inner.config
-        })
+        }))
     }
 
     /// Retries and hedges allowed per second of the window whatever the
@@ -523,7 +530,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_and_hedges_count_apart_and_share_one_pool() {
-        let budget = RetryBudget::new().ratio(0.5).min_per_second(0);
+        let budget = RetryBudget::new()
+            .ratio(0.5)
+            .expect("valid setting")
+            .min_per_second(0);
         for _ in 0..4 {
             budget.deposit();
         }
@@ -543,7 +553,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_fractional_ratio_does_not_over_allocate() {
         // tower-rs/tower#857: tower's TpsBudget allows 10 here.
-        let budget = RetryBudget::new().ratio(0.6).min_per_second(0);
+        let budget = RetryBudget::new()
+            .ratio(0.6)
+            .expect("valid setting")
+            .min_per_second(0);
         for _ in 0..10 {
             budget.deposit();
         }
@@ -554,13 +567,17 @@ mod tests {
     async fn the_floor_scales_with_a_fractional_window() {
         let budget = RetryBudget::new()
             .window(Duration::from_millis(500))
+            .expect("valid setting")
             .min_per_second(10);
         assert_eq!(spend_all(&budget, Spend::Retry), 5);
     }
 
     #[tokio::test(start_paused = true)]
     async fn clones_share_one_budget() {
-        let budget = RetryBudget::new().min_per_second(0).ratio(1.0);
+        let budget = RetryBudget::new()
+            .min_per_second(0)
+            .ratio(1.0)
+            .expect("valid setting");
         let clone = budget.clone();
         budget.deposit();
         assert!(clone.try_spend(Spend::Retry));
@@ -570,7 +587,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_absurd_ratio_allows_everything_without_overflow() {
-        let budget = RetryBudget::new().ratio(f64::MAX).min_per_second(0);
+        let budget = RetryBudget::new()
+            .ratio(f64::MAX)
+            .expect("valid setting")
+            .min_per_second(0);
         budget.deposit();
         for _ in 0..1_000 {
             assert!(budget.try_spend(Spend::Retry));
@@ -583,33 +603,28 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "ratio")]
-    fn a_negative_ratio_panics() {
-        let _ = RetryBudget::new().ratio(-0.1);
+    fn a_negative_nan_or_infinite_ratio_is_refused_by_name() {
+        for bad in [-0.1, f64::NAN, f64::INFINITY] {
+            let error = RetryBudget::new().ratio(bad).unwrap_err();
+            assert_eq!(error.setting(), "RetryBudget::ratio");
+        }
     }
 
     #[test]
-    #[should_panic(expected = "ratio")]
-    fn a_nan_ratio_panics() {
-        let _ = RetryBudget::new().ratio(f64::NAN);
-    }
-
-    #[test]
-    #[should_panic(expected = "window")]
-    fn a_zero_window_panics() {
-        let _ = RetryBudget::new().window(Duration::ZERO);
-    }
-
-    #[test]
-    #[should_panic(expected = "window")]
-    fn a_window_over_an_hour_panics() {
-        let _ = RetryBudget::new().window(Duration::from_secs(3601));
+    fn a_zero_window_or_one_over_an_hour_is_refused_by_name() {
+        for bad in [Duration::ZERO, Duration::from_secs(3601)] {
+            let error = RetryBudget::new().window(bad).unwrap_err();
+            assert_eq!(error.setting(), "RetryBudget::window");
+        }
     }
 
     #[test]
     fn concurrent_spends_never_exceed_the_allowance_by_more_than_the_thread_count() {
         const THREADS: u64 = 8;
-        let budget = RetryBudget::new().ratio(0.25).min_per_second(0);
+        let budget = RetryBudget::new()
+            .ratio(0.25)
+            .expect("valid setting")
+            .min_per_second(0);
         for _ in 0..4_000 {
             budget.deposit();
         }

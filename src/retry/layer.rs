@@ -536,7 +536,7 @@ mod tests {
 
     fn layer() -> RetryLayer {
         RetryLayer::new(
-            RetryPolicy::new().max_attempts(5),
+            RetryPolicy::new().max_attempts(5).expect("valid setting"),
             RetryBudget::new().min_per_second(1_000),
         )
     }

@@ -1,5 +1,6 @@
 //! What the retry layer retries, how many times and how fast.
 
+use crate::setting::{self, InvalidSetting};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
@@ -22,10 +23,11 @@ use crate::request::Safety;
 /// use tower_lb::retry::{Backoff, HttpRetryOn, RetryPolicy};
 ///
 /// let policy = RetryPolicy::new()
-///     .max_attempts(4)
+///     .max_attempts(4)?
 ///     .backoff(Backoff::new().initial(Duration::from_millis(50)))
 ///     .retry_on(HttpRetryOn::new().status(http::StatusCode::TOO_MANY_REQUESTS));
 /// # let _ = policy;
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct RetryPolicy<C = HttpRetryOn> {
@@ -61,11 +63,14 @@ impl Default for RetryPolicy {
 }
 
 impl<C> RetryPolicy<C> {
-    /// Attempts per call, the first included; 1 turns retries off. Values
-    /// below 1 are taken as 1.
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts.max(1);
-        self
+    /// Attempts per call, the first included; 1 turns retries off.
+    ///
+    /// # Errors
+    ///
+    /// When `attempts` is 0: a call makes at least its first attempt.
+    pub fn max_attempts(mut self, attempts: u32) -> Result<Self, InvalidSetting> {
+        self.max_attempts = setting::at_least_one("RetryPolicy::max_attempts", attempts)?;
+        Ok(self)
     }
 
     /// The pause before each retry.
@@ -268,6 +273,13 @@ impl<B> RetryOn<http::Response<B>> for HttpRetryOn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_attempts_are_refused_by_name() {
+        let error = RetryPolicy::new().max_attempts(0).unwrap_err();
+        assert_eq!(error.setting(), "RetryPolicy::max_attempts");
+        assert_eq!(error.value(), "0");
+    }
 
     fn response(status: u16, headers: &[(&'static str, &'static str)]) -> http::Response<()> {
         let mut builder = http::Response::builder().status(status);

@@ -1,3 +1,4 @@
+use crate::setting::{self, InvalidSetting};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -90,9 +91,10 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 ///
 /// let strategy = WeightedRoundRobin::new()
 ///     .blackout_period(Duration::from_secs(5))
-///     .error_utilization_penalty(2.0);
+///     .error_utilization_penalty(2.0)?;
 /// let balancer = tower_lb::Balancer::builder().strategy(strategy);
 /// # let _ = balancer;
+/// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WeightedRoundRobin {
@@ -159,15 +161,19 @@ impl WeightedRoundRobin {
     }
 
     /// How much an error counts against an endpoint, in utilization per
-    /// error-per-request: 0 ignores errors. Default 1.0; a negative, NaN or
-    /// infinite value also gives the default.
-    pub fn error_utilization_penalty(mut self, penalty: f64) -> Self {
-        self.error_utilization_penalty = if penalty.is_finite() && penalty >= 0.0 {
-            penalty
-        } else {
-            1.0
-        };
-        self
+    /// error-per-request: 0 ignores errors. Default 1.0.
+    ///
+    /// # Errors
+    ///
+    /// When `penalty` is negative, NaN or infinite.
+    pub fn error_utilization_penalty(mut self, penalty: f64) -> Result<Self, InvalidSetting> {
+        self.error_utilization_penalty = setting::finite_at_least(
+            "WeightedRoundRobin::error_utilization_penalty",
+            penalty,
+            0.0,
+            "a finite number, 0 or more",
+        )?;
+        Ok(self)
     }
 
     /// The weight of one endpoint at `now_ns`, if it has one. Forgets a run
@@ -547,14 +553,25 @@ mod tests {
         let weight = |penalty| {
             WeightedRoundRobin::new()
                 .error_utilization_penalty(penalty)
+                .expect("valid setting")
                 .weight(&endpoints[0], LATER)
         };
         assert_eq!(weight(0.0), Some(200.0));
         assert_eq!(weight(1.0), Some(100.0));
         assert_eq!(weight(3.0), Some(50.0));
-        assert_eq!(weight(f64::NAN), Some(100.0));
-        assert_eq!(weight(-3.0), Some(100.0));
-        assert_eq!(weight(f64::INFINITY), Some(100.0));
+    }
+
+    #[test]
+    fn a_penalty_that_is_negative_nan_or_infinite_is_refused_by_name() {
+        for bad in [f64::NAN, -3.0, f64::INFINITY] {
+            let error = WeightedRoundRobin::new()
+                .error_utilization_penalty(bad)
+                .unwrap_err();
+            assert_eq!(
+                error.setting(),
+                "WeightedRoundRobin::error_utilization_penalty"
+            );
+        }
     }
 
     #[test]
