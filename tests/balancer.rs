@@ -48,10 +48,10 @@ fn bare<T, P: Strategy, C, H, W>(
     builder: ClientBuilder<T, tower_lb::balance::Builder<P, C, H, W>>,
 ) -> ClientBuilder<T, tower_lb::balance::Builder<P, C, H, W>> {
     builder
-        .outlier_detection(None)
+        .no_outlier_detection()
         .no_retries()
-        .attempt_timeout(None)
-        .deadline(None)
+        .no_attempt_timeout()
+        .no_deadline()
 }
 
 /// `strategy` over a fixed list of addresses.

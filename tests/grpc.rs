@@ -167,7 +167,7 @@ async fn a_refused_connection_is_retried_even_for_a_method_that_may_not_repeat()
     let channel = GrpcChannel::builder()
         .retry_policy(fast_retries())
         .strategy(RoundRobin::new())
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build([refusing, server.addr]);
     for i in 0..6 {
         call(&channel, &format!("u{i}"))
@@ -279,7 +279,7 @@ async fn the_grpc_timeout_of_a_call_bounds_it_retries_included() {
     let channel = GrpcChannel::builder()
         .retry_policy(fast_retries())
         .method_safety(safe_checks())
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build(addrs(&servers));
     let mut request = check("slow");
     request.set_timeout(Duration::from_millis(100));
@@ -549,7 +549,7 @@ async fn an_address_whose_configuration_fails_is_left_out() {
 async fn an_endpoint_timeout_of_tonics_own_is_held_against_the_endpoint() {
     let server = GrpcServer::start(GrpcBehaviour::Delay(Duration::from_secs(2))).await;
     let channel = GrpcChannel::builder()
-        .outlier_detection(None)
+        .no_outlier_detection()
         .configure_endpoint(|e| Ok(e.timeout(Duration::from_millis(50))))
         .build([server.addr]);
     let status = call(&channel, "slow")
@@ -619,7 +619,7 @@ async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
     let channel = GrpcChannel::builder()
         .retry_policy(fast_retries())
         .strategy(RoundRobin::new())
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build([refusing.addr, server.addr]);
     for i in 0..10 {
         call(&channel, &format!("r{i}"))
@@ -693,7 +693,7 @@ async fn a_call_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
     let channel = GrpcChannel::builder()
         .retry_policy(fast_retries())
         .strategy(RoundRobin::new())
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build([going.addr, server.addr]);
     let mut failed = Vec::new();
     for i in 0..10 {
@@ -826,7 +826,7 @@ async fn a_servers_deadline_exceeded_with_most_of_a_long_deadline_left_is_its_fa
     // dependency that timed out), or it is broken. Either way it counts.
     let server = GrpcServer::start(GrpcBehaviour::Fail(Code::DeadlineExceeded)).await;
     let channel = GrpcChannel::builder()
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build([server.addr]);
     let mut request = check("long");
     request.set_timeout(Duration::from_secs(10));
@@ -845,7 +845,7 @@ async fn without_a_callers_deadline_a_servers_deadline_exceeded_is_its_failure()
     // work (a dependency timing out), so it counts.
     let server = GrpcServer::start(GrpcBehaviour::Fail(Code::DeadlineExceeded)).await;
     let channel = GrpcChannel::builder()
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build([server.addr]);
     let status = call(&channel, "own")
         .await

@@ -76,8 +76,8 @@ impl Stack {
             .strategy(RoundRobin::new())
             .outlier_detection(self.detection)
             .no_retries()
-            .attempt_timeout(None)
-            .deadline(None);
+            .no_attempt_timeout()
+            .no_deadline();
         if let Some(percent) = self.panic_threshold {
             builder = builder.balancer(|b| b.panic_threshold(percent).expect("valid setting"));
         }
@@ -167,9 +167,8 @@ fn ejected(lb: &Lb) -> Vec<SocketAddr> {
 fn interval_only() -> OutlierDetection {
     OutlierDetection::new()
         .interval(INTERVAL)
-        .consecutive_failures(None)
-        .expect("valid setting")
-        .success_rate(None)
+        .no_consecutive_failures()
+        .no_success_rate()
         .max_ejection_percent(100)
         .expect("valid setting")
 }
@@ -349,7 +348,7 @@ async fn success_rate_detector_ejects_the_backend_at_half_errors_among_six_healt
 ) {
     let all = servers(7, Duration::ZERO).await;
     all[6].fail_every(2);
-    let detection = interval_only().success_rate(Some(SuccessRate::new()));
+    let detection = interval_only().success_rate(SuccessRate::new());
 
     let lb = after_one_interval(kind, &all, detection, 7 * 120).await;
 
@@ -359,7 +358,7 @@ async fn success_rate_detector_ejects_the_backend_at_half_errors_among_six_healt
 
 async fn success_rate_detector_ejects_nobody_when_all_are_healthy(kind: StackKind) {
     let all = servers(7, Duration::ZERO).await;
-    let detection = interval_only().success_rate(Some(SuccessRate::new()));
+    let detection = interval_only().success_rate(SuccessRate::new());
 
     let lb = after_one_interval(kind, &all, detection, 7 * 120).await;
     // Two more ticks' worth of waiting: still nobody.
@@ -371,7 +370,7 @@ async fn success_rate_detector_ejects_nobody_when_all_are_healthy(kind: StackKin
 async fn failure_percentage_detector_ejects_a_backend_above_the_threshold(kind: StackKind) {
     let all = servers(6, Duration::ZERO).await;
     all[2].fail_every(1);
-    let detection = interval_only().failure_percentage(Some(FailurePercentage::new()));
+    let detection = interval_only().failure_percentage(FailurePercentage::new());
 
     let lb = after_one_interval(kind, &all, detection, 6 * 60).await;
 
@@ -663,9 +662,8 @@ async fn removed_endpoint_health_state_is_dropped(kind: StackKind) {
 async fn latency_detector_ejects_an_endpoint_far_slower_than_its_peers(kind: StackKind) {
     let mut all = servers(3, Duration::ZERO).await;
     all.push(TestServer::with_delay(Duration::from_millis(30)).await);
-    let detection = interval_only().latency(Some(
-        LatencyOutliers::new().intervals(2).expect("valid setting"),
-    ));
+    let detection =
+        interval_only().latency(LatencyOutliers::new().intervals(2).expect("valid setting"));
 
     let lb = after_one_interval(kind, &all, detection, 40).await;
     assert!(ejected(&lb).is_empty(), "one slow interval is not enough");
@@ -703,8 +701,8 @@ async fn grpc_lb(kind: StackKind, servers: &[GrpcTrailersServer]) -> Lb {
                 .classify(HttpClassify::grpc())
                 .outlier_detection(OutlierDetection::new())
                 .no_retries()
-                .attempt_timeout(None)
-                .deadline(None)
+                .no_attempt_timeout()
+                .no_deadline()
                 .build(addrs),
         ),
     };

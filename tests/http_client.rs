@@ -180,7 +180,7 @@ async fn retry_stats_count_the_requests_and_retries_of_every_clone() {
     ])
     .await;
     let client = HttpClient::builder()
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build(addrs(&servers));
     for i in 0..20 {
         let response = send(&client.clone(), get(&format!("get-{i}"))).await;
@@ -308,7 +308,7 @@ async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
     let client = HttpClient::builder()
         .hyper(http2)
         .strategy(tower_lb::strategy::RoundRobin::new())
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build::<Body>([refusing.addr, answering.addr]);
     for i in 0..10 {
         let response = send(
@@ -622,7 +622,7 @@ async fn a_retry_rule_of_the_users_own_replaces_the_built_in_one() {
     .await;
     let client = HttpClient::builder()
         .retry_policy(tower_lb::retry::RetryPolicy::new().retry_on(RetryWhenAsked))
-        .outlier_detection(None)
+        .no_outlier_detection()
         .build(addrs(&servers));
     let mut unavailable = 0;
     for i in 0..20 {

@@ -215,11 +215,11 @@ struct Settings {
 impl Settings {
     fn detection(&self) -> OutlierDetection {
         OutlierDetection::new()
-            .consecutive_failures(Some(self.consecutive_failures))
+            .consecutive_failures(self.consecutive_failures)
             .expect("valid setting")
-            .success_rate(None)
-            .failure_percentage(None)
-            .latency(None)
+            .no_success_rate()
+            .no_failure_percentage()
+            .no_latency()
             .interval(Duration::from_secs(3600))
             .base_ejection_time(Duration::from_millis(self.base_ejection_ms))
             .max_ejection_time(Duration::from_millis(self.max_ejection_ms))

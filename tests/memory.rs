@@ -732,11 +732,11 @@ fn churn_leaves_memory_flat() {
                         .interval(Duration::from_millis(20))
                         .base_ejection_time(Duration::from_millis(10))
                         .max_ejection_time(Duration::from_millis(50))
-                        .consecutive_failures(Some(2))
+                        .consecutive_failures(2)
                         .expect("valid setting")
-                        .failure_percentage(Some(
+                        .failure_percentage(
                             FailurePercentage::new().minimum_hosts(5).request_volume(1),
-                        )),
+                        ),
                 )
                 .build(stream)
         },

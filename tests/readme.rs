@@ -140,8 +140,8 @@ async fn outlier_detection() -> Result<(), BoxError> {
         .classify(HttpClassify::server_errors()) // 5xx and errors are failures; 4xx are not
         .outlier_detection(
             OutlierDetection::new() // Envoy's defaults
-                .consecutive_failures(Some(5))? // eject after 5 in a row (the default)
-                .success_rate(Some(SuccessRate::new())) // mean - 1.9 x stdev, >= 5 hosts x 100 requests
+                .consecutive_failures(5)? // eject after 5 in a row (the default)
+                .success_rate(SuccessRate::new()) // mean - 1.9 x stdev, >= 5 hosts x 100 requests
                 .base_ejection_time(Duration::from_secs(30))
                 .max_ejection_percent(10)?,
         )

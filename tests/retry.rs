@@ -84,7 +84,7 @@ impl Stack {
             StackKind::OneStop => support::boxed(
                 HttpClient::builder()
                     .strategy(P2c::least_requests())
-                    .outlier_detection(None)
+                    .no_outlier_detection()
                     .deadline(self.deadline)
                     .replay_cap(self.replay_cap)
                     .retry_policy(self.policy)

@@ -251,6 +251,12 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         self
     }
 
+    /// No slow start: undoes [`slow_start`](Self::slow_start).
+    pub fn no_slow_start(mut self) -> Self {
+        self.options.slow_start = None;
+        self
+    }
+
     /// When fewer than this percentage of the endpoints are in service (not
     /// ejected), balance over all of them, as Envoy does. Default 50; 0 turns
     /// panic mode off.

@@ -73,8 +73,8 @@ impl BalancedClient<Call, Reply, ()> {
         // response headers may come only after a long request stream: no
         // timeouts of the channel's own unless asked for.
         ClientBuilder::with(grpc, balancer)
-            .attempt_timeout(None)
-            .deadline(None)
+            .no_attempt_timeout()
+            .no_deadline()
     }
 }
 

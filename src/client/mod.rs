@@ -10,13 +10,17 @@
 //! |---|---|---|
 //! | strategy | [`P2c::peak_ewma`](crate::strategy::P2c::peak_ewma) | [`ClientBuilder::strategy`] |
 //! | what a failure is | HTTP 5xx, or the gRPC codes that mean "server trouble"; load reports read from ORCA headers or trailers | [`ClientBuilder::classify`] |
-//! | outlier detection | [`OutlierDetection::default`] (5 consecutive failures, success rate, 30 s base ejection) | [`ClientBuilder::outlier_detection`] |
-//! | per-attempt timeout | HTTP: 5 s; gRPC: none | [`ClientBuilder::attempt_timeout`] |
-//! | deadline, whole call | HTTP: 15 s (Envoy's route timeout); gRPC: none, the caller's `grpc-timeout` | [`ClientBuilder::deadline`] |
+//! | outlier detection | [`OutlierDetection::default`] (5 consecutive failures, success rate, 30 s base ejection) | [`ClientBuilder::outlier_detection`], [`ClientBuilder::no_outlier_detection`] |
+//! | per-attempt timeout | HTTP: 5 s; gRPC: none | [`ClientBuilder::attempt_timeout`], [`ClientBuilder::no_attempt_timeout`] |
+//! | deadline, whole call | HTTP: 15 s (Envoy's route timeout); gRPC: none, the caller's `grpc-timeout` | [`ClientBuilder::deadline`], [`ClientBuilder::no_deadline`] |
 //! | connect timeout | 5 s (Envoy's); a connection never made is retried even for a POST | the connector, or tonic's `Endpoint` |
 //! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
-//! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget) |
+//! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget), [`ClientBuilder::no_hedging`] |
+//! | slow start | off | [`ClientBuilder::slow_start`], [`ClientBuilder::no_slow_start`] |
+//!
+//! One rule for every part that can be off: `x(settings)` sets it, `no_x()`
+//! switches it off.
 //! | anything else on the balancer | [`Balancer::builder`](crate::Balancer::builder) defaults | [`ClientBuilder::balancer`] |
 //!
 //! The layers are those of the rest of the crate, in the order of the
@@ -83,7 +87,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::balance::{self, CallHints, StaticWeights};
-use crate::error::BoxError;
+use crate::error::{BoxError, InvalidSetting};
 use crate::health::{OutlierDetection, SlowStart};
 use crate::hedge::HedgeLayer;
 use crate::request::Replayable;
@@ -191,19 +195,33 @@ impl<T, B> ClientBuilder<T, B> {
 impl<T, B, R> ClientBuilder<T, B, R> {
     /// How long one attempt may take, until its response headers arrive,
     /// before it is abandoned (and, for a request that may repeat, retried
-    /// elsewhere); `None` for no bound.
-    pub fn attempt_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.calls.attempt_timeout = timeout.into();
+    /// elsewhere).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.calls.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// No bound on one attempt (the deadline, if any, still ends it).
+    pub fn no_attempt_timeout(mut self) -> Self {
+        self.calls.attempt_timeout = None;
         self
     }
 
     /// How long a whole call may take, every attempt and backoff included,
     /// until the response headers arrive (a response body still streaming
-    /// is the caller's to bound); `None` for no bound. A caller's earlier
+    /// is the caller's to bound). A caller's earlier
     /// [`CallDeadline`](crate::timeout::CallDeadline) in the request's
     /// extensions wins.
-    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
-        self.calls.deadline = deadline.into();
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.calls.deadline = Some(deadline);
+        self
+    }
+
+    /// No deadline of the client's own; a caller's
+    /// [`CallDeadline`](crate::timeout::CallDeadline) (or gRPC
+    /// `grpc-timeout`) still holds.
+    pub fn no_deadline(mut self) -> Self {
+        self.calls.deadline = None;
         self
     }
 
@@ -284,6 +302,12 @@ impl<T, B, R> ClientBuilder<T, B, R> {
         self
     }
 
+    /// No hedges: undoes [`hedging`](Self::hedging).
+    pub fn no_hedging(mut self) -> Self {
+        self.calls.hedge = None;
+        self
+    }
+
     /// The largest request body kept for a retry or a hedge
     /// ([`DEFAULT_REPLAY_CAP`](crate::retry::DEFAULT_REPLAY_CAP) by default);
     /// a larger body is sent once and not repeated.
@@ -311,19 +335,45 @@ where
         self.balancer(|b| b.classify(classify))
     }
 
-    /// Outlier detection, or `None` to keep every endpoint in service.
-    pub fn outlier_detection(self, detection: impl Into<Option<OutlierDetection>>) -> Self {
-        let detection = detection.into();
-        self.balancer(|b| match detection {
-            Some(detection) => b.outlier_detection(detection),
-            None => b.no_outlier_detection(),
-        })
+    /// Outlier detection (on by default, with [`OutlierDetection::new`]).
+    pub fn outlier_detection(self, detection: OutlierDetection) -> Self {
+        self.balancer(|b| b.outlier_detection(detection))
+    }
+
+    /// Keeps every endpoint in service whatever it answers.
+    pub fn no_outlier_detection(self) -> Self {
+        self.balancer(|b| b.no_outlier_detection())
     }
 
     /// Slow start for endpoints that join after the first set, or come back
-    /// from an ejection.
+    /// from an ejection. Default off.
     pub fn slow_start(self, slow_start: SlowStart) -> Self {
         self.balancer(|b| b.slow_start(slow_start))
+    }
+
+    /// No slow start: undoes [`slow_start`](Self::slow_start).
+    pub fn no_slow_start(self) -> Self {
+        self.balancer(|b| b.no_slow_start())
+    }
+
+    /// When fewer than this percentage of the endpoints are in service,
+    /// balance over all of them (see
+    /// [`balance::Builder::panic_threshold`]). Default 50; 0: never.
+    ///
+    /// # Errors
+    ///
+    /// When `percent` is above 100.
+    pub fn panic_threshold(self, percent: u32) -> Result<Self, InvalidSetting> {
+        let ClientBuilder {
+            target,
+            balancer,
+            calls,
+        } = self;
+        Ok(ClientBuilder {
+            target,
+            balancer: balancer.panic_threshold(percent)?,
+            calls,
+        })
     }
 
     /// Static weights from the discovery keys, for example

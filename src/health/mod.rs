@@ -117,8 +117,8 @@ impl fmt::Display for EjectionReason {
 ///     .interval(Duration::from_secs(5))
 ///     .base_ejection_time(Duration::from_secs(10))
 ///     .max_ejection_percent(50)?
-///     .consecutive_failures(Some(3))?
-///     .failure_percentage(Some(FailurePercentage::new().threshold(50)?));
+///     .consecutive_failures(3)?
+///     .failure_percentage(FailurePercentage::new().threshold(50)?);
 /// # let _ = detection;
 /// # Ok::<_, tower_lb::error::InvalidSetting>(())
 /// ```
@@ -181,35 +181,65 @@ impl OutlierDetection {
         Ok(self)
     }
 
-    /// Ejects an endpoint after this many failures in a row (`None`: off).
-    /// Default `Some(5)`.
+    /// Ejects an endpoint after this many failures in a row. Default 5;
+    /// [`no_consecutive_failures`](Self::no_consecutive_failures) turns
+    /// this detector off.
     ///
     /// # Errors
     ///
-    /// When `failures` is `Some(0)`: turn the detector off with `None`.
-    pub fn consecutive_failures(mut self, failures: Option<u32>) -> Result<Self, InvalidSetting> {
-        self.consecutive_failures = failures
-            .map(|n| setting::at_least_one("OutlierDetection::consecutive_failures", n))
-            .transpose()?;
+    /// When `failures` is 0.
+    pub fn consecutive_failures(mut self, failures: u32) -> Result<Self, InvalidSetting> {
+        self.consecutive_failures = Some(setting::at_least_one(
+            "OutlierDetection::consecutive_failures",
+            failures,
+        )?);
         Ok(self)
     }
 
-    /// The success-rate detector (`None`: off). Default on.
-    pub fn success_rate(mut self, detector: Option<SuccessRate>) -> Self {
-        self.success_rate = detector;
+    /// No ejection for failures in a row.
+    pub fn no_consecutive_failures(mut self) -> Self {
+        self.consecutive_failures = None;
         self
     }
 
-    /// The failure-percentage detector (`None`: off). Default off.
-    pub fn failure_percentage(mut self, detector: Option<FailurePercentage>) -> Self {
-        self.failure_percentage = detector;
+    /// The success-rate detector. Default on, with [`SuccessRate::new`];
+    /// [`no_success_rate`](Self::no_success_rate) turns it off.
+    pub fn success_rate(mut self, detector: SuccessRate) -> Self {
+        self.success_rate = Some(detector);
         self
     }
 
-    /// The latency detector (`None`: off). Default off. Turning it on makes
-    /// the balancer time requests whatever its strategy.
-    pub fn latency(mut self, detector: Option<LatencyOutliers>) -> Self {
-        self.latency = detector;
+    /// No success-rate detector.
+    pub fn no_success_rate(mut self) -> Self {
+        self.success_rate = None;
+        self
+    }
+
+    /// The failure-percentage detector. Default off;
+    /// [`no_failure_percentage`](Self::no_failure_percentage) turns it off
+    /// again.
+    pub fn failure_percentage(mut self, detector: FailurePercentage) -> Self {
+        self.failure_percentage = Some(detector);
+        self
+    }
+
+    /// No failure-percentage detector.
+    pub fn no_failure_percentage(mut self) -> Self {
+        self.failure_percentage = None;
+        self
+    }
+
+    /// The latency detector. Default off. Turning it on makes the balancer
+    /// time requests whatever its strategy; [`no_latency`](Self::no_latency)
+    /// turns it off again.
+    pub fn latency(mut self, detector: LatencyOutliers) -> Self {
+        self.latency = Some(detector);
+        self
+    }
+
+    /// No latency detector.
+    pub fn no_latency(mut self) -> Self {
+        self.latency = None;
         self
     }
 
@@ -463,9 +493,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.setting(), "OutlierDetection::max_ejection_percent");
         assert_eq!(error.value(), "101");
-        let error = OutlierDetection::new()
-            .consecutive_failures(Some(0))
-            .unwrap_err();
+        let error = OutlierDetection::new().consecutive_failures(0).unwrap_err();
         assert_eq!(error.setting(), "OutlierDetection::consecutive_failures");
         assert!(FailurePercentage::new().threshold(101).is_err());
         assert!(LatencyOutliers::new().intervals(0).is_err());
