@@ -203,13 +203,17 @@ fn bench_pick<P: Strategy>(
     for n in ENDPOINTS {
         // Estimates as of now, as on a busy balancer (a stale one would time
         // `exp` instead of the pick).
-        let loads: Vec<EndpointLoad> = (0..n).map(|_| EndpointLoad::new(now_ns, &rtt)).collect();
-        if weighted {
-            for (i, load) in loads.iter().enumerate() {
-                load.record_reported_load(100.0 * (i + 1) as f64, 0.0, 0.5, 0);
-                load.record_reported_load(100.0 * (i + 1) as f64, 0.0, 0.5, now_ns);
-            }
-        }
+        let loads: Vec<EndpointLoad> = (0..n)
+            .map(|i| {
+                let load = EndpointLoad::new(now_ns, &rtt);
+                if !weighted {
+                    return load;
+                }
+                let qps = 100.0 * (i + 1) as f64;
+                load.with_reported_load(qps, 0.0, 0.5, 0)
+                    .with_reported_load(qps, 0.0, 0.5, now_ns)
+            })
+            .collect();
         let strategy = strategy();
         let ctx = PickContext::new(now_ns, &rtt);
         let schedule = strategy.schedule(&loads[..], &ctx);

@@ -1,4 +1,3 @@
-use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::hash::Hash;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
 use crate::health::{OutlierDetection, SlowStart};
 use crate::load::{LatencyClock, RttEstimate};
+use crate::setting::{self, InvalidSetting};
 use crate::strategy::{P2c, Strategy};
 
 /// Configures and builds a [`Balancer`].

@@ -2,7 +2,6 @@
 //! records (ports and weights from the records), re-resolved when the
 //! records' TTL runs out.
 
-use crate::setting::{self, InvalidSetting};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -23,6 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use tower::discover::Change;
 
 use super::Empty;
+use crate::setting::{self, InvalidSetting};
 
 /// One endpoint found in DNS: its address, and its SRV weight (1 for A and
 /// AAAA records).

@@ -54,9 +54,10 @@ pub(crate) use self::detect::{
 };
 pub(crate) use self::ejection::EjectionRecord;
 
-use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::time::Duration;
+
+use crate::setting::{self, InvalidSetting};
 
 /// Why an endpoint was ejected, for the tracing event.
 #[derive(Debug, Clone, Copy, PartialEq)]

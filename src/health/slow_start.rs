@@ -1,8 +1,9 @@
 //! Slow start: a new endpoint, or one back from an ejection, gets a growing
 //! share of the traffic instead of its full share at once.
 
-use crate::setting::{self, InvalidSetting};
 use std::time::Duration;
+
+use crate::setting::{self, InvalidSetting};
 
 /// Ramps an endpoint's share of the traffic up over a window after it joins
 /// (or returns from an ejection), so that a cold cache or a JIT that has not

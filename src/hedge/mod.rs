@@ -30,7 +30,6 @@
 
 mod latency;
 
-use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +47,7 @@ use self::latency::LatencyWindows;
 use crate::error::BoxError;
 use crate::request::Replayable;
 use crate::retry::{RetryBudget, Spend};
+use crate::setting::{self, InvalidSetting};
 
 /// How often the hedge delay is recomputed from the latency windows; in
 /// between, requests read it from one atomic.

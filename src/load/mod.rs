@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
+use crate::setting::InvalidSetting;
+
 mod clock;
 mod report;
 mod reported;
@@ -165,7 +167,28 @@ pub struct EndpointLoad {
 
 impl EndpointLoad {
     /// A fresh load record, as of `now_ns` (nanoseconds on the balancer's
-    /// [`LatencyClock`]), with the estimate at `rtt`'s default.
+    /// [`LatencyClock`]), with the estimate at `rtt`'s default: for testing
+    /// and benchmarking a [`Strategy`](crate::strategy::Strategy) of your
+    /// own, with [`with_static_weight`](Self::with_static_weight) and
+    /// [`with_reported_load`](Self::with_reported_load) to give it a state.
+    /// A strategy only ever sees `&EndpointLoad` and cannot change one: the
+    /// balancer alone records what happens to its endpoints.
+    ///
+    /// ```
+    /// use tower_lb::load::{EndpointLoad, RttEstimate};
+    ///
+    /// let load = EndpointLoad::new(0, &RttEstimate::DEFAULT).with_static_weight(3.0)?;
+    /// assert_eq!(load.static_weight(), 3.0);
+    /// # Ok::<_, tower_lb::error::InvalidSetting>(())
+    /// ```
+    ///
+    /// What a strategy holds, it can read but not change:
+    ///
+    /// ```compile_fail
+    /// fn pick(load: &tower_lb::load::EndpointLoad) {
+    ///     load.set_static_weight(10.0); // not public: only the balancer records
+    /// }
+    /// ```
     pub fn new(now_ns: u64, rtt: &RttEstimate) -> Self {
         Self {
             counters: AtomicU64::new(0),
@@ -201,9 +224,25 @@ impl EndpointLoad {
         f64::from_bits(self.static_weight.load(Ordering::Relaxed))
     }
 
+    /// This record with a static weight, as discovery would give it.
+    ///
+    /// # Errors
+    ///
+    /// When `weight` is not a finite number above 0.
+    pub fn with_static_weight(self, weight: f64) -> Result<Self, InvalidSetting> {
+        if !self.set_static_weight(weight) {
+            return Err(InvalidSetting::new(
+                "EndpointLoad::with_static_weight",
+                weight,
+                "a finite number above 0",
+            ));
+        }
+        Ok(self)
+    }
+
     /// Sets the static weight; a weight that is not finite and positive is
     /// refused (the weight stays as it was) and false returned.
-    pub fn set_static_weight(&self, weight: f64) -> bool {
+    pub(crate) fn set_static_weight(&self, weight: f64) -> bool {
         if !(weight.is_finite() && weight > 0.0) {
             return false;
         }
@@ -224,13 +263,29 @@ impl EndpointLoad {
     /// with no load (`qps` or `utilization` zero) or with values that are not
     /// finite and non-negative are ignored, as gRPC's A58 says; returns
     /// whether it was kept.
-    pub fn record_reported_load(&self, qps: f64, eps: f64, utilization: f64, now_ns: u64) -> bool {
+    pub(crate) fn record_reported_load(
+        &self,
+        qps: f64,
+        eps: f64,
+        utilization: f64,
+        now_ns: u64,
+    ) -> bool {
         self.reported.record(qps, eps, utilization, now_ns)
+    }
+
+    /// This record with one more load report from the endpoint, at
+    /// `now_ns`, as the balancer records one (see
+    /// [`reported_load`](Self::reported_load)): a report with no load or
+    /// with a value that is not finite and non-negative is left out, as
+    /// gRPC's A58 says, and counts as nothing.
+    pub fn with_reported_load(self, qps: f64, eps: f64, utilization: f64, now_ns: u64) -> Self {
+        self.record_reported_load(qps, eps, utilization, now_ns);
+        self
     }
 
     /// Forgets the endpoint's run of load reports (its weight expired); the
     /// next report starts a new blackout period.
-    pub fn forget_reported_load(&self) {
+    pub(crate) fn forget_reported_load(&self) {
         self.reported.forget();
     }
 

@@ -1,7 +1,8 @@
 //! Exponential backoff with jitter between retries.
 
-use crate::setting::{self, InvalidSetting};
 use std::time::Duration;
+
+use crate::setting::{self, InvalidSetting};
 
 /// Exponential backoff with jitter, by the gRPC formula (A6): the delay
 /// before retry `n` (1 for the first retry) is

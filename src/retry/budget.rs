@@ -1,7 +1,6 @@
 //! A lock-free retry budget, shared by every clone of a client, that caps
 //! retries and hedges to a fraction of recent traffic.
 
-use crate::setting::{self, InvalidSetting};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::request::{CallContext, CallDeadline, Replayable, Safety};
+use crate::setting::{self, InvalidSetting};
 
 /// Buckets in the ring that makes up the window: each covers a tenth of it,
 /// so a deposit stops counting between 0.9 and 1.0 windows after it was

@@ -1,6 +1,5 @@
 //! What the retry layer retries, how many times and how fast.
 
-use crate::setting::{self, InvalidSetting};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
@@ -9,6 +8,7 @@ use super::backoff::Backoff;
 use super::pushback::{pushback, Pushback};
 use crate::cause::Cause;
 use crate::request::Safety;
+use crate::setting::{self, InvalidSetting};
 
 /// How the retry layer decides: attempts, backoff, the most pushback it
 /// honours, and which outcomes deserve another attempt.

@@ -1,9 +1,9 @@
-use crate::setting::{self, InvalidSetting};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Candidates, PickContext, Strategy};
 use crate::load::EndpointLoad;
+use crate::setting::{self, InvalidSetting};
 
 /// No endpoint weighs more than this many times the mean weight (of the
 /// weights as scheduled): it limits what one endpoint reporting an absurdly
