@@ -54,13 +54,15 @@
 //!
 //! | feature | default | enables | pulls in |
 //! |---|---|---|---|
-//! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client), [`client`] ([`client::HttpClient`]), and [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`) | `hyper`, `hyper-util`, `tower-http`, `h2` |
+//! | `orca` | yes | ORCA load reports: [`load::OrcaLoadReports`] and the parsers of the `endpoint-load-metrics` header (`TEXT`, `JSON`, `BIN`) and gRPC's `endpoint-load-metrics-bin` | `prost`, `serde`, `serde_json`, `base64` |
+//! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client), [`client`] ([`client::HttpClient`]), and [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`); turns on `orca` (the clients read ORCA reports by default) | `hyper`, `hyper-util`, `tower-http`, `h2`, and `orca`'s |
 //! | `dns` | yes | [`discover::Dns`]: A/AAAA or SRV records, re-resolved when their TTL runs out; with `http`, the clients' `build_dns` and `resolve_now` | `hickory-resolver` |
 //! | `grpc` | yes | [`grpc`] and [`client::GrpcChannel`]: one tonic `Channel` per endpoint, balanced, for generated clients; turns on `http` | `tonic` (its `channel` feature), and all of `http`'s |
 //!
 //! With none of them (`default-features = false`) the crate still has the
 //! balancer and every strategy, the fixed list and push channel discovery,
-//! outlier detection and slow start, the ORCA load report parsers, and the
+//! outlier detection and slow start, weighted round robin (with
+//! `UtilizationHeader` or a `LoadExtractor` of your own), and the
 //! timeout, retry and hedge layers, for `http::Request`s or any request type
 //! that implements [`Replayable`](request::Replayable). The `http` and
 //! `http-body` crates stay dependencies even then: those layers know
@@ -99,6 +101,14 @@
 "
 )]
 #![cfg_attr(not(feature = "dns"), doc = "[`discover::Dns`]: #cargo-features")]
+#![cfg_attr(
+    feature = "orca",
+    doc = "[`load::OrcaLoadReports`]: crate::load::OrcaLoadReports"
+)]
+#![cfg_attr(
+    not(feature = "orca"),
+    doc = "[`load::OrcaLoadReports`]: #cargo-features"
+)]
 #![cfg_attr(
     not(feature = "grpc"),
     doc = "

@@ -13,8 +13,11 @@ mod reported;
 pub use self::clock::LatencyClock;
 pub(crate) use self::clock::RequestClock;
 
+#[cfg(feature = "orca")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orca")))]
+pub use self::report::OrcaLoadReports;
 pub use self::report::{
-    LoadExtractor, LoadReport, LoadReportError, NoLoadReports, OrcaLoadReports, UtilizationHeader,
+    LoadExtractor, LoadReport, LoadReportError, NoLoadReports, UtilizationHeader,
 };
 pub use self::reported::ReportedLoad;
 use self::reported::ReportedLoadCell;
