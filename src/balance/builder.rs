@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use tower::discover::Discover;
 
-use super::driver::HealthSettings;
 use super::endpoint::Shared;
 use super::tried::{CallHints, NoHints};
 use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
+use crate::health::HealthSettings;
 use crate::health::{OutlierDetection, SlowStart};
 use crate::load::{LatencyClock, RttEstimate};
 use crate::setting::{self, InvalidSetting};

@@ -1,6 +1,10 @@
 //! The balancer's background task: it consumes the discovery stream, builds
 //! new snapshots off the request path, and lets go of drained endpoints. It
 //! ends when the balancer is closed or the last `Balancer` handle is dropped.
+//!
+//! Health decisions (ejection, return, slow start, panic mode) are not made
+//! here: the driver calls the rules in `health::tracker` on its events and
+//! publishes what they decide.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -20,10 +24,7 @@ use super::snapshot::{EndpointList, Snapshot};
 use super::{Inner, StaticWeights};
 use crate::error::BoxError;
 use crate::error::Empty;
-use crate::health::{
-    failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
-    EjectionRecord, OutlierDetection, SlowStart,
-};
+use crate::health::{EndpointHealth, Health, HealthSettings, View};
 use crate::strategy::Strategy;
 
 /// At most this many changes are applied per snapshot, so that a stream that
@@ -81,30 +82,11 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
     .await
 }
 
-/// The health settings the driver applies.
-#[derive(Debug, Clone)]
-pub(crate) struct HealthSettings {
-    pub(crate) outlier_detection: Option<OutlierDetection>,
-    pub(crate) panic_threshold: u32,
-    pub(crate) slow_start: Option<SlowStart>,
-}
-
-/// An endpoint in the current set, with what the driver remembers of its
-/// health (dropped with it).
+/// An endpoint in the current set, with what the health rules remember of
+/// it (dropped with it).
 struct Tracked<K, S> {
     endpoint: Arc<Endpoint<K, S>>,
-    record: EjectionRecord,
-    /// While in slow start: since when.
-    slow_start_since: Option<Instant>,
-}
-
-impl<K, S> Tracked<K, S> {
-    fn begin_slow_start(&mut self, slow_start: &SlowStart) {
-        self.slow_start_since = Some(Instant::now());
-        self.endpoint
-            .load()
-            .set_slow_start_factor(slow_start.factor(Duration::ZERO));
-    }
+    health: EndpointHealth,
 }
 
 /// The driver's own view of the endpoints; the published snapshot is derived
@@ -112,17 +94,7 @@ impl<K, S> Tracked<K, S> {
 struct Endpoints<K, S> {
     active: IndexMap<K, Tracked<K, S>>,
     draining: Vec<Arc<Endpoint<K, S>>>,
-    /// Below this percentage in service, publish every endpoint (panic mode).
-    panic_threshold: u32,
-    /// How many of `active` are ejected.
-    ejected: usize,
-    /// Whether the last published snapshot was in panic mode.
-    panic: bool,
-    slow_start: Option<SlowStart>,
-    /// Set once a snapshot with endpoints was published: endpoints of the
-    /// first set are not slow-started (there is nobody to spare them), as
-    /// in Envoy.
-    warmed: bool,
+    health: Health,
 }
 
 /// A set that grew to many endpoints and shrank back should not keep the
@@ -154,18 +126,15 @@ where
                 tracing::debug!(endpoint = ?key, "endpoint inserted");
                 let mut tracked = Tracked {
                     endpoint,
-                    record: EjectionRecord::default(),
-                    slow_start_since: None,
+                    health: EndpointHealth::default(),
                 };
                 if let Some(old) = self.active.get(&key) {
-                    // A new service for the same key keeps the key's health:
-                    // a stream that re-sends its set must not cancel an
-                    // ejection or forget the multiplier.
-                    tracked.record = old.record.for_new_counters();
+                    // A new service for the same key keeps the key's health.
+                    tracked.health = old.health.for_new_service();
                     tracked.endpoint.inherit_health(&old.endpoint);
-                    tracked.slow_start_since = old.slow_start_since;
-                } else if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
-                    tracked.begin_slow_start(slow_start);
+                } else {
+                    self.health
+                        .joined(&mut tracked.health, tracked.endpoint.load());
                 }
                 if let Some(old) = self.active.insert(key, tracked) {
                     tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
@@ -176,9 +145,7 @@ where
             }
             Change::Remove(key) => match self.active.swap_remove(&key) {
                 Some(old) => {
-                    if old.record.is_ejected() {
-                        self.ejected -= 1;
-                    }
+                    self.health.left(&old.health);
                     tracing::debug!(endpoint = ?key, in_flight = old.endpoint.load().in_flight(), "endpoint removed; draining");
                     old.endpoint.start_draining();
                     self.draining.push(old.endpoint);
@@ -193,220 +160,31 @@ where
         }
     }
 
-    /// Ejects the endpoint at `index` if the cap allows; returns whether it
-    /// did.
-    fn try_eject(
-        &mut self,
-        index: usize,
-        reason: EjectionReason,
-        detection: &OutlierDetection,
-        shared: &Shared,
-        now: Instant,
-    ) -> bool {
-        let (ejected, total) = (self.ejected, self.active.len());
-        let Some((key, tracked)) = self.active.get_index_mut(index) else {
-            return false;
-        };
-        if tracked.record.is_ejected() {
-            return false;
-        }
-        if !detection.may_eject(ejected, total) {
-            tracing::info!(endpoint = ?key, %reason, ejected, endpoints = total,
-                max_ejection_percent = detection.max_ejection_percent,
-                "outlier not ejected: too many endpoints are out already");
-            return false;
-        }
-        self.ejected += 1;
-        let (time, returns_at, multiplier) = tracked.record.eject(now, detection);
-        tracked.endpoint.eject(shared.ns_at(returns_at));
-        tracing::warn!(endpoint = ?key, %reason, ejection_time = ?time, multiplier,
-            ejected = ejected + 1, endpoints = total, "endpoint ejected");
-        true
-    }
-
-    /// Ejects the endpoints that reached their consecutive-failure limit, or
-    /// puts them back in service when the cap forbids.
-    fn eject_tripped(&mut self, detection: &OutlierDetection, shared: &Shared) -> bool {
-        let now = Instant::now();
-        let limit = detection.consecutive_failures.unwrap_or(1);
-        let mut changed = false;
-        for index in 0..self.active.len() {
-            let tripped = self.active[index].endpoint.is_tripped();
-            if !tripped {
-                continue;
-            }
-            let reason = EjectionReason::ConsecutiveFailures(limit);
-            if self.try_eject(index, reason, detection, shared, now) {
-                changed = true;
-            } else {
-                self.active[index].endpoint.restore();
-            }
-        }
-        changed
-    }
-
-    /// When the next ejection ends.
-    fn next_return(&self) -> Option<Instant> {
-        self.active
-            .values()
-            .filter_map(|t| t.record.ejected_until())
-            .min()
-    }
-
-    /// Puts back in service the endpoints whose ejection time is up.
-    /// Moves every endpoint in slow start one step up its ramp; true if any
-    /// was in slow start (the schedule may change).
-    fn advance_slow_start(&mut self) -> bool {
-        let Some(slow_start) = &self.slow_start else {
-            return false;
-        };
-        let mut any = false;
-        for tracked in self.active.values_mut() {
-            let Some(since) = tracked.slow_start_since else {
-                continue;
-            };
-            any = true;
-            let factor = slow_start.factor(since.elapsed());
-            tracked.endpoint.load().set_slow_start_factor(factor);
-            if factor >= 1.0 {
-                tracked.slow_start_since = None;
-            }
-        }
-        any
-    }
-
-    fn in_slow_start(&self) -> bool {
-        self.active.values().any(|t| t.slow_start_since.is_some())
-    }
-
-    fn return_due(&mut self) -> bool {
-        let now = Instant::now();
-        let mut changed = false;
-        for (key, tracked) in self.active.iter_mut() {
-            let load = tracked.endpoint.load();
-            if tracked
-                .record
-                .try_return(now, load.successes(), load.failures())
-            {
-                tracked.endpoint.restore();
-                if let Some(slow_start) = &self.slow_start {
-                    tracked.begin_slow_start(slow_start);
-                }
-                self.ejected -= 1;
-                tracing::info!(endpoint = ?key, multiplier = tracked.record.multiplier(),
-                    "ejection over; endpoint back in service");
-                changed = true;
-            }
-        }
-        changed
-    }
-
-    /// The interval detectors, then the multiplier decay. Returns whether an
-    /// endpoint was ejected.
-    fn evaluate_interval(&mut self, detection: &OutlierDetection, shared: &Shared) -> bool {
-        let now = Instant::now();
-        // Every endpoint's reading moves on, ejected ones included, so that
-        // each interval counts only its own outcomes.
-        let mut judged = Vec::new();
-        let mut counts = Vec::new();
-        for (index, tracked) in self.active.values_mut().enumerate() {
-            let load = tracked.endpoint.load();
-            let interval = tracked
-                .record
-                .take_interval(load.successes(), load.failures());
-            if !tracked.record.is_ejected() {
-                judged.push(index);
-                counts.push(interval);
-            }
-        }
-        let mut changed = false;
-        if let Some(detector) = &detection.success_rate {
-            for (j, rate, threshold) in success_rate_outliers(&counts, detector) {
-                let reason = EjectionReason::SuccessRate { rate, threshold };
-                changed |= self.try_eject(judged[j], reason, detection, shared, now);
-            }
-        }
-        if let Some(detector) = &detection.failure_percentage {
-            for (j, percent) in failure_percentage_outliers(&counts, detector) {
-                let reason = EjectionReason::FailurePercentage {
-                    percent,
-                    threshold: detector.threshold,
-                };
-                changed |= self.try_eject(judged[j], reason, detection, shared, now);
-            }
-        }
-        if let Some(detector) = &detection.latency {
-            let now_ns = shared.latency_now_ns();
-            let estimates: Vec<Option<f64>> = judged
-                .iter()
-                .zip(&counts)
-                .map(|(&index, interval)| {
-                    let endpoint = &self.active[index].endpoint;
-                    (interval.requests() > 0)
-                        .then(|| endpoint.load().rtt_estimate_ns(now_ns, &shared.rtt))
-                })
-                .collect();
-            let (slow, median) = latency_outliers(&estimates, detector);
-            for (j, &is_slow) in slow.iter().enumerate() {
-                let index = judged[j];
-                let record = &mut self.active[index].record;
-                if !is_slow {
-                    record.slow_intervals = 0;
-                    continue;
-                }
-                record.slow_intervals = record.slow_intervals.saturating_add(1);
-                if record.slow_intervals >= detector.intervals {
-                    let reason = EjectionReason::Latency {
-                        estimate: Duration::from_nanos(estimates[j].unwrap_or(0.0) as u64),
-                        median: Duration::from_nanos(median as u64),
-                        intervals: record.slow_intervals,
-                    };
-                    changed |= self.try_eject(index, reason, detection, shared, now);
-                }
-            }
-        }
-        for tracked in self.active.values_mut() {
-            tracked.record.healthy_interval();
-        }
-        changed
+    /// The endpoints as the health rules see them.
+    fn views(active: &mut IndexMap<K, Tracked<K, S>>) -> Vec<View<'_, K, Endpoint<K, S>>> {
+        active
+            .iter_mut()
+            .map(|(key, tracked)| (key, &mut tracked.health, &*tracked.endpoint))
+            .collect()
     }
 
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy, C, H>(&mut self, inner: &Inner<K, S, P, C, H>) {
-        self.warmed |= !self.active.is_empty();
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
         let total = self.active.len();
         let in_service: Vec<Arc<Endpoint<K, S>>> = self
             .active
             .values()
-            .filter(|t| !t.record.is_ejected())
+            .filter(|t| !t.health.is_ejected())
             .map(|t| t.endpoint.clone())
             .collect();
         let ejected: EndpointList<K, S> = self
             .active
             .values()
-            .filter(|t| t.record.is_ejected())
+            .filter(|t| t.health.is_ejected())
             .map(|t| t.endpoint.clone())
             .collect();
-        let threshold = self.panic_threshold as usize;
-        let panic = !ejected.is_empty() && in_service.len() * 100 < threshold * total;
-        if panic != self.panic {
-            if panic {
-                tracing::warn!(
-                    in_service = in_service.len(),
-                    endpoints = total,
-                    panic_threshold = threshold,
-                    "too few endpoints in service: panic mode, balancing over all of them"
-                );
-            } else {
-                tracing::info!(
-                    in_service = in_service.len(),
-                    endpoints = total,
-                    "panic mode over"
-                );
-            }
-            self.panic = panic;
-        }
+        let panic = self.health.panic_mode(in_service.len(), total);
         let eligible: EndpointList<K, S> = if panic {
             self.active.values().map(|t| t.endpoint.clone()).collect()
         } else {
@@ -446,24 +224,18 @@ pub(crate) async fn run<D, P, C, H, W>(
     W: StaticWeights<D::Key>,
 {
     tokio::pin!(discover);
-    let HealthSettings {
-        outlier_detection: detection,
-        panic_threshold,
-        slow_start,
-    } = health;
+    // The detectors' interval, read once: the health rules keep the rest.
+    let detection_interval = health.outlier_detection.as_ref().map(|d| d.interval);
+    let has_detection = detection_interval.is_some();
     let mut endpoints = Endpoints {
         active: IndexMap::new(),
         draining: Vec::new(),
-        panic_threshold,
-        ejected: 0,
-        panic: false,
-        slow_start,
-        warmed: false,
+        health: Health::new(health),
     };
     // An interval too long for the clock never ticks.
-    let mut ticker = detection.as_ref().and_then(|d| {
-        let first = Instant::now().checked_add(d.interval)?;
-        let mut ticker = interval_at(first, d.interval);
+    let mut ticker = detection_interval.and_then(|interval| {
+        let first = Instant::now().checked_add(interval)?;
+        let mut ticker = interval_at(first, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(ticker)
     });
@@ -491,9 +263,14 @@ pub(crate) async fn run<D, P, C, H, W>(
         let mut more_ready = false;
         // What requests that find no endpoint should do from now on.
         let mut none_update: Option<Option<Empty>> = None;
-        let next_return = endpoints.next_return();
-        if slow_start_step.is_none() && endpoints.in_slow_start() {
-            slow_start_step = slow_start.and_then(|s| Instant::now().checked_add(s.step()));
+        let next_return = Health::next_return(endpoints.active.values().map(|t| &t.health));
+        if slow_start_step.is_none()
+            && Health::in_slow_start(endpoints.active.values().map(|t| &t.health))
+        {
+            slow_start_step = endpoints
+                .health
+                .slow_start_step()
+                .and_then(|step| Instant::now().checked_add(step));
         }
         tokio::select! {
             biased;
@@ -553,13 +330,13 @@ pub(crate) async fn run<D, P, C, H, W>(
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {
                 changed = true;
             }
-            _ = shared.tripped.notified(), if detection.is_some() => {
-                if let Some(detection) = &detection {
-                    changed = endpoints.eject_tripped(detection, &shared);
-                }
+            _ = shared.tripped.notified(), if has_detection => {
+                let mut views = Endpoints::views(&mut endpoints.active);
+                changed = endpoints.health.eject_tripped(&mut views);
             }
             _ = sleep_until(next_return.unwrap_or_else(Instant::now)), if next_return.is_some() => {
-                changed = endpoints.return_due();
+                let mut views = Endpoints::views(&mut endpoints.active);
+                changed = endpoints.health.return_due(&mut views);
             }
             _ = async {
                 match &mut ticker {
@@ -567,13 +344,13 @@ pub(crate) async fn run<D, P, C, H, W>(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some(detection) = &detection {
-                    changed = endpoints.evaluate_interval(detection, &shared);
-                }
+                let mut views = Endpoints::views(&mut endpoints.active);
+                changed = endpoints.health.evaluate_interval(&mut views, shared.latency_now_ns(), &shared.rtt);
             }
             _ = sleep_until(slow_start_step.unwrap_or_else(Instant::now)), if slow_start_step.is_some() => {
                 slow_start_step = None;
-                changed = endpoints.advance_slow_start();
+                let mut views = Endpoints::views(&mut endpoints.active);
+                changed = endpoints.health.advance_slow_start(&mut views);
             }
             _ = async {
                 match &mut reschedule {

@@ -572,3 +572,23 @@ impl<K, S> Candidates for [Arc<Endpoint<K, S>>] {
         self[index].load()
     }
 }
+
+/// The health rules act on the endpoint through its switches; the driver
+/// hands them its endpoints.
+impl<K, S> crate::health::Monitored for Endpoint<K, S> {
+    fn load(&self) -> &crate::load::EndpointLoad {
+        Endpoint::load(self)
+    }
+
+    fn is_tripped(&self) -> bool {
+        Endpoint::is_tripped(self)
+    }
+
+    fn eject(&self, until: tokio::time::Instant) {
+        Endpoint::eject(self, self.shared.ns_at(until));
+    }
+
+    fn restore(&self) {
+        Endpoint::restore(self)
+    }
+}

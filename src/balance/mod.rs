@@ -447,7 +447,7 @@ pub(crate) struct Settings<P, C, H, W> {
     pub(crate) hints: H,
     pub(crate) weights: W,
     pub(crate) startup_wait: Duration,
-    pub(crate) health: driver::HealthSettings,
+    pub(crate) health: crate::health::HealthSettings,
 }
 
 /// Builds the shared state and spawns the driver; used by the builder.

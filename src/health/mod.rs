@@ -46,6 +46,7 @@
 mod detect;
 mod ejection;
 mod slow_start;
+mod tracker;
 
 pub use self::slow_start::SlowStart;
 
@@ -53,6 +54,7 @@ pub(crate) use self::detect::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, IntervalCounts,
 };
 pub(crate) use self::ejection::EjectionRecord;
+pub(crate) use self::tracker::{EndpointHealth, Health, HealthSettings, Monitored, View};
 
 use std::fmt;
 use std::time::Duration;

@@ -1,0 +1,349 @@
+//! The health rules over a balancer's endpoint set, as its driver task
+//! applies them: ejection by the detectors and the ejection cap, return
+//! when the ejection time is up, the slow-start ramps, and panic mode.
+//!
+//! The driver owns the endpoints and calls these rules on its events (a
+//! trip, an interval tick, a return due, a ramp step, a publish); the rules
+//! decide, and act on each endpoint through [`Monitored`]. Keeping them
+//! here keeps the driver to discovery and snapshots, and every health
+//! decision in one module.
+
+use std::fmt;
+
+use tokio::time::Instant;
+
+use super::{
+    failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
+    EjectionRecord, OutlierDetection, SlowStart,
+};
+use crate::load::{EndpointLoad, RttEstimate};
+
+/// What the health rules need from one of the balancer's endpoints.
+pub(crate) trait Monitored {
+    /// Its load record: counts and latency.
+    fn load(&self) -> &EndpointLoad;
+    /// Reached its consecutive-failure limit on the request path and waits
+    /// for a decision.
+    fn is_tripped(&self) -> bool;
+    /// Takes it out of service until `until`.
+    fn eject(&self, until: Instant);
+    /// Puts it back in service.
+    fn restore(&self);
+}
+
+/// The balancer's health settings.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthSettings {
+    pub(crate) outlier_detection: Option<OutlierDetection>,
+    pub(crate) panic_threshold: u32,
+    pub(crate) slow_start: Option<SlowStart>,
+}
+
+/// One endpoint's health, as remembered between events.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointHealth {
+    record: EjectionRecord,
+    /// While in slow start: since when.
+    slow_start_since: Option<Instant>,
+}
+
+impl EndpointHealth {
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.record.is_ejected()
+    }
+
+    /// The health a new service for the same key takes over: a stream that
+    /// re-sends its set must not cancel an ejection, forget the multiplier
+    /// or restart a ramp.
+    pub(crate) fn for_new_service(&self) -> Self {
+        Self {
+            record: self.record.for_new_counters(),
+            slow_start_since: self.slow_start_since,
+        }
+    }
+
+    fn begin_slow_start(&mut self, slow_start: &SlowStart, load: &EndpointLoad) {
+        self.slow_start_since = Some(Instant::now());
+        load.set_slow_start_factor(slow_start.factor(std::time::Duration::ZERO));
+    }
+}
+
+/// One endpoint as the rules see it: its key (for the events they log), its
+/// health and the endpoint.
+pub(crate) type View<'a, K, E> = (&'a K, &'a mut EndpointHealth, &'a E);
+
+/// The health rules over the endpoint set, and what they remember of it.
+#[derive(Debug)]
+pub(crate) struct Health {
+    detection: Option<OutlierDetection>,
+    /// Below this percentage in service, publish every endpoint.
+    panic_threshold: u32,
+    slow_start: Option<SlowStart>,
+    /// How many endpoints are ejected.
+    ejected: usize,
+    /// Whether the last published set was in panic mode.
+    panic: bool,
+    /// Set once a set with endpoints was published: endpoints of the first
+    /// set are not slow-started (there is nobody to spare them), as in
+    /// Envoy.
+    warmed: bool,
+}
+
+impl Health {
+    pub(crate) fn new(settings: HealthSettings) -> Self {
+        Self {
+            detection: settings.outlier_detection,
+            panic_threshold: settings.panic_threshold,
+            slow_start: settings.slow_start,
+            ejected: 0,
+            panic: false,
+            warmed: false,
+        }
+    }
+
+    /// How long to the next step of the slow-start ramps.
+    pub(crate) fn slow_start_step(&self) -> Option<std::time::Duration> {
+        self.slow_start.as_ref().map(SlowStart::step)
+    }
+
+    /// A key new to the set: it starts its ramp, unless it belongs to the
+    /// first set published.
+    pub(crate) fn joined(&self, health: &mut EndpointHealth, load: &EndpointLoad) {
+        if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
+            health.begin_slow_start(slow_start, load);
+        }
+    }
+
+    /// A key gone from the set.
+    pub(crate) fn left(&mut self, health: &EndpointHealth) {
+        if health.is_ejected() {
+            self.ejected -= 1;
+        }
+    }
+
+    /// Ejects the endpoint at `index` if the cap allows; returns whether it
+    /// did.
+    fn try_eject<K: fmt::Debug, E: Monitored>(
+        &mut self,
+        views: &mut [View<'_, K, E>],
+        index: usize,
+        reason: EjectionReason,
+        now: Instant,
+    ) -> bool {
+        let Some(detection) = &self.detection else {
+            return false;
+        };
+        let (ejected, total) = (self.ejected, views.len());
+        let Some((key, health, endpoint)) = views.get_mut(index) else {
+            return false;
+        };
+        if health.record.is_ejected() {
+            return false;
+        }
+        if !detection.may_eject(ejected, total) {
+            tracing::info!(endpoint = ?key, %reason, ejected, endpoints = total,
+                max_ejection_percent = detection.max_ejection_percent,
+                "outlier not ejected: too many endpoints are out already");
+            return false;
+        }
+        self.ejected += 1;
+        let (time, returns_at, multiplier) = health.record.eject(now, detection);
+        endpoint.eject(returns_at);
+        tracing::warn!(endpoint = ?key, %reason, ejection_time = ?time, multiplier,
+            ejected = ejected + 1, endpoints = total, "endpoint ejected");
+        true
+    }
+
+    /// Ejects the endpoints that reached their consecutive-failure limit, or
+    /// puts them back in service when the cap forbids.
+    pub(crate) fn eject_tripped<K: fmt::Debug, E: Monitored>(
+        &mut self,
+        views: &mut [View<'_, K, E>],
+    ) -> bool {
+        let Some(limit) = self
+            .detection
+            .as_ref()
+            .map(|d| d.consecutive_failures.unwrap_or(1))
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut changed = false;
+        for index in 0..views.len() {
+            if !views[index].2.is_tripped() {
+                continue;
+            }
+            let reason = EjectionReason::ConsecutiveFailures(limit);
+            if self.try_eject(views, index, reason, now) {
+                changed = true;
+            } else {
+                views[index].2.restore();
+            }
+        }
+        changed
+    }
+
+    /// When the next ejection ends.
+    pub(crate) fn next_return<'a>(
+        healths: impl Iterator<Item = &'a EndpointHealth>,
+    ) -> Option<Instant> {
+        healths.filter_map(|h| h.record.ejected_until()).min()
+    }
+
+    /// Puts back in service the endpoints whose ejection time is up (each
+    /// starting its ramp, with slow start on).
+    pub(crate) fn return_due<K: fmt::Debug, E: Monitored>(
+        &mut self,
+        views: &mut [View<'_, K, E>],
+    ) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        for (key, health, endpoint) in views.iter_mut() {
+            let load = endpoint.load();
+            if health
+                .record
+                .try_return(now, load.successes(), load.failures())
+            {
+                endpoint.restore();
+                if let Some(slow_start) = &self.slow_start {
+                    health.begin_slow_start(slow_start, load);
+                }
+                self.ejected -= 1;
+                tracing::info!(endpoint = ?key, multiplier = health.record.multiplier(),
+                    "ejection over; endpoint back in service");
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The interval detectors, then the multiplier decay. Returns whether an
+    /// endpoint was ejected. `now_ns` and `rtt` read the latency estimates
+    /// for the latency detector.
+    pub(crate) fn evaluate_interval<K: fmt::Debug, E: Monitored>(
+        &mut self,
+        views: &mut [View<'_, K, E>],
+        now_ns: u64,
+        rtt: &RttEstimate,
+    ) -> bool {
+        let Some(detection) = self.detection.clone() else {
+            return false;
+        };
+        let now = Instant::now();
+        // Every endpoint's reading moves on, ejected ones included, so that
+        // each interval counts only its own outcomes.
+        let mut judged = Vec::new();
+        let mut counts = Vec::new();
+        for (index, (_, health, endpoint)) in views.iter_mut().enumerate() {
+            let load = endpoint.load();
+            let interval = health
+                .record
+                .take_interval(load.successes(), load.failures());
+            if !health.record.is_ejected() {
+                judged.push(index);
+                counts.push(interval);
+            }
+        }
+        let mut changed = false;
+        if let Some(detector) = &detection.success_rate {
+            for (j, rate, threshold) in success_rate_outliers(&counts, detector) {
+                let reason = EjectionReason::SuccessRate { rate, threshold };
+                changed |= self.try_eject(views, judged[j], reason, now);
+            }
+        }
+        if let Some(detector) = &detection.failure_percentage {
+            for (j, percent) in failure_percentage_outliers(&counts, detector) {
+                let reason = EjectionReason::FailurePercentage {
+                    percent,
+                    threshold: detector.threshold,
+                };
+                changed |= self.try_eject(views, judged[j], reason, now);
+            }
+        }
+        if let Some(detector) = &detection.latency {
+            let estimates: Vec<Option<f64>> = judged
+                .iter()
+                .zip(&counts)
+                .map(|(&index, interval)| {
+                    let endpoint = views[index].2;
+                    (interval.requests() > 0).then(|| endpoint.load().rtt_estimate_ns(now_ns, rtt))
+                })
+                .collect();
+            let (slow, median) = latency_outliers(&estimates, detector);
+            for (j, &is_slow) in slow.iter().enumerate() {
+                let index = judged[j];
+                let record = &mut views[index].1.record;
+                if !is_slow {
+                    record.slow_intervals = 0;
+                    continue;
+                }
+                record.slow_intervals = record.slow_intervals.saturating_add(1);
+                if record.slow_intervals >= detector.intervals {
+                    let reason = EjectionReason::Latency {
+                        estimate: std::time::Duration::from_nanos(
+                            estimates[j].unwrap_or(0.0) as u64
+                        ),
+                        median: std::time::Duration::from_nanos(median as u64),
+                        intervals: record.slow_intervals,
+                    };
+                    changed |= self.try_eject(views, index, reason, now);
+                }
+            }
+        }
+        for (_, health, _) in views.iter_mut() {
+            health.record.healthy_interval();
+        }
+        changed
+    }
+
+    /// Moves every endpoint in slow start one step up its ramp; true if any
+    /// was in slow start (the schedule may change).
+    pub(crate) fn advance_slow_start<K, E: Monitored>(&self, views: &mut [View<'_, K, E>]) -> bool {
+        let Some(slow_start) = &self.slow_start else {
+            return false;
+        };
+        let mut any = false;
+        for (_, health, endpoint) in views.iter_mut() {
+            let Some(since) = health.slow_start_since else {
+                continue;
+            };
+            any = true;
+            let factor = slow_start.factor(since.elapsed());
+            endpoint.load().set_slow_start_factor(factor);
+            if factor >= 1.0 {
+                health.slow_start_since = None;
+            }
+        }
+        any
+    }
+
+    /// Whether any endpoint is on its ramp.
+    pub(crate) fn in_slow_start<'a>(mut healths: impl Iterator<Item = &'a EndpointHealth>) -> bool {
+        healths.any(|h| h.slow_start_since.is_some())
+    }
+
+    /// Whether a set of `total` endpoints with `in_service` of them in
+    /// service is to be published in panic mode (every endpoint eligible),
+    /// as Envoy does below the panic threshold; logs when that changes.
+    /// Called for every published set, it also notes that endpoints were
+    /// published (from then on new ones slow-start).
+    pub(crate) fn panic_mode(&mut self, in_service: usize, total: usize) -> bool {
+        self.warmed |= total > 0;
+        let threshold = self.panic_threshold as usize;
+        let panic = in_service < total && in_service * 100 < threshold * total;
+        if panic != self.panic {
+            if panic {
+                tracing::warn!(
+                    in_service,
+                    endpoints = total,
+                    panic_threshold = threshold,
+                    "too few endpoints in service: panic mode, balancing over all of them"
+                );
+            } else {
+                tracing::info!(in_service, endpoints = total, "panic mode over");
+            }
+            self.panic = panic;
+        }
+        panic
+    }
+}
