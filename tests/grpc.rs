@@ -239,7 +239,8 @@ async fn orca_trailers_shift_weighted_round_robin() {
         .strategy(
             WeightedRoundRobin::new()
                 .blackout_period(Duration::from_millis(200))
-                .weight_update_period(Duration::from_millis(100)),
+                .weight_update_period(Duration::from_millis(100))
+                .expect("valid setting"),
         )
         .build(addrs(&servers));
     let drive = |period: Duration| {

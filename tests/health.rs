@@ -167,6 +167,7 @@ fn ejected(lb: &Lb) -> Vec<SocketAddr> {
 fn interval_only() -> OutlierDetection {
     OutlierDetection::new()
         .interval(INTERVAL)
+        .expect("valid setting")
         .no_consecutive_failures()
         .no_success_rate()
         .max_ejection_percent(100)
@@ -399,7 +400,7 @@ async fn ejection_expires_and_a_second_one_lasts_twice_as_long(kind: StackKind) 
     let detection = OutlierDetection::new()
         .base_ejection_time(base)
         .interval(Duration::from_secs(3600));
-    let lb = Stack::new(detection).build(kind, addrs(&all));
+    let lb = Stack::new(detection.expect("valid setting")).build(kind, addrs(&all));
     ready(&lb, 3).await;
 
     eject(&lb, &all[0]).await;
@@ -522,7 +523,7 @@ async fn a_healthy_interval_after_returning_brings_the_next_ejection_back_to_bas
     let detection = OutlierDetection::new()
         .base_ejection_time(base)
         .interval(interval);
-    let lb = Stack::new(detection).build(kind, addrs(&all));
+    let lb = Stack::new(detection.expect("valid setting")).build(kind, addrs(&all));
     ready(&lb, 3).await;
 
     eject(&lb, &all[0]).await;
@@ -630,7 +631,12 @@ async fn a_new_service_for_an_ejected_key_stays_ejected(kind: StackKind) {
 async fn an_interval_too_long_for_the_clock_disables_the_interval_detectors_only(kind: StackKind) {
     let all = servers(2, Duration::ZERO).await;
     all[0].fail_every(1);
-    let lb = Stack::new(OutlierDetection::new().interval(Duration::MAX)).build(kind, addrs(&all));
+    let lb = Stack::new(
+        OutlierDetection::new()
+            .interval(Duration::MAX)
+            .expect("valid setting"),
+    )
+    .build(kind, addrs(&all));
     ready(&lb, 2).await;
 
     send(&lb, 20).await;
@@ -764,7 +770,7 @@ async fn an_endpoint_back_from_ejection_ramps_up_in_slow_start(kind: StackKind) 
         .interval(Duration::from_secs(3600));
     let lb = Stack {
         slow_start: Some(SlowStart::new(Duration::from_secs(30))),
-        ..Stack::new(detection)
+        ..Stack::new(detection.expect("valid setting"))
     }
     .build(kind, addrs(&all));
     ready(&lb, 3).await;

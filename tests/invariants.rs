@@ -221,6 +221,7 @@ impl Settings {
             .no_failure_percentage()
             .no_latency()
             .interval(Duration::from_secs(3600))
+            .expect("valid setting")
             .base_ejection_time(Duration::from_millis(self.base_ejection_ms))
             .max_ejection_time(Duration::from_millis(self.max_ejection_ms))
             .max_ejection_percent(self.max_ejection_percent)

@@ -730,6 +730,7 @@ fn churn_leaves_memory_flat() {
                 .outlier_detection(
                     OutlierDetection::new()
                         .interval(Duration::from_millis(20))
+                        .expect("valid setting")
                         .base_ejection_time(Duration::from_millis(10))
                         .max_ejection_time(Duration::from_millis(50))
                         .consecutive_failures(2)
@@ -750,7 +751,8 @@ fn churn_leaves_memory_flat() {
                 .strategy(
                     WeightedRoundRobin::new()
                         .blackout_period(Duration::ZERO)
-                        .weight_update_period(Duration::from_millis(100)),
+                        .weight_update_period(Duration::from_millis(100))
+                        .expect("valid setting"),
                 )
                 .classify(ReportsLoad)
                 .slow_start(SlowStart::new(Duration::from_millis(50)))

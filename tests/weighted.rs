@@ -34,7 +34,8 @@ fn balancer(servers: &[ReportingServer]) -> WeightedBalancer {
         .strategy(
             WeightedRoundRobin::new()
                 .blackout_period(Duration::from_millis(200))
-                .weight_update_period(Duration::from_millis(100)),
+                .weight_update_period(Duration::from_millis(100))
+                .expect("valid setting"),
         )
         .classify(HttpClassify::server_errors().load_reports(OrcaLoadReports))
         .build(discover::fixed(lb_http::endpoints(&client, addrs)))

@@ -561,11 +561,9 @@ fn retry_policies() -> Vec<(HttpRetryOn, Vec<u16>, Vec<u8>)> {
         .status(StatusCode::TOO_MANY_REQUESTS)
         .status(StatusCode::from_u16(999).unwrap_or_else(|e| panic!("{e}")))
         .grpc_code(0)
-        .grpc_code(8)
-        .grpc_code(16)
-        // Not a gRPC code: ignored.
-        .grpc_code(17)
-        .grpc_code(255);
+        .and_then(|p| p.grpc_code(8))
+        .and_then(|p| p.grpc_code(16))
+        .unwrap_or_else(|e| panic!("{e}"));
     vec![
         (HttpRetryOn::new(), vec![502, 503, 504], vec![14]),
         (HttpRetryOn::none(), vec![], vec![]),

@@ -18,10 +18,10 @@
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
 //! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget), [`ClientBuilder::no_hedging`] |
 //! | slow start | off | [`ClientBuilder::slow_start`], [`ClientBuilder::no_slow_start`] |
+//! | anything else on the balancer | [`Balancer::builder`](crate::Balancer::builder) defaults | [`ClientBuilder::balancer`] |
 //!
 //! One rule for every part that can be off: `x(settings)` sets it, `no_x()`
 //! switches it off.
-//! | anything else on the balancer | [`Balancer::builder`](crate::Balancer::builder) defaults | [`ClientBuilder::balancer`] |
 //!
 //! The layers are those of the rest of the crate, in the order of the
 //! design: deadline, body replay, retry, hedge, per-attempt timeout, then the
@@ -364,6 +364,7 @@ where
     ///
     /// When `percent` is above 100.
     pub fn panic_threshold(self, percent: u32) -> Result<Self, InvalidSetting> {
+        let percent = crate::setting::percent("ClientBuilder::panic_threshold", percent)?;
         let ClientBuilder {
             target,
             balancer,

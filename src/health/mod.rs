@@ -117,7 +117,7 @@ impl fmt::Display for EjectionReason {
 /// use tower_lb::health::{FailurePercentage, OutlierDetection};
 ///
 /// let detection = OutlierDetection::new()
-///     .interval(Duration::from_secs(5))
+///     .interval(Duration::from_secs(5))?
 ///     .base_ejection_time(Duration::from_secs(10))
 ///     .max_ejection_percent(50)?
 ///     .consecutive_failures(3)?
@@ -153,10 +153,21 @@ impl OutlierDetection {
     }
 
     /// How often the interval detectors run and ejection multipliers decay.
-    /// Default 10 s; raised to at least 1 ms.
-    pub fn interval(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(Duration::from_millis(1));
-        self
+    /// Default 10 s.
+    ///
+    /// # Errors
+    ///
+    /// When `interval` is shorter than 1 ms.
+    pub fn interval(mut self, interval: Duration) -> Result<Self, InvalidSetting> {
+        if interval < Duration::from_millis(1) {
+            return Err(InvalidSetting::new(
+                "OutlierDetection::interval",
+                interval,
+                "1 ms or longer",
+            ));
+        }
+        self.interval = interval;
+        Ok(self)
     }
 
     /// The ejection time of a first ejection. Default 30 s.

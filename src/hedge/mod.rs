@@ -143,12 +143,23 @@ impl HedgeLayer {
 
     /// The length of each of the two windows of latencies the percentile is
     /// taken over. Default 10 s.
-    pub fn window(self, window: Duration) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// When `window` is zero.
+    pub fn window(self, window: Duration) -> Result<Self, InvalidSetting> {
+        if window.is_zero() {
+            return Err(InvalidSetting::new(
+                "HedgeLayer::window",
+                window,
+                "longer than zero",
+            ));
+        }
         let settings = Settings {
             window,
             ..self.settings
         };
-        self.with(settings)
+        Ok(self.with(settings))
     }
 
     /// The same settings, drawing on `budget` (and with a fresh latency

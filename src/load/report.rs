@@ -1,13 +1,15 @@
-//! Load reports that endpoints send about themselves (ORCA), and how to find
-//! them in responses.
+//! Load reports that endpoints send about themselves, and how to find them
+//! in responses: [`LoadExtractor`], a bare utilization header, and (feature
+//! `orca`) ORCA's own forms, in the `orca` submodule.
 //!
 //! A server knows its own utilization far better than any client can guess
 //! from latency: weighted round robin (gRPC A58) weights each endpoint by the
-//! rate it serves divided by the utilization that rate costs it. This module
-//! reads those reports in every form the ORCA specification allows, the
-//! `endpoint-load-metrics` response header (`TEXT`, `JSON` or `BIN`) and the
-//! gRPC trailer `endpoint-load-metrics-bin`, and lets users plug in any other
-//! header through [`LoadExtractor`].
+//! rate it serves divided by the utilization that rate costs it. With the
+//! `orca` feature this module reads those reports in every form the ORCA
+//! specification allows, the `endpoint-load-metrics` response header
+//! (`TEXT`, `JSON` or `BIN`) and the gRPC trailer
+//! `endpoint-load-metrics-bin`; any other header can be read through
+//! [`LoadExtractor`].
 //!
 //! Parsing is strict about values and lenient about names: a number that is
 //! not finite and non-negative, a duplicate key or a broken encoding makes the
@@ -288,5 +290,81 @@ fn excerpt(text: &str) -> String {
     match text.char_indices().nth(EXCERPT_CHARS) {
         Some((at, _)) => format!("{}...", &text[..at]),
         None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: &LoadReportError) -> &str {
+        match e {
+            LoadReportError::InvalidNumber { field, .. } => field,
+            other => panic!("expected InvalidNumber, got {other:?}"),
+        }
+    }
+
+    fn headers(entries: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in entries {
+            let value = HeaderValue::from_str(value).unwrap_or_else(|e| panic!("{e}"));
+            map.append(HeaderName::from_static(name), value);
+        }
+        map
+    }
+
+    #[test]
+    fn utilization_for_weight_prefers_application_utilization() {
+        let mut report = LoadReport {
+            cpu_utilization: 0.4,
+            ..LoadReport::default()
+        };
+        assert_eq!(report.utilization_for_weight(), 0.4);
+        report.application_utilization = 0.9;
+        assert_eq!(report.utilization_for_weight(), 0.9);
+    }
+
+    #[test]
+    fn utilization_header_reads_application_utilization_only() {
+        let extractor = UtilizationHeader::new(HeaderName::from_static("x-server-load"));
+        let map = headers(&[("x-server-load", " 0.7 ")]);
+        let report = extractor.from_headers(&map).map(|r| r.ok());
+        let expected = LoadReport {
+            application_utilization: 0.7,
+            rate_from_client: true,
+            ..LoadReport::default()
+        };
+        assert_eq!(report, Some(Some(expected.clone())));
+        assert_eq!(
+            extractor.from_trailers(&map).map(|r| r.ok()),
+            Some(Some(expected))
+        );
+        assert!(extractor.from_headers(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn utilization_header_rejects_invalid_numbers() {
+        let extractor = UtilizationHeader::new(HeaderName::from_static("x-server-load"));
+        for bad in ["busy", "NaN", "-0.5", "inf", "70%"] {
+            let map = headers(&[("x-server-load", bad)]);
+            let e = extractor.from_headers(&map).and_then(|r| r.err());
+            assert_eq!(
+                e.as_ref().map(field_of),
+                Some("x-server-load"),
+                "{bad:?} accepted"
+            );
+        }
+        let map = headers(&[("x-server-load", "")]);
+        assert!(matches!(
+            extractor.from_headers(&map),
+            Some(Err(LoadReportError::Empty))
+        ));
+    }
+
+    #[test]
+    fn no_load_reports_finds_nothing() {
+        let map = headers(&[("endpoint-load-metrics", "TEXT eps=1")]);
+        assert!(NoLoadReports.from_headers(&map).is_none());
+        assert!(NoLoadReports.from_trailers(&map).is_none());
     }
 }

@@ -200,7 +200,7 @@ impl HttpRetryOn {
             .status(StatusCode::BAD_GATEWAY)
             .status(StatusCode::SERVICE_UNAVAILABLE)
             .status(StatusCode::GATEWAY_TIMEOUT)
-            .grpc_code(GRPC_UNAVAILABLE)
+            .with_grpc_code(GRPC_UNAVAILABLE)
     }
 
     /// Retries no response (but still reads pushback for nothing); add
@@ -222,11 +222,26 @@ impl HttpRetryOn {
         self
     }
 
-    /// Retries gRPC responses with `code` too (0 to 16; others are ignored).
-    pub fn grpc_code(mut self, code: u8) -> Self {
-        if code <= 16 {
-            self.grpc_codes |= 1 << code;
+    /// Retries gRPC responses with `code` too.
+    ///
+    /// # Errors
+    ///
+    /// When `code` is not a gRPC status code (0 to 16).
+    pub fn grpc_code(mut self, code: u8) -> Result<Self, InvalidSetting> {
+        if code > 16 {
+            return Err(InvalidSetting::new(
+                "HttpRetryOn::grpc_code",
+                code,
+                "a gRPC status code, 0 to 16",
+            ));
         }
+        self.grpc_codes |= 1 << code;
+        Ok(self)
+    }
+
+    /// `grpc_code` for a code known to be one.
+    const fn with_grpc_code(mut self, code: u8) -> Self {
+        self.grpc_codes |= 1 << code;
         self
     }
 
@@ -273,6 +288,14 @@ impl<B> RetryOn<http::Response<B>> for HttpRetryOn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_code_above_16_is_refused_by_name() {
+        for bad in [17, 255] {
+            let error = HttpRetryOn::none().grpc_code(bad).unwrap_err();
+            assert_eq!(error.setting(), "HttpRetryOn::grpc_code");
+        }
+    }
 
     #[test]
     fn zero_attempts_are_refused_by_name() {

@@ -153,11 +153,21 @@ impl WeightedRoundRobin {
         self
     }
 
-    /// How often weights are recomputed. Default 1 s; raised to at least
-    /// 100 ms.
-    pub fn weight_update_period(mut self, period: Duration) -> Self {
-        self.weight_update_period = period.max(MIN_WEIGHT_UPDATE_PERIOD);
-        self
+    /// How often weights are recomputed. Default 1 s.
+    ///
+    /// # Errors
+    ///
+    /// When `period` is shorter than 100 ms, gRPC A58's minimum.
+    pub fn weight_update_period(mut self, period: Duration) -> Result<Self, InvalidSetting> {
+        if period < MIN_WEIGHT_UPDATE_PERIOD {
+            return Err(InvalidSetting::new(
+                "WeightedRoundRobin::weight_update_period",
+                period,
+                "100 ms or longer (gRPC A58's minimum)",
+            ));
+        }
+        self.weight_update_period = period;
+        Ok(self)
     }
 
     /// How much an error counts against an endpoint, in utilization per
@@ -829,7 +839,13 @@ mod tests {
             !wrr.uses_latency(),
             "schedules get the time anyway; requests need not be timed"
         );
-        let fast = wrr.weight_update_period(Duration::from_millis(10));
+        let error = wrr
+            .weight_update_period(Duration::from_millis(10))
+            .unwrap_err();
+        assert_eq!(error.setting(), "WeightedRoundRobin::weight_update_period");
+        let fast = wrr
+            .weight_update_period(Duration::from_millis(100))
+            .expect("valid setting");
         assert_eq!(fast.reschedule_every(), Some(Duration::from_millis(100)));
     }
 

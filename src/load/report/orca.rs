@@ -579,7 +579,7 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{NoLoadReports, UtilizationHeader};
+    use super::super::UtilizationHeader;
     use super::*;
 
     fn header(text: &str) -> Result<LoadReport, LoadReportError> {
@@ -1161,17 +1161,6 @@ mod tests {
         assert!(e.to_string().len() < 120, "{e}");
     }
 
-    #[test]
-    fn utilization_for_weight_prefers_application_utilization() {
-        let mut report = LoadReport {
-            cpu_utilization: 0.4,
-            ..LoadReport::default()
-        };
-        assert_eq!(report.utilization_for_weight(), 0.4);
-        report.application_utilization = 0.9;
-        assert_eq!(report.utilization_for_weight(), 0.9);
-    }
-
     // ---- extractors ----
 
     fn headers(entries: &[(&'static str, &str)]) -> HeaderMap {
@@ -1237,50 +1226,6 @@ mod tests {
             OrcaLoadReports.from_headers(&map),
             Some(Err(LoadReportError::InvalidNumber { .. }))
         ));
-    }
-
-    #[test]
-    fn utilization_header_reads_application_utilization_only() {
-        let extractor = UtilizationHeader::new(HeaderName::from_static("x-server-load"));
-        let map = headers(&[("x-server-load", " 0.7 ")]);
-        let report = extractor.from_headers(&map).map(|r| r.ok());
-        let expected = LoadReport {
-            application_utilization: 0.7,
-            rate_from_client: true,
-            ..LoadReport::default()
-        };
-        assert_eq!(report, Some(Some(expected.clone())));
-        assert_eq!(
-            extractor.from_trailers(&map).map(|r| r.ok()),
-            Some(Some(expected))
-        );
-        assert!(extractor.from_headers(&HeaderMap::new()).is_none());
-    }
-
-    #[test]
-    fn utilization_header_rejects_invalid_numbers() {
-        let extractor = UtilizationHeader::new(HeaderName::from_static("x-server-load"));
-        for bad in ["busy", "NaN", "-0.5", "inf", "70%"] {
-            let map = headers(&[("x-server-load", bad)]);
-            let e = extractor.from_headers(&map).and_then(|r| r.err());
-            assert_eq!(
-                e.as_ref().map(field_of),
-                Some("x-server-load"),
-                "{bad:?} accepted"
-            );
-        }
-        let map = headers(&[("x-server-load", "")]);
-        assert!(matches!(
-            extractor.from_headers(&map),
-            Some(Err(LoadReportError::Empty))
-        ));
-    }
-
-    #[test]
-    fn no_load_reports_finds_nothing() {
-        let map = headers(&[("endpoint-load-metrics", "TEXT eps=1")]);
-        assert!(NoLoadReports.from_headers(&map).is_none());
-        assert!(NoLoadReports.from_trailers(&map).is_none());
     }
 
     // ---- robustness ----
