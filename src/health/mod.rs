@@ -501,6 +501,17 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_shorter_than_a_millisecond_is_refused_by_name() {
+        let error = OutlierDetection::new()
+            .interval(Duration::from_micros(999))
+            .unwrap_err();
+        assert_eq!(error.setting(), "OutlierDetection::interval");
+        assert!(OutlierDetection::new()
+            .interval(Duration::from_millis(1))
+            .is_ok());
+    }
+
+    #[test]
     fn percentages_above_100_and_counts_of_zero_are_refused_by_name() {
         let error = OutlierDetection::new()
             .max_ejection_percent(101)

@@ -456,6 +456,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_window_of_zero_is_refused_by_name() {
+        let error = HedgeLayer::default().window(Duration::ZERO).unwrap_err();
+        assert_eq!(error.setting(), "HedgeLayer::window");
+        assert!(HedgeLayer::default().window(Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
     fn a_percentile_outside_0_to_1_is_refused_by_name() {
         for bad in [f64::NAN, 1.5, -0.1, f64::INFINITY] {
             let error = HedgeLayer::default().percentile(bad).unwrap_err();
