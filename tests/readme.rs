@@ -191,6 +191,36 @@ async fn timeouts_retries_and_hedging() -> Result<(), BoxError> {
     Ok(())
 }
 
+fn a_request_type_of_your_own() {
+    // README begin
+    use tower_lb::request::{CallContext, HasCallContext, NotReplayable, Replayable, Safety};
+
+    #[derive(Clone)]
+    struct Lookup {
+        key: String,
+        call: Option<CallContext>,
+    }
+
+    impl HasCallContext for Lookup {
+        fn call_context(&self) -> Option<&CallContext> {
+            self.call.as_ref()
+        }
+        fn call_context_mut(&mut self) -> &mut CallContext {
+            self.call.get_or_insert_with(CallContext::new)
+        }
+    }
+
+    impl Replayable for Lookup {
+        fn safety(&self) -> Safety {
+            Safety::Safe
+        }
+        fn replay(&self) -> Result<Self, NotReplayable> {
+            Ok(self.clone())
+        }
+    }
+    // README end
+}
+
 async fn weighted_round_robin() -> Result<(), BoxError> {
     // README begin
     use std::net::SocketAddr;
@@ -255,43 +285,36 @@ async fn dns_discovery() -> Result<(), BoxError> {
 fn readme_blocks() -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .unwrap_or_else(|e| panic!("cannot read README.md: {e}"));
-    let mut blocks = Vec::new();
-    let mut current: Option<Vec<&str>> = None;
-    for line in readme.lines() {
-        match (&mut current, line.trim_end()) {
-            (None, "```rust") => current = Some(Vec::new()),
-            (Some(lines), "```") => {
-                blocks.push(lines.join("\n"));
-                current = None;
-            }
-            (Some(lines), _) => lines.push(line),
-            (None, _) => {}
-        }
-    }
-    assert!(
-        current.is_none(),
-        "a ```rust block in the README is not closed"
-    );
-    blocks
+    between(&readme, "```rust", "```")
 }
 
 /// The snippets of this file, each without the indent it has here.
 fn snippets() -> Vec<String> {
-    let source = include_str!("readme.rs");
-    let mut snippets = Vec::new();
+    between(
+        include_str!("readme.rs"),
+        "// README begin",
+        "// README end",
+    )
+}
+
+/// The runs of lines of `text` between a line that is `open` and the next
+/// that is `close` (surrounding whitespace aside), each dedented.
+fn between(text: &str, open: &str, close: &str) -> Vec<String> {
+    let mut runs = Vec::new();
     let mut current: Option<Vec<&str>> = None;
-    for line in source.lines() {
+    for line in text.lines() {
         match (&mut current, line.trim()) {
-            (None, "// README begin") => current = Some(Vec::new()),
-            (Some(lines), "// README end") => {
-                snippets.push(dedent(lines));
+            (None, marker) if marker == open => current = Some(Vec::new()),
+            (Some(lines), marker) if marker == close => {
+                runs.push(dedent(lines));
                 current = None;
             }
             (Some(lines), _) => lines.push(line),
             (None, _) => {}
         }
     }
-    snippets
+    assert!(current.is_none(), "a run opened by {open:?} is not closed");
+    runs
 }
 
 /// `lines` without the whitespace they all start with.

@@ -297,14 +297,16 @@ fn excerpt(text: &str) -> String {
 mod tests {
     use super::*;
 
-    fn field_of(e: &LoadReportError) -> &str {
+    /// The field an `InvalidNumber` error names (the ORCA tests use it too).
+    pub(super) fn field_of(e: &LoadReportError) -> &str {
         match e {
             LoadReportError::InvalidNumber { field, .. } => field,
             other => panic!("expected InvalidNumber, got {other:?}"),
         }
     }
 
-    fn headers(entries: &[(&'static str, &str)]) -> HeaderMap {
+    /// A header map of `entries` (the ORCA tests use it too).
+    pub(super) fn headers(entries: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in entries {
             let value = HeaderValue::from_str(value).unwrap_or_else(|e| panic!("{e}"));

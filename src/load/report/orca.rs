@@ -579,6 +579,7 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{field_of, headers};
     use super::super::UtilizationHeader;
     use super::*;
 
@@ -637,13 +638,6 @@ mod tests {
 
     fn b64_unpadded(bytes: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
-    }
-
-    fn field_of(e: &LoadReportError) -> &str {
-        match e {
-            LoadReportError::InvalidNumber { field, .. } => field,
-            other => panic!("expected InvalidNumber, got {other:?}"),
-        }
     }
 
     // ---- TEXT ----
@@ -1162,15 +1156,6 @@ mod tests {
     }
 
     // ---- extractors ----
-
-    fn headers(entries: &[(&'static str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in entries {
-            let value = HeaderValue::from_str(value).unwrap_or_else(|e| panic!("{e}"));
-            map.append(HeaderName::from_static(name), value);
-        }
-        map
-    }
 
     fn eps_of(found: Option<Result<LoadReport, LoadReportError>>) -> Option<f64> {
         found.map(|r| r.unwrap_or_else(|e| panic!("{e}")).eps)
