@@ -75,6 +75,21 @@ impl fmt::Display for InvalidSetting {
 
 impl std::error::Error for InvalidSetting {}
 
+/// `value` when `valid` says it can be used, else the error naming
+/// `setting`, the value and what it must be: every setter's check.
+pub(crate) fn check<T: fmt::Debug>(
+    setting: &'static str,
+    value: T,
+    valid: bool,
+    expected: &'static str,
+) -> Result<T, InvalidSetting> {
+    if valid {
+        Ok(value)
+    } else {
+        Err(InvalidSetting::new(setting, value, expected))
+    }
+}
+
 /// `value` when it is finite and at least `min`.
 pub(crate) fn finite_at_least(
     setting: &'static str,
@@ -82,11 +97,7 @@ pub(crate) fn finite_at_least(
     min: f64,
     expected: &'static str,
 ) -> Result<f64, InvalidSetting> {
-    if value.is_finite() && value >= min {
-        Ok(value)
-    } else {
-        Err(InvalidSetting::new(setting, value, expected))
-    }
+    check(setting, value, value.is_finite() && value >= min, expected)
 }
 
 /// `value` when it is within `min..=max` (which rules out NaN).
@@ -97,33 +108,17 @@ pub(crate) fn within(
     max: f64,
     expected: &'static str,
 ) -> Result<f64, InvalidSetting> {
-    if (min..=max).contains(&value) {
-        Ok(value)
-    } else {
-        Err(InvalidSetting::new(setting, value, expected))
-    }
+    check(setting, value, (min..=max).contains(&value), expected)
 }
 
 /// `percent` when it is at most 100.
 pub(crate) fn percent(setting: &'static str, percent: u32) -> Result<u32, InvalidSetting> {
-    if percent <= 100 {
-        Ok(percent)
-    } else {
-        Err(InvalidSetting::new(
-            setting,
-            percent,
-            "a percentage, 0 to 100",
-        ))
-    }
+    check(setting, percent, percent <= 100, "a percentage, 0 to 100")
 }
 
 /// `count` when it is at least 1.
 pub(crate) fn at_least_one(setting: &'static str, count: u32) -> Result<u32, InvalidSetting> {
-    if count >= 1 {
-        Ok(count)
-    } else {
-        Err(InvalidSetting::new(setting, count, "1 or more"))
-    }
+    check(setting, count, count >= 1, "1 or more")
 }
 
 #[cfg(test)]

@@ -234,15 +234,12 @@ impl Dns {
     ///
     /// When `max` is below `min`, or either is above a day.
     pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Result<Self, InvalidSetting> {
-        if min > MAX_TTL || max > MAX_TTL || max < min {
-            return Err(InvalidSetting::new(
-                "Dns::ttl_bounds",
-                (min, max),
-                "a minimum and a maximum, in that order, each at most a day",
-            ));
-        }
-        self.min_ttl = min;
-        self.max_ttl = max;
+        (self.min_ttl, self.max_ttl) = setting::check(
+            "Dns::ttl_bounds",
+            (min, max),
+            min <= max && max <= MAX_TTL,
+            "a minimum and a maximum, in that order, each at most a day",
+        )?;
         Ok(self)
     }
 

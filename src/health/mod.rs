@@ -159,14 +159,12 @@ impl OutlierDetection {
     ///
     /// When `interval` is shorter than 1 ms.
     pub fn interval(mut self, interval: Duration) -> Result<Self, InvalidSetting> {
-        if interval < Duration::from_millis(1) {
-            return Err(InvalidSetting::new(
-                "OutlierDetection::interval",
-                interval,
-                "1 ms or longer",
-            ));
-        }
-        self.interval = interval;
+        self.interval = setting::check(
+            "OutlierDetection::interval",
+            interval,
+            interval >= Duration::from_millis(1),
+            "1 ms or longer",
+        )?;
         Ok(self)
     }
 

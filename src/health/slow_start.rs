@@ -70,14 +70,12 @@ impl SlowStart {
     ///
     /// When `aggression` is not a finite number above 0.
     pub fn aggression(mut self, aggression: f64) -> Result<Self, InvalidSetting> {
-        if !(aggression.is_finite() && aggression > 0.0) {
-            return Err(InvalidSetting::new(
-                "SlowStart::aggression",
-                aggression,
-                "a finite number above 0",
-            ));
-        }
-        self.aggression = aggression;
+        self.aggression = setting::check(
+            "SlowStart::aggression",
+            aggression,
+            aggression.is_finite() && aggression > 0.0,
+            "a finite number above 0",
+        )?;
         Ok(self)
     }
 

@@ -148,13 +148,12 @@ impl HedgeLayer {
     ///
     /// When `window` is zero.
     pub fn window(self, window: Duration) -> Result<Self, InvalidSetting> {
-        if window.is_zero() {
-            return Err(InvalidSetting::new(
-                "HedgeLayer::window",
-                window,
-                "longer than zero",
-            ));
-        }
+        let window = setting::check(
+            "HedgeLayer::window",
+            window,
+            !window.is_zero(),
+            "longer than zero",
+        )?;
         let settings = Settings {
             window,
             ..self.settings

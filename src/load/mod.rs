@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
-use crate::setting::InvalidSetting;
+use crate::setting::{self, InvalidSetting};
 
 mod clock;
 mod report;
@@ -233,13 +233,13 @@ impl EndpointLoad {
     ///
     /// When `weight` is not a finite number above 0.
     pub fn with_static_weight(self, weight: f64) -> Result<Self, InvalidSetting> {
-        if !self.set_static_weight(weight) {
-            return Err(InvalidSetting::new(
-                "EndpointLoad::with_static_weight",
-                weight,
-                "a finite number above 0",
-            ));
-        }
+        let kept = self.set_static_weight(weight);
+        setting::check(
+            "EndpointLoad::with_static_weight",
+            weight,
+            kept,
+            "a finite number above 0",
+        )?;
         Ok(self)
     }
 

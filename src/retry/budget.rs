@@ -229,13 +229,12 @@ impl RetryBudget {
     ///
     /// When `window` is zero or longer than one hour.
     pub fn window(self, window: Duration) -> Result<Self, InvalidSetting> {
-        if window.is_zero() || window > MAX_WINDOW {
-            return Err(InvalidSetting::new(
-                "RetryBudget::window",
-                window,
-                "more than zero and at most one hour",
-            ));
-        }
+        let window = setting::check(
+            "RetryBudget::window",
+            window,
+            !window.is_zero() && window <= MAX_WINDOW,
+            "more than zero and at most one hour",
+        )?;
         Ok(Self::with_config(Config {
             window,
             ..self.inner.config

@@ -227,16 +227,14 @@ impl HttpRetryOn {
     /// # Errors
     ///
     /// When `code` is not a gRPC status code (0 to 16).
-    pub fn grpc_code(mut self, code: u8) -> Result<Self, InvalidSetting> {
-        if code > 16 {
-            return Err(InvalidSetting::new(
-                "HttpRetryOn::grpc_code",
-                code,
-                "a gRPC status code, 0 to 16",
-            ));
-        }
-        self.grpc_codes |= 1 << code;
-        Ok(self)
+    pub fn grpc_code(self, code: u8) -> Result<Self, InvalidSetting> {
+        let code = setting::check(
+            "HttpRetryOn::grpc_code",
+            code,
+            code <= 16,
+            "a gRPC status code, 0 to 16",
+        )?;
+        Ok(self.with_grpc_code(code))
     }
 
     /// `grpc_code` for a code known to be one.

@@ -159,14 +159,12 @@ impl WeightedRoundRobin {
     ///
     /// When `period` is shorter than 100 ms, gRPC A58's minimum.
     pub fn weight_update_period(mut self, period: Duration) -> Result<Self, InvalidSetting> {
-        if period < MIN_WEIGHT_UPDATE_PERIOD {
-            return Err(InvalidSetting::new(
-                "WeightedRoundRobin::weight_update_period",
-                period,
-                "100 ms or longer (gRPC A58's minimum)",
-            ));
-        }
-        self.weight_update_period = period;
+        self.weight_update_period = setting::check(
+            "WeightedRoundRobin::weight_update_period",
+            period,
+            period >= MIN_WEIGHT_UPDATE_PERIOD,
+            "100 ms or longer (gRPC A58's minimum)",
+        )?;
         Ok(self)
     }
 
