@@ -207,9 +207,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let timeout = self.0.timeout;
-        let ends = tokio::time::Instant::now()
-            .checked_add(timeout)
-            .unwrap_or_else(crate::request::far_future);
+        let ends = CallDeadline::after(timeout).at();
         // At the deadline no attempt may go on, and none would be retried.
         let (ends, fired) = match CallDeadline::of(&req) {
             Some(deadline) if deadline.at() <= ends => (deadline.at(), deadline_elapsed(&deadline)),

@@ -543,6 +543,32 @@ async fn closing_a_clients_balancer_closes_the_client_too() {
     assert_eq!(servers[0].hits(), 0);
 }
 
+#[tokio::test]
+async fn a_retry_rule_of_the_users_own_retries_what_it_asks_for() {
+    // A 200 that carries `x-try-elsewhere` is not one the built-in rule
+    // retries; this rule does, so every GET ends at the other server.
+    let servers = start(vec![
+        Behaviour::AnswerWithHeader("x-try-elsewhere"),
+        Behaviour::Answer,
+    ])
+    .await;
+    let client = HttpClient::builder()
+        .retry_policy(tower_lb::retry::RetryPolicy::new().retry_on(RetryWhenAsked))
+        .no_outlier_detection()
+        .build(addrs(&servers));
+    let plain = servers[1].addr.port().to_string();
+    for i in 0..20 {
+        let id = format!("get-{i}");
+        let response = send(&client, get(&id)).await;
+        assert_eq!(body_text(response).await, plain, "{id}");
+        assert_eq!(servers[1].received(&id), 1, "{id}");
+    }
+    let asked: usize = (0..20)
+        .map(|i| servers[0].received(&format!("get-{i}")))
+        .sum();
+    assert!(asked > 0, "no GET reached the server that asks for a retry");
+}
+
 /// An HTTP/2 server on loopback that answers every request with the body
 /// it read. Its own sockets send at once (TCP_NODELAY), so any wait a
 /// client sees is the client's.

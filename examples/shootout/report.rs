@@ -106,6 +106,21 @@ fn details(scenario: &Scenario, results: &[RunResult]) -> String {
 /// slow ones.
 const SUCCESS_SLACK: f64 = 0.001;
 
+/// The best success rate among the contenders that answered, and those
+/// within [`SUCCESS_SLACK`] of it: who may win on latency, in the verdict and
+/// in the plots.
+fn eligible(results: &[RunResult]) -> (f64, Vec<&RunResult>) {
+    let answered = results.iter().filter(|r| r.ok > 0);
+    let best = answered
+        .clone()
+        .map(|r| r.success_rate())
+        .fold(0.0, f64::max);
+    let eligible = answered
+        .filter(|r| r.success_rate() >= best - SUCCESS_SLACK)
+        .collect();
+    (best, eligible)
+}
+
 /// One line that says who wins: lowest p99 and p99.9 among the contenders
 /// whose success rate is within 0.1 percentage point of the best, each with
 /// its margin over the runner-up, and how the success rates compare.
@@ -114,15 +129,7 @@ pub fn verdict(results: &[RunResult]) -> String {
     if answered.is_empty() {
         return "no contender had a successful request".to_string();
     }
-    let best_success = answered
-        .iter()
-        .map(|r| r.success_rate())
-        .fold(0.0, f64::max);
-    let eligible: Vec<&RunResult> = answered
-        .iter()
-        .copied()
-        .filter(|r| r.success_rate() >= best_success - SUCCESS_SLACK)
-        .collect();
+    let (best_success, eligible) = eligible(results);
     let mut parts = Vec::new();
     for (q, label) in [(0.99, "p99"), (0.999, "p99.9")] {
         let mut ranked: Vec<(f64, &str)> = eligible
@@ -354,15 +361,7 @@ fn ms_label(ms: f64) -> String {
 /// among those within the verdict's success slack, and the references
 /// (round robin, tower's p2c) when they ran.
 fn highlighted(results: &[RunResult]) -> Vec<Contender> {
-    let best_success = results
-        .iter()
-        .filter(|r| r.ok > 0)
-        .map(|r| r.success_rate())
-        .fold(0.0, f64::max);
-    let mut ranked: Vec<&RunResult> = results
-        .iter()
-        .filter(|r| r.ok > 0 && r.success_rate() >= best_success - SUCCESS_SLACK)
-        .collect();
+    let (_, mut ranked) = eligible(results);
     ranked.sort_by(|a, b| a.latency_ms(0.99).total_cmp(&b.latency_ms(0.99)));
     let mut chosen: Vec<Contender> = ranked
         .iter()

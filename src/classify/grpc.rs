@@ -146,10 +146,7 @@ impl ClassifyResponse for GrpcClassifier {
                 ClassifiedResponse::Ready(Err(failure_class(&self.codes, response)))
             }
             Some(GrpcVerdict::Malformed(class)) => ClassifiedResponse::Ready(Err(class)),
-            None => ClassifiedResponse::RequiresEos(GrpcClassifyEos {
-                codes: self.codes,
-                successes: self.successes,
-            }),
+            None => ClassifiedResponse::RequiresEos(GrpcClassifyEos(self)),
         }
     }
 
@@ -158,12 +155,10 @@ impl ClassifyResponse for GrpcClassifier {
     }
 }
 
-/// The end-of-stream half of [`GrpcClassifier`].
+/// The end-of-stream half of [`GrpcClassifier`]: the same classifier,
+/// judging the trailers.
 #[derive(Debug, Clone)]
-pub struct GrpcClassifyEos {
-    codes: GrpcErrorsAsFailures,
-    successes: GrpcSuccesses,
-}
+pub struct GrpcClassifyEos(GrpcClassifier);
 
 impl ClassifyEos for GrpcClassifyEos {
     type FailureClass = GrpcFailureClass;
@@ -172,14 +167,14 @@ impl ClassifyEos for GrpcClassifyEos {
         let Some(trailers) = trailers else {
             return Err(no_grpc_status());
         };
-        match self.successes.judge(trailers) {
+        match self.0.successes.judge(trailers) {
             Some(GrpcVerdict::Success) => Ok(()),
             Some(GrpcVerdict::Failure) => {
                 // Only on failure: a copy of the trailers for tower-http
                 // to read the status and message from.
                 let mut failed = http::Response::new(());
                 *failed.headers_mut() = trailers.clone();
-                Err(failure_class(&self.codes, &failed))
+                Err(failure_class(&self.0.codes, &failed))
             }
             Some(GrpcVerdict::Malformed(class)) => Err(class),
             None => Err(no_grpc_status()),
@@ -187,7 +182,7 @@ impl ClassifyEos for GrpcClassifyEos {
     }
 
     fn classify_error<E: fmt::Display + 'static>(self, error: &E) -> GrpcFailureClass {
-        self.codes.classify_error(error)
+        self.0.codes.classify_error(error)
     }
 }
 

@@ -80,7 +80,6 @@ pub(crate) use self::discover::MapEndpoints;
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower::util::BoxCloneSyncService;
@@ -147,9 +146,7 @@ pub struct ClientBuilder<T, B, R = HttpRetryOn> {
 pub(crate) struct CallSettings<R = HttpRetryOn> {
     attempt_timeout: Option<Duration>,
     deadline: Option<Duration>,
-    /// Shared, so that the client can be built from it without the retry
-    /// rule being `Clone`.
-    retry: Option<Arc<RetryPolicy<R>>>,
+    retry: Option<RetryPolicy<R>>,
     budget: RetryBudget,
     hedge: Option<HedgeLayer>,
     replay_cap: usize,
@@ -160,7 +157,7 @@ impl Default for CallSettings<HttpRetryOn> {
         Self {
             attempt_timeout: Some(DEFAULT_ATTEMPT_TIMEOUT),
             deadline: Some(DEFAULT_DEADLINE),
-            retry: Some(Arc::new(RetryPolicy::new())),
+            retry: Some(RetryPolicy::new()),
             budget: RetryBudget::new(),
             hedge: None,
             replay_cap: crate::retry::DEFAULT_REPLAY_CAP,
@@ -170,7 +167,7 @@ impl Default for CallSettings<HttpRetryOn> {
 
 impl<R> CallSettings<R> {
     /// The same settings with another retry policy.
-    fn with_retry<D>(self, retry: Option<Arc<RetryPolicy<D>>>) -> CallSettings<D> {
+    fn with_retry<D>(self, retry: Option<RetryPolicy<D>>) -> CallSettings<D> {
         CallSettings {
             attempt_timeout: self.attempt_timeout,
             deadline: self.deadline,
@@ -263,7 +260,7 @@ impl<T, B, R> ClientBuilder<T, B, R> {
         ClientBuilder {
             target: self.target,
             balancer: self.balancer,
-            calls: self.calls.with_retry(Some(Arc::new(policy))),
+            calls: self.calls.with_retry(Some(policy)),
         }
     }
 
@@ -453,7 +450,7 @@ impl<R> CallSettings<R> {
     /// 700 bytes larger, and every layer above moves that future once. Each
     /// combination is its own type (eight in all), which `protocol` boxes.
     pub(crate) fn wrap<S, Body, Resp, K, P>(
-        &self,
+        self,
         inner: S,
         balancer: BalancerHandle<K>,
         protocol: P,
@@ -472,7 +469,9 @@ impl<R> CallSettings<R> {
         R: RetryOn<Resp>,
         P: ProtocolLayers<::http::Request<Body>, Resp>,
     {
+        let attempt_timeout = self.attempt_timeout;
         let stack = Stack {
+            budget: self.budget(),
             settings: self,
             balancer,
             protocol,
@@ -480,7 +479,7 @@ impl<R> CallSettings<R> {
         };
         let inner =
             tower::util::MapErr::new(inner, Into::<BoxError>::into as fn(S::Error) -> BoxError);
-        match self.attempt_timeout {
+        match attempt_timeout {
             Some(timeout) => stack.hedge(AttemptTimeoutLayer::new(timeout).layer(inner)),
             None => stack.hedge(inner),
         }
@@ -490,8 +489,12 @@ impl<R> CallSettings<R> {
 /// [`CallSettings::wrap`] under way: each step adds its layer, if it is on,
 /// and hands the stack to the next, so that every combination is a type of
 /// its own.
-struct Stack<'a, Body, Resp, K, P, R> {
-    settings: &'a CallSettings<R>,
+struct Stack<Body, Resp, K, P, R> {
+    /// The settings; each step takes its layer out of them.
+    settings: CallSettings<R>,
+    /// The budget, when anything draws on it (read before the steps take
+    /// the retry and hedge layers out).
+    budget: Option<RetryBudget>,
     balancer: BalancerHandle<K>,
     protocol: P,
     _types: PhantomData<fn(Body) -> Resp>,
@@ -528,7 +531,7 @@ impl<S, Body, Resp> Layered<Body, Resp> for S where
 {
 }
 
-impl<Body, Resp, K, P, R> Stack<'_, Body, Resp, K, P, R>
+impl<Body, Resp, K, P, R> Stack<Body, Resp, K, P, R>
 where
     Body: http_body::Body + Send + 'static,
     ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
@@ -536,31 +539,38 @@ where
     R: RetryOn<Resp>,
     P: ProtocolLayers<::http::Request<Body>, Resp>,
 {
-    fn hedge(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
+    fn hedge(mut self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
         // Hedges draw on the budget set last, whether `retry_budget` came
         // before or after `hedging`.
-        let settings = self.settings;
-        match &settings.hedge {
-            Some(hedge) => self.retry(hedge.clone().budget(settings.budget.clone()).layer(inner)),
+        match self.settings.hedge.take() {
+            Some(hedge) => {
+                let layer = hedge.budget(self.settings.budget.clone());
+                self.retry(layer.layer(inner))
+            }
             None => self.retry(inner),
         }
     }
 
-    fn retry(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
-        let settings = self.settings;
-        match &settings.retry {
-            Some(policy) => self.deadline(
-                RetryLayer::shared(Arc::clone(policy), settings.budget.clone()).layer(inner),
-            ),
+    fn retry(mut self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
+        match self.settings.retry.take() {
+            Some(policy) => {
+                let layer = RetryLayer::new(policy, self.settings.budget.clone());
+                self.deadline(layer.layer(inner))
+            }
             None => self.deadline(inner),
         }
     }
 
     fn deadline(self, inner: impl Layered<Body, Resp>) -> Built<Body, Resp, K> {
-        let settings = self.settings;
+        let Stack {
+            settings,
+            budget,
+            balancer,
+            protocol,
+            ..
+        } = self;
         // Nothing repeats a request without retries or hedges, so nothing
         // needs keeping: a cap of 0 sends bodies straight through.
-        let budget = settings.budget();
         let replay_cap = if budget.is_some() {
             settings.replay_cap
         } else {
@@ -586,8 +596,8 @@ where
             .layer(deadline)
             .layer(ReplayLayer::new(replay_cap))
             .service(inner);
-        let service = self.protocol.wrap(stack);
-        BalancedClient::new(service, calls, self.balancer, budget)
+        let service = protocol.wrap(stack);
+        BalancedClient::new(service, calls, balancer, budget)
     }
 }
 

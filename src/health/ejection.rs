@@ -64,7 +64,9 @@ impl EjectionRecord {
         self.multiplier = self.multiplier.saturating_add(1);
         let time = settings.ejection_time(self.multiplier);
         // An ejection too long for the clock lasts as long as it can.
-        let until = now.checked_add(time).unwrap_or_else(far_future);
+        let until = now
+            .checked_add(time)
+            .unwrap_or_else(crate::request::far_future);
         self.ejected_until = Some(until);
         self.slow_intervals = 0;
         (time, until, self.multiplier)
@@ -93,11 +95,6 @@ impl EjectionRecord {
     pub(crate) fn multiplier(&self) -> u32 {
         self.multiplier
     }
-}
-
-/// About 30 years from now: later than any ejection a caller can mean.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
 #[cfg(test)]

@@ -323,6 +323,8 @@ where
         // where a copy's is cloned full.
         let original = delay.and_then(|_| req.replay().ok());
         let timer = original.as_ref().and(delay).map(tokio::time::sleep);
+        // Only a call with a copy to send can hedge.
+        let service = original.as_ref().map(|_| self.inner.clone());
         let now = Instant::now();
         ResponseFuture {
             // The service `poll_ready` readied takes the first attempt; a
@@ -333,15 +335,10 @@ where
             hedge: None,
             hedge_started: now,
             original,
-            service: original_service(&self.inner, delay.is_some()),
+            service,
             shared: self.shared.clone(),
         }
     }
-}
-
-/// A clone of the service for the hedge, only when one may be sent.
-fn original_service<S: Clone>(service: &S, may_hedge: bool) -> Option<S> {
-    may_hedge.then(|| service.clone())
 }
 
 pin_project! {

@@ -162,14 +162,14 @@ impl<B> HasCallContext for http::Request<B> {
     /// the extensions, if any, so that the caller's deadline holds whoever
     /// makes the context: a layer, or the caller through this method.
     fn call_context_mut(&mut self) -> &mut CallContext {
-        if self.extensions().get::<CallContext>().is_none() {
-            let deadline = self.preset_deadline();
-            self.extensions_mut().insert(CallContext {
-                deadline,
-                ..CallContext::default()
-            });
-        }
-        self.extensions_mut().get_or_insert_default::<CallContext>()
+        // Two lookups whether the context is new or not (the preset deadline
+        // is read either way: the borrow checker will not let the closure
+        // read the extensions it is inserting into).
+        let deadline = self.preset_deadline();
+        self.extensions_mut().get_or_insert_with(|| CallContext {
+            deadline,
+            ..CallContext::default()
+        })
     }
 
     /// A [`CallDeadline`] the caller inserted into the extensions.

@@ -11,7 +11,6 @@ mod context;
 
 pub use self::context::{CallContext, CallDeadline, HasCallContext, TriedEndpoints};
 
-#[cfg(feature = "http")]
 pub(crate) use self::context::far_future;
 
 use std::fmt;

@@ -119,15 +119,8 @@ impl<C> RetryLayer<C> {
     /// Retries by `policy`, drawing from `budget` (share it with the hedge
     /// layer, if any, so retries and hedges together stay within it).
     pub fn new(policy: RetryPolicy<C>, budget: RetryBudget) -> Self {
-        Self::shared(Arc::new(policy), budget)
-    }
-
-    /// [`new`](Self::new) with a policy already shared: the ready-made
-    /// clients keep theirs so, so that a rule of the user's own need not be
-    /// `Clone`.
-    pub(crate) fn shared(policy: Arc<RetryPolicy<C>>, budget: RetryBudget) -> Self {
         Self {
-            policy,
+            policy: Arc::new(policy),
             budget,
             jitter: None,
         }
@@ -238,18 +231,21 @@ where
         // The caller's goes first because its header map has room to grow
         // (the endpoint may add `Host`, tonic its own headers), where a
         // copy's is cloned full and would have to grow.
-        let original = match self.policy.max_attempts > 1 {
-            true => req.replay().ok(),
+        // The first attempt goes to the service `poll_ready` readied; a
+        // clone (made ready in its turn) serves the retries, kept only when
+        // there can be any.
+        let retries = match self.policy.max_attempts > 1 {
+            true => req.replay().ok().map(|original| Retries {
+                service: self.inner.clone(),
+                original,
+            }),
             false => None,
         };
-        // The first attempt goes to the service `poll_ready` readied; a
-        // clone (made ready in its turn) serves the retries.
         ResponseFuture {
             state: State::First {
                 future: self.inner.call(req),
             },
-            service: self.inner.clone(),
-            original,
+            retries,
             safety,
             deadline,
             attempts: 1,
@@ -269,8 +265,7 @@ pin_project! {
     {
         #[pin]
         state: State<S, Req>,
-        service: S,
-        original: Option<Req>,
+        retries: Option<Retries<S, Req>>,
         safety: Safety,
         deadline: Option<CallDeadline>,
         attempts: u32,
@@ -278,6 +273,13 @@ pin_project! {
         budget: RetryBudget,
         jitter: Jitter,
     }
+}
+
+/// What a call keeps to retry with: a service to send on, and the copy each
+/// retry is made from.
+struct Retries<S, Req> {
+    service: S,
+    original: Req,
 }
 
 pin_project! {
@@ -378,11 +380,12 @@ where
                 StateProj::Pause { pause } => {
                     let pause = pause.as_mut().project();
                     ready!(pause.sleep.poll(cx));
-                    let Some(next) = pause.next.take() else {
+                    let (Some(next), Some(retries)) = (pause.next.take(), this.retries.as_ref())
+                    else {
                         return Poll::Ready(Err("retry state lost its request copy".into()));
                     };
                     *this.attempts += 1;
-                    let call = Box::pin(Oneshot::new(this.service.clone(), next));
+                    let call = Box::pin(Oneshot::new(retries.service.clone(), next));
                     this.state.set(State::Attempt { call });
                     continue;
                 }
@@ -456,13 +459,13 @@ where
         if *this.attempts >= policy.max_attempts {
             return Err(Stop::NoAttemptsLeft);
         }
-        let next = match this.original {
+        let next = match this.retries {
             None => {
                 return Err(Stop::NotReplayable(
                     crate::request::NotReplayable::Unsupported,
                 ))
             }
-            Some(original) => original.replay().map_err(Stop::NotReplayable)?,
+            Some(retries) => retries.original.replay().map_err(Stop::NotReplayable)?,
         };
         let pause = match pushback {
             Some(after) if after > policy.max_pushback => return Err(Stop::PushbackTooLong(after)),

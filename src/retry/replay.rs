@@ -260,9 +260,11 @@ impl<B> ReplayBody<B> {
             cap,
             state: Mutex::new(State {
                 body: Some(Box::pin(body)),
-                // Room for the few frames most bodies are, made with the
-                // state rather than grown at the first frame.
-                frames: Vec::with_capacity(4),
+                // The first frame's push makes room for four (std's first
+                // growth for small elements), so nothing is gained up front,
+                // and a body that ends with no frame, or whose first frame
+                // is over the cap, allocates nothing.
+                frames: Vec::new(),
                 buffered: 0,
                 capped: false,
                 streamer: None,

@@ -19,6 +19,8 @@ use tokio::task::JoinHandle;
 pub enum Behaviour {
     /// 200 with the server's port in the body.
     Answer,
+    /// 200 with the server's port in the body and this header (value `yes`).
+    AnswerWithHeader(&'static str),
     /// 503, with `Retry-After: n` if given.
     Unavailable { retry_after: Option<&'static str> },
     /// Waits this long before answering 200.
@@ -171,6 +173,14 @@ async fn handle(
     let answer = || text_response(http::StatusCode::OK, port.to_string());
     match behaviour {
         Behaviour::Answer => Ok(answer()),
+        Behaviour::AnswerWithHeader(name) => {
+            let mut response = answer();
+            response.headers_mut().insert(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static("yes"),
+            );
+            Ok(response)
+        }
         Behaviour::UnavailableFirst { times, retry_after } if nth <= times => {
             Ok(unavailable(retry_after))
         }

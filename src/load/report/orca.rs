@@ -1181,6 +1181,23 @@ mod tests {
     }
 
     #[test]
+    fn maps_too_large_to_walk_find_the_same_reports() {
+        // Past `WALKED` names the reports are found by lookup, not by a walk.
+        let mut map = headers(&[
+            ("endpoint-load-metrics", "TEXT eps=1"),
+            ("endpoint-load-metrics-bin", &bin_with_eps(2.0)),
+        ]);
+        for i in 0..WALKED {
+            let name = HeaderName::from_bytes(format!("x-filler-{i}").as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+            map.insert(name, HeaderValue::from_static("1"));
+        }
+        assert!(map.keys_len() > WALKED);
+        assert_eq!(eps_of(OrcaLoadReports.from_headers(&map)), Some(1.0));
+        assert_eq!(eps_of(OrcaLoadReports.from_trailers(&map)), Some(2.0));
+    }
+
+    #[test]
     fn orca_headers_fall_back_to_the_binary_one_for_trailers_only_responses() {
         let map = headers(&[("endpoint-load-metrics-bin", &bin_with_eps(2.0))]);
         assert_eq!(eps_of(OrcaLoadReports.from_headers(&map)), Some(2.0));
