@@ -326,6 +326,47 @@ impl StdError for RefusedByClient {
     }
 }
 
+/// A connection to an endpoint could not be made (refused, timed out, the
+/// HTTP/2 handshake failed): no byte of any call was sent on it. Calls that
+/// waited for it fail with it wrapped in [`NeverSent`], so they may be sent
+/// elsewhere whatever their method.
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+#[derive(Debug, Clone)]
+pub struct ConnectFailed {
+    addr: std::net::SocketAddr,
+    source: Arc<dyn StdError + Send + Sync>,
+}
+
+#[cfg(feature = "http")]
+impl ConnectFailed {
+    pub(crate) fn new(addr: std::net::SocketAddr, source: impl Into<BoxError>) -> Self {
+        Self {
+            addr,
+            source: Arc::from(source.into()),
+        }
+    }
+
+    /// The address it was for.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+#[cfg(feature = "http")]
+impl fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot connect to {}", self.addr)
+    }
+}
+
+#[cfg(feature = "http")]
+impl StdError for ConnectFailed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// How an HTTP/2 server said that it did not process a request's stream,
 /// so that the request may be sent again whatever its method.
 #[cfg(feature = "http")]

@@ -127,6 +127,8 @@ pub mod classify;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod client;
+#[cfg(feature = "http")]
+mod connection;
 pub mod discover;
 pub mod error;
 #[cfg(feature = "grpc")]

@@ -316,15 +316,19 @@ where
             ),
             None => CallDeadline::of(&req),
         };
-        ResponseFuture {
-            inner: self.inner.call(req),
-            sleep: deadline
-                .filter(|_| self.timer)
-                .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.at()))),
-            fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
-                deadline_elapsed(&d)
-            }),
-        }
+        until_deadline(self.inner.call(req), deadline.filter(|_| self.timer))
+    }
+}
+
+/// `inner`, or [`Elapsed`] when `deadline` passes first; no timer without
+/// a deadline.
+pub(crate) fn until_deadline<F>(inner: F, deadline: Option<CallDeadline>) -> DeadlineFuture<F> {
+    ResponseFuture {
+        inner,
+        sleep: deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline.at()))),
+        fired: deadline.map_or(Elapsed::new(Timer::Deadline, Duration::ZERO), |d| {
+            deadline_elapsed(&d)
+        }),
     }
 }
 

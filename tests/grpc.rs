@@ -71,6 +71,71 @@ async fn calls_spread_evenly_over_every_server_through_the_generated_client() {
 }
 
 #[tokio::test]
+async fn calls_made_at_once_share_one_connection_per_server() {
+    let servers = start_all(vec![GrpcBehaviour::Serve; 3]).await;
+    let channel = GrpcChannel::builder()
+        .strategy(RoundRobin::new())
+        .build(addrs(&servers));
+    let calls = (0..60).map(|i| {
+        let channel = channel.clone();
+        tokio::spawn(async move { call(&channel, &format!("once{i}")).await })
+    });
+    for call in calls.collect::<Vec<_>>() {
+        call.await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let connections: Vec<usize> = servers.iter().map(GrpcServer::connections).collect();
+    assert_eq!(connections, vec![1, 1, 1]);
+}
+
+#[tokio::test]
+async fn a_server_restarted_on_its_address_is_connected_to_again() {
+    let first = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let addr = first.addr;
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .method_safety(safe_checks())
+        .no_outlier_detection()
+        .build([addr]);
+    call(&channel, "before")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    first.kill();
+    let down = call(&channel, "down")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a call succeeded with the server down"));
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    let second = GrpcServer::start_at(addr, GrpcBehaviour::Serve).await;
+    call(&channel, "after")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(second.received("after"), 1);
+    assert_eq!(second.connections(), 1);
+}
+
+#[tokio::test]
+async fn calls_name_tower_lb_as_their_user_agent() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder().build([server.addr]);
+    call(&channel, "ua").await.unwrap_or_else(|e| panic!("{e}"));
+    let agent = server.last_user_agent().unwrap_or_default();
+    assert!(agent.starts_with("grpc-rust-tower-lb/"), "{agent:?}");
+}
+
+#[tokio::test]
+async fn a_configured_endpoint_is_a_tonic_channel_with_those_settings() {
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .configure_endpoint(|e| e.user_agent("configured"))
+        .build([server.addr]);
+    call(&channel, "ua").await.unwrap_or_else(|e| panic!("{e}"));
+    let agent = server.last_user_agent().unwrap_or_default();
+    assert!(agent.starts_with("configured tonic/"), "{agent:?}");
+}
+
+#[tokio::test]
 async fn an_unavailable_server_is_retried_elsewhere_and_ejected() {
     let servers = start_all(vec![
         GrpcBehaviour::Serve,

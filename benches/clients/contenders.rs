@@ -79,11 +79,12 @@ pub enum Contender {
     GrpcBalanceList,
     GrpcChannel,
     GrpcHyperRoundRobin,
+    GrpcHyperConnections,
 }
 
 impl Contender {
     /// In the order of the table.
-    pub const ALL: [Contender; 13] = [
+    pub const ALL: [Contender; 14] = [
         Contender::Http1RawOne,
         Contender::Http1RawRoundRobin,
         Contender::Http1TowerP2c,
@@ -97,6 +98,7 @@ impl Contender {
         Contender::GrpcBalanceList,
         Contender::GrpcChannel,
         Contender::GrpcHyperRoundRobin,
+        Contender::GrpcHyperConnections,
     ];
 
     /// A short name, for `CLIENTS_BENCH_ONLY` and the progress lines.
@@ -115,6 +117,7 @@ impl Contender {
             Contender::GrpcBalanceList => "grpc-balance-list",
             Contender::GrpcChannel => "grpc-channel",
             Contender::GrpcHyperRoundRobin => "grpc-hyper-rr",
+            Contender::GrpcHyperConnections => "grpc-h2-conns",
         }
     }
 
@@ -138,6 +141,9 @@ impl Contender {
             Contender::GrpcHyperRoundRobin => {
                 "hyper-util h2 `Client` under a tonic client, round robin by hand"
             }
+            Contender::GrpcHyperConnections => {
+                "4 hyper h2 connections under a tonic client, round robin by hand"
+            }
         }
     }
 
@@ -155,7 +161,8 @@ impl Contender {
             | Contender::GrpcRoundRobin
             | Contender::GrpcBalanceList
             | Contender::GrpcChannel
-            | Contender::GrpcHyperRoundRobin => Protocol::Grpc,
+            | Contender::GrpcHyperRoundRobin
+            | Contender::GrpcHyperConnections => Protocol::Grpc,
         }
     }
 
@@ -256,6 +263,37 @@ impl Contender {
                     next: Arc::default(),
                 };
                 drive(Grpc::<HyperGrpc>::new(vec![service]), tasks, mode, server).await
+            }
+            Contender::GrpcHyperConnections => {
+                let mut senders = Vec::new();
+                for addr in &ports.grpc {
+                    let stream = tokio::net::TcpStream::connect(addr).await?;
+                    stream.set_nodelay(true)?;
+                    let (sender, connection) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        hyper_util::rt::TokioIo::new(stream),
+                    )
+                    .await?;
+                    tokio::spawn(connection);
+                    senders.push(sender);
+                }
+                let service = H2Connections {
+                    senders: senders.into(),
+                    origins: ports
+                        .grpc
+                        .iter()
+                        .map(|a| origin(*a))
+                        .collect::<Vec<_>>()
+                        .into(),
+                    next: Arc::default(),
+                };
+                drive(
+                    Grpc::<H2Connections>::new(vec![service]),
+                    tasks,
+                    mode,
+                    server,
+                )
+                .await
             }
         }
     }
@@ -456,6 +494,39 @@ impl Service<Request<tonic::body::Body>> for HyperGrpc {
     }
 }
 
+/// hyper's HTTP/2 connections, one per server, taken in turn.
+#[derive(Clone)]
+struct H2Connections {
+    senders: Arc<[hyper::client::conn::http2::SendRequest<tonic::body::Body>]>,
+    origins: Arc<[Uri]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Service<Request<tonic::body::Body>> for H2Connections {
+    type Response = Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.origins.len();
+        let mut parts = self.origins[turn].clone().into_parts();
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        let mut sender = self.senders[turn].clone();
+        Box::pin(sender.send_request(request))
+    }
+}
+
 /// `http://addr` as a tonic `Endpoint`, with tonic's defaults.
 fn tonic_endpoint(addr: SocketAddr) -> Result<Endpoint, BoxError> {
     Endpoint::from_shared(format!("http://{addr}"))
@@ -517,6 +588,7 @@ macro_rules! grpc_caller {
 }
 
 grpc_caller!(HyperGrpc);
+grpc_caller!(H2Connections);
 grpc_caller!(Channel);
 grpc_caller!(GrpcChannel);
 

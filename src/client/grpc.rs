@@ -28,7 +28,8 @@ pub struct Grpc {
     safety: MethodSafety,
     scheme: Scheme,
     authority: Option<Authority>,
-    configure: ConfigureEndpoint,
+    /// `None`: tower-lb's own HTTP/2 connections (see `GrpcEndpoint::lazy`).
+    configure: Option<ConfigureEndpoint>,
 }
 
 impl fmt::Debug for Grpc {
@@ -67,7 +68,7 @@ impl BalancedClient<Call, Reply, ()> {
             safety: MethodSafety::new(),
             scheme: Scheme::HTTP,
             authority: None,
-            configure: Arc::new(Ok),
+            configure: None,
         };
         // gRPC deadlines are the caller's (`grpc-timeout`), and a call's
         // response headers may come only after a long request stream: no
@@ -142,7 +143,7 @@ impl<B, R> ClientBuilder<Grpc, B, R> {
             + Sync
             + 'static,
     ) -> Self {
-        self.target.configure = Arc::new(configure);
+        self.target.configure = Some(Arc::new(configure));
         self
     }
 }
@@ -189,7 +190,7 @@ where
             configure,
         } = self.target;
         let endpoints = MapEndpoints::new(discover, move |addr| {
-            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), &configure)
+            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), configure.as_ref())
         });
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
+use http::header::USER_AGENT as USER_AGENT_NAME;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::HeaderValue;
 use http_body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
 use super::timeout::{format_grpc_timeout, parse_grpc_timeout, GRPC_TIMEOUT};
-use crate::error::{chain, BoxError, NeverSent};
-use crate::timeout::{CallDeadline, Elapsed, Timer};
+use crate::connection::{H2Connection, H2Settings, SendFuture};
+use crate::error::{chain, is_never_sent, BoxError, NeverSent};
+use crate::timeout::{CallDeadline, DeadlineFuture, Elapsed, Timer};
 
 /// How each endpoint's tonic [`Endpoint`] is made: from its `scheme://addr`
 /// URI, by the user's closure.
@@ -50,33 +53,76 @@ pub(crate) type ConfigureEndpoint =
 /// ```
 #[derive(Clone)]
 pub struct GrpcEndpoint {
-    channel: Channel,
+    transport: Transport,
+}
+
+/// How calls reach the server.
+#[derive(Clone)]
+enum Transport {
+    /// A tonic channel: the user's, or one made from their tonic
+    /// [`Endpoint`] settings.
+    Channel(Channel),
+    /// tower-lb's own HTTP/2 connection (see `crate::connection`), calls
+    /// addressed to `origin`.
+    Connection {
+        connection: H2Connection<tonic::body::Body>,
+        origin: Arc<Origin>,
+    },
+}
+
+/// The scheme and authority every call through a connection is for.
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
 }
 
 impl GrpcEndpoint {
     /// Sends calls through `channel`.
     pub fn new(channel: Channel) -> Self {
-        Self { channel }
+        Self {
+            transport: Transport::Channel(channel),
+        }
     }
 
-    /// A channel to `scheme://addr` made by `configure` from tonic's default
-    /// [`Endpoint`], connected lazily: on the first call, and again after the
-    /// connection drops. `None`, with a `warn` event, when the configuration
-    /// fails for this address: the address is left out rather than kept as
-    /// an endpoint that fails every call in no time (which P2C would favour).
+    /// An endpoint for `scheme://addr`, connected lazily: on the first call,
+    /// and again after the connection closes.
+    ///
+    /// With no `configure` and plain-text `http`, it is one HTTP/2
+    /// connection of tower-lb's own, which calls reach with no queue in
+    /// between. Otherwise it is a tonic channel made by `configure` from
+    /// tonic's default [`Endpoint`] (which is where TLS comes from). `None`,
+    /// with a `warn` event, when the configuration fails for this address:
+    /// the address is left out rather than kept as an endpoint that fails
+    /// every call in no time (which P2C would favour).
     pub(crate) fn lazy(
         addr: SocketAddr,
         scheme: &Scheme,
         authority: Option<&Authority>,
-        configure: &ConfigureEndpoint,
+        configure: Option<&ConfigureEndpoint>,
     ) -> Option<Self> {
+        if configure.is_none() && *scheme == Scheme::HTTP {
+            if let Some(origin) = connection_origin(addr, scheme, authority) {
+                let settings = H2Settings {
+                    connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
+                };
+                return Some(Self {
+                    transport: Transport::Connection {
+                        connection: H2Connection::lazy(addr, settings),
+                        origin: Arc::new(origin),
+                    },
+                });
+            }
+        }
         let made = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map(|e| e.connect_timeout(crate::client::DEFAULT_CONNECT_TIMEOUT))
             .map(|e| match authority.and_then(|a| origin(scheme, a)) {
                 Some(origin) => e.origin(origin),
                 None => e,
             })
-            .and_then(|e| configure(e));
+            .and_then(|e| match configure {
+                Some(configure) => configure(e),
+                None => Ok(e),
+            });
         match made {
             Ok(endpoint) => Some(Self::new(endpoint.connect_lazy())),
             Err(error) => {
@@ -86,6 +132,23 @@ impl GrpcEndpoint {
             }
         }
     }
+}
+
+/// The origin of calls through a connection to `addr`: the given
+/// authority, else the address.
+fn connection_origin(
+    addr: SocketAddr,
+    scheme: &Scheme,
+    authority: Option<&Authority>,
+) -> Option<Origin> {
+    let authority = match authority {
+        Some(authority) => authority.clone(),
+        None => Authority::try_from(addr.to_string()).ok()?,
+    };
+    Some(Origin {
+        scheme: scheme.clone(),
+        authority,
+    })
 }
 
 /// `scheme://authority`, the origin calls say they are for.
@@ -104,6 +167,10 @@ impl fmt::Debug for GrpcEndpoint {
     }
 }
 
+/// What gRPC clients say they are, as tonic's channel says `tonic/<version>`.
+const USER_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("grpc-rust-tower-lb/", env!("CARGO_PKG_VERSION")));
+
 impl<B> Service<http::Request<B>> for GrpcEndpoint
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -114,17 +181,54 @@ where
     type Future = GrpcResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.channel, cx)
-            .map_err(|error| never_sent_if_unconnected(error, None))
+        match &mut self.transport {
+            Transport::Channel(channel) => {
+                Service::<http::Request<tonic::body::Body>>::poll_ready(channel, cx)
+                    .map_err(|error| never_sent_if_unconnected(error, None))
+            }
+            Transport::Connection { connection, .. } => connection.poll_ready(cx),
+        }
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> GrpcResponseFuture {
         let deadline = tell_the_server_the_time_left(&mut req);
-        GrpcResponseFuture {
-            inner: self.channel.call(req.map(tonic::body::Body::new)),
-            deadline,
-        }
+        let inner = match &mut self.transport {
+            Transport::Channel(channel) => {
+                Sending::Channel(channel.call(req.map(tonic::body::Body::new)))
+            }
+            Transport::Connection { connection, origin } => {
+                if let Err(error) = address(&mut req, origin) {
+                    return GrpcResponseFuture {
+                        inner: Sending::Refused(Some(error)),
+                        deadline,
+                    };
+                }
+                // tonic's channel ends a call at its `grpc-timeout` by a
+                // timer of its own; so does this one, by the deadline.
+                let sent = connection.send(req.map(tonic::body::Body::new));
+                Sending::Connection(crate::timeout::until_deadline(sent, deadline))
+            }
+        };
+        GrpcResponseFuture { inner, deadline }
     }
+}
+
+/// Makes `req` a call for `origin`, as tonic's channel does: its URI with
+/// the origin's scheme and authority, and a `user-agent` if it has none.
+fn address<B>(req: &mut http::Request<B>, origin: &Origin) -> Result<(), BoxError> {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(origin.scheme.clone());
+    parts.authority = Some(origin.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|error| {
+        crate::error::RefusedByClient::new(format!("cannot address the call: {error}"))
+    })?;
+    req.headers_mut()
+        .entry(USER_AGENT_NAME)
+        .or_insert(USER_AGENT);
+    Ok(())
 }
 
 /// Sets the attempt's `grpc-timeout` to the time left before the call's
@@ -148,30 +252,45 @@ fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<CallDe
 
 /// The future of a call through a [`GrpcEndpoint`].
 pub struct GrpcResponseFuture {
-    inner: tonic::transport::channel::ResponseFuture,
+    inner: Sending,
     deadline: Option<CallDeadline>,
+}
+
+/// A call on its way, by transport.
+enum Sending {
+    Channel(tonic::transport::channel::ResponseFuture),
+    Connection(DeadlineFuture<SendFuture>),
+    /// The call could not be addressed; it went nowhere.
+    Refused(Option<BoxError>),
 }
 
 impl Future for GrpcResponseFuture {
     type Output = Result<http::Response<tonic::body::Body>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = ready!(Pin::new(&mut self.inner).poll(cx));
         let deadline = self.deadline;
-        Poll::Ready(match result {
-            Ok(mut response) => {
-                // Says the server was told the caller's deadline, so that its
-                // DEADLINE_EXCEEDED when that runs out is not held against it
-                // (see `HttpClassify`). Only calls with a deadline pay for it:
-                // the response's extension map (a map and a box, unless tonic
-                // made one already).
-                if let Some(deadline) = deadline {
-                    response.extensions_mut().insert(deadline);
-                }
-                Ok(response)
+        let result = match &mut self.inner {
+            Sending::Channel(call) => ready!(Pin::new(call).poll(cx))
+                .map_err(|error| never_sent_if_unconnected(error, deadline)),
+            Sending::Connection(call) => ready!(Pin::new(call).poll(cx))
+                .map(|response| response.map(tonic::body::Body::new))
+                .map_err(never_sent_if_unprocessed),
+            Sending::Refused(error) => match error.take() {
+                Some(error) => Err(error),
+                None => panic!("GrpcResponseFuture polled after completion"),
+            },
+        };
+        Poll::Ready(result.map(|mut response| {
+            // Says the server was told the caller's deadline, so that its
+            // DEADLINE_EXCEEDED when that runs out is not held against it
+            // (see `HttpClassify`). Only calls with a deadline pay for it:
+            // the response's extension map (a map and a box, unless tonic
+            // made one already).
+            if let Some(deadline) = deadline {
+                response.extensions_mut().insert(deadline);
             }
-            Err(error) => Err(never_sent_if_unconnected(error, deadline)),
-        })
+            response
+        }))
     }
 }
 
@@ -204,4 +323,14 @@ fn never_sent_if_unconnected(
         }
         _ => Box::new(error),
     }
+}
+
+/// A stream the server refused (`REFUSED_STREAM`), or left unprocessed as
+/// it went away gracefully (`GOAWAY` with `NO_ERROR`), was not processed:
+/// marked [`NeverSent`] so that any call may go elsewhere.
+fn never_sent_if_unprocessed(error: BoxError) -> BoxError {
+    if crate::error::unprocessed_stream(&*error).is_some() && !is_never_sent(&*error) {
+        return Box::new(NeverSent::new(error));
+    }
+    error
 }

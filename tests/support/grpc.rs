@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,6 +124,10 @@ struct State {
     last_grpc_timeout: Mutex<Option<String>>,
     /// The `:authority` of the last call.
     last_authority: Mutex<Option<String>>,
+    /// The `user-agent` of the last call.
+    last_user_agent: Mutex<Option<String>>,
+    /// Connections accepted.
+    connections: AtomicUsize,
     /// Set by `crash`: calls get no answer any more.
     crashing: AtomicBool,
 }
@@ -131,9 +135,12 @@ struct State {
 impl GrpcServer {
     /// Serves gRPC (HTTP/2) on `127.0.0.1:0`.
     pub async fn start(behaviour: GrpcBehaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), behaviour).await
+    }
+
+    /// Serves gRPC (HTTP/2) on `addr`: a server restarted where one was.
+    pub async fn start_at(addr: SocketAddr, behaviour: GrpcBehaviour) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(State {
             port: addr.port(),
@@ -143,6 +150,8 @@ impl GrpcServer {
             load: Mutex::new(None),
             last_grpc_timeout: Mutex::new(None),
             last_authority: Mutex::new(None),
+            last_user_agent: Mutex::new(None),
+            connections: AtomicUsize::new(0),
             crashing: AtomicBool::new(false),
         });
         let health = HealthServer::new(Checks(state.clone()));
@@ -189,6 +198,16 @@ impl GrpcServer {
     /// The `:authority` of the last call.
     pub fn last_authority(&self) -> Option<String> {
         self.state.last_authority.lock().expect("lock").clone()
+    }
+
+    /// The `user-agent` of the last call.
+    pub fn last_user_agent(&self) -> Option<String> {
+        self.state.last_user_agent.lock().expect("lock").clone()
+    }
+
+    /// How many connections the server has accepted.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// How many times a call carrying metadata `x-request-id: id` arrived.
@@ -265,6 +284,7 @@ async fn serve_connection(
     health: HealthServer<Checks>,
     state: Arc<State>,
 ) {
+    state.connections.fetch_add(1, Ordering::SeqCst);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         let health = health.clone();
         let state = state.clone();
@@ -279,6 +299,11 @@ async fn serve_connection(
             req.extensions_mut().insert(CallersTimeout(timeout));
         }
         *state.last_authority.lock().expect("lock") = req.uri().authority().map(|a| a.to_string());
+        *state.last_user_agent.lock().expect("lock") = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         *state.last_grpc_timeout.lock().expect("lock") = req
             .headers()
             .get("grpc-timeout")

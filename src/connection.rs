@@ -1,0 +1,242 @@
+//! One HTTP/2 connection to one address, made and remade by tower-lb itself
+//! ([`H2Connection`]), for endpoints that need nothing between the balancer
+//! and hyper.
+//!
+//! Why not a tonic `Channel` or hyper-util's pooled `Client` per endpoint:
+//! both put a shared queue in front of the connection (a `Buffer` and its
+//! worker task, or the pool's lock and checkout) that every call passes
+//! through. A balancer already spreads calls over endpoints and an HTTP/2
+//! connection multiplexes them, so here a call goes from the balancer's pick
+//! straight to hyper's connection handle. Measured in `benches/clients.rs`:
+//! a tonic client over four such connections costs 1.5 µs less client CPU
+//! per call than over four tonic `Channel`s, 0.9 µs less than over
+//! hyper-util's `Client`.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::error::{BoxError, ConnectFailed, NeverSent};
+
+/// How the connection is made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct H2Settings {
+    /// How long a TCP connect may take before it counts as failed.
+    pub(crate) connect_timeout: Duration,
+}
+
+/// The outcome of one connection attempt, shared by every call that waited
+/// on it.
+type Outcome = Option<Result<(), ConnectFailed>>;
+
+/// A call's wait for the connection attempt under way. Boxed: only calls
+/// that find no open connection make one.
+type Waiting = Pin<Box<dyn Future<Output = Result<(), ConnectFailed>> + Send + Sync>>;
+
+/// The response future of [`H2Connection::send`]. Boxed: hyper's send
+/// future has no name (hyper-util's `Client` boxes it too).
+pub(crate) type SendFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
+
+/// One HTTP/2 connection (plain text, prior knowledge) to one address,
+/// made on the first call and made again by the first call after it
+/// closes (a `GOAWAY`, a reset, the server gone).
+///
+/// A cheap `Clone` handle: every clone shares the connection. The balancer
+/// clones its endpoint for each call, so each call asks [`poll_ready`]
+/// whether the connection is open (an atomic load) and, if not, waits for
+/// the one attempt under way, which every waiting call shares.
+///
+/// [`poll_ready`]: H2Connection::poll_ready
+pub(crate) struct H2Connection<B> {
+    shared: Arc<Shared<B>>,
+    /// This handle's wait for a connection attempt.
+    waiting: Option<Waiting>,
+}
+
+struct Shared<B> {
+    addr: SocketAddr,
+    settings: H2Settings,
+    /// The open connection's handle, read by every call without a lock.
+    open: ArcSwapOption<SendRequest<B>>,
+    /// The latest connection attempt. Locked only by calls that find no
+    /// open connection, to join the attempt under way or start one.
+    attempt: Mutex<Option<watch::Receiver<Outcome>>>,
+}
+
+impl<B> Clone for H2Connection<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            waiting: None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for H2Connection<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H2Connection")
+            .field("addr", &self.shared.addr)
+            .field("open", &self.shared.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> H2Connection<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A connection to `addr`, not made yet.
+    pub(crate) fn lazy(addr: SocketAddr, settings: H2Settings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                addr,
+                settings,
+                open: ArcSwapOption::empty(),
+                attempt: Mutex::new(None),
+            }),
+            waiting: None,
+        }
+    }
+
+    /// Ready once the connection is open. While it is not, joins (or
+    /// starts) an attempt to make it, and fails with the attempt's error,
+    /// marked [`NeverSent`], if it fails: no call went anywhere.
+    pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            if let Some(waiting) = self.waiting.as_mut() {
+                let outcome = ready!(waiting.as_mut().poll(cx));
+                self.waiting = None;
+                if let Err(failed) = outcome {
+                    return Poll::Ready(Err(Box::new(NeverSent::new(failed))));
+                }
+            }
+            if self.shared.is_open() {
+                return Poll::Ready(Ok(()));
+            }
+            self.waiting = Some(Shared::connect(&self.shared));
+        }
+    }
+
+    /// Sends `req` on the open connection. A request hyper gives back
+    /// unsent (the connection closed since `poll_ready`) fails marked
+    /// [`NeverSent`].
+    pub(crate) fn send(&mut self, req: http::Request<B>) -> SendFuture {
+        let sent = match self.shared.open.load().as_deref() {
+            Some(sender) => SendRequest::clone(sender).try_send_request(req),
+            None => {
+                let error = ConnectFailed::new(self.shared.addr, "no open connection");
+                return Box::pin(std::future::ready(Err(
+                    Box::new(NeverSent::new(error)) as BoxError
+                )));
+            }
+        };
+        Box::pin(async move {
+            sent.await.map_err(|mut error| -> BoxError {
+                let unsent = error.take_message().is_some();
+                let error = error.into_error();
+                if unsent {
+                    Box::new(NeverSent::new(error))
+                } else {
+                    Box::new(error)
+                }
+            })
+        })
+    }
+}
+
+impl<B> Shared<B> {
+    fn is_open(&self) -> bool {
+        self.open
+            .load()
+            .as_deref()
+            .is_some_and(|sender| !sender.is_closed())
+    }
+}
+
+impl<B> Shared<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Joins the attempt under way, or starts one.
+    fn connect(this: &Arc<Self>) -> Waiting {
+        let addr = this.addr;
+        let mut attempt = this.attempt.lock().unwrap_or_else(PoisonError::into_inner);
+        let outcome = match attempt.as_ref() {
+            Some(under_way) if under_way.borrow().is_none() => under_way.clone(),
+            _ => {
+                let (tell, outcome) = watch::channel(None);
+                *attempt = Some(outcome.clone());
+                let shared = Arc::clone(this);
+                tokio::spawn(async move {
+                    let made = shared.open_connection().await;
+                    // Nobody waits any more: the endpoint may be gone.
+                    let _ = tell.send(Some(made));
+                });
+                outcome
+            }
+        };
+        drop(attempt);
+        Box::pin(async move {
+            let mut outcome = outcome;
+            let result = match outcome.wait_for(Option::is_some).await {
+                Ok(made) => made.clone().unwrap_or(Ok(())),
+                Err(_) => Err(ConnectFailed::new(
+                    addr,
+                    "the connection attempt was dropped",
+                )),
+            };
+            result
+        })
+    }
+
+    /// Connects, shakes hands, and publishes the connection's handle.
+    async fn open_connection(&self) -> Result<(), ConnectFailed> {
+        let addr = self.addr;
+        let timeout = self.settings.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(ConnectFailed::new(addr, error)),
+            Err(_) => {
+                return Err(ConnectFailed::new(
+                    addr,
+                    format!("timed out after {}", crate::error::duration(&timeout)),
+                ))
+            }
+        };
+        // Without it, a call's DATA frame written after its HEADERS waits
+        // for the server's delayed ACK (Nagle): 40 ms a call.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%addr, %error, "could not set TCP_NODELAY");
+        }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| ConnectFailed::new(addr, error))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                let error = crate::error::report(&error);
+                tracing::debug!(%addr, %error, "HTTP/2 connection ended");
+            }
+        });
+        self.open.store(Some(Arc::new(sender)));
+        Ok(())
+    }
+}
