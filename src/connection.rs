@@ -94,12 +94,7 @@ impl<B> fmt::Debug for H2Connection<B> {
     }
 }
 
-impl<B> H2Connection<B>
-where
-    B: Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<B> H2Connection<B> {
     /// A connection to `addr`, not made yet.
     pub(crate) fn lazy(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
@@ -112,7 +107,14 @@ where
             waiting: None,
         }
     }
+}
 
+impl<B> H2Connection<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// Ready once the connection is open. While it is not, joins (or
     /// starts) an attempt to make it, and fails with the attempt's error,
     /// marked [`NeverSent`], if it fails: no call went anywhere.

@@ -42,9 +42,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::TokioExecutor;
-use pin_project_lite::pin_project;
 use tower::Service;
 
+use crate::connection::{H2Connection, H2Settings, SendFuture};
 use crate::error::{BoxError, RefusedByClient};
 
 /// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
@@ -80,15 +80,24 @@ where
 ///
 /// [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 pub struct HttpEndpoint<B, C = HttpConnector> {
-    /// Shared by the endpoint's clones: the balancer clones an endpoint's
-    /// service for every request it sends there, and a hyper-util `Client`
-    /// is half a dozen reference counts and settings to copy and drop.
-    origin: Arc<Origin<B, C>>,
+    origin: Arc<Origin>,
+    via: Via<B, C>,
 }
 
-/// Where an [`HttpEndpoint`] sends requests, and through which client.
-struct Origin<B, C> {
-    client: Client<C, B>,
+/// How requests reach the endpoint.
+enum Via<B, C> {
+    /// The shared client's pool. In an `Arc`: the balancer clones an
+    /// endpoint's service for every request it sends there, and a
+    /// hyper-util `Client` is half a dozen reference counts and settings to
+    /// copy and drop.
+    Pool(Arc<Client<C, B>>),
+    /// One HTTP/2 connection of the endpoint's own, with no pool in between
+    /// (the [`HttpClient`](crate::client::HttpClient)'s `http2_only`).
+    Connection(H2Connection<B>),
+}
+
+/// Where an [`HttpEndpoint`] sends requests.
+struct Origin {
     scheme: Scheme,
     authority: Authority,
     /// The `Host` of requests that name none, when it is not `authority`.
@@ -104,9 +113,7 @@ impl<B, C> HttpEndpoint<B, C> {
     /// An endpoint at `addr`, over `scheme` (`https` with a TLS-capable
     /// connector).
     pub fn with_address(client: Client<C, B>, scheme: Scheme, addr: SocketAddr) -> Self {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| unreachable!("a socket address is a valid authority"));
-        Self::with_origin(client, scheme, authority)
+        Self::with_origin(client, scheme, address_authority(addr))
     }
 
     /// An endpoint at `scheme://authority` (for example `https` with a
@@ -114,11 +121,24 @@ impl<B, C> HttpEndpoint<B, C> {
     pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
         Self {
             origin: Arc::new(Origin {
-                client,
                 scheme,
                 authority,
                 host: None,
             }),
+            via: Via::Pool(Arc::new(client)),
+        }
+    }
+
+    /// An endpoint at plain-text `http://addr` over one HTTP/2 connection
+    /// of its own (prior knowledge), made on its first request.
+    pub(crate) fn http2_connection(addr: SocketAddr, settings: H2Settings) -> Self {
+        Self {
+            origin: Arc::new(Origin {
+                scheme: Scheme::HTTP,
+                authority: address_authority(addr),
+                host: None,
+            }),
+            via: Via::Connection(H2Connection::lazy(addr, settings)),
         }
     }
 
@@ -168,7 +188,7 @@ impl<B, C> HttpEndpoint<B, C> {
     }
 }
 
-impl<B, C: Clone> HttpEndpoint<B, C> {
+impl<B, C> HttpEndpoint<B, C> {
     /// HTTP/1 requests that name no host (a path, no `Host` header) say they
     /// are for `host` (a DNS name, say) rather than for the endpoint's
     /// address, so that virtual hosts and sidecars still route. Not for
@@ -176,18 +196,15 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
     /// agree with `Host`.
     pub fn with_host(self, host: &Authority) -> Self {
         let Origin {
-            client,
-            scheme,
-            authority,
-            ..
+            scheme, authority, ..
         } = &*self.origin;
         Self {
             origin: Arc::new(Origin {
-                client: client.clone(),
                 scheme: scheme.clone(),
                 authority: authority.clone(),
                 host: http::HeaderValue::from_str(host.as_str()).ok(),
             }),
+            via: self.via,
         }
     }
 }
@@ -196,8 +213,18 @@ impl<B, C> Clone for HttpEndpoint<B, C> {
     fn clone(&self) -> Self {
         Self {
             origin: self.origin.clone(),
+            via: match &self.via {
+                Via::Pool(client) => Via::Pool(Arc::clone(client)),
+                Via::Connection(connection) => Via::Connection(connection.clone()),
+            },
         }
     }
+}
+
+/// `addr` as an authority (`127.0.0.1:80`, `[::1]:80`).
+fn address_authority(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string().as_str())
+        .unwrap_or_else(|_| unreachable!("a socket address is a valid authority"))
 }
 
 impl<B, C> fmt::Debug for HttpEndpoint<B, C> {
@@ -221,50 +248,66 @@ where
     type Error = HttpError;
     type Future = HttpResponseFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HttpError>> {
-        // The client's pool connects inside each request's future.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HttpError>> {
+        match &mut self.via {
+            // The client's pool connects inside each request's future.
+            Via::Pool(_) => Poll::Ready(Ok(())),
+            Via::Connection(connection) => connection.poll_ready(cx).map_err(|source| HttpError {
+                kind: Kind::Connect,
+                source,
+            }),
+        }
     }
 
     fn call(&mut self, req: Request<B>) -> HttpResponseFuture {
         let (mut parts, body) = req.into_parts();
-        match self.address(&mut parts) {
-            Ok(()) => HttpResponseFuture {
-                inner: Some(self.origin.client.request(Request::from_parts(parts, body))),
-                invalid: None,
-            },
-            Err(error) => HttpResponseFuture {
-                inner: None,
-                invalid: Some(HttpError {
+        if let Err(error) = self.address(&mut parts) {
+            return HttpResponseFuture {
+                sending: Sending::Refused(Some(HttpError {
                     kind: Kind::InvalidUri,
                     source: Box::new(RefusedByClient::new(error)),
-                }),
+                })),
+            };
+        }
+        let req = Request::from_parts(parts, body);
+        HttpResponseFuture {
+            sending: match &mut self.via {
+                Via::Pool(client) => Sending::Pool(client.request(req)),
+                Via::Connection(connection) => Sending::Connection(connection.send(req)),
             },
         }
     }
 }
 
-pin_project! {
-    /// The future returned by [`HttpEndpoint`].
-    pub struct HttpResponseFuture {
-        #[pin]
-        inner: Option<legacy::ResponseFuture>,
-        invalid: Option<HttpError>,
-    }
+/// The future returned by [`HttpEndpoint`].
+pub struct HttpResponseFuture {
+    sending: Sending,
+}
+
+/// A request on its way, by route.
+enum Sending {
+    Pool(legacy::ResponseFuture),
+    Connection(SendFuture),
+    /// The request could not be addressed; it went nowhere.
+    Refused(Option<HttpError>),
 }
 
 impl Future for HttpResponseFuture {
     type Output = Result<Response<Incoming>, HttpError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Some(error) = this.invalid.take() {
-            return Poll::Ready(Err(error));
-        }
-        match this.inner.as_pin_mut() {
-            Some(inner) => Poll::Ready(ready!(inner.poll(cx)).map_err(HttpError::from_client)),
-            None => panic!("HttpResponseFuture polled after completion"),
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match &mut self.sending {
+            Sending::Pool(sending) => {
+                ready!(Pin::new(sending).poll(cx)).map_err(HttpError::from_client)
+            }
+            Sending::Connection(sending) => {
+                ready!(sending.as_mut().poll(cx)).map_err(HttpError::from_connection)
+            }
+            Sending::Refused(error) => match error.take() {
+                Some(error) => Err(error),
+                None => panic!("HttpResponseFuture polled after completion"),
+            },
+        })
     }
 }
 
@@ -288,6 +331,8 @@ enum Kind {
     Connect,
     /// The HTTP/2 server said it did not process the stream.
     Unprocessed(crate::error::Unprocessed),
+    /// The connection closed before the request was written to it.
+    Unsent,
     Request,
     InvalidUri,
 }
@@ -307,6 +352,21 @@ impl HttpError {
         }
     }
 
+    /// A request sent on the endpoint's own connection ([`Via::Connection`]).
+    fn from_connection(error: BoxError) -> Self {
+        let kind = if let Some(unprocessed) = crate::error::unprocessed_stream(&*error) {
+            Kind::Unprocessed(unprocessed)
+        } else if crate::error::is_never_sent(&*error) {
+            Kind::Unsent
+        } else {
+            Kind::Request
+        };
+        Self {
+            kind,
+            source: error,
+        }
+    }
+
     /// Connecting to the endpoint failed (refused, unreachable, timed out).
     pub fn is_connect(&self) -> bool {
         self.kind == Kind::Connect
@@ -320,7 +380,7 @@ impl HttpError {
     pub fn is_never_sent(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Connect | Kind::Unprocessed(_) | Kind::InvalidUri
+            Kind::Connect | Kind::Unprocessed(_) | Kind::Unsent | Kind::InvalidUri
         )
     }
 
@@ -352,6 +412,7 @@ impl fmt::Display for HttpError {
             Kind::Unprocessed(crate::error::Unprocessed::GoingAway) => {
                 "the endpoint is shutting down and did not process the request"
             }
+            Kind::Unsent => "the connection closed before the request was sent",
             Kind::Request => "the HTTP request to the endpoint failed",
             Kind::InvalidUri => "could not address the request to the endpoint",
         })

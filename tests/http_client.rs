@@ -298,15 +298,11 @@ async fn an_explicit_host_wins_over_the_endpoints_address() {
     assert_eq!(server.last_host().as_deref(), Some("other.internal"));
 }
 
-#[tokio::test]
-async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
+async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once(route: H2Route) {
     let refusing = support::RefusingH2Server::start().await;
     let answering = support::GrpcTrailersServer::start(0).await;
-    let mut http2 =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
-    http2.http2_only(true);
-    let client = HttpClient::builder()
-        .hyper(http2)
+    let client = route
+        .builder()
         .strategy(tower_lb::strategy::RoundRobin::new())
         .no_outlier_detection()
         .build::<Body>([refusing.addr, answering.addr]);
@@ -330,23 +326,86 @@ async fn a_post_whose_stream_was_refused_is_sent_elsewhere_once() {
     );
 }
 
+/// The two ways an `HttpClient` speaks HTTP/2 only: through hyper-util's
+/// pool, or over a connection of each endpoint's own.
+#[derive(Debug, Clone, Copy)]
+enum H2Route {
+    /// `hyper` settings with `http2_only(true)`.
+    Pool,
+    /// The builder's `http2_only()`.
+    OwnConnection,
+}
+
+impl H2Route {
+    fn builder(
+        self,
+    ) -> tower_lb::client::ClientBuilder<
+        tower_lb::client::Http,
+        tower_lb::balance::Builder<
+            tower_lb::strategy::P2c,
+            tower_lb::client::DefaultHttpClassify,
+            tower_lb::balance::CallHints,
+        >,
+    > {
+        match self {
+            H2Route::Pool => {
+                let mut http2 = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                http2.http2_only(true);
+                HttpClient::builder().hyper(http2)
+            }
+            H2Route::OwnConnection => HttpClient::builder().http2_only(),
+        }
+    }
+}
+
+/// Runs each test body (an `async fn(H2Route)`) on both HTTP/2 routes.
+macro_rules! for_both_h2_routes {
+    ($($name:ident),+ $(,)?) => {
+        mod pool {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::H2Route::Pool).await
+                }
+            )+
+        }
+
+        mod own_connection {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::H2Route::OwnConnection).await
+                }
+            )+
+        }
+    };
+}
+
+for_both_h2_routes!(
+    a_post_whose_stream_was_refused_is_sent_elsewhere_once,
+    a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once,
+    a_graceful_goaway_is_not_held_against_the_server,
+    a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again,
+    sequential_http2_calls_with_a_body_are_not_held_back_by_nagle,
+);
+
 /// An HTTP/2-only client over `endpoints`, taking turns, with the default
 /// retries and outlier detection.
-fn http2_client(endpoints: Vec<std::net::SocketAddr>) -> HttpClient<Body> {
-    let mut http2 =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
-    http2.http2_only(true);
-    HttpClient::builder()
-        .hyper(http2)
+fn http2_client(route: H2Route, endpoints: Vec<std::net::SocketAddr>) -> HttpClient<Body> {
+    route
+        .builder()
         .strategy(tower_lb::strategy::RoundRobin::new())
         .build::<Body>(endpoints)
 }
 
-#[tokio::test]
-async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once() {
+async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_elsewhere_once(
+    route: H2Route,
+) {
     let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
-    let client = http2_client(vec![going.addr, answering.addr]);
+    let client = http2_client(route, vec![going.addr, answering.addr]);
     for i in 0..10 {
         let response = send(
             &client,
@@ -367,11 +426,10 @@ async fn a_post_the_server_did_not_process_before_a_graceful_goaway_is_sent_else
     );
 }
 
-#[tokio::test]
-async fn a_graceful_goaway_is_not_held_against_the_server() {
+async fn a_graceful_goaway_is_not_held_against_the_server(route: H2Route) {
     let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
-    let client = http2_client(vec![going.addr, answering.addr]);
+    let client = http2_client(route, vec![going.addr, answering.addr]);
     for i in 0..10 {
         send(&client, get(&format!("g{i}"))).await;
     }
@@ -389,13 +447,12 @@ async fn a_graceful_goaway_is_not_held_against_the_server() {
     );
 }
 
-#[tokio::test]
-async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again() {
+async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again(route: H2Route) {
     // INTERNAL_ERROR: h2 hands such an error to every open stream, so it
     // proves nothing about what the server processed.
     let going = RawH2Server::start(RawH2Behaviour::GoAway(2)).await;
     let answering = support::GrpcTrailersServer::start(0).await;
-    let client = http2_client(vec![going.addr, answering.addr]);
+    let client = http2_client(route, vec![going.addr, answering.addr]);
     let mut failed = 0;
     for i in 0..10 {
         let post = request(http::Method::POST, &format!("p{i}"), "pay");
@@ -596,13 +653,12 @@ async fn h2_echo_server() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn sequential_http2_calls_with_a_body_are_not_held_back_by_nagle() {
+async fn sequential_http2_calls_with_a_body_are_not_held_back_by_nagle(route: H2Route) {
     // Without TCP_NODELAY (hyper-util's default) a request's DATA frame,
     // written after its HEADERS, waits until the server acknowledges the
     // HEADERS, which a server holds back for its delayed ACK: 40 ms a call
     // on Linux, where loopback otherwise answers in well under 1 ms.
-    let client = http2_client(vec![h2_echo_server().await]);
+    let client = http2_client(route, vec![h2_echo_server().await]);
     let body = Bytes::from(vec![b'x'; 1024]);
     // The first call connects; the calls after it are the measure.
     let first = send(&client, request(http::Method::POST, "first", body.clone())).await;
@@ -660,4 +716,136 @@ async fn a_retry_rule_of_the_users_own_replaces_the_built_in_one() {
         assert_eq!(received(&servers, &id), 1, "{id}");
     }
     assert!(unavailable > 0, "no GET reached the server answering 503");
+}
+
+/// An HTTP/2-only hyper server on `addr` (port 0 for any) that counts the
+/// connections it accepts and answers `200 ok`; killed the hard way when
+/// its handle drops.
+struct H2CountingServer {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    serving: support::killable::Killable,
+}
+
+impl H2CountingServer {
+    async fn start_at(addr: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let serving = support::killable::Killable::serve(listener, move |stream| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            }
+        });
+        Self {
+            addr,
+            connections,
+            serving,
+        }
+    }
+
+    async fn start() -> Self {
+        Self::start_at(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for H2CountingServer {
+    fn drop(&mut self) {
+        self.serving.kill();
+    }
+}
+
+#[tokio::test]
+async fn with_http2_only_requests_made_at_once_share_one_connection_per_server() {
+    let servers = [
+        H2CountingServer::start().await,
+        H2CountingServer::start().await,
+    ];
+    let client = HttpClient::builder()
+        .http2_only()
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .build::<Body>(servers.iter().map(|s| s.addr));
+    let requests = (0..40).map(|i| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let response = send(&client, get(&format!("at-once-{i}"))).await;
+            (response.version(), body_text(response).await)
+        })
+    });
+    for request in requests.collect::<Vec<_>>() {
+        let answer = request.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer, (http::Version::HTTP_2, "ok".to_owned()));
+    }
+    let connections: Vec<usize> = servers.iter().map(H2CountingServer::connections).collect();
+    assert_eq!(connections, vec![1, 1]);
+}
+
+#[tokio::test]
+async fn with_http2_only_a_server_restarted_on_its_address_is_connected_to_again() {
+    let first = H2CountingServer::start().await;
+    let addr = first.addr;
+    let client = HttpClient::builder()
+        .http2_only()
+        .no_outlier_detection()
+        .build::<Body>([addr]);
+    assert_eq!(body_text(send(&client, get("before")).await).await, "ok");
+    drop(first);
+    let down = client.clone().oneshot(get("down")).await;
+    assert!(down.is_err(), "a request succeeded with the server down");
+    let second = H2CountingServer::start_at(addr).await;
+    assert_eq!(body_text(send(&client, get("after")).await).await, "ok");
+    assert_eq!(second.connections(), 1);
+}
+
+#[tokio::test]
+async fn with_http2_only_a_post_to_a_port_that_refuses_connections_is_sent_elsewhere() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.local_addr().expect("local addr")
+    };
+    let answering = H2CountingServer::start().await;
+    let client = HttpClient::builder()
+        .http2_only()
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .no_outlier_detection()
+        .build::<Body>([closed, answering.addr]);
+    for i in 0..6 {
+        let post = request(http::Method::POST, &format!("p{i}"), "pay");
+        assert_eq!(body_text(send(&client, post).await).await, "ok");
+    }
+    let refused = client
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == closed)
+        .expect("endpoint known");
+    assert!(refused.failures >= 3, "{refused:?}");
+}
+
+#[tokio::test]
+async fn with_http2_only_an_https_client_never_sends_plain_text() {
+    let server = H2CountingServer::start().await;
+    let client = HttpClient::builder()
+        .http2_only()
+        .scheme(http::uri::Scheme::HTTPS)
+        .build::<Body>([server.addr]);
+    let result = client.clone().oneshot(get("tls")).await;
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(server.connections(), 0);
 }

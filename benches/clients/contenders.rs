@@ -72,8 +72,10 @@ pub enum Contender {
     Http1Balancer,
     Http1HttpClient,
     H2RawRoundRobin,
+    H2RawConnections,
     H2Balancer,
     H2HttpClient,
+    H2HttpClientPool,
     GrpcOneChannel,
     GrpcRoundRobin,
     GrpcBalanceList,
@@ -84,15 +86,17 @@ pub enum Contender {
 
 impl Contender {
     /// In the order of the table.
-    pub const ALL: [Contender; 14] = [
+    pub const ALL: [Contender; 16] = [
         Contender::Http1RawOne,
         Contender::Http1RawRoundRobin,
         Contender::Http1TowerP2c,
         Contender::Http1Balancer,
         Contender::Http1HttpClient,
         Contender::H2RawRoundRobin,
+        Contender::H2RawConnections,
         Contender::H2Balancer,
         Contender::H2HttpClient,
+        Contender::H2HttpClientPool,
         Contender::GrpcOneChannel,
         Contender::GrpcRoundRobin,
         Contender::GrpcBalanceList,
@@ -110,8 +114,10 @@ impl Contender {
             Contender::Http1Balancer => "h1-balancer",
             Contender::Http1HttpClient => "h1-http-client",
             Contender::H2RawRoundRobin => "h2-raw-rr",
+            Contender::H2RawConnections => "h2-raw-conns",
             Contender::H2Balancer => "h2-balancer",
             Contender::H2HttpClient => "h2-http-client",
+            Contender::H2HttpClientPool => "h2-pooled-http-client",
             Contender::GrpcOneChannel => "grpc-one-channel",
             Contender::GrpcRoundRobin => "grpc-raw-rr",
             Contender::GrpcBalanceList => "grpc-balance-list",
@@ -133,7 +139,10 @@ impl Contender {
                 "tower-lb `Balancer` over `http::endpoints`"
             }
             Contender::Http1HttpClient => "tower-lb `HttpClient`, defaults",
-            Contender::H2HttpClient => "tower-lb `HttpClient`, defaults, http2-only hyper client",
+            Contender::H2HttpClient => "tower-lb `HttpClient`, defaults, `http2_only()`",
+            Contender::H2HttpClientPool => {
+                "tower-lb `HttpClient`, defaults, hyper-util settings `http2_only(true)`"
+            }
             Contender::GrpcOneChannel => "one tonic `Channel`",
             Contender::GrpcRoundRobin => "4 tonic `Channel`s, round robin by hand",
             Contender::GrpcBalanceList => "tonic `Channel::balance_list`",
@@ -144,6 +153,7 @@ impl Contender {
             Contender::GrpcHyperConnections => {
                 "4 hyper h2 connections under a tonic client, round robin by hand"
             }
+            Contender::H2RawConnections => "4 hyper h2 connections, round robin by hand",
         }
     }
 
@@ -154,9 +164,11 @@ impl Contender {
             | Contender::Http1TowerP2c
             | Contender::Http1Balancer
             | Contender::Http1HttpClient => Protocol::Http1,
-            Contender::H2RawRoundRobin | Contender::H2Balancer | Contender::H2HttpClient => {
-                Protocol::H2
-            }
+            Contender::H2RawRoundRobin
+            | Contender::H2RawConnections
+            | Contender::H2Balancer
+            | Contender::H2HttpClient
+            | Contender::H2HttpClientPool => Protocol::H2,
             Contender::GrpcOneChannel
             | Contender::GrpcRoundRobin
             | Contender::GrpcBalanceList
@@ -211,8 +223,15 @@ impl Contender {
                 drive(balancer(h2_client(), &ports.h2), tasks, mode, server).await
             }
             Contender::H2HttpClient => {
-                // As a user sets up h2 (the `hyper` builder method's own
-                // example): hyper-util's settings, HTTP/2 only.
+                let client = HttpClient::builder()
+                    .http2_only()
+                    .build::<HttpBody>(ports.h2.iter().copied());
+                drive(ThroughService::new(client), tasks, mode, server).await
+            }
+            Contender::H2HttpClientPool => {
+                // As a user sets up h2 through a connector of their own (the
+                // `hyper` builder method's own example): hyper-util's
+                // settings, HTTP/2 only.
                 let mut hyper = Client::builder(TokioExecutor::new());
                 hyper.http2_only(true);
                 let client = HttpClient::builder()
@@ -265,35 +284,18 @@ impl Contender {
                 drive(Grpc::<HyperGrpc>::new(vec![service]), tasks, mode, server).await
             }
             Contender::GrpcHyperConnections => {
-                let mut senders = Vec::new();
-                for addr in &ports.grpc {
-                    let stream = tokio::net::TcpStream::connect(addr).await?;
-                    stream.set_nodelay(true)?;
-                    let (sender, connection) = hyper::client::conn::http2::handshake(
-                        TokioExecutor::new(),
-                        hyper_util::rt::TokioIo::new(stream),
-                    )
-                    .await?;
-                    tokio::spawn(connection);
-                    senders.push(sender);
-                }
-                let service = H2Connections {
-                    senders: senders.into(),
-                    origins: ports
-                        .grpc
-                        .iter()
-                        .map(|a| origin(*a))
-                        .collect::<Vec<_>>()
-                        .into(),
-                    next: Arc::default(),
-                };
+                let service = H2Connections::<tonic::body::Body>::connect(&ports.grpc).await?;
                 drive(
-                    Grpc::<H2Connections>::new(vec![service]),
+                    Grpc::<H2Connections<tonic::body::Body>>::new(vec![service]),
                     tasks,
                     mode,
                     server,
                 )
                 .await
+            }
+            Contender::H2RawConnections => {
+                let service = H2Connections::<HttpBody>::connect(&ports.h2).await?;
+                drive(ThroughService::new(service), tasks, mode, server).await
             }
         }
     }
@@ -494,15 +496,58 @@ impl Service<Request<tonic::body::Body>> for HyperGrpc {
     }
 }
 
-/// hyper's HTTP/2 connections, one per server, taken in turn.
-#[derive(Clone)]
-struct H2Connections {
-    senders: Arc<[hyper::client::conn::http2::SendRequest<tonic::body::Body>]>,
+/// hyper's HTTP/2 connections, one per server, taken in turn: no pool, no
+/// queue, nothing between the caller and each connection.
+struct H2Connections<B> {
+    senders: Arc<[hyper::client::conn::http2::SendRequest<B>]>,
     origins: Arc<[Uri]>,
     next: Arc<AtomicUsize>,
 }
 
-impl Service<Request<tonic::body::Body>> for H2Connections {
+impl<B> Clone for H2Connections<B> {
+    fn clone(&self) -> Self {
+        Self {
+            senders: self.senders.clone(),
+            origins: self.origins.clone(),
+            next: self.next.clone(),
+        }
+    }
+}
+
+impl<B> H2Connections<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// One connection to each of `addrs`, made now.
+    async fn connect(addrs: &[SocketAddr]) -> Result<Self, BoxError> {
+        let mut senders = Vec::new();
+        for addr in addrs {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) = hyper::client::conn::http2::handshake(
+                TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await?;
+            tokio::spawn(connection);
+            senders.push(sender);
+        }
+        Ok(Self {
+            senders: senders.into(),
+            origins: addrs.iter().map(|a| origin(*a)).collect::<Vec<_>>().into(),
+            next: Arc::default(),
+        })
+    }
+}
+
+impl<B> Service<Request<B>> for H2Connections<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<hyper::body::Incoming>;
     type Error = hyper::Error;
     type Future =
@@ -515,7 +560,7 @@ impl Service<Request<tonic::body::Body>> for H2Connections {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.origins.len();
         let mut parts = self.origins[turn].clone().into_parts();
         parts.path_and_query = request.uri().path_and_query().cloned();
@@ -588,7 +633,7 @@ macro_rules! grpc_caller {
 }
 
 grpc_caller!(HyperGrpc);
-grpc_caller!(H2Connections);
+grpc_caller!(H2Connections<tonic::body::Body>);
 grpc_caller!(Channel);
 grpc_caller!(GrpcChannel);
 
