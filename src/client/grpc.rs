@@ -15,7 +15,8 @@ use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
 use crate::error::BoxError;
 use crate::grpc::{
-    status_from_error, ConfigureEndpoint, GrpcEndpoint, GrpcTimeoutLayer, MethodSafety, StatusBody,
+    status_from_error, ConfigureEndpoint, EndpointBody, GrpcEndpoint, GrpcTimeoutLayer,
+    MethodSafety, StatusBody,
 };
 use crate::load::OrcaLoadReports;
 use crate::retry::{ReplayBody, RetryOn};
@@ -152,7 +153,7 @@ impl<P, C, H, W, RB, R> ClientBuilder<Grpc, balance::Builder<P, C, H, W>, R>
 where
     R: RetryOn<Reply>,
     P: Strategy,
-    C: Classify<Reply, Response = http::Response<RB>>,
+    C: Classify<http::Response<EndpointBody>, Response = http::Response<RB>>,
     RB: Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError>,
     H: RequestHints<http::Request<ReplayBody<tonic::body::Body>>> + Send + Sync + 'static,

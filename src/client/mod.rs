@@ -464,6 +464,7 @@ impl<R> CallSettings<R> {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
         Body: http_body::Body + Send + 'static,
+        Body::Error: Into<BoxError>,
         ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
         Resp: Send + 'static,
         R: RetryOn<Resp>,
@@ -534,6 +535,7 @@ impl<S, Body, Resp> Layered<Body, Resp> for S where
 impl<Body, Resp, K, P, R> Stack<Body, Resp, K, P, R>
 where
     Body: http_body::Body + Send + 'static,
+    Body::Error: Into<BoxError>,
     ::http::Request<ReplayBody<Body>>: Replayable + Send + 'static,
     Resp: Send + 'static,
     R: RetryOn<Resp>,

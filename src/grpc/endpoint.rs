@@ -10,6 +10,8 @@ use http::header::USER_AGENT as USER_AGENT_NAME;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::HeaderValue;
 use http_body::Body;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
@@ -51,23 +53,36 @@ pub(crate) type ConfigureEndpoint =
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct GrpcEndpoint {
-    transport: Transport,
+pub struct GrpcEndpoint<B = tonic::body::Body> {
+    transport: Transport<B>,
 }
 
 /// How calls reach the server.
-#[derive(Clone)]
-enum Transport {
+enum Transport<B> {
     /// A tonic channel: the user's, or one made from their tonic
     /// [`Endpoint`] settings.
     Channel(Channel),
     /// tower-lb's own HTTP/2 connection (see `crate::connection`), calls
     /// addressed to `origin`.
     Connection {
-        connection: H2Connection<tonic::body::Body>,
+        /// Typed by the request body, which hyper sends as it is.
+        connection: H2Connection<B>,
         origin: Arc<Origin>,
     },
+}
+
+impl<B> Clone for GrpcEndpoint<B> {
+    fn clone(&self) -> Self {
+        Self {
+            transport: match &self.transport {
+                Transport::Channel(channel) => Transport::Channel(channel.clone()),
+                Transport::Connection { connection, origin } => Transport::Connection {
+                    connection: connection.clone(),
+                    origin: Arc::clone(origin),
+                },
+            },
+        }
+    }
 }
 
 /// The scheme and authority every call through a connection is for.
@@ -76,7 +91,7 @@ struct Origin {
     authority: Authority,
 }
 
-impl GrpcEndpoint {
+impl<B> GrpcEndpoint<B> {
     /// Sends calls through `channel`.
     pub fn new(channel: Channel) -> Self {
         Self {
@@ -161,7 +176,7 @@ fn origin(scheme: &Scheme, authority: &Authority) -> Option<http::Uri> {
         .ok()
 }
 
-impl fmt::Debug for GrpcEndpoint {
+impl<B> fmt::Debug for GrpcEndpoint<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcEndpoint").finish_non_exhaustive()
     }
@@ -171,12 +186,12 @@ impl fmt::Debug for GrpcEndpoint {
 const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("grpc-rust-tower-lb/", env!("CARGO_PKG_VERSION")));
 
-impl<B> Service<http::Request<B>> for GrpcEndpoint
+impl<B> Service<http::Request<B>> for GrpcEndpoint<B>
 where
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = http::Response<EndpointBody>;
     type Error = BoxError;
     type Future = GrpcResponseFuture;
 
@@ -205,7 +220,7 @@ where
                 }
                 // tonic's channel ends a call at its `grpc-timeout` by a
                 // timer of its own; so does this one, by the deadline.
-                let sent = connection.send(req.map(tonic::body::Body::new));
+                let sent = connection.send(req);
                 Sending::Connection(crate::timeout::until_deadline(sent, deadline))
             }
         };
@@ -265,15 +280,16 @@ enum Sending {
 }
 
 impl Future for GrpcResponseFuture {
-    type Output = Result<http::Response<tonic::body::Body>, BoxError>;
+    type Output = Result<http::Response<EndpointBody>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let deadline = self.deadline;
         let result = match &mut self.inner {
             Sending::Channel(call) => ready!(Pin::new(call).poll(cx))
+                .map(|response| response.map(EndpointBody::channel))
                 .map_err(|error| never_sent_if_unconnected(error, deadline)),
             Sending::Connection(call) => ready!(Pin::new(call).poll(cx))
-                .map(|response| response.map(tonic::body::Body::new))
+                .map(|response| response.map(EndpointBody::connection))
                 .map_err(never_sent_if_unprocessed),
             Sending::Refused(error) => match error.take() {
                 Some(error) => Err(error),
@@ -291,6 +307,79 @@ impl Future for GrpcResponseFuture {
             }
             response
         }))
+    }
+}
+
+pin_project! {
+    /// The body of a [`GrpcEndpoint`]'s responses, as its transport gives
+    /// it: hyper's from a connection of the endpoint's own, tonic's from a
+    /// channel.
+    pub struct EndpointBody {
+        #[pin]
+        inner: Transported,
+    }
+}
+
+pin_project! {
+    #[project = TransportedProj]
+    enum Transported {
+        Connection { #[pin] body: Incoming },
+        Channel { #[pin] body: tonic::body::Body },
+    }
+}
+
+impl EndpointBody {
+    fn connection(body: Incoming) -> Self {
+        Self {
+            inner: Transported::Connection { body },
+        }
+    }
+
+    fn channel(body: tonic::body::Body) -> Self {
+        Self {
+            inner: Transported::Channel { body },
+        }
+    }
+}
+
+impl Body for EndpointBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.project().inner.project() {
+            TransportedProj::Connection { body } => body.poll_frame(cx).map_err(Into::into),
+            TransportedProj::Channel { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Transported::Connection { body } => body.is_end_stream(),
+            Transported::Channel { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            Transported::Connection { body } => body.size_hint(),
+            Transported::Channel { body } => body.size_hint(),
+        }
+    }
+}
+
+impl fmt::Debug for EndpointBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let transport = match &self.inner {
+            Transported::Connection { .. } => "connection",
+            Transported::Channel { .. } => "channel",
+        };
+        f.debug_struct("EndpointBody")
+            .field("transport", &transport)
+            .finish_non_exhaustive()
     }
 }
 

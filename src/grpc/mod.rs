@@ -62,7 +62,7 @@ mod status;
 mod timeout;
 
 pub(crate) use self::endpoint::ConfigureEndpoint;
-pub use self::endpoint::{GrpcEndpoint, GrpcResponseFuture};
+pub use self::endpoint::{EndpointBody, GrpcEndpoint, GrpcResponseFuture};
 pub use self::safety::{MethodSafety, WithMethodSafety};
 pub use self::status::status_from_error;
 pub(crate) use self::status::StatusBody;

@@ -77,8 +77,63 @@ enum Kind<B> {
         cap: usize,
         _body: PhantomData<fn() -> B>,
     },
+    /// The body was read whole when it was wrapped (every frame was ready
+    /// at once, within the cap): every clone yields the same frames, with
+    /// no lock and no state to share but the frames themselves.
+    Whole {
+        cap: usize,
+        frames: WholeFrames,
+        /// The next frame this clone yields.
+        pos: usize,
+        _body: PhantomData<fn() -> B>,
+    },
     Shared(Handle<B>),
 }
+
+/// The frames of a body read whole.
+#[derive(Clone)]
+enum WholeFrames {
+    /// One data frame, the common case (a `Full` body, a unary gRPC
+    /// message): shared by a `Bytes` reference count alone.
+    One(Bytes),
+    Many(Arc<[Buffered]>),
+}
+
+impl WholeFrames {
+    fn get(&self, pos: usize) -> Option<Frame<Bytes>> {
+        match self {
+            WholeFrames::One(data) => (pos == 0).then(|| Frame::data(data.clone())),
+            WholeFrames::Many(frames) => frames.get(pos).map(|f| f.clone().into_frame()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            WholeFrames::One(_) => 1,
+            WholeFrames::Many(frames) => frames.len(),
+        }
+    }
+
+    /// Data bytes from frame `pos` on.
+    fn data_from(&self, pos: usize) -> usize {
+        match self {
+            WholeFrames::One(data) if pos == 0 => data.len(),
+            WholeFrames::One(_) => 0,
+            WholeFrames::Many(frames) => frames
+                .get(pos..)
+                .unwrap_or_default()
+                .iter()
+                .map(Buffered::data_len)
+                .sum(),
+        }
+    }
+}
+
+/// How many times [`ReplayBody::new`] polls a body for frames that are
+/// ready at once before it goes on as a shared stream: enough for the
+/// bodies that come whole (one or two frames), bounded for a stream that
+/// keeps producing.
+const READ_AT_ONCE: usize = 8;
 
 /// One clone's view of the shared copy.
 struct Handle<B> {
@@ -130,6 +185,9 @@ struct State<B> {
     /// The original body failed with this error; its message is all that
     /// other clones get, since the error itself went to the clone that read it.
     failed: Option<String>,
+    /// The error itself, when it was read as the body was wrapped: the
+    /// first clone (the original request's) gets it when it reaches it.
+    unread_error: Option<BoxError>,
     next_id: u64,
 }
 
@@ -243,33 +301,103 @@ impl StdError for BodyFailed {}
 impl<B> ReplayBody<B> {
     /// Wraps `body`, keeping up to `cap` bytes of its data for copies
     /// ([`DEFAULT_REPLAY_CAP`] is the crate's default).
+    ///
+    /// Frames the body has ready at once (all of a `Full` body, a unary
+    /// gRPC message tonic has just encoded) are read now: a body read whole
+    /// within the cap is kept as plain frames that every copy shares, with
+    /// no lock. (It is polled with a waker that does nothing; a body that
+    /// is not ready then is polled again, with the sender's waker, when
+    /// the request is sent.)
     pub fn new(body: B, cap: usize) -> Self
     where
         B: Body,
+        B::Error: Into<BoxError>,
     {
         if body.is_end_stream() {
+            return Self::empty(cap);
+        }
+        let mut body = Box::pin(body);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut frames: Vec<Buffered> = Vec::new();
+        let mut first: Option<Buffered> = None;
+        let mut buffered = 0usize;
+        let mut ended = false;
+        let mut unread_error = None;
+        for _ in 0..READ_AT_ONCE {
+            let frame = match body.as_mut().poll_frame(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    unread_error = Some(error.into());
+                    break;
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            // A frame kind this crate does not know cannot be kept: skipped,
+            // as a shared stream skips it.
+            let Some(frame) = Buffered::from_frame(frame) else {
+                continue;
+            };
+            buffered = buffered.saturating_add(frame.data_len());
+            // The first frame is held apart so that a body of one frame
+            // needs no vector.
+            match first.take() {
+                None if frames.is_empty() => first = Some(frame),
+                held => {
+                    frames.extend(held);
+                    frames.push(frame);
+                }
+            }
+            if buffered > cap {
+                break;
+            }
+            if body.is_end_stream() {
+                ended = true;
+                break;
+            }
+        }
+        if ended && buffered <= cap {
+            let whole = match (first, frames.is_empty()) {
+                (None, true) => return Self::empty(cap),
+                (Some(Buffered::Data(data)), true) => WholeFrames::One(data),
+                (first, _) => {
+                    let mut all = Vec::with_capacity(frames.len() + 1);
+                    all.extend(first);
+                    all.append(&mut frames);
+                    WholeFrames::Many(all.into())
+                }
+            };
             return ReplayBody {
-                kind: Kind::Empty {
+                kind: Kind::Whole {
                     cap,
+                    frames: whole,
+                    pos: 0,
                     _body: PhantomData,
                 },
             };
         }
+        frames.splice(0..0, first);
+        // Read past the cap: the original request still sends what was
+        // read (it is the streamer), no copy can.
+        let capped = buffered > cap;
+        let failed = unread_error
+            .as_ref()
+            .map(|error: &BoxError| crate::error::report(&**error).to_string());
         let waiters = Arc::new(Waiters::default());
         let shared = Shared {
             cap,
             state: Mutex::new(State {
-                body: Some(Box::pin(body)),
-                // The first frame's push makes room for four (std's first
-                // growth for small elements), so nothing is gained up front,
-                // and a body that ends with no frame, or whose first frame
-                // is over the cap, allocates nothing.
-                frames: Vec::new(),
-                buffered: 0,
-                capped: false,
-                streamer: None,
-                ended: false,
-                failed: None,
+                body: (!ended && unread_error.is_none()).then_some(body),
+                frames,
+                buffered,
+                capped,
+                streamer: capped.then_some(0),
+                ended,
+                failed,
+                unread_error,
                 next_id: 1,
             }),
             waker: Waker::from(Arc::clone(&waiters)),
@@ -283,10 +411,20 @@ impl<B> ReplayBody<B> {
         }
     }
 
+    /// A body with nothing in it.
+    fn empty(cap: usize) -> Self {
+        ReplayBody {
+            kind: Kind::Empty {
+                cap,
+                _body: PhantomData,
+            },
+        }
+    }
+
     /// The replay buffer's size in bytes.
     pub fn cap(&self) -> usize {
         match &self.kind {
-            Kind::Empty { cap, .. } => *cap,
+            Kind::Empty { cap, .. } | Kind::Whole { cap, .. } => *cap,
             Kind::Shared(handle) => handle.shared.cap,
         }
     }
@@ -295,7 +433,7 @@ impl<B> ReplayBody<B> {
     /// was reading it then can send it whole, and no copy can be made.
     pub fn is_capped(&self) -> bool {
         match &self.kind {
-            Kind::Empty { .. } => false,
+            Kind::Empty { .. } | Kind::Whole { .. } => false,
             Kind::Shared(handle) => lock(&handle.shared.state).capped,
         }
     }
@@ -305,7 +443,7 @@ impl<B> ReplayBody<B> {
     /// body).
     pub fn is_complete(&self) -> bool {
         match &self.kind {
-            Kind::Empty { .. } => true,
+            Kind::Empty { .. } | Kind::Whole { .. } => true,
             Kind::Shared(handle) => {
                 let state = lock(&handle.shared.state);
                 state.ended && !state.capped
@@ -352,15 +490,23 @@ impl<B> ReplayBody<B> {
     ///
     /// ```
     /// use bytes::Bytes;
+    /// use http_body_util::channel::Channel;
     /// use http_body_util::{BodyExt, Full};
     /// use tower_lb::request::NotReplayable;
     /// use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), tower_lb::BoxError> {
-    /// let mut body = ReplayBody::new(Full::new(Bytes::from("abc")), DEFAULT_REPLAY_CAP);
-    /// assert_eq!(body.try_clone_complete().err(), Some(NotReplayable::BodyIncomplete));
+    /// // A body ready whole (a `Full`) is complete as soon as it is wrapped.
+    /// let small = ReplayBody::new(Full::new(Bytes::from("abc")), DEFAULT_REPLAY_CAP);
+    /// assert!(small.try_clone_complete().is_ok());
     ///
+    /// // A body that streams in is complete once read to its end.
+    /// let (mut tx, upload) = Channel::<Bytes>::new(1);
+    /// let mut body = ReplayBody::new(upload, DEFAULT_REPLAY_CAP);
+    /// assert_eq!(body.try_clone_complete().err(), Some(NotReplayable::BodyIncomplete));
+    /// tx.send_data(Bytes::from("abc")).await?;
+    /// drop(tx);
     /// (&mut body).collect().await?;
     /// let hedge = body.try_clone_complete()?;
     /// assert_eq!(hedge.collect().await?.to_bytes(), "abc");
@@ -375,7 +521,7 @@ impl<B> ReplayBody<B> {
     /// not been read to its end.
     fn copy(&self, complete: bool) -> Result<Self, NotReplayable> {
         match &self.kind {
-            Kind::Empty { .. } => Ok(self.clone()),
+            Kind::Empty { .. } | Kind::Whole { .. } => Ok(self.clone()),
             Kind::Shared(handle) => {
                 let mut state = lock(&handle.shared.state);
                 if state.capped {
@@ -430,12 +576,11 @@ where
             return true;
         }
         let state = lock(&self.shared.state);
-        if state.capped {
-            if state.streamer != Some(self.cursor.id) {
-                // An error is still to come.
-                return false;
-            }
-        } else if self.cursor.pos < state.frames.len() {
+        if state.capped && state.streamer != Some(self.cursor.id) {
+            // An error is still to come.
+            return false;
+        }
+        if self.cursor.pos < state.frames.len() {
             return false;
         }
         if state.failed.is_some() {
@@ -456,11 +601,9 @@ where
             // It will end in an error: promise nothing.
             return SizeHint::new();
         }
-        let kept = if state.capped {
-            0
-        } else {
-            state.buffered.saturating_sub(self.cursor.read)
-        };
+        // After the cap `buffered` counts only the frames the streamer has
+        // still to send (none, unless read as the body was wrapped).
+        let kept = state.buffered.saturating_sub(self.cursor.read);
         let rest = match &state.body {
             Some(body) => body.size_hint(),
             None => SizeHint::with_exact(0),
@@ -505,24 +648,40 @@ impl Cursor {
         B::Error: Into<BoxError>,
     {
         loop {
-            if state.capped {
-                if state.streamer != Some(self.id) {
-                    self.done = true;
-                    let err = NotReplayable::BodyOverCap { cap: shared.cap };
-                    return (Poll::Ready(Some(Err(Box::new(err)))), false);
-                }
-            } else if let Some(frame) = state.frames.get(self.pos) {
+            if state.capped && state.streamer != Some(self.id) {
+                self.done = true;
+                let err = NotReplayable::BodyOverCap { cap: shared.cap };
+                return (Poll::Ready(Some(Err(Box::new(err)))), false);
+            }
+            // Kept frames: every clone's while the body is within the cap;
+            // after it, only the frames read before the streamer went on
+            // (those read as the body was wrapped), for the streamer alone.
+            if let Some(frame) = state.frames.get(self.pos) {
                 self.pos += 1;
                 self.read += frame.data_len();
-                return (Poll::Ready(Some(Ok(frame.clone().into_frame()))), false);
+                let frame = frame.clone().into_frame();
+                if state.capped && self.pos == state.frames.len() {
+                    // No one else may read them: free them now.
+                    state.frames = Vec::new();
+                    state.buffered = 0;
+                }
+                return (Poll::Ready(Some(Ok(frame))), false);
             }
 
             // This clone has had everything read so far: the next frame, if
             // any, must come from the original body.
             if let Some(message) = &state.failed {
                 self.done = true;
-                let err = BodyFailed(message.clone());
-                return (Poll::Ready(Some(Err(Box::new(err)))), false);
+                // Read as the body was wrapped: the original request's clone
+                // gets the error itself, the others its message.
+                let err: BoxError = match state.unread_error.take() {
+                    Some(error) if self.id == 0 => error,
+                    unread => {
+                        state.unread_error = unread;
+                        Box::new(BodyFailed(message.clone()))
+                    }
+                };
+                return (Poll::Ready(Some(Err(err))), false);
             }
             let Some(body) = state.body.as_mut() else {
                 return (Poll::Ready(None), false);
@@ -591,9 +750,12 @@ impl<B> Clone for ReplayBody<B> {
     /// that outgrew the buffer yields an error when read.
     fn clone(&self) -> Self {
         match &self.kind {
-            Kind::Empty { cap, .. } => ReplayBody {
-                kind: Kind::Empty {
+            Kind::Empty { cap, .. } => Self::empty(*cap),
+            Kind::Whole { cap, frames, .. } => ReplayBody {
+                kind: Kind::Whole {
                     cap: *cap,
+                    frames: frames.clone(),
+                    pos: 0,
                     _body: PhantomData,
                 },
             },
@@ -617,6 +779,11 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Empty { .. } => Poll::Ready(None),
+            Kind::Whole { frames, pos, .. } => {
+                let frame = frames.get(*pos);
+                *pos += usize::from(frame.is_some());
+                Poll::Ready(frame.map(Ok))
+            }
             Kind::Shared(handle) => handle.poll_frame(cx),
         }
     }
@@ -624,6 +791,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty { .. } => true,
+            Kind::Whole { frames, pos, .. } => *pos >= frames.len(),
             Kind::Shared(handle) => handle.is_end_stream(),
         }
     }
@@ -631,6 +799,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty { .. } => SizeHint::with_exact(0),
+            Kind::Whole { frames, pos, .. } => {
+                SizeHint::with_exact(u64::try_from(frames.data_from(*pos)).unwrap_or(u64::MAX))
+            }
             Kind::Shared(handle) => handle.size_hint(),
         }
     }
@@ -640,8 +811,15 @@ impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = f.debug_struct("ReplayBody");
         out.field("cap", &self.cap());
-        let Kind::Shared(handle) = &self.kind else {
-            return out.field("empty", &true).finish();
+        let handle = match &self.kind {
+            Kind::Empty { .. } => return out.field("empty", &true).finish(),
+            Kind::Whole { frames, pos, .. } => {
+                return out
+                    .field("whole_frames", &frames.len())
+                    .field("position", pos)
+                    .finish()
+            }
+            Kind::Shared(handle) => handle,
         };
         // `try_lock`: printing must not block on, or deadlock with, a poll.
         let state = match handle.shared.state.try_lock() {
@@ -803,6 +981,7 @@ impl<S, B> Service<http::Request<B>> for ReplayService<S>
 where
     S: Service<http::Request<ReplayBody<B>>>,
     B: Body,
+    B::Error: Into<BoxError>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -1157,17 +1336,122 @@ mod tests {
 
     #[tokio::test]
     async fn try_clone_complete_refuses_an_unfinished_body_and_accepts_a_finished_one() {
-        let mut body = full("abc");
+        let (tx, mut body) = channel(DEFAULT_REPLAY_CAP);
         assert_eq!(
             body.try_clone_complete().err(),
             Some(NotReplayable::BodyIncomplete)
         );
-        // One frame, as hyper reads it: it stops at `is_end_stream` without
-        // polling for the end.
+        send(&tx, data("abc")).await;
+        drop(tx);
         body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.is_none());
         assert!(body.is_complete());
         let hedge = body.try_clone_complete().unwrap();
         assert_eq!(hedge.collect().await.unwrap().to_bytes(), "abc");
+    }
+
+    #[tokio::test]
+    async fn a_body_ready_whole_is_complete_at_once_and_shares_no_state() {
+        let body = full("abc");
+        assert!(matches!(
+            body.kind,
+            Kind::Whole {
+                frames: WholeFrames::One(_),
+                ..
+            }
+        ));
+        assert!(body.is_complete());
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let hedge = body.try_clone_complete().unwrap();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
+        assert_eq!(hedge.collect().await.unwrap().to_bytes(), "abc");
+    }
+
+    /// A body of the frames given, all ready at once.
+    struct ReadyFrames(std::collections::VecDeque<Sent>);
+
+    impl Body for ReadyFrames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> PolledFrame {
+            Poll::Ready(self.get_mut().0.pop_front())
+        }
+    }
+
+    fn ready(frames: Vec<Sent>) -> ReadyFrames {
+        ReadyFrames(frames.into())
+    }
+
+    #[tokio::test]
+    async fn a_body_ready_whole_keeps_its_frames_and_trailers_for_every_copy() {
+        let mut body = ReplayBody::new(
+            ready(vec![data("a"), data("bc"), Ok(Frame::trailers(trailers()))]),
+            DEFAULT_REPLAY_CAP,
+        );
+        assert!(matches!(
+            body.kind,
+            Kind::Whole {
+                frames: WholeFrames::Many(_),
+                ..
+            }
+        ));
+        let mut copy = body.try_clone().unwrap();
+        assert_eq!(
+            read_all(&mut body).await.unwrap(),
+            (Bytes::from("abc"), Some(trailers()))
+        );
+        assert_eq!(
+            read_all(&mut copy).await.unwrap(),
+            (Bytes::from("abc"), Some(trailers()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_ready_at_once_but_over_the_cap_is_sent_whole_once_and_never_copied() {
+        let mut body = ReplayBody::new(ready(vec![data("abcd"), data("efgh"), data("ij")]), 6);
+        assert!(body.is_capped());
+        assert_eq!(
+            body.try_clone().err(),
+            Some(NotReplayable::BodyOverCap { cap: 6 })
+        );
+        assert_eq!(read_all(&mut body).await.unwrap().0, "abcdefghij");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_as_it_is_wrapped_hands_its_own_error_to_the_first_reader() {
+        #[derive(Debug)]
+        struct Broken;
+        impl fmt::Display for Broken {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("broken upload")
+            }
+        }
+        impl StdError for Broken {}
+
+        let mut body = ReplayBody::new(
+            ready(vec![data("ab"), Err(Box::new(Broken))]),
+            DEFAULT_REPLAY_CAP,
+        );
+        let mut copy = body.try_clone().unwrap();
+        let error = read_all(&mut body).await.unwrap_err();
+        assert!(error.is::<Broken>(), "{error}");
+        let copied = read_all(&mut copy).await.unwrap_err();
+        assert_eq!(copied.to_string(), "the request body failed: broken upload");
+        assert!(!body.is_complete());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_being_ready_goes_on_as_a_stream_from_what_was_read() {
+        let (tx, rx) = mpsc::channel(16);
+        send(&tx, data("ab")).await;
+        let mut body = ReplayBody::new(ChannelBody { rx }, DEFAULT_REPLAY_CAP);
+        assert!(matches!(body.kind, Kind::Shared(_)));
+        let mut copy = body.try_clone().unwrap();
+        send(&tx, data("cd")).await;
+        drop(tx);
+        assert_eq!(read_all(&mut body).await.unwrap().0, "abcd");
+        assert_eq!(read_all(&mut copy).await.unwrap().0, "abcd");
     }
 
     #[tokio::test]
@@ -1210,7 +1494,8 @@ mod tests {
 
     #[test]
     fn replay_complete_waits_for_a_complete_body() {
-        let req = http::Request::post("/").body(full("{}")).unwrap();
+        let (_tx, body) = channel(DEFAULT_REPLAY_CAP);
+        let req = http::Request::post("/").body(body).unwrap();
         assert_eq!(
             req.replay_complete().err(),
             Some(NotReplayable::BodyIncomplete)
@@ -1242,7 +1527,7 @@ mod tests {
             type Data = Bytes;
             type Error = BoxError;
             fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> PolledFrame {
-                Poll::Ready(None)
+                Poll::Pending
             }
         }
         let shown = format!("{:?}", ReplayBody::new(Opaque, 8));
