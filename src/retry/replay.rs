@@ -80,14 +80,23 @@ enum Kind<B> {
     /// The body was read whole when it was wrapped (every frame was ready
     /// at once, within the cap): every clone yields the same frames, with
     /// no lock and no state to share but the frames themselves.
+    ///
+    /// Behind an `Arc` (and the shared state behind a `Box`) to keep the
+    /// body small: hyper moves a request a few dozen times on its way out,
+    /// and every byte of the body is copied each time.
     Whole {
-        cap: usize,
-        frames: WholeFrames,
-        /// The next frame this clone yields.
-        pos: usize,
+        whole: Arc<Whole>,
+        /// The next frame this clone yields (at most [`READ_AT_ONCE`]).
+        pos: u32,
         _body: PhantomData<fn() -> B>,
     },
-    Shared(Handle<B>),
+    Shared(Box<Handle<B>>),
+}
+
+/// A body read whole, and the cap it was read under.
+struct Whole {
+    cap: usize,
+    frames: WholeFrames,
 }
 
 /// The frames of a body read whole.
@@ -372,8 +381,7 @@ impl<B> ReplayBody<B> {
             };
             return ReplayBody {
                 kind: Kind::Whole {
-                    cap,
-                    frames: whole,
+                    whole: Arc::new(Whole { cap, frames: whole }),
                     pos: 0,
                     _body: PhantomData,
                 },
@@ -404,10 +412,10 @@ impl<B> ReplayBody<B> {
             waiters,
         };
         ReplayBody {
-            kind: Kind::Shared(Handle {
+            kind: Kind::Shared(Box::new(Handle {
                 shared: Arc::new(shared),
                 cursor: Cursor::start(0),
-            }),
+            })),
         }
     }
 
@@ -424,7 +432,8 @@ impl<B> ReplayBody<B> {
     /// The replay buffer's size in bytes.
     pub fn cap(&self) -> usize {
         match &self.kind {
-            Kind::Empty { cap, .. } | Kind::Whole { cap, .. } => *cap,
+            Kind::Empty { cap, .. } => *cap,
+            Kind::Whole { whole, .. } => whole.cap,
             Kind::Shared(handle) => handle.shared.cap,
         }
     }
@@ -544,10 +553,10 @@ impl<B> Handle<B> {
         let id = state.next_id;
         state.next_id += 1;
         ReplayBody {
-            kind: Kind::Shared(Handle {
+            kind: Kind::Shared(Box::new(Handle {
                 shared: Arc::clone(&self.shared),
                 cursor: Cursor::start(id),
-            }),
+            })),
         }
     }
 }
@@ -751,10 +760,9 @@ impl<B> Clone for ReplayBody<B> {
     fn clone(&self) -> Self {
         match &self.kind {
             Kind::Empty { cap, .. } => Self::empty(*cap),
-            Kind::Whole { cap, frames, .. } => ReplayBody {
+            Kind::Whole { whole, .. } => ReplayBody {
                 kind: Kind::Whole {
-                    cap: *cap,
-                    frames: frames.clone(),
+                    whole: Arc::clone(whole),
                     pos: 0,
                     _body: PhantomData,
                 },
@@ -779,9 +787,9 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Empty { .. } => Poll::Ready(None),
-            Kind::Whole { frames, pos, .. } => {
-                let frame = frames.get(*pos);
-                *pos += usize::from(frame.is_some());
+            Kind::Whole { whole, pos, .. } => {
+                let frame = whole.frames.get(*pos as usize);
+                *pos += u32::from(frame.is_some());
                 Poll::Ready(frame.map(Ok))
             }
             Kind::Shared(handle) => handle.poll_frame(cx),
@@ -791,7 +799,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty { .. } => true,
-            Kind::Whole { frames, pos, .. } => *pos >= frames.len(),
+            Kind::Whole { whole, pos, .. } => *pos as usize >= whole.frames.len(),
             Kind::Shared(handle) => handle.is_end_stream(),
         }
     }
@@ -799,9 +807,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty { .. } => SizeHint::with_exact(0),
-            Kind::Whole { frames, pos, .. } => {
-                SizeHint::with_exact(u64::try_from(frames.data_from(*pos)).unwrap_or(u64::MAX))
-            }
+            Kind::Whole { whole, pos, .. } => SizeHint::with_exact(
+                u64::try_from(whole.frames.data_from(*pos as usize)).unwrap_or(u64::MAX),
+            ),
             Kind::Shared(handle) => handle.size_hint(),
         }
     }
@@ -813,9 +821,9 @@ impl<B> fmt::Debug for ReplayBody<B> {
         out.field("cap", &self.cap());
         let handle = match &self.kind {
             Kind::Empty { .. } => return out.field("empty", &true).finish(),
-            Kind::Whole { frames, pos, .. } => {
+            Kind::Whole { whole, pos, .. } => {
                 return out
-                    .field("whole_frames", &frames.len())
+                    .field("whole_frames", &whole.frames.len())
                     .field("position", pos)
                     .finish()
             }
@@ -1350,16 +1358,20 @@ mod tests {
         assert_eq!(hedge.collect().await.unwrap().to_bytes(), "abc");
     }
 
+    #[test]
+    fn a_replay_body_is_two_words_whatever_it_wraps() {
+        // hyper moves a request a few dozen times on its way out: each
+        // byte here is copied that often.
+        assert_eq!(std::mem::size_of::<ReplayBody<Empty<Bytes>>>(), 16);
+        assert_eq!(std::mem::size_of::<ReplayBody<Full<Bytes>>>(), 16);
+    }
+
     #[tokio::test]
     async fn a_body_ready_whole_is_complete_at_once_and_shares_no_state() {
         let body = full("abc");
-        assert!(matches!(
-            body.kind,
-            Kind::Whole {
-                frames: WholeFrames::One(_),
-                ..
-            }
-        ));
+        assert!(
+            matches!(&body.kind, Kind::Whole { whole, .. } if matches!(whole.frames, WholeFrames::One(_)))
+        );
         assert!(body.is_complete());
         assert_eq!(body.size_hint().exact(), Some(3));
         let hedge = body.try_clone_complete().unwrap();
@@ -1389,13 +1401,9 @@ mod tests {
             ready(vec![data("a"), data("bc"), Ok(Frame::trailers(trailers()))]),
             DEFAULT_REPLAY_CAP,
         );
-        assert!(matches!(
-            body.kind,
-            Kind::Whole {
-                frames: WholeFrames::Many(_),
-                ..
-            }
-        ));
+        assert!(
+            matches!(&body.kind, Kind::Whole { whole, .. } if matches!(whole.frames, WholeFrames::Many(_)))
+        );
         let mut copy = body.try_clone().unwrap();
         assert_eq!(
             read_all(&mut body).await.unwrap(),
