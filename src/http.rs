@@ -76,7 +76,9 @@ where
 }
 
 /// Sends requests through a shared hyper-util [`Client`][hyper-util Client]
-/// to one endpoint.
+/// to one endpoint (or, for an [`HttpClient`](crate::client::HttpClient)
+/// built with `http2_only()`, over an HTTP/2 connection of the endpoint's
+/// own).
 ///
 /// [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 pub struct HttpEndpoint<B, C = HttpConnector> {
@@ -375,7 +377,8 @@ impl HttpError {
     /// The request provably never reached the server's application (a
     /// connect failure; an HTTP/2 stream the server refused before any
     /// processing, or left unprocessed when it went away gracefully with
-    /// `GOAWAY(NO_ERROR)`; a request that could not be addressed to the
+    /// `GOAWAY(NO_ERROR)`; a connection that closed before the request was
+    /// written to it; a request that could not be addressed to the
     /// endpoint), so sending it again cannot duplicate it.
     pub fn is_never_sent(&self) -> bool {
         matches!(

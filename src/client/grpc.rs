@@ -23,7 +23,7 @@ use crate::retry::{ReplayBody, RetryOn};
 use crate::strategy::{P2c, Strategy};
 
 /// The gRPC settings of a [`ClientBuilder`]: which methods may repeat, and
-/// how each endpoint's tonic `Endpoint` is made.
+/// how each endpoint is reached.
 #[derive(Clone)]
 pub struct Grpc {
     safety: MethodSafety,
@@ -57,8 +57,8 @@ pub type GrpcChannel<K = SocketAddr> = BalancedClient<Call, Reply, K>;
 
 impl BalancedClient<Call, Reply, ()> {
     /// A builder with the defaults of the [client module](crate::client),
-    /// gRPC classification, and plain-text HTTP/2 endpoints with tonic's
-    /// default settings.
+    /// gRPC classification, and plain-text HTTP/2 endpoints: one connection
+    /// each, made by tower-lb.
     #[allow(clippy::type_complexity)]
     pub fn builder() -> ClientBuilder<Grpc, balance::Builder<P2c, DefaultGrpcClassify, Hints>> {
         let balancer = balance::Builder::new()
@@ -87,10 +87,11 @@ impl<B, R> ClientBuilder<Grpc, B, R> {
         self
     }
 
-    /// `https` to connect with TLS: give the TLS settings with
-    /// [`configure_endpoint`](Self::configure_endpoint) (`tls_config`, from
-    /// one of tonic's TLS features). Without TLS support an `https` endpoint
-    /// fails every call; it never falls back to plain text. Default `http`.
+    /// `https` to connect with TLS, through tonic's channels: give the TLS
+    /// settings with [`configure_endpoint`](Self::configure_endpoint)
+    /// (`tls_config`, from one of tonic's TLS features). Without TLS support
+    /// an `https` endpoint fails every call; it never falls back to plain
+    /// text. Default `http`.
     pub fn scheme(mut self, scheme: Scheme) -> Self {
         self.target.scheme = scheme;
         self
@@ -121,8 +122,10 @@ impl<B, R> ClientBuilder<Grpc, B, R> {
         self
     }
 
-    /// Configures each endpoint's tonic [`Endpoint`] (keep-alive, TLS,
-    /// timeouts, ...) before its channel is made. It starts from
+    /// Makes each endpoint a tonic `Channel`, from a tonic [`Endpoint`]
+    /// configured here (keep-alive, TLS, timeouts, limits, ...), instead of
+    /// the HTTP/2 connection tower-lb makes by default (which has no queue
+    /// in front of it, and so costs less per call). It starts from
     /// `scheme://address` with a connect timeout of
     /// [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT). An endpoint whose configuration fails
     /// is reported (a `warn` event) and left out.

@@ -25,9 +25,14 @@ use crate::timeout::{CallDeadline, DeadlineFuture, Elapsed, Timer};
 pub(crate) type ConfigureEndpoint =
     Arc<dyn Fn(Endpoint) -> Result<Endpoint, tonic::transport::Error> + Send + Sync>;
 
-/// One endpoint of a balanced gRPC channel: a tonic [`Channel`] to one
-/// address, that takes any request body and tells retry layers when a call
+/// One endpoint of a balanced gRPC channel: an HTTP/2 connection of its own
+/// (what [`GrpcChannel`](crate::client::GrpcChannel) makes by default), or a
+/// tonic [`Channel`], to one address. It tells retry layers when a call
 /// never left.
+///
+/// Requests of body type `B` (tonic's by default) go to its own connection
+/// as they are; a channel takes them boxed as tonic's body. Its responses'
+/// body is an [`EndpointBody`]: hyper's or tonic's, as the transport gives.
 ///
 /// - A call whose connection could not be made (refused, timed out, TLS
 ///   handshake failed), or whose HTTP/2 stream the server refused before
@@ -37,9 +42,10 @@ pub(crate) type ConfigureEndpoint =
 /// - Each attempt tells the server the time it has left: its `grpc-timeout`
 ///   is set from the call's [`CallDeadline`], so the server can give up on
 ///   work the client no longer waits for.
-/// - When tonic's own `grpc-timeout` timer ends the call at its deadline,
-///   the error is an [`Elapsed`] of that deadline (the caller's time ran
-///   out; the endpoint is not to blame), not tonic's `CANCELLED`.
+/// - A call ends at its deadline (over a channel, by tonic's own
+///   `grpc-timeout` timer), with an [`Elapsed`] of that deadline (the
+///   caller's time ran out; the endpoint is not to blame), not tonic's
+///   `CANCELLED`.
 ///
 /// ```
 /// use tonic::transport::Endpoint;

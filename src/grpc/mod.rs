@@ -1,8 +1,8 @@
 //! Glue for tonic: a balanced channel for generated gRPC clients.
 //!
-//! [`GrpcChannel`](crate::client::GrpcChannel) is one tonic [`Channel`](tonic::transport::Channel) per
-//! endpoint (each connects lazily, and reconnects after a drop), balanced by
-//! a [`Balancer`](crate::Balancer), with a deadline, retries, a per-attempt
+//! [`GrpcChannel`](crate::client::GrpcChannel) balances one HTTP/2 connection per endpoint (each
+//! made on the endpoint's first call, and again after it closes) with a
+//! [`Balancer`](crate::Balancer), with a deadline, retries, a per-attempt
 //! timeout and outlier detection around it. It is a
 //! `Service<http::Request<tonic::body::Body>>` like tonic's own `Channel`,
 //! so any generated client takes it unchanged:
@@ -51,6 +51,13 @@
 //!   `UNAVAILABLE` when there is no endpoint, the channel is closed, or the
 //!   connection broke under the call (reset, closed), even in the middle of
 //!   the answer.
+//! - **Transport**: a call goes from the balancer straight to its
+//!   endpoint's HTTP/2 connection, which tower-lb makes and keeps, with no
+//!   queue in between (a tonic `Channel` puts a `Buffer` and a worker task
+//!   in front of each connection). With
+//!   [`ClientBuilder::configure_endpoint`](crate::client::ClientBuilder::configure_endpoint), or over `https`, each
+//!   endpoint is a tonic [`Channel`](tonic::transport::Channel) made from the configured `Endpoint`
+//!   instead, so every tonic setting (keep-alive, TLS, limits) applies.
 //! - **TLS**: [`ClientBuilder::scheme`](crate::client::ClientBuilder::scheme)`(Scheme::HTTPS)`, with one of tonic's
 //!   TLS features enabled in your `Cargo.toml` (tonic then applies TLS to
 //!   `https` endpoints, or the `tls_config` you give
