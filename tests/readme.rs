@@ -111,7 +111,7 @@ async fn grpc_channel() -> Result<(), BoxError> {
     let addrs: [SocketAddr; 2] = ["127.0.0.1:50051".parse()?, "127.0.0.1:50052".parse()?];
     let channel = GrpcChannel::builder()
         .method_safety(MethodSafety::new().service("grpc.health.v1.Health", Safety::Safe))
-        .configure_endpoint(|e| Ok(e.http2_keep_alive_interval(Duration::from_secs(30)))) // any tonic Endpoint setting
+        .configure_endpoint(|e| Ok(e.http2_keep_alive_interval(Duration::from_secs(30)))) // tonic's settings: a tonic Channel per endpoint
         .build(addrs); // or .build_dns(Dns::srv("_grpc._tcp.orders.internal"))?
     let mut client = HealthClient::new(channel.clone());
     let reply = client

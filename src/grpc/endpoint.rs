@@ -97,9 +97,16 @@ struct Origin {
     authority: Authority,
 }
 
-impl<B> GrpcEndpoint<B> {
+impl GrpcEndpoint {
     /// Sends calls through `channel`.
     pub fn new(channel: Channel) -> Self {
+        Self::over(channel)
+    }
+}
+
+impl<B> GrpcEndpoint<B> {
+    /// Sends calls with bodies of type `B` through `channel`.
+    fn over(channel: Channel) -> Self {
         Self {
             transport: Transport::Channel(channel),
         }
@@ -145,7 +152,7 @@ impl<B> GrpcEndpoint<B> {
                 None => Ok(e),
             });
         match made {
-            Ok(endpoint) => Some(Self::new(endpoint.connect_lazy())),
+            Ok(endpoint) => Some(Self::over(endpoint.connect_lazy())),
             Err(error) => {
                 let error = crate::error::report(&error);
                 tracing::warn!(%addr, %error, "the gRPC endpoint could not be configured; it is left out");
