@@ -284,3 +284,55 @@ async fn a_recovered_endpoint_is_probed_within_the_bound_and_gets_its_share_back
         "{relative:.2}x: {hits:?} (before: {before:?})"
     );
 }
+
+/// `p2c` over `servers` with HTTP classification (5xx are failures), no
+/// outlier detection and no retries: `requests` GETs from 16 callers at
+/// once. Returns each server's hits.
+async fn p2c_from_16_callers(p2c: P2c, servers: &[TestServer], requests: usize) -> Vec<usize> {
+    let http = lb_http::client();
+    let balancer = Balancer::builder()
+        .strategy(p2c)
+        .classify(tower_lb::classify::HttpClassify::server_errors())
+        .build(discover::fixed(lb_http::endpoints(
+            &http,
+            servers.iter().map(|s| s.addr),
+        )));
+    let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let callers = (0..16).map(|caller| {
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            for _ in (caller..requests).step_by(16) {
+                let response = balancer.clone().oneshot(get()).await;
+                assert!(response.is_ok(), "{:?}", response.err());
+            }
+        })
+    });
+    for caller in callers.collect::<Vec<_>>() {
+        caller.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    servers
+        .iter()
+        .zip(before)
+        .map(|(server, before)| server.hits() - before)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_server_failing_fast_gets_little_traffic_under_p2c_without_outlier_detection() {
+    let _alone = MEASURING.lock().await;
+    // Seven answer in 5 ms; one answers 503 at once, which looked like the
+    // fastest server to P2C, and took 20 - 25 % of the requests.
+    let servers = support::servers(8, ANSWER_IN).await;
+    servers[0].set_delay(Duration::ZERO);
+    servers[0].fail_every(1);
+    for p2c in [P2c::peak_ewma(), P2c::least_requests()] {
+        let hits = p2c_from_16_callers(p2c, &servers, SHARE_WINDOW).await;
+        let share = hits[0] as f64 / hits.iter().sum::<usize>() as f64;
+        println!(
+            "{p2c:?}: the failing server got {:.1} % ({hits:?})",
+            share * 100.0
+        );
+        // A fair eighth would be 12.5 %.
+        assert!(share <= 0.06, "{p2c:?}: {:.1} % ({hits:?})", share * 100.0);
+    }
+}

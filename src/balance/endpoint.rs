@@ -21,8 +21,12 @@ pub(crate) struct Shared {
     /// The start of the health clock (ejections, load reports): tokio's.
     epoch: Instant,
     pub(crate) rtt: RttEstimate,
-    /// Times requests, when they are timed (see `Strategy::uses_latency`).
+    /// The latency clock, when anything reads it: requests are timed, or
+    /// the strategy reads the time (see `Strategy::uses_latency` and
+    /// `Strategy::reads_clock`).
     latency_clock: Option<RequestClock>,
+    /// Whether requests are timed (their latency recorded).
+    times_requests: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
     /// Whether outcomes are counted for outlier detection (successes, and
@@ -46,12 +50,14 @@ impl Shared {
         rtt: RttEstimate,
         seed: Option<u64>,
         latency_clock: Option<LatencyClock>,
+        times_requests: bool,
         outlier_detection: Option<&OutlierDetection>,
     ) -> Self {
         Self {
             epoch: Instant::now(),
             rtt,
             latency_clock: latency_clock.map(RequestClock::new),
+            times_requests,
             seed: seed.map(crate::strategy::seeded_state),
             closed: AtomicBool::new(false),
             count_outcomes: outlier_detection.is_some(),
@@ -82,6 +88,12 @@ impl Shared {
     #[inline]
     pub(crate) fn request_clock(&self) -> Option<u64> {
         self.latency_clock.as_ref().map(RequestClock::now_ns)
+    }
+
+    /// When a request starts, if requests are timed.
+    #[inline]
+    pub(crate) fn request_start(&self, now_ns: Option<u64>) -> Option<u64> {
+        now_ns.filter(|_| self.times_requests)
     }
 
     /// The latency clock's time, or 0 when requests are not timed.
@@ -352,6 +364,13 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
     }
 
     fn record_outcome(&self, outcome: Outcome) {
+        if outcome == Outcome::Failure {
+            // Into the endpoint's cost, for strategies that read the clock
+            // (P2C): a failure that came fast must not make it look fast.
+            if let Some(now) = self.shared.request_clock() {
+                self.load.record_failure_cost(now);
+            }
+        }
         if !self.shared.count_outcomes {
             // Without outlier detection nothing reads successes or failures
             // in a row: a success costs nothing, a failure one add (the

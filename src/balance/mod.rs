@@ -202,7 +202,8 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
                 continue;
             }
             let endpoint = &eligible[index];
-            match InFlight::start(endpoint.clone(), now_ns, avoid_ejected && !last_try) {
+            let start_ns = shared.request_start(now_ns);
+            match InFlight::start(endpoint.clone(), start_ns, avoid_ejected && !last_try) {
                 Ok(guard) => {
                     if let Some(tried) = tried {
                         tried.record(endpoint.id());
@@ -517,6 +518,7 @@ mod tests {
             RttEstimate::DEFAULT,
             None,
             None,
+            false,
             Some(&detection),
         ));
         (0..n)

@@ -123,6 +123,18 @@ impl Default for RttEstimate {
     }
 }
 
+/// How long an endpoint's failures weigh on its cost (see
+/// [`EndpointLoad::failure_factor`]): each counts `exp(-age / 1 s)`. Short,
+/// so that a healthy endpoint's occasional failure is soon forgotten; the
+/// failures of one that keeps failing keep coming.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+
+const FAILURE_MEMORY_NS: f64 = 1e9;
+
+/// After this long (20 memories: a factor of 2e-9) a failure is taken as
+/// forgotten.
+const FAILURE_FORGOTTEN_NS: u64 = 20_000_000_000;
+
 /// Bits of `EndpointLoad::counters` that count requests in flight: up to
 /// 16.7 million at once on one endpoint; the 40 bits above count requests
 /// started, modulo 2^40 (about 10^12).
@@ -158,6 +170,11 @@ pub struct EndpointLoad {
     /// Samples taken, up to [`SETTLED`]: below it the estimate does not
     /// yet say how the endpoint answers (see `rtt_for_pick`).
     samples: AtomicU8,
+    /// The endpoint's recent failures, decayed over [`FAILURE_MEMORY`], as
+    /// `f64` bits (0 until its first failure): read by every P2C pick.
+    failure_score: AtomicU64,
+    /// When `failure_score` was last written, on the latency clock.
+    failure_stamp_ns: AtomicU64,
     /// The weight discovery gave it (1 unless set), as `f64` bits.
     static_weight: AtomicU64,
     /// Its slow-start factor (1 when not in slow start), as `f64` bits.
@@ -201,6 +218,8 @@ impl EndpointLoad {
             rtt_ns: AtomicU64::new(rtt.default_rtt_ns.to_bits()),
             rtt_stamp_ns: AtomicU64::new(now_ns),
             samples: AtomicU8::new(0),
+            failure_score: AtomicU64::new(0),
+            failure_stamp_ns: AtomicU64::new(0),
             reported: ReportedLoadCell::default(),
             static_weight: AtomicU64::new(1.0f64.to_bits()),
             slow_start: AtomicU64::new(1.0f64.to_bits()),
@@ -470,6 +489,58 @@ impl EndpointLoad {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
+    /// Counts a failure into the endpoint's cost, at `now_ns` on the latency
+    /// clock: its failure score, which decays over [`FAILURE_MEMORY`],
+    /// grows by one.
+    ///
+    /// Two failures recorded at once may lose one of them (plain stores, as
+    /// for the latency estimate): the score is a cost, not a count.
+    pub(crate) fn record_failure_cost(&self, now_ns: u64) {
+        let score = self.failure_score_at(now_ns) + 1.0;
+        self.failure_score.store(score.to_bits(), Ordering::Relaxed);
+        self.failure_stamp_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// The failure score decayed to `now_ns`.
+    #[inline]
+    fn failure_score_at(&self, now_ns: u64) -> f64 {
+        let score = f64::from_bits(self.failure_score.load(Ordering::Relaxed));
+        // The common case, an endpoint that has never failed: one load.
+        if score == 0.0 {
+            return 0.0;
+        }
+        let since = now_ns.saturating_sub(self.failure_stamp_ns.load(Ordering::Relaxed));
+        // Long forgotten: no exponential to compute on every pick.
+        if since > FAILURE_FORGOTTEN_NS {
+            return 0.0;
+        }
+        score * decay_factor(ns_as_f64(since) / FAILURE_MEMORY_NS)
+    }
+
+    /// Whether the endpoint has failed since it was added (its failures may
+    /// be long forgotten): false means [`failure_factor`](Self::failure_factor)
+    /// is 1, known from one load and no arithmetic.
+    #[inline]
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failure_score.load(Ordering::Relaxed) != 0
+    }
+
+    /// How many times its load an endpoint costs for its recent failures:
+    /// 1 plus its failure score (about the failures of the last
+    /// [`FAILURE_MEMORY`], each weighing less as it ages), at `now_ns` on
+    /// the latency clock.
+    ///
+    /// P2C multiplies its load by this, so an endpoint that fails fast does
+    /// not look fast: one that fails every request is picked only while the
+    /// endpoints it is compared with have as many requests in flight as it
+    /// has failed lately, and the failures it then makes keep it there.
+    /// A healthy endpoint's rare failure costs it a factor of 2, which is
+    /// gone within a few seconds.
+    #[inline]
+    pub fn failure_factor(&self, now_ns: u64) -> f64 {
+        1.0 + self.failure_score_at(now_ns)
+    }
+
     /// Folds one latency sample into the estimate.
     ///
     /// Two responses finishing at once may both read the old estimate and the
@@ -552,6 +623,29 @@ mod tests {
             let err = (decay_factor(x) - (-x).exp()).abs();
             assert!(err < 2e-7, "x={x} err={err}");
         }
+    }
+
+    #[test]
+    fn each_failure_adds_one_to_the_cost_factor_and_is_forgotten_within_seconds() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        assert_eq!(load.failure_factor(0), 1.0);
+        load.record_failure_cost(0);
+        load.record_failure_cost(0);
+        assert_eq!(load.failure_factor(0), 3.0);
+        // One memory later, each weighs 1/e.
+        let after_a_second = load.failure_factor(1_000_000_000);
+        assert!((after_a_second - (1.0 + 2.0 / std::f64::consts::E)).abs() < 1e-6);
+        assert!(load.failure_factor(5_000_000_000) < 1.02);
+        assert_eq!(load.failure_factor(25_000_000_000), 1.0);
+    }
+
+    #[test]
+    fn a_new_failure_adds_to_what_is_left_of_the_old_ones() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        load.record_failure_cost(0);
+        load.record_failure_cost(1_000_000_000);
+        let expected = 1.0 + 1.0 + 1.0 / std::f64::consts::E;
+        assert!((load.failure_factor(1_000_000_000) - expected).abs() < 1e-6);
     }
 
     const MS: u64 = 1_000_000;

@@ -67,6 +67,15 @@ pub trait Strategy: Send + Sync + 'static {
         false
     }
 
+    /// Whether `pick` reads the time ([`PickContext::now_ns`]) without
+    /// latency estimates: the balancer then reads its latency clock for
+    /// each pick but times no request. P2C by requests in flight does, to
+    /// weigh recent failures ([`EndpointLoad::failure_factor`](crate::load::EndpointLoad::failure_factor)).
+    /// Default: [`uses_latency`](Self::uses_latency).
+    fn reads_clock(&self) -> bool {
+        self.uses_latency()
+    }
+
     /// How often the balancer rebuilds the schedule even when the set of
     /// endpoints has not changed, for strategies whose schedule depends on
     /// something that moves (reported load, say). Default: `None`, only on

@@ -24,6 +24,22 @@ fn typical_rtt_ns<C: Candidates + ?Sized>(candidates: &C) -> f64 {
     *median
 }
 
+/// The latency P2C Peak-EWMA weighs an endpoint at, given its recent
+/// failures: its estimate times its [failure
+/// factor](crate::load::EndpointLoad::failure_factor), and while it is
+/// failing, no less than the typical estimate times it. A failure that
+/// came back fast (a 503 in a millisecond, a refused connection) says
+/// nothing about how fast the endpoint serves, so it must not let the
+/// endpoint look faster than its peers.
+#[inline]
+fn failure_cost(rtt: f64, typical: f64, failing: f64) -> f64 {
+    if failing == 1.0 {
+        return rtt;
+    }
+    // `max` takes the other side of a `NaN` (no typical value yet).
+    rtt.max(typical) * failing
+}
+
 /// How far apart two Peak-EWMA estimates must be before P2C takes them
 /// for a real difference; closer ones are equal, and the requests in flight
 /// decide (then the draw). Identical servers measure a little differently
@@ -60,6 +76,17 @@ const LATENCY_BAND: f64 = 2.0;
 ///   ([`Builder::rtt_estimate`](crate::balance::Builder::rtt_estimate)),
 ///   because every strategy and [`Balancer::endpoints`](crate::Balancer::endpoints)
 ///   share it.
+///
+/// # Failures cost (both)
+///
+/// An endpoint's load counts [`failure_factor`](crate::load::EndpointLoad::failure_factor)
+/// times: 1 plus its failures of the last second or so, each decaying by
+/// `e` a second. With Peak-EWMA a failing endpoint's latency is also taken
+/// as no lower than the typical estimate of its peers: a failure that came
+/// back fast says nothing about how fast the endpoint serves. So an
+/// endpoint that fails every request (a 503 in a millisecond, a refused
+/// connection) is not preferred for looking fast; it is picked only while
+/// its rivals have as many requests in flight as it has failed lately.
 ///
 /// # Estimates within 25 % are equal (Peak-EWMA)
 ///
@@ -176,16 +203,30 @@ impl P2c {
         ctx: &PickContext<'_>,
     ) -> bool {
         let (a, b) = (candidates.load(a), candidates.load(b));
+        let (in_flight_a, in_flight_b) = (a.in_flight(), b.in_flight());
+        // In flight fits 24 bits: a signed conversion, one instruction.
+        let queue = |in_flight: usize| f64::from(in_flight as u32) + 1.0;
+        // Endpoints that never failed (nearly every pick) skip the factors.
+        let (failing_a, failing_b) = if a.has_failed() || b.has_failed() {
+            (
+                a.failure_factor(ctx.now_ns()),
+                b.failure_factor(ctx.now_ns()),
+            )
+        } else {
+            (1.0, 1.0)
+        };
         match self.cost {
-            Cost::InFlight => b.in_flight() < a.in_flight(),
+            Cost::InFlight if failing_a == 1.0 && failing_b == 1.0 => in_flight_b < in_flight_a,
+            Cost::InFlight => queue(in_flight_b) * failing_b < queue(in_flight_a) * failing_a,
             Cost::PeakEwma => {
-                let (in_flight_a, in_flight_b) = (a.in_flight(), b.in_flight());
                 let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_a == 0);
                 let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, in_flight_b == 0);
+                let (rtt_a, rtt_b) = (
+                    failure_cost(rtt_a, typical, failing_a),
+                    failure_cost(rtt_b, typical, failing_b),
+                );
                 // False with a `NaN` (no latency): in flight decides.
                 if rtt_a > rtt_b * ESTIMATE_NOISE || rtt_b > rtt_a * ESTIMATE_NOISE {
-                    // In flight fits 24 bits: a signed conversion, one instruction.
-                    let queue = |in_flight: usize| f64::from(in_flight as u32) + 1.0;
                     return rtt_b * queue(in_flight_b) < rtt_a * queue(in_flight_a);
                 }
                 in_flight_b < in_flight_a
@@ -209,6 +250,14 @@ impl P2c {
     ) -> bool {
         let (a, b) = (candidates.load(a), candidates.load(b));
         let (weight_a, weight_b) = (a.static_weight(), b.static_weight());
+        let (failing_a, failing_b) = if a.has_failed() || b.has_failed() {
+            (
+                a.failure_factor(ctx.now_ns()),
+                b.failure_factor(ctx.now_ns()),
+            )
+        } else {
+            (1.0, 1.0)
+        };
         // Scaled by both weights: `queue_a` is `(in flight + w_a) / w_a`
         // times `w_a w_b`.
         let queue_a = (f64::from(a.in_flight() as u32) + weight_a) * weight_b;
@@ -216,11 +265,15 @@ impl P2c {
         if self.cost == Cost::PeakEwma {
             let rtt_a = a.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, a.in_flight() == 0);
             let rtt_b = b.rtt_for_pick(ctx.now_ns(), ctx.rtt(), typical, b.in_flight() == 0);
+            let (rtt_a, rtt_b) = (
+                failure_cost(rtt_a, typical, failing_a),
+                failure_cost(rtt_b, typical, failing_b),
+            );
             if rtt_a > rtt_b * LATENCY_BAND || rtt_b > rtt_a * LATENCY_BAND {
                 return rtt_b * queue_b < rtt_a * queue_a;
             }
         }
-        queue_b < queue_a
+        queue_b * failing_b < queue_a * failing_a
     }
 
     /// The two candidates, and whether `b` wins.
@@ -290,6 +343,11 @@ impl Strategy for P2c {
 
     fn uses_latency(&self) -> bool {
         self.cost == Cost::PeakEwma
+    }
+
+    /// Both costs weigh recent failures, which age by the clock.
+    fn reads_clock(&self) -> bool {
+        true
     }
 
     /// Peak-EWMA keeps its typical estimate current: new endpoints start
@@ -369,6 +427,53 @@ mod tests {
                     Some(6)
                 );
             }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_failed_lately_loses_the_pairs_its_fast_failures_would_win() {
+        let rtt = RttEstimate::DEFAULT;
+        let endpoints = loads(3);
+        // Its 503s came back in 1 ms; the others answer in 5 ms and have two
+        // requests in flight each.
+        endpoints[0].settle_rtt(1_000_000, 1_000, &rtt);
+        for healthy in &endpoints[1..] {
+            healthy.settle_rtt(5_000_000, 1_000, &rtt);
+            healthy.set_in_flight(2);
+        }
+        for _ in 0..4 {
+            endpoints[0].record_failure_cost(1_000);
+        }
+        let ctx = PickContext::new(1_000, &rtt);
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            let schedule = p2c.schedule(&endpoints[..], &ctx);
+            for _ in 0..1_000 {
+                assert_ne!(
+                    p2c.pick(&schedule, &endpoints[..], &ctx),
+                    Some(0),
+                    "{p2c:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_failures_the_same_endpoint_wins_those_pairs() {
+        let rtt = RttEstimate::DEFAULT;
+        let endpoints = loads(3);
+        endpoints[0].settle_rtt(1_000_000, 1_000, &rtt);
+        for healthy in &endpoints[1..] {
+            healthy.settle_rtt(5_000_000, 1_000, &rtt);
+            healthy.set_in_flight(2);
+        }
+        let ctx = PickContext::new(1_000, &rtt);
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            let schedule = p2c.schedule(&endpoints[..], &ctx);
+            let picks = (0..3_000)
+                .filter(|_| p2c.pick(&schedule, &endpoints[..], &ctx) == Some(0))
+                .count();
+            // Every pair it is drawn in: two thirds of the picks.
+            assert!((1_800..=2_200).contains(&picks), "{p2c:?}: {picks}");
         }
     }
 
