@@ -336,3 +336,50 @@ async fn a_server_failing_fast_gets_little_traffic_under_p2c_without_outlier_det
         assert!(share <= 0.06, "{p2c:?}: {:.1} % ({hits:?})", share * 100.0);
     }
 }
+
+#[tokio::test]
+async fn a_server_answering_429_gets_little_traffic_and_is_never_held_against_it() {
+    let _alone = MEASURING.lock().await;
+    // Too many requests, at once: busy, not sick.
+    let servers = support::servers(8, ANSWER_IN).await;
+    servers[0].set_delay(Duration::ZERO);
+    servers[0].fail_with(429);
+    servers[0].fail_every(1);
+    let http = lb_http::client();
+    let balancer = Balancer::builder()
+        .classify(tower_lb::classify::HttpClassify::server_errors())
+        .outlier_detection(tower_lb::health::OutlierDetection::default())
+        .build(discover::fixed(lb_http::endpoints(
+            &http,
+            servers.iter().map(|s| s.addr),
+        )));
+    let callers = (0..16).map(|caller| {
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            for _ in (caller..SHARE_WINDOW).step_by(16) {
+                let response = balancer.clone().oneshot(get()).await;
+                assert!(response.is_ok(), "{:?}", response.err());
+            }
+        })
+    });
+    for caller in callers.collect::<Vec<_>>() {
+        caller.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let share = hits[0] as f64 / hits.iter().sum::<usize>() as f64;
+    println!(
+        "the server answering 429 got {:.1} % ({hits:?})",
+        share * 100.0
+    );
+    assert!(share <= 0.06, "{:.1} % ({hits:?})", share * 100.0);
+    let busy = balancer
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == servers[0].addr)
+        .unwrap_or_else(|| panic!("endpoint known"));
+    assert_eq!(
+        (busy.failures, busy.state),
+        (0, tower_lb::EndpointState::Active),
+        "{busy:?}"
+    );
+}

@@ -670,6 +670,10 @@ pub fn grpc_status(map: &HeaderMap) -> GrpcStatus {
 /// DATA_LOSS.
 pub const GRPC_FAILURE_CODES: [u8; 6] = [2, 4, 12, 13, 14, 15];
 
+/// RESOURCE_EXHAUSTED: documented as an overload of the server, which
+/// raises its cost and is no failure.
+pub const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
+
 /// The documented verdict (`Some(true)` a success), or `None` where the
 /// docs say nothing.
 pub fn expected_grpc_verdict(
@@ -686,6 +690,9 @@ pub fn expected_grpc_verdict(
     };
     match found {
         GrpcStatus::Missing => Some(false),
+        // RESOURCE_EXHAUSTED is reported as an overload, neither a success
+        // nor a failure: the classifier's verdict does not say it.
+        GrpcStatus::Code(GRPC_RESOURCE_EXHAUSTED) => None,
         GrpcStatus::Code(code) => Some(!GRPC_FAILURE_CODES.contains(&code)),
         // Not a gRPC code: a failed call, as a gRPC client reads it.
         GrpcStatus::OutOfRange | GrpcStatus::Malformed => Some(false),

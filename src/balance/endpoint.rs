@@ -358,6 +358,13 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
             .record_reported_load(qps, report.eps, utilization, now);
     }
 
+    fn record_overload(&self, pause: Option<std::time::Duration>) {
+        if let Some(now) = self.shared.request_clock() {
+            self.load
+                .record_failure_cost(now, crate::load::overload_weight(pause));
+        }
+    }
+
     fn record_malformed_load(&self, error: &crate::load::LoadReportError) {
         self.load.count_malformed_load_report();
         tracing::debug!(%error, "ignored a malformed load report");
@@ -368,7 +375,7 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
             // Into the endpoint's cost, for strategies that read the clock
             // (P2C): a failure that came fast must not make it look fast.
             if let Some(now) = self.shared.request_clock() {
-                self.load.record_failure_cost(now);
+                self.load.record_failure_cost(now, 1.0);
             }
         }
         if !self.shared.count_outcomes {

@@ -17,7 +17,9 @@ use crate::timeout::CallDeadline;
 impl HttpClassify<GrpcClassifier> {
     /// gRPC status from the headers or the trailers: `UNKNOWN`,
     /// `DEADLINE_EXCEEDED`, `UNIMPLEMENTED`, `INTERNAL`, `UNAVAILABLE` and
-    /// `DATA_LOSS` (the codes Envoy maps to HTTP 5xx) are failures; the
+    /// `DATA_LOSS` (the codes Envoy maps to HTTP 5xx) are failures;
+    /// `RESOURCE_EXHAUSTED` says the server is overloaded, which raises its
+    /// cost but is no failure (see [`OutcomeReport::overloaded`]); the
     /// other codes describe the call, not the server, and are not. An HTTP
     /// status other than 200, or a response that ends without any
     /// `grpc-status`, is a failure too (see [`GrpcClassifier`]).
@@ -28,7 +30,6 @@ impl HttpClassify<GrpcClassifier> {
             GrpcCode::NotFound,
             GrpcCode::AlreadyExists,
             GrpcCode::PermissionDenied,
-            GrpcCode::ResourceExhausted,
             GrpcCode::FailedPrecondition,
             GrpcCode::Aborted,
             GrpcCode::OutOfRange,
@@ -225,16 +226,25 @@ impl CallersDeadline {
     /// Reports the verdict, unless it is a failure that only says the
     /// caller's deadline passed (`grpc-status: 4` in `status`, with the
     /// deadline nearly out).
+    ///
+    /// A failure that says the server is overloaded (`RESOURCE_EXHAUSTED`)
+    /// is reported as such, not as a failure; a failure that asks for a
+    /// pause (`grpc-retry-pushback-ms`, `Retry-After`) raises the
+    /// endpoint's cost by the pause as well (see
+    /// [`OutcomeReport::overloaded`]). `status` is where the verdict was
+    /// read: the headers, or the trailers.
     pub(super) fn report(self, report: OutcomeReport, success: bool, status: Option<&HeaderMap>) {
-        if !success {
-            if let Some(deadline) = self.told {
-                let deadline_exceeded = status
-                    .and_then(|headers| headers.get(&super::GRPC_STATUS))
-                    .and_then(super::grpc_code)
-                    == Some(GRPC_DEADLINE_EXCEEDED);
-                if deadline_exceeded && nearly_out(&deadline) {
-                    return;
-                }
+        if let (false, Some(headers)) = (success, status) {
+            let code = headers.get(&super::GRPC_STATUS).and_then(super::grpc_code);
+            if code == Some(GRPC_RESOURCE_EXHAUSTED) {
+                report.overloaded(super::pushback::pause(headers));
+                return;
+            }
+            if code == Some(GRPC_DEADLINE_EXCEEDED) && self.told.is_some_and(|d| nearly_out(&d)) {
+                return;
+            }
+            if let Some(pause) = super::pushback::pause(headers) {
+                report.overloaded(Some(pause));
             }
         }
         report.report(outcome(success));
@@ -254,3 +264,6 @@ fn nearly_out(deadline: &CallDeadline) -> bool {
 
 /// gRPC's `DEADLINE_EXCEEDED`.
 const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+
+/// gRPC's `RESOURCE_EXHAUSTED`: the server (or a quota) is overloaded.
+const GRPC_RESOURCE_EXHAUSTED: u8 = 8;

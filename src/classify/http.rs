@@ -95,6 +95,11 @@ where
         report: OutcomeReport,
     ) -> Self::Response {
         report.load_from(&self.load, response.headers(), false);
+        // Too many requests: the server is busy, not sick (its verdict
+        // stays the classifier's, a success by default).
+        if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            report.overloaded(super::pushback::pause(response.headers()));
+        }
         let deadline = CallersDeadline::of(&response);
         let pending = match self.classifier.clone().classify_response(&response) {
             ClassifiedResponse::Ready(verdict) => {
@@ -224,7 +229,7 @@ impl<C> HttpClassify<C> {
 #[cfg(test)]
 mod tests {
 
-    use super::super::testing::{outcomes, recorder, Recorder};
+    use super::super::testing::{outcomes, overloads, recorder, Recorder};
     use super::super::*;
     use ::http::HeaderMap;
     use http_body::{Body, Frame};
@@ -292,6 +297,77 @@ mod tests {
         assert_eq!(verdict(&classify, 429), vec![Outcome::Success]);
         assert_eq!(verdict(&classify, 500), vec![Outcome::Failure]);
         assert_eq!(verdict(&classify, 503), vec![Outcome::Failure]);
+    }
+
+    #[test]
+    fn a_429_is_a_success_and_says_the_endpoint_is_overloaded_for_its_retry_after() {
+        let (recorder, report) = recorder();
+        let mut response = status(429);
+        response
+            .headers_mut()
+            .insert("retry-after", ::http::HeaderValue::from_static("2"));
+        let _ = HttpClassify::server_errors().classify_response(response, report);
+        assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+        assert_eq!(
+            overloads(&recorder),
+            vec![Some(std::time::Duration::from_secs(2))]
+        );
+    }
+
+    #[test]
+    fn a_503_asking_for_a_pause_is_a_failure_and_an_overload() {
+        let (recorder, report) = recorder();
+        let mut response = status(503);
+        response
+            .headers_mut()
+            .insert("retry-after", ::http::HeaderValue::from_static("1"));
+        let _ = HttpClassify::server_errors().classify_response(response, report);
+        assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        assert_eq!(
+            overloads(&recorder),
+            vec![Some(std::time::Duration::from_secs(1))]
+        );
+    }
+
+    #[test]
+    fn a_plain_503_is_a_failure_and_nothing_more() {
+        let (recorder, report) = recorder();
+        let _ = HttpClassify::server_errors().classify_response(status(503), report);
+        assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        assert!(overloads(&recorder).is_empty());
+    }
+
+    #[test]
+    fn resource_exhausted_is_an_overload_with_its_pushback_and_no_failure() {
+        // In the headers (trailers-only) and in the trailers.
+        for in_trailers in [false, true] {
+            let (recorder, report) = recorder();
+            let response = if in_trailers {
+                let mut frames = std::collections::VecDeque::new();
+                let mut trailers = ::http::HeaderMap::new();
+                trailers.insert("grpc-status", ::http::HeaderValue::from_static("8"));
+                trailers.insert(
+                    "grpc-retry-pushback-ms",
+                    ::http::HeaderValue::from_static("250"),
+                );
+                frames.push_back(Ok(Frame::trailers(trailers)));
+                ::http::Response::new(Frames(frames))
+            } else {
+                ::http::Response::builder()
+                    .header("grpc-status", "8")
+                    .header("grpc-retry-pushback-ms", "250")
+                    .body(grpc_body(None))
+                    .expect("response")
+            };
+            let response = HttpClassify::grpc().classify_response(response, report);
+            drain(response.into_body());
+            assert!(outcomes(&recorder).is_empty(), "trailers: {in_trailers}");
+            assert_eq!(
+                overloads(&recorder),
+                vec![Some(std::time::Duration::from_millis(250))],
+                "trailers: {in_trailers}"
+            );
+        }
     }
 
     #[test]

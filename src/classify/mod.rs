@@ -65,6 +65,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::load::{LoadExtractor, LoadReport, LoadReportError};
 
@@ -81,6 +82,9 @@ pub enum Outcome {
 /// Where an outcome goes: an endpoint's health counters.
 pub(crate) trait RecordOutcome: Send + Sync {
     fn record_outcome(&self, outcome: Outcome);
+    /// The endpoint said it is overloaded, or asked for a pause: its cost
+    /// rises, its health does not suffer.
+    fn record_overload(&self, pause: Option<Duration>);
     fn record_load(&self, report: &LoadReport);
     fn record_malformed_load(&self, error: &LoadReportError);
 }
@@ -113,6 +117,19 @@ impl OutcomeReport {
     pub fn report(mut self, outcome: Outcome) {
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.record_outcome(outcome);
+        }
+    }
+
+    /// Records that the endpoint said it is overloaded (HTTP 429, gRPC
+    /// `RESOURCE_EXHAUSTED`) or asked for a pause (`Retry-After`,
+    /// `grpc-retry-pushback-ms`, given as `pause`), with or without the
+    /// outcome. It raises the endpoint's cost for P2C as a failure does,
+    /// by more for a longer pause (each second of it weighs as much as a
+    /// second's decay of the cost, up to [`MAX_PAUSE`](crate::load::MAX_PAUSE)), and counts
+    /// nothing against its health: an overloaded server is busy, not sick.
+    pub fn overloaded(&self, pause: Option<Duration>) {
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.record_overload(pause);
         }
     }
 
@@ -238,6 +255,7 @@ impl<Resp> Classify<Resp> for ErrorsAsFailures {
 mod grpc;
 #[cfg(feature = "http")]
 mod http;
+pub(crate) mod pushback;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
@@ -269,6 +287,7 @@ mod testing {
         pub(crate) Mutex<Vec<Outcome>>,
         pub(crate) Mutex<Vec<LoadReport>>,
         pub(crate) Mutex<usize>,
+        pub(crate) Mutex<Vec<Option<std::time::Duration>>>,
     );
 
     impl RecordOutcome for Recorder {
@@ -283,6 +302,10 @@ mod testing {
         fn record_malformed_load(&self, _: &LoadReportError) {
             *self.2.lock().expect("lock") += 1;
         }
+
+        fn record_overload(&self, pause: Option<std::time::Duration>) {
+            self.3.lock().expect("lock").push(pause);
+        }
     }
 
     pub(crate) fn recorder() -> (Arc<Recorder>, OutcomeReport) {
@@ -293,6 +316,10 @@ mod testing {
 
     pub(crate) fn outcomes(recorder: &Recorder) -> Vec<Outcome> {
         recorder.0.lock().expect("lock").clone()
+    }
+
+    pub(crate) fn overloads(recorder: &Recorder) -> Vec<Option<std::time::Duration>> {
+        recorder.3.lock().expect("lock").clone()
     }
 }
 

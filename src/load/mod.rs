@@ -131,6 +131,24 @@ pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
 const FAILURE_MEMORY_NS: f64 = 1e9;
 
+/// The longest pause a server's overload signal is weighed at (see
+/// [`OutcomeReport::overloaded`](crate::classify::OutcomeReport::overloaded)):
+/// a `Retry-After` of an hour raises the endpoint's cost as one of 10 s
+/// does. The cost of a pause `p` is `e^(p / 1 s)`, so it is back to 1 when
+/// the pause is over; ten seconds of it already weigh 22,000 failures.
+pub const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// What an overload signal adds to the failure score: 1, or for a pause,
+/// enough to decay back to about 1 when the pause is over.
+pub(crate) fn overload_weight(pause: Option<Duration>) -> f64 {
+    match pause {
+        None => 1.0,
+        Some(pause) => (pause.min(MAX_PAUSE).as_secs_f64() * 1e9 / FAILURE_MEMORY_NS)
+            .exp()
+            .max(1.0),
+    }
+}
+
 /// After this long (20 memories: a factor of 2e-9) a failure is taken as
 /// forgotten.
 const FAILURE_FORGOTTEN_NS: u64 = 20_000_000_000;
@@ -489,14 +507,14 @@ impl EndpointLoad {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    /// Counts a failure into the endpoint's cost, at `now_ns` on the latency
-    /// clock: its failure score, which decays over [`FAILURE_MEMORY`],
-    /// grows by one.
+    /// Counts a failure (`weight` 1) or an overload signal into the
+    /// endpoint's cost, at `now_ns` on the latency clock: its failure score,
+    /// which decays over [`FAILURE_MEMORY`], grows by `weight`.
     ///
     /// Two failures recorded at once may lose one of them (plain stores, as
     /// for the latency estimate): the score is a cost, not a count.
-    pub(crate) fn record_failure_cost(&self, now_ns: u64) {
-        let score = self.failure_score_at(now_ns) + 1.0;
+    pub(crate) fn record_failure_cost(&self, now_ns: u64, weight: f64) {
+        let score = self.failure_score_at(now_ns) + weight;
         self.failure_score.store(score.to_bits(), Ordering::Relaxed);
         self.failure_stamp_ns.store(now_ns, Ordering::Relaxed);
     }
@@ -629,8 +647,8 @@ mod tests {
     fn each_failure_adds_one_to_the_cost_factor_and_is_forgotten_within_seconds() {
         let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
         assert_eq!(load.failure_factor(0), 1.0);
-        load.record_failure_cost(0);
-        load.record_failure_cost(0);
+        load.record_failure_cost(0, 1.0);
+        load.record_failure_cost(0, 1.0);
         assert_eq!(load.failure_factor(0), 3.0);
         // One memory later, each weighs 1/e.
         let after_a_second = load.failure_factor(1_000_000_000);
@@ -640,10 +658,26 @@ mod tests {
     }
 
     #[test]
+    fn an_overload_weighs_one_failure_and_a_pause_decays_back_to_one_when_it_is_over() {
+        assert_eq!(overload_weight(None), 1.0);
+        assert_eq!(overload_weight(Some(Duration::ZERO)), 1.0);
+        let two_seconds = overload_weight(Some(Duration::from_secs(2)));
+        assert!((two_seconds - std::f64::consts::E.powi(2)).abs() < 1e-9);
+        // A pause longer than the cap weighs as the cap.
+        assert_eq!(
+            overload_weight(Some(Duration::from_secs(3_600))),
+            overload_weight(Some(MAX_PAUSE))
+        );
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        load.record_failure_cost(0, two_seconds);
+        assert!((load.failure_factor(2_000_000_000) - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
     fn a_new_failure_adds_to_what_is_left_of_the_old_ones() {
         let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
-        load.record_failure_cost(0);
-        load.record_failure_cost(1_000_000_000);
+        load.record_failure_cost(0, 1.0);
+        load.record_failure_cost(1_000_000_000, 1.0);
         let expected = 1.0 + 1.0 + 1.0 / std::f64::consts::E;
         assert!((load.failure_factor(1_000_000_000) - expected).abs() < 1e-6);
     }

@@ -5,12 +5,11 @@ mod backoff;
 mod budget;
 mod layer;
 mod policy;
-mod pushback;
 mod replay;
 
 pub use self::backoff::Backoff;
 pub use self::budget::{RetryBudget, RetryStats, Spend};
 pub use self::layer::{BudgetExhausted, DeadlineTooClose, ResponseFuture, Retry, RetryLayer};
 pub use self::policy::{ErrorsOnly, HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
-pub use self::pushback::{pushback, Pushback};
 pub use self::replay::{ReplayBody, ReplayLayer, ReplayService, DEFAULT_REPLAY_CAP};
+pub use crate::classify::pushback::{pushback, Pushback};

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime};
 use http::StatusCode;
 
 use super::backoff::Backoff;
-use super::pushback::{pushback, Pushback};
 use crate::cause::Cause;
+use crate::classify::pushback::{pushback, Pushback};
 use crate::request::Safety;
 use crate::setting::{self, InvalidSetting};
 

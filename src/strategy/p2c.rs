@@ -442,7 +442,7 @@ mod tests {
             healthy.set_in_flight(2);
         }
         for _ in 0..4 {
-            endpoints[0].record_failure_cost(1_000);
+            endpoints[0].record_failure_cost(1_000, 1.0);
         }
         let ctx = PickContext::new(1_000, &rtt);
         for p2c in [P2c::least_requests(), P2c::peak_ewma()] {

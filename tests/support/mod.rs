@@ -40,6 +40,8 @@ struct ServerState {
     delay_ms: AtomicU64,
     /// Every n-th request is answered 503 (1: all of them; 0: none).
     fail_every: AtomicU64,
+    /// What the failing answers are: 503 unless set.
+    fail_status: std::sync::atomic::AtomicU16,
     last_host: std::sync::Mutex<Option<String>>,
 }
 
@@ -87,6 +89,11 @@ impl TestServer {
     /// Answers every `n`-th request with 503 from now on (1: all; 0: none).
     pub fn fail_every(&self, n: u64) {
         self.state.fail_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the failing answers `status` (429, say) instead of 503.
+    pub fn fail_with(&self, status: u16) {
+        self.state.fail_status.store(status, Ordering::SeqCst);
     }
 
     /// Waits (up to 5 s) until `n` requests are being handled.
@@ -158,7 +165,9 @@ async fn handle(
     let fail_every = state.fail_every.load(Ordering::SeqCst);
     if fail_every > 0 && hit % fail_every == 0 {
         let mut response = Response::new(Full::new(Bytes::from("unavailable")));
-        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        *response.status_mut() =
+            http::StatusCode::from_u16(state.fail_status.load(Ordering::SeqCst))
+                .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
         return Ok(response);
     }
     Ok(Response::new(Full::new(Bytes::from("ok"))))

@@ -118,6 +118,17 @@ fn digits(text: &str) -> Option<u64> {
     }
 }
 
+/// The pause a response's headers (or trailers) ask for, if any: a
+/// `grpc-retry-pushback-ms` or `Retry-After` that says how long (not one
+/// that says "do not retry").
+#[cfg(feature = "http")]
+pub(crate) fn pause(headers: &HeaderMap) -> Option<Duration> {
+    match pushback(headers, SystemTime::now())? {
+        Pushback::RetryAfter(pause) => Some(pause),
+        Pushback::DoNotRetry => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
