@@ -285,18 +285,15 @@ async fn a_recovered_endpoint_is_probed_within_the_bound_and_gets_its_share_back
     );
 }
 
-/// `p2c` over `servers` with HTTP classification (5xx are failures), no
-/// outlier detection and no retries: `requests` GETs from 16 callers at
-/// once. Returns each server's hits.
-async fn p2c_from_16_callers(p2c: P2c, servers: &[TestServer], requests: usize) -> Vec<usize> {
-    let http = lb_http::client();
-    let balancer = Balancer::builder()
-        .strategy(p2c)
-        .classify(tower_lb::classify::HttpClassify::server_errors())
-        .build(discover::fixed(lb_http::endpoints(
-            &http,
-            servers.iter().map(|s| s.addr),
-        )));
+/// `requests` GETs through `balancer` from 16 callers at once. Returns how
+/// many each of `servers` received.
+async fn from_16_callers<S>(balancer: S, servers: &[TestServer], requests: usize) -> Vec<usize>
+where
+    S: tower::Service<http::Request<Body>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
     let before: Vec<usize> = servers.iter().map(TestServer::hits).collect();
     let callers = (0..16).map(|caller| {
         let balancer = balancer.clone();
@@ -315,6 +312,21 @@ async fn p2c_from_16_callers(p2c: P2c, servers: &[TestServer], requests: usize) 
         .zip(before)
         .map(|(server, before)| server.hits() - before)
         .collect()
+}
+
+/// `p2c` over `servers` with HTTP classification (5xx are failures), no
+/// outlier detection and no retries: `requests` GETs from 16 callers at
+/// once. Returns each server's hits.
+async fn p2c_from_16_callers(p2c: P2c, servers: &[TestServer], requests: usize) -> Vec<usize> {
+    let http = lb_http::client();
+    let balancer = Balancer::builder()
+        .strategy(p2c)
+        .classify(tower_lb::classify::HttpClassify::server_errors())
+        .build(discover::fixed(lb_http::endpoints(
+            &http,
+            servers.iter().map(|s| s.addr),
+        )));
+    from_16_callers(balancer, servers, requests).await
 }
 
 #[tokio::test]
@@ -353,19 +365,7 @@ async fn a_server_answering_429_gets_little_traffic_and_is_never_held_against_it
             &http,
             servers.iter().map(|s| s.addr),
         )));
-    let callers = (0..16).map(|caller| {
-        let balancer = balancer.clone();
-        tokio::spawn(async move {
-            for _ in (caller..SHARE_WINDOW).step_by(16) {
-                let response = balancer.clone().oneshot(get()).await;
-                assert!(response.is_ok(), "{:?}", response.err());
-            }
-        })
-    });
-    for caller in callers.collect::<Vec<_>>() {
-        caller.await.unwrap_or_else(|e| panic!("{e}"));
-    }
-    let hits: Vec<usize> = servers.iter().map(TestServer::hits).collect();
+    let hits = from_16_callers(balancer.clone(), &servers, SHARE_WINDOW).await;
     let share = hits[0] as f64 / hits.iter().sum::<usize>() as f64;
     println!(
         "the server answering 429 got {:.1} % ({hits:?})",

@@ -299,33 +299,36 @@ mod tests {
         assert_eq!(verdict(&classify, 503), vec![Outcome::Failure]);
     }
 
-    #[test]
-    fn a_429_is_a_success_and_says_the_endpoint_is_overloaded_for_its_retry_after() {
+    /// What the default HTTP classifier reports for a `code` answer with
+    /// `Retry-After: seconds`: the outcomes, and the overloads.
+    fn with_retry_after(
+        code: u16,
+        seconds: &'static str,
+    ) -> (Vec<Outcome>, Vec<Option<std::time::Duration>>) {
         let (recorder, report) = recorder();
-        let mut response = status(429);
+        let mut response = status(code);
         response
             .headers_mut()
-            .insert("retry-after", ::http::HeaderValue::from_static("2"));
+            .insert("retry-after", ::http::HeaderValue::from_static(seconds));
         let _ = HttpClassify::server_errors().classify_response(response, report);
-        assert_eq!(outcomes(&recorder), vec![Outcome::Success]);
+        (outcomes(&recorder), overloads(&recorder))
+    }
+
+    #[test]
+    fn a_429_is_a_success_and_says_the_endpoint_is_overloaded_for_its_retry_after() {
+        let pause = Some(std::time::Duration::from_secs(2));
         assert_eq!(
-            overloads(&recorder),
-            vec![Some(std::time::Duration::from_secs(2))]
+            with_retry_after(429, "2"),
+            (vec![Outcome::Success], vec![pause])
         );
     }
 
     #[test]
     fn a_503_asking_for_a_pause_is_a_failure_and_an_overload() {
-        let (recorder, report) = recorder();
-        let mut response = status(503);
-        response
-            .headers_mut()
-            .insert("retry-after", ::http::HeaderValue::from_static("1"));
-        let _ = HttpClassify::server_errors().classify_response(response, report);
-        assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        let pause = Some(std::time::Duration::from_secs(1));
         assert_eq!(
-            overloads(&recorder),
-            vec![Some(std::time::Duration::from_secs(1))]
+            with_retry_after(503, "1"),
+            (vec![Outcome::Failure], vec![pause])
         );
     }
 

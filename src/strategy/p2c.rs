@@ -391,7 +391,7 @@ impl Strategy for P2c {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::RttEstimate;
+    use crate::load::{EndpointLoad, RttEstimate};
     use crate::strategy::test_support::loads;
 
     #[test]
@@ -430,17 +430,23 @@ mod tests {
         }
     }
 
+    /// Three endpoints: the first answers in 1 ms, the others in 5 ms with
+    /// two requests in flight each.
+    fn a_fast_one_beside_two_busy_ones(rtt: &RttEstimate) -> Vec<EndpointLoad> {
+        let endpoints = loads(3);
+        endpoints[0].settle_rtt(1_000_000, 1_000, rtt);
+        for busy in &endpoints[1..] {
+            busy.settle_rtt(5_000_000, 1_000, rtt);
+            busy.set_in_flight(2);
+        }
+        endpoints
+    }
+
     #[test]
     fn an_endpoint_that_failed_lately_loses_the_pairs_its_fast_failures_would_win() {
         let rtt = RttEstimate::DEFAULT;
-        let endpoints = loads(3);
-        // Its 503s came back in 1 ms; the others answer in 5 ms and have two
-        // requests in flight each.
-        endpoints[0].settle_rtt(1_000_000, 1_000, &rtt);
-        for healthy in &endpoints[1..] {
-            healthy.settle_rtt(5_000_000, 1_000, &rtt);
-            healthy.set_in_flight(2);
-        }
+        // Its 503s came back in 1 ms.
+        let endpoints = a_fast_one_beside_two_busy_ones(&rtt);
         for _ in 0..4 {
             endpoints[0].record_failure_cost(1_000, 1.0);
         }
@@ -460,12 +466,7 @@ mod tests {
     #[test]
     fn without_failures_the_same_endpoint_wins_those_pairs() {
         let rtt = RttEstimate::DEFAULT;
-        let endpoints = loads(3);
-        endpoints[0].settle_rtt(1_000_000, 1_000, &rtt);
-        for healthy in &endpoints[1..] {
-            healthy.settle_rtt(5_000_000, 1_000, &rtt);
-            healthy.set_in_flight(2);
-        }
+        let endpoints = a_fast_one_beside_two_busy_ones(&rtt);
         let ctx = PickContext::new(1_000, &rtt);
         for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
             let schedule = p2c.schedule(&endpoints[..], &ctx);
