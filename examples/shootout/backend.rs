@@ -130,11 +130,13 @@ impl Backend {
             }
             timeline[window] += 1;
         }
-        let (fails, slow) = {
+        let (fails, slow, draw) = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             (
                 rng.random_bool(self.spec.error_rate.clamp(0.0, 1.0)),
                 rng.random_bool(self.spec.slow_rate.clamp(0.0, 1.0)),
+                // An exponential draw of mean 1 (for exponential service).
+                -(1.0 - rng.random::<f64>()).ln(),
             )
         };
         let _permit = match &self.queue {
@@ -145,10 +147,15 @@ impl Backend {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return (StatusCode::SERVICE_UNAVAILABLE, None);
         }
-        let work = if slow {
+        let mean = if slow {
             self.spec.latency * self.spec.slow_factor
         } else {
             self.spec.latency
+        };
+        let work = if self.spec.exponential {
+            mean.mul_f64(draw)
+        } else {
+            mean
         };
         let now = Instant::now();
         let start = self.after_stall(now);

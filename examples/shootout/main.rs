@@ -34,7 +34,8 @@ use scenario::Scenario;
 #[command(name = "shootout")]
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
-    /// gc-pause, capacity, heavy-tail, scale-up); default: all.
+    /// gc-pause, capacity, heavy-tail, scale-up, cluster, cluster-slow-node,
+    /// cluster-gc-pause); default: all.
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
@@ -142,6 +143,11 @@ fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut results = Vec::new();
         for &contender in &contenders {
             progress.set_message(format!("{} / {}", scenario.name, contender.name()));
+            // The cluster scenarios offer their own rate.
+            let load = Load {
+                rate: scenario.rate.unwrap_or(load.rate),
+                ..load
+            };
             let result = match &runtime {
                 None => run::simulate(&scenario, contender, load),
                 Some(runtime) => runtime.block_on(run::real(&scenario, contender, load))?,

@@ -18,6 +18,9 @@ pub struct BackendSpec {
     pub slow_factor: u32,
     /// A periodic stall, like a stop-the-world GC.
     pub stall: Option<Stall>,
+    /// Service times drawn from an exponential distribution with mean
+    /// `latency` (an M/M/c server), instead of `latency` every time.
+    pub exponential: bool,
 }
 
 /// A stall of `pause` at the end of every `every`: nothing finishes inside it.
@@ -36,6 +39,7 @@ impl BackendSpec {
             slow_rate: 0.0,
             slow_factor: 1,
             stall: None,
+            exponential: false,
         }
     }
 }
@@ -49,6 +53,9 @@ pub struct Scenario {
     /// How many backends, the last ones, join (through discovery) only at
     /// the halfway point of the run.
     pub late: usize,
+    /// Requests per second offered, when the scenario sets its own (the
+    /// cluster scenarios run at half their capacity); else `--rate`.
+    pub rate: Option<f64>,
 }
 
 /// Normal service time, and how many backends each scenario has.
@@ -59,14 +66,16 @@ fn uniform() -> Vec<BackendSpec> {
     vec![BackendSpec::answering_in(BASE_MS); BACKENDS]
 }
 
-/// Every scenario, in the order they run.
+/// Every scenario, in the order they run: the eight of 8 backends, then
+/// the cluster ones.
 pub fn all() -> Vec<Scenario> {
-    vec![
+    let mut all = vec![
         Scenario {
             name: "baseline",
             about: "8 identical backends answering in 5 ms",
             backends: uniform(),
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "slow-node",
@@ -77,6 +86,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "heterogeneous",
@@ -86,6 +96,7 @@ pub fn all() -> Vec<Scenario> {
                 .map(BackendSpec::answering_in)
                 .collect(),
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "failing-node",
@@ -99,6 +110,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "gc-pause",
@@ -112,6 +124,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "capacity",
@@ -124,6 +137,7 @@ pub fn all() -> Vec<Scenario> {
                 })
                 .collect(),
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "heavy-tail",
@@ -137,12 +151,77 @@ pub fn all() -> Vec<Scenario> {
                 BACKENDS
             ],
             late: 0,
+            rate: None,
         },
         Scenario {
             name: "scale-up",
             about: "4 backends answering in 5 ms, and 4 more join at the halfway point",
             backends: uniform(),
             late: BACKENDS / 2,
+            rate: None,
+        },
+    ];
+    all.extend(cluster_scenarios());
+    all
+}
+
+/// The cluster scenarios: 10 backends of 8 slots each, exponential service
+/// times with a mean of 10 ms, Poisson arrivals at half the capacity
+/// (8,000 requests per second in all: 4,000).
+const CLUSTER_BACKENDS: usize = 10;
+const CLUSTER_SLOTS: usize = 8;
+const CLUSTER_MEAN_MS: u64 = 10;
+const CLUSTER_RATE: f64 =
+    0.5 * (CLUSTER_BACKENDS * CLUSTER_SLOTS) as f64 * 1000.0 / CLUSTER_MEAN_MS as f64;
+
+fn cluster() -> Vec<BackendSpec> {
+    vec![
+        BackendSpec {
+            capacity: Some(CLUSTER_SLOTS),
+            exponential: true,
+            ..BackendSpec::answering_in(CLUSTER_MEAN_MS)
+        };
+        CLUSTER_BACKENDS
+    ]
+}
+
+/// The scenarios of a cluster under real load (10 x 8 slots, exponential
+/// service, 50 %), where the tail shows what a strategy lets through:
+/// healthy, one node 10x slower, one node stalling.
+pub fn cluster_scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "cluster",
+            about:
+                "10 backends x 8 slots, exponential service (mean 10 ms), 50 % load (4,000 req/s)",
+            backends: cluster(),
+            late: 0,
+            rate: Some(CLUSTER_RATE),
+        },
+        Scenario {
+            name: "cluster-slow-node",
+            about: "the cluster, one backend 10x slower (mean 100 ms)",
+            backends: {
+                let mut b = cluster();
+                b[0].latency = Duration::from_millis(CLUSTER_MEAN_MS * 10);
+                b
+            },
+            late: 0,
+            rate: Some(CLUSTER_RATE),
+        },
+        Scenario {
+            name: "cluster-gc-pause",
+            about: "the cluster, one backend stalling 200 ms every 2 s",
+            backends: {
+                let mut b = cluster();
+                b[0].stall = Some(Stall {
+                    every: Duration::from_secs(2),
+                    pause: Duration::from_millis(200),
+                });
+                b
+            },
+            late: 0,
+            rate: Some(CLUSTER_RATE),
         },
     ]
 }
