@@ -135,8 +135,12 @@ impl Backend {
             (
                 rng.random_bool(self.spec.error_rate.clamp(0.0, 1.0)),
                 rng.random_bool(self.spec.slow_rate.clamp(0.0, 1.0)),
-                // An exponential draw of mean 1 (for exponential service).
-                -(1.0 - rng.random::<f64>()).ln(),
+                // An exponential draw of mean 1, drawn only for exponential
+                // service, so that the other scenarios' streams stay as
+                // they were.
+                self.spec
+                    .exponential
+                    .then(|| -(1.0 - rng.random::<f64>()).ln()),
             )
         };
         let _permit = match &self.queue {
@@ -152,10 +156,9 @@ impl Backend {
         } else {
             self.spec.latency
         };
-        let work = if self.spec.exponential {
-            mean.mul_f64(draw)
-        } else {
-            mean
+        let work = match draw {
+            Some(draw) => mean.mul_f64(draw),
+            None => mean,
         };
         let now = Instant::now();
         let start = self.after_stall(now);

@@ -90,10 +90,14 @@ impl Shared {
         self.latency_clock.as_ref().map(RequestClock::now_ns)
     }
 
-    /// When a request starts, if requests are timed.
+    /// When a request starts, if requests are timed (the clock is read only
+    /// then).
     #[inline]
-    pub(crate) fn request_start(&self, now_ns: Option<u64>) -> Option<u64> {
-        now_ns.filter(|_| self.times_requests)
+    pub(crate) fn request_start(&self) -> Option<u64> {
+        match self.times_requests {
+            true => self.request_clock(),
+            false => None,
+        }
     }
 
     /// The latency clock's time, or 0 when requests are not timed.
@@ -107,6 +111,18 @@ impl Shared {
         match &self.seed {
             Some(seed) => PickContext::seeded(now_ns, &self.rtt, seed),
             None => PickContext::new(now_ns, &self.rtt),
+        }
+    }
+
+    /// The context of a request's pick: at the request's start when it is
+    /// timed (one clock read serves both), else reading the clock only if
+    /// the strategy asks for the time.
+    #[inline]
+    pub(crate) fn request_pick_context(&self, start_ns: Option<u64>) -> PickContext<'_> {
+        match (start_ns, &self.latency_clock) {
+            (Some(now), _) => self.pick_context(now),
+            (None, Some(clock)) => self.pick_context(0).reading(clock),
+            (None, None) => self.pick_context(0),
         }
     }
 

@@ -167,16 +167,14 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             }
             return Dispatch::NoEndpoints(req);
         }
-        let now_ns = shared.request_clock();
+        let start_ns = shared.request_start();
         // Borrowed from `req`: read and recorded before `req` moves into
         // the call, so no reference count is taken.
         let tried = self.hints.tried(&req);
         // The first attempt has nothing to avoid but must still be recorded.
         let avoid = tried.filter(|t| !t.is_empty());
         // A retry must not take a round-robin turn (see `is_retry`).
-        let ctx = shared
-            .pick_context(now_ns.unwrap_or(0))
-            .retry(avoid.is_some());
+        let ctx = shared.request_pick_context(start_ns).retry(avoid.is_some());
         let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
         // but one can trip between two snapshots; and a retry should not go
@@ -202,7 +200,6 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
                 continue;
             }
             let endpoint = &eligible[index];
-            let start_ns = shared.request_start(now_ns);
             match InFlight::start(endpoint.clone(), start_ns, avoid_ejected && !last_try) {
                 Ok(guard) => {
                     if let Some(tried) = tried {

@@ -34,7 +34,10 @@ pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::load::{EndpointLoad, RttEstimate};
+use crate::load::{EndpointLoad, RequestClock, RttEstimate};
+
+/// `PickContext::now_ns` before its clock is read.
+const NOT_READ: u64 = u64::MAX;
 
 /// A balancing strategy.
 ///
@@ -68,8 +71,8 @@ pub trait Strategy: Send + Sync + 'static {
     }
 
     /// Whether `pick` reads the time ([`PickContext::now_ns`]) without
-    /// latency estimates: the balancer then reads its latency clock for
-    /// each pick but times no request. P2C by requests in flight does, to
+    /// latency estimates: the balancer then has a latency clock, read when
+    /// a pick asks for the time, but times no request. P2C by requests in flight does, to
     /// weigh recent failures ([`EndpointLoad::failure_factor`](crate::load::EndpointLoad::failure_factor)).
     /// Default: [`uses_latency`](Self::uses_latency).
     fn reads_clock(&self) -> bool {
@@ -123,7 +126,11 @@ impl Candidates for [EndpointLoad] {
 /// settings, and a source of randomness.
 #[derive(Debug)]
 pub struct PickContext<'a> {
-    now_ns: u64,
+    /// The time; [`NOT_READ`] until `clock` is read, for a context that
+    /// reads it only if the pick asks. Atomic so that a context stays
+    /// `Sync`.
+    now_ns: AtomicU64,
+    clock: Option<&'a RequestClock>,
     rtt: &'a RttEstimate,
     randomness: Randomness<'a>,
     retry: bool,
@@ -144,7 +151,8 @@ impl<'a> PickContext<'a> {
     /// generator.
     pub fn new(now_ns: u64, rtt: &'a RttEstimate) -> Self {
         Self {
-            now_ns,
+            now_ns: AtomicU64::new(now_ns),
+            clock: None,
             rtt,
             randomness: Randomness::Thread,
             retry: false,
@@ -159,11 +167,22 @@ impl<'a> PickContext<'a> {
     /// are far apart.
     pub fn seeded(now_ns: u64, rtt: &'a RttEstimate, seed: &'a AtomicU64) -> Self {
         Self {
-            now_ns,
+            now_ns: AtomicU64::new(now_ns),
+            clock: None,
             rtt,
             randomness: Randomness::Seeded(seed),
             retry: false,
         }
+    }
+
+    /// The same context, with its time read from `clock` only if the pick
+    /// asks for it: a strategy that reads the time only now and then (P2C
+    /// by requests in flight, for an endpoint that has failed) does not pay
+    /// a clock read on every request.
+    pub(crate) fn reading(mut self, clock: &'a RequestClock) -> Self {
+        self.now_ns = AtomicU64::new(NOT_READ);
+        self.clock = Some(clock);
+        self
     }
 
     /// The same context for a retry or a hedge (`true`): a pick for a call
@@ -193,12 +212,22 @@ impl<'a> PickContext<'a> {
     /// [`LatencyClock`](crate::load::LatencyClock), the clock of the latency
     /// estimates (so it is real time under tokio's paused time unless the
     /// balancer times requests with tokio's clock), and it is 0 when the
-    /// balancer does not time requests (see [`Strategy::uses_latency`]). In
+    /// strategy reads neither latency nor time (see
+    /// [`Strategy::uses_latency`] and [`Strategy::reads_clock`]). In
     /// [`Strategy::schedule`] it is always tokio's time, the clock of load
     /// reports and health.
     #[inline]
     pub fn now_ns(&self) -> u64 {
-        self.now_ns
+        // Relaxed: a context serves one pick (a plain load and store).
+        let now = self.now_ns.load(Ordering::Relaxed);
+        match self.clock {
+            Some(clock) if now == NOT_READ => {
+                let now = clock.now_ns();
+                self.now_ns.store(now, Ordering::Relaxed);
+                now
+            }
+            _ => now,
+        }
     }
 
     /// The latency-estimate settings.
@@ -214,7 +243,7 @@ impl<'a> PickContext<'a> {
     /// [`EndpointLoad::rtt_estimate_ns`]).
     #[inline]
     pub fn peak_ewma_cost(&self, load: &EndpointLoad) -> f64 {
-        let rtt = load.rtt_estimate_ns(self.now_ns, self.rtt);
+        let rtt = load.rtt_estimate_ns(self.now_ns(), self.rtt);
         // In flight fits 24 bits: a signed conversion, one instruction.
         rtt * (f64::from(load.in_flight() as u32) + 1.0)
     }

@@ -345,7 +345,8 @@ impl Strategy for P2c {
         self.cost == Cost::PeakEwma
     }
 
-    /// Both costs weigh recent failures, which age by the clock.
+    /// Both costs weigh recent failures, which age by the clock (read only
+    /// in a pick that meets an endpoint that has failed).
     fn reads_clock(&self) -> bool {
         true
     }
