@@ -119,19 +119,22 @@ where
     /// starts) an attempt to make it, and fails with the attempt's error,
     /// marked [`NeverSent`], if it fails: no call went anywhere.
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        loop {
-            if let Some(waiting) = self.waiting.as_mut() {
-                let outcome = ready!(waiting.as_mut().poll(cx));
-                self.waiting = None;
-                if let Err(failed) = outcome {
-                    return Poll::Ready(Err(Box::new(NeverSent::new(failed))));
-                }
-            }
+        if self.waiting.is_none() {
             if self.shared.is_open() {
                 return Poll::Ready(Ok(()));
             }
             self.waiting = Some(Shared::connect(&self.shared));
         }
+        let Some(waiting) = self.waiting.as_mut() else {
+            unreachable!("set above");
+        };
+        let outcome = ready!(waiting.as_mut().poll(cx));
+        self.waiting = None;
+        // Ready once the attempt made a connection, even if it has closed
+        // since: `send` turns a closed connection into a request never
+        // sent, where checking again here could start attempt after
+        // attempt against a server that accepts and at once hangs up.
+        Poll::Ready(outcome.map_err(|failed| -> BoxError { Box::new(NeverSent::new(failed)) }))
     }
 
     /// Sends `req` on the open connection. A request hyper gives back
@@ -180,8 +183,16 @@ where
     fn connect(this: &Arc<Self>) -> Waiting {
         let addr = this.addr;
         let mut attempt = this.attempt.lock().unwrap_or_else(PoisonError::into_inner);
+        // An attempt that finished while this call looked made a connection.
+        if this.is_open() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let outcome = match attempt.as_ref() {
-            Some(under_way) if under_way.borrow().is_none() => under_way.clone(),
+            // Under way: no outcome yet, and its task still alive (a task
+            // dropped with its runtime never tells; a new attempt replaces it).
+            Some(under_way) if under_way.borrow().is_none() && under_way.has_changed().is_ok() => {
+                under_way.clone()
+            }
             _ => {
                 let (tell, outcome) = watch::channel(None);
                 *attempt = Some(outcome.clone());
@@ -240,5 +251,58 @@ where
         });
         self.open.store(Some(Arc::new(sender)));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address nothing answers on (a TEST-NET-1 address): connecting
+    /// hangs until the connect timeout, or fails at once where the network
+    /// says it is unreachable.
+    fn nowhere() -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], 9))
+    }
+
+    fn settings() -> H2Settings {
+        H2Settings {
+            connect_timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn ready_now(
+        connection: &mut H2Connection<http_body_util::Empty<bytes::Bytes>>,
+    ) -> Poll<Result<(), BoxError>> {
+        connection.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[test]
+    fn an_attempt_dropped_with_its_runtime_is_replaced_not_joined() {
+        let mut connection = H2Connection::lazy(nowhere(), settings());
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        first.block_on(async {
+            // Starts the attempt; it cannot finish at once.
+            let _ = ready_now(&mut connection);
+        });
+        // The attempt's task goes with its runtime, before it could tell.
+        drop(first);
+        let mut caller = connection.clone();
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let outcome =
+            second.block_on(async { std::future::poll_fn(|cx| caller.poll_ready(cx)).await });
+        let error = outcome.err().map(|e| crate::error::report(&*e).to_string());
+        // A new attempt, which fails on its own (timed out, unreachable),
+        // not the dropped one's "attempt was dropped".
+        assert!(
+            error.as_deref().is_some_and(|e| !e.contains("dropped")),
+            "{error:?}"
+        );
     }
 }

@@ -322,7 +322,7 @@ impl<K, S> Endpoint<K, S> {
         K: Clone,
     {
         let now = self.shared.now_ns();
-        let rtt_estimate = self.shared.request_clock().map(|latency_now| {
+        let rtt_estimate = self.shared.request_start().map(|latency_now| {
             let rtt = self.load.rtt_estimate_ns(latency_now, &self.shared.rtt);
             Duration::from_nanos(rtt as u64)
         });

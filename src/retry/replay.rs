@@ -6,6 +6,7 @@
 //! [`ReplayLayer`] wraps every request's body in one, which is what makes
 //! `http::Request`s [`Replayable`].
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::marker::PhantomData;
@@ -194,10 +195,32 @@ struct State<B> {
     /// The original body failed with this error; its message is all that
     /// other clones get, since the error itself went to the clone that read it.
     failed: Option<String>,
-    /// The error itself, when it was read as the body was wrapped: the
-    /// first clone (the original request's) gets it when it reaches it.
-    unread_error: Option<BoxError>,
+    /// What was read from the original body as it was wrapped and no clone
+    /// has taken yet: the body's next frames (and its end or error), taken
+    /// before the body itself is polled again.
+    ahead: VecDeque<Ahead>,
     next_id: u64,
+}
+
+impl<B: Body> State<B> {
+    /// Whether the original body has nothing more to give: nothing read
+    /// ahead is left but its end, and the body itself (if still held) says
+    /// it is at its end.
+    fn source_at_end(&self) -> bool {
+        match self.ahead.front() {
+            Some(Ahead::End) => true,
+            Some(Ahead::Frame(_) | Ahead::Error(_)) => false,
+            None => self.body.as_ref().is_none_or(|body| body.is_end_stream()),
+        }
+    }
+}
+
+/// A frame, the end or an error read from the original body ahead of any
+/// clone (see `State::ahead`).
+enum Ahead {
+    Frame(Buffered),
+    End,
+    Error(BoxError),
 }
 
 /// What polling a [`ReplayBody`] for a frame gives.
@@ -327,20 +350,17 @@ impl<B> ReplayBody<B> {
         }
         let mut body = Box::pin(body);
         let mut cx = Context::from_waker(Waker::noop());
-        let mut frames: Vec<Buffered> = Vec::new();
-        let mut first: Option<Buffered> = None;
+        let mut ahead: VecDeque<Ahead> = VecDeque::new();
         let mut buffered = 0usize;
-        let mut ended = false;
-        let mut unread_error = None;
         for _ in 0..READ_AT_ONCE {
             let frame = match body.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
-                    ended = true;
+                    ahead.push_back(Ahead::End);
                     break;
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    unread_error = Some(error.into());
+                    ahead.push_back(Ahead::Error(error.into()));
                     break;
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
@@ -351,33 +371,32 @@ impl<B> ReplayBody<B> {
                 continue;
             };
             buffered = buffered.saturating_add(frame.data_len());
-            // The first frame is held apart so that a body of one frame
-            // needs no vector.
-            match first.take() {
-                None if frames.is_empty() => first = Some(frame),
-                held => {
-                    frames.extend(held);
-                    frames.push(frame);
-                }
-            }
+            ahead.push_back(Ahead::Frame(frame));
             if buffered > cap {
                 break;
             }
             if body.is_end_stream() {
-                ended = true;
+                ahead.push_back(Ahead::End);
                 break;
             }
         }
-        if ended && buffered <= cap {
-            let whole = match (first, frames.is_empty()) {
-                (None, true) => return Self::empty(cap),
-                (Some(Buffered::Data(data)), true) => WholeFrames::One(data),
-                (first, _) => {
-                    let mut all = Vec::with_capacity(frames.len() + 1);
-                    all.extend(first);
-                    all.append(&mut frames);
-                    WholeFrames::Many(all.into())
-                }
+        let source_done = matches!(ahead.back(), Some(Ahead::End | Ahead::Error(_)));
+        if matches!(ahead.back(), Some(Ahead::End)) && buffered <= cap {
+            let mut frames: Vec<Buffered> = ahead
+                .into_iter()
+                .filter_map(|item| match item {
+                    Ahead::Frame(frame) => Some(frame),
+                    Ahead::End | Ahead::Error(_) => None,
+                })
+                .collect();
+            let whole = match frames.len() {
+                0 => return Self::empty(cap),
+                1 => match frames.pop() {
+                    Some(Buffered::Data(data)) => WholeFrames::One(data),
+                    Some(other) => WholeFrames::Many(vec![other].into()),
+                    None => return Self::empty(cap),
+                },
+                _ => WholeFrames::Many(frames.into()),
             };
             return ReplayBody {
                 kind: Kind::Whole {
@@ -387,25 +406,24 @@ impl<B> ReplayBody<B> {
                 },
             };
         }
-        frames.splice(0..0, first);
-        // Read past the cap: the original request still sends what was
-        // read (it is the streamer), no copy can.
-        let capped = buffered > cap;
-        let failed = unread_error
-            .as_ref()
-            .map(|error: &BoxError| crate::error::report(&**error).to_string());
+        // Not whole within the cap (it stopped being ready, outgrew the cap
+        // or failed): a shared stream, for which what was read is the
+        // original body's first frames. The first clone to need them takes
+        // them as it would from the body, cap and errors included, so a
+        // copy made before any attempt sent the body (a retry after a
+        // connection that was never made) still sends all of it.
         let waiters = Arc::new(Waiters::default());
         let shared = Shared {
             cap,
             state: Mutex::new(State {
-                body: (!ended && unread_error.is_none()).then_some(body),
-                frames,
-                buffered,
-                capped,
-                streamer: capped.then_some(0),
-                ended,
-                failed,
-                unread_error,
+                body: (!source_done).then_some(body),
+                ahead,
+                frames: Vec::new(),
+                buffered: 0,
+                capped: false,
+                streamer: None,
+                ended: false,
+                failed: None,
                 next_id: 1,
             }),
             waker: Waker::from(Arc::clone(&waiters)),
@@ -585,20 +603,18 @@ where
             return true;
         }
         let state = lock(&self.shared.state);
-        if state.capped && state.streamer != Some(self.cursor.id) {
-            // An error is still to come.
-            return false;
-        }
-        if self.cursor.pos < state.frames.len() {
+        if state.capped {
+            if state.streamer != Some(self.cursor.id) {
+                // An error is still to come.
+                return false;
+            }
+        } else if self.cursor.pos < state.frames.len() {
             return false;
         }
         if state.failed.is_some() {
             return false;
         }
-        match &state.body {
-            Some(body) => body.is_end_stream(),
-            None => true,
-        }
+        state.source_at_end()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -610,9 +626,28 @@ where
             // It will end in an error: promise nothing.
             return SizeHint::new();
         }
-        // After the cap `buffered` counts only the frames the streamer has
-        // still to send (none, unless read as the body was wrapped).
-        let kept = state.buffered.saturating_sub(self.cursor.read);
+        if state
+            .ahead
+            .iter()
+            .any(|item| matches!(item, Ahead::Error(_)))
+        {
+            // It will end in an error: promise nothing.
+            return SizeHint::new();
+        }
+        let kept = if state.capped {
+            0
+        } else {
+            state.buffered.saturating_sub(self.cursor.read)
+        };
+        let ahead: usize = state
+            .ahead
+            .iter()
+            .map(|item| match item {
+                Ahead::Frame(frame) => frame.data_len(),
+                Ahead::End | Ahead::Error(_) => 0,
+            })
+            .sum();
+        let kept = kept.saturating_add(ahead);
         let rest = match &state.body {
             Some(body) => body.size_hint(),
             None => SizeHint::with_exact(0),
@@ -657,78 +692,75 @@ impl Cursor {
         B::Error: Into<BoxError>,
     {
         loop {
-            if state.capped && state.streamer != Some(self.id) {
-                self.done = true;
-                let err = NotReplayable::BodyOverCap { cap: shared.cap };
-                return (Poll::Ready(Some(Err(Box::new(err)))), false);
-            }
-            // Kept frames: every clone's while the body is within the cap;
-            // after it, only the frames read before the streamer went on
-            // (those read as the body was wrapped), for the streamer alone.
-            if let Some(frame) = state.frames.get(self.pos) {
+            if state.capped {
+                if state.streamer != Some(self.id) {
+                    self.done = true;
+                    let err = NotReplayable::BodyOverCap { cap: shared.cap };
+                    return (Poll::Ready(Some(Err(Box::new(err)))), false);
+                }
+            } else if let Some(frame) = state.frames.get(self.pos) {
                 self.pos += 1;
                 self.read += frame.data_len();
-                let frame = frame.clone().into_frame();
-                if state.capped && self.pos == state.frames.len() {
-                    // No one else may read them: free them now.
-                    state.frames = Vec::new();
-                    state.buffered = 0;
-                }
-                return (Poll::Ready(Some(Ok(frame))), false);
+                return (Poll::Ready(Some(Ok(frame.clone().into_frame()))), false);
             }
 
             // This clone has had everything read so far: the next frame, if
             // any, must come from the original body.
             if let Some(message) = &state.failed {
                 self.done = true;
-                // Read as the body was wrapped: the original request's clone
-                // gets the error itself, the others its message.
-                let err: BoxError = match state.unread_error.take() {
-                    Some(error) if self.id == 0 => error,
-                    unread => {
-                        state.unread_error = unread;
-                        Box::new(BodyFailed(message.clone()))
-                    }
-                };
-                return (Poll::Ready(Some(Err(err))), false);
+                let err = BodyFailed(message.clone());
+                return (Poll::Ready(Some(Err(Box::new(err)))), false);
             }
-            let Some(body) = state.body.as_mut() else {
-                return (Poll::Ready(None), false);
+            let next = match state.ahead.pop_front() {
+                // Read as the body was wrapped: taken as if polled now.
+                Some(Ahead::Frame(frame)) => Some(Ok(frame)),
+                Some(Ahead::End) => None,
+                Some(Ahead::Error(err)) => Some(Err(err)),
+                None => {
+                    let Some(body) = state.body.as_mut() else {
+                        return (Poll::Ready(None), false);
+                    };
+                    // Registered before the poll: if the body woke the shared
+                    // waker between returning `Pending` and a registration
+                    // after it, this clone would sleep through the frame.
+                    shared.waiters.register(cx.waker());
+                    let mut shared_cx = Context::from_waker(&shared.waker);
+                    match body.as_mut().poll_frame(&mut shared_cx) {
+                        Poll::Pending => return (Poll::Pending, false),
+                        Poll::Ready(None) => None,
+                        Poll::Ready(Some(Err(err))) => Some(Err(err.into())),
+                        // A frame kind this crate does not know cannot be
+                        // kept or converted; skip it rather than fail.
+                        Poll::Ready(Some(Ok(frame))) => match Buffered::from_frame(frame) {
+                            Some(frame) => Some(Ok(frame)),
+                            None => continue,
+                        },
+                    }
+                }
             };
-
-            // Registered before the poll: if the body woke the shared waker
-            // between returning `Pending` and a registration after it, this
-            // clone would sleep through the frame.
-            shared.waiters.register(cx.waker());
-            let mut shared_cx = Context::from_waker(&shared.waker);
-            let frame = match body.as_mut().poll_frame(&mut shared_cx) {
-                Poll::Pending => return (Poll::Pending, false),
-                Poll::Ready(None) => {
+            let frame = match next {
+                None => {
                     state.ended = true;
                     state.body = None;
                     return (Poll::Ready(None), true);
                 }
-                Poll::Ready(Some(Err(err))) => {
-                    let err: BoxError = err.into();
+                Some(Err(err)) => {
                     // The whole chain: the clones get only this text.
                     state.failed = Some(crate::error::report(&*err).to_string());
                     state.body = None;
+                    state.ahead.clear();
                     self.done = true;
                     return (Poll::Ready(Some(Err(err))), true);
                 }
-                Poll::Ready(Some(Ok(frame))) => frame,
-            };
-            // A frame kind this crate does not know cannot be kept or
-            // converted; skip it rather than fail the request.
-            let Some(frame) = Buffered::from_frame(frame) else {
-                continue;
+                Some(Ok(frame)) => frame,
             };
             // Callers such as hyper stop polling once `is_end_stream` is true,
             // so the end must be noted now or the body would never count as
             // complete.
-            if body.is_end_stream() {
+            if state.source_at_end() {
                 state.ended = true;
                 state.body = None;
+                state.ahead.clear();
             }
             if !state.capped {
                 let len = frame.data_len();
@@ -1416,14 +1448,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_ready_at_once_but_over_the_cap_is_sent_whole_once_and_never_copied() {
-        let mut body = ReplayBody::new(ready(vec![data("abcd"), data("efgh"), data("ij")]), 6);
-        assert!(body.is_capped());
+    async fn a_body_ready_at_once_but_over_the_cap_is_copied_until_an_attempt_reads_past_it() {
+        let frames = || vec![data("abcd"), data("efgh"), data("ij")];
+        // A copy made before any attempt sent it (a retry after a
+        // connection that was never made) sends it whole.
+        let unsent = ReplayBody::new(ready(frames()), 6);
+        assert!(!unsent.is_capped());
+        let mut retry = unsent.try_clone().unwrap();
+        drop(unsent);
+        assert_eq!(read_all(&mut retry).await.unwrap().0, "abcdefghij");
+        // Once an attempt has read past the cap, no copy can be made.
+        let mut sent = ReplayBody::new(ready(frames()), 6);
+        assert_eq!(read_all(&mut sent).await.unwrap().0, "abcdefghij");
+        assert!(sent.is_capped());
         assert_eq!(
-            body.try_clone().err(),
+            sent.try_clone().err(),
             Some(NotReplayable::BodyOverCap { cap: 6 })
         );
-        assert_eq!(read_all(&mut body).await.unwrap().0, "abcdefghij");
     }
 
     #[tokio::test]

@@ -229,7 +229,13 @@ impl P2c {
                 if rtt_a > rtt_b * ESTIMATE_NOISE || rtt_b > rtt_a * ESTIMATE_NOISE {
                     return rtt_b * queue(in_flight_b) < rtt_a * queue(in_flight_a);
                 }
-                in_flight_b < in_flight_a
+                // Within the band, or no latency yet (start-up): in flight,
+                // still weighed by failures.
+                if failing_a == 1.0 && failing_b == 1.0 {
+                    in_flight_b < in_flight_a
+                } else {
+                    queue(in_flight_b) * failing_b < queue(in_flight_a) * failing_a
+                }
             }
         }
     }
