@@ -337,9 +337,12 @@ impl<B> ReplayBody<B> {
     /// Frames the body has ready at once (all of a `Full` body, a unary
     /// gRPC message tonic has just encoded) are read now: a body read whole
     /// within the cap is kept as plain frames that every copy shares, with
-    /// no lock. (It is polled with a waker that does nothing; a body that
-    /// is not ready then is polled again, with the sender's waker, when
-    /// the request is sent.)
+    /// no lock. Anything else read now (a body that stopped being ready,
+    /// outgrew the cap or failed) stays the body's first frames for
+    /// whichever copy reads first, so the cap and errors work as if it had
+    /// been read then. (It is polled with a waker that does nothing; a
+    /// body that is not ready then is polled again, with the sender's
+    /// waker, when the request is sent.)
     pub fn new(body: B, cap: usize) -> Self
     where
         B: Body,
