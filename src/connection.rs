@@ -37,6 +37,15 @@ pub(crate) struct H2Settings {
     pub(crate) connect_timeout: Duration,
 }
 
+impl Default for H2Settings {
+    /// The clients' [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT).
+    fn default() -> Self {
+        Self {
+            connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
 /// The outcome of one connection attempt, shared by every call that waited
 /// on it.
 type Outcome = Option<Result<(), ConnectFailed>>;
@@ -144,10 +153,8 @@ where
         let sent = match self.shared.open.load().as_deref() {
             Some(sender) => SendRequest::clone(sender).try_send_request(req),
             None => {
-                let error = ConnectFailed::new(self.shared.addr, "no open connection");
-                return Box::pin(std::future::ready(Err(
-                    Box::new(NeverSent::new(error)) as BoxError
-                )));
+                let error = NeverSent::new(format!("no open connection to {}", self.shared.addr));
+                return Box::pin(std::future::ready(Err(Box::new(error) as BoxError)));
             }
         };
         Box::pin(async move {
@@ -256,53 +263,93 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
-    /// An address nothing answers on (a TEST-NET-1 address): connecting
-    /// hangs until the connect timeout, or fails at once where the network
-    /// says it is unreachable.
-    fn nowhere() -> SocketAddr {
-        SocketAddr::from(([192, 0, 2, 1], 9))
+    type Empty = http_body_util::Empty<bytes::Bytes>;
+
+    /// A listener on loopback, not serving yet.
+    fn listener() -> std::net::TcpListener {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        listener
     }
 
-    fn settings() -> H2Settings {
-        H2Settings {
-            connect_timeout: Duration::from_millis(200),
-        }
+    /// Serves HTTP/2 on `listener` (in the current runtime), counting the
+    /// connections it accepts.
+    fn serve(listener: std::net::TcpListener) -> Arc<AtomicUsize> {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::new()))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        accepted
     }
 
-    fn ready_now(
-        connection: &mut H2Connection<http_body_util::Empty<bytes::Bytes>>,
-    ) -> Poll<Result<(), BoxError>> {
-        connection.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
     fn an_attempt_dropped_with_its_runtime_is_replaced_not_joined() {
-        let mut connection = H2Connection::lazy(nowhere(), settings());
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let listener = listener();
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::default());
+        let first = runtime();
         first.block_on(async {
-            // Starts the attempt; it cannot finish at once.
-            let _ = ready_now(&mut connection);
+            // Starts the attempt, whose task never runs: it goes with its
+            // runtime, before it could tell anyone.
+            let noop = &mut Context::from_waker(std::task::Waker::noop());
+            assert!(connection.poll_ready(noop).is_pending());
         });
-        // The attempt's task goes with its runtime, before it could tell.
         drop(first);
         let mut caller = connection.clone();
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let outcome =
-            second.block_on(async { std::future::poll_fn(|cx| caller.poll_ready(cx)).await });
-        let error = outcome.err().map(|e| crate::error::report(&*e).to_string());
-        // A new attempt, which fails on its own (timed out, unreachable),
-        // not the dropped one's "attempt was dropped".
-        assert!(
-            error.as_deref().is_some_and(|e| !e.contains("dropped")),
-            "{error:?}"
-        );
+        let accepted = runtime().block_on(async move {
+            let accepted = serve(listener);
+            std::future::poll_fn(|cx| caller.poll_ready(cx))
+                .await
+                .unwrap_or_else(|e| panic!("{}", crate::error::report(&*e)));
+            accepted
+        });
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_open_connection_is_joined_not_made_again() {
+        let listener = listener();
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        runtime().block_on(async move {
+            let accepted = serve(listener);
+            let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::default());
+            std::future::poll_fn(|cx| connection.poll_ready(cx))
+                .await
+                .unwrap_or_else(|e| panic!("{}", crate::error::report(&*e)));
+            // A call that found no connection and reached for an attempt
+            // just as one finished.
+            Shared::connect(&connection.shared)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        });
     }
 }

@@ -82,24 +82,21 @@ where
 ///
 /// [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 pub struct HttpEndpoint<B, C = HttpConnector> {
-    origin: Arc<Origin>,
-    via: Via<B, C>,
-}
-
-/// How requests reach the endpoint.
-enum Via<B, C> {
-    /// The shared client's pool. In an `Arc`: the balancer clones an
-    /// endpoint's service for every request it sends there, and a
-    /// hyper-util `Client` is half a dozen reference counts and settings to
-    /// copy and drop.
-    Pool(Arc<Client<C, B>>),
+    /// Shared by the endpoint's clones: the balancer clones an endpoint's
+    /// service for every request it sends there, and a hyper-util `Client`
+    /// is half a dozen reference counts and settings to copy and drop.
+    origin: Arc<Origin<B, C>>,
     /// One HTTP/2 connection of the endpoint's own, with no pool in between
-    /// (the [`HttpClient`](crate::client::HttpClient)'s `http2_only`).
-    Connection(H2Connection<B>),
+    /// (the [`HttpClient`](crate::client::HttpClient)'s `http2_only`), when
+    /// it has one. Outside the `Arc`: each clone waits for a connection
+    /// attempt on its own.
+    connection: Option<H2Connection<B>>,
 }
 
-/// Where an [`HttpEndpoint`] sends requests.
-struct Origin {
+/// Where an [`HttpEndpoint`] sends requests, and through which pool.
+struct Origin<B, C> {
+    /// The shared client, unless the endpoint has its own connection.
+    pool: Option<Client<C, B>>,
     scheme: Scheme,
     authority: Authority,
     /// The `Host` of requests that name none, when it is not `authority`.
@@ -123,11 +120,12 @@ impl<B, C> HttpEndpoint<B, C> {
     pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
         Self {
             origin: Arc::new(Origin {
+                pool: Some(client),
                 scheme,
                 authority,
                 host: None,
             }),
-            via: Via::Pool(Arc::new(client)),
+            connection: None,
         }
     }
 
@@ -136,11 +134,12 @@ impl<B, C> HttpEndpoint<B, C> {
     pub(crate) fn http2_connection(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
             origin: Arc::new(Origin {
+                pool: None,
                 scheme: Scheme::HTTP,
                 authority: address_authority(addr),
                 host: None,
             }),
-            via: Via::Connection(H2Connection::lazy(addr, settings)),
+            connection: Some(H2Connection::lazy(addr, settings)),
         }
     }
 
@@ -180,17 +179,26 @@ impl<B, C> HttpEndpoint<B, C> {
     }
 
     fn rewrite(&self, uri: Uri) -> Result<Uri, http::Error> {
-        let mut parts = uri.into_parts();
-        parts.scheme = Some(self.origin.scheme.clone());
-        parts.authority = Some(self.origin.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(PathAndQuery::from_static("/"));
-        }
-        Ok(Uri::from_parts(parts)?)
+        absolute_uri(uri, &self.origin.scheme, &self.origin.authority)
     }
 }
 
-impl<B, C> HttpEndpoint<B, C> {
+/// `uri`'s path and query (`/` if it has none) at `scheme://authority`.
+pub(crate) fn absolute_uri(
+    uri: Uri,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Result<Uri, http::Error> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Ok(Uri::from_parts(parts)?)
+}
+
+impl<B, C: Clone> HttpEndpoint<B, C> {
     /// HTTP/1 requests that name no host (a path, no `Host` header) say they
     /// are for `host` (a DNS name, say) rather than for the endpoint's
     /// address, so that virtual hosts and sidecars still route. Not for
@@ -198,15 +206,19 @@ impl<B, C> HttpEndpoint<B, C> {
     /// agree with `Host`.
     pub fn with_host(self, host: &Authority) -> Self {
         let Origin {
-            scheme, authority, ..
+            pool,
+            scheme,
+            authority,
+            ..
         } = &*self.origin;
         Self {
             origin: Arc::new(Origin {
+                pool: pool.clone(),
                 scheme: scheme.clone(),
                 authority: authority.clone(),
                 host: http::HeaderValue::from_str(host.as_str()).ok(),
             }),
-            via: self.via,
+            connection: self.connection,
         }
     }
 }
@@ -215,16 +227,13 @@ impl<B, C> Clone for HttpEndpoint<B, C> {
     fn clone(&self) -> Self {
         Self {
             origin: self.origin.clone(),
-            via: match &self.via {
-                Via::Pool(client) => Via::Pool(Arc::clone(client)),
-                Via::Connection(connection) => Via::Connection(connection.clone()),
-            },
+            connection: self.connection.clone(),
         }
     }
 }
 
 /// `addr` as an authority (`127.0.0.1:80`, `[::1]:80`).
-fn address_authority(addr: SocketAddr) -> Authority {
+pub(crate) fn address_authority(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string().as_str())
         .unwrap_or_else(|_| unreachable!("a socket address is a valid authority"))
 }
@@ -251,13 +260,13 @@ where
     type Future = HttpResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HttpError>> {
-        match &mut self.via {
-            // The client's pool connects inside each request's future.
-            Via::Pool(_) => Poll::Ready(Ok(())),
-            Via::Connection(connection) => connection.poll_ready(cx).map_err(|source| HttpError {
+        match &mut self.connection {
+            Some(connection) => connection.poll_ready(cx).map_err(|source| HttpError {
                 kind: Kind::Connect,
                 source,
             }),
+            // The client's pool connects inside each request's future.
+            None => Poll::Ready(Ok(())),
         }
     }
 
@@ -273,9 +282,12 @@ where
         }
         let req = Request::from_parts(parts, body);
         HttpResponseFuture {
-            sending: match &mut self.via {
-                Via::Pool(client) => Sending::Pool(client.request(req)),
-                Via::Connection(connection) => Sending::Connection(connection.send(req)),
+            sending: match (&mut self.connection, &self.origin.pool) {
+                (Some(connection), _) => Sending::Connection(connection.send(req)),
+                (None, Some(client)) => Sending::Pool(client.request(req)),
+                (None, None) => {
+                    unreachable!("an endpoint without a connection of its own has a pool")
+                }
             },
         }
     }
@@ -354,7 +366,7 @@ impl HttpError {
         }
     }
 
-    /// A request sent on the endpoint's own connection ([`Via::Connection`]).
+    /// A request sent on the endpoint's own connection (`http2_only`).
     fn from_connection(error: BoxError) -> Self {
         let kind = if let Some(unprocessed) = crate::error::unprocessed_stream(&*error) {
             Kind::Unprocessed(unprocessed)

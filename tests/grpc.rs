@@ -121,7 +121,10 @@ async fn calls_name_tower_lb_as_their_user_agent() {
     let channel = GrpcChannel::builder().build([server.addr]);
     call(&channel, "ua").await.unwrap_or_else(|e| panic!("{e}"));
     let agent = server.last_user_agent().unwrap_or_default();
-    assert!(agent.starts_with("grpc-rust-tower-lb/"), "{agent:?}");
+    assert_eq!(
+        agent,
+        concat!("grpc-rust-tower-lb/", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[tokio::test]
@@ -698,6 +701,34 @@ async fn a_call_whose_stream_was_refused_is_sent_elsewhere_even_if_unsafe() {
         refusing.refused()
     );
     assert!((0..10).all(|i| server.received(&format!("r{i}")) == 1));
+}
+
+#[tokio::test]
+async fn a_call_whose_stream_was_refused_reaches_the_caller_as_unavailable() {
+    let refusing = support::RefusingH2Server::start().await;
+    let channel = GrpcChannel::builder()
+        .no_retries()
+        .no_outlier_detection()
+        .build([refusing.addr]);
+    let status = call(&channel, "refused")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a refused stream answered"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_call_left_unprocessed_by_a_graceful_goaway_reaches_the_caller_as_unavailable() {
+    let going = RawH2Server::start(RawH2Behaviour::GoAway(0)).await;
+    let channel = GrpcChannel::builder()
+        .no_retries()
+        .no_outlier_detection()
+        .build([going.addr]);
+    let status = call(&channel, "going")
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a server going away answered"));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
 #[tokio::test]

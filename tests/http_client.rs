@@ -730,6 +730,7 @@ async fn a_retry_rule_of_the_users_own_replaces_the_built_in_one() {
 struct H2CountingServer {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     serving: support::killable::Killable,
 }
 
@@ -740,14 +741,19 @@ impl H2CountingServer {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (counted, answered) = (connections.clone(), requests.clone());
         let serving = support::killable::Killable::serve(listener, move |stream| {
             counted.fetch_add(1, Ordering::SeqCst);
+            let answered = answered.clone();
             async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
+                let service = hyper::service::service_fn(move |_req| {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
                 });
                 let _ =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -758,6 +764,7 @@ impl H2CountingServer {
         Self {
             addr,
             connections,
+            requests,
             serving,
         }
     }
@@ -768,6 +775,10 @@ impl H2CountingServer {
 
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 }
 
@@ -835,6 +846,7 @@ async fn with_http2_only_a_post_to_a_port_that_refuses_connections_is_sent_elsew
         let post = request(http::Method::POST, &format!("p{i}"), "pay");
         assert_eq!(body_text(send(&client, post).await).await, "ok");
     }
+    assert_eq!(answering.requests(), 6, "each POST reached it once");
     let refused = client
         .balancer()
         .endpoints()

@@ -138,9 +138,7 @@ impl Backend {
                 // An exponential draw of mean 1, drawn only for exponential
                 // service, so that the other scenarios' streams stay as
                 // they were.
-                self.spec
-                    .exponential
-                    .then(|| -(1.0 - rng.random::<f64>()).ln()),
+                self.spec.exponential.then(|| exponential(&mut rng)),
             )
         };
         let _permit = match &self.queue {
@@ -182,6 +180,12 @@ impl Backend {
             t
         }
     }
+}
+
+/// A draw from the exponential distribution of mean 1 (service times here,
+/// Poisson arrivals' gaps in `run`).
+pub fn exponential(rng: &mut SmallRng) -> f64 {
+    -(1.0 - rng.random::<f64>()).ln()
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "real hyper servers on 127.0.0.1"
     };
     println!(
-        "shootout: {} scenarios x {} contenders, {mode}, {} req/s for {seconds} s each, seed {}",
+        "shootout: {} scenarios x {} contenders, {mode}, {} req/s (the cluster scenarios: their own) for {seconds} s each, seed {}",
         scenarios.len(),
         contenders.len(),
         args.rate,

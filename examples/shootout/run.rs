@@ -13,7 +13,7 @@ use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
@@ -251,7 +251,8 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
     let ejections = Arc::new(std::sync::Mutex::new(Vec::new()));
     let watcher = probe.map(|probe| tokio::spawn(watch_ejections(probe, ejections.clone())));
     let mut rng = SmallRng::seed_from_u64(load.seed ^ 0x0a11_7e57);
-    let mut gap = move || Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / load.rate);
+    let mut gap =
+        move || Duration::from_secs_f64(crate::backend::exponential(&mut rng) / load.rate);
     let start = Instant::now();
     let end = start + load.duration;
     let mut next = start + gap();

@@ -340,12 +340,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
             .is_some_and(|d| d.latency.is_some());
         let track_latency =
             self.options.track_latency || self.strategy.uses_latency() || latency_detector;
-        let clock = track_latency || self.strategy.reads_clock();
+        let reads_clock = self.strategy.reads_clock();
         let shared = Shared::new(
             self.options.rtt,
             self.options.seed,
-            clock.then_some(self.options.latency_clock),
+            (track_latency || reads_clock).then_some(self.options.latency_clock),
             track_latency,
+            reads_clock,
             self.options.outlier_detection.as_ref(),
         );
         let settings = Settings {

@@ -27,6 +27,9 @@ pub(crate) struct Shared {
     latency_clock: Option<RequestClock>,
     /// Whether requests are timed (their latency recorded).
     times_requests: bool,
+    /// Whether failures count into endpoints' cost: the strategy reads it
+    /// (see `Strategy::reads_clock`).
+    scores_failures: bool,
     seed: Option<AtomicU64>,
     closed: AtomicBool,
     /// Whether outcomes are counted for outlier detection (successes, and
@@ -51,6 +54,7 @@ impl Shared {
         seed: Option<u64>,
         latency_clock: Option<LatencyClock>,
         times_requests: bool,
+        scores_failures: bool,
         outlier_detection: Option<&OutlierDetection>,
     ) -> Self {
         Self {
@@ -58,6 +62,7 @@ impl Shared {
             rtt,
             latency_clock: latency_clock.map(RequestClock::new),
             times_requests,
+            scores_failures,
             seed: seed.map(crate::strategy::seeded_state),
             closed: AtomicBool::new(false),
             count_outcomes: outlier_detection.is_some(),
@@ -82,11 +87,12 @@ impl Shared {
         u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 
-    /// The time a request starts, when requests are timed: nanoseconds since
-    /// the balancer was built on the [`LatencyClock`], which is the clock of
-    /// every latency estimate.
+    /// The time on the [`LatencyClock`] (the clock of every latency
+    /// estimate and failure score), in nanoseconds since the balancer was
+    /// built, when the balancer has one: requests are timed, or the
+    /// strategy reads the time.
     #[inline]
-    pub(crate) fn request_clock(&self) -> Option<u64> {
+    pub(crate) fn latency_clock_ns(&self) -> Option<u64> {
         self.latency_clock.as_ref().map(RequestClock::now_ns)
     }
 
@@ -95,15 +101,15 @@ impl Shared {
     #[inline]
     pub(crate) fn request_start(&self) -> Option<u64> {
         match self.times_requests {
-            true => self.request_clock(),
+            true => self.latency_clock_ns(),
             false => None,
         }
     }
 
-    /// The latency clock's time, or 0 when requests are not timed.
+    /// The latency clock's time, or 0 when the balancer has none.
     #[inline]
     pub(crate) fn latency_now_ns(&self) -> u64 {
-        self.request_clock().unwrap_or(0)
+        self.latency_clock_ns().unwrap_or(0)
     }
 
     #[inline]
@@ -283,13 +289,24 @@ impl<K, S> Endpoint<K, S> {
         self.state.store(EJECTED, Ordering::SeqCst);
     }
 
-    /// Takes over `old`'s ejection count, its load reports, its slow-start
-    /// factor and, if it is ejected, its ejection: `self` is a new service
-    /// for the same key.
+    /// Adds `weight` to the failure score, when the strategy reads it.
+    fn record_failure_cost(&self, weight: f64) {
+        if !self.shared.scores_failures {
+            return;
+        }
+        if let Some(now) = self.shared.latency_clock_ns() {
+            self.load.record_failure_cost(now, weight);
+        }
+    }
+
+    /// Takes over `old`'s ejection count, its load reports, its failure
+    /// score, its slow-start factor and, if it is ejected, its ejection:
+    /// `self` is a new service for the same key.
     pub(crate) fn inherit_health(&self, old: &Self) {
         // Its weight too: a new service for the same endpoint is the same
         // server, with the same load, no new blackout and no new slow start.
         self.load.inherit_reported_load(&old.load);
+        self.load.inherit_failure_cost(&old.load);
         self.load
             .set_slow_start_factor(old.load.slow_start_factor());
         self.ejections
@@ -375,10 +392,7 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
     }
 
     fn record_overload(&self, pause: Option<std::time::Duration>) {
-        if let Some(now) = self.shared.request_clock() {
-            self.load
-                .record_failure_cost(now, crate::load::overload_weight(pause));
-        }
+        self.record_failure_cost(crate::load::overload_weight(pause));
     }
 
     fn record_malformed_load(&self, error: &crate::load::LoadReportError) {
@@ -388,11 +402,9 @@ impl<K: Send + Sync, S: Send + Sync> RecordOutcome for Endpoint<K, S> {
 
     fn record_outcome(&self, outcome: Outcome) {
         if outcome == Outcome::Failure {
-            // Into the endpoint's cost, for strategies that read the clock
-            // (P2C): a failure that came fast must not make it look fast.
-            if let Some(now) = self.shared.request_clock() {
-                self.load.record_failure_cost(now, 1.0);
-            }
+            // Into the endpoint's cost, for strategies that read it (P2C):
+            // a failure that came fast must not make it look fast.
+            self.record_failure_cost(1.0);
         }
         if !self.shared.count_outcomes {
             // Without outlier detection nothing reads successes or failures

@@ -516,6 +516,7 @@ mod tests {
             None,
             None,
             false,
+            false,
             Some(&detection),
         ));
         (0..n)

@@ -223,29 +223,47 @@ impl CallersDeadline {
         }
     }
 
-    /// Reports the verdict, unless it is a failure that only says the
-    /// caller's deadline passed (`grpc-status: 4` in `status`, with the
-    /// deadline nearly out).
+    /// Reports the verdict, and what the status says of the server's load.
+    /// `status` is where the verdict was read (the response's status and
+    /// headers, or `200` and the trailers), when it was read from headers.
     ///
-    /// A failure that says the server is overloaded (`RESOURCE_EXHAUSTED`)
-    /// is reported as such, not as a failure; a failure that asks for a
-    /// pause (`grpc-retry-pushback-ms`, `Retry-After`) raises the
-    /// endpoint's cost by the pause as well (see
-    /// [`OutcomeReport::overloaded`]). `status` is where the verdict was
-    /// read: the headers, or the trailers.
-    pub(super) fn report(self, report: OutcomeReport, success: bool, status: Option<&HeaderMap>) {
-        if let (false, Some(headers)) = (success, status) {
-            let code = headers.get(&super::GRPC_STATUS).and_then(super::grpc_code);
-            if code == Some(GRPC_RESOURCE_EXHAUSTED) {
-                report.overloaded(super::pushback::pause(headers));
-                return;
-            }
-            if code == Some(GRPC_DEADLINE_EXCEEDED) && self.told.is_some_and(|d| nearly_out(&d)) {
-                return;
-            }
-            if let Some(pause) = super::pushback::pause(headers) {
-                report.overloaded(Some(pause));
-            }
+    /// - A failure that only says the caller's deadline passed
+    ///   (`grpc-status: 4`, with the deadline nearly out) is not reported.
+    /// - `RESOURCE_EXHAUSTED` (a failure to the gRPC classifier) says the
+    ///   server is overloaded: reported as such, not as a failure.
+    /// - A 429, whatever its verdict, says the same.
+    /// - A failure that asks for a pause (`Retry-After`,
+    ///   `grpc-retry-pushback-ms`) raises the endpoint's cost by the pause
+    ///   as well (see [`OutcomeReport::overloaded`]).
+    ///
+    /// Each response is counted as overloaded once at most, and a success
+    /// other than a 429 costs no lookup.
+    pub(super) fn report(
+        self,
+        report: OutcomeReport,
+        success: bool,
+        status: Option<(StatusCode, &HeaderMap)>,
+    ) {
+        let Some((code, headers)) = status else {
+            return report.report(outcome(success));
+        };
+        let too_many = code == StatusCode::TOO_MANY_REQUESTS;
+        if success && !too_many {
+            return report.report(outcome(success));
+        }
+        let grpc = match success {
+            true => None,
+            false => super::grpc_status(headers),
+        };
+        if grpc == Some(GRPC_DEADLINE_EXCEEDED) && self.told.is_some_and(|d| nearly_out(&d)) {
+            return;
+        }
+        let pause = super::pushback::pause(headers);
+        if grpc == Some(GRPC_RESOURCE_EXHAUSTED) {
+            return report.overloaded(pause);
+        }
+        if too_many || pause.is_some() {
+            report.overloaded(pause);
         }
         report.report(outcome(success));
     }
@@ -262,8 +280,6 @@ fn nearly_out(deadline: &CallDeadline) -> bool {
     deadline.remaining() <= slack
 }
 
-/// gRPC's `DEADLINE_EXCEEDED`.
-const GRPC_DEADLINE_EXCEEDED: u8 = 4;
-
-/// gRPC's `RESOURCE_EXHAUSTED`: the server (or a quota) is overloaded.
-const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
+use super::grpc_codes::{
+    DEADLINE_EXCEEDED as GRPC_DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED as GRPC_RESOURCE_EXHAUSTED,
+};

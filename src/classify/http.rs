@@ -12,7 +12,7 @@ use tower_http::classify::{
 };
 
 use super::grpc::CallersDeadline;
-use super::{outcome, Classify, Outcome, OutcomeReport};
+use super::{Classify, Outcome, OutcomeReport};
 use crate::load::{LoadExtractor, NoLoadReports};
 
 /// Classifies `http::Response`s with a classifier from
@@ -95,15 +95,11 @@ where
         report: OutcomeReport,
     ) -> Self::Response {
         report.load_from(&self.load, response.headers(), false);
-        // Too many requests: the server is busy, not sick (its verdict
-        // stays the classifier's, a success by default).
-        if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
-            report.overloaded(super::pushback::pause(response.headers()));
-        }
         let deadline = CallersDeadline::of(&response);
         let pending = match self.classifier.clone().classify_response(&response) {
             ClassifiedResponse::Ready(verdict) => {
-                deadline.report(report, verdict.is_ok(), Some(response.headers()));
+                let status = Some((response.status(), response.headers()));
+                deadline.report(report, verdict.is_ok(), status);
                 None
             }
             // Nothing more will come: decide now rather than wait for a
@@ -130,6 +126,18 @@ struct Pending<E, L> {
     report: OutcomeReport,
     load: L,
     deadline: CallersDeadline,
+}
+
+impl<E: ClassifyEos, L: LoadExtractor> Pending<E, L> {
+    /// Reports the body's outcome at its end, from its trailers if any.
+    fn finish(self, trailers: Option<&http::HeaderMap>) {
+        if let Some(trailers) = trailers {
+            self.report.load_from(&self.load, trailers, true);
+        }
+        let success = self.eos.classify_eos(trailers).is_ok();
+        let status = trailers.map(|trailers| (http::StatusCode::OK, trailers));
+        self.deadline.report(self.report, success, status);
+    }
 }
 
 pin_project! {
@@ -179,18 +187,13 @@ where
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     if let Some(pending) = this.pending.take() {
-                        pending.report.load_from(&pending.load, trailers, true);
-                        let success = pending.eos.classify_eos(Some(trailers)).is_ok();
-                        pending
-                            .deadline
-                            .report(pending.report, success, Some(trailers));
+                        pending.finish(Some(trailers));
                     }
                 } else if this.inner.is_end_stream() {
                     // The last data frame of a body without trailers: a
                     // caller may stop here, so decide now.
                     if let Some(pending) = this.pending.take() {
-                        let success = pending.eos.classify_eos(None).is_ok();
-                        pending.report.report(outcome(success));
+                        pending.finish(None);
                     }
                 }
             }
@@ -202,8 +205,7 @@ where
             }
             None => {
                 if let Some(pending) = this.pending.take() {
-                    let success = pending.eos.classify_eos(None).is_ok();
-                    pending.report.report(outcome(success));
+                    pending.finish(None);
                 }
             }
         }
@@ -320,6 +322,24 @@ mod tests {
         assert_eq!(
             with_retry_after(429, "2"),
             (vec![Outcome::Success], vec![pause])
+        );
+    }
+
+    #[test]
+    fn a_429_a_classifier_of_the_users_counts_as_a_failure_is_one_overload() {
+        let (recorder, report) = recorder();
+        let mut response = status(429);
+        response
+            .headers_mut()
+            .insert("retry-after", ::http::HeaderValue::from_static("2"));
+        let classify = HttpClassify::new(tower_http::classify::StatusInRangeAsFailures::new(
+            429..=599,
+        ));
+        let _ = classify.classify_response(response, report);
+        assert_eq!(outcomes(&recorder), vec![Outcome::Failure]);
+        assert_eq!(
+            overloads(&recorder),
+            vec![Some(std::time::Duration::from_secs(2))]
         );
     }
 

@@ -237,6 +237,23 @@ pub(crate) fn grpc_code(value: &::http::HeaderValue) -> Option<u8> {
     }
 }
 
+/// The gRPC status code in `headers` (or trailers), if there is a valid one.
+pub(crate) fn grpc_status(headers: &::http::HeaderMap) -> Option<u8> {
+    headers.get(&GRPC_STATUS).and_then(grpc_code)
+}
+
+/// The gRPC status codes the crate reads by name.
+pub(crate) mod grpc_codes {
+    /// The caller's deadline ran out, or the server's own.
+    #[cfg(feature = "http")]
+    pub(crate) const DEADLINE_EXCEEDED: u8 = 4;
+    /// The server (or a quota) is overloaded.
+    #[cfg(feature = "http")]
+    pub(crate) const RESOURCE_EXHAUSTED: u8 = 8;
+    /// The service is not there for this call: the one code retried.
+    pub(crate) const UNAVAILABLE: u8 = 14;
+}
+
 /// Every response is a success, every error a failure: the default, for any
 /// response type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -257,9 +257,7 @@ where
         let authority = self.target.authority;
         // Over `https` the pool's TLS connector is needed.
         let own_http2 = self.target.own_http2 && scheme == Scheme::HTTP;
-        let settings = H2Settings {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        };
+        let settings = H2Settings::default();
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = if own_http2 {
                 HttpEndpoint::http2_connection(addr, settings)

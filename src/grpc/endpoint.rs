@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::header::USER_AGENT as USER_AGENT_NAME;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use http_body::Body;
 use hyper::body::Incoming;
@@ -17,8 +17,8 @@ use tower::Service;
 
 use super::timeout::{format_grpc_timeout, parse_grpc_timeout, GRPC_TIMEOUT};
 use crate::connection::{H2Connection, H2Settings, SendFuture};
-use crate::error::{chain, is_never_sent, BoxError, NeverSent};
-use crate::timeout::{CallDeadline, DeadlineFuture, Elapsed, Timer};
+use crate::error::{chain, BoxError, NeverSent};
+use crate::timeout::{CallDeadline, Elapsed, Timer};
 
 /// How each endpoint's tonic [`Endpoint`] is made: from its `scheme://addr`
 /// URI, by the user's closure.
@@ -42,10 +42,11 @@ pub(crate) type ConfigureEndpoint =
 /// - Each attempt tells the server the time it has left: its `grpc-timeout`
 ///   is set from the call's [`CallDeadline`], so the server can give up on
 ///   work the client no longer waits for.
-/// - A call ends at its deadline (over a channel, by tonic's own
-///   `grpc-timeout` timer), with an [`Elapsed`] of that deadline (the
-///   caller's time ran out; the endpoint is not to blame), not tonic's
-///   `CANCELLED`.
+/// - Over a channel, tonic's own `grpc-timeout` timer ends a call at its
+///   deadline: the error is an [`Elapsed`] of that deadline (the caller's
+///   time ran out; the endpoint is not to blame), not tonic's `CANCELLED`.
+///   Over its own connection the endpoint arms no timer: the deadline
+///   layer above it ends the call.
 ///
 /// ```
 /// use tonic::transport::Endpoint;
@@ -129,17 +130,18 @@ impl<B> GrpcEndpoint<B> {
         configure: Option<&ConfigureEndpoint>,
     ) -> Option<Self> {
         if configure.is_none() && *scheme == Scheme::HTTP {
-            if let Some(origin) = connection_origin(addr, scheme, authority) {
-                let settings = H2Settings {
-                    connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
-                };
-                return Some(Self {
-                    transport: Transport::Connection {
-                        connection: H2Connection::lazy(addr, settings),
-                        origin: Arc::new(origin),
-                    },
-                });
-            }
+            let origin = Origin {
+                scheme: scheme.clone(),
+                authority: authority
+                    .cloned()
+                    .unwrap_or_else(|| crate::http::address_authority(addr)),
+            };
+            return Some(Self {
+                transport: Transport::Connection {
+                    connection: H2Connection::lazy(addr, H2Settings::default()),
+                    origin: Arc::new(origin),
+                },
+            });
         }
         let made = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map(|e| e.connect_timeout(crate::client::DEFAULT_CONNECT_TIMEOUT))
@@ -160,23 +162,6 @@ impl<B> GrpcEndpoint<B> {
             }
         }
     }
-}
-
-/// The origin of calls through a connection to `addr`: the given
-/// authority, else the address.
-fn connection_origin(
-    addr: SocketAddr,
-    scheme: &Scheme,
-    authority: Option<&Authority>,
-) -> Option<Origin> {
-    let authority = match authority {
-        Some(authority) => authority.clone(),
-        None => Authority::try_from(addr.to_string()).ok()?,
-    };
-    Some(Origin {
-        scheme: scheme.clone(),
-        authority,
-    })
 }
 
 /// `scheme://authority`, the origin calls say they are for.
@@ -231,10 +216,11 @@ where
                         deadline,
                     };
                 }
-                // tonic's channel ends a call at its `grpc-timeout` by a
-                // timer of its own; so does this one, by the deadline.
-                let sent = connection.send(req);
-                Sending::Connection(crate::timeout::until_deadline(sent, deadline))
+                // No timer here, where tonic's channel has one: the
+                // `GrpcChannel` that makes these endpoints ends the call at
+                // its deadline already (its deadline layer, or each
+                // attempt's timeout), and a second would be armed for nothing.
+                Sending::Connection(connection.send(req))
             }
         };
         GrpcResponseFuture { inner, deadline }
@@ -244,15 +230,11 @@ where
 /// Makes `req` a call for `origin`, as tonic's channel does: its URI with
 /// the origin's scheme and authority, and a `user-agent` if it has none.
 fn address<B>(req: &mut http::Request<B>, origin: &Origin) -> Result<(), BoxError> {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(origin.scheme.clone());
-    parts.authority = Some(origin.authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|error| {
-        crate::error::RefusedByClient::new(format!("cannot address the call: {error}"))
-    })?;
+    let uri = std::mem::take(req.uri_mut());
+    *req.uri_mut() =
+        crate::http::absolute_uri(uri, &origin.scheme, &origin.authority).map_err(|error| {
+            crate::error::RefusedByClient::new(format!("cannot address the call: {error}"))
+        })?;
     req.headers_mut()
         .entry(USER_AGENT_NAME)
         .or_insert(USER_AGENT);
@@ -287,7 +269,7 @@ pub struct GrpcResponseFuture {
 /// A call on its way, by transport.
 enum Sending {
     Channel(tonic::transport::channel::ResponseFuture),
-    Connection(DeadlineFuture<SendFuture>),
+    Connection(SendFuture),
     /// The call could not be addressed; it went nowhere.
     Refused(Option<BoxError>),
 }
@@ -302,8 +284,7 @@ impl Future for GrpcResponseFuture {
                 .map(|response| response.map(EndpointBody::channel))
                 .map_err(|error| never_sent_if_unconnected(error, deadline)),
             Sending::Connection(call) => ready!(Pin::new(call).poll(cx))
-                .map(|response| response.map(EndpointBody::connection))
-                .map_err(never_sent_if_unprocessed),
+                .map(|response| response.map(EndpointBody::connection)),
             Sending::Refused(error) => match error.take() {
                 Some(error) => Err(error),
                 None => panic!("GrpcResponseFuture polled after completion"),
@@ -404,18 +385,16 @@ impl fmt::Debug for GrpcResponseFuture {
 
 /// tonic marks a failure to connect (or to complete a TLS handshake) with
 /// [`tonic::ConnectError`] somewhere in the chain; no byte of the call was
-/// written then. A stream the server refused (`REFUSED_STREAM`), or left
-/// unprocessed as it went away gracefully (`GOAWAY` with `NO_ERROR`), was
-/// not processed either. tonic's timer firing once the call's deadline has
+/// written then. (A stream the server refused or left unprocessed needs no
+/// mark: `is_never_sent` reads h2's error itself.) tonic's timer firing
+/// once the call's deadline has
 /// passed is that deadline; any other tonic timeout (an `Endpoint::timeout`)
 /// stays the endpoint's error.
 fn never_sent_if_unconnected(
     error: tonic::transport::Error,
     deadline: Option<CallDeadline>,
 ) -> BoxError {
-    if chain(&error).any(|link| link.is::<tonic::ConnectError>())
-        || crate::error::unprocessed_stream(&error).is_some()
-    {
+    if chain(&error).any(|link| link.is::<tonic::ConnectError>()) {
         return Box::new(NeverSent::new(error));
     }
     let timed_out = chain(&error).any(|link| link.is::<tonic::TimeoutExpired>());
@@ -425,14 +404,4 @@ fn never_sent_if_unconnected(
         }
         _ => Box::new(error),
     }
-}
-
-/// A stream the server refused (`REFUSED_STREAM`), or left unprocessed as
-/// it went away gracefully (`GOAWAY` with `NO_ERROR`), was not processed:
-/// marked [`NeverSent`] so that any call may go elsewhere.
-fn never_sent_if_unprocessed(error: BoxError) -> BoxError {
-    if crate::error::unprocessed_stream(&*error).is_some() && !is_never_sent(&*error) {
-        return Box::new(NeverSent::new(error));
-    }
-    error
 }

@@ -89,7 +89,14 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
     if link.is::<Elapsed>() || link.is::<tonic::TimeoutExpired>() {
         return Some(Code::DeadlineExceeded);
     }
-    if link.is::<NeverSent>() || link.is::<tonic::ConnectError>() || is_connection_broken(link) {
+    // Never sent, a stream the server left unprocessed (a graceful GOAWAY,
+    // REFUSED_STREAM), or a broken connection: the service was not there
+    // for this call.
+    if link.is::<NeverSent>()
+        || link.is::<tonic::ConnectError>()
+        || crate::error::unprocessed_link(link).is_some()
+        || is_connection_broken(link)
+    {
         return Some(Code::Unavailable);
     }
     match link.downcast_ref::<crate::Error>()? {

@@ -129,7 +129,7 @@ impl Default for RttEstimate {
 /// failures of one that keeps failing keep coming.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
-const FAILURE_MEMORY_NS: f64 = 1e9;
+const FAILURE_MEMORY_NS: f64 = FAILURE_MEMORY.as_nanos() as f64;
 
 /// The longest pause a server's overload signal is weighed at (see
 /// [`OutcomeReport::overloaded`](crate::classify::OutcomeReport::overloaded)):
@@ -143,15 +143,13 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(10);
 pub(crate) fn overload_weight(pause: Option<Duration>) -> f64 {
     match pause {
         None => 1.0,
-        Some(pause) => (pause.min(MAX_PAUSE).as_secs_f64() * 1e9 / FAILURE_MEMORY_NS)
-            .exp()
-            .max(1.0),
+        Some(pause) => (pause.min(MAX_PAUSE).as_secs_f64() / FAILURE_MEMORY.as_secs_f64()).exp(),
     }
 }
 
 /// After this long (20 memories: a factor of 2e-9) a failure is taken as
 /// forgotten.
-const FAILURE_FORGOTTEN_NS: u64 = 20_000_000_000;
+const FAILURE_FORGOTTEN_NS: u64 = 20 * FAILURE_MEMORY.as_nanos() as u64;
 
 /// Bits of `EndpointLoad::counters` that count requests in flight: up to
 /// 16.7 million at once on one endpoint; the 40 bits above count requests
@@ -340,6 +338,15 @@ impl EndpointLoad {
         self.reported.copy_from(&old.reported);
     }
 
+    /// Takes over a replaced service's failure score: the same server,
+    /// failing as much as it was.
+    pub(crate) fn inherit_failure_cost(&self, old: &EndpointLoad) {
+        let score = old.failure_score.load(Ordering::Relaxed);
+        let stamp = old.failure_stamp_ns.load(Ordering::Relaxed);
+        self.failure_stamp_ns.store(stamp, Ordering::Relaxed);
+        self.failure_score.store(score, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_malformed_load_report(&self) {
         self.reported.count_malformed();
     }
@@ -424,8 +431,32 @@ impl EndpointLoad {
     /// recovered endpoint is measured again instead of waiting for decay);
     /// and `NaN`, no latency, while it is not measured and no typical value
     /// is known (start-up), which P2C takes as "compare by requests in flight".
+    ///
+    /// Times `failing`, its [failure factor](Self::failure_factor), and
+    /// while it is failing no less than the typical value times it: a
+    /// failure that came back fast (a 503 in a millisecond, a refused
+    /// connection) says nothing about how fast the endpoint serves, so it
+    /// must not let the endpoint look faster than its peers.
     #[inline]
     pub(crate) fn rtt_for_pick(
+        &self,
+        now_ns: u64,
+        settings: &RttEstimate,
+        typical: f64,
+        idle: bool,
+        failing: f64,
+    ) -> f64 {
+        let rtt = self.latency_for_pick(now_ns, settings, typical, idle);
+        if failing == 1.0 {
+            return rtt;
+        }
+        // `max` takes the other side of a `NaN` (no typical value yet).
+        rtt.max(typical) * failing
+    }
+
+    /// [`rtt_for_pick`](Self::rtt_for_pick) before failures.
+    #[inline]
+    fn latency_for_pick(
         &self,
         now_ns: u64,
         settings: &RttEstimate,
@@ -528,8 +559,11 @@ impl EndpointLoad {
             return 0.0;
         }
         let since = now_ns.saturating_sub(self.failure_stamp_ns.load(Ordering::Relaxed));
-        // Long forgotten: no exponential to compute on every pick.
+        // Long forgotten: the score is set back to 0, so that picks skip
+        // the clock and the exponential again (a failure recorded at the
+        // same moment may be lost, as two at once may).
         if since > FAILURE_FORGOTTEN_NS {
+            self.failure_score.store(0, Ordering::Relaxed);
             return 0.0;
         }
         score * decay_factor(ns_as_f64(since) / FAILURE_MEMORY_NS)
@@ -674,6 +708,24 @@ mod tests {
     }
 
     #[test]
+    fn a_forgotten_failure_no_longer_counts_as_one() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        load.record_failure_cost(0, 1.0);
+        assert!(load.has_failed());
+        assert_eq!(load.failure_factor(25_000_000_000), 1.0);
+        assert!(!load.has_failed(), "picks would read the clock for nothing");
+    }
+
+    #[test]
+    fn a_record_replacing_another_takes_over_its_failure_score() {
+        let old = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        old.record_failure_cost(0, 1.0);
+        let replacing = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        replacing.inherit_failure_cost(&old);
+        assert_eq!(replacing.failure_factor(0), 2.0);
+    }
+
+    #[test]
     fn a_new_failure_adds_to_what_is_left_of_the_old_ones() {
         let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
         load.record_failure_cost(0, 1.0);
@@ -734,17 +786,17 @@ mod tests {
     fn an_endpoint_without_samples_is_weighed_at_the_typical_estimate() {
         let rtt = RttEstimate::DEFAULT;
         let load = EndpointLoad::new(0, &rtt);
-        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true), 2e6);
-        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, false), 2e6);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true, 1.0), 2e6);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, false, 1.0), 2e6);
     }
 
     #[test]
     fn an_endpoint_without_samples_has_no_latency_while_no_typical_is_known() {
         let rtt = RttEstimate::DEFAULT;
         let load = EndpointLoad::new(0, &rtt);
-        assert!(load.rtt_for_pick(0, &rtt, f64::NAN, true).is_nan());
+        assert!(load.rtt_for_pick(0, &rtt, f64::NAN, true, 1.0).is_nan());
         load.settle_rtt(3 * MS, MS, &rtt);
-        assert_eq!(load.rtt_for_pick(MS, &rtt, f64::NAN, true), 3e6);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, f64::NAN, true, 1.0), 3e6);
     }
 
     #[test]
@@ -753,10 +805,10 @@ mod tests {
         let load = EndpointLoad::new(0, &rtt);
         load.record_rtt(5 * MS, MS, &rtt);
         // One sample: still weighed at the typical value.
-        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true), 2e6);
+        assert_eq!(load.rtt_for_pick(MS, &rtt, 2e6, true, 1.0), 2e6);
         load.record_rtt(MS, 2 * MS, &rtt);
         assert_eq!(load.rtt_estimate_ns(2 * MS, &rtt), 1e6);
-        assert_eq!(load.rtt_for_pick(2 * MS, &rtt, 2e6, true), 1e6);
+        assert_eq!(load.rtt_for_pick(2 * MS, &rtt, 2e6, true, 1.0), 1e6);
         // From then on, peaks stick.
         load.record_rtt(4 * MS, 3 * MS, &rtt);
         load.record_rtt(MS, 4 * MS, &rtt);
@@ -770,13 +822,13 @@ mod tests {
         let load = EndpointLoad::new(0, &rtt);
         load.settle_rtt(500 * MS, 0, &rtt);
         // Fresh: its own estimate.
-        assert!(load.rtt_for_pick(500 * MS, &rtt, 2e6, true) > 400e6);
+        assert!(load.rtt_for_pick(500 * MS, &rtt, 2e6, true, 1.0) > 400e6);
         // Stale but busy (the probe is in flight): its own estimate.
-        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, false) > 400e6);
+        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, false, 1.0) > 400e6);
         // Stale and idle: the typical value, once.
-        assert_eq!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, true), 2e6);
+        assert_eq!(load.rtt_for_pick(1_500 * MS, &rtt, 2e6, true, 1.0), 2e6);
         // Stale but already below the typical value: its own.
-        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 900e6, true) < 900e6);
+        assert!(load.rtt_for_pick(1_500 * MS, &rtt, 900e6, true, 1.0) < 900e6);
     }
 
     #[test]

@@ -190,8 +190,7 @@ pub struct HttpRetryOn {
     grpc_codes: u32,
 }
 
-/// gRPC's `UNAVAILABLE`.
-const GRPC_UNAVAILABLE: u8 = 14;
+use crate::classify::grpc_codes::UNAVAILABLE as GRPC_UNAVAILABLE;
 
 impl HttpRetryOn {
     /// HTTP 502, 503, 504 and gRPC `UNAVAILABLE` (14).
@@ -250,10 +249,7 @@ impl HttpRetryOn {
     }
 
     fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
-        let code = headers
-            .get(&crate::classify::GRPC_STATUS)
-            .and_then(crate::classify::grpc_code);
-        code.is_some_and(|c| self.grpc_codes & (1 << c) != 0)
+        crate::classify::grpc_status(headers).is_some_and(|c| self.grpc_codes & (1 << c) != 0)
     }
 }
 

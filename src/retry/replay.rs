@@ -100,13 +100,12 @@ struct Whole {
     frames: WholeFrames,
 }
 
-/// The frames of a body read whole.
-#[derive(Clone)]
+/// The frames of a body read whole (shared through the `Arc<Whole>`).
 enum WholeFrames {
     /// One data frame, the common case (a `Full` body, a unary gRPC
-    /// message): shared by a `Bytes` reference count alone.
+    /// message): no vector.
     One(Bytes),
-    Many(Arc<[Buffered]>),
+    Many(Box<[Buffered]>),
 }
 
 impl WholeFrames {
@@ -353,17 +352,22 @@ impl<B> ReplayBody<B> {
         }
         let mut body = Box::pin(body);
         let mut cx = Context::from_waker(Waker::noop());
-        let mut ahead: VecDeque<Ahead> = VecDeque::new();
+        // The first frame apart, so that a body of one frame (the common
+        // case) needs no vector.
+        let mut first: Option<Buffered> = None;
+        let mut rest: Vec<Buffered> = Vec::new();
+        // How the reading stopped, when the body had no more to give.
+        let mut last: Option<Ahead> = None;
         let mut buffered = 0usize;
         for _ in 0..READ_AT_ONCE {
             let frame = match body.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
-                    ahead.push_back(Ahead::End);
+                    last = Some(Ahead::End);
                     break;
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    ahead.push_back(Ahead::Error(error.into()));
+                    last = Some(Ahead::Error(error.into()));
                     break;
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
@@ -374,32 +378,26 @@ impl<B> ReplayBody<B> {
                 continue;
             };
             buffered = buffered.saturating_add(frame.data_len());
-            ahead.push_back(Ahead::Frame(frame));
+            match first {
+                None => first = Some(frame),
+                Some(_) => rest.push(frame),
+            }
             if buffered > cap {
                 break;
             }
             if body.is_end_stream() {
-                ahead.push_back(Ahead::End);
+                last = Some(Ahead::End);
                 break;
             }
         }
-        let source_done = matches!(ahead.back(), Some(Ahead::End | Ahead::Error(_)));
-        if matches!(ahead.back(), Some(Ahead::End)) && buffered <= cap {
-            let mut frames: Vec<Buffered> = ahead
-                .into_iter()
-                .filter_map(|item| match item {
-                    Ahead::Frame(frame) => Some(frame),
-                    Ahead::End | Ahead::Error(_) => None,
-                })
-                .collect();
-            let whole = match frames.len() {
-                0 => return Self::empty(cap),
-                1 => match frames.pop() {
-                    Some(Buffered::Data(data)) => WholeFrames::One(data),
-                    Some(other) => WholeFrames::Many(vec![other].into()),
-                    None => return Self::empty(cap),
-                },
-                _ => WholeFrames::Many(frames.into()),
+        if matches!(last, Some(Ahead::End)) && buffered <= cap {
+            let whole = match (first, rest.is_empty()) {
+                (None, _) => return Self::empty(cap),
+                (Some(Buffered::Data(data)), true) => WholeFrames::One(data),
+                (Some(first), _) => {
+                    rest.insert(0, first);
+                    WholeFrames::Many(rest.into_boxed_slice())
+                }
             };
             return ReplayBody {
                 kind: Kind::Whole {
@@ -409,6 +407,13 @@ impl<B> ReplayBody<B> {
                 },
             };
         }
+        let source_done = last.is_some();
+        let ahead: VecDeque<Ahead> = first
+            .into_iter()
+            .chain(rest)
+            .map(Ahead::Frame)
+            .chain(last)
+            .collect();
         // Not whole within the cap (it stopped being ready, outgrew the cap
         // or failed): a shared stream, for which what was read is the
         // original body's first frames. The first clone to need them takes
@@ -751,7 +756,6 @@ impl Cursor {
                     // The whole chain: the clones get only this text.
                     state.failed = Some(crate::error::report(&*err).to_string());
                     state.body = None;
-                    state.ahead.clear();
                     self.done = true;
                     return (Poll::Ready(Some(Err(err))), true);
                 }
@@ -1460,10 +1464,21 @@ mod tests {
         let mut retry = unsent.try_clone().unwrap();
         drop(unsent);
         assert_eq!(read_all(&mut retry).await.unwrap().0, "abcdefghij");
-        // Once an attempt has read past the cap, no copy can be made.
+        // Within the cap copies can be made; once an attempt has read past
+        // it, none can.
         let mut sent = ReplayBody::new(ready(frames()), 6);
-        assert_eq!(read_all(&mut sent).await.unwrap().0, "abcdefghij");
+        assert_eq!(
+            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abcd"
+        );
+        assert!(!sent.is_capped());
+        assert!(sent.try_clone().is_ok());
+        assert_eq!(
+            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "efgh"
+        );
         assert!(sent.is_capped());
+        assert_eq!(read_all(&mut sent).await.unwrap().0, "ij");
         assert_eq!(
             sent.try_clone().err(),
             Some(NotReplayable::BodyOverCap { cap: 6 })
@@ -1521,6 +1536,60 @@ mod tests {
         assert_eq!(late.size_hint().exact(), Some(5));
         assert!(!late.is_end_stream());
         assert_eq!(copy.size_hint().exact(), Some(5));
+    }
+
+    /// A body that is not ready when first asked (so it is not read whole
+    /// when wrapped), then is `inner`.
+    struct NotReadyAtFirst<B> {
+        asked: bool,
+        inner: B,
+    }
+
+    impl<B: Body + Unpin> Body for NotReadyAtFirst<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+            if !self.asked {
+                self.asked = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll_frame(cx)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_clone_of_a_streamed_body_has_the_original_size_and_end_hints() {
+        let streamed = NotReadyAtFirst {
+            asked: false,
+            inner: Full::new(Bytes::from_static(b"hello")),
+        };
+        let mut body = ReplayBody::new(streamed, DEFAULT_REPLAY_CAP);
+        assert!(matches!(body.kind, Kind::Shared(_)));
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let copy = body.clone();
+        assert_eq!(copy.size_hint().exact(), Some(5));
+        assert!(!copy.is_end_stream());
+
+        body.frame().await.unwrap().unwrap();
+        assert!(body.is_end_stream(), "hyper would wait for more");
+        assert!(body.is_complete());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        let late = body.clone();
+        assert_eq!(late.size_hint().exact(), Some(5));
+        assert!(!late.is_end_stream());
     }
 
     #[test]
