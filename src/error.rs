@@ -59,6 +59,23 @@ pub enum Error {
         endpoints: usize,
     },
 
+    /// Every endpoint is out of service, kept out by its
+    /// [active health check](crate::balance::Builder::health_check) (failing
+    /// it, or not passed yet) or ejected by outlier detection, and panic mode
+    /// is off, so there is nowhere to send the request.
+    #[error(
+        "{} out of service ({}) and panic mode is off",
+        all_endpoints_are(*.endpoints),
+        out_of_service(*.endpoints, *.failing_checks)
+    )]
+    AllOutOfService {
+        /// How many endpoints there are, all out of service.
+        endpoints: usize,
+        /// How many of them their health check keeps out; the others are
+        /// ejected.
+        failing_checks: usize,
+    },
+
     /// The balancer was closed (see [`Balancer::close`](crate::Balancer::close));
     /// it accepts no new requests.
     #[error("the balancer is closed and accepts no new requests")]
@@ -100,6 +117,16 @@ fn all_endpoints_are(endpoints: usize) -> String {
     match endpoints {
         1 => "the only endpoint is".to_owned(),
         n => format!("all {n} endpoints are"),
+    }
+}
+
+/// Why the endpoints are out of service: "failing their health check or
+/// not passed it yet", or that and how many are ejected.
+fn out_of_service(endpoints: usize, failing_checks: usize) -> String {
+    let checks = "failing their health check or not passed it yet";
+    match endpoints.saturating_sub(failing_checks) {
+        0 => checks.to_owned(),
+        ejected => format!("{failing_checks} {checks}, {ejected} ejected by outlier detection"),
     }
 }
 
@@ -627,6 +654,22 @@ mod tests {
         assert_eq!(
             Error::AllEjected { endpoints: 3 }.to_string(),
             "all 3 endpoints are ejected by outlier detection and panic mode is off"
+        );
+        assert_eq!(
+            Error::AllOutOfService {
+                endpoints: 2,
+                failing_checks: 2
+            }
+            .to_string(),
+            "all 2 endpoints are out of service (failing their health check or not passed it yet) and panic mode is off"
+        );
+        assert_eq!(
+            Error::AllOutOfService {
+                endpoints: 3,
+                failing_checks: 1
+            }
+            .to_string(),
+            "all 3 endpoints are out of service (1 failing their health check or not passed it yet, 2 ejected by outlier detection) and panic mode is off"
         );
     }
 }

@@ -10,7 +10,7 @@ use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
 use crate::health::HealthSettings;
-use crate::health::{OutlierDetection, SlowStart};
+use crate::health::{ActiveCheck, NoActiveCheck, OutlierDetection, SlowStart};
 use crate::load::{LatencyClock, RttEstimate};
 use crate::setting::{self, InvalidSetting};
 use crate::strategy::{P2c, Strategy};
@@ -33,11 +33,18 @@ use crate::strategy::{P2c, Strategy};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Builder<P = P2c, C = ErrorsAsFailures, H = NoHints, W = NoStaticWeights> {
+pub struct Builder<
+    P = P2c,
+    C = ErrorsAsFailures,
+    H = NoHints,
+    W = NoStaticWeights,
+    A = NoActiveCheck,
+> {
     strategy: P,
     classify: C,
     hints: H,
     weights: W,
+    checks: A,
     options: Options,
 }
 
@@ -92,6 +99,7 @@ impl Builder<P2c> {
             classify: ErrorsAsFailures,
             hints: NoHints,
             weights: NoStaticWeights,
+            checks: NoActiveCheck,
             options: Options {
                 startup_wait: Duration::from_secs(5),
                 rtt: RttEstimate::DEFAULT,
@@ -112,14 +120,15 @@ impl Default for Builder<P2c> {
     }
 }
 
-impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
+impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
     /// The balancing strategy.
-    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H, W> {
+    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H, W, A> {
         Builder {
             strategy,
             classify: self.classify,
             hints: self.hints,
             weights: self.weights,
+            checks: self.checks,
             options: self.options,
         }
     }
@@ -143,12 +152,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
 [`HttpClassify::grpc`]: crate#cargo-features
 "
     )]
-    pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W> {
+    pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W, A> {
         Builder {
             strategy: self.strategy,
             classify,
             hints: self.hints,
             weights: self.weights,
+            checks: self.checks,
             options: self.options,
         }
     }
@@ -178,12 +188,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     /// # let _ = balancer;
     /// # }
     /// ```
-    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V> {
+    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V, A> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: self.hints,
             weights,
+            checks: self.checks,
             options: self.options,
         }
     }
@@ -204,12 +215,13 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     /// let builder = Balancer::builder().avoid_tried_endpoints();
     /// # let _ = builder;
     /// ```
-    pub fn avoid_tried_endpoints(self) -> Builder<P, C, CallHints, W> {
+    pub fn avoid_tried_endpoints(self) -> Builder<P, C, CallHints, W, A> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: CallHints,
             weights: self.weights,
+            checks: self.checks,
             options: self.options,
         }
     }
@@ -234,6 +246,43 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
     pub fn no_outlier_detection(mut self) -> Self {
         self.options.outlier_detection = None;
         self
+    }
+
+    /// Checks every endpoint actively, besides what its traffic shows: an
+    /// endpoint that fails its check, or has not passed its first one yet,
+    /// is not picked (while the [panic threshold](Self::panic_threshold)
+    /// allows), and outlier detection still applies to the rest. Each
+    /// endpoint's check starts when discovery inserts it and stops when
+    /// discovery removes it. Default: no active checks.
+    ///
+    /// [`HealthCheck`](crate::health::HealthCheck) has the built-in checks
+    /// (a TCP connect, an HTTP GET, gRPC's `grpc.health.v1.Health/Watch`);
+    /// any [`ActiveCheck`] will do.
+    ///
+    /// ```
+    /// use std::{net::SocketAddr, time::Duration};
+    /// use tower_lb::{discover, health::HealthCheck, Balancer};
+    /// # use tower::service_fn;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_lb::error::InvalidSetting> {
+    /// # let svc = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+    /// let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    /// let balancer = Balancer::builder()
+    ///     .health_check(HealthCheck::tcp().interval(Duration::from_secs(2))?)
+    ///     .build(discover::fixed([(addr, svc)]));
+    /// # let _ = balancer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn health_check<B>(self, checks: B) -> Builder<P, C, H, W, B> {
+        Builder {
+            strategy: self.strategy,
+            classify: self.classify,
+            hints: self.hints,
+            weights: self.weights,
+            checks,
+            options: self.options,
+        }
     }
 
     /// Ramps the share of new endpoints, and of endpoints back from an
@@ -332,6 +381,7 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
         C: Send + Sync + 'static,
         H: Send + Sync + 'static,
         W: StaticWeights<D::Key>,
+        A: ActiveCheck<D::Key>,
     {
         let latency_detector = self
             .options
@@ -354,6 +404,7 @@ impl<P: Strategy, C, H, W> Builder<P, C, H, W> {
             classify: self.classify,
             hints: self.hints,
             weights: self.weights,
+            checks: self.checks,
             startup_wait: self.options.startup_wait,
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,

@@ -24,7 +24,9 @@ use super::snapshot::{EndpointList, Snapshot};
 use super::{Inner, StaticWeights};
 use crate::error::BoxError;
 use crate::error::Empty;
-use crate::health::{EndpointHealth, Health, HealthSettings, View};
+use crate::health::{
+    reports, ActiveCheck, CheckId, EndpointHealth, Health, HealthSettings, ReportSender, View,
+};
 use crate::strategy::Strategy;
 
 /// At most this many changes are applied per snapshot, so that a stream that
@@ -83,10 +85,24 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
 }
 
 /// An endpoint in the current set, with what the health rules remember of
-/// it (dropped with it).
+/// it and its active check (dropped with it).
 struct Tracked<K, S> {
     endpoint: Arc<Endpoint<K, S>>,
     health: EndpointHealth,
+    check: Option<RunningCheck>,
+}
+
+/// A key's active check, running as a task of its own; dropping this stops
+/// it.
+struct RunningCheck {
+    id: CheckId,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RunningCheck {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The driver's own view of the endpoints; the published snapshot is derived
@@ -95,6 +111,9 @@ struct Endpoints<K, S> {
     active: IndexMap<K, Tracked<K, S>>,
     draining: Vec<Arc<Endpoint<K, S>>>,
     health: Health,
+    /// Where active checks report; each check gets a reporter with its id.
+    reports: ReportSender,
+    next_check: CheckId,
 }
 
 /// A set that grew to many endpoints and shrank back should not keep the
@@ -115,6 +134,7 @@ where
         change: Change<K, S>,
         shared: &Arc<Shared>,
         weights: &impl StaticWeights<K>,
+        checks: &impl ActiveCheck<K>,
     ) -> bool {
         match change {
             Change::Insert(key, service) => {
@@ -127,14 +147,26 @@ where
                 let mut tracked = Tracked {
                     endpoint,
                     health: EndpointHealth::default(),
+                    check: None,
                 };
-                if let Some(old) = self.active.get(&key) {
-                    // A new service for the same key keeps the key's health.
+                if let Some(old) = self.active.get_mut(&key) {
+                    // A new service for the same key keeps the key's health,
+                    // and its check goes on.
                     tracked.health = old.health.for_new_service();
                     tracked.endpoint.inherit_health(&old.endpoint);
+                    tracked.check = old.check.take();
                 } else {
                     self.health
                         .joined(&mut tracked.health, tracked.endpoint.load());
+                    self.next_check += 1;
+                    let id = self.next_check;
+                    if let Some(task) = checks.start(&key, self.reports.reporter(id)) {
+                        tracked.health.check_started(&*tracked.endpoint);
+                        tracked.check = Some(RunningCheck {
+                            id,
+                            task: tokio::spawn(task),
+                        });
+                    }
                 }
                 if let Some(old) = self.active.insert(key, tracked) {
                     tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
@@ -175,13 +207,13 @@ where
         let in_service: Vec<Arc<Endpoint<K, S>>> = self
             .active
             .values()
-            .filter(|t| !t.health.is_ejected())
+            .filter(|t| t.health.is_in_service())
             .map(|t| t.endpoint.clone())
             .collect();
-        let ejected: EndpointList<K, S> = self
+        let out_of_service: EndpointList<K, S> = self
             .active
             .values()
-            .filter(|t| t.health.is_ejected())
+            .filter(|t| !t.health.is_in_service())
             .map(|t| t.endpoint.clone())
             .collect();
         let panic = self.health.panic_mode(in_service.len(), total);
@@ -194,7 +226,7 @@ where
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
         inner.snapshot.store(Arc::new(Snapshot {
             eligible,
-            ejected,
+            out_of_service,
             panic,
             draining: self.draining.clone().into_boxed_slice(),
             schedule,
@@ -209,12 +241,13 @@ type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::S
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
 /// state, and `close` drops it, so that happens when the balancer is closed
 /// or the last handle is dropped).
-pub(crate) async fn run<D, P, C, H, W>(
+pub(crate) async fn run<D, P, C, H, W, A>(
     discover: D,
     inner: WeakInner<D, P, C, H>,
     shared: Arc<Shared>,
     health: HealthSettings,
     weights: W,
+    checks: A,
     mut stop: oneshot::Receiver<()>,
 ) where
     D: Discover,
@@ -222,8 +255,10 @@ pub(crate) async fn run<D, P, C, H, W>(
     D::Error: Into<BoxError>,
     P: Strategy,
     W: StaticWeights<D::Key>,
+    A: ActiveCheck<D::Key>,
 {
     tokio::pin!(discover);
+    let (report_sender, mut check_reports) = reports();
     // The detectors' interval, read once: the health rules keep the rest.
     let detection_interval = health.outlier_detection.as_ref().map(|d| d.interval);
     let has_detection = detection_interval.is_some();
@@ -231,6 +266,8 @@ pub(crate) async fn run<D, P, C, H, W>(
         active: IndexMap::new(),
         draining: Vec::new(),
         health: Health::new(health),
+        reports: report_sender,
+        next_check: 0,
     };
     // An interval too long for the clock never ticks.
     let mut ticker = detection_interval.and_then(|interval| {
@@ -289,7 +326,7 @@ pub(crate) async fn run<D, P, C, H, W>(
                     match item {
                         Ok(change) => {
                             let is_insert = matches!(change, Change::Insert(..));
-                            if endpoints.apply(change, &shared, &weights) {
+                            if endpoints.apply(change, &shared, &weights, &checks) {
                                 changed = true;
                                 if is_insert { inserted += 1 } else { removed += 1 }
                             }
@@ -326,6 +363,18 @@ pub(crate) async fn run<D, P, C, H, W>(
                     answer,
                     batch.ended,
                 );
+            }
+            Some((id, verdict)) = check_reports.recv() => {
+                // A report from a check that has since stopped (its key
+                // removed) finds no endpoint, and is dropped.
+                let index = endpoints
+                    .active
+                    .values()
+                    .position(|t| t.check.as_ref().is_some_and(|check| check.id == id));
+                if let Some((key, tracked)) = index.and_then(|i| endpoints.active.get_index_mut(i)) {
+                    let mut view = (key, &mut tracked.health, &*tracked.endpoint);
+                    changed = endpoints.health.checked(&mut view, verdict);
+                }
             }
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {
                 changed = true;

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::classify::{Outcome, RecordOutcome};
-use crate::health::OutlierDetection;
+use crate::health::{CheckStatus, OutlierDetection};
 use crate::load::{EndpointLoad, LatencyClock, RequestClock, RttEstimate};
 use crate::strategy::{Candidates, PickContext};
 
@@ -157,6 +157,10 @@ pub(crate) struct Endpoint<K, S> {
     service: S,
     /// One of the `ACTIVE`, `TRIPPED`, `EJECTED`, `DRAINING` states.
     state: AtomicU8,
+    /// Where it stands with its active check: one of the `CHECK_` values.
+    /// Read for the stats and the last-resort pick; the snapshot is what
+    /// keeps requests away from it.
+    check: AtomicU8,
     /// Times outlier detection ejected it.
     ejections: AtomicU32,
     /// While ejected: when it returns, in nanoseconds since the epoch.
@@ -178,6 +182,12 @@ const EJECTED: u8 = 2;
 /// Removed by discovery; its in-flight requests are finishing.
 const DRAINING: u8 = 3;
 
+/// Not actively checked.
+const CHECK_NONE: u8 = 0;
+const CHECK_PENDING: u8 = 1;
+const CHECK_PASSING: u8 = 2;
+const CHECK_FAILING: u8 = 3;
+
 /// The next endpoint id; 0 is never used, so an empty slot can hold it.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -190,6 +200,7 @@ impl<K, S> Endpoint<K, S> {
             service,
             load,
             state: AtomicU8::new(ACTIVE),
+            check: AtomicU8::new(CHECK_NONE),
             ejections: AtomicU32::new(0),
             returns_at_ns: AtomicU64::new(0),
             lost_connection_mark: AtomicU64::new(0),
@@ -270,10 +281,27 @@ impl<K, S> Endpoint<K, S> {
         self.state.load(Ordering::SeqCst) == DRAINING
     }
 
-    /// Neither ejected nor about to be, nor removed.
+    /// Neither ejected nor about to be, nor removed, nor kept out by its
+    /// active check.
     #[inline]
     pub(crate) fn is_in_service(&self) -> bool {
         self.state.load(Ordering::Relaxed) == ACTIVE
+            && self.check_status().is_none_or(CheckStatus::allows_traffic)
+    }
+
+    /// Kept out of service by its active check.
+    pub(crate) fn fails_check(&self) -> bool {
+        self.check_status().is_some_and(|s| !s.allows_traffic())
+    }
+
+    /// Where it stands with its active check, if it has one.
+    fn check_status(&self) -> Option<CheckStatus> {
+        match self.check.load(Ordering::Relaxed) {
+            CHECK_PENDING => Some(CheckStatus::Pending),
+            CHECK_PASSING => Some(CheckStatus::Passing),
+            CHECK_FAILING => Some(CheckStatus::Failing),
+            _ => None,
+        }
     }
 
     /// Reached its consecutive-failure limit and waits for the driver.
@@ -311,6 +339,8 @@ impl<K, S> Endpoint<K, S> {
             .set_slow_start_factor(old.load.slow_start_factor());
         self.ejections
             .store(old.ejections.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.check
+            .store(old.check.load(Ordering::Relaxed), Ordering::Relaxed);
         if old.state.load(Ordering::SeqCst) == EJECTED {
             self.returns_at_ns
                 .store(old.returns_at_ns.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -330,6 +360,7 @@ impl<K, S> Endpoint<K, S> {
         match self.state.load(Ordering::Relaxed) {
             EJECTED => EndpointState::Ejected,
             DRAINING => EndpointState::Draining,
+            _ if self.fails_check() => EndpointState::Unhealthy,
             _ => EndpointState::Active,
         }
     }
@@ -362,6 +393,7 @@ impl<K, S> Endpoint<K, S> {
             malformed_load_reports: self.load.malformed_load_reports(),
             static_weight: self.load.static_weight(),
             slow_start_factor: self.load.slow_start_factor(),
+            health_check: self.check_status(),
         }
     }
 }
@@ -573,6 +605,9 @@ pub enum EndpointState {
     /// Taken out of service by [outlier detection](crate::health) until its
     /// ejection time is up; gets requests only in panic mode.
     Ejected,
+    /// Kept out of service by its [active health check](crate::health::HealthCheck):
+    /// failing it, or not passed yet; gets requests only in panic mode.
+    Unhealthy,
 }
 
 /// A point-in-time view of one endpoint, from
@@ -612,6 +647,9 @@ pub struct EndpointStats<K> {
     /// The share of its weight it gets now: below 1 while in
     /// [slow start](crate::health::SlowStart).
     pub slow_start_factor: f64,
+    /// Where it stands with its [active health check](crate::balance::Builder::health_check);
+    /// `None` when it has none.
+    pub health_check: Option<CheckStatus>,
 }
 
 /// The balancer's snapshot is what its strategy picks from. Implemented
@@ -644,5 +682,14 @@ impl<K, S> crate::health::Monitored for Endpoint<K, S> {
 
     fn restore(&self) {
         Endpoint::restore(self)
+    }
+
+    fn show_check(&self, status: CheckStatus) {
+        let value = match status {
+            CheckStatus::Pending => CHECK_PENDING,
+            CheckStatus::Passing => CHECK_PASSING,
+            CheckStatus::Failing => CHECK_FAILING,
+        };
+        self.check.store(value, Ordering::Relaxed);
     }
 }

@@ -152,10 +152,8 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         let snapshot = self.snapshot.load();
         let eligible = &snapshot.eligible[..];
         if eligible.is_empty() {
-            if !snapshot.ejected.is_empty() {
-                return Dispatch::Failed(Error::AllEjected {
-                    endpoints: snapshot.ejected.len(),
-                });
+            if !snapshot.out_of_service.is_empty() {
+                return Dispatch::Failed(out_of_service(&snapshot.out_of_service));
             }
             // Read after the snapshot: the driver sets it after publishing
             // an empty set and clears it before publishing a non-empty one,
@@ -249,6 +247,21 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
     }
 }
 
+/// Why there is nowhere to send a request when every endpoint in the set
+/// is out of service.
+fn out_of_service<K, S>(endpoints: &[Arc<Endpoint<K, S>>]) -> Error {
+    let failing_checks = endpoints.iter().filter(|e| e.fails_check()).count();
+    match failing_checks {
+        0 => Error::AllEjected {
+            endpoints: endpoints.len(),
+        },
+        _ => Error::AllOutOfService {
+            endpoints: endpoints.len(),
+            failing_checks,
+        },
+    }
+}
+
 /// The first endpoint from `from` on (cyclically) that is in service and
 /// `untried`, else the first in service, else `from` itself.
 fn next_suitable<K, S>(
@@ -284,7 +297,7 @@ impl<K, S, P: Strategy, C, H> Balancer<K, S, P, C, H> {
         // In panic mode ejected endpoints sit among the eligible ones.
         all.sort_by_key(|e| match e.state {
             EndpointState::Active => 0,
-            EndpointState::Ejected => 1,
+            EndpointState::Ejected | EndpointState::Unhealthy => 1,
             _ => 2,
         });
         all
@@ -358,7 +371,7 @@ impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C, H> fmt::Debug for Balancer<K
         f.debug_struct("Balancer")
             .field("strategy", &self.inner.strategy)
             .field("endpoints", &keys)
-            .field("ejected", &snapshot.ejected.len())
+            .field("out_of_service", &snapshot.out_of_service.len())
             .field("panic", &snapshot.panic)
             .field("draining", &snapshot.draining.len())
             .field("closed", &self.is_closed())
@@ -439,19 +452,20 @@ async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> 
 }
 
 /// What the builder hands to [`spawn`].
-pub(crate) struct Settings<P, C, H, W> {
+pub(crate) struct Settings<P, C, H, W, A> {
     pub(crate) strategy: P,
     pub(crate) classify: C,
     pub(crate) hints: H,
     pub(crate) weights: W,
+    pub(crate) checks: A,
     pub(crate) startup_wait: Duration,
     pub(crate) health: crate::health::HealthSettings,
 }
 
 /// Builds the shared state and spawns the driver; used by the builder.
-pub(crate) fn spawn<D, P, C, H, W>(
+pub(crate) fn spawn<D, P, C, H, W, A>(
     discover: D,
-    settings: Settings<P, C, H, W>,
+    settings: Settings<P, C, H, W, A>,
     shared: Shared,
 ) -> Balancer<D::Key, D::Service, P, C, H>
 where
@@ -463,12 +477,14 @@ where
     C: Send + Sync + 'static,
     H: Send + Sync + 'static,
     W: StaticWeights<D::Key>,
+    A: crate::health::ActiveCheck<D::Key>,
 {
     let Settings {
         strategy,
         classify,
         hints,
         weights,
+        checks,
         startup_wait,
         health,
     } = settings;
@@ -479,7 +495,7 @@ where
     let inner = Arc::new(Inner {
         snapshot: ArcSwap::from_pointee(Snapshot {
             eligible: empty,
-            ejected: Box::new([]),
+            out_of_service: Box::new([]),
             panic: false,
             draining: Box::new([]),
             schedule,
@@ -499,6 +515,7 @@ where
         shared,
         health,
         weights,
+        checks,
         stop_rx,
     ));
     Balancer { inner }

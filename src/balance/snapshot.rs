@@ -12,10 +12,11 @@ pub(crate) struct Snapshot<K, S, Sch> {
     /// The endpoints new requests may go to: those in service, or in panic
     /// mode all of them.
     pub(crate) eligible: EndpointList<K, S>,
-    /// Endpoints taken out of service by outlier detection (also in
-    /// `eligible` in panic mode).
-    pub(crate) ejected: EndpointList<K, S>,
-    /// Too few endpoints are in service: requests go to ejected ones too.
+    /// Endpoints out of service: ejected by outlier detection, or kept out
+    /// by their active check (also in `eligible` in panic mode).
+    pub(crate) out_of_service: EndpointList<K, S>,
+    /// Too few endpoints are in service: requests go to those out of
+    /// service too.
     pub(crate) panic: bool,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
@@ -24,18 +25,22 @@ pub(crate) struct Snapshot<K, S, Sch> {
 }
 
 impl<K, S, Sch> Snapshot<K, S, Sch> {
-    /// Every endpoint this snapshot knows, each once: in service, ejected,
-    /// draining.
+    /// Every endpoint this snapshot knows, each once: in service, out of
+    /// service, draining.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
-        let ejected: &[Arc<Endpoint<K, S>>] = if self.panic { &[] } else { &self.ejected };
+        let out: &[Arc<Endpoint<K, S>>] = if self.panic {
+            &[]
+        } else {
+            &self.out_of_service
+        };
         self.eligible
             .iter()
-            .chain(ejected.iter())
+            .chain(out.iter())
             .chain(self.draining.iter())
     }
 
-    /// Requests in flight on every endpoint this snapshot knows, ejected and
-    /// draining ones included.
+    /// Requests in flight on every endpoint this snapshot knows, those out
+    /// of service and draining included.
     pub(crate) fn in_flight(&self) -> usize {
         self.all().map(|e| e.load().in_flight_seq_cst()).sum()
     }

@@ -18,6 +18,7 @@ use crate::grpc::{
     status_from_error, ConfigureEndpoint, EndpointBody, GrpcEndpoint, GrpcTimeoutLayer,
     MethodSafety, StatusBody,
 };
+use crate::health::ActiveCheck;
 use crate::load::OrcaLoadReports;
 use crate::retry::{ReplayBody, RetryOn};
 use crate::strategy::{P2c, Strategy};
@@ -152,7 +153,7 @@ impl<B, R> ClientBuilder<Grpc, B, R> {
     }
 }
 
-impl<P, C, H, W, RB, R> ClientBuilder<Grpc, balance::Builder<P, C, H, W>, R>
+impl<P, C, H, W, A, RB, R> ClientBuilder<Grpc, balance::Builder<P, C, H, W, A>, R>
 where
     R: RetryOn<Reply>,
     P: Strategy,
@@ -169,6 +170,7 @@ where
     pub fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> GrpcChannel
     where
         W: StaticWeights<SocketAddr>,
+        A: ActiveCheck<SocketAddr>,
     {
         let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
         self.build_discover(crate::discover::fixed(addrs))
@@ -186,6 +188,7 @@ where
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
         W: StaticWeights<D::Key>,
+        A: ActiveCheck<D::Key>,
     {
         let Grpc {
             safety: method_safety,
@@ -225,6 +228,7 @@ where
     ) -> Result<GrpcChannel<crate::discover::DnsEndpoint>, crate::discover::DnsError>
     where
         W: StaticWeights<crate::discover::DnsEndpoint>,
+        A: ActiveCheck<crate::discover::DnsEndpoint>,
     {
         let mut builder = self;
         if builder.target.authority.is_none() {

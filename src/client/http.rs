@@ -23,6 +23,7 @@ use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
 use crate::connection::H2Settings;
 use crate::error::BoxError;
+use crate::health::ActiveCheck;
 use crate::http::HttpEndpoint;
 use crate::load::OrcaLoadReports;
 use crate::retry::{ReplayBody, RetryOn};
@@ -207,7 +208,7 @@ impl<B, R> ClientBuilder<Http<HttpConnector>, B, R> {
     }
 }
 
-impl<Conn, P, C, H, W, RB, R> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W>, R>
+impl<Conn, P, C, H, W, A, RB, R> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W, A>, R>
 where
     R: RetryOn<http::Response<ResponseBody>>,
     Conn: Connect + Clone + Send + Sync + 'static,
@@ -229,6 +230,7 @@ where
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
         W: StaticWeights<SocketAddr>,
+        A: ActiveCheck<SocketAddr>,
     {
         let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
         self.build_discover(crate::discover::fixed(addrs))
@@ -251,6 +253,7 @@ where
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
         W: StaticWeights<D::Key>,
+        A: ActiveCheck<D::Key>,
     {
         let hyper = self.target.hyper.build(self.target.connector);
         let scheme = self.target.scheme;
@@ -300,6 +303,7 @@ where
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
         W: StaticWeights<crate::discover::DnsEndpoint>,
+        A: ActiveCheck<crate::discover::DnsEndpoint>,
     {
         let (resolve_now, discover) = dns.build(|addr| addr)?;
         Ok(self.build_discover(discover).with_resolve_now(resolve_now))

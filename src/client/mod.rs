@@ -314,7 +314,7 @@ impl<T, B, R> ClientBuilder<T, B, R> {
     }
 }
 
-impl<T, P, C, H, W, R> ClientBuilder<T, balance::Builder<P, C, H, W>, R>
+impl<T, P, C, H, W, A, R> ClientBuilder<T, balance::Builder<P, C, H, W, A>, R>
 where
     P: Strategy,
 {
@@ -322,13 +322,13 @@ where
     pub fn strategy<Q: Strategy>(
         self,
         strategy: Q,
-    ) -> ClientBuilder<T, balance::Builder<Q, C, H, W>, R> {
+    ) -> ClientBuilder<T, balance::Builder<Q, C, H, W, A>, R> {
         self.balancer(|b| b.strategy(strategy))
     }
 
     /// What counts as a failure of an endpoint (and which load reports are
     /// read), for outlier detection and the latency estimate.
-    pub fn classify<D>(self, classify: D) -> ClientBuilder<T, balance::Builder<P, D, H, W>, R> {
+    pub fn classify<D>(self, classify: D) -> ClientBuilder<T, balance::Builder<P, D, H, W, A>, R> {
         self.balancer(|b| b.classify(classify))
     }
 
@@ -374,6 +374,29 @@ where
         })
     }
 
+    /// Checks every endpoint actively (see
+    /// [`balance::Builder::health_check`]): an endpoint that fails its
+    /// check, or has not passed it yet, is not picked. Default: none.
+    ///
+    /// ```
+    /// use tower_lb::{client::HttpClient, health::HealthCheck};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_lb::error::InvalidSetting> {
+    /// let client = HttpClient::builder()
+    ///     .health_check(HealthCheck::http_get("/healthz")?)
+    ///     .build::<String>(["127.0.0.1:8080".parse().unwrap()]);
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn health_check<Ck>(
+        self,
+        checks: Ck,
+    ) -> ClientBuilder<T, balance::Builder<P, C, H, W, Ck>, R> {
+        self.balancer(|b| b.health_check(checks))
+    }
+
     /// Static weights from the discovery keys, for example
     /// [`DnsEndpoint::static_weight`] with [`build_dns`] (feature `dns`).
     ///
@@ -394,7 +417,7 @@ where
     pub fn static_weights<V: StaticWeights<K>, K>(
         self,
         weights: V,
-    ) -> ClientBuilder<T, balance::Builder<P, C, H, V>, R> {
+    ) -> ClientBuilder<T, balance::Builder<P, C, H, V, A>, R> {
         self.balancer(|b| b.static_weights(weights))
     }
 }

@@ -40,6 +40,13 @@ pub struct DnsEndpoint {
     pub weight: u16,
 }
 
+/// Active health checks reach the record's address.
+impl crate::health::CheckAddress for DnsEndpoint {
+    fn check_address(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 impl DnsEndpoint {
     /// The weight to balance by: the SRV weight, with 0 (which RFC 2782
     /// gives "a very small chance") as 1/100.

@@ -43,12 +43,18 @@
 //! of the endpoints are in service, the balancer balances over all of them,
 //! ejected ones included, rather than pile every request onto the few.
 
+mod check;
 mod detect;
 mod ejection;
 mod slow_start;
 mod tracker;
 
+pub use self::check::{
+    ActiveCheck, CheckAddress, CheckStatus, CheckTask, HealthCheck, HealthReporter, NoActiveCheck,
+};
 pub use self::slow_start::SlowStart;
+
+pub(crate) use self::check::{reports, CheckId, ReportSender, Verdict};
 
 pub(crate) use self::detect::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, IntervalCounts,

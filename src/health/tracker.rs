@@ -13,8 +13,8 @@ use std::fmt;
 use tokio::time::Instant;
 
 use super::{
-    failure_percentage_outliers, latency_outliers, success_rate_outliers, EjectionReason,
-    EjectionRecord, OutlierDetection, SlowStart,
+    failure_percentage_outliers, latency_outliers, success_rate_outliers, CheckStatus,
+    EjectionReason, EjectionRecord, OutlierDetection, SlowStart, Verdict,
 };
 use crate::load::{EndpointLoad, RttEstimate};
 
@@ -29,6 +29,8 @@ pub(crate) trait Monitored {
     fn eject(&self, until: Instant);
     /// Puts it back in service.
     fn restore(&self);
+    /// Shows where it stands with its active check.
+    fn show_check(&self, status: CheckStatus);
 }
 
 /// The balancer's health settings.
@@ -45,11 +47,24 @@ pub(crate) struct EndpointHealth {
     record: EjectionRecord,
     /// While in slow start: since when.
     slow_start_since: Option<Instant>,
+    /// With an active check: where it stands.
+    check: Option<CheckStatus>,
 }
 
 impl EndpointHealth {
     pub(crate) fn is_ejected(&self) -> bool {
         self.record.is_ejected()
+    }
+
+    /// Neither ejected nor kept out by its active check.
+    pub(crate) fn is_in_service(&self) -> bool {
+        !self.is_ejected() && self.check.is_none_or(CheckStatus::allows_traffic)
+    }
+
+    /// An active check has started on it: out of service until it passes.
+    pub(crate) fn check_started<E: Monitored>(&mut self, endpoint: &E) {
+        self.check = Some(CheckStatus::Pending);
+        endpoint.show_check(CheckStatus::Pending);
     }
 
     /// The health a new service for the same key takes over: a stream that
@@ -59,6 +74,7 @@ impl EndpointHealth {
         Self {
             record: self.record.for_new_counters(),
             slow_start_since: self.slow_start_since,
+            check: self.check,
         }
     }
 
@@ -215,6 +231,43 @@ impl Health {
             }
         }
         changed
+    }
+
+    /// What an endpoint's active check reported; returns whether that
+    /// changes whether it is in service. An endpoint that passes after
+    /// failing starts its slow-start ramp, as one back from an ejection
+    /// does (a new endpoint's first pass does not: it began its ramp when
+    /// it joined).
+    pub(crate) fn checked<K: fmt::Debug, E: Monitored>(
+        &mut self,
+        (key, health, endpoint): &mut View<'_, K, E>,
+        verdict: Verdict,
+    ) -> bool {
+        let before = health.is_in_service();
+        let previous = health.check;
+        let status = match verdict {
+            Verdict::Healthy => CheckStatus::Passing,
+            Verdict::Unhealthy(reason) => {
+                match previous {
+                    Some(CheckStatus::Passing) => tracing::warn!(endpoint = ?key, %reason,
+                        "endpoint failed its health check; out of service"),
+                    _ => tracing::info!(endpoint = ?key, %reason,
+                        "endpoint has not passed its health check; out of service"),
+                }
+                CheckStatus::Failing
+            }
+        };
+        health.check = Some(status);
+        endpoint.show_check(status);
+        if status == CheckStatus::Passing {
+            tracing::info!(endpoint = ?key, "endpoint passed its health check; in service");
+            if previous == Some(CheckStatus::Failing) {
+                if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
+                    health.begin_slow_start(slow_start, endpoint.load());
+                }
+            }
+        }
+        before != health.is_in_service()
     }
 
     /// The interval detectors, then the multiplier decay. Returns whether an

@@ -1,6 +1,7 @@
 //! Real HTTP servers on loopback for the integration tests.
 #![allow(dead_code)]
 
+pub mod checked;
 pub mod dns;
 pub mod grpc;
 pub mod grpcio;

@@ -1,0 +1,338 @@
+//! Active health checks against real servers on loopback: tonic-health's
+//! own `Watch` service flipped between SERVING and NOT_SERVING, HTTP/1.1
+//! servers whose `/healthz` a test turns, and addresses that refuse TCP.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tower::ServiceExt;
+use tower_lb::client::{GrpcChannel, HttpClient};
+use tower_lb::discover;
+use tower_lb::health::{CheckStatus, HealthCheck};
+use tower_lb::{EndpointState, EndpointStats};
+
+use support::checked::{HealthzServer, WatchedServer};
+use support::grpc::{GrpcBehaviour, GrpcServer};
+use support::{get, refusing_addr, wait_until, Body, TestServer};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Probes every 50 ms (no jitter, so that counts are predictable), with
+/// the default thresholds: 3 failures out, 2 passes back.
+fn fast_http_check() -> HealthCheck {
+    HealthCheck::http_get("/healthz")
+        .and_then(|check| check.interval(Duration::from_millis(50)))
+        .and_then(|check| check.jitter_percent(0))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn stats_of<K: PartialEq + Copy>(all: Vec<EndpointStats<K>>, key: K) -> EndpointStats<K> {
+    all.into_iter()
+        .find(|e| e.key == key)
+        .unwrap_or_else(|| panic!("endpoint not known"))
+}
+
+async fn send<K>(client: &HttpClient<Body, K>) {
+    let response = client
+        .clone()
+        .oneshot(get())
+        .await
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)));
+    assert_eq!(response.status(), 200);
+}
+
+/// The endpoint's check status; `None` also while it is not known yet.
+fn check_of(client: &HttpClient<Body>, addr: SocketAddr) -> Option<CheckStatus> {
+    let all = client.balancer().endpoints();
+    all.into_iter().find(|e| e.key == addr)?.health_check
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_its_http_check_gets_no_traffic_until_it_passes_again() {
+    let (a, b) = (HealthzServer::start().await, HealthzServer::start().await);
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .build::<Body>([a.addr, b.addr]);
+    let passing = |addr| check_of(&client, addr) == Some(CheckStatus::Passing);
+    wait_until(WAIT, || passing(a.addr) && passing(b.addr)).await;
+
+    a.set_health(503);
+    wait_until(WAIT, || {
+        check_of(&client, a.addr) == Some(CheckStatus::Failing)
+    })
+    .await;
+    assert_eq!(
+        stats_of(client.balancer().endpoints(), a.addr).state,
+        EndpointState::Unhealthy
+    );
+    let before = a.traffic();
+    for _ in 0..30 {
+        send(&client).await;
+    }
+    assert_eq!(a.traffic(), before, "the failing endpoint got traffic");
+    assert_eq!(b.traffic(), 30);
+
+    a.set_health(200);
+    wait_until(WAIT, || passing(a.addr)).await;
+    for _ in 0..30 {
+        send(&client).await;
+    }
+    assert!(a.traffic() > before, "the endpoint did not come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_takes_the_unhealthy_threshold_of_failed_probes_in_a_row_to_go_out_and_the_healthy_threshold_to_come_back(
+) {
+    let server = HealthzServer::start().await;
+    let check = fast_http_check()
+        .unhealthy_threshold(4)
+        .and_then(|check| check.healthy_threshold(3))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(check)
+        .build::<Body>([server.addr]);
+    let status = || check_of(&client, server.addr);
+    wait_until(WAIT, || status() == Some(CheckStatus::Passing)).await;
+
+    server.set_health(503);
+    let flipped_at = server.probes();
+    wait_until(WAIT, || status() == Some(CheckStatus::Failing)).await;
+    let failed = server.probes() - flipped_at;
+    assert!(failed >= 4, "out after {failed} failed probes");
+
+    server.set_health(200);
+    let flipped_at = server.probes();
+    wait_until(WAIT, || status() == Some(CheckStatus::Passing)).await;
+    let passed = server.probes() - flipped_at;
+    assert!(passed >= 3, "back after {passed} passed probes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_endpoint_gets_no_traffic_before_its_first_check_passes() {
+    let (a, b) = (HealthzServer::start().await, HealthzServer::start().await);
+    b.set_health_delay(Duration::from_millis(600));
+    let (handle, stream) = discover::channel();
+    handle
+        .insert(a.addr, a.addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .build_discover::<Body, _>(stream);
+    wait_until(WAIT, || {
+        check_of(&client, a.addr) == Some(CheckStatus::Passing)
+    })
+    .await;
+
+    handle
+        .insert(b.addr, b.addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_until(WAIT, || b.probes() == 1).await;
+    let pending = stats_of(client.balancer().endpoints(), b.addr);
+    assert_eq!(pending.health_check, Some(CheckStatus::Pending));
+    assert_eq!(pending.state, EndpointState::Unhealthy);
+    for _ in 0..20 {
+        send(&client).await;
+    }
+    assert_eq!(b.traffic(), 0, "traffic before the first check passed");
+
+    wait_until(WAIT, || {
+        check_of(&client, b.addr) == Some(CheckStatus::Passing)
+    })
+    .await;
+    for _ in 0..20 {
+        send(&client).await;
+    }
+    assert!(b.traffic() > 0, "no traffic after the check passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_of_a_removed_endpoint_stop() {
+    let (a, b) = (HealthzServer::start().await, HealthzServer::start().await);
+    let (handle, stream) = discover::channel();
+    handle
+        .insert(a.addr, a.addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    handle
+        .insert(b.addr, b.addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .build_discover::<Body, _>(stream);
+    wait_until(WAIT, || b.probes() >= 2).await;
+
+    handle.remove(b.addr).unwrap_or_else(|e| panic!("{e}"));
+    wait_until(WAIT, || client.balancer().endpoints().len() == 1).await;
+    // A probe under way when it was removed may still land.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after_removal = b.probes();
+    let a_before = a.probes();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        b.probes(),
+        after_removal,
+        "the removed endpoint is still probed"
+    );
+    assert!(
+        a.probes() >= a_before + 4,
+        "the other endpoint's checks stopped too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_endpoint_fails_its_check_the_panic_threshold_still_sends_requests() {
+    let servers = [HealthzServer::start().await, HealthzServer::start().await];
+    for server in &servers {
+        server.set_health(503);
+    }
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .build::<Body>(servers.iter().map(|s| s.addr));
+    wait_until(WAIT, || {
+        servers
+            .iter()
+            .all(|s| check_of(&client, s.addr) == Some(CheckStatus::Failing))
+    })
+    .await;
+    assert!(client.balancer().is_panicking());
+    for _ in 0..10 {
+        send(&client).await;
+    }
+    assert_eq!(servers[0].traffic() + servers[1].traffic(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_panic_mode_off_a_set_failing_its_checks_refuses_requests_and_says_why() {
+    let server = HealthzServer::start().await;
+    server.set_health(503);
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .panic_threshold(0)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .build::<Body>([server.addr]);
+    wait_until(WAIT, || {
+        check_of(&client, server.addr) == Some(CheckStatus::Failing)
+    })
+    .await;
+    let error = client
+        .clone()
+        .oneshot(get())
+        .await
+        .expect_err("no endpoint in service");
+    let report = tower_lb::error::report(&*error).to_string();
+    assert!(
+        report.contains("the only endpoint is out of service (failing their health check or not passed it yet) and panic mode is off"),
+        "{report}"
+    );
+    assert_eq!(server.traffic(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_check_keeps_requests_off_an_address_that_refuses_connections() {
+    let up = TestServer::start().await;
+    let down = refusing_addr().await;
+    let check = HealthCheck::tcp()
+        .interval(Duration::from_millis(50))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(check)
+        .build::<Body>([up.addr, down]);
+    wait_until(WAIT, || {
+        check_of(&client, up.addr) == Some(CheckStatus::Passing)
+            && check_of(&client, down) == Some(CheckStatus::Failing)
+    })
+    .await;
+    for _ in 0..20 {
+        send(&client).await;
+    }
+    assert_eq!(up.hits(), 20);
+    assert_eq!(stats_of(client.balancer().endpoints(), down).requests, 0);
+}
+
+// --- gRPC: grpc.health.v1.Health/Watch ---
+
+async fn call(channel: &GrpcChannel) {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_or_else(|status| panic!("{status}"));
+}
+
+fn grpc_check_of(channel: &GrpcChannel, addr: SocketAddr) -> Option<CheckStatus> {
+    let all = channel.balancer().endpoints();
+    all.into_iter().find(|e| e.key == addr)?.health_check
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_endpoint_that_says_not_serving_gets_no_calls_until_it_serves_again() {
+    let (a, b) = (WatchedServer::start().await, WatchedServer::start().await);
+    let channel = GrpcChannel::builder()
+        .health_check(HealthCheck::grpc(""))
+        .build([a.addr, b.addr]);
+    let status = |addr| grpc_check_of(&channel, addr);
+    wait_until(WAIT, || {
+        status(a.addr) == Some(CheckStatus::Passing) && status(b.addr) == Some(CheckStatus::Passing)
+    })
+    .await;
+
+    a.set_serving(false).await;
+    wait_until(WAIT, || status(a.addr) == Some(CheckStatus::Failing)).await;
+    let before = a.checks();
+    for _ in 0..30 {
+        call(&channel).await;
+    }
+    assert_eq!(a.checks(), before, "a NOT_SERVING endpoint got calls");
+
+    a.set_serving(true).await;
+    wait_until(WAIT, || status(a.addr) == Some(CheckStatus::Passing)).await;
+    for _ in 0..30 {
+        call(&channel).await;
+    }
+    assert!(a.checks() > before, "the endpoint did not come back");
+    // One stream per endpoint carried every change: the server pushed them.
+    assert_eq!(a.watches(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_server_without_a_health_service_is_taken_as_healthy() {
+    // This server implements Check only: Watch answers UNIMPLEMENTED.
+    let server = GrpcServer::start(GrpcBehaviour::Serve).await;
+    let channel = GrpcChannel::builder()
+        .health_check(HealthCheck::grpc(""))
+        .build([server.addr]);
+    wait_until(WAIT, || {
+        grpc_check_of(&channel, server.addr) == Some(CheckStatus::Passing)
+    })
+    .await;
+    call(&channel).await;
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_grpc_server_is_out_of_service_until_it_is_back_on_its_address() {
+    let (a, b) = (WatchedServer::start().await, WatchedServer::start().await);
+    let check = HealthCheck::grpc("")
+        .interval(Duration::from_millis(200))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = GrpcChannel::builder()
+        .health_check(check)
+        .build([a.addr, b.addr]);
+    let status = |addr| grpc_check_of(&channel, addr);
+    wait_until(WAIT, || status(a.addr) == Some(CheckStatus::Passing)).await;
+
+    a.kill();
+    wait_until(WAIT, || status(a.addr) == Some(CheckStatus::Failing)).await;
+    for _ in 0..10 {
+        call(&channel).await;
+    }
+
+    let restarted = WatchedServer::start_at(a.addr).await;
+    wait_until(WAIT, || status(a.addr) == Some(CheckStatus::Passing)).await;
+    for _ in 0..30 {
+        call(&channel).await;
+    }
+    assert!(restarted.checks() > 0, "no calls after the restart");
+}
