@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, Instant};
 
-use crate::scenario::{BackendSpec, Stall};
+use crate::scenario::{BackendSpec, OutageKind, Stall};
 
 /// A backend's state during one run.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub struct Backend {
     spec: BackendSpec,
     epoch: Instant,
     hits: AtomicU64,
+    /// Requests that arrived while it was down.
+    hits_while_down: AtomicU64,
     queue: Option<Semaphore>,
     /// Seeded per backend, so a simulated run repeats exactly.
     rng: Mutex<SmallRng>,
@@ -39,6 +41,21 @@ struct LoadWindow {
     total_busy: Duration,
 }
 
+/// How long a backend takes to answer a health probe.
+const PROBE_WORK: Duration = Duration::from_millis(1);
+
+/// A request refused: the backend is restarting.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection refused: the backend is restarting")
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// How long a backend measures its rate and utilization before reporting.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
@@ -52,6 +69,7 @@ impl Backend {
             spec,
             epoch: Instant::now(),
             hits: AtomicU64::new(0),
+            hits_while_down: AtomicU64::new(0),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
             timeline: Mutex::new(Vec::new()),
             load: Mutex::new(LoadWindow {
@@ -105,6 +123,34 @@ impl Backend {
         self.hits.load(Ordering::Relaxed)
     }
 
+    /// Requests that arrived while it was down (refused or never answered).
+    pub fn hits_while_down(&self) -> u64 {
+        self.hits_while_down.load(Ordering::Relaxed)
+    }
+
+    /// How the backend is down at `t`, if it is.
+    fn outage_at(&self, t: Instant) -> Option<OutageKind> {
+        let since = t.saturating_duration_since(self.epoch);
+        self.spec
+            .outages
+            .iter()
+            .find(|o| o.from <= since && since < o.until)
+            .map(|o| o.kind)
+    }
+
+    /// Answers a health probe: at once when up, refused when restarting,
+    /// never when black-holed, and after its stall when stalling (a probe
+    /// is served by the same stalled process).
+    pub async fn probe(&self) -> Result<(), &'static str> {
+        match self.outage_at(Instant::now()) {
+            Some(OutageKind::Refusing) => return Err("connection refused"),
+            Some(OutageKind::Silent) => std::future::pending().await,
+            None => {}
+        }
+        sleep_until(self.after_stall(Instant::now() + PROBE_WORK)).await;
+        Ok(())
+    }
+
     /// When the backend was made: the start of its first window.
     pub fn epoch(&self) -> Instant {
         self.epoch
@@ -119,9 +165,18 @@ impl Backend {
     }
 
     /// Serves one request: waits as the spec says, then gives the status
-    /// and, for a backend with a capacity, its load report.
-    pub async fn handle(&self) -> (StatusCode, Option<String>) {
+    /// and, for a backend with a capacity, its load report. While the
+    /// backend is restarting the request is refused (`Err`); while it is
+    /// black-holed it is never answered.
+    pub async fn handle(&self) -> Result<(StatusCode, Option<String>), Refused> {
         self.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = self.outage_at(Instant::now()) {
+            self.hits_while_down.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                OutageKind::Refusing => return Err(Refused),
+                OutageKind::Silent => std::future::pending().await,
+            }
+        }
         {
             let window = (self.epoch.elapsed().as_nanos() / WINDOW.as_nanos()) as usize;
             let mut timeline = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,7 +202,7 @@ impl Backend {
         };
         if fails {
             tokio::time::sleep(Duration::from_millis(1)).await;
-            return (StatusCode::SERVICE_UNAVAILABLE, None);
+            return Ok((StatusCode::SERVICE_UNAVAILABLE, None));
         }
         let mean = if slow {
             self.spec.latency * self.spec.slow_factor
@@ -162,7 +217,7 @@ impl Backend {
         let start = self.after_stall(now);
         let done = self.after_stall(start + work);
         sleep_until(done).await;
-        (StatusCode::OK, self.report(work))
+        Ok((StatusCode::OK, self.report(work)))
     }
 
     /// `t`, or the end of the stall `t` falls in.
@@ -204,7 +259,7 @@ mod tests {
         let backend = Backend::new(spec, 1);
         tokio::time::advance(Duration::from_millis(797)).await;
         let start = Instant::now();
-        backend.handle().await;
+        let _ = backend.handle().await;
         // 797 + 5 = 802 ms lands in the stall (800..1000 ms): done at 1000 ms.
         assert_eq!(start.elapsed(), Duration::from_millis(203));
     }
@@ -224,7 +279,7 @@ mod tests {
             })
             .collect();
         for task in tasks {
-            assert_eq!(task.await.unwrap().0, StatusCode::OK);
+            assert_eq!(task.await.unwrap().map(|a| a.0).ok(), Some(StatusCode::OK));
         }
         assert_eq!(start.elapsed(), Duration::from_millis(20));
     }
@@ -239,7 +294,7 @@ mod tests {
         let mut last = None;
         // One request at a time for 1.2 s: 100 per second, a quarter of 4.
         for _ in 0..120 {
-            last = backend.handle().await.1;
+            last = backend.handle().await.ok().and_then(|answer| answer.1);
         }
         let report = last.unwrap_or_default();
         assert!(

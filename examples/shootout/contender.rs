@@ -17,8 +17,10 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
 
 use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+use crate::backend::Backend;
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
-use tower_lb::health::OutlierDetection;
+use tower_lb::health::{ActiveCheck, CheckTask, HealthReporter, OutlierDetection};
 use tower_lb::hedge::HedgeLayer;
 use tower_lb::load::{LatencyClock, LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
@@ -92,6 +94,9 @@ pub enum Contender {
     P2cPeakEwmaOutliersRetry,
     /// And with hedging after the adaptive p95 (floor 10 ms) on top.
     P2cPeakEwmaOutliersHedge,
+    /// Outlier detection and retries, and an active health check of each
+    /// backend.
+    P2cPeakEwmaOutliersRetryCheck,
     /// Round robin with retries and hedging: what hedging does for a
     /// strategy that does not see latency.
     RoundRobinHedge,
@@ -102,7 +107,7 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 12] = [
+    pub const ALL: [Contender; 13] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -113,6 +118,7 @@ impl Contender {
         Contender::P2cPeakEwmaRetry,
         Contender::P2cPeakEwmaOutliersRetry,
         Contender::P2cPeakEwmaOutliersHedge,
+        Contender::P2cPeakEwmaOutliersRetryCheck,
         Contender::RoundRobinHedge,
         Contender::WeightedRoundRobin,
     ];
@@ -129,6 +135,7 @@ impl Contender {
             Contender::P2cPeakEwmaRetry => "p2c-peak-ewma+retry",
             Contender::P2cPeakEwmaOutliersRetry => "ewma+od+retry",
             Contender::P2cPeakEwmaOutliersHedge => "ewma+od+retry+hedge",
+            Contender::P2cPeakEwmaOutliersRetryCheck => "ewma+od+retry+check",
             Contender::RoundRobinHedge => "round-robin+hedge",
             Contender::WeightedRoundRobin => "weighted-round-robin",
         }
@@ -161,6 +168,9 @@ impl Contender {
             Contender::P2cPeakEwmaOutliersHedge => {
                 "the same, and a hedged copy after the adaptive p95 of recent calls (at least 10 ms)"
             }
+            Contender::P2cPeakEwmaOutliersRetryCheck => {
+                "P2C Peak-EWMA with outlier detection, retries and an active health check of each backend (every 500 ms, 200 ms timeout, out after 2 failures, back after 1 pass)"
+            }
             Contender::RoundRobinHedge => {
                 "round robin with retries and hedging: what hedging does for a strategy blind to latency"
             }
@@ -175,18 +185,32 @@ impl Contender {
     }
 
     /// Builds the contender over `endpoints` (index = backend number), timing
-    /// requests with `clock` (tokio's on simulated time). Must run inside the
-    /// tokio runtime it will serve on.
-    pub fn build(self, endpoints: Discovery, seed: u64, clock: LatencyClock) -> Built {
+    /// requests with `clock` (tokio's on simulated time); a contender with
+    /// active checks probes `backends`. Must run inside the tokio runtime
+    /// it will serve on.
+    pub fn build(
+        self,
+        endpoints: Discovery,
+        seed: u64,
+        clock: LatencyClock,
+        backends: &[Arc<Backend>],
+    ) -> Built {
+        let no_checks = BackendChecks(None);
         match self {
             Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, clock, None),
             Contender::P2cLeastRequests => {
                 tower_lb(P2c::least_requests(), endpoints, seed, clock, None)
             }
             Contender::P2cPeakEwma => tower_lb(P2c::peak_ewma(), endpoints, seed, clock, None),
-            Contender::P2cPeakEwmaRetry => {
-                resilient(P2c::peak_ewma(), endpoints, seed, clock, None, false)
-            }
+            Contender::P2cPeakEwmaRetry => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                clock,
+                None,
+                false,
+                no_checks,
+            ),
             Contender::P2cPeakEwmaOutliersRetry => resilient(
                 P2c::peak_ewma(),
                 endpoints,
@@ -194,6 +218,16 @@ impl Contender {
                 clock,
                 Some(OutlierDetection::new()),
                 false,
+                no_checks,
+            ),
+            Contender::P2cPeakEwmaOutliersRetryCheck => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                clock,
+                Some(OutlierDetection::new()),
+                false,
+                BackendChecks(Some(backends.to_vec())),
             ),
             Contender::P2cPeakEwmaOutliersHedge => resilient(
                 P2c::peak_ewma(),
@@ -202,10 +236,17 @@ impl Contender {
                 clock,
                 Some(OutlierDetection::new()),
                 true,
+                no_checks,
             ),
-            Contender::RoundRobinHedge => {
-                resilient(RoundRobin::new(), endpoints, seed, clock, None, true)
-            }
+            Contender::RoundRobinHedge => resilient(
+                RoundRobin::new(),
+                endpoints,
+                seed,
+                clock,
+                None,
+                true,
+                no_checks,
+            ),
             Contender::WeightedRoundRobin => tower_lb(
                 WeightedRoundRobin::new().blackout_period(Duration::from_secs(1)),
                 endpoints,
@@ -287,6 +328,7 @@ fn resilient<P: Strategy>(
     clock: LatencyClock,
     detection: Option<OutlierDetection>,
     hedge: bool,
+    checks: BackendChecks,
 ) -> Built {
     let builder = Balancer::builder()
         .strategy(strategy)
@@ -294,7 +336,8 @@ fn resilient<P: Strategy>(
         .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
         .latency_clock(clock)
         .seed(seed)
-        .avoid_tried_endpoints();
+        .avoid_tried_endpoints()
+        .health_check(checks);
     let builder = match detection {
         Some(detection) => builder.outlier_detection(detection),
         None => builder,
@@ -315,6 +358,52 @@ fn resilient<P: Strategy>(
     Built {
         client: BoxCloneService::new(client.map_err(BoxError::from)),
         probe: Some(Arc::new(move || stats.endpoints())),
+    }
+}
+
+/// The active health check of the `+check` contender: each backend's own
+/// health probe (answered in 1 ms when up, refused while it restarts,
+/// never while it is black-holed, late while it stalls), every
+/// `CHECK_INTERVAL` within `CHECK_TIMEOUT`; two failures in a row take it
+/// out, one pass puts it back. `None`: no checks.
+///
+/// The probe asks the backend directly rather than over a connection, in
+/// both modes: a health endpoint that shares the backend's fate.
+struct BackendChecks(Option<Vec<Arc<Backend>>>);
+
+const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+const CHECK_TIMEOUT: Duration = Duration::from_millis(200);
+const CHECK_FAILURES: u32 = 2;
+
+impl ActiveCheck<usize> for BackendChecks {
+    fn start(&self, key: &usize, mut reporter: HealthReporter) -> Option<CheckTask> {
+        let backend = self.0.as_ref()?.get(*key)?.clone();
+        Some(Box::pin(async move {
+            // Before the first answer the endpoint is out: the first probe
+            // decides.
+            let mut failures = CHECK_FAILURES - 1;
+            loop {
+                match tokio::time::timeout(CHECK_TIMEOUT, backend.probe()).await {
+                    Ok(Ok(())) => {
+                        failures = 0;
+                        reporter.healthy();
+                    }
+                    Ok(Err(why)) => {
+                        failures += 1;
+                        if failures >= CHECK_FAILURES {
+                            reporter.unhealthy(why);
+                        }
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        if failures >= CHECK_FAILURES {
+                            reporter.unhealthy("no answer in time");
+                        }
+                    }
+                }
+                tokio::time::sleep(CHECK_INTERVAL).await;
+            }
+        }))
     }
 }
 

@@ -212,6 +212,47 @@ mod tests {
     }
 
     #[test]
+    fn in_a_rolling_restart_active_checks_keep_most_attempts_off_the_restarting_backends() {
+        let scenario = scenario::by_name("rolling-restart").expect("known scenario");
+        let load = Load {
+            rate: 1000.0,
+            duration: Duration::from_secs(5),
+            seed: 3,
+        };
+        let without = run::simulate(&scenario, Contender::P2cPeakEwmaOutliersRetry, load);
+        let with = run::simulate(&scenario, Contender::P2cPeakEwmaOutliersRetryCheck, load);
+        let to_down = |r: &RunResult| r.hits_while_down.iter().sum::<u64>();
+        assert_eq!(with.failed, 0);
+        assert!(
+            to_down(&with) * 3 < to_down(&without),
+            "to down backends: {} with checks, {} without",
+            to_down(&with),
+            to_down(&without)
+        );
+        // Without retries every attempt to a restarting backend fails.
+        let bare = run::simulate(&scenario, Contender::P2cPeakEwma, load);
+        assert_eq!(bare.failed, to_down(&bare));
+        assert!(bare.failed > 0);
+    }
+
+    #[test]
+    fn a_black_holed_backend_stops_getting_requests_and_its_hung_ones_are_counted_failed() {
+        let scenario = scenario::by_name("blackhole").expect("known scenario");
+        let load = short(5);
+        let bare = run::simulate(&scenario, Contender::RoundRobin, load);
+        // Round robin keeps sending it its turn; nothing ends those calls.
+        assert_eq!(bare.failed, bare.hits_while_down[0]);
+        assert!(bare.failed > 100);
+        let checked = run::simulate(&scenario, Contender::P2cPeakEwmaOutliersRetryCheck, load);
+        assert_eq!(checked.failed, 0);
+        assert!(
+            checked.hits_while_down[0] < 20,
+            "{:?}",
+            checked.hits_while_down
+        );
+    }
+
+    #[test]
     fn same_seed_gives_the_same_numbers_with_retries_and_hedges_on() {
         // Every 503 from the failing backend is retried after a jittered
         // backoff: the jitter must come from the seed too.
@@ -300,7 +341,8 @@ mod tests {
                 | Contender::P2cLeastRequestsOutliers
                 | Contender::P2cPeakEwmaOutliers
                 | Contender::P2cPeakEwmaOutliersRetry
-                | Contender::P2cPeakEwmaOutliersHedge => {
+                | Contender::P2cPeakEwmaOutliersHedge
+                | Contender::P2cPeakEwmaOutliersRetryCheck => {
                     assert_eq!(failing.sent_before_first, Some(5), "{}", r.contender.name());
                     assert_eq!(r.hits[0], 5, "{}", r.contender.name());
                     assert!(r.success_rate() > 0.99, "{}", r.contender.name());
@@ -342,7 +384,9 @@ mod tests {
         for r in &results {
             let name = r.contender.name();
             match r.contender {
-                Contender::P2cPeakEwmaOutliersRetry | Contender::P2cPeakEwmaOutliersHedge => {
+                Contender::P2cPeakEwmaOutliersRetry
+                | Contender::P2cPeakEwmaOutliersHedge
+                | Contender::P2cPeakEwmaOutliersRetryCheck => {
                     assert_eq!(r.failed, 0, "{name} failed requests");
                 }
                 Contender::P2cPeakEwmaRetry | Contender::RoundRobinHedge => {

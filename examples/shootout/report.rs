@@ -88,6 +88,22 @@ fn details(scenario: &Scenario, results: &[RunResult]) -> String {
             );
         }
     }
+    if scenario.backends.iter().any(|b| !b.outages.is_empty()) {
+        let _ = writeln!(
+            out,
+            "while backends were down: requests failed (of all), attempts sent to a down backend, p99.9:"
+        );
+        for r in results {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:>6} failed  {:>6} sent to down backends  p99.9 {:.1} ms",
+                r.contender.name(),
+                r.failed,
+                r.hits_while_down.iter().sum::<u64>(),
+                r.latency_ms(0.999)
+            );
+        }
+    }
     let ejections: Vec<String> = results
         .iter()
         .filter_map(|r| ejection_summary(scenario, r))

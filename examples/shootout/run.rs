@@ -1,7 +1,6 @@
 //! Running one contender on one scenario: the open-loop load generator, and
 //! the two modes (real hyper servers, or simulated backends on paused time).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tower::{service_fn, BoxError, ServiceExt};
 use tower_lb::discover;
+use tower_lb::error::NeverSent;
 use tower_lb::http::HttpEndpoint;
 use tower_lb::load::LatencyClock;
 use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
@@ -53,6 +53,8 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Requests each backend received.
     pub hits: Vec<u64>,
+    /// Requests each backend received while it was down.
+    pub hits_while_down: Vec<u64>,
     /// Each backend's average utilization over the run, for backends with a
     /// capacity.
     pub utilization: Vec<Option<f64>>,
@@ -112,6 +114,7 @@ impl RunResult {
             failed,
             elapsed,
             hits: backends.iter().map(|b| b.hits()).collect(),
+            hits_while_down: backends.iter().map(|b| b.hits_while_down()).collect(),
             utilization: backends.iter().map(|b| b.utilization(elapsed)).collect(),
             ejections,
             timeline: backends.iter().map(|b| b.timeline()).collect(),
@@ -218,6 +221,12 @@ struct Generated {
     ejections: Vec<Ejections>,
 }
 
+/// How long the load generator waits for an answer before it counts the
+/// request as failed: longer than any answer in the other scenarios (a
+/// queue at an overloaded backend reaches 20 s), so that it bounds only
+/// requests nothing else does (a black-holed backend's, without timeouts).
+const GIVE_UP: Duration = Duration::from_secs(30);
+
 /// How often the run looks at the balancer's endpoint stats. An ejected
 /// endpoint gets no requests until it returns (30 s by default, longer than
 /// a run), so its request count read any time during the ejection is the
@@ -263,7 +272,12 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
             let intended = next;
             let call = client.clone().oneshot(request());
             in_flight.spawn(async move {
-                let answer = call.await;
+                // A request nothing bounds (a contender without timeouts, a
+                // backend that never answers) is given up on, and failed.
+                let answer = match tokio::time::timeout(GIVE_UP, call).await {
+                    Ok(answer) => answer,
+                    Err(elapsed) => Err(BoxError::from(elapsed)),
+                };
                 (
                     intended.elapsed(),
                     matches!(answer, Ok(status) if status.is_success()),
@@ -384,7 +398,11 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
                 Endpoint::new(service_fn(move |_: Request| {
                     let backend = backend.clone();
                     async move {
-                        let (status, load) = backend.handle().await;
+                        // A refused connection: the request never left.
+                        let (status, load) = backend
+                            .handle()
+                            .await
+                            .map_err(|refused| BoxError::from(NeverSent::new(refused)))?;
                         let load = load.and_then(|l| http::HeaderValue::from_str(&l).ok());
                         Ok::<_, BoxError>(Answer::new(status, load.as_ref()))
                     }
@@ -398,7 +416,7 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
             Instant::now() + load.duration / 2,
         );
         // Paused time: only tokio's clock sees the simulated latencies.
-        let client = contender.build(discovery, load.seed, LatencyClock::Tokio);
+        let client = contender.build(discovery, load.seed, LatencyClock::Tokio, &backends);
         RunResult::new(
             contender,
             generate(client, load).await,
@@ -441,7 +459,7 @@ pub async fn real(
         &backends,
         Instant::now() + load.duration / 2,
     );
-    let client = contender.build(discovery, load.seed, LatencyClock::default());
+    let client = contender.build(discovery, load.seed, LatencyClock::default(), &backends);
     let generated = generate(client, load).await;
     servers.abort_all();
     Ok(RunResult::new(contender, generated, &backends, joined_at))
@@ -455,13 +473,16 @@ async fn serve(listener: TcpListener, backend: Arc<Backend>) {
             let service = hyper::service::service_fn(move |_req| {
                 let backend = backend.clone();
                 async move {
-                    let (status, load) = backend.handle().await;
+                    // Restarting: the connection is dropped unanswered (a
+                    // real restart refuses new ones too; this server keeps
+                    // its port).
+                    let (status, load) = backend.handle().await?;
                     let mut response = hyper::Response::new(Empty::<Bytes>::new());
                     *response.status_mut() = status;
                     if let Some(value) = load.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
                         response.headers_mut().insert(LOAD_METRICS, value);
                     }
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, crate::backend::Refused>(response)
                 }
             });
             let _ = http1::Builder::new()

@@ -21,6 +21,27 @@ pub struct BackendSpec {
     /// Service times drawn from an exponential distribution with mean
     /// `latency` (an M/M/c server), instead of `latency` every time.
     pub exponential: bool,
+    /// Times the backend is down, since the start of the run.
+    pub outages: Vec<Outage>,
+}
+
+/// A time the backend is not serving.
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    pub from: Duration,
+    pub until: Duration,
+    pub kind: OutageKind,
+}
+
+/// How a backend is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageKind {
+    /// Restarting: connections are refused at once (the request is never
+    /// sent).
+    Refusing,
+    /// Black-holed (a hung process, a dropped route): requests are taken
+    /// and never answered, and nothing is closed.
+    Silent,
 }
 
 /// A stall of `pause` at the end of every `every`: nothing finishes inside it.
@@ -40,6 +61,7 @@ impl BackendSpec {
             slow_factor: 1,
             stall: None,
             exponential: false,
+            outages: Vec::new(),
         }
     }
 }
@@ -161,8 +183,56 @@ pub fn all() -> Vec<Scenario> {
             rate: None,
         },
     ];
+    all.extend(outage_scenarios());
     all.extend(cluster_scenarios());
     all
+}
+
+/// How long each backend of `rolling-restart` is down, and how far apart
+/// the restarts start: two of the eight are down at a time (Kubernetes'
+/// default `maxUnavailable` of 25 %).
+const RESTART_DOWN: Duration = Duration::from_millis(1000);
+const RESTART_EVERY: Duration = Duration::from_millis(500);
+
+/// Backends that go down: restarted one after another, or one that stops
+/// answering.
+pub fn outage_scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "rolling-restart",
+            about: "8 backends restarted one by one from 0.5 s, each refusing connections for 1 s (two down at a time), then back on the same address",
+            backends: uniform()
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut spec)| {
+                    let from = RESTART_EVERY * (i as u32 + 1);
+                    spec.outages.push(Outage {
+                        from,
+                        until: from + RESTART_DOWN,
+                        kind: OutageKind::Refusing,
+                    });
+                    spec
+                })
+                .collect(),
+            late: 0,
+            rate: None,
+        },
+        Scenario {
+            name: "blackhole",
+            about: "one backend of 8 stops answering at 1 s, without closing anything",
+            backends: {
+                let mut b = uniform();
+                b[0].outages.push(Outage {
+                    from: Duration::from_secs(1),
+                    until: Duration::MAX,
+                    kind: OutageKind::Silent,
+                });
+                b
+            },
+            late: 0,
+            rate: None,
+        },
+    ]
 }
 
 /// The cluster scenarios: 10 backends of 8 slots each, exponential service
