@@ -151,6 +151,31 @@ async fn outlier_detection() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn active_health_checks() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tower_lb::client::{GrpcChannel, HttpClient};
+    use tower_lb::health::HealthCheck;
+
+    let addrs: [SocketAddr; 2] = ["127.0.0.1:8080".parse()?, "127.0.0.1:8081".parse()?];
+    // gRPC: grpc.health.v1.Health/Watch for the whole server (""), as gRPC's A17.
+    let channel = GrpcChannel::builder()
+        .health_check(HealthCheck::grpc(""))
+        .build(addrs);
+    // HTTP: GET /healthz every 2 s; out after 3 failures in a row, back after 2 passes.
+    let client = HttpClient::builder()
+        .health_check(
+            HealthCheck::http_get("/healthz")?
+                .interval(Duration::from_secs(2))?
+                .expected_statuses(200..=399)?,
+        )
+        .build::<String>(addrs);
+    // README end
+    Ok(())
+}
+
 async fn timeouts_retries_and_hedging() -> Result<(), BoxError> {
     // README begin
     use std::net::SocketAddr;

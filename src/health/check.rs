@@ -186,8 +186,17 @@ impl HealthReporter {
 /// key names.
 ///
 /// Implemented for `SocketAddr` and, with the `dns` feature, for
-/// [`DnsEndpoint`](crate::discover::DnsEndpoint); implement it for a key of
-/// your own to use [`HealthCheck`] with it.
+/// [`DnsEndpoint`]; implement it for a key of your own to use
+/// [`HealthCheck`] with it.
+///
+#[cfg_attr(
+    feature = "dns",
+    doc = "\n[`DnsEndpoint`]: crate::discover::DnsEndpoint\n"
+)]
+#[cfg_attr(
+    not(feature = "dns"),
+    doc = "\n[`DnsEndpoint`]: crate#cargo-features\n"
+)]
 pub trait CheckAddress {
     /// The address to check.
     fn check_address(&self) -> SocketAddr;
@@ -215,6 +224,12 @@ impl CheckAddress for SocketAddr {
 ///
 /// [`HealthCheck::grpc`] watches a stream instead: the server says when its
 /// state changes, so the interval and thresholds do not apply (see there).
+///
+#[cfg_attr(feature = "grpc", doc = "\n[`HealthCheck::grpc`]: HealthCheck::grpc\n")]
+#[cfg_attr(
+    not(feature = "grpc"),
+    doc = "\n[`HealthCheck::grpc`]: crate#cargo-features\n"
+)]
 ///
 /// ```
 /// use std::time::Duration;
@@ -276,6 +291,7 @@ impl HealthCheck {
     ///
     /// When `path` is not a valid request path (it must start with `/`).
     #[cfg(feature = "http")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn http_get(path: &str) -> Result<Self, InvalidSetting> {
         let parsed = path
             .starts_with('/')
@@ -301,6 +317,7 @@ impl HealthCheck {
     ///
     /// When the range is empty or not within 100-599.
     #[cfg(feature = "http")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn expected_statuses(
         mut self,
         statuses: std::ops::RangeInclusive<u16>,
@@ -334,6 +351,7 @@ impl HealthCheck {
     /// - `UNIMPLEMENTED` means the server has no health service: checking
     ///   stops and the endpoint is in service (a `warn` event says so).
     #[cfg(feature = "grpc")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
     pub fn grpc(service: impl Into<String>) -> Self {
         Self::with_probe(Probe::GrpcWatch {
             service: service.into(),

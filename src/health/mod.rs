@@ -1,4 +1,6 @@
-//! Passive health: outlier detection from the balancer's own traffic, and the
+//! Endpoint health: outlier detection from the balancer's own traffic,
+//! active health checks ([`HealthCheck`], [`ActiveCheck`]: see
+//! [`Builder::health_check`](crate::balance::Builder::health_check)), and the
 //! panic threshold.
 //!
 //! Every response is [classified](crate::classify) as a success or a failure
@@ -37,6 +39,9 @@
 //! only increments; the driver task keeps each endpoint's reading from the
 //! previous interval and works from the difference. That is A50's pair of
 //! swapped call-count buckets, with the swap taken off the request path.
+//!
+//! **Active checks** take an endpoint out of service while it fails its
+//! check or has not passed it yet; the detectors above judge the rest.
 //!
 //! **Panic threshold:** when fewer than
 //! [`panic_threshold`](crate::balance::Builder::panic_threshold) percent (default 50)
