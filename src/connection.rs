@@ -29,20 +29,105 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::{BoxError, ConnectFailed, NeverSent};
+use crate::setting::{self, InvalidSetting};
 
-/// How the connection is made.
+/// How the connection is made and kept.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct H2Settings {
     /// How long a TCP connect may take before it counts as failed.
     pub(crate) connect_timeout: Duration,
+    /// HTTP/2 pings on a connection that has gone quiet with calls open.
+    pub(crate) keep_alive: Option<Http2KeepAlive>,
+}
+
+impl H2Settings {
+    /// The clients' [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT)
+    /// and `keep_alive`.
+    pub(crate) fn new(keep_alive: Option<Http2KeepAlive>) -> Self {
+        Self {
+            connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
+            keep_alive,
+        }
+    }
 }
 
 impl Default for H2Settings {
-    /// The clients' [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT).
+    /// The clients' [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT),
+    /// and [`Http2KeepAlive::HTTP`].
     fn default() -> Self {
-        Self {
-            connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
-        }
+        Self::new(Some(Http2KeepAlive::HTTP))
+    }
+}
+
+/// HTTP/2 keep-alive: when a connection with calls open has received
+/// nothing for `interval`, a `PING` goes out, and a connection that does not
+/// answer it within `timeout` is closed. Its calls then fail as on a lost
+/// connection (retried as such: at once elsewhere when they are idempotent)
+/// and the next call makes a new connection. This is how a server that
+/// stops answering without closing anything (a hung process, a
+/// `kill -STOP`, a host gone behind a NAT) is found: TCP alone never says
+/// so, and the kernel of a stopped process still accepts connections.
+///
+/// Only a connection with calls open is pinged (`keep_alive_while_idle` is
+/// off): an idle connection is left alone, and a busy one receives frames
+/// and is never pinged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Http2KeepAlive {
+    /// `HttpClient`'s default (over HTTP/2): a ping after 30 s of quiet, 10 s
+    /// to answer it. HTTP servers (nginx, Envoy, hyper) do not limit pings
+    /// this rare.
+    pub const HTTP: Self = Self {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(10),
+    };
+
+    /// `GrpcChannel`'s default: a ping after 5 minutes of quiet, 20 s to
+    /// answer it (gRPC's A8 timeout). Not sooner: grpc-go and grpc-java
+    /// servers by default count a ping that comes less than 5 minutes
+    /// after the last as abuse while they are not sending, and close the
+    /// connection (`GOAWAY` `ENHANCE_YOUR_CALM`, "too_many_pings") on the
+    /// third, which would end a quiet stream every few minutes. Set a
+    /// shorter interval for servers that allow it (their
+    /// `keepalive_enforcement_policy`, or `grpc.http2.min_ping_interval_without_data_ms`).
+    pub const GRPC: Self = Self {
+        interval: Duration::from_secs(300),
+        timeout: Duration::from_secs(20),
+    };
+
+    /// A ping after `interval` of quiet, `timeout` to answer it.
+    ///
+    /// # Errors
+    ///
+    /// When either is zero.
+    pub fn new(interval: Duration, timeout: Duration) -> Result<Self, InvalidSetting> {
+        let interval = setting::check(
+            "Http2KeepAlive::new (interval)",
+            interval,
+            !interval.is_zero(),
+            "a duration above zero",
+        )?;
+        let timeout = setting::check(
+            "Http2KeepAlive::new (timeout)",
+            timeout,
+            !timeout.is_zero(),
+            "a duration above zero",
+        )?;
+        Ok(Self { interval, timeout })
+    }
+
+    /// The quiet that sends a ping.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// How long a ping may go unanswered.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 }
 
@@ -245,8 +330,15 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%addr, %error, "could not set TCP_NODELAY");
         }
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if let Some(keep_alive) = self.settings.keep_alive {
+            builder
+                .keep_alive_interval(keep_alive.interval)
+                .keep_alive_timeout(keep_alive.timeout)
+                .keep_alive_while_idle(false);
+        }
+        let (sender, connection) = builder
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| ConnectFailed::new(addr, error))?;
@@ -266,6 +358,17 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn a_keep_alive_of_zero_is_refused_by_name() {
+        let second = Duration::from_secs(1);
+        let interval = Http2KeepAlive::new(Duration::ZERO, second).unwrap_err();
+        assert_eq!(interval.setting(), "Http2KeepAlive::new (interval)");
+        let timeout = Http2KeepAlive::new(second, Duration::ZERO).unwrap_err();
+        assert_eq!(timeout.setting(), "Http2KeepAlive::new (timeout)");
+        let fine = Http2KeepAlive::new(second, second * 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((fine.interval(), fine.timeout()), (second, second * 2));
+    }
 
     type Empty = http_body_util::Empty<bytes::Bytes>;
 

@@ -6,13 +6,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tower_lb::client::GrpcChannel;
+use tower_lb::client::{GrpcChannel, Http2KeepAlive};
 use tower_lb::grpc::MethodSafety;
 use tower_lb::request::Safety;
 use tower_lb::strategy::RoundRobin;
@@ -224,4 +224,80 @@ async fn a_server_that_dies_mid_call_reaches_the_caller_as_unavailable() {
 
     eprintln!("exit: {status:?}");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// A server that is `kill -STOP`ped keeps its connections open and its
+/// kernel keeps taking bytes, so TCP never says it is gone: HTTP/2 pings
+/// do. Its calls in flight fail when the ping goes unanswered, idempotent
+/// ones are resent to the others, and new calls avoid it; no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_is_found_by_keep_alive_and_no_idempotent_call_fails() {
+    let servers = start_all(&[Mode::Serve, Mode::Serve, Mode::Serve]).await;
+    let keep_alive = Http2KeepAlive::new(Duration::from_millis(300), Duration::from_millis(300))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = GrpcChannel::builder()
+        .method_safety(MethodSafety::new().method(support::grpcio::WORK, Safety::Idempotent))
+        .http2_keep_alive(keep_alive)
+        .build(addrs(&servers));
+    for _ in 0..30 {
+        work(channel.clone(), b"warm", None)
+            .await
+            .unwrap_or_else(|status| panic!("{status}"));
+    }
+    let stopped = servers[0].addr;
+    assert!(
+        stats_of(&channel, stopped).requests > 0,
+        "{}",
+        describe(&channel)
+    );
+
+    servers[0].stop();
+    let started = Instant::now();
+    // Four callers for 3 s: every call must succeed, the ones caught on the
+    // stopped server within about the keep-alive's interval and timeout.
+    let callers = (0..4).map(|_| {
+        let channel = channel.clone();
+        async move {
+            let mut slowest = Duration::ZERO;
+            let mut calls = 0;
+            while started.elapsed() < Duration::from_secs(3) {
+                let call = Instant::now();
+                // Bounded, so that a call left hanging fails the test
+                // rather than stalling it.
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    work(channel.clone(), b"during", None),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("a call hung on the stopped server"))
+                .unwrap_or_else(|status| panic!("a call failed: {status}"));
+                slowest = slowest.max(call.elapsed());
+                calls += 1;
+            }
+            (calls, slowest)
+        }
+    });
+    let results = join_all(callers).await;
+    let sent_to_stopped = stats_of(&channel, stopped).requests;
+    servers[0].resume();
+    let slowest = results.iter().map(|r| r.1).max().unwrap_or_default();
+    let calls: usize = results.iter().map(|r| r.0).sum();
+    assert!(
+        calls > 100,
+        "only {calls} calls in 3 s: {}",
+        describe(&channel)
+    );
+    assert!(
+        slowest < Duration::from_millis(2_000),
+        "a call caught on the stopped server took {slowest:?}: {}",
+        describe(&channel)
+    );
+    // After the first calls caught there, the stopped server is avoided.
+    let failures = stats_of(&channel, stopped).failures;
+    assert!(failures >= 1, "{}", describe(&channel));
+    assert!(
+        sent_to_stopped < 60,
+        "{sent_to_stopped} calls went to the stopped server: {}",
+        describe(&channel)
+    );
 }

@@ -867,3 +867,64 @@ async fn with_http2_only_an_https_client_never_sends_plain_text() {
     assert!(result.is_err(), "{result:?}");
     assert_eq!(server.connections(), 0);
 }
+
+/// A server that takes connections and bytes and never answers (a hung
+/// process): its port is open, so only HTTP/2 pings can tell.
+async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            // Read and drop everything, answer nothing, close nothing.
+            held.push(tokio::spawn(async move {
+                let mut stream = stream;
+                let mut sink = [0u8; 4096];
+                loop {
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                std::future::pending::<()>().await;
+            }));
+        }
+    });
+    (addr, accept)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_http2_only_keep_alive_finds_a_server_that_never_answers_and_no_get_fails() {
+    let answering = H2CountingServer::start().await;
+    let (silent, _silent) = silent_server().await;
+    let keep_alive = tower_lb::client::Http2KeepAlive::new(
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .http2_only()
+        .http2_keep_alive(keep_alive)
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .build::<Body>([answering.addr, silent]);
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let call = std::time::Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(3),
+            send(&client, get(&format!("get-{i}"))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("GET {i} hung"));
+        assert_eq!(response.status(), 200);
+        assert!(
+            call.elapsed() < Duration::from_secs(2),
+            "GET {i} took {:?}",
+            call.elapsed()
+        );
+    }
+    assert_eq!(answering.requests(), 20);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -13,6 +13,7 @@ use tower::{Service, ServiceBuilder};
 use super::{BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
+use crate::connection::{H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::grpc::{
     status_from_error, ConfigureEndpoint, EndpointBody, GrpcEndpoint, GrpcTimeoutLayer,
@@ -32,6 +33,8 @@ pub struct Grpc {
     authority: Option<Authority>,
     /// `None`: tower-lb's own HTTP/2 connections (see `GrpcEndpoint::lazy`).
     configure: Option<ConfigureEndpoint>,
+    /// The own connections' keep-alive.
+    keep_alive: Option<Http2KeepAlive>,
 }
 
 impl fmt::Debug for Grpc {
@@ -71,6 +74,7 @@ impl BalancedClient<Call, Reply, ()> {
             scheme: Scheme::HTTP,
             authority: None,
             configure: None,
+            keep_alive: Some(Http2KeepAlive::GRPC),
         };
         // gRPC deadlines are the caller's (`grpc-timeout`), and a call's
         // response headers may come only after a long request stream: no
@@ -82,6 +86,35 @@ impl BalancedClient<Call, Reply, ()> {
 }
 
 impl<B, R> ClientBuilder<Grpc, B, R> {
+    /// HTTP/2 pings on a quiet connection with calls open, and how long one
+    /// may go unanswered before the connection is closed (see
+    /// [`Http2KeepAlive`]). Default [`Http2KeepAlive::GRPC`]: 5 minutes,
+    /// 20 s, as often as grpc-go and grpc-java servers allow by default.
+    /// Applies to tower-lb's own connections; with
+    /// [`configure_endpoint`](Self::configure_endpoint), set tonic's
+    /// `http2_keep_alive_interval` there.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::client::{GrpcChannel, Http2KeepAlive};
+    ///
+    /// // For servers that allow pings every 10 s.
+    /// let keep_alive = Http2KeepAlive::new(Duration::from_secs(10), Duration::from_secs(5))?;
+    /// let builder = GrpcChannel::builder().http2_keep_alive(keep_alive);
+    /// # let _ = builder;
+    /// # Ok::<_, tower_lb::error::InvalidSetting>(())
+    /// ```
+    pub fn http2_keep_alive(mut self, keep_alive: Http2KeepAlive) -> Self {
+        self.target.keep_alive = Some(keep_alive);
+        self
+    }
+
+    /// No HTTP/2 pings: undoes [`http2_keep_alive`](Self::http2_keep_alive).
+    pub fn no_http2_keep_alive(mut self) -> Self {
+        self.target.keep_alive = None;
+        self
+    }
+
     /// Which methods may be sent twice (retried and hedged).
     pub fn method_safety(mut self, safety: MethodSafety) -> Self {
         self.target.safety = safety;
@@ -195,9 +228,11 @@ where
             scheme,
             authority,
             configure,
+            keep_alive,
         } = self.target;
+        let h2 = H2Settings::new(keep_alive);
         let endpoints = MapEndpoints::new(discover, move |addr| {
-            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), configure.as_ref())
+            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), configure.as_ref(), h2)
         });
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
-use crate::connection::H2Settings;
+use crate::connection::{H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::health::ActiveCheck;
 use crate::http::HttpEndpoint;
@@ -40,6 +40,8 @@ pub struct Http<C = HttpConnector> {
     /// [`http2_only`](ClientBuilder::http2_only): an HTTP/2 connection of
     /// each endpoint's own rather than the hyper-util client's pool.
     own_http2: bool,
+    /// HTTP/2 keep-alive of the own connections (the pool's is in `hyper`).
+    keep_alive: Option<Http2KeepAlive>,
 }
 
 /// The classifier [`HttpClient`] starts with: 5xx are failures, and ORCA
@@ -101,13 +103,17 @@ impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
         let mut hyper = Client::builder(TokioExecutor::new());
         hyper
             .pool_idle_timeout(DEFAULT_POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new());
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let keep_alive = Http2KeepAlive::HTTP;
+        pool_keep_alive(&mut hyper, Some(keep_alive));
         let http = Http {
             connector,
             hyper,
             scheme: Scheme::HTTP,
             authority: None,
             own_http2: false,
+            keep_alive: Some(keep_alive),
         };
         ClientBuilder::with(http, balancer)
     }
@@ -131,6 +137,7 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
                 scheme: self.target.scheme,
                 authority: self.target.authority,
                 own_http2: false,
+                keep_alive: self.target.keep_alive,
             },
             balancer: self.balancer,
             calls: self.calls,
@@ -175,6 +182,38 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     /// server name is the connector's business.
     pub fn authority(mut self, authority: Authority) -> Self {
         self.target.authority = Some(authority);
+        self
+    }
+}
+
+/// Sets hyper-util's HTTP/2 keep-alive as `keep_alive` says (none: off).
+fn pool_keep_alive(hyper: &mut legacy::Builder, keep_alive: Option<Http2KeepAlive>) {
+    match keep_alive {
+        Some(keep_alive) => hyper
+            .http2_keep_alive_interval(keep_alive.interval())
+            .http2_keep_alive_timeout(keep_alive.timeout())
+            .http2_keep_alive_while_idle(false),
+        None => hyper.http2_keep_alive_interval(None),
+    };
+}
+
+impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
+    /// HTTP/2 pings on a quiet connection with requests open, and how long
+    /// one may go unanswered before the connection is closed (see
+    /// [`Http2KeepAlive`]), over HTTP/2: on the
+    /// [`http2_only`](Self::http2_only) connections and hyper-util's. HTTP/1.1
+    /// has no pings. Default [`Http2KeepAlive::HTTP`]: 30 s, 10 s. Settings
+    /// given afterwards with [`hyper`](Self::hyper) replace it for the pool.
+    pub fn http2_keep_alive(mut self, keep_alive: Http2KeepAlive) -> Self {
+        self.target.keep_alive = Some(keep_alive);
+        pool_keep_alive(&mut self.target.hyper, Some(keep_alive));
+        self
+    }
+
+    /// No HTTP/2 pings: undoes [`http2_keep_alive`](Self::http2_keep_alive).
+    pub fn no_http2_keep_alive(mut self) -> Self {
+        self.target.keep_alive = None;
+        pool_keep_alive(&mut self.target.hyper, None);
         self
     }
 }
@@ -260,7 +299,7 @@ where
         let authority = self.target.authority;
         // Over `https` the pool's TLS connector is needed.
         let own_http2 = self.target.own_http2 && scheme == Scheme::HTTP;
-        let settings = H2Settings::default();
+        let settings = H2Settings::new(self.target.keep_alive);
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = if own_http2 {
                 HttpEndpoint::http2_connection(addr, settings)

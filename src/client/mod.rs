@@ -14,6 +14,8 @@
 //! | per-attempt timeout | HTTP: 5 s; gRPC: none | [`ClientBuilder::attempt_timeout`], [`ClientBuilder::no_attempt_timeout`] |
 //! | deadline, whole call | HTTP: 15 s (Envoy's route timeout); gRPC: none, the caller's `grpc-timeout` | [`ClientBuilder::deadline`], [`ClientBuilder::no_deadline`] |
 //! | connect timeout | 5 s (Envoy's); a connection never made is retried even for a POST | the connector, or tonic's `Endpoint` |
+//! | HTTP/2 keep-alive (a ping on a quiet connection with calls open) | HTTP: 30 s, 10 s to answer; gRPC: 5 minutes, 20 s (what grpc-go and grpc-java servers allow) | `http2_keep_alive`, `no_http2_keep_alive` (see [`Http2KeepAlive`]) |
+//! | active health checks | none | [`ClientBuilder::health_check`] |
 //! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |
 //! | hedging | off | [`ClientBuilder::hedging`] (drawing on the retry budget), [`ClientBuilder::no_hedging`] |
@@ -74,6 +76,7 @@ pub use self::grpc::{DefaultGrpcClassify, Grpc, GrpcChannel};
 pub use self::handle::BalancerHandle;
 pub use self::http::{DefaultHttpClassify, Http, HttpClient, ResponseBody};
 pub use self::service::BalancedClient;
+pub use crate::connection::Http2KeepAlive;
 
 pub(crate) use self::calls::Calls;
 pub(crate) use self::discover::MapEndpoints;

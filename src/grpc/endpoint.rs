@@ -128,6 +128,7 @@ impl<B> GrpcEndpoint<B> {
         scheme: &Scheme,
         authority: Option<&Authority>,
         configure: Option<&ConfigureEndpoint>,
+        h2: H2Settings,
     ) -> Option<Self> {
         if configure.is_none() && *scheme == Scheme::HTTP {
             let origin = Origin {
@@ -138,7 +139,7 @@ impl<B> GrpcEndpoint<B> {
             };
             return Some(Self {
                 transport: Transport::Connection {
-                    connection: H2Connection::lazy(addr, H2Settings::default()),
+                    connection: H2Connection::lazy(addr, h2),
                     origin: Arc::new(origin),
                 },
             });

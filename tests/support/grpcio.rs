@@ -114,6 +114,29 @@ impl GrpcioServer {
     }
 }
 
+impl GrpcioServer {
+    /// Stops the process (`SIGSTOP`): its kernel still accepts connections
+    /// and takes their bytes, but nothing answers, and nothing is closed.
+    pub fn stop(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a stopped process run again (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self
+            ._process
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or_else(|| panic!("the server process has exited"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .unwrap_or_else(|e| panic!("cannot send {signal} to the server: {e}"));
+    }
+}
+
 /// The addresses of `servers`.
 pub fn addrs(servers: &[GrpcioServer]) -> Vec<SocketAddr> {
     servers.iter().map(|s| s.addr).collect()
