@@ -134,6 +134,7 @@ pub mod error;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
+mod header;
 pub mod health;
 pub mod hedge;
 #[cfg(feature = "http")]

@@ -102,7 +102,9 @@ impl GrpcSuccesses {
     /// The verdict on the `grpc-status` in `headers`, `None` when there
     /// is none.
     fn judge(self, headers: &HeaderMap) -> Option<GrpcVerdict> {
-        let value = headers.get(&super::GRPC_STATUS)?;
+        // Read on every response and its trailers: by a walk (see
+        // `crate::header`).
+        let value = crate::header::get(headers, &super::GRPC_STATUS)?;
         Some(match super::grpc_code(value) {
             None => GrpcVerdict::Malformed(GrpcFailureClass::Error(format!(
                 "grpc-status {value:?} is not a gRPC code"

@@ -239,7 +239,7 @@ pub(crate) fn grpc_code(value: &::http::HeaderValue) -> Option<u8> {
 
 /// The gRPC status code in `headers` (or trailers), if there is a valid one.
 pub(crate) fn grpc_status(headers: &::http::HeaderMap) -> Option<u8> {
-    headers.get(&GRPC_STATUS).and_then(grpc_code)
+    crate::header::get(headers, &GRPC_STATUS).and_then(grpc_code)
 }
 
 /// The gRPC status codes the crate reads by name.

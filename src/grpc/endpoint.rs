@@ -248,9 +248,7 @@ fn address<B>(req: &mut http::Request<B>, origin: &Origin) -> Result<(), BoxErro
 /// deadline.
 fn tell_the_server_the_time_left<B>(req: &mut http::Request<B>) -> Option<CallDeadline> {
     let Some(deadline) = CallDeadline::of(req) else {
-        return req
-            .headers()
-            .get(&GRPC_TIMEOUT)
+        return crate::header::get(req.headers(), &GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()))
             .map(CallDeadline::after);
     };

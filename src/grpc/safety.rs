@@ -60,11 +60,21 @@ impl MethodSafety {
 
     /// The class of a call to `path`, if the table has one.
     pub fn of(&self, path: &str) -> Option<Safety> {
+        if self.is_empty() {
+            return None;
+        }
         if let Some(safety) = self.methods.get(path) {
             return Some(*safety);
         }
         let service = path.strip_prefix('/')?.rsplit_once('/')?.0;
         self.services.get(service).copied()
+    }
+
+    /// No class for any call: the `GrpcChannel` default, which asks for
+    /// every call. Checked first: the lookups would look for the call in
+    /// its extensions and cut the service name out of its path for nothing.
+    fn is_empty(&self) -> bool {
+        self.methods.is_empty() && self.services.is_empty()
     }
 }
 
@@ -100,6 +110,10 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> S::Future {
+        // An empty table gives no call a class: nothing to look up.
+        if self.table.is_empty() {
+            return self.inner.call(req);
+        }
         let explicit = req.extensions().get::<Safety>().is_some()
             || req.call_context().and_then(CallContext::safety).is_some();
         if !explicit {
@@ -133,6 +147,7 @@ mod tests {
         assert_eq!(table.of("/"), None);
         assert_eq!(table.of(""), None);
         assert_eq!(table.of("/shop.Orders"), None);
+        assert_eq!(MethodSafety::new().of("/shop.Orders/List"), None);
     }
 
     #[tokio::test]
@@ -156,6 +171,17 @@ mod tests {
             .body(())
             .unwrap_or_default();
         marked.extensions_mut().insert(Safety::Unsafe);
-        assert_eq!(service.oneshot(marked).await, Ok(Some(Safety::Unsafe)));
+        assert_eq!(
+            service.oneshot(marked.clone()).await,
+            Ok(Some(Safety::Unsafe))
+        );
+
+        // An empty table classes nothing, and the caller's class stands.
+        let empty = MethodSafety::new().layer(echo);
+        let plain = http::Request::post("/shop.Orders/List")
+            .body(())
+            .unwrap_or_default();
+        assert_eq!(empty.clone().oneshot(plain).await, Ok(None));
+        assert_eq!(empty.oneshot(marked).await, Ok(Some(Safety::Unsafe)));
     }
 }

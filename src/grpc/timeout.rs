@@ -44,9 +44,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> S::Future {
-        let timeout = req
-            .headers()
-            .get(&GRPC_TIMEOUT)
+        // Looked for in every call, found in few: by a walk (see
+        // `crate::header`).
+        let timeout = crate::header::get(req.headers(), &GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
         if let Some(timeout) = timeout {
             req.call_context_mut()

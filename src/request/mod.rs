@@ -77,7 +77,8 @@ impl Safety {
         match *req.method() {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => Safety::Safe,
             Method::PUT | Method::DELETE => Safety::Idempotent,
-            _ if req.headers().contains_key(&IDEMPOTENCY_KEY) => Safety::Idempotent,
+            // By a walk: every POST looks, few have one (see `crate::header`).
+            _ if crate::header::contains(req.headers(), &IDEMPOTENCY_KEY) => Safety::Idempotent,
             _ => Safety::Unsafe,
         }
     }

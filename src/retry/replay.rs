@@ -98,6 +98,16 @@ enum Kind<B> {
 struct Whole {
     cap: usize,
     frames: WholeFrames,
+    /// The original body promised its exact size when it was wrapped. Only
+    /// then is the size hint exact: the copies report what the original
+    /// would have, so the request is framed on the wire as it would be
+    /// without this wrapper. (An exact hint makes hyper add a
+    /// `content-length`; a gRPC message tonic encodes promises no size, and
+    /// tonic's channel sends none: one header value allocated, encoded and
+    /// checked per call for nothing. An HTTP/1.1 `Full` body keeps its
+    /// `Content-Length`; a body that promised nothing is sent chunked, as
+    /// hyper sends it unwrapped.)
+    exact: bool,
 }
 
 /// The frames of a body read whole (shared through the `Arc<Whole>`).
@@ -350,6 +360,8 @@ impl<B> ReplayBody<B> {
         if body.is_end_stream() {
             return Self::empty(cap);
         }
+        // Read before any frame is: what the caller's body promised.
+        let exact = body.size_hint().exact().is_some();
         let mut body = Box::pin(body);
         let mut cx = Context::from_waker(Waker::noop());
         // The first frame apart, so that a body of one frame (the common
@@ -401,7 +413,11 @@ impl<B> ReplayBody<B> {
             };
             return ReplayBody {
                 kind: Kind::Whole {
-                    whole: Arc::new(Whole { cap, frames: whole }),
+                    whole: Arc::new(Whole {
+                        cap,
+                        frames: whole,
+                        exact,
+                    }),
                     pos: 0,
                     _body: PhantomData,
                 },
@@ -846,9 +862,18 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty { .. } => SizeHint::with_exact(0),
-            Kind::Whole { whole, pos, .. } => SizeHint::with_exact(
-                u64::try_from(whole.frames.data_from(*pos as usize)).unwrap_or(u64::MAX),
-            ),
+            Kind::Whole { whole, pos, .. } => {
+                let left = u64::try_from(whole.frames.data_from(*pos as usize)).unwrap_or(u64::MAX);
+                if whole.exact {
+                    SizeHint::with_exact(left)
+                } else {
+                    // At least what is left: no more is promised than the
+                    // original body promised (see `Whole::exact`).
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(left);
+                    hint
+                }
+            }
             Kind::Shared(handle) => handle.size_hint(),
         }
     }
@@ -1443,7 +1468,13 @@ mod tests {
         assert!(
             matches!(&body.kind, Kind::Whole { whole, .. } if matches!(whole.frames, WholeFrames::Many(_)))
         );
+        // `ReadyFrames` promises no size, so neither does the replay body
+        // (hyper would add a `content-length` the caller's body never
+        // asked for), though it knows its size now.
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 3);
         let mut copy = body.try_clone().unwrap();
+        assert_eq!(copy.size_hint().exact(), None);
         assert_eq!(
             read_all(&mut body).await.unwrap(),
             (Bytes::from("abc"), Some(trailers()))

@@ -16,6 +16,7 @@ use prost::Message as _;
 use super::{
     checked, excerpt, invalid_number, parse_number, LoadExtractor, LoadReport, LoadReportError,
 };
+use crate::header::WALKED;
 
 /// The response header that carries an ORCA report in text, JSON or binary
 /// form.
@@ -164,9 +165,6 @@ impl LoadExtractor for OrcaLoadReports {
         text.map(LoadReport::from_header)
     }
 }
-
-/// Maps up to this many entries are searched by a walk over their names.
-const WALKED: usize = 16;
 
 /// The first `endpoint-load-metrics` and `endpoint-load-metrics-bin`
 /// values in `headers`. Nearly every response has neither, and a miss by
