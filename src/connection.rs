@@ -32,12 +32,14 @@ use crate::error::{BoxError, ConnectFailed, NeverSent};
 use crate::setting::{self, InvalidSetting};
 
 /// How the connection is made and kept.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct H2Settings {
     /// How long a TCP connect may take before it counts as failed.
     pub(crate) connect_timeout: Duration,
     /// HTTP/2 pings on a connection that has gone quiet with calls open.
     pub(crate) keep_alive: Option<Http2KeepAlive>,
+    /// Told of every connection attempt that fails.
+    pub(crate) on_connect_failure: Option<ConnectFailureHook>,
 }
 
 impl H2Settings {
@@ -47,7 +49,39 @@ impl H2Settings {
         Self {
             connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
             keep_alive,
+            on_connect_failure: None,
         }
+    }
+
+    /// Tells `hook` of every connection attempt that fails.
+    pub(crate) fn on_connect_failure(mut self, hook: Option<ConnectFailureHook>) -> Self {
+        self.on_connect_failure = hook;
+        self
+    }
+}
+
+/// What a client does when a connection to an endpoint cannot be made: the
+/// clients over DNS re-resolve the name (the address may be gone for good,
+/// and a new one be in the records already). Called once per failed
+/// attempt, never per request.
+#[derive(Clone)]
+pub(crate) struct ConnectFailureHook(Arc<dyn Fn() + Send + Sync>);
+
+impl ConnectFailureHook {
+    // Made only by the clients built over DNS.
+    #[cfg_attr(not(feature = "dns"), allow(dead_code))]
+    pub(crate) fn new(hook: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(hook))
+    }
+
+    pub(crate) fn connect_failed(&self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for ConnectFailureHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnectFailureHook")
     }
 }
 
@@ -311,8 +345,19 @@ where
         })
     }
 
-    /// Connects, shakes hands, and publishes the connection's handle.
+    /// Connects, shakes hands, and publishes the connection's handle; a
+    /// failure is told to the hook, if any.
     async fn open_connection(&self) -> Result<(), ConnectFailed> {
+        let made = self.try_open_connection().await;
+        if made.is_err() {
+            if let Some(hook) = &self.settings.on_connect_failure {
+                hook.connect_failed();
+            }
+        }
+        made
+    }
+
+    async fn try_open_connection(&self) -> Result<(), ConnectFailed> {
         let addr = self.addr;
         let timeout = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

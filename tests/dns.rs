@@ -479,3 +479,133 @@ async fn a_name_emptied_in_dns_fails_requests_at_once_when_empty_answers_apply()
         "no endpoints available: DNS name gone.test. does not exist (NXDOMAIN)"
     );
 }
+
+/// A port free on both `127.0.0.2` and `127.0.0.3`, and a listener holding
+/// it on `127.0.0.3` (the new home of a service whose old address,
+/// `127.0.0.2`, now refuses connections).
+async fn moved_service() -> (u16, tokio::net::TcpListener) {
+    for _ in 0..20 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.3:0")
+            .await
+            .expect("bind loopback");
+        let port = listener.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
+            return (port, listener);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+/// Serves HTTP/1.1 `200 ok` on `listener` and gRPC's health service
+/// (SERVING) on the same port, through hyper's automatic protocol choice.
+fn serve_ok(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        while let Ok((stream, _)) = listener.accept().await {
+            let health = health.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let health = health.clone();
+                        async move {
+                            if req.version() == http::Version::HTTP_2 {
+                                match health.oneshot(req).await {
+                                    Ok(response) => Ok::<_, std::convert::Infallible>(response),
+                                    Err(never) => match never {},
+                                }
+                            } else {
+                                Ok(http::Response::new(tonic::body::Body::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                                )))
+                            }
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    })
+}
+
+/// A name whose address moved: the records now name the new one, but the
+/// old answer had a TTL of five minutes.
+async fn name_that_moved(dns: &TestDns, port: u16) -> Dns {
+    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 2)], 300)
+        .await;
+    Dns::host("moved.test.", port).name_servers([dns.addr])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_resolves_again_at_once_when_it_cannot_connect_and_finds_the_new_address() {
+    let (port, listener) = moved_service().await;
+    let _server = serve_ok(listener);
+    let dns = TestDns::start("test.").await;
+    let client = tower_lb::client::HttpClient::builder()
+        .build_dns::<support::Body>(name_that_moved(&dns, port).await)
+        .unwrap_or_else(|e| panic!("{e}"));
+    support::wait_until(Duration::from_secs(5), || {
+        client.balancer().endpoints().len() == 1
+    })
+    .await;
+    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
+        .await;
+    let queries = dns.queries();
+
+    // The old address refuses: this request fails, and makes the client ask.
+    assert!(client.clone().oneshot(support::get()).await.is_err());
+    support::wait_until(Duration::from_secs(3), || {
+        client
+            .balancer()
+            .endpoints()
+            .iter()
+            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
+    })
+    .await;
+    let response = client
+        .clone()
+        .oneshot(support::get())
+        .await
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)));
+    assert_eq!(response.status(), 200);
+    // One more resolution (A and AAAA), not one per failed attempt.
+    assert!(
+        dns.queries() - queries <= 4,
+        "{} queries",
+        dns.queries() - queries
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_channel_resolves_again_at_once_when_it_cannot_connect_and_finds_the_new_address() {
+    let (port, listener) = moved_service().await;
+    let _server = serve_ok(listener);
+    let dns = TestDns::start("test.").await;
+    let channel = tower_lb::client::GrpcChannel::builder()
+        .build_dns(name_that_moved(&dns, port).await)
+        .unwrap_or_else(|e| panic!("{e}"));
+    support::wait_until(Duration::from_secs(5), || {
+        channel.balancer().endpoints().len() == 1
+    })
+    .await;
+    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
+        .await;
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let request = || tonic_health::pb::HealthCheckRequest::default();
+    assert!(health.check(request()).await.is_err());
+    support::wait_until(Duration::from_secs(3), || {
+        channel
+            .balancer()
+            .endpoints()
+            .iter()
+            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
+    })
+    .await;
+    health
+        .check(request())
+        .await
+        .unwrap_or_else(|status| panic!("{status}"));
+}

@@ -13,7 +13,7 @@ use tower::{Service, ServiceBuilder};
 use super::{BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers};
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
-use crate::connection::{H2Settings, Http2KeepAlive};
+use crate::connection::{ConnectFailureHook, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::grpc::{
     status_from_error, ConfigureEndpoint, EndpointBody, GrpcEndpoint, GrpcTimeoutLayer,
@@ -223,6 +223,23 @@ where
         W: StaticWeights<D::Key>,
         A: ActiveCheck<D::Key>,
     {
+        self.build_with(discover, None)
+    }
+
+    /// [`build_discover`](Self::build_discover), telling `on_connect_failure`
+    /// of each connection that cannot be made.
+    fn build_with<D>(
+        self,
+        discover: D,
+        on_connect_failure: Option<ConnectFailureHook>,
+    ) -> GrpcChannel<D::Key>
+    where
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+        D::Error: Into<BoxError>,
+        W: StaticWeights<D::Key>,
+        A: ActiveCheck<D::Key>,
+    {
         let Grpc {
             safety: method_safety,
             scheme,
@@ -230,9 +247,15 @@ where
             configure,
             keep_alive,
         } = self.target;
-        let h2 = H2Settings::new(keep_alive);
+        let h2 = H2Settings::new(keep_alive).on_connect_failure(on_connect_failure);
         let endpoints = MapEndpoints::new(discover, move |addr| {
-            GrpcEndpoint::lazy(addr, &scheme, authority.as_ref(), configure.as_ref(), h2)
+            GrpcEndpoint::lazy(
+                addr,
+                &scheme,
+                authority.as_ref(),
+                configure.as_ref(),
+                h2.clone(),
+            )
         });
         let balancer = self.balancer.build(endpoints);
         let boxed_bodies =
@@ -270,8 +293,10 @@ where
             builder.target.authority = dns.authority();
         }
         let (resolve_now, discover) = dns.build(|addr| addr)?;
+        let reresolve = resolve_now.clone();
+        let hook = ConnectFailureHook::new(move || reresolve.connection_failed());
         Ok(builder
-            .build_discover(discover)
+            .build_with(discover, Some(hook))
             .with_resolve_now(resolve_now))
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
@@ -21,7 +21,7 @@ use super::{
 };
 use crate::balance::{self, RequestHints, StaticWeights};
 use crate::classify::{Classify, HttpClassify};
-use crate::connection::{H2Settings, Http2KeepAlive};
+use crate::connection::{ConnectFailureHook, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::health::ActiveCheck;
 use crate::http::HttpEndpoint;
@@ -250,7 +250,18 @@ impl<B, R> ClientBuilder<Http<HttpConnector>, B, R> {
 impl<Conn, P, C, H, W, A, RB, R> ClientBuilder<Http<Conn>, balance::Builder<P, C, H, W, A>, R>
 where
     R: RetryOn<http::Response<ResponseBody>>,
-    Conn: Connect + Clone + Send + Sync + 'static,
+    // hyper-util's `Connect`, spelled out: its connectors are `Service<Uri>`s
+    // (the only way to be one), which the client wraps to hear of failed
+    // connections.
+    Conn: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    Conn::Response: hyper::rt::Read
+        + hyper::rt::Write
+        + hyper_util::client::legacy::connect::Connection
+        + Unpin
+        + Send
+        + 'static,
+    Conn::Future: Unpin + Send,
+    Conn::Error: Into<BoxError>,
     P: Strategy,
     C: Classify<http::Response<Incoming>, Response = http::Response<RB>>,
     RB: Body<Data = Bytes> + Send + Sync + 'static,
@@ -294,15 +305,41 @@ where
         W: StaticWeights<D::Key>,
         A: ActiveCheck<D::Key>,
     {
-        let hyper = self.target.hyper.build(self.target.connector);
+        self.build_with(discover, None)
+    }
+
+    /// [`build_discover`](Self::build_discover), telling `on_connect_failure`
+    /// of each connection that cannot be made.
+    fn build_with<B, D>(
+        self,
+        discover: D,
+        on_connect_failure: Option<ConnectFailureHook>,
+    ) -> HttpClient<B, D::Key>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        H: RequestHints<http::Request<ReplayBody<B>>>,
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+        D::Error: Into<BoxError>,
+        W: StaticWeights<D::Key>,
+        A: ActiveCheck<D::Key>,
+    {
+        let connector = ReportConnectFailures {
+            inner: self.target.connector,
+            hook: on_connect_failure.clone(),
+        };
+        let hyper = self.target.hyper.build(connector);
         let scheme = self.target.scheme;
         let authority = self.target.authority;
         // Over `https` the pool's TLS connector is needed.
         let own_http2 = self.target.own_http2 && scheme == Scheme::HTTP;
-        let settings = H2Settings::new(self.target.keep_alive);
+        let settings =
+            H2Settings::new(self.target.keep_alive).on_connect_failure(on_connect_failure);
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = if own_http2 {
-                HttpEndpoint::http2_connection(addr, settings)
+                HttpEndpoint::http2_connection(addr, settings.clone())
             } else {
                 HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr)
             };
@@ -345,7 +382,11 @@ where
         A: ActiveCheck<crate::discover::DnsEndpoint>,
     {
         let (resolve_now, discover) = dns.build(|addr| addr)?;
-        Ok(self.build_discover(discover).with_resolve_now(resolve_now))
+        let reresolve = resolve_now.clone();
+        let hook = ConnectFailureHook::new(move || reresolve.connection_failed());
+        Ok(self
+            .build_with(discover, Some(hook))
+            .with_resolve_now(resolve_now))
     }
 }
 
@@ -461,5 +502,70 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The connection future of [`ReportConnectFailures`].
+    pub(crate) struct ReportedConnect<F> {
+        #[pin]
+        inner: F,
+        hook: Option<ConnectFailureHook>,
+    }
+}
+
+impl<F, T, E> std::future::Future for ReportedConnect<F>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let made = std::task::ready!(this.inner.poll(cx));
+        if made.is_err() {
+            if let Some(hook) = this.hook.take() {
+                hook.connect_failed();
+            }
+        }
+        std::task::Poll::Ready(made)
+    }
+}
+
+/// The pool's connector, telling the client of each connection it cannot
+/// make (the clients over DNS re-resolve the name). Per connection, not
+/// per request.
+#[derive(Clone)]
+pub(crate) struct ReportConnectFailures<C> {
+    inner: C,
+    hook: Option<ConnectFailureHook>,
+}
+
+impl<C: fmt::Debug> fmt::Debug for ReportConnectFailures<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ReportConnectFailures<C> {
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = ReportedConnect<C::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        ReportedConnect {
+            inner: self.inner.call(uri),
+            hook: self.hook.clone(),
+        }
     }
 }

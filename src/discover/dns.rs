@@ -7,6 +7,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -345,7 +346,7 @@ impl Dns {
             srv_targets: HashMap::new(),
         };
         tokio::spawn(task.run());
-        Ok((ResolveNow { now }, DnsDiscover { rx }))
+        Ok((ResolveNow::new(now), DnsDiscover { rx }))
     }
 
     fn options(&self) -> ResolverOpts {
@@ -363,12 +364,65 @@ impl Dns {
 #[derive(Debug, Clone)]
 pub struct ResolveNow {
     now: Arc<Notify>,
+    /// When a failed connection last asked for a resolution (read by the
+    /// ready-made clients, feature `http`).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    failures: Arc<FailureGate>,
 }
 
+/// Lets failed connections ask for a resolution at most once per
+/// [`RESOLVE_AFTER_FAILURE_EVERY`].
+#[derive(Debug)]
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+struct FailureGate {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch` of the last ask, plus one (0: never).
+    last_ms: AtomicU64,
+}
+
+/// How often failed connections may ask for a resolution: a dead address
+/// fails every connection attempt to it, and a fleet of clients must not
+/// turn that into a DNS storm.
+const RESOLVE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
+
 impl ResolveNow {
+    fn new(now: Arc<Notify>) -> Self {
+        Self {
+            now,
+            failures: Arc::new(FailureGate {
+                epoch: tokio::time::Instant::now(),
+                last_ms: AtomicU64::new(0),
+            }),
+        }
+    }
+
     /// Resolves as soon as the current resolution (if any) is over.
     pub fn resolve_now(&self) {
         self.now.notify_one();
+    }
+
+    /// A connection to one of the name's addresses could not be made: the
+    /// address may be gone for good (a pod rescheduled, a host replaced),
+    /// and the records may already name its successor. Resolves now, at
+    /// most once per [`RESOLVE_AFTER_FAILURE_EVERY`].
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn connection_failed(&self) {
+        let gate = &*self.failures;
+        let now_ms = u64::try_from(gate.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = gate.last_ms.load(Ordering::Relaxed);
+        let every = RESOLVE_AFTER_FAILURE_EVERY.as_millis() as u64;
+        if last != 0 && now_ms.saturating_sub(last) < every {
+            return;
+        }
+        // One of several failures at once asks.
+        if gate
+            .last_ms
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::debug!("a connection to the name's address failed: resolving it again now");
+            self.resolve_now();
+        }
     }
 }
 
@@ -752,6 +806,31 @@ impl From<ResolveError> for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `notify` holds a wake-up, taking it.
+    async fn woken(notify: &Notify) -> bool {
+        tokio::time::timeout(Duration::ZERO, notify.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_connections_ask_for_a_resolution_at_most_once_a_second() {
+        let notify = Arc::new(Notify::new());
+        let resolve = ResolveNow::new(notify.clone());
+        resolve.connection_failed();
+        assert!(woken(&notify).await, "the first failure asks");
+        for _ in 0..50 {
+            resolve.clone().connection_failed();
+        }
+        assert!(
+            !woken(&notify).await,
+            "failures within the second ask again"
+        );
+        tokio::time::advance(RESOLVE_AFTER_FAILURE_EVERY).await;
+        resolve.connection_failed();
+        assert!(woken(&notify).await, "a failure a second later asks again");
+    }
 
     #[test]
     fn a_jitter_outside_0_to_half_is_refused_by_name() {
