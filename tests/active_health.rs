@@ -336,3 +336,51 @@ async fn a_crashed_grpc_server_is_out_of_service_until_it_is_back_on_its_address
     }
     assert!(restarted.checks() > 0, "no calls after the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_not_yet_checked_do_not_count_toward_the_panic_threshold() {
+    let first = HealthzServer::start().await;
+    let (handle, stream) = discover::channel();
+    handle
+        .insert(first.addr, first.addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .build_discover::<Body, _>(stream);
+    wait_until(WAIT, || {
+        check_of(&client, first.addr) == Some(CheckStatus::Passing)
+    })
+    .await;
+
+    // A scale-up that triples the set: two of three are pending, which as
+    // unhealthy endpoints would be below the 50 % threshold.
+    let late = [HealthzServer::start().await, HealthzServer::start().await];
+    for server in &late {
+        server.set_health_delay(Duration::from_millis(800));
+        handle
+            .insert(server.addr, server.addr)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_until(WAIT, || late.iter().all(|s| s.probes() == 1)).await;
+    assert!(!client.balancer().is_panicking());
+    for _ in 0..20 {
+        send(&client).await;
+    }
+    assert_eq!(late[0].traffic() + late[1].traffic(), 0);
+    assert_eq!(first.traffic(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_panic_mode_off_a_request_at_start_waits_for_the_first_check_rather_than_fail() {
+    let server = HealthzServer::start().await;
+    server.set_health_delay(Duration::from_millis(300));
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .panic_threshold(0)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .build::<Body>([server.addr]);
+    // Sent at once: the check answers 300 ms later.
+    send(&client).await;
+    assert_eq!(server.traffic(), 1);
+    assert_eq!(check_of(&client, server.addr), Some(CheckStatus::Passing));
+}

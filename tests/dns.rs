@@ -609,3 +609,72 @@ async fn a_grpc_channel_resolves_again_at_once_when_it_cannot_connect_and_finds_
         .await
         .unwrap_or_else(|status| panic!("{status}"));
 }
+
+/// A port free on both `127.0.0.2` and `127.0.0.3`, a listener holding it
+/// on `127.0.0.3`, and on `127.0.0.2` a socket that listens and never
+/// accepts, its backlog filled: a connect to it gets no answer at all
+/// (the kernel drops the SYN), as to a host that is gone.
+async fn service_moved_from_a_black_hole() -> (
+    u16,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+    tokio::net::TcpListener,
+) {
+    for _ in 0..20 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.3:0")
+            .await
+            .expect("bind loopback");
+        let port = listener.local_addr().expect("local addr").port();
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            continue;
+        };
+        if socket
+            .bind(SocketAddr::from(([127, 0, 0, 2], port)))
+            .is_err()
+        {
+            continue;
+        }
+        let Ok(hole) = socket.listen(1) else { continue };
+        // Fill the accept queue (a backlog of 1 takes about two).
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let connect = tokio::net::TcpStream::connect(("127.0.0.2", port));
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await
+            {
+                held.push(stream);
+            }
+        }
+        return (port, listener, held, hole);
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_resolves_again_when_a_connect_to_an_address_that_never_answers_is_given_up()
+{
+    let (port, listener, _held, _hole) = service_moved_from_a_black_hole().await;
+    let _server = serve_ok(listener);
+    let dns = TestDns::start("test.").await;
+    let client = tower_lb::client::HttpClient::builder()
+        .attempt_timeout(Duration::from_millis(300))
+        .no_retries()
+        .build_dns::<support::Body>(name_that_moved(&dns, port).await)
+        .unwrap_or_else(|e| panic!("{e}"));
+    support::wait_until(Duration::from_secs(5), || {
+        client.balancer().endpoints().len() == 1
+    })
+    .await;
+    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
+        .await;
+
+    // The connect hangs; the attempt timeout gives up on it.
+    assert!(client.clone().oneshot(support::get()).await.is_err());
+    support::wait_until(Duration::from_secs(3), || {
+        client
+            .balancer()
+            .endpoints()
+            .iter()
+            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
+    })
+    .await;
+}

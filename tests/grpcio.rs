@@ -286,11 +286,11 @@ async fn a_stopped_server_is_found_by_keep_alive_and_no_idempotent_call_fails() 
     let calls: usize = results.iter().map(|r| r.0).sum();
     assert!(
         calls > 100,
-        "only {calls} calls in 3 s: {}",
+        "only {calls} calls in 4 s: {}",
         describe(&channel)
     );
     assert!(
-        slowest < Duration::from_millis(2_000),
+        slowest < Duration::from_secs(4),
         "a call caught on the stopped server took {slowest:?}: {}",
         describe(&channel)
     );

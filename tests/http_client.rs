@@ -928,3 +928,19 @@ async fn with_http2_only_keep_alive_finds_a_server_that_never_answers_and_no_get
     }
     assert_eq!(answering.requests(), 20);
 }
+
+#[tokio::test]
+async fn hyper_settings_without_a_timer_still_get_the_default_keep_alive_and_do_not_panic() {
+    let server = H2CountingServer::start().await;
+    // A builder as a user writes it: HTTP/2, no timer. hyper panics ("You
+    // must supply a timer") if pings are set without one.
+    let mut hyper =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    hyper.http2_only(true);
+    let client = HttpClient::builder()
+        .hyper(hyper)
+        .build::<Body>([server.addr]);
+    let response = send(&client, get("over-the-pool")).await;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(body_text(response).await, "ok");
+}

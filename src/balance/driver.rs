@@ -203,7 +203,6 @@ where
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy, C, H>(&mut self, inner: &Inner<K, S, P, C, H>) {
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
-        let total = self.active.len();
         let in_service: Vec<Arc<Endpoint<K, S>>> = self
             .active
             .values()
@@ -216,9 +215,24 @@ where
             .filter(|t| !t.health.is_in_service())
             .map(|t| t.endpoint.clone())
             .collect();
-        let panic = self.health.panic_mode(in_service.len(), total);
+        // Endpoints whose active check has not answered yet are left out of
+        // the panic threshold, as Envoy leaves out hosts not yet checked: a
+        // scale-up that doubles the set must not send the newcomers traffic
+        // before they say they are ready (nor call a client's start a
+        // panic). In panic mode they stay out too, while any endpoint has
+        // answered.
+        let known = self
+            .active
+            .values()
+            .filter(|t| !t.health.is_pending())
+            .count();
+        let panic = self.health.panic_mode(in_service.len(), known);
         let eligible: EndpointList<K, S> = if panic {
-            self.active.values().map(|t| t.endpoint.clone()).collect()
+            self.active
+                .values()
+                .filter(|t| !t.health.is_pending())
+                .map(|t| t.endpoint.clone())
+                .collect()
         } else {
             in_service.into_boxed_slice()
         };
@@ -364,16 +378,22 @@ pub(crate) async fn run<D, P, C, H, W, A>(
                     batch.ended,
                 );
             }
-            Some((id, verdict)) = check_reports.recv() => {
-                // A report from a check that has since stopped (its key
-                // removed) finds no endpoint, and is dropped.
-                let index = endpoints
-                    .active
-                    .values()
-                    .position(|t| t.check.as_ref().is_some_and(|check| check.id == id));
-                if let Some((key, tracked)) = index.and_then(|i| endpoints.active.get_index_mut(i)) {
-                    let mut view = (key, &mut tracked.health, &*tracked.endpoint);
-                    changed = endpoints.health.checked(&mut view, verdict);
+            Some(first) = check_reports.recv() => {
+                // Every report waiting, then one snapshot: a start with many
+                // endpoints brings a report from each at about once.
+                let mut report = Some(first);
+                while let Some((id, verdict)) = report {
+                    // A report from a check that has since stopped (its key
+                    // removed) finds no endpoint, and is dropped.
+                    let index = endpoints
+                        .active
+                        .values()
+                        .position(|t| t.check.as_ref().is_some_and(|check| check.id == id));
+                    if let Some((key, tracked)) = index.and_then(|i| endpoints.active.get_index_mut(i)) {
+                        let mut view = (key, &mut tracked.health, &*tracked.endpoint);
+                        changed |= endpoints.health.checked(&mut view, verdict);
+                    }
+                    report = check_reports.try_recv().ok();
                 }
             }
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {

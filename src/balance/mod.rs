@@ -153,6 +153,12 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         let eligible = &snapshot.eligible[..];
         if eligible.is_empty() {
             if !snapshot.out_of_service.is_empty() {
+                // No active check has answered yet (a start): wait for one,
+                // as for the first endpoint, rather than fail on what is
+                // not known (gRPC's A17 queues such picks too).
+                if snapshot.out_of_service.iter().all(|e| e.check_pending()) {
+                    return Dispatch::NoEndpoints(req);
+                }
                 return Dispatch::Failed(out_of_service(&snapshot.out_of_service));
             }
             // Read after the snapshot: the driver sets it after publishing

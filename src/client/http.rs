@@ -103,17 +103,14 @@ impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
         let mut hyper = Client::builder(TokioExecutor::new());
         hyper
             .pool_idle_timeout(DEFAULT_POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        let keep_alive = Http2KeepAlive::HTTP;
-        pool_keep_alive(&mut hyper, Some(keep_alive));
+            .pool_timer(TokioTimer::new());
         let http = Http {
             connector,
             hyper,
             scheme: Scheme::HTTP,
             authority: None,
             own_http2: false,
-            keep_alive: Some(keep_alive),
+            keep_alive: Some(Http2KeepAlive::HTTP),
         };
         ClientBuilder::with(http, balancer)
     }
@@ -186,15 +183,17 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     }
 }
 
-/// Sets hyper-util's HTTP/2 keep-alive as `keep_alive` says (none: off).
+/// Sets hyper-util's HTTP/2 keep-alive as `keep_alive` says; `None` leaves
+/// the builder's own. With the timer the pings need: a builder given with
+/// [`ClientBuilder::hyper`] may have none, and hyper panics without one.
 fn pool_keep_alive(hyper: &mut legacy::Builder, keep_alive: Option<Http2KeepAlive>) {
-    match keep_alive {
-        Some(keep_alive) => hyper
+    if let Some(keep_alive) = keep_alive {
+        hyper
+            .timer(TokioTimer::new())
             .http2_keep_alive_interval(keep_alive.interval())
             .http2_keep_alive_timeout(keep_alive.timeout())
-            .http2_keep_alive_while_idle(false),
-        None => hyper.http2_keep_alive_interval(None),
-    };
+            .http2_keep_alive_while_idle(false);
+    }
 }
 
 impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
@@ -202,18 +201,20 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     /// one may go unanswered before the connection is closed (see
     /// [`Http2KeepAlive`]), over HTTP/2: on the
     /// [`http2_only`](Self::http2_only) connections and hyper-util's. HTTP/1.1
-    /// has no pings. Default [`Http2KeepAlive::HTTP`]: 30 s, 10 s. Settings
-    /// given afterwards with [`hyper`](Self::hyper) replace it for the pool.
+    /// has no pings. Default [`Http2KeepAlive::HTTP`]: 30 s, 10 s. It is
+    /// applied over the [`hyper`](Self::hyper) settings when the client is
+    /// built, whatever the order of the calls; to keep the pings a `hyper`
+    /// builder sets itself, call [`no_http2_keep_alive`](Self::no_http2_keep_alive).
     pub fn http2_keep_alive(mut self, keep_alive: Http2KeepAlive) -> Self {
         self.target.keep_alive = Some(keep_alive);
-        pool_keep_alive(&mut self.target.hyper, Some(keep_alive));
         self
     }
 
-    /// No HTTP/2 pings: undoes [`http2_keep_alive`](Self::http2_keep_alive).
+    /// No HTTP/2 pings of the client's own: undoes
+    /// [`http2_keep_alive`](Self::http2_keep_alive) (the pool keeps what its
+    /// [`hyper`](Self::hyper) settings say).
     pub fn no_http2_keep_alive(mut self) -> Self {
         self.target.keep_alive = None;
-        pool_keep_alive(&mut self.target.hyper, None);
         self
     }
 }
@@ -330,7 +331,9 @@ where
             inner: self.target.connector,
             hook: on_connect_failure.clone(),
         };
-        let hyper = self.target.hyper.build(connector);
+        let mut hyper = self.target.hyper;
+        pool_keep_alive(&mut hyper, self.target.keep_alive);
+        let hyper = hyper.build(connector);
         let scheme = self.target.scheme;
         let authority = self.target.authority;
         // Over `https` the pool's TLS connector is needed.
@@ -506,11 +509,29 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The connection future of [`ReportConnectFailures`].
+    /// The connection future of [`ReportConnectFailures`]: reports a
+    /// connection that failed, or that was given up on while it was being
+    /// made (hyper-util makes a request's connection inside the request's
+    /// future, so an attempt timeout or a deadline drops a connect to an
+    /// address that does not answer before it can fail).
     pub(crate) struct ReportedConnect<F> {
         #[pin]
         inner: F,
+        // Taken when the connect ends.
         hook: Option<ConnectFailureHook>,
+        polled: bool,
+    }
+
+    impl<F> PinnedDrop for ReportedConnect<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Never polled: hyper-util dropped a connect it did not need.
+            if *this.polled {
+                if let Some(hook) = this.hook.take() {
+                    hook.connect_failed();
+                }
+            }
+        }
     }
 }
 
@@ -525,9 +546,11 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let this = self.project();
+        *this.polled = true;
         let made = std::task::ready!(this.inner.poll(cx));
+        let hook = this.hook.take();
         if made.is_err() {
-            if let Some(hook) = this.hook.take() {
+            if let Some(hook) = hook {
                 hook.connect_failed();
             }
         }
@@ -566,6 +589,7 @@ impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ReportConnectFa
         ReportedConnect {
             inner: self.inner.call(uri),
             hook: self.hook.clone(),
+            polled: false,
         }
     }
 }

@@ -348,8 +348,15 @@ impl HealthCheck {
     ///   starts at 1 s and grows 1.6x up to the [interval](Self::interval),
     ///   with the jitter. The [timeout](Self::timeout) bounds the wait for
     ///   a connection and for the stream's first answer.
-    /// - `UNIMPLEMENTED` means the server has no health service: checking
-    ///   stops and the endpoint is in service (a `warn` event says so).
+    /// - `UNIMPLEMENTED` means the server has no health service: the
+    ///   endpoint is in service unchecked (a `warn` event says so), and the
+    ///   stream is asked for again every interval, in case the server
+    ///   gains one.
+    /// - The connection pings as `GrpcChannel`'s do
+    ///   ([`Http2KeepAlive::GRPC`](crate::client::Http2KeepAlive::GRPC)): a
+    ///   server that hangs without closing the stream is found within 5
+    ///   minutes and 20 s; a sooner ping would break grpc-go's and
+    ///   grpc-java's default ping policy on the quiet stream.
     #[cfg(feature = "grpc")]
     #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
     pub fn grpc(service: impl Into<String>) -> Self {
@@ -569,7 +576,8 @@ mod http_probe {
         ) -> Self {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(crate::http::address_authority(addr));
+            // A socket address is always a valid authority (`[::1]:80` too).
+            parts.authority = http::uri::Authority::try_from(addr.to_string()).ok();
             parts.path_and_query = Some(path);
             let uri = http::Uri::from_parts(parts)
                 .unwrap_or_else(|_| unreachable!("a scheme, an authority and a path make a URI"));
@@ -640,6 +648,10 @@ mod grpc_probe {
     const FIRST_BACKOFF: Duration = Duration::from_secs(1);
     const BACKOFF_GROWTH: f64 = 1.6;
 
+    /// The Watch connection's HTTP/2 pings: `Http2KeepAlive::GRPC`'s.
+    const WATCH_PING_INTERVAL: Duration = Duration::from_secs(300);
+    const WATCH_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
     /// How a stream ended.
     enum Ended {
         /// It had answered at least once: open it again at once.
@@ -656,21 +668,38 @@ mod grpc_probe {
         check: HealthCheck,
         mut reporter: HealthReporter,
     ) {
+        // HTTP/2 pings as `GrpcChannel`'s own connections have them: a
+        // server that hangs (a stopped process) keeps the stream open and
+        // says nothing, and only an unanswered ping shows it, within
+        // `Http2KeepAlive::GRPC`'s interval and timeout. Not sooner: the
+        // stream is quiet between changes, and grpc-go and grpc-java
+        // servers take pings more often than every 5 minutes as abuse.
+        // (The values of `Http2KeepAlive::GRPC`, not read from it: health
+        // sits below the clients and their connections.)
         let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(endpoint) => endpoint.connect_timeout(check.timeout),
+            Ok(endpoint) => endpoint
+                .connect_timeout(check.timeout)
+                .http2_keep_alive_interval(WATCH_PING_INTERVAL)
+                .keep_alive_timeout(WATCH_PING_TIMEOUT)
+                .keep_alive_while_idle(false),
             Err(error) => {
                 // A socket address always makes a URI; should it not, say
-                // so rather than leave the endpoint pending for ever.
+                // so rather than check nothing (the endpoint stays out of
+                // service, failing).
                 reporter.unhealthy(format!("no URI for {addr}: {error}"));
                 return;
             }
         };
         let channel = endpoint.connect_lazy();
         let mut backoff = FIRST_BACKOFF;
+        let mut unimplemented = false;
         loop {
             let mut client = HealthClient::new(channel.clone());
             match watch_once(&mut client, &service, &check, &mut reporter).await {
-                Ended::AfterAnswers => backoff = FIRST_BACKOFF,
+                Ended::AfterAnswers => {
+                    backoff = FIRST_BACKOFF;
+                    unimplemented = false;
+                }
                 Ended::Unanswered => {
                     tokio::time::sleep(jittered(backoff, check.jitter_percent)).await;
                     backoff = backoff
@@ -678,9 +707,17 @@ mod grpc_probe {
                         .min(check.interval.max(FIRST_BACKOFF));
                 }
                 Ended::Unimplemented => {
-                    tracing::warn!(endpoint = %addr, "the server has no gRPC health service (UNIMPLEMENTED): not checking it");
+                    // In service unchecked; asked again every interval, so
+                    // that a server restarted with a health service (or
+                    // one whose proxy answered for it while it started)
+                    // is checked from then on.
+                    if !unimplemented {
+                        tracing::warn!(endpoint = %addr, "the server has no gRPC health service (UNIMPLEMENTED): not checking it");
+                        unimplemented = true;
+                    }
                     reporter.healthy();
-                    return;
+                    tokio::time::sleep(jittered(check.interval, check.jitter_percent)).await;
+                    continue;
                 }
             }
         }

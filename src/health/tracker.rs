@@ -56,6 +56,11 @@ impl EndpointHealth {
         self.record.is_ejected()
     }
 
+    /// Its active check has not answered yet.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.check == Some(CheckStatus::Pending)
+    }
+
     /// Neither ejected nor kept out by its active check.
     pub(crate) fn is_in_service(&self) -> bool {
         !self.is_ejected() && self.check.is_none_or(CheckStatus::allows_traffic)
@@ -233,17 +238,20 @@ impl Health {
         changed
     }
 
-    /// What an endpoint's active check reported; returns whether that
-    /// changes whether it is in service. An endpoint that passes after
-    /// failing starts its slow-start ramp, as one back from an ejection
-    /// does (a new endpoint's first pass does not: it began its ramp when
-    /// it joined).
+    /// What an endpoint's active check reported; returns whether the
+    /// snapshot changes: it comes in or goes out of service, or it answered
+    /// for the first time (it now counts toward the panic threshold, and
+    /// requests waiting for a first answer learn it). An endpoint that
+    /// passes after failing, or for the first time, starts its slow-start
+    /// ramp then, as one back from an ejection does: a ramp begun when it
+    /// joined could be over before it ever served.
     pub(crate) fn checked<K: fmt::Debug, E: Monitored>(
         &mut self,
         (key, health, endpoint): &mut View<'_, K, E>,
         verdict: Verdict,
     ) -> bool {
         let before = health.is_in_service();
+        let was_pending = health.is_pending();
         let previous = health.check;
         let status = match verdict {
             Verdict::Healthy => CheckStatus::Passing,
@@ -261,13 +269,17 @@ impl Health {
         endpoint.show_check(status);
         if status == CheckStatus::Passing {
             tracing::info!(endpoint = ?key, "endpoint passed its health check; in service");
-            if previous == Some(CheckStatus::Failing) {
+            // A newcomer that began a ramp when it joined begins it again
+            // now; the first set's endpoints, which had none, get none.
+            let ramp = previous == Some(CheckStatus::Failing)
+                || (was_pending && health.slow_start_since.is_some());
+            if ramp {
                 if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
                     health.begin_slow_start(slow_start, endpoint.load());
                 }
             }
         }
-        before != health.is_in_service()
+        was_pending || before != health.is_in_service()
     }
 
     /// The interval detectors, then the multiplier decay. Returns whether an
