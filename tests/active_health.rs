@@ -384,3 +384,133 @@ async fn with_panic_mode_off_a_request_at_start_waits_for_the_first_check_rather
     assert_eq!(server.traffic(), 1);
     assert_eq!(check_of(&client, server.addr), Some(CheckStatus::Passing));
 }
+
+// --- any ActiveCheck, on a plain Balancer ---
+
+/// Checks that report what a test sets per key, and count their starts and
+/// the tasks still running.
+#[derive(Clone, Default)]
+struct Scripted {
+    verdicts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, bool>>>,
+    starts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a running task down when it is dropped.
+struct Running(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl tower_lb::health::ActiveCheck<&'static str> for Scripted {
+    fn start(
+        &self,
+        key: &&'static str,
+        mut reporter: tower_lb::health::HealthReporter,
+    ) -> Option<tower_lb::health::CheckTask> {
+        if *key == "unchecked" {
+            return None;
+        }
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (key, verdicts, running) = (*key, self.verdicts.clone(), Running(self.running.clone()));
+        Some(Box::pin(async move {
+            let _running = running;
+            loop {
+                let healthy = verdicts.lock().map(|v| v.get(key).copied()).ok().flatten();
+                match healthy {
+                    Some(true) => reporter.healthy(),
+                    Some(false) => reporter.unhealthy("told so"),
+                    None => {}
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }))
+    }
+}
+
+fn answering(
+    name: &'static str,
+) -> tower::util::BoxCloneSyncService<(), &'static str, std::convert::Infallible> {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: ()| async move {
+        Ok::<_, std::convert::Infallible>(name)
+    }))
+}
+
+#[tokio::test]
+async fn an_endpoint_whose_check_starts_nothing_is_in_service_unchecked() {
+    let checks = Scripted::default();
+    let (handle, stream) = discover::channel();
+    handle
+        .insert("unchecked", answering("unchecked"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let balancer = tower_lb::Balancer::builder()
+        .health_check(checks.clone())
+        .build(stream);
+    let answer = balancer
+        .clone()
+        .oneshot(())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer, "unchecked");
+    let stats = balancer.endpoints();
+    assert_eq!(stats[0].health_check, None);
+    assert_eq!(stats[0].state, EndpointState::Active);
+    assert_eq!(checks.starts.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_new_service_for_a_key_keeps_its_check_and_a_removed_key_stops_it() {
+    let checks = Scripted::default();
+    checks
+        .verdicts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert("a", true);
+    let (handle, stream) = discover::channel();
+    handle
+        .insert("a", answering("first"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let balancer = tower_lb::Balancer::builder()
+        .health_check(checks.clone())
+        .build(stream);
+    wait_until(WAIT, || {
+        balancer.endpoints().first().and_then(|e| e.health_check) == Some(CheckStatus::Passing)
+    })
+    .await;
+
+    // The same key again, a new service: the check goes on, passing.
+    handle
+        .insert("a", answering("second"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    loop {
+        let answer = balancer
+            .clone()
+            .oneshot(())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if answer == "second" {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the new service never answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        balancer.endpoints()[0].health_check,
+        Some(CheckStatus::Passing)
+    );
+    assert_eq!(checks.starts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(checks.running.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    handle.remove("a").unwrap_or_else(|e| panic!("{e}"));
+    wait_until(WAIT, || {
+        checks.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+}

@@ -162,9 +162,18 @@ where
                     let id = self.next_check;
                     if let Some(task) = checks.start(&key, self.reports.reporter(id)) {
                         tracked.health.check_started(&*tracked.endpoint);
+                        // As text: the key need not be `Send`.
+                        let checked = format!("{key:?}");
                         tracked.check = Some(RunningCheck {
                             id,
-                            task: tokio::spawn(task),
+                            task: tokio::spawn(async move {
+                                task.await;
+                                // A check is meant to run as long as its
+                                // endpoint: one that returns leaves its last
+                                // verdict (or none: out of service) for good.
+                                tracing::warn!(endpoint = %checked,
+                                    "the endpoint's active check ended; its last verdict stands");
+                            }),
                         });
                     }
                 }
