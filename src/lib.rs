@@ -55,13 +55,13 @@
 //! | feature | default | enables | pulls in |
 //! |---|---|---|---|
 //! | `orca` | yes | ORCA load reports: [`load::OrcaLoadReports`] and the parsers of the `endpoint-load-metrics` header (`TEXT`, `JSON`, `BIN`) and gRPC's `endpoint-load-metrics-bin` | `prost`, `serde`, `serde_json`, `base64` |
-//! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client, or over an HTTP/2 connection of its own), [`client`] ([`client::HttpClient`]), and [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`); turns on `orca` (the clients read ORCA reports by default) | `hyper`, `hyper-util`, `tower-http`, `h2`, and `orca`'s |
+//! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client, or over an HTTP/2 connection of its own), [`client`] ([`client::HttpClient`]), [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`), and the HTTP GET health check (`health::HealthCheck::http_get`); turns on `orca` (the clients read ORCA reports by default) | `hyper`, `hyper-util`, `tower-http`, `h2`, and `orca`'s |
 //! | `dns` | yes | [`discover::Dns`]: A/AAAA or SRV records, re-resolved when their TTL runs out; with `http`, the clients' `build_dns` and `resolve_now` | `hickory-resolver` |
-//! | `grpc` | yes | [`grpc`] and [`client::GrpcChannel`]: one HTTP/2 connection (or, configured, one tonic `Channel`) per endpoint, balanced, for generated clients; turns on `http` | `tonic` (its `channel` feature), and all of `http`'s |
+//! | `grpc` | yes | [`grpc`] and [`client::GrpcChannel`]: one HTTP/2 connection (or, configured, one tonic `Channel`) per endpoint, balanced, for generated clients; the gRPC health check (`health::HealthCheck::grpc`); turns on `http` | `tonic` (its `channel` feature), `tonic-health`, and all of `http`'s |
 //!
 //! With none of them (`default-features = false`) the crate still has the
 //! balancer and every strategy, the fixed list and push channel discovery,
-//! outlier detection and slow start, weighted round robin (with
+//! outlier detection, active TCP health checks and slow start, weighted round robin (with
 //! `UtilizationHeader` or a `LoadExtractor` of your own), and the
 //! timeout, retry and hedge layers, for `http::Request`s or any request type
 //! that implements [`Replayable`](request::Replayable). The `http` and
