@@ -530,6 +530,17 @@ fn serve_ok(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Waits (up to 3 s) until the client has the moved service's new address.
+async fn found_the_new_address(handle: &tower_lb::client::BalancerHandle<DnsEndpoint>) {
+    support::wait_until(Duration::from_secs(3), || {
+        handle
+            .endpoints()
+            .iter()
+            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
+    })
+    .await;
+}
+
 /// A name whose address moved: the records now name the new one, but the
 /// old answer had a TTL of five minutes.
 async fn name_that_moved(dns: &TestDns, port: u16) -> Dns {
@@ -556,14 +567,7 @@ async fn an_http_client_resolves_again_at_once_when_it_cannot_connect_and_finds_
 
     // The old address refuses: this request fails, and makes the client ask.
     assert!(client.clone().oneshot(support::get()).await.is_err());
-    support::wait_until(Duration::from_secs(3), || {
-        client
-            .balancer()
-            .endpoints()
-            .iter()
-            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
-    })
-    .await;
+    found_the_new_address(client.balancer()).await;
     let response = client
         .clone()
         .oneshot(support::get())
@@ -596,14 +600,7 @@ async fn a_grpc_channel_resolves_again_at_once_when_it_cannot_connect_and_finds_
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let request = || tonic_health::pb::HealthCheckRequest::default();
     assert!(health.check(request()).await.is_err());
-    support::wait_until(Duration::from_secs(3), || {
-        channel
-            .balancer()
-            .endpoints()
-            .iter()
-            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
-    })
-    .await;
+    found_the_new_address(channel.balancer()).await;
     health
         .check(request())
         .await
@@ -669,12 +666,5 @@ async fn an_http_client_resolves_again_when_a_connect_to_an_address_that_never_a
 
     // The connect hangs; the attempt timeout gives up on it.
     assert!(client.clone().oneshot(support::get()).await.is_err());
-    support::wait_until(Duration::from_secs(3), || {
-        client
-            .balancer()
-            .endpoints()
-            .iter()
-            .any(|e| e.key.addr.ip() == Ipv4Addr::new(127, 0, 0, 3))
-    })
-    .await;
+    found_the_new_address(client.balancer()).await;
 }
