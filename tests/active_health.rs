@@ -514,3 +514,27 @@ async fn a_new_service_for_a_key_keeps_its_check_and_a_removed_key_stops_it() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_gets_no_answer_in_time_fails_and_says_so() {
+    let server = HealthzServer::start().await;
+    server.set_health_delay(Duration::from_secs(2));
+    let logs = support::CapturedLogs::global();
+    let check = fast_http_check()
+        .timeout(Duration::from_millis(100))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = HttpClient::builder()
+        .health_check(check)
+        .build::<Body>([server.addr]);
+    wait_until(WAIT, || {
+        check_of(&client, server.addr) == Some(CheckStatus::Failing)
+    })
+    .await;
+    let port = server.addr.port().to_string();
+    wait_until(WAIT, || {
+        !logs
+            .lines_with(&["no answer within 100ms", &port])
+            .is_empty()
+    })
+    .await;
+}

@@ -944,3 +944,98 @@ async fn hyper_settings_without_a_timer_still_get_the_default_keep_alive_and_do_
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(body_text(response).await, "ok");
 }
+
+/// A TCP relay to `target` that a test can freeze: from then on it passes
+/// nothing either way and closes nothing, as a server that was stopped
+/// (`kill -STOP`) after its connections were made.
+async fn freezable_relay(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                let pass = |mut from: tokio::net::tcp::OwnedReadHalf,
+                            mut to: tokio::net::tcp::OwnedWriteHalf,
+                            flag: Arc<std::sync::atomic::AtomicBool>| async move {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = tokio::io::AsyncReadExt::read(&mut from, &mut buf).await else {
+                            break;
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                            // Frozen: keep reading, pass nothing, close nothing.
+                            continue;
+                        }
+                        if tokio::io::AsyncWriteExt::write_all(&mut to, &buf[..n])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    std::future::pending::<()>().await;
+                };
+                let up = pass(in_read, out_write, flag.clone());
+                let down = pass(out_read, in_write, flag);
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_hyper_utils_pool_keep_alive_finds_a_server_stopped_after_connecting() {
+    let answering = H2CountingServer::start().await;
+    let stopping = H2CountingServer::start().await;
+    let (relay, frozen) = freezable_relay(stopping.addr).await;
+    let keep_alive =
+        tower_lb::client::Http2KeepAlive::new(Duration::from_millis(500), Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let mut hyper =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    hyper.http2_only(true);
+    let client = HttpClient::builder()
+        .hyper(hyper)
+        .http2_keep_alive(keep_alive)
+        .no_attempt_timeout()
+        .strategy(tower_lb::strategy::RoundRobin::new())
+        .build::<Body>([answering.addr, relay]);
+    // Both connections made and used.
+    for i in 0..4 {
+        send(&client, get(&format!("before-{i}"))).await;
+    }
+    assert!(stopping.requests() >= 1);
+
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        let call = std::time::Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(8),
+            send(&client, get(&format!("after-{i}"))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("GET {i} hung"));
+        assert_eq!(response.status(), 200);
+        assert!(
+            call.elapsed() < Duration::from_secs(6),
+            "GET {i} took {:?}",
+            call.elapsed()
+        );
+    }
+}
