@@ -970,10 +970,7 @@ async fn freezable_relay(
                             mut to: tokio::net::tcp::OwnedWriteHalf,
                             flag: Arc<std::sync::atomic::AtomicBool>| async move {
                     let mut buf = [0u8; 16 * 1024];
-                    loop {
-                        let Ok(n) = tokio::io::AsyncReadExt::read(&mut from, &mut buf).await else {
-                            break;
-                        };
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut from, &mut buf).await {
                         if n == 0 {
                             break;
                         }
