@@ -85,13 +85,6 @@ impl fmt::Debug for ConnectFailureHook {
     }
 }
 
-impl Default for H2Settings {
-    /// The clients' [`DEFAULT_CONNECT_TIMEOUT`](crate::client::DEFAULT_CONNECT_TIMEOUT),
-    /// and [`Http2KeepAlive::HTTP`].
-    fn default() -> Self {
-        Self::new(Some(Http2KeepAlive::HTTP))
-    }
-}
 
 /// HTTP/2 keep-alive: when a connection with calls open has received
 /// nothing for `interval`, a `PING` goes out, and a connection that does not
@@ -461,7 +454,7 @@ mod tests {
     fn an_attempt_dropped_with_its_runtime_is_replaced_not_joined() {
         let listener = listener();
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::default());
+        let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::new(None));
         let first = runtime();
         first.block_on(async {
             // Starts the attempt, whose task never runs: it goes with its
@@ -487,7 +480,7 @@ mod tests {
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         runtime().block_on(async move {
             let accepted = serve(listener);
-            let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::default());
+            let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::new(None));
             std::future::poll_fn(|cx| connection.poll_ready(cx))
                 .await
                 .unwrap_or_else(|e| panic!("{}", crate::error::report(&*e)));
