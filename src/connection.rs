@@ -85,7 +85,6 @@ impl fmt::Debug for ConnectFailureHook {
     }
 }
 
-
 /// HTTP/2 keep-alive: when a connection with calls open has received
 /// nothing for `interval`, a `PING` goes out, and a connection that does not
 /// answer it within `timeout` is closed. Its calls then fail as on a lost

@@ -530,6 +530,14 @@ fn serve_ok(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Once the client knows the name's old address, the records move to the
+/// new one (the old answer's TTL, five minutes, is not up).
+async fn move_the_name(dns: &TestDns, handle: &tower_lb::client::BalancerHandle<DnsEndpoint>) {
+    support::wait_until(Duration::from_secs(5), || handle.endpoints().len() == 1).await;
+    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
+        .await;
+}
+
 /// Waits (up to 3 s) until the client has the moved service's new address.
 async fn found_the_new_address(handle: &tower_lb::client::BalancerHandle<DnsEndpoint>) {
     support::wait_until(Duration::from_secs(3), || {
@@ -557,12 +565,7 @@ async fn an_http_client_resolves_again_at_once_when_it_cannot_connect_and_finds_
     let client = tower_lb::client::HttpClient::builder()
         .build_dns::<support::Body>(name_that_moved(&dns, port).await)
         .unwrap_or_else(|e| panic!("{e}"));
-    support::wait_until(Duration::from_secs(5), || {
-        client.balancer().endpoints().len() == 1
-    })
-    .await;
-    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
-        .await;
+    move_the_name(&dns, client.balancer()).await;
     let queries = dns.queries();
 
     // The old address refuses: this request fails, and makes the client ask.
@@ -590,12 +593,7 @@ async fn a_grpc_channel_resolves_again_at_once_when_it_cannot_connect_and_finds_
     let channel = tower_lb::client::GrpcChannel::builder()
         .build_dns(name_that_moved(&dns, port).await)
         .unwrap_or_else(|e| panic!("{e}"));
-    support::wait_until(Duration::from_secs(5), || {
-        channel.balancer().endpoints().len() == 1
-    })
-    .await;
-    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
-        .await;
+    move_the_name(&dns, channel.balancer()).await;
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let request = || tonic_health::pb::HealthCheckRequest::default();
@@ -657,12 +655,7 @@ async fn an_http_client_resolves_again_when_a_connect_to_an_address_that_never_a
         .no_retries()
         .build_dns::<support::Body>(name_that_moved(&dns, port).await)
         .unwrap_or_else(|e| panic!("{e}"));
-    support::wait_until(Duration::from_secs(5), || {
-        client.balancer().endpoints().len() == 1
-    })
-    .await;
-    dns.set_a("moved.test.", &[Ipv4Addr::new(127, 0, 0, 3)], 300)
-        .await;
+    move_the_name(&dns, client.balancer()).await;
 
     // The connect hangs; the attempt timeout gives up on it.
     assert!(client.clone().oneshot(support::get()).await.is_err());

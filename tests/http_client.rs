@@ -868,6 +868,40 @@ async fn with_http2_only_an_https_client_never_sends_plain_text() {
     assert_eq!(server.connections(), 0);
 }
 
+/// Pings generous for a loaded machine: a busy server's own connection
+/// must not miss one (200 ms / 200 ms failed one run in six under the whole
+/// file's load). Without pings, and without an attempt timeout (off in
+/// these tests), a GET caught on a server that answers nothing waits for
+/// the 15 s deadline.
+fn generous_keep_alive() -> tower_lb::client::Http2KeepAlive {
+    tower_lb::client::Http2KeepAlive::new(Duration::from_millis(500), Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends `count` GETs one after another: each is answered 200 within 6 s
+/// (a ping's interval and timeout, a retry, and room to spare).
+async fn every_get_answered_within_six_seconds(
+    client: &HttpClient<Body>,
+    name: &str,
+    count: usize,
+) {
+    for i in 0..count {
+        let call = std::time::Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(8),
+            send(client, get(&format!("{name}-{i}"))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("GET {name}-{i} hung"));
+        assert_eq!(response.status(), 200);
+        assert!(
+            call.elapsed() < Duration::from_secs(6),
+            "GET {name}-{i} took {:?}",
+            call.elapsed()
+        );
+    }
+}
+
 /// A server that takes connections and bytes and never answers (a hung
 /// process): its port is open, so only HTTP/2 pings can tell.
 async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
@@ -899,38 +933,18 @@ async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) 
 async fn with_http2_only_keep_alive_finds_a_server_that_never_answers_and_no_get_fails() {
     let answering = H2CountingServer::start().await;
     let (silent, _silent) = silent_server().await;
-    // Generous for a loaded machine: a busy server's own connection must
-    // not miss a ping. Without pings (and without an attempt timeout, off
-    // here) a GET on the silent server would wait for the 15 s deadline.
-    let keep_alive =
-        tower_lb::client::Http2KeepAlive::new(Duration::from_millis(500), Duration::from_secs(1))
-            .unwrap_or_else(|e| panic!("{e}"));
     let client = HttpClient::builder()
         .http2_only()
-        .http2_keep_alive(keep_alive)
+        .http2_keep_alive(generous_keep_alive())
         .no_attempt_timeout()
         .strategy(tower_lb::strategy::RoundRobin::new())
         .build::<Body>([answering.addr, silent]);
-    for i in 0..20 {
-        let call = std::time::Instant::now();
-        let response = tokio::time::timeout(
-            Duration::from_secs(8),
-            send(&client, get(&format!("get-{i}"))),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("GET {i} hung"));
-        assert_eq!(response.status(), 200);
-        assert!(
-            call.elapsed() < Duration::from_secs(6),
-            "GET {i} took {:?}",
-            call.elapsed()
-        );
-    }
+    every_get_answered_within_six_seconds(&client, "get", 20).await;
     assert_eq!(answering.requests(), 20);
 }
 
 #[tokio::test]
-async fn hyper_settings_without_a_timer_still_get_the_default_keep_alive_and_do_not_panic() {
+async fn hyper_settings_without_a_timer_do_not_panic_under_the_default_keep_alive() {
     let server = H2CountingServer::start().await;
     // A builder as a user writes it: HTTP/2, no timer. hyper panics ("You
     // must supply a timer") if pings are set without one.
@@ -1001,15 +1015,12 @@ async fn over_hyper_utils_pool_keep_alive_finds_a_server_stopped_after_connectin
     let answering = H2CountingServer::start().await;
     let stopping = H2CountingServer::start().await;
     let (relay, frozen) = freezable_relay(stopping.addr).await;
-    let keep_alive =
-        tower_lb::client::Http2KeepAlive::new(Duration::from_millis(500), Duration::from_secs(1))
-            .unwrap_or_else(|e| panic!("{e}"));
     let mut hyper =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
     hyper.http2_only(true);
     let client = HttpClient::builder()
         .hyper(hyper)
-        .http2_keep_alive(keep_alive)
+        .http2_keep_alive(generous_keep_alive())
         .no_attempt_timeout()
         .strategy(tower_lb::strategy::RoundRobin::new())
         .build::<Body>([answering.addr, relay]);
@@ -1020,19 +1031,5 @@ async fn over_hyper_utils_pool_keep_alive_finds_a_server_stopped_after_connectin
     assert!(stopping.requests() >= 1);
 
     frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-    for i in 0..10 {
-        let call = std::time::Instant::now();
-        let response = tokio::time::timeout(
-            Duration::from_secs(8),
-            send(&client, get(&format!("after-{i}"))),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("GET {i} hung"));
-        assert_eq!(response.status(), 200);
-        assert!(
-            call.elapsed() < Duration::from_secs(6),
-            "GET {i} took {:?}",
-            call.elapsed()
-        );
-    }
+    every_get_answered_within_six_seconds(&client, "after", 10).await;
 }
