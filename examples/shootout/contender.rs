@@ -195,7 +195,6 @@ impl Contender {
         clock: LatencyClock,
         backends: &[Arc<Backend>],
     ) -> Built {
-        let no_checks = BackendChecks(None);
         match self {
             Contender::RoundRobin => tower_lb(RoundRobin::new(), endpoints, seed, clock, None),
             Contender::P2cLeastRequests => {
@@ -207,45 +206,49 @@ impl Contender {
                 endpoints,
                 seed,
                 clock,
-                None,
-                false,
-                no_checks,
+                Resilience::default(),
             ),
             Contender::P2cPeakEwmaOutliersRetry => resilient(
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
                 clock,
-                Some(OutlierDetection::new()),
-                false,
-                no_checks,
+                Resilience {
+                    outliers: true,
+                    ..Resilience::default()
+                },
             ),
             Contender::P2cPeakEwmaOutliersRetryCheck => resilient(
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
                 clock,
-                Some(OutlierDetection::new()),
-                false,
-                BackendChecks(Some(backends.to_vec())),
+                Resilience {
+                    outliers: true,
+                    checks: Some(backends.to_vec()),
+                    ..Resilience::default()
+                },
             ),
             Contender::P2cPeakEwmaOutliersHedge => resilient(
                 P2c::peak_ewma(),
                 endpoints,
                 seed,
                 clock,
-                Some(OutlierDetection::new()),
-                true,
-                no_checks,
+                Resilience {
+                    outliers: true,
+                    hedge: true,
+                    ..Resilience::default()
+                },
             ),
             Contender::RoundRobinHedge => resilient(
                 RoundRobin::new(),
                 endpoints,
                 seed,
                 clock,
-                None,
-                true,
-                no_checks,
+                Resilience {
+                    hedge: true,
+                    ..Resilience::default()
+                },
             ),
             Contender::WeightedRoundRobin => tower_lb(
                 WeightedRoundRobin::new().blackout_period(Duration::from_secs(1)),
@@ -319,16 +322,25 @@ fn tower_lb<P: Strategy>(
     }
 }
 
-/// `strategy` under a deadline, retries and (if `hedge`) hedging, with the
+/// What a resilient contender has beyond retries and the deadline.
+#[derive(Default)]
+struct Resilience {
+    /// Outlier detection at its defaults.
+    outliers: bool,
+    /// Hedging after the adaptive p95.
+    hedge: bool,
+    /// An active check of each of these backends (see [`BackendChecks`]).
+    checks: Option<Vec<Arc<Backend>>>,
+}
+
+/// `strategy` under a deadline and retries, with what `extra` adds, the
 /// balancer sending retries and hedges to endpoints not yet tried.
 fn resilient<P: Strategy>(
     strategy: P,
     endpoints: Discovery,
     seed: u64,
     clock: LatencyClock,
-    detection: Option<OutlierDetection>,
-    hedge: bool,
-    checks: BackendChecks,
+    extra: Resilience,
 ) -> Built {
     let builder = Balancer::builder()
         .strategy(strategy)
@@ -337,16 +349,16 @@ fn resilient<P: Strategy>(
         .latency_clock(clock)
         .seed(seed)
         .avoid_tried_endpoints()
-        .health_check(checks);
-    let builder = match detection {
-        Some(detection) => builder.outlier_detection(detection),
-        None => builder,
+        .health_check(BackendChecks(extra.checks));
+    let builder = match extra.outliers {
+        true => builder.outlier_detection(OutlierDetection::new()),
+        false => builder,
     };
     let balancer = builder.build(endpoints);
     let stats = balancer.clone();
     let budget = RetryBudget::new();
     let policy = RetryPolicy::new().retry_on(GatewayErrors);
-    let hedging = hedge.then(|| HedgeLayer::new(budget.clone()));
+    let hedging = extra.hedge.then(|| HedgeLayer::new(budget.clone()));
     let client = ServiceBuilder::new()
         .layer(DeadlineLayer::new(Duration::from_secs(5)))
         // Seeded too (apart from the balancer's stream), so a seeded run
