@@ -616,10 +616,8 @@ async fn service_moved_from_a_black_hole() -> (
     tokio::net::TcpListener,
 ) {
     for _ in 0..20 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.3:0")
-            .await
-            .expect("bind loopback");
-        let port = listener.local_addr().expect("local addr").port();
+        // Free on 127.0.0.2 a moment ago; another test may take it first.
+        let (port, listener) = moved_service().await;
         let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
             continue;
         };
