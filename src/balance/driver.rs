@@ -248,6 +248,7 @@ where
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
         inner.snapshot.store(Arc::new(Snapshot {
+            awaiting_checks: known == 0 && !out_of_service.is_empty(),
             eligible,
             out_of_service,
             panic,

@@ -289,11 +289,6 @@ impl<K, S> Endpoint<K, S> {
             && self.check_status().is_none_or(CheckStatus::allows_traffic)
     }
 
-    /// Its active check has not answered yet.
-    pub(crate) fn check_pending(&self) -> bool {
-        self.check_status() == Some(CheckStatus::Pending)
-    }
-
     /// Kept out of service by its active check.
     pub(crate) fn fails_check(&self) -> bool {
         self.check_status().is_some_and(|s| !s.allows_traffic())

@@ -152,13 +152,10 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         let snapshot = self.snapshot.load();
         let eligible = &snapshot.eligible[..];
         if eligible.is_empty() {
+            if snapshot.awaiting_checks {
+                return Dispatch::NoEndpoints(req);
+            }
             if !snapshot.out_of_service.is_empty() {
-                // No active check has answered yet (a start): wait for one,
-                // as for the first endpoint, rather than fail on what is
-                // not known (gRPC's A17 queues such picks too).
-                if snapshot.out_of_service.iter().all(|e| e.check_pending()) {
-                    return Dispatch::NoEndpoints(req);
-                }
                 return Dispatch::Failed(out_of_service(&snapshot.out_of_service));
             }
             // Read after the snapshot: the driver sets it after publishing
@@ -502,6 +499,7 @@ where
         snapshot: ArcSwap::from_pointee(Snapshot {
             eligible: empty,
             out_of_service: Box::new([]),
+            awaiting_checks: false,
             panic: false,
             draining: Box::new([]),
             schedule,

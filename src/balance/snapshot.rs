@@ -18,6 +18,10 @@ pub(crate) struct Snapshot<K, S, Sch> {
     /// Too few endpoints are in service: requests go to those out of
     /// service too.
     pub(crate) panic: bool,
+    /// Every endpoint waits for its active check's first answer (a start):
+    /// requests wait for one, as for the first endpoint, rather than fail on
+    /// what is not known (gRPC's A17 queues such picks too).
+    pub(crate) awaiting_checks: bool,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
     /// The strategy's precomputed schedule for `eligible`.
