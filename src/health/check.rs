@@ -165,6 +165,7 @@ impl HealthReporter {
     /// The endpoint is not well, for `reason` (logged by the balancer): it
     /// is taken (or kept) out of service.
     pub fn unhealthy(&mut self, reason: impl fmt::Display) {
+        // Checked here too, so that a repeated verdict builds no text.
         if self.last != Some(false) {
             self.report(Verdict::Unhealthy(reason.to_string()));
         }
@@ -512,23 +513,16 @@ where
     F: Future<Output = Result<(), String>>,
 {
     let mut thresholds = Thresholds::new(check.healthy_threshold, check.unhealthy_threshold);
-    let mut reason = String::new();
     loop {
-        let passed = match tokio::time::timeout(check.timeout, probe()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(why)) => {
-                reason = why;
-                false
-            }
-            Err(_) => {
-                reason = format!("no answer within {:?}", check.timeout);
-                false
-            }
+        let outcome = match tokio::time::timeout(check.timeout, probe()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };
-        match thresholds.record(passed) {
-            Some(true) => reporter.healthy(),
-            Some(false) => reporter.unhealthy(&reason),
-            None => {}
+        // Turned unhealthy by this probe: its failure is the reason.
+        match (thresholds.record(outcome.is_ok()), outcome) {
+            (Some(true), _) => reporter.healthy(),
+            (Some(false), Err(why)) => reporter.unhealthy(why),
+            _ => {}
         }
         tokio::time::sleep(check.next_wait()).await;
     }
