@@ -16,7 +16,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -29,7 +29,17 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::{BoxError, ConnectFailed, NeverSent};
+use crate::health::{ConnectionState, ConnectionStatus};
+use crate::retry::Backoff;
 use crate::setting::{self, InvalidSetting};
+
+/// gRPC's connection back-off: 1 s, growing 1.6x up to 120 s, ±20 %.
+const RECONNECT_BACKOFF: Backoff = Backoff::CONNECTION;
+
+/// A connection that closes sooner than this after it opened is made again
+/// after a back-off, as a failed attempt is, rather than at once: a server
+/// that accepts and at once hangs up must not be dialled in a loop.
+const MIN_CONNECTED: Duration = Duration::from_secs(1);
 
 /// How the connection is made and kept.
 #[derive(Debug, Clone)]
@@ -189,6 +199,10 @@ pub(crate) struct H2Connection<B> {
 struct Shared<B> {
     addr: SocketAddr,
     settings: H2Settings,
+    /// The connection's state, for the balancer. Changed only with
+    /// `attempt` locked, so that an attempt's end and a connection's end
+    /// cannot undo each other.
+    status: ConnectionStatus,
     /// The open connection's handle, read by every call without a lock.
     open: ArcSwapOption<SendRequest<B>>,
     /// The latest connection attempt. Locked only by calls that find no
@@ -215,17 +229,86 @@ impl<B> fmt::Debug for H2Connection<B> {
 }
 
 impl<B> H2Connection<B> {
-    /// A connection to `addr`, not made yet.
+    /// A connection to `addr`, made by the first call.
     pub(crate) fn lazy(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
             shared: Arc::new(Shared {
                 addr,
                 settings,
+                status: ConnectionStatus::new(),
                 open: ArcSwapOption::empty(),
                 attempt: Mutex::new(None),
             }),
             waiting: None,
         }
+    }
+
+    /// The connection's state, as the balancer reads it.
+    pub(crate) fn status(&self) -> &ConnectionStatus {
+        &self.shared.status
+    }
+}
+
+impl<B> H2Connection<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A connection to `addr`, made at once and made again whenever it
+    /// closes (at once, if it had stayed open a while) or an attempt fails
+    /// (after gRPC's connection back-off), for as long as a handle to it
+    /// lives: so that the balancer, which prefers endpoints whose
+    /// connection is ready, finds new endpoints and those back from a
+    /// restart ready rather than making a request wait for a handshake.
+    /// gRPC's subchannels under `round_robin` are kept connected the same
+    /// way. Outside a tokio runtime it is made by the first call instead.
+    pub(crate) fn kept_open(addr: SocketAddr, settings: H2Settings) -> Self {
+        let connection = Self::lazy(addr, settings);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(keep_open(
+                Arc::downgrade(&connection.shared),
+                connection.shared.status.changes(),
+            ));
+        }
+        connection
+    }
+}
+
+/// Keeps the connection behind `shared` open while it lives (see
+/// [`H2Connection::kept_open`]); `changes` follows its state.
+async fn keep_open<B>(shared: Weak<Shared<B>>, mut changes: watch::Receiver<ConnectionState>)
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut failures = 0u32;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        // Joins the attempt a call started, if one is under way.
+        let attempt = Shared::connect(&strong);
+        drop(strong);
+        if attempt.await.is_ok() {
+            let opened = tokio::time::Instant::now();
+            // Until the connection ends; every handle gone ends this too.
+            if changes
+                .wait_for(|state| *state != ConnectionState::Ready)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if opened.elapsed() >= MIN_CONNECTED {
+                failures = 0;
+                continue;
+            }
+        }
+        failures = failures.saturating_add(1);
+        let delay = RECONNECT_BACKOFF.delay(failures, &mut rand::rng());
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -314,9 +397,21 @@ where
             _ => {
                 let (tell, outcome) = watch::channel(None);
                 *attempt = Some(outcome.clone());
+                this.status.set(ConnectionState::Connecting);
                 let shared = Arc::clone(this);
                 tokio::spawn(async move {
                     let made = shared.open_connection().await;
+                    let _attempt = shared
+                        .attempt
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    shared.status.set(match &made {
+                        // Closed already: its end found this attempt under
+                        // way and left the state to it.
+                        Ok(()) if !shared.is_open() => ConnectionState::Idle,
+                        Ok(()) => ConnectionState::Ready,
+                        Err(_) => ConnectionState::Failed,
+                    });
                     // Nobody waits any more: the endpoint may be gone.
                     let _ = tell.send(Some(made));
                 });
@@ -339,7 +434,7 @@ where
 
     /// Connects, shakes hands, and publishes the connection's handle; a
     /// failure is told to the hook, if any.
-    async fn open_connection(&self) -> Result<(), ConnectFailed> {
+    async fn open_connection(self: &Arc<Self>) -> Result<(), ConnectFailed> {
         let made = self.try_open_connection().await;
         if made.is_err() {
             if let Some(hook) = &self.settings.on_connect_failure {
@@ -349,7 +444,7 @@ where
         made
     }
 
-    async fn try_open_connection(&self) -> Result<(), ConnectFailed> {
+    async fn try_open_connection(self: &Arc<Self>) -> Result<(), ConnectFailed> {
         let addr = self.addr;
         let timeout = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -379,14 +474,42 @@ where
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| ConnectFailed::new(addr, error))?;
+        let sender = Arc::new(sender);
+        let shared = Arc::downgrade(self);
+        let ours = Arc::clone(&sender);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // Its own statement: the connection, and with it the handle's
+            // other end, is dropped here, so that `is_closed` says so below.
+            let ended = connection.await;
+            if let Err(error) = ended {
                 let error = crate::error::report(&error);
                 tracing::debug!(%addr, %error, "HTTP/2 connection ended");
             }
+            if let Some(shared) = shared.upgrade() {
+                shared.closed(&ours);
+            }
         });
-        self.open.store(Some(Arc::new(sender)));
+        self.open.store(Some(sender));
         Ok(())
+    }
+
+    /// The connection `sender` belongs to has ended: if it is the open one
+    /// and no attempt is under way (that attempt's end sets the state), the
+    /// endpoint is idle until a call or the keeper makes one again.
+    fn closed(&self, sender: &Arc<SendRequest<B>>) {
+        let attempt = self.attempt.lock().unwrap_or_else(PoisonError::into_inner);
+        let under_way = attempt
+            .as_ref()
+            .is_some_and(|a| a.borrow().is_none() && a.has_changed().is_ok());
+        let current = self.open.load();
+        if !under_way
+            && current
+                .as_ref()
+                .is_some_and(|open| Arc::ptr_eq(open, sender))
+        {
+            self.open.store(None);
+            self.status.set(ConnectionState::Idle);
+        }
     }
 }
 

@@ -46,6 +46,7 @@ use tower::Service;
 
 use crate::connection::{H2Connection, H2Settings, SendFuture};
 use crate::error::{BoxError, RefusedByClient};
+use crate::health::ConnectionStatus;
 
 /// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
 /// knowledge if you build your own) on the tokio runtime, ready to be shared
@@ -101,6 +102,9 @@ struct Origin<B, C> {
     authority: Authority,
     /// The `Host` of requests that name none, when it is not `authority`.
     host: Option<http::HeaderValue>,
+    /// Its connection state in the pool, when an `HttpClient` keeps one
+    /// (see `client::pool`).
+    pool_status: Option<ConnectionStatus>,
 }
 
 impl<B, C> HttpEndpoint<B, C> {
@@ -124,13 +128,31 @@ impl<B, C> HttpEndpoint<B, C> {
                 scheme,
                 authority,
                 host: None,
+                pool_status: None,
             }),
             connection: None,
         }
     }
 
+    /// The state of its own HTTP/2 connection, or of its connections in
+    /// the pool, when it is kept.
+    pub(crate) fn connection_status(&self) -> Option<ConnectionStatus> {
+        match &self.connection {
+            Some(connection) => Some(connection.status().clone()),
+            None => self.origin.pool_status.clone(),
+        }
+    }
+}
+
+impl<B, C> HttpEndpoint<B, C>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// An endpoint at plain-text `http://addr` over one HTTP/2 connection
-    /// of its own (prior knowledge), made on its first request.
+    /// of its own (prior knowledge), made at once and kept open (see
+    /// `H2Connection::kept_open`).
     pub(crate) fn http2_connection(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
             origin: Arc::new(Origin {
@@ -138,11 +160,14 @@ impl<B, C> HttpEndpoint<B, C> {
                 scheme: Scheme::HTTP,
                 authority: address_authority(addr),
                 host: None,
+                pool_status: None,
             }),
-            connection: Some(H2Connection::lazy(addr, settings)),
+            connection: Some(H2Connection::kept_open(addr, settings)),
         }
     }
+}
 
+impl<B, C> HttpEndpoint<B, C> {
     /// The `host:port` requests are sent to.
     pub fn authority(&self) -> &Authority {
         &self.origin.authority
@@ -199,12 +224,18 @@ pub(crate) fn absolute_uri(
 }
 
 impl<B, C: Clone> HttpEndpoint<B, C> {
-    /// HTTP/1 requests that name no host (a path, no `Host` header) say they
-    /// are for `host` (a DNS name, say) rather than for the endpoint's
-    /// address, so that virtual hosts and sidecars still route. Not for
-    /// HTTP/2, whose `:authority` comes from the URI (the address) and must
-    /// agree with `Host`.
-    pub fn with_host(self, host: &Authority) -> Self {
+    /// The endpoint, its connection state in the pool kept in `status`.
+    pub(crate) fn with_pool_status(self, status: ConnectionStatus) -> Self {
+        let host = self.origin.host.clone();
+        self.with_origin_changed(host, Some(status))
+    }
+
+    /// The endpoint with its origin's `host` and `pool_status` replaced.
+    fn with_origin_changed(
+        self,
+        host: Option<http::HeaderValue>,
+        pool_status: Option<ConnectionStatus>,
+    ) -> Self {
         let Origin {
             pool,
             scheme,
@@ -216,10 +247,21 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
                 pool: pool.clone(),
                 scheme: scheme.clone(),
                 authority: authority.clone(),
-                host: http::HeaderValue::from_str(host.as_str()).ok(),
+                host,
+                pool_status,
             }),
             connection: self.connection,
         }
+    }
+
+    /// HTTP/1 requests that name no host (a path, no `Host` header) say they
+    /// are for `host` (a DNS name, say) rather than for the endpoint's
+    /// address, so that virtual hosts and sidecars still route. Not for
+    /// HTTP/2, whose `:authority` comes from the URI (the address) and must
+    /// agree with `Host`.
+    pub fn with_host(self, host: &Authority) -> Self {
+        let pool_status = self.origin.pool_status.clone();
+        self.with_origin_changed(http::HeaderValue::from_str(host.as_str()).ok(), pool_status)
     }
 }
 

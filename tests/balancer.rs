@@ -1191,3 +1191,96 @@ async fn an_endpoint_whose_readiness_fails_fails_the_request_as_its_own_error() 
     assert!(report.contains("could not be made"), "{report}");
     assert_eq!(balancer.in_flight(), 0);
 }
+
+/// A real server's endpoint whose connection state the test sets, as a
+/// service of the user's own would report it.
+#[derive(Clone)]
+struct Reporting {
+    endpoint: Endpoint,
+    status: tower_lb::health::ConnectionStatus,
+}
+
+impl tower::Service<http::Request<Body>> for Reporting {
+    type Response = <Endpoint as tower::Service<http::Request<Body>>>::Response;
+    type Error = <Endpoint as tower::Service<http::Request<Body>>>::Error;
+    type Future = <Endpoint as tower::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.endpoint.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        self.endpoint.call(req)
+    }
+}
+
+/// A bare balancer (round robin) over `servers`, each endpoint reporting
+/// the connection state the test sets on the status returned beside it.
+async fn reporting_balancer(
+    servers: &[TestServer],
+) -> (
+    Balancer<SocketAddr, Reporting, RoundRobin>,
+    Vec<tower_lb::health::ConnectionStatus>,
+) {
+    let statuses: Vec<_> = servers
+        .iter()
+        .map(|_| tower_lb::health::ConnectionStatus::new())
+        .collect();
+    let endpoints = servers.iter().zip(&statuses).map(|(s, status)| {
+        let reporting = Reporting {
+            endpoint: endpoint(s.addr),
+            status: status.clone(),
+        };
+        (s.addr, reporting)
+    });
+    let balancer = Balancer::builder()
+        .strategy(RoundRobin::new())
+        .connection_states(|r: &Reporting| Some(r.status.clone()))
+        .build(discover::fixed(endpoints));
+    wait_until(Duration::from_secs(5), || {
+        balancer.endpoints().len() == servers.len()
+    })
+    .await;
+    (balancer, statuses)
+}
+
+async fn send_all(balancer: &Balancer<SocketAddr, Reporting, RoundRobin>, n: usize) {
+    for i in 0..n {
+        let response = balancer.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "request {i}: {:?}", response.err());
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_reporting_its_connection_being_made_gets_no_requests_until_it_is_ready() {
+    use tower_lb::health::ConnectionState;
+    let servers = servers(2, Duration::ZERO).await;
+    let (balancer, statuses) = reporting_balancer(&servers).await;
+    statuses[0].set(ConnectionState::Ready);
+    statuses[1].set(ConnectionState::Connecting);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_all(&balancer, 10).await;
+    assert_eq!((servers[0].hits(), servers[1].hits()), (10, 0));
+    let shown: Vec<_> = balancer.endpoints().iter().map(|e| e.connection).collect();
+    assert!(
+        shown.contains(&Some(ConnectionState::Connecting)),
+        "{shown:?}"
+    );
+
+    statuses[1].set(ConnectionState::Ready);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_all(&balancer, 10).await;
+    assert_eq!((servers[0].hits(), servers[1].hits()), (15, 5));
+}
+
+#[tokio::test]
+async fn when_no_connection_takes_requests_every_endpoint_is_picked() {
+    use tower_lb::health::ConnectionState;
+    let servers = servers(2, Duration::ZERO).await;
+    let (balancer, statuses) = reporting_balancer(&servers).await;
+    statuses[0].set(ConnectionState::Failed);
+    statuses[1].set(ConnectionState::Connecting);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_all(&balancer, 10).await;
+    assert_eq!((servers[0].hits(), servers[1].hits()), (5, 5));
+}

@@ -11,6 +11,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower_lb::client::GrpcChannel;
 use tower_lb::grpc::MethodSafety;
+use tower_lb::health::ConnectionState;
 use tower_lb::request::Safety;
 use tower_lb::retry::{Backoff, RetryPolicy};
 use tower_lb::strategy::{RoundRobin, WeightedRoundRobin};
@@ -61,6 +62,7 @@ async fn calls_spread_evenly_over_every_server_through_the_generated_client() {
         .retry_policy(fast_retries())
         .strategy(RoundRobin::new())
         .build(addrs(&servers));
+    support::wait_connected(channel.balancer()).await;
     for i in 0..300 {
         call(&channel, &format!("c{i}"))
             .await
@@ -228,8 +230,17 @@ async fn a_call_the_caller_marks_idempotent_is_retried() {
     );
 }
 
+fn connection_of(channel: &GrpcChannel, addr: SocketAddr) -> Option<ConnectionState> {
+    channel
+        .balancer()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.key == addr)
+        .and_then(|e| e.connection)
+}
+
 #[tokio::test]
-async fn a_refused_connection_is_retried_even_for_a_method_that_may_not_repeat() {
+async fn an_address_that_refuses_connections_gets_no_calls_while_a_server_is_connected() {
     let server = GrpcServer::start(GrpcBehaviour::Serve).await;
     let refusing = support::refusing_addr().await;
     let channel = GrpcChannel::builder()
@@ -237,13 +248,47 @@ async fn a_refused_connection_is_retried_even_for_a_method_that_may_not_repeat()
         .strategy(RoundRobin::new())
         .no_outlier_detection()
         .build([refusing, server.addr]);
+    support::wait_until(Duration::from_secs(5), || {
+        connection_of(&channel, refusing) == Some(ConnectionState::Failed)
+            && connection_of(&channel, server.addr) == Some(ConnectionState::Ready)
+    })
+    .await;
     for i in 0..6 {
         call(&channel, &format!("u{i}"))
             .await
             .unwrap_or_else(|e| panic!("call {i}: {e}"));
     }
     assert_eq!(server.hits(), 6);
-    assert!(channel.retry_stats().unwrap_or_default().retries >= 3);
+    assert_eq!(channel.retry_stats().unwrap_or_default().retries, 0);
+    let refused = channel.balancer().endpoints();
+    let refused = refused.iter().find(|e| e.key == refusing);
+    assert_eq!(refused.map(|e| (e.requests, e.failures)), Some((0, 0)));
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_even_for_a_method_that_may_not_repeat() {
+    // Nothing listens on either address, so neither connection is ready
+    // and both stay in the picks: the call meets a refused connection on
+    // one, is sent to the other, and meets another.
+    let refusing = [
+        support::refusing_addr().await,
+        support::refusing_addr().await,
+    ];
+    let channel = GrpcChannel::builder()
+        .retry_policy(fast_retries())
+        .strategy(RoundRobin::new())
+        .no_outlier_detection()
+        .build(refusing);
+    let status = call(&channel, "u").await.err();
+    assert_eq!(status.map(|s| s.code()), Some(Code::Unavailable));
+    let requests: Vec<u64> = channel
+        .balancer()
+        .endpoints()
+        .iter()
+        .map(|e| e.requests)
+        .collect();
+    assert!(requests.iter().all(|&r| r >= 1), "{requests:?}");
+    assert!(channel.retry_stats().unwrap_or_default().retries >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,9 +334,13 @@ async fn a_server_killed_mid_run_is_drained_out_with_no_failed_calls() {
         &failures[..failures.len().min(3)]
     );
     assert!(killed_at > 0, "the killed server had taken calls");
-    assert_eq!(
-        state_of(&channel, servers[0].addr),
-        Some(EndpointState::Ejected)
+    // Out of the picks: its connection failing to be made again (or, if
+    // calls met enough refused connections before that, ejected).
+    assert!(
+        connection_of(&channel, servers[0].addr) == Some(ConnectionState::Failed)
+            || state_of(&channel, servers[0].addr) == Some(EndpointState::Ejected),
+        "{:?}",
+        channel.balancer().endpoints()
     );
     assert_eq!(channel.balancer().in_flight(), 0);
 }
@@ -478,6 +527,7 @@ async fn shutdown_waits_for_a_call_between_two_attempts() {
         .strategy(RoundRobin::new())
         .method_safety(safe_checks())
         .build(addrs(&servers));
+    support::wait_connected(channel.balancer()).await;
     // Round robin starts at random: once a call has drawn the failing
     // server (then the other, on its retry, which takes no turn), the next
     // starts with the serving one and the one after with the failing one.

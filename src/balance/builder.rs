@@ -4,13 +4,16 @@ use std::time::Duration;
 
 use tower::discover::Discover;
 
+use super::driver::EndpointSources;
 use super::endpoint::Shared;
 use super::tried::{CallHints, NoHints};
 use super::{Balancer, Settings};
 use crate::classify::ErrorsAsFailures;
 use crate::error::BoxError;
 use crate::health::HealthSettings;
-use crate::health::{ActiveCheck, NoActiveCheck, OutlierDetection, SlowStart};
+use crate::health::{
+    ActiveCheck, ConnectionStates, NoActiveCheck, NoConnectionStates, OutlierDetection, SlowStart,
+};
 use crate::load::{LatencyClock, RttEstimate};
 use crate::setting::{self, InvalidSetting};
 use crate::strategy::{P2c, Strategy};
@@ -39,12 +42,14 @@ pub struct Builder<
     H = NoHints,
     W = NoStaticWeights,
     A = NoActiveCheck,
+    N = NoConnectionStates,
 > {
     strategy: P,
     classify: C,
     hints: H,
     weights: W,
     checks: A,
+    connections: N,
     options: Options,
 }
 
@@ -100,6 +105,7 @@ impl Builder<P2c> {
             hints: NoHints,
             weights: NoStaticWeights,
             checks: NoActiveCheck,
+            connections: NoConnectionStates,
             options: Options {
                 startup_wait: Duration::from_secs(5),
                 rtt: RttEstimate::DEFAULT,
@@ -120,15 +126,16 @@ impl Default for Builder<P2c> {
     }
 }
 
-impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
+impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
     /// The balancing strategy.
-    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H, W, A> {
+    pub fn strategy<Q: Strategy>(self, strategy: Q) -> Builder<Q, C, H, W, A, N> {
         Builder {
             strategy,
             classify: self.classify,
             hints: self.hints,
             weights: self.weights,
             checks: self.checks,
+            connections: self.connections,
             options: self.options,
         }
     }
@@ -152,13 +159,14 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
 [`HttpClassify::grpc`]: crate#cargo-features
 "
     )]
-    pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W, A> {
+    pub fn classify<D>(self, classify: D) -> Builder<P, D, H, W, A, N> {
         Builder {
             strategy: self.strategy,
             classify,
             hints: self.hints,
             weights: self.weights,
             checks: self.checks,
+            connections: self.connections,
             options: self.options,
         }
     }
@@ -188,13 +196,14 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
     /// # let _ = balancer;
     /// # }
     /// ```
-    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V, A> {
+    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V, A, N> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: self.hints,
             weights,
             checks: self.checks,
+            connections: self.connections,
             options: self.options,
         }
     }
@@ -215,13 +224,14 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
     /// let builder = Balancer::builder().avoid_tried_endpoints();
     /// # let _ = builder;
     /// ```
-    pub fn avoid_tried_endpoints(self) -> Builder<P, C, CallHints, W, A> {
+    pub fn avoid_tried_endpoints(self) -> Builder<P, C, CallHints, W, A, N> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: CallHints,
             weights: self.weights,
             checks: self.checks,
+            connections: self.connections,
             options: self.options,
         }
     }
@@ -274,13 +284,35 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn health_check<B>(self, checks: B) -> Builder<P, C, H, W, B> {
+    pub fn health_check<B>(self, checks: B) -> Builder<P, C, H, W, B, N> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
             hints: self.hints,
             weights: self.weights,
             checks,
+            connections: self.connections,
+            options: self.options,
+        }
+    }
+
+    /// Reads each endpoint's [`ConnectionStatus`](crate::health::ConnectionStatus)
+    /// from its service when discovery inserts it: while any endpoint in
+    /// service has a connection that takes requests (ready, or idle), those
+    /// whose connection is being made or failed to be made are not picked
+    /// (see [`ConnectionState`](crate::health::ConnectionState)). Each change
+    /// of state republishes the set, off the request path. Default: no
+    /// endpoint reports one. The ready-made clients (`HttpClient` and
+    /// `GrpcChannel`) set this for the connections they make themselves.
+    /// See [`ConnectionStates`] for an example.
+    pub fn connection_states<M>(self, connections: M) -> Builder<P, C, H, W, A, M> {
+        Builder {
+            strategy: self.strategy,
+            classify: self.classify,
+            hints: self.hints,
+            weights: self.weights,
+            checks: self.checks,
+            connections,
             options: self.options,
         }
     }
@@ -382,6 +414,7 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
         H: Send + Sync + 'static,
         W: StaticWeights<D::Key>,
         A: ActiveCheck<D::Key>,
+        N: ConnectionStates<D::Service>,
     {
         let latency_detector = self
             .options
@@ -403,8 +436,11 @@ impl<P: Strategy, C, H, W, A> Builder<P, C, H, W, A> {
             strategy: self.strategy,
             classify: self.classify,
             hints: self.hints,
-            weights: self.weights,
-            checks: self.checks,
+            sources: EndpointSources {
+                weights: self.weights,
+                checks: self.checks,
+                connections: self.connections,
+            },
             startup_wait: self.options.startup_wait,
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,

@@ -15,7 +15,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tower::discover::{Change, Discover};
 
@@ -25,7 +25,8 @@ use super::{Inner, StaticWeights};
 use crate::error::BoxError;
 use crate::error::Empty;
 use crate::health::{
-    reports, ActiveCheck, CheckId, EndpointHealth, Health, HealthSettings, ReportSender, View,
+    reports, ActiveCheck, CheckId, ConnectionStates, EndpointHealth, Health, HealthSettings,
+    ReportSender, View,
 };
 use crate::strategy::Strategy;
 
@@ -84,25 +85,53 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
     .await
 }
 
+/// What the driver asks about each endpoint discovery inserts: its static
+/// weight (from the key), its active check (from the key), and its
+/// connection's status (from the service).
+pub(crate) struct EndpointSources<W, A, N> {
+    pub(crate) weights: W,
+    pub(crate) checks: A,
+    pub(crate) connections: N,
+}
+
 /// An endpoint in the current set, with what the health rules remember of
-/// it and its active check (dropped with it).
+/// it, its active check and the watch on its connection (both stopped when
+/// it leaves).
 struct Tracked<K, S> {
     endpoint: Arc<Endpoint<K, S>>,
     health: EndpointHealth,
     check: Option<RunningCheck>,
+    _connection_watch: Option<BackgroundTask>,
 }
 
-/// A key's active check, running as a task of its own; dropping this stops
-/// it.
+/// A key's active check, running as a task of its own.
 struct RunningCheck {
     id: CheckId,
-    task: tokio::task::JoinHandle<()>,
+    _task: BackgroundTask,
 }
 
-impl Drop for RunningCheck {
+/// A task that lives as long as this handle: dropping it stops the task.
+struct BackgroundTask(tokio::task::JoinHandle<()>);
+
+impl Drop for BackgroundTask {
     fn drop(&mut self) {
-        self.task.abort();
+        self.0.abort();
     }
+}
+
+/// Wakes the driver (to publish again) on every change of `status`, until
+/// every handle to it is gone or the task is dropped.
+fn watch_connection(
+    status: &crate::health::ConnectionStatus,
+    wake: &Arc<Notify>,
+) -> BackgroundTask {
+    let mut changes = status.changes();
+    let wake = Arc::clone(wake);
+    BackgroundTask(tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            wake.notify_one();
+        }
+    }))
 }
 
 /// The driver's own view of the endpoints; the published snapshot is derived
@@ -114,6 +143,12 @@ struct Endpoints<K, S> {
     /// Where active checks report; each check gets a reporter with its id.
     reports: ReportSender,
     next_check: CheckId,
+    /// Notified when an endpoint's connection changes state.
+    connections_changed: Arc<Notify>,
+    /// Whether each active endpoint's connection took requests at the last
+    /// publish: a change of state that changes none of these (idle to
+    /// ready, say) publishes nothing, so strategies keep their schedule.
+    published_connections: Vec<bool>,
 }
 
 /// A set that grew to many endpoints and shrank back should not keep the
@@ -129,17 +164,27 @@ where
     K: Hash + Eq + Clone + fmt::Debug,
 {
     /// Applies one change; returns whether the active set changed.
-    fn apply(
+    fn apply<W, A, N>(
         &mut self,
         change: Change<K, S>,
         shared: &Arc<Shared>,
-        weights: &impl StaticWeights<K>,
-        checks: &impl ActiveCheck<K>,
-    ) -> bool {
+        sources: &EndpointSources<W, A, N>,
+    ) -> bool
+    where
+        W: StaticWeights<K>,
+        A: ActiveCheck<K>,
+        N: ConnectionStates<S>,
+    {
         match change {
             Change::Insert(key, service) => {
-                let endpoint = Arc::new(Endpoint::new(key.clone(), service, shared.clone()));
-                let weight = weights.weight(&key);
+                let connection = sources.connections.connection_status(&service);
+                let connection_watch = connection
+                    .as_ref()
+                    .map(|status| watch_connection(status, &self.connections_changed));
+                let endpoint = Arc::new(
+                    Endpoint::new(key.clone(), service, shared.clone()).with_connection(connection),
+                );
+                let weight = sources.weights.weight(&key);
                 if !endpoint.load().set_static_weight(weight) {
                     tracing::warn!(endpoint = ?key, weight, "static weight is not a finite positive number; the endpoint weighs 1");
                 }
@@ -148,6 +193,7 @@ where
                     endpoint,
                     health: EndpointHealth::default(),
                     check: None,
+                    _connection_watch: connection_watch,
                 };
                 if let Some(old) = self.active.get_mut(&key) {
                     // A new service for the same key keeps the key's health,
@@ -160,20 +206,20 @@ where
                         .joined(&mut tracked.health, tracked.endpoint.load());
                     self.next_check += 1;
                     let id = self.next_check;
-                    if let Some(task) = checks.start(&key, self.reports.reporter(id)) {
+                    if let Some(task) = sources.checks.start(&key, self.reports.reporter(id)) {
                         tracked.health.check_started(&*tracked.endpoint);
                         // As text: the key need not be `Send`.
                         let checked = format!("{key:?}");
                         tracked.check = Some(RunningCheck {
                             id,
-                            task: tokio::spawn(async move {
+                            _task: BackgroundTask(tokio::spawn(async move {
                                 task.await;
                                 // A check is meant to run as long as its
                                 // endpoint: one that returns leaves its last
                                 // verdict (or none: out of service) for good.
                                 tracing::warn!(endpoint = %checked,
                                     "the endpoint's active check ended; its last verdict stands");
-                            }),
+                            })),
                         });
                     }
                 }
@@ -199,6 +245,14 @@ where
                 }
             },
         }
+    }
+
+    /// Whether each active endpoint's connection takes requests now.
+    fn connections(&self) -> Vec<bool> {
+        self.active
+            .values()
+            .map(|t| t.endpoint.connection_takes_requests())
+            .collect()
     }
 
     /// The endpoints as the health rules see them.
@@ -245,6 +299,8 @@ where
         } else {
             in_service.into_boxed_slice()
         };
+        self.published_connections = self.connections();
+        let (eligible, unconnected) = prefer_connected(eligible);
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
         let schedule = inner.strategy.schedule(&eligible[..], &ctx);
         inner.snapshot.store(Arc::new(Snapshot {
@@ -252,11 +308,34 @@ where
             eligible,
             out_of_service,
             panic,
+            unconnected,
             draining: self.draining.clone().into_boxed_slice(),
             schedule,
         }));
         inner.published.send_modify(|generation| *generation += 1);
     }
+}
+
+/// Splits `eligible` into the endpoints whose connection takes requests and
+/// those whose connection is being made or failed, when there are both:
+/// only the first are picked then. When none takes requests, all are
+/// picked, and a request waits for (or fails with) a connection attempt, as
+/// it would without connection states.
+fn prefer_connected<K, S>(
+    eligible: EndpointList<K, S>,
+) -> (EndpointList<K, S>, EndpointList<K, S>) {
+    let connected = eligible
+        .iter()
+        .filter(|e| e.connection_takes_requests())
+        .count();
+    if connected == 0 || connected == eligible.len() {
+        return (eligible, Box::new([]));
+    }
+    let (connected, unconnected): (Vec<_>, Vec<_>) = eligible
+        .into_vec()
+        .into_iter()
+        .partition(|e| e.connection_takes_requests());
+    (connected.into_boxed_slice(), unconnected.into_boxed_slice())
 }
 
 /// The driver's view of the balancer: it must not keep it alive.
@@ -265,13 +344,12 @@ type WeakInner<D, P, C, H> = Weak<Inner<<D as Discover>::Key, <D as Discover>::S
 /// Runs until `stop` resolves (its sender lives in the balancer's shared
 /// state, and `close` drops it, so that happens when the balancer is closed
 /// or the last handle is dropped).
-pub(crate) async fn run<D, P, C, H, W, A>(
+pub(crate) async fn run<D, P, C, H, W, A, N>(
     discover: D,
     inner: WeakInner<D, P, C, H>,
     shared: Arc<Shared>,
     health: HealthSettings,
-    weights: W,
-    checks: A,
+    sources: EndpointSources<W, A, N>,
     mut stop: oneshot::Receiver<()>,
 ) where
     D: Discover,
@@ -280,6 +358,7 @@ pub(crate) async fn run<D, P, C, H, W, A>(
     P: Strategy,
     W: StaticWeights<D::Key>,
     A: ActiveCheck<D::Key>,
+    N: ConnectionStates<D::Service>,
 {
     tokio::pin!(discover);
     let (report_sender, mut check_reports) = reports();
@@ -292,7 +371,10 @@ pub(crate) async fn run<D, P, C, H, W, A>(
         health: Health::new(health),
         reports: report_sender,
         next_check: 0,
+        connections_changed: Arc::new(Notify::new()),
+        published_connections: Vec::new(),
     };
+    let connections_changed = Arc::clone(&endpoints.connections_changed);
     // An interval too long for the clock never ticks.
     let mut ticker = detection_interval.and_then(|interval| {
         let first = Instant::now().checked_add(interval)?;
@@ -350,7 +432,7 @@ pub(crate) async fn run<D, P, C, H, W, A>(
                     match item {
                         Ok(change) => {
                             let is_insert = matches!(change, Change::Insert(..));
-                            if endpoints.apply(change, &shared, &weights, &checks) {
+                            if endpoints.apply(change, &shared, &sources) {
                                 changed = true;
                                 if is_insert { inserted += 1 } else { removed += 1 }
                             }
@@ -405,6 +487,9 @@ pub(crate) async fn run<D, P, C, H, W, A>(
                     }
                     report = check_reports.try_recv().ok();
                 }
+            }
+            _ = connections_changed.notified() => {
+                changed = endpoints.connections() != endpoints.published_connections;
             }
             _ = shared.drained.notified(), if !endpoints.draining.is_empty() => {
                 changed = true;

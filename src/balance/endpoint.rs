@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::classify::{Outcome, RecordOutcome};
-use crate::health::{CheckStatus, OutlierDetection};
+use crate::health::{CheckStatus, ConnectionState, ConnectionStatus, OutlierDetection};
 use crate::load::{EndpointLoad, LatencyClock, RequestClock, RttEstimate};
 use crate::strategy::{Candidates, PickContext};
 
@@ -170,6 +170,9 @@ pub(crate) struct Endpoint<K, S> {
     /// so their own lost connections are the same event.
     lost_connection_mark: AtomicU64,
     shared: Arc<Shared>,
+    /// Its connection's state, if its service reports one: read by the
+    /// driver when it publishes, and for the stats; never by requests.
+    connection: Option<ConnectionStatus>,
 }
 
 /// In service.
@@ -205,7 +208,22 @@ impl<K, S> Endpoint<K, S> {
             returns_at_ns: AtomicU64::new(0),
             lost_connection_mark: AtomicU64::new(0),
             shared,
+            connection: None,
         }
+    }
+
+    /// The endpoint, its connection's state read from `connection`.
+    pub(crate) fn with_connection(mut self, connection: Option<ConnectionStatus>) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// Whether its connection takes requests now (see
+    /// [`ConnectionState`]); an endpoint that reports none always does.
+    pub(crate) fn connection_takes_requests(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_none_or(|c| c.get().takes_requests())
     }
 
     /// Records a failure because the request's connection was lost, for
@@ -394,6 +412,7 @@ impl<K, S> Endpoint<K, S> {
             static_weight: self.load.static_weight(),
             slow_start_factor: self.load.slow_start_factor(),
             health_check: self.check_status(),
+            connection: self.connection.as_ref().map(ConnectionStatus::get),
         }
     }
 }
@@ -650,6 +669,11 @@ pub struct EndpointStats<K> {
     /// Where it stands with its [active health check](crate::balance::Builder::health_check);
     /// `None` when it has none.
     pub health_check: Option<CheckStatus>,
+    /// Its connection's state, when its service reports one (see
+    /// [`Builder::connection_states`](crate::balance::Builder::connection_states)):
+    /// an endpoint whose connection is being made or failed is not picked
+    /// while another's is ready.
+    pub connection: Option<ConnectionState>,
 }
 
 /// The balancer's snapshot is what its strategy picks from. Implemented

@@ -455,20 +455,19 @@ async fn until<F: std::future::Future>(deadline: Option<Instant>, future: F) -> 
 }
 
 /// What the builder hands to [`spawn`].
-pub(crate) struct Settings<P, C, H, W, A> {
+pub(crate) struct Settings<P, C, H, W, A, N> {
     pub(crate) strategy: P,
     pub(crate) classify: C,
     pub(crate) hints: H,
-    pub(crate) weights: W,
-    pub(crate) checks: A,
+    pub(crate) sources: driver::EndpointSources<W, A, N>,
     pub(crate) startup_wait: Duration,
     pub(crate) health: crate::health::HealthSettings,
 }
 
 /// Builds the shared state and spawns the driver; used by the builder.
-pub(crate) fn spawn<D, P, C, H, W, A>(
+pub(crate) fn spawn<D, P, C, H, W, A, N>(
     discover: D,
-    settings: Settings<P, C, H, W, A>,
+    settings: Settings<P, C, H, W, A, N>,
     shared: Shared,
 ) -> Balancer<D::Key, D::Service, P, C, H>
 where
@@ -481,13 +480,13 @@ where
     H: Send + Sync + 'static,
     W: StaticWeights<D::Key>,
     A: crate::health::ActiveCheck<D::Key>,
+    N: crate::health::ConnectionStates<D::Service>,
 {
     let Settings {
         strategy,
         classify,
         hints,
-        weights,
-        checks,
+        sources,
         startup_wait,
         health,
     } = settings;
@@ -501,6 +500,7 @@ where
             out_of_service: Box::new([]),
             awaiting_checks: false,
             panic: false,
+            unconnected: Box::new([]),
             draining: Box::new([]),
             schedule,
         }),
@@ -518,8 +518,7 @@ where
         Arc::downgrade(&inner),
         shared,
         health,
-        weights,
-        checks,
+        sources,
         stop_rx,
     ));
     Balancer { inner }

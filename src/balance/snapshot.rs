@@ -22,6 +22,10 @@ pub(crate) struct Snapshot<K, S, Sch> {
     /// requests wait for one, as for the first endpoint, rather than fail on
     /// what is not known (gRPC's A17 queues such picks too).
     pub(crate) awaiting_checks: bool,
+    /// Endpoints in service (or, in panic mode, eligible) left out of
+    /// `eligible` because their connection is being made or failed while
+    /// another's takes requests.
+    pub(crate) unconnected: EndpointList<K, S>,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
     /// The strategy's precomputed schedule for `eligible`.
@@ -29,8 +33,8 @@ pub(crate) struct Snapshot<K, S, Sch> {
 }
 
 impl<K, S, Sch> Snapshot<K, S, Sch> {
-    /// Every endpoint this snapshot knows, each once: in service, out of
-    /// service, draining.
+    /// Every endpoint this snapshot knows, each once: eligible, left out
+    /// for their connection, out of service, draining.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
         let out: &[Arc<Endpoint<K, S>>] = if self.panic {
             &[]
@@ -39,6 +43,7 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
         };
         self.eligible
             .iter()
+            .chain(self.unconnected.iter())
             .chain(out.iter())
             .chain(self.draining.iter())
     }

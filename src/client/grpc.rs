@@ -31,7 +31,7 @@ pub struct Grpc {
     safety: MethodSafety,
     scheme: Scheme,
     authority: Option<Authority>,
-    /// `None`: tower-lb's own HTTP/2 connections (see `GrpcEndpoint::lazy`).
+    /// `None`: tower-lb's own HTTP/2 connections (see `GrpcEndpoint::for_address`).
     configure: Option<ConfigureEndpoint>,
     /// The own connections' keep-alive.
     keep_alive: Option<Http2KeepAlive>,
@@ -249,7 +249,7 @@ where
         } = self.target;
         let h2 = H2Settings::new(keep_alive).on_connect_failure(on_connect_failure);
         let endpoints = MapEndpoints::new(discover, move |addr| {
-            GrpcEndpoint::lazy(
+            GrpcEndpoint::for_address(
                 addr,
                 &scheme,
                 authority.as_ref(),
@@ -257,7 +257,10 @@ where
                 h2.clone(),
             )
         });
-        let balancer = self.balancer.build(endpoints);
+        let balancer = self
+            .balancer
+            .connection_states(GrpcEndpoint::connection_status)
+            .build(endpoints);
         let boxed_bodies =
             tower::util::MapResponse::new(balancer.clone(), |response: http::Response<RB>| {
                 response.map(|body| tonic::body::Body::new(StatusBody::new(body)))

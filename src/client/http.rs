@@ -15,6 +15,7 @@ use tower::discover::Discover;
 use tower::util::BoxCloneSyncService;
 use tower::Service;
 
+use super::pool::{ObservedConnector, PoolConnections};
 use super::{
     BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
@@ -327,10 +328,12 @@ where
         W: StaticWeights<D::Key>,
         A: ActiveCheck<D::Key>,
     {
-        let connector = ReportConnectFailures {
-            inner: self.target.connector,
-            hook: on_connect_failure.clone(),
-        };
+        let connections = PoolConnections::default();
+        let connector = ObservedConnector::new(
+            self.target.connector,
+            on_connect_failure.clone(),
+            connections.clone(),
+        );
         let mut hyper = self.target.hyper;
         pool_keep_alive(&mut hyper, self.target.keep_alive);
         let hyper = hyper.build(connector);
@@ -344,14 +347,19 @@ where
             let endpoint = if own_http2 {
                 HttpEndpoint::http2_connection(addr, settings.clone())
             } else {
-                HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr)
+                let endpoint = HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr);
+                let status = connections.register(endpoint.authority());
+                endpoint.with_pool_status(status)
             };
             Some(match &authority {
                 Some(host) => endpoint.with_host(host),
                 None => endpoint,
             })
         });
-        let balancer = self.balancer.build(endpoints);
+        let balancer = self
+            .balancer
+            .connection_states(HttpEndpoint::connection_status)
+            .build(endpoints);
         let handle = BalancerHandle::new(balancer.clone());
         self.calls
             .wrap(ResponseBody::map(balancer), handle, HttpLayers)
@@ -505,91 +513,5 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The connection future of [`ReportConnectFailures`]: reports a
-    /// connection that failed, or that was given up on while it was being
-    /// made (hyper-util makes a request's connection inside the request's
-    /// future, so an attempt timeout or a deadline drops a connect to an
-    /// address that does not answer before it can fail).
-    pub(crate) struct ReportedConnect<F> {
-        #[pin]
-        inner: F,
-        // Taken when the connect ends.
-        hook: Option<ConnectFailureHook>,
-        polled: bool,
-    }
-
-    impl<F> PinnedDrop for ReportedConnect<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            // Never polled: hyper-util dropped a connect it did not need.
-            if *this.polled {
-                if let Some(hook) = this.hook.take() {
-                    hook.connect_failed();
-                }
-            }
-        }
-    }
-}
-
-impl<F, T, E> std::future::Future for ReportedConnect<F>
-where
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    type Output = Result<T, E>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        *this.polled = true;
-        let made = std::task::ready!(this.inner.poll(cx));
-        let hook = this.hook.take();
-        if made.is_err() {
-            if let Some(hook) = hook {
-                hook.connect_failed();
-            }
-        }
-        std::task::Poll::Ready(made)
-    }
-}
-
-/// The pool's connector, telling the client of each connection it cannot
-/// make (the clients over DNS re-resolve the name). Per connection, not
-/// per request.
-#[derive(Clone)]
-pub(crate) struct ReportConnectFailures<C> {
-    inner: C,
-    hook: Option<ConnectFailureHook>,
-}
-
-impl<C: fmt::Debug> fmt::Debug for ReportConnectFailures<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.inner.fmt(f)
-    }
-}
-
-impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ReportConnectFailures<C> {
-    type Response = C::Response;
-    type Error = C::Error;
-    type Future = ReportedConnect<C::Future>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        ReportedConnect {
-            inner: self.inner.call(uri),
-            hook: self.hook.clone(),
-            polled: false,
-        }
     }
 }

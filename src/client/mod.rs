@@ -68,6 +68,7 @@ mod discover;
 mod grpc;
 mod handle;
 mod http;
+mod pool;
 mod service;
 
 #[cfg(feature = "grpc")]

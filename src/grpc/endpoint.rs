@@ -113,17 +113,32 @@ impl<B> GrpcEndpoint<B> {
         }
     }
 
-    /// An endpoint for `scheme://addr`, connected lazily: on the first call,
-    /// and again after the connection closes.
+    /// The state of its own HTTP/2 connection, when it has one (a tonic
+    /// channel reports none: its readiness says nothing of the connection).
+    pub(crate) fn connection_status(&self) -> Option<crate::health::ConnectionStatus> {
+        match &self.transport {
+            Transport::Connection { connection, .. } => Some(connection.status().clone()),
+            Transport::Channel(_) => None,
+        }
+    }
+}
+
+impl<B> GrpcEndpoint<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// An endpoint for `scheme://addr`.
     ///
     /// With no `configure` and plain-text `http`, it is one HTTP/2
     /// connection of tower-lb's own, which calls reach with no queue in
-    /// between. Otherwise it is a tonic channel made by `configure` from
+    /// between, made at once and kept open (see `H2Connection::kept_open`).
+    /// Otherwise it is a tonic channel made by `configure` from
     /// tonic's default [`Endpoint`] (which is where TLS comes from). `None`,
     /// with a `warn` event, when the configuration fails for this address:
     /// the address is left out rather than kept as an endpoint that fails
     /// every call in no time (which P2C would favour).
-    pub(crate) fn lazy(
+    pub(crate) fn for_address(
         addr: SocketAddr,
         scheme: &Scheme,
         authority: Option<&Authority>,
@@ -139,7 +154,7 @@ impl<B> GrpcEndpoint<B> {
             };
             return Some(Self {
                 transport: Transport::Connection {
-                    connection: H2Connection::lazy(addr, h2),
+                    connection: H2Connection::kept_open(addr, h2),
                     origin: Arc::new(origin),
                 },
             });

@@ -43,12 +43,18 @@
 //! **Active checks** take an endpoint out of service while it fails its
 //! check or has not passed it yet; the detectors above judge the rest.
 //!
+//! **Connections** being made or failing to be made
+//! ([`ConnectionState`]) make an endpoint the last choice without taking it
+//! out of service: it is not picked while another endpoint's connection is
+//! ready.
+//!
 //! **Panic threshold:** when fewer than
 //! [`panic_threshold`](crate::balance::Builder::panic_threshold) percent (default 50)
 //! of the endpoints are in service, the balancer balances over all of them,
 //! ejected ones included, rather than pile every request onto the few.
 
 mod check;
+mod connectivity;
 mod detect;
 mod ejection;
 mod slow_start;
@@ -56,6 +62,9 @@ mod tracker;
 
 pub use self::check::{
     ActiveCheck, CheckAddress, CheckStatus, CheckTask, HealthCheck, HealthReporter, NoActiveCheck,
+};
+pub use self::connectivity::{
+    ConnectionState, ConnectionStates, ConnectionStatus, NoConnectionStates,
 };
 pub use self::slow_start::SlowStart;
 

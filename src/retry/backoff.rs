@@ -48,6 +48,16 @@ impl Backoff {
         jitter: 0.2,
     };
 
+    /// gRPC's connection back-off: 1 s, growing 1.6x up to 120 s, ±20 %.
+    // Used by the clients' connections only.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) const CONNECTION: Backoff = Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(120),
+        multiplier: 1.6,
+        jitter: 0.2,
+    };
+
     /// The default backoff (see [`Backoff::DEFAULT`]).
     pub fn new() -> Self {
         Self::DEFAULT

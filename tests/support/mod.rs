@@ -55,11 +55,15 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
+        let server = Self::on(listener);
+        server.set_delay(delay);
+        server
+    }
+
+    /// Serves on `listener` (an address a test chose), with no delay.
+    pub fn on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(ServerState::default());
-        state
-            .delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
         let accept = tokio::spawn(serve_http1(listener, state.clone(), handle));
         Self {
             addr,
@@ -201,6 +205,22 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits until every endpoint of a ready-made client has its connection
+/// ready: the clients connect at once, and pick only connected endpoints
+/// while any is, so a test that counts where calls go starts here.
+pub async fn wait_connected<K: Clone>(balancer: &tower_lb::client::BalancerHandle<K>) {
+    wait_until(Duration::from_secs(5), || {
+        balancer
+            .endpoints()
+            .iter()
+            .all(|e| e.connection == Some(tower_lb::health::ConnectionState::Ready))
+    })
+    .await;
+    // The balancer's driver publishes the set anew on the last change: a
+    // moment later.
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// An address on loopback where nothing listens.
@@ -762,5 +782,39 @@ impl RefusingH2Server {
 impl Drop for RefusingH2Server {
     fn drop(&mut self) {
         self.accept.abort();
+    }
+}
+
+/// An address on loopback that never answers a connect: a socket that
+/// listens and never accepts, its backlog filled, so the kernel drops new
+/// SYNs, as for a host that is gone. Lives as long as this value.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _socket: TcpListener,
+    _held: Vec<tokio::net::TcpStream>,
+}
+
+impl BlackHole {
+    pub async fn start() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind loopback");
+        let addr = socket.local_addr().expect("local addr");
+        let listener = socket.listen(1).expect("listen");
+        // A backlog of 1 takes about two connections; then connects hang.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await
+            {
+                held.push(stream);
+            }
+        }
+        Self {
+            addr,
+            _socket: listener,
+            _held: held,
+        }
     }
 }

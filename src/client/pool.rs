@@ -1,0 +1,296 @@
+//! What an [`HttpClient`](super::HttpClient) learns from hyper-util's pool
+//! through its connector: each connection attempt, and how it ended.
+//!
+//! The pool makes connections inside requests, behind one connector for
+//! every endpoint, and says nothing of them; so the connector is wrapped
+//! ([`ObservedConnector`]) to tell the client of each attempt that fails
+//! (the clients over DNS re-resolve the name), and to keep each endpoint's
+//! [`ConnectionStatus`] for the balancer: ready once a connection is made,
+//! failed when one cannot be, idle again after gRPC's connection back-off
+//! so that a request tries it once more, and connecting while that try is
+//! under way. A new endpoint is not marked connecting while its first
+//! connection is made: the pool connects per request, so other requests
+//! would go elsewhere only while the endpoint is unknown, and at a
+//! client's start every endpoint is; it stays in the picks, as without
+//! connection states, until an attempt fails. Connections the pool keeps
+//! are not watched: one that closes is made again by the next request, the
+//! endpoint still ready.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use http::uri::Authority;
+
+use crate::connection::ConnectFailureHook;
+use crate::health::{ConnectionState, ConnectionStatus};
+use crate::retry::Backoff;
+
+/// The pool's endpoints' connection states, by the authority their
+/// requests (and so the connector's URIs) carry.
+#[derive(Clone, Default)]
+pub(crate) struct PoolConnections {
+    /// Locked once per connection attempt (not per request), and when
+    /// discovery inserts an endpoint.
+    by_authority: Arc<Mutex<HashMap<Authority, Arc<PoolConnection>>>>,
+}
+
+/// One endpoint's connection state in the pool, and the failed attempts in
+/// a row that set its back-off.
+struct PoolConnection {
+    status: ConnectionStatus,
+    failures: AtomicU32,
+}
+
+impl PoolConnections {
+    /// The status of the endpoint at `authority`, shared with any other
+    /// endpoint at the same address. Entries whose endpoints are all gone
+    /// are dropped here.
+    pub(crate) fn register(&self, authority: &Authority) -> ConnectionStatus {
+        let mut map = self
+            .by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, c| c.status.is_shared());
+        let connection = map.entry(authority.clone()).or_insert_with(|| {
+            Arc::new(PoolConnection {
+                status: ConnectionStatus::new(),
+                failures: AtomicU32::new(0),
+            })
+        });
+        connection.status.clone()
+    }
+
+    fn find(&self, uri: &http::Uri) -> Option<Arc<PoolConnection>> {
+        let authority = uri.authority()?;
+        let map = self
+            .by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(authority).cloned()
+    }
+}
+
+impl PoolConnection {
+    /// Marks the endpoint connecting when it is trying again after a
+    /// failure (see the module docs).
+    fn attempt_started(&self) {
+        if self.failures.load(Ordering::Relaxed) > 0 && self.status.get() != ConnectionState::Ready
+        {
+            self.status.set(ConnectionState::Connecting);
+        }
+    }
+
+    fn made(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.status.set(ConnectionState::Ready);
+    }
+
+    /// Failed, until a back-off has passed: then idle, so that a request
+    /// may try again (unless another attempt has changed the state since).
+    fn failed(self: &Arc<Self>) {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        self.status.set(ConnectionState::Failed);
+        let delay = Backoff::CONNECTION.delay(failures, &mut rand::rng());
+        let this = Arc::clone(self);
+        // Dropped with the runtime if it ends first: nothing to do then.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if this.status.get() == ConnectionState::Failed && this.status.is_shared() {
+                    this.status.set(ConnectionState::Idle);
+                }
+            });
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The connection future of [`ObservedConnector`]: reports a
+    /// connection that failed, or that was given up on while it was being
+    /// made (hyper-util makes a request's connection inside the request's
+    /// future, so an attempt timeout or a deadline drops a connect to an
+    /// address that does not answer before it can fail).
+    pub(crate) struct ObservedConnect<F> {
+        #[pin]
+        inner: F,
+        // Taken when the connect ends.
+        hook: Option<ConnectFailureHook>,
+        connection: Option<Arc<PoolConnection>>,
+        polled: bool,
+    }
+
+    impl<F> PinnedDrop for ObservedConnect<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Never polled: hyper-util dropped a connect it did not need.
+            if *this.polled {
+                if let Some(hook) = this.hook.take() {
+                    hook.connect_failed();
+                }
+                if let Some(connection) = this.connection.take() {
+                    connection.failed();
+                }
+            }
+        }
+    }
+}
+
+impl<F, T, E> Future for ObservedConnect<F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if !*this.polled {
+            *this.polled = true;
+            if let Some(connection) = this.connection {
+                connection.attempt_started();
+            }
+        }
+        let made = ready!(this.inner.poll(cx));
+        let hook = this.hook.take();
+        let connection = this.connection.take();
+        if made.is_err() {
+            if let Some(hook) = hook {
+                hook.connect_failed();
+            }
+        }
+        if let Some(connection) = connection {
+            if made.is_ok() {
+                connection.made();
+            } else {
+                connection.failed();
+            }
+        }
+        Poll::Ready(made)
+    }
+}
+
+/// The pool's connector, telling the client of each connection it cannot
+/// make, and keeping each endpoint's connection state (see the module
+/// docs). Per connection, not per request.
+#[derive(Clone)]
+pub(crate) struct ObservedConnector<C> {
+    inner: C,
+    hook: Option<ConnectFailureHook>,
+    connections: PoolConnections,
+}
+
+impl<C> ObservedConnector<C> {
+    pub(crate) fn new(
+        inner: C,
+        hook: Option<ConnectFailureHook>,
+        connections: PoolConnections,
+    ) -> Self {
+        Self {
+            inner,
+            hook,
+            connections,
+        }
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for ObservedConnector<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ObservedConnector<C> {
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = ObservedConnect<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connection = self.connections.find(&uri);
+        ObservedConnect {
+            inner: self.inner.call(uri),
+            hook: self.hook.clone(),
+            connection,
+            polled: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(s: &str) -> Authority {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An endpoint at 127.0.0.1:80 registered in `connections`: its status,
+    /// and the entry the connector finds for its URIs.
+    fn registered(connections: &PoolConnections) -> (ConnectionStatus, Arc<PoolConnection>) {
+        let status = connections.register(&authority("127.0.0.1:80"));
+        let uri: http::Uri = "http://127.0.0.1:80/"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let connection = connections
+            .find(&uri)
+            .unwrap_or_else(|| panic!("registered"));
+        (status, connection)
+    }
+
+    #[test]
+    fn endpoints_at_one_address_share_a_status() {
+        let connections = PoolConnections::default();
+        let a = connections.register(&authority("127.0.0.1:80"));
+        let b = connections.register(&authority("127.0.0.1:80"));
+        a.set(ConnectionState::Ready);
+        assert_eq!(b.get(), ConnectionState::Ready);
+    }
+
+    #[test]
+    fn a_status_no_endpoint_holds_is_dropped_at_the_next_registration() {
+        let connections = PoolConnections::default();
+        drop(connections.register(&authority("127.0.0.1:80")));
+        let _kept = connections.register(&authority("127.0.0.1:81"));
+        let uri: http::Uri = "http://127.0.0.1:80/"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(connections.find(&uri).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connection_is_idle_again_after_the_back_off() {
+        let connections = PoolConnections::default();
+        let (status, connection) = registered(&connections);
+        connection.attempt_started();
+        connection.failed();
+        assert_eq!(status.get(), ConnectionState::Failed);
+        // gRPC's first back-off: 1 s, ±20 %.
+        tokio::time::sleep(std::time::Duration::from_millis(790)).await;
+        assert_eq!(status.get(), ConnectionState::Failed);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(status.get(), ConnectionState::Idle);
+    }
+
+    #[test]
+    fn only_a_try_after_a_failure_is_shown_as_connecting() {
+        let connections = PoolConnections::default();
+        let (status, connection) = registered(&connections);
+        connection.attempt_started();
+        assert_eq!(status.get(), ConnectionState::Idle, "a first connection");
+        connection.failures.store(1, Ordering::Relaxed);
+        connection.attempt_started();
+        assert_eq!(status.get(), ConnectionState::Connecting);
+        connection.made();
+        assert_eq!(status.get(), ConnectionState::Ready);
+    }
+}
