@@ -146,6 +146,7 @@ pub mod retry;
 mod setting;
 pub mod strategy;
 pub mod timeout;
+pub mod topology;
 
 pub use balance::{Balancer, EndpointState, EndpointStats};
 pub use error::{BoxError, Error};

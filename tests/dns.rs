@@ -326,6 +326,62 @@ async fn an_empty_answer_after_records_keeps_the_set_unless_opted_in() {
 }
 
 #[tokio::test]
+async fn srv_with_every_priority_fails_over_from_the_lowest_priority_as_its_endpoints_fail() {
+    let servers = support::servers(2, Duration::ZERO).await;
+    let dns = TestDns::start("test.").await;
+    dns.set_a("web.test.", &LOCAL[..1], 60).await;
+    let (first, second) = (servers[0].addr.port(), servers[1].addr.port());
+    dns.set_srv(
+        "_http._tcp.test.",
+        &[(0, 1, first, "web.test."), (10, 1, second, "web.test.")],
+        60,
+    )
+    .await;
+    let client = lb_http::client();
+    let (_refresh, discover) = Dns::srv("_http._tcp.test.")
+        .every_priority()
+        .name_servers([dns.addr])
+        .build(move |addr| HttpEndpoint::new(client.clone(), addr))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let balancer = Balancer::builder()
+        .metadata(DnsEndpoint::metadata)
+        .classify(tower_lb::classify::HttpClassify::server_errors())
+        .outlier_detection(tower_lb::health::OutlierDetection::new())
+        .build(discover);
+    let send = |n: usize| {
+        let balancer = balancer.clone();
+        async move {
+            for _ in 0..n {
+                let _ = balancer.clone().oneshot(support::get()).await;
+            }
+        }
+    };
+    send(50).await;
+    assert_eq!((servers[0].hits(), servers[1].hits()), (50, 0));
+    let mut priorities: Vec<u32> = balancer
+        .endpoints()
+        .iter()
+        .map(|e| e.metadata.priority())
+        .collect();
+    priorities.sort_unstable();
+    assert_eq!(priorities, [0, 10]);
+
+    // The first priority's only server fails: ejected after five failures
+    // in a row, its level has nothing in service, and the next takes over.
+    servers[0].fail_every(1);
+    send(5).await;
+    support::wait_until(Duration::from_secs(5), || {
+        balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.state == tower_lb::EndpointState::Ejected)
+    })
+    .await;
+    send(50).await;
+    assert_eq!(servers[1].hits(), 50);
+}
+
+#[tokio::test]
 async fn a_balancer_over_srv_discovery_weighs_endpoints_by_their_records() {
     let servers = support::servers(2, Duration::ZERO).await;
     let dns = TestDns::start("test.").await;

@@ -1037,7 +1037,7 @@ proptest! {
     #[test]
     fn srv_weight_is_always_a_finite_positive_weight(weight in any::<u16>()) {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 80));
-        let endpoint = tower_lb::discover::DnsEndpoint { addr, weight };
+        let endpoint = tower_lb::discover::DnsEndpoint { addr, weight, priority: 0 };
         let w = endpoint.static_weight();
         prop_assert!(w.is_finite() && w > 0.0, "{} -> {}", weight, w);
     }

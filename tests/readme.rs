@@ -272,6 +272,37 @@ async fn weighted_round_robin() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn endpoint_metadata() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::http::{self as lb_http, HttpEndpoint};
+    use tower_lb::topology::EndpointMetadata;
+    use tower_lb::{discover, Balancer};
+
+    let client = lb_http::client::<Empty<Bytes>>();
+    // The key carries what discovery knows: (address, zone, priority).
+    type Key = (SocketAddr, &'static str, u32);
+    let keys: [Key; 3] = [
+        ("10.0.1.1:8080".parse()?, "zone-a", 0),
+        ("10.0.2.1:8080".parse()?, "zone-b", 0),
+        ("10.9.0.1:8080".parse()?, "dr-site", 1), // a fallback
+    ];
+    let endpoints = keys.map(|key| (key, HttpEndpoint::new(client.clone(), key.0)));
+
+    let balancer = Balancer::builder()
+        .metadata(|&(_, zone, priority): &Key| {
+            EndpointMetadata::new()
+                .with_zone(zone)
+                .with_priority(priority)
+        })
+        .build(discover::fixed(endpoints));
+    // README end
+    Ok(())
+}
+
 async fn dns_discovery() -> Result<(), BoxError> {
     // README begin
     use std::time::Duration;

@@ -17,6 +17,8 @@ use crate::health::{
 use crate::load::{LatencyClock, RttEstimate};
 use crate::setting::{self, InvalidSetting};
 use crate::strategy::{P2c, Strategy};
+use crate::topology::priority::DEFAULT_OVERPROVISIONING_PERCENT;
+use crate::topology::EndpointMetadata;
 
 /// Configures and builds a [`Balancer`].
 ///
@@ -80,6 +82,47 @@ impl<K, F: Fn(&K) -> f64 + Send + 'static> StaticWeights<K> for F {
     }
 }
 
+/// Where an endpoint's [`EndpointMetadata`] comes from: its discovery key,
+/// read once when discovery inserts it.
+///
+/// Implemented by [`NoStaticWeights`] (the defaults), [`WeightsOnly`]
+/// (metadata with only the weight set: what [`Builder::static_weights`]
+/// makes) and [`MetadataFn`] (what [`Builder::metadata`] makes of a
+/// closure).
+pub trait Describe<K>: Send + 'static {
+    /// The metadata of the endpoint with `key`.
+    fn describe(&self, key: &K) -> EndpointMetadata;
+}
+
+impl<K> Describe<K> for NoStaticWeights {
+    fn describe(&self, _: &K) -> EndpointMetadata {
+        EndpointMetadata::new()
+    }
+}
+
+/// An endpoint's metadata with only its weight, from [`StaticWeights`]:
+/// see [`Builder::static_weights`].
+#[derive(Debug, Clone, Copy)]
+pub struct WeightsOnly<V>(V);
+
+impl<K, V: StaticWeights<K>> Describe<K> for WeightsOnly<V> {
+    fn describe(&self, key: &K) -> EndpointMetadata {
+        // Checked by the driver, which refuses a bad weight with a warning.
+        EndpointMetadata::new().with_unchecked_weight(self.0.weight(key))
+    }
+}
+
+/// An endpoint's metadata from a closure over its key: see
+/// [`Builder::metadata`].
+#[derive(Debug, Clone, Copy)]
+pub struct MetadataFn<F>(F);
+
+impl<K, F: Fn(&K) -> EndpointMetadata + Send + 'static> Describe<K> for MetadataFn<F> {
+    fn describe(&self, key: &K) -> EndpointMetadata {
+        (self.0)(key)
+    }
+}
+
 /// Everything the builder sets that does not change its type, so that
 /// `strategy` and `classify` carry it over in one move.
 #[derive(Debug, Clone)]
@@ -91,6 +134,7 @@ struct Options {
     seed: Option<u64>,
     outlier_detection: Option<OutlierDetection>,
     panic_threshold: u32,
+    overprovisioning_percent: u32,
     slow_start: Option<SlowStart>,
 }
 
@@ -114,6 +158,7 @@ impl Builder<P2c> {
                 seed: None,
                 outlier_detection: None,
                 panic_threshold: 50,
+                overprovisioning_percent: DEFAULT_OVERPROVISIONING_PERCENT,
                 slow_start: None,
             },
         }
@@ -196,7 +241,12 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
     /// # let _ = balancer;
     /// # }
     /// ```
-    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, V, A, N> {
+    pub fn static_weights<V>(self, weights: V) -> Builder<P, C, H, WeightsOnly<V>, A, N> {
+        self.describe_with(WeightsOnly(weights))
+    }
+
+    /// The builder with `weights` describing the endpoints.
+    fn describe_with<V>(self, weights: V) -> Builder<P, C, H, V, A, N> {
         Builder {
             strategy: self.strategy,
             classify: self.classify,
@@ -206,6 +256,39 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
             connections: self.connections,
             options: self.options,
         }
+    }
+
+    /// Reads each endpoint's [`EndpointMetadata`] (zone, region, priority,
+    /// weight, labels, readiness) from its discovery key when it is
+    /// inserted; replaces [`static_weights`](Self::static_weights) (the
+    /// metadata's weight is the static weight). Strategies see it through
+    /// [`Candidates::metadata`](crate::strategy::Candidates::metadata); the
+    /// balancer routes by its [priority](crate::topology) and readiness.
+    /// Discovery that re-inserts a key with new metadata (an endpoint now
+    /// terminating, say) replaces its service, whose requests under way
+    /// finish. Default: every endpoint has the defaults.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use tower_lb::topology::EndpointMetadata;
+    /// use tower_lb::{discover, Balancer};
+    /// # use tower::service_fn;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let svc = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+    /// // The key carries the endpoint's priority: (address, priority).
+    /// let primary: (SocketAddr, u32) = ("10.0.0.1:80".parse().unwrap(), 0);
+    /// let fallback: (SocketAddr, u32) = ("10.1.0.1:80".parse().unwrap(), 1);
+    /// let balancer = Balancer::builder()
+    ///     .metadata(|&(_, priority): &(SocketAddr, u32)| {
+    ///         EndpointMetadata::new().with_priority(priority)
+    ///     })
+    ///     .build(discover::fixed([(primary, svc.clone()), (fallback, svc)]));
+    /// # let _ = balancer;
+    /// # }
+    /// ```
+    pub fn metadata<F>(self, describe: F) -> Builder<P, C, H, MetadataFn<F>, A, N> {
+        self.describe_with(MetadataFn(describe))
     }
 
     /// Sends a retry or a hedge to an endpoint its call has not tried yet,
@@ -350,6 +433,27 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
         Ok(self)
     }
 
+    /// How much more than its share in service a [priority
+    /// level](crate::topology) is taken to cover: a level takes
+    /// `min(100 %, in service x factor)` of the traffic and the next level
+    /// the rest. Default 1.4, as Envoy: a level 72 % in service keeps all
+    /// of it. 1.0 moves traffic as soon as one endpoint of a level is out.
+    ///
+    /// # Errors
+    ///
+    /// When `factor` is below 1, above 100, or NaN.
+    pub fn overprovisioning_factor(mut self, factor: f64) -> Result<Self, InvalidSetting> {
+        let factor = setting::within(
+            "Builder::overprovisioning_factor",
+            factor,
+            1.0,
+            100.0,
+            "a number from 1 to 100",
+        )?;
+        self.options.overprovisioning_percent = (factor * 100.0).round() as u32;
+        Ok(self)
+    }
+
     /// How long a request waits for the first endpoint when discovery has not
     /// produced any yet, before it fails with
     /// [`Error::NoEndpoints`](crate::Error::NoEndpoints). Default 5 s.
@@ -412,7 +516,7 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
         D::Error: Into<BoxError>,
         C: Send + Sync + 'static,
         H: Send + Sync + 'static,
-        W: StaticWeights<D::Key>,
+        W: Describe<D::Key>,
         A: ActiveCheck<D::Key>,
         N: ConnectionStates<D::Service>,
     {
@@ -437,7 +541,7 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
             classify: self.classify,
             hints: self.hints,
             sources: EndpointSources {
-                weights: self.weights,
+                metadata: self.weights,
                 checks: self.checks,
                 connections: self.connections,
             },
@@ -445,6 +549,7 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,
                 panic_threshold: self.options.panic_threshold,
+                overprovisioning_percent: self.options.overprovisioning_percent,
                 slow_start: self.options.slow_start,
             },
         };

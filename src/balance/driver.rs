@@ -6,6 +6,7 @@
 //! here: the driver calls the rules in `health::tracker` on its events and
 //! publishes what they decide.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::poll_fn;
 use std::hash::Hash;
@@ -20,8 +21,8 @@ use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tower::discover::{Change, Discover};
 
 use super::endpoint::{Endpoint, Shared};
-use super::snapshot::{EndpointList, Snapshot};
-use super::{Inner, StaticWeights};
+use super::snapshot::{EndpointList, Level, Snapshot};
+use super::{Describe, Inner};
 use crate::error::BoxError;
 use crate::error::Empty;
 use crate::health::{
@@ -29,6 +30,8 @@ use crate::health::{
     ReportSender, View,
 };
 use crate::strategy::Strategy;
+use crate::topology::priority::LevelCounts;
+use crate::topology::Readiness;
 
 /// At most this many changes are applied per snapshot, so that a stream that
 /// is always ready cannot starve the rest of the driver.
@@ -85,11 +88,11 @@ async fn next_batch<D: Discover>(mut discover: Pin<&mut D>) -> Batch<D::Key, D::
     .await
 }
 
-/// What the driver asks about each endpoint discovery inserts: its static
-/// weight (from the key), its active check (from the key), and its
-/// connection's status (from the service).
+/// What the driver asks about each endpoint discovery inserts: its
+/// metadata and static weight (from the key), its active check (from the
+/// key), and its connection's status (from the service).
 pub(crate) struct EndpointSources<W, A, N> {
-    pub(crate) weights: W,
+    pub(crate) metadata: W,
     pub(crate) checks: A,
     pub(crate) connections: N,
 }
@@ -171,7 +174,7 @@ where
         sources: &EndpointSources<W, A, N>,
     ) -> bool
     where
-        W: StaticWeights<K>,
+        W: Describe<K>,
         A: ActiveCheck<K>,
         N: ConnectionStates<S>,
     {
@@ -181,10 +184,13 @@ where
                 let connection_watch = connection
                     .as_ref()
                     .map(|status| watch_connection(status, &self.connections_changed));
+                let metadata = sources.metadata.describe(&key);
+                let weight = metadata.weight().unwrap_or(1.0);
                 let endpoint = Arc::new(
-                    Endpoint::new(key.clone(), service, shared.clone()).with_connection(connection),
+                    Endpoint::new(key.clone(), service, shared.clone())
+                        .with_connection(connection)
+                        .with_metadata(metadata),
                 );
-                let weight = sources.weights.weight(&key);
                 if !endpoint.load().set_static_weight(weight) {
                     tracing::warn!(endpoint = ?key, weight, "static weight is not a finite positive number; the endpoint weighs 1");
                 }
@@ -251,7 +257,7 @@ where
     fn connections(&self) -> Vec<bool> {
         self.active
             .values()
-            .map(|t| t.endpoint.connection_takes_requests())
+            .map(|t| t.endpoint.takes_requests())
             .collect()
     }
 
@@ -266,75 +272,113 @@ where
     /// Builds and publishes a snapshot of the current state.
     fn publish<P: Strategy, C, H>(&mut self, inner: &Inner<K, S, P, C, H>) {
         self.draining.retain(|e| e.load().in_flight_seq_cst() > 0);
-        let in_service: Vec<Arc<Endpoint<K, S>>> = self
-            .active
-            .values()
-            .filter(|t| t.health.is_in_service())
-            .map(|t| t.endpoint.clone())
-            .collect();
-        let out_of_service: EndpointList<K, S> = self
-            .active
-            .values()
-            .filter(|t| !t.health.is_in_service())
-            .map(|t| t.endpoint.clone())
-            .collect();
+        self.published_connections = self.connections();
+        // The endpoints by priority level, lowest number first.
+        let mut by_level: BTreeMap<u32, Vec<&Tracked<K, S>>> = BTreeMap::new();
+        for tracked in self.active.values() {
+            let level = tracked.endpoint.metadata().priority();
+            by_level.entry(level).or_default().push(tracked);
+        }
         // Endpoints whose active check has not answered yet are left out of
         // the panic threshold, as Envoy leaves out hosts not yet checked: a
         // scale-up that doubles the set must not send the newcomers traffic
         // before they say they are ready (nor call a client's start a
         // panic). In panic mode they stay out too, while any endpoint has
         // answered.
-        let known = self
-            .active
+        let counts: Vec<LevelCounts> = by_level
             .values()
-            .filter(|t| !t.health.is_pending())
-            .count();
-        let panic = self.health.panic_mode(in_service.len(), known);
-        let eligible: EndpointList<K, S> = if panic {
-            self.active
-                .values()
-                .filter(|t| !t.health.is_pending())
-                .map(|t| t.endpoint.clone())
-                .collect()
-        } else {
-            in_service.into_boxed_slice()
-        };
-        self.published_connections = self.connections();
-        let (eligible, unconnected) = prefer_connected(eligible);
+            .map(|members| LevelCounts {
+                known: members.iter().filter(|t| !t.health.is_pending()).count(),
+                in_service: members.iter().filter(|t| in_service(t)).count(),
+            })
+            .collect();
+        let load = self.health.priority_load(&counts);
+        let known: usize = counts.iter().map(|c| c.known).sum();
         let ctx = inner.shared.pick_context(inner.shared.now_ns());
-        let schedule = inner.strategy.schedule(&eligible[..], &ctx);
+        let mut levels = Vec::new();
+        let (mut out_of_service, mut unconnected, mut standby) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut below = 0;
+        for (i, members) in by_level.values().enumerate() {
+            let panic = load.panic[i];
+            let eligible_here = |t: &Tracked<K, S>| {
+                if panic {
+                    !t.health.is_pending()
+                        && t.endpoint.metadata().readiness() != Readiness::NotServing
+                } else {
+                    in_service(t)
+                }
+            };
+            let (eligible, out): (Vec<_>, Vec<_>) = members
+                .iter()
+                .copied()
+                .partition(|t: &&Tracked<K, S>| eligible_here(t));
+            out_of_service.extend(out.iter().map(|t| t.endpoint.clone()));
+            let eligible: Vec<_> = eligible.iter().map(|t| t.endpoint.clone()).collect();
+            if load.percent[i] == 0 {
+                standby.extend(eligible);
+                continue;
+            }
+            let (eligible, last_resort) = prefer_connected(eligible.into_boxed_slice());
+            unconnected.extend(last_resort.iter().cloned());
+            below += load.percent[i];
+            let schedule = inner.strategy.schedule(&eligible[..], &ctx);
+            levels.push(Level {
+                eligible,
+                schedule,
+                panic,
+                below,
+            });
+        }
+        let mut levels = levels.into_iter();
+        let first = levels.next().unwrap_or_else(|| {
+            let eligible: EndpointList<K, S> = Box::new([]);
+            Level {
+                schedule: inner.strategy.schedule(&eligible[..], &ctx),
+                eligible,
+                panic: false,
+                below: 100,
+            }
+        });
+        let more: Box<[_]> = levels.collect();
         inner.snapshot.store(Arc::new(Snapshot {
             awaiting_checks: known == 0 && !out_of_service.is_empty(),
-            eligible,
-            out_of_service,
-            panic,
-            unconnected,
+            panic: first.panic || more.iter().any(|l| l.panic),
+            first,
+            more,
+            out_of_service: out_of_service.into_boxed_slice(),
+            unconnected: unconnected.into_boxed_slice(),
+            standby: standby.into_boxed_slice(),
             draining: self.draining.clone().into_boxed_slice(),
-            schedule,
         }));
         inner.published.send_modify(|generation| *generation += 1);
     }
 }
 
-/// Splits `eligible` into the endpoints whose connection takes requests and
-/// those whose connection is being made or failed, when there are both:
-/// only the first are picked then. When none takes requests, all are
-/// picked, and a request waits for (or fails with) a connection attempt, as
-/// it would without connection states.
+/// Whether `tracked` is in service: not ejected, not failing (or waiting
+/// for) its active check, and serving by what the platform says.
+fn in_service<K, S>(tracked: &Tracked<K, S>) -> bool {
+    tracked.health.is_in_service()
+        && tracked.endpoint.metadata().readiness() != Readiness::NotServing
+}
+
+/// Splits `eligible` into the endpoints that take requests now and those
+/// that are a last resort (their connection being made or failed, or the
+/// platform terminating them), when there are both: only the first are
+/// picked then. When none takes requests, all are picked, and a request
+/// waits for (or fails with) a connection attempt, as it would without
+/// connection states.
 fn prefer_connected<K, S>(
     eligible: EndpointList<K, S>,
 ) -> (EndpointList<K, S>, EndpointList<K, S>) {
-    let connected = eligible
-        .iter()
-        .filter(|e| e.connection_takes_requests())
-        .count();
+    let connected = eligible.iter().filter(|e| e.takes_requests()).count();
     if connected == 0 || connected == eligible.len() {
         return (eligible, Box::new([]));
     }
     let (connected, unconnected): (Vec<_>, Vec<_>) = eligible
         .into_vec()
         .into_iter()
-        .partition(|e| e.connection_takes_requests());
+        .partition(|e| e.takes_requests());
     (connected.into_boxed_slice(), unconnected.into_boxed_slice())
 }
 
@@ -356,7 +400,7 @@ pub(crate) async fn run<D, P, C, H, W, A, N>(
     D::Key: Hash + Eq + Clone + fmt::Debug,
     D::Error: Into<BoxError>,
     P: Strategy,
-    W: StaticWeights<D::Key>,
+    W: Describe<D::Key>,
     A: ActiveCheck<D::Key>,
     N: ConnectionStates<D::Service>,
 {

@@ -13,6 +13,7 @@ use crate::classify::{Outcome, RecordOutcome};
 use crate::health::{CheckStatus, ConnectionState, ConnectionStatus, OutlierDetection};
 use crate::load::{EndpointLoad, LatencyClock, RequestClock, RttEstimate};
 use crate::strategy::{Candidates, PickContext};
+use crate::topology::{EndpointMetadata, Readiness};
 
 /// State shared by a balancer and all of its endpoints (not generic, so that
 /// endpoints can reach it without knowing the strategy).
@@ -173,6 +174,9 @@ pub(crate) struct Endpoint<K, S> {
     /// Its connection's state, if its service reports one: read by the
     /// driver when it publishes, and for the stats; never by requests.
     connection: Option<ConnectionStatus>,
+    /// What discovery says of it. Inline: an endpoint costs one
+    /// allocation, and its strings and labels are shared with the stats.
+    metadata: EndpointMetadata,
 }
 
 /// In service.
@@ -209,7 +213,26 @@ impl<K, S> Endpoint<K, S> {
             lost_connection_mark: AtomicU64::new(0),
             shared,
             connection: None,
+            metadata: EndpointMetadata::new(),
         }
+    }
+
+    /// The endpoint, described by `metadata`.
+    pub(crate) fn with_metadata(mut self, metadata: EndpointMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// What discovery says of it.
+    pub(crate) fn metadata(&self) -> &EndpointMetadata {
+        &self.metadata
+    }
+
+    /// Whether it takes requests now, rather than being a last resort:
+    /// its connection takes them (see [`ConnectionState`]) and the platform
+    /// is not terminating it.
+    pub(crate) fn takes_requests(&self) -> bool {
+        self.connection_takes_requests() && self.metadata.readiness() != Readiness::Terminating
     }
 
     /// The endpoint, its connection's state read from `connection`.
@@ -413,6 +436,7 @@ impl<K, S> Endpoint<K, S> {
             slow_start_factor: self.load.slow_start_factor(),
             health_check: self.check_status(),
             connection: self.connection.as_ref().map(ConnectionStatus::get),
+            metadata: self.metadata.clone(),
         }
     }
 }
@@ -674,6 +698,8 @@ pub struct EndpointStats<K> {
     /// an endpoint whose connection is being made or failed is not picked
     /// while another's is ready.
     pub connection: Option<ConnectionState>,
+    /// What discovery says of it (see [`Builder::metadata`](crate::balance::Builder::metadata)).
+    pub metadata: EndpointMetadata,
 }
 
 /// The balancer's snapshot is what its strategy picks from. Implemented
@@ -686,6 +712,10 @@ impl<K, S> Candidates for [Arc<Endpoint<K, S>>] {
 
     fn load(&self, index: usize) -> &EndpointLoad {
         self[index].load()
+    }
+
+    fn metadata(&self, index: usize) -> &EndpointMetadata {
+        self[index].metadata()
     }
 }
 

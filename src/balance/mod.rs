@@ -22,7 +22,9 @@ mod future;
 mod snapshot;
 mod tried;
 
-pub use self::builder::{Builder, NoStaticWeights, StaticWeights};
+pub use self::builder::{
+    Builder, Describe, MetadataFn, NoStaticWeights, StaticWeights, WeightsOnly,
+};
 pub use self::endpoint::{EndpointState, EndpointStats};
 pub use self::future::ResponseFuture;
 pub use self::tried::{CallHints, NoHints, RequestHints};
@@ -42,7 +44,7 @@ use tower::Service;
 
 use self::endpoint::{InFlight, Refused, Shared};
 use self::future::{Dispatched, EndpointCall};
-use self::snapshot::{EndpointList, Snapshot};
+use self::snapshot::{EndpointList, Level, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::error::BoxError;
 use crate::error::Empty;
@@ -150,8 +152,7 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
             return Dispatch::Failed(Error::Closed);
         }
         let snapshot = self.snapshot.load();
-        let eligible = &snapshot.eligible[..];
-        if eligible.is_empty() {
+        if snapshot.is_empty() {
             if snapshot.awaiting_checks {
                 return Dispatch::NoEndpoints(req);
             }
@@ -176,17 +177,19 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         let avoid = tried.filter(|t| !t.is_empty());
         // A retry must not take a round-robin turn (see `is_retry`).
         let ctx = shared.request_pick_context(start_ns).retry(avoid.is_some());
+        let level = snapshot.level(&ctx);
+        let eligible = &level.eligible[..];
         let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
         // but one can trip between two snapshots; and a retry should not go
         // back to an endpoint its call tried. Pick again, and after `REPICKS`
         // tries take the next endpoint that suits.
-        let avoid_ejected = !snapshot.panic;
+        let avoid_ejected = !level.panic;
         let mut attempt = 0;
         loop {
             let picked = self
                 .strategy
-                .pick(&snapshot.schedule, eligible, &ctx)
+                .pick(&level.schedule, eligible, &ctx)
                 .filter(|&i| i < eligible.len());
             let Some(mut index) = picked else {
                 return Dispatch::Failed(Error::NoPick {
@@ -370,7 +373,11 @@ impl<K, S, P: Strategy, C, H> Clone for Balancer<K, S, P, C, H> {
 impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C, H> fmt::Debug for Balancer<K, S, P, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let snapshot = self.inner.snapshot.load();
-        let keys: Vec<&K> = snapshot.eligible.iter().map(|e| e.key()).collect();
+        let keys: Vec<&K> = snapshot
+            .levels()
+            .flat_map(|level| level.eligible.iter())
+            .map(|e| e.key())
+            .collect();
         f.debug_struct("Balancer")
             .field("strategy", &self.inner.strategy)
             .field("endpoints", &keys)
@@ -478,7 +485,7 @@ where
     P: Strategy,
     C: Send + Sync + 'static,
     H: Send + Sync + 'static,
-    W: StaticWeights<D::Key>,
+    W: Describe<D::Key>,
     A: crate::health::ActiveCheck<D::Key>,
     N: crate::health::ConnectionStates<D::Service>,
 {
@@ -496,13 +503,19 @@ where
     let (stop_tx, stop_rx) = oneshot::channel();
     let inner = Arc::new(Inner {
         snapshot: ArcSwap::from_pointee(Snapshot {
-            eligible: empty,
+            first: Level {
+                eligible: empty,
+                schedule,
+                panic: false,
+                below: 100,
+            },
+            more: Box::new([]),
             out_of_service: Box::new([]),
             awaiting_checks: false,
             panic: false,
             unconnected: Box::new([]),
+            standby: Box::new([]),
             draining: Box::new([]),
-            schedule,
         }),
         strategy,
         shared: shared.clone(),

@@ -3,48 +3,94 @@
 use std::sync::Arc;
 
 use super::endpoint::Endpoint;
+use crate::strategy::PickContext;
 
 /// A set of endpoints in a snapshot.
 pub(crate) type EndpointList<K, S> = Box<[Arc<Endpoint<K, S>>]>;
 
-/// One published state of the balancer, swapped in whole by the driver.
-pub(crate) struct Snapshot<K, S, Sch> {
-    /// The endpoints new requests may go to: those in service, or in panic
-    /// mode all of them.
+/// One priority level that takes traffic: its eligible endpoints and the
+/// strategy's schedule for them.
+pub(crate) struct Level<K, S, Sch> {
+    /// The endpoints requests given this level may go to: those in
+    /// service, or in panic mode all of the level's (known) endpoints.
     pub(crate) eligible: EndpointList<K, S>,
-    /// Endpoints out of service: ejected by outlier detection, or kept out
-    /// by their active check (also in `eligible` in panic mode).
+    /// The strategy's precomputed schedule for `eligible`.
+    pub(crate) schedule: Sch,
+    /// Too few of the level's endpoints are in service (and too few of
+    /// the other levels' to make up for it): its out-of-service endpoints
+    /// are in `eligible` too.
+    pub(crate) panic: bool,
+    /// The level takes the draws (0 to 99) below this, above the previous
+    /// level's: the levels' shares of the traffic, added up.
+    pub(crate) below: u32,
+}
+
+/// One published state of the balancer, swapped in whole by the driver.
+///
+/// Every endpoint is in exactly one list: a level's `eligible`,
+/// `unconnected`, `standby`, `out_of_service` or `draining`.
+pub(crate) struct Snapshot<K, S, Sch> {
+    /// The first priority level that takes traffic: with one level (every
+    /// endpoint at the same priority, the usual case) the only one, so
+    /// that a pick reads it without a draw or another indirection.
+    pub(crate) first: Level<K, S, Sch>,
+    /// The other levels that take traffic, in priority order.
+    pub(crate) more: Box<[Level<K, S, Sch>]>,
+    /// Endpoints out of service: ejected by outlier detection, kept out by
+    /// their active check, or not serving by the platform's word (those
+    /// of a level in panic mode are in its `eligible` instead).
     pub(crate) out_of_service: EndpointList<K, S>,
-    /// Too few endpoints are in service: requests go to those out of
-    /// service too.
+    /// Some level is in panic mode.
     pub(crate) panic: bool,
     /// Every endpoint waits for its active check's first answer (a start):
     /// requests wait for one, as for the first endpoint, rather than fail on
     /// what is not known (gRPC's A17 queues such picks too).
     pub(crate) awaiting_checks: bool,
-    /// Endpoints in service (or, in panic mode, eligible) left out of
-    /// `eligible` because their connection is being made or failed while
-    /// another's takes requests.
+    /// Endpoints a level could pick but leaves for last: their connection
+    /// is being made or failed, or the platform is terminating them, while
+    /// another of the level's takes requests.
     pub(crate) unconnected: EndpointList<K, S>,
+    /// Endpoints in service at priority levels that take no traffic now.
+    pub(crate) standby: EndpointList<K, S>,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
-    /// The strategy's precomputed schedule for `eligible`.
-    pub(crate) schedule: Sch,
 }
 
 impl<K, S, Sch> Snapshot<K, S, Sch> {
-    /// Every endpoint this snapshot knows, each once: eligible, left out
-    /// for their connection, out of service, draining.
-    pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
-        let out: &[Arc<Endpoint<K, S>>] = if self.panic {
-            &[]
-        } else {
-            &self.out_of_service
-        };
-        self.eligible
+    /// No level has an endpoint to pick.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.eligible.is_empty() && self.more.is_empty()
+    }
+
+    /// The level a request goes to: the first, unless levels share the
+    /// traffic, and then by a draw weighted by their shares.
+    #[inline]
+    pub(crate) fn level(&self, ctx: &PickContext<'_>) -> &Level<K, S, Sch> {
+        if self.more.is_empty() {
+            return &self.first;
+        }
+        let draw = ctx.random_index(100) as u32;
+        if draw < self.first.below {
+            return &self.first;
+        }
+        self.more
             .iter()
+            .find(|level| draw < level.below)
+            .unwrap_or(&self.first)
+    }
+
+    /// Every level that takes traffic, in priority order.
+    pub(crate) fn levels(&self) -> impl Iterator<Item = &Level<K, S, Sch>> {
+        std::iter::once(&self.first).chain(self.more.iter())
+    }
+
+    /// Every endpoint this snapshot knows, each once.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
+        self.levels()
+            .flat_map(|level| level.eligible.iter())
             .chain(self.unconnected.iter())
-            .chain(out.iter())
+            .chain(self.standby.iter())
+            .chain(self.out_of_service.iter())
             .chain(self.draining.iter())
     }
 

@@ -11,7 +11,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
 use super::{BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers};
-use crate::balance::{self, RequestHints, StaticWeights};
+use crate::balance::{self, Describe, RequestHints};
 use crate::classify::{Classify, GrpcClassifier, HttpClassify};
 use crate::connection::{ConnectFailureHook, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
@@ -202,7 +202,7 @@ where
     /// Outside a tokio runtime: the balancer spawns its driver task.
     pub fn build(self, addrs: impl IntoIterator<Item = SocketAddr>) -> GrpcChannel
     where
-        W: StaticWeights<SocketAddr>,
+        W: Describe<SocketAddr>,
         A: ActiveCheck<SocketAddr>,
     {
         let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
@@ -220,7 +220,7 @@ where
         D: Discover<Service = SocketAddr> + Send + 'static,
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
-        W: StaticWeights<D::Key>,
+        W: Describe<D::Key>,
         A: ActiveCheck<D::Key>,
     {
         self.build_with(discover, None)
@@ -237,7 +237,7 @@ where
         D: Discover<Service = SocketAddr> + Send + 'static,
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
-        W: StaticWeights<D::Key>,
+        W: Describe<D::Key>,
         A: ActiveCheck<D::Key>,
     {
         let Grpc {
@@ -288,7 +288,7 @@ where
         dns: crate::discover::Dns,
     ) -> Result<GrpcChannel<crate::discover::DnsEndpoint>, crate::discover::DnsError>
     where
-        W: StaticWeights<crate::discover::DnsEndpoint>,
+        W: Describe<crate::discover::DnsEndpoint>,
         A: ActiveCheck<crate::discover::DnsEndpoint>,
     {
         let mut builder = self;

@@ -20,7 +20,7 @@ use super::{
     BalancedClient, BalancerHandle, ClientBuilder, Hints, MapEndpoints, ProtocolLayers,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
-use crate::balance::{self, RequestHints, StaticWeights};
+use crate::balance::{self, Describe, RequestHints};
 use crate::classify::{Classify, HttpClassify};
 use crate::connection::{ConnectFailureHook, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
@@ -281,7 +281,7 @@ where
         B::Data: Send,
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
-        W: StaticWeights<SocketAddr>,
+        W: Describe<SocketAddr>,
         A: ActiveCheck<SocketAddr>,
     {
         let addrs: Vec<_> = addrs.into_iter().map(|addr| (addr, addr)).collect();
@@ -304,7 +304,7 @@ where
         D: Discover<Service = SocketAddr> + Send + 'static,
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
-        W: StaticWeights<D::Key>,
+        W: Describe<D::Key>,
         A: ActiveCheck<D::Key>,
     {
         self.build_with(discover, None)
@@ -325,7 +325,7 @@ where
         D: Discover<Service = SocketAddr> + Send + 'static,
         D::Key: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
         D::Error: Into<BoxError>,
-        W: StaticWeights<D::Key>,
+        W: Describe<D::Key>,
         A: ActiveCheck<D::Key>,
     {
         let connections = PoolConnections::default();
@@ -389,7 +389,7 @@ where
         B::Data: Send,
         B::Error: Into<BoxError>,
         H: RequestHints<http::Request<ReplayBody<B>>>,
-        W: StaticWeights<crate::discover::DnsEndpoint>,
+        W: Describe<crate::discover::DnsEndpoint>,
         A: ActiveCheck<crate::discover::DnsEndpoint>,
     {
         let (resolve_now, discover) = dns.build(|addr| addr)?;

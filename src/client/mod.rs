@@ -421,10 +421,13 @@ where
     pub fn static_weights<V: StaticWeights<K>, K>(
         self,
         weights: V,
-    ) -> ClientBuilder<T, balance::Builder<P, C, H, V, A>, R> {
+    ) -> ClientBuilder<T, WeightedBuilder<P, C, H, V, A>, R> {
         self.balancer(|b| b.static_weights(weights))
     }
 }
+
+/// The balancer's builder after [`ClientBuilder::static_weights`].
+type WeightedBuilder<P, C, H, V, A> = balance::Builder<P, C, H, balance::WeightsOnly<V>, A>;
 
 impl<T, B, R> ClientBuilder<T, B, R> {
     /// Anything else on the balancer: `f` gets the [`balance::Builder`] and

@@ -25,8 +25,8 @@ use tower::discover::Change;
 use super::Empty;
 use crate::setting::{self, InvalidSetting};
 
-/// One endpoint found in DNS: its address, and its SRV weight (1 for A and
-/// AAAA records).
+/// One endpoint found in DNS: its address, and its SRV weight and priority
+/// (1 and 0 for A and AAAA records).
 ///
 /// Two endpoints are the same endpoint when their addresses are: a weight
 /// that changes in DNS re-inserts the key, which replaces the service and
@@ -39,6 +39,9 @@ pub struct DnsEndpoint {
     pub addr: SocketAddr,
     /// The SRV record's weight; 1 for A and AAAA records.
     pub weight: u16,
+    /// The SRV record's priority (lower first); 0 for A and AAAA records.
+    /// Only [`Dns::every_priority`] finds endpoints of more than one.
+    pub priority: u16,
 }
 
 /// Active health checks reach the record's address.
@@ -57,6 +60,33 @@ impl DnsEndpoint {
             w => f64::from(w),
         }
     }
+
+    /// The endpoint's metadata: the SRV priority as its priority level and
+    /// its [`static_weight`](Self::static_weight), for
+    /// [`Builder::metadata`](crate::balance::Builder::metadata). With
+    /// [`Dns::every_priority`], the balancer then fails over from one SRV
+    /// priority to the next as their endpoints fail, as RFC 2782 asks of a
+    /// client (see [`crate::topology`]).
+    pub fn metadata(&self) -> crate::topology::EndpointMetadata {
+        crate::topology::EndpointMetadata::new()
+            .with_priority(u32::from(self.priority))
+            .with_unchecked_weight(self.static_weight())
+    }
+}
+
+/// What DNS says of one address: its SRV weight and priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    weight: u16,
+    priority: u16,
+}
+
+impl Found {
+    /// An A or AAAA record's.
+    const ADDRESS: Found = Found {
+        weight: 1,
+        priority: 0,
+    };
 }
 
 impl PartialEq for DnsEndpoint {
@@ -165,6 +195,7 @@ pub struct Dns {
     jitter: f64,
     timeout: Duration,
     apply_empty: bool,
+    every_priority: bool,
 }
 
 /// The longest pause between two resolutions, whatever the settings.
@@ -189,7 +220,30 @@ impl Dns {
             jitter: 0.1,
             timeout: Duration::from_secs(5),
             apply_empty: false,
+            every_priority: false,
         }
+    }
+
+    /// For SRV: every record's endpoints, each with its priority (see
+    /// [`DnsEndpoint::priority`]), rather than only those of the lowest
+    /// priority that has addresses. Give the balancer the priorities with
+    /// [`Builder::metadata`](crate::balance::Builder::metadata)`(DnsEndpoint::metadata)`
+    /// and it keeps the traffic on the lowest priority while enough of its
+    /// endpoints are in service, and moves it to the next as they fail
+    /// (ejected, or failing an active check), where without it the next
+    /// priority is used only once DNS has no address for the lowest.
+    ///
+    /// ```
+    /// use tower_lb::discover::{Dns, DnsEndpoint};
+    /// use tower_lb::Balancer;
+    ///
+    /// let dns = Dns::srv("_http._tcp.api.internal.").every_priority();
+    /// let builder = Balancer::builder().metadata(DnsEndpoint::metadata);
+    /// # let _ = (dns, builder);
+    /// ```
+    pub fn every_priority(mut self) -> Self {
+        self.every_priority = true;
+        self
     }
 
     /// The A and AAAA records of `name`, each at `port`.
@@ -453,7 +507,7 @@ impl<S> Stream for DnsDiscover<S> {
 /// What one resolution found: addresses with weights, and how long the
 /// answer is good for.
 struct Answer {
-    endpoints: BTreeMap<SocketAddr, u16>,
+    endpoints: BTreeMap<SocketAddr, Found>,
     ttl: Duration,
 }
 
@@ -465,7 +519,7 @@ struct Resolution<S, F> {
     tx: mpsc::UnboundedSender<Result<Change<DnsEndpoint, S>, Empty>>,
     now: Arc<Notify>,
     /// The set the stream has announced: address to weight.
-    current: HashMap<SocketAddr, u16>,
+    current: HashMap<SocketAddr, Found>,
     /// Each SRV target's addresses at its last successful lookup.
     srv_targets: HashMap<String, Vec<IpAddr>>,
 }
@@ -574,7 +628,7 @@ where
     /// name's only address before the insertion of its new one would have no
     /// endpoint for a moment, and fail requests at once (see
     /// [`Empty`](super::Empty)).
-    fn apply(&mut self, found: BTreeMap<SocketAddr, u16>) -> bool {
+    fn apply(&mut self, found: BTreeMap<SocketAddr, Found>) -> bool {
         let removed: Vec<SocketAddr> = self
             .current
             .keys()
@@ -582,24 +636,29 @@ where
             .copied()
             .collect();
         let mut inserted = 0;
-        for (addr, weight) in found {
-            if self.current.get(&addr) == Some(&weight) {
+        for (addr, record) in found {
+            if self.current.get(&addr) == Some(&record) {
                 continue;
             }
-            self.current.insert(addr, weight);
+            self.current.insert(addr, record);
             inserted += 1;
             let service = (self.make)(addr);
-            if self
-                .tx
-                .send(Ok(Change::Insert(DnsEndpoint { addr, weight }, service)))
-                .is_err()
-            {
+            let key = DnsEndpoint {
+                addr,
+                weight: record.weight,
+                priority: record.priority,
+            };
+            if self.tx.send(Ok(Change::Insert(key, service))).is_err() {
                 return false;
             }
         }
         for addr in removed {
             self.current.remove(&addr);
-            let key = DnsEndpoint { addr, weight: 0 };
+            let key = DnsEndpoint {
+                addr,
+                weight: 0,
+                priority: 0,
+            };
             if self.tx.send(Ok(Change::Remove(key))).is_err() {
                 return false;
             }
@@ -616,7 +675,7 @@ where
                 let (ips, ttl) = self.lookup_ips(&self.settings.name).await?;
                 let endpoints = ips
                     .into_iter()
-                    .map(|ip| (SocketAddr::new(ip, port), 1))
+                    .map(|ip| (SocketAddr::new(ip, port), Found::ADDRESS))
                     .collect();
                 Ok(Answer { endpoints, ttl })
             }
@@ -710,11 +769,24 @@ where
                         last.unwrap_or_default()
                     }
                 };
+                let found = Found {
+                    weight: record.weight(),
+                    priority,
+                };
                 for ip in ips {
-                    endpoints.insert(SocketAddr::new(ip, record.port()), record.weight());
+                    // An address also under a lower priority keeps that one.
+                    let addr = SocketAddr::new(ip, record.port());
+                    match endpoints.get(&addr) {
+                        Some(Found {
+                            priority: lower, ..
+                        }) if *lower < priority => {}
+                        _ => {
+                            endpoints.insert(addr, found);
+                        }
+                    }
                 }
             }
-            if !endpoints.is_empty() {
+            if !endpoints.is_empty() && !self.settings.every_priority {
                 break;
             }
         }
@@ -852,16 +924,40 @@ mod tests {
     #[test]
     fn srv_weight_zero_is_a_small_weight_not_none() {
         let addr = SocketAddr::from(([127, 0, 0, 1], 80));
-        assert_eq!(DnsEndpoint { addr, weight: 0 }.static_weight(), 0.01);
-        assert_eq!(DnsEndpoint { addr, weight: 7 }.static_weight(), 7.0);
+        assert_eq!(
+            DnsEndpoint {
+                addr,
+                weight: 0,
+                priority: 0
+            }
+            .static_weight(),
+            0.01
+        );
+        assert_eq!(
+            DnsEndpoint {
+                addr,
+                weight: 7,
+                priority: 0
+            }
+            .static_weight(),
+            7.0
+        );
     }
 
     #[test]
     fn endpoints_are_the_same_endpoint_by_address() {
         let addr = SocketAddr::from(([127, 0, 0, 1], 80));
         assert_eq!(
-            DnsEndpoint { addr, weight: 1 },
-            DnsEndpoint { addr, weight: 9 }
+            DnsEndpoint {
+                addr,
+                weight: 1,
+                priority: 0
+            },
+            DnsEndpoint {
+                addr,
+                weight: 9,
+                priority: 3
+            }
         );
     }
 

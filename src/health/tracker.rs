@@ -17,6 +17,7 @@ use super::{
     EjectionReason, EjectionRecord, OutlierDetection, SlowStart, Verdict,
 };
 use crate::load::{EndpointLoad, RttEstimate};
+use crate::topology::priority::{priority_load, LevelCounts, PriorityLoad};
 
 /// What the health rules need from one of the balancer's endpoints.
 pub(crate) trait Monitored {
@@ -38,6 +39,8 @@ pub(crate) trait Monitored {
 pub(crate) struct HealthSettings {
     pub(crate) outlier_detection: Option<OutlierDetection>,
     pub(crate) panic_threshold: u32,
+    /// The priority levels' overprovisioning factor, in percent.
+    pub(crate) overprovisioning_percent: u32,
     pub(crate) slow_start: Option<SlowStart>,
 }
 
@@ -99,6 +102,7 @@ pub(crate) struct Health {
     detection: Option<OutlierDetection>,
     /// Below this percentage in service, publish every endpoint.
     panic_threshold: u32,
+    overprovisioning_percent: u32,
     slow_start: Option<SlowStart>,
     /// How many endpoints are ejected.
     ejected: usize,
@@ -115,6 +119,7 @@ impl Health {
         Self {
             detection: settings.outlier_detection,
             panic_threshold: settings.panic_threshold,
+            overprovisioning_percent: settings.overprovisioning_percent,
             slow_start: settings.slow_start,
             ejected: 0,
             panic: false,
@@ -387,28 +392,31 @@ impl Health {
         healths.any(|h| h.slow_start_since.is_some())
     }
 
-    /// Whether a set of `total` endpoints with `in_service` of them in
-    /// service is to be published in panic mode (every endpoint eligible),
-    /// as Envoy does below the panic threshold; logs when that changes.
-    /// Called for every published set, it also notes that endpoints were
-    /// published (from then on new ones slow-start).
-    pub(crate) fn panic_mode(&mut self, in_service: usize, total: usize) -> bool {
-        self.warmed |= total > 0;
-        let threshold = self.panic_threshold as usize;
-        let panic = in_service < total && in_service * 100 < threshold * total;
+    /// What share of the traffic each priority level (lowest number
+    /// first) takes, and which levels are published in panic mode (every
+    /// endpoint of theirs eligible), as Envoy does below the panic
+    /// threshold (see [`crate::topology`]); logs when panic mode starts or
+    /// ends. Called for every published set, it also notes that endpoints
+    /// were published (from then on new ones slow-start).
+    pub(crate) fn priority_load(&mut self, levels: &[LevelCounts]) -> PriorityLoad {
+        let known: usize = levels.iter().map(|l| l.known).sum();
+        let in_service: usize = levels.iter().map(|l| l.in_service).sum();
+        self.warmed |= known > 0;
+        let load = priority_load(levels, self.overprovisioning_percent, self.panic_threshold);
+        let panic = load.panic.iter().any(|&p| p);
         if panic != self.panic {
             if panic {
                 tracing::warn!(
                     in_service,
-                    endpoints = total,
-                    panic_threshold = threshold,
+                    endpoints = known,
+                    panic_threshold = self.panic_threshold,
                     "too few endpoints in service: panic mode, balancing over all of them"
                 );
             } else {
-                tracing::info!(in_service, endpoints = total, "panic mode over");
+                tracing::info!(in_service, endpoints = known, "panic mode over");
             }
             self.panic = panic;
         }
-        panic
+        load
     }
 }

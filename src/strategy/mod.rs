@@ -35,6 +35,7 @@ pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::load::{EndpointLoad, RequestClock, RttEstimate};
+use crate::topology::EndpointMetadata;
 
 /// `PickContext::now_ns` before its clock is read.
 const NOT_READ: u64 = u64::MAX;
@@ -105,6 +106,16 @@ pub trait Candidates {
 
     /// The live load of endpoint `index` (`index < len()`).
     fn load(&self, index: usize) -> &EndpointLoad;
+
+    /// What discovery says of endpoint `index` (`index < len()`): its zone,
+    /// priority, labels (see [`EndpointMetadata`]). The balancer's
+    /// candidates answer with each endpoint's own (see
+    /// [`Builder::metadata`](crate::balance::Builder::metadata)); the
+    /// default answers the defaults.
+    fn metadata(&self, index: usize) -> &EndpointMetadata {
+        let _ = index;
+        EndpointMetadata::default_ref()
+    }
 
     /// True when there are no endpoints.
     fn is_empty(&self) -> bool {

@@ -1,0 +1,150 @@
+//! Topology against real servers on loopback: endpoints described by their
+//! discovery key, priority levels failing over by Envoy's 1.4 rule as
+//! active checks take primaries out, and back when they heal.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::ServiceExt;
+use tower_lb::client::HttpClient;
+use tower_lb::health::{CheckStatus, HealthCheck};
+use tower_lb::topology::{EndpointMetadata, Readiness};
+
+use support::checked::HealthzServer;
+use support::{get, wait_until, Body};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn fast_http_check() -> HealthCheck {
+    HealthCheck::http_get("/healthz")
+        .and_then(|check| check.interval(Duration::from_millis(50)))
+        .and_then(|check| check.jitter_percent(0))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// An `HttpClient` over `primaries` (priority 0) and `fallbacks` (priority
+/// 1), checked actively, with a seeded balancer so that the level draws
+/// repeat.
+fn client(primaries: &[HealthzServer], fallbacks: &[HealthzServer]) -> HttpClient<Body> {
+    let fallback: Arc<HashSet<SocketAddr>> = Arc::new(fallbacks.iter().map(|s| s.addr).collect());
+    let all: Vec<SocketAddr> = primaries.iter().chain(fallbacks).map(|s| s.addr).collect();
+    HttpClient::builder()
+        .health_check(fast_http_check())
+        .balancer(|b| {
+            b.seed(7).metadata(move |addr: &SocketAddr| {
+                let priority = u32::from(fallback.contains(addr));
+                EndpointMetadata::new().with_priority(priority)
+            })
+        })
+        .build::<Body>(all)
+}
+
+fn passing(client: &HttpClient<Body>, servers: &[HealthzServer]) -> usize {
+    let all = client.balancer().endpoints();
+    servers
+        .iter()
+        .filter(|s| {
+            all.iter()
+                .any(|e| e.key == s.addr && e.health_check == Some(CheckStatus::Passing))
+        })
+        .count()
+}
+
+/// Sends `n` GETs one after another; returns how many reached `servers`.
+async fn share_of(client: &HttpClient<Body>, servers: &[HealthzServer], n: usize) -> usize {
+    let before: usize = servers.iter().map(HealthzServer::traffic).sum();
+    for i in 0..n {
+        let response = client.clone().oneshot(get()).await;
+        let response =
+            response.unwrap_or_else(|e| panic!("GET {i}: {}", tower_lb::error::report(&*e)));
+        assert_eq!(response.status(), 200);
+    }
+    servers.iter().map(HealthzServer::traffic).sum::<usize>() - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_primaries_move_traffic_to_the_next_level_by_the_overprovisioning_rule_and_back() {
+    let mut primaries = Vec::new();
+    for _ in 0..4 {
+        primaries.push(HealthzServer::start().await);
+    }
+    let fallbacks = vec![HealthzServer::start().await, HealthzServer::start().await];
+    let client = client(&primaries, &fallbacks);
+    wait_until(WAIT, || {
+        passing(&client, &primaries) == 4 && passing(&client, &fallbacks) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // All primaries in service: they take everything.
+    assert_eq!(share_of(&client, &fallbacks, 200).await, 0);
+    let levels: Vec<u32> = client
+        .balancer()
+        .endpoints()
+        .iter()
+        .map(|e| e.metadata.priority())
+        .collect();
+    assert_eq!(levels.iter().filter(|&&p| p == 1).count(), 2, "{levels:?}");
+
+    // 3 of 4 in service: 75 % x 1.4 covers it; still everything.
+    primaries[0].set_health(503);
+    wait_until(WAIT, || passing(&client, &primaries) == 3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(share_of(&client, &fallbacks, 200).await, 0);
+
+    // 2 of 4: 50 % x 1.4 = 70 % stays, 30 % moves to the fallbacks.
+    primaries[1].set_health(503);
+    wait_until(WAIT, || passing(&client, &primaries) == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let moved = share_of(&client, &fallbacks, 1000).await;
+    assert!(
+        (240..=360).contains(&moved),
+        "{moved} of 1000 to the fallbacks, not about 300"
+    );
+
+    // None: everything to the fallbacks, nothing to the failing primaries.
+    primaries[2].set_health(503);
+    primaries[3].set_health(503);
+    wait_until(WAIT, || passing(&client, &primaries) == 0).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(share_of(&client, &fallbacks, 200).await, 200);
+    assert!(!client.balancer().endpoints().is_empty());
+
+    // Healed: back to the primaries.
+    for primary in &primaries {
+        primary.set_health(200);
+    }
+    wait_until(WAIT, || passing(&client, &primaries) == 4).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(share_of(&client, &fallbacks, 200).await, 0);
+}
+
+#[tokio::test]
+async fn a_terminating_endpoint_gets_requests_only_while_none_of_its_level_is_ready() {
+    let (ready, terminating) = (
+        support::TestServer::start().await,
+        support::TestServer::start().await,
+    );
+    let stopping = terminating.addr;
+    let client = HttpClient::builder()
+        .balancer(|b| {
+            b.metadata(move |addr: &SocketAddr| {
+                let readiness = if *addr == stopping {
+                    Readiness::Terminating
+                } else {
+                    Readiness::Ready
+                };
+                EndpointMetadata::new().with_readiness(readiness)
+            })
+        })
+        .build::<Body>([ready.addr, terminating.addr]);
+    for _ in 0..20 {
+        let response = client.clone().oneshot(get()).await;
+        assert!(response.is_ok());
+    }
+    assert_eq!((ready.hits(), terminating.hits()), (20, 0));
+}
