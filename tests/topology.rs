@@ -148,3 +148,66 @@ async fn a_terminating_endpoint_gets_requests_only_while_none_of_its_level_is_re
     }
     assert_eq!((ready.hits(), terminating.hits()), (20, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_aware_routing_keeps_requests_local_and_spills_what_the_zone_lacks() {
+    let mut servers = Vec::new();
+    for _ in 0..9 {
+        servers.push(HealthzServer::start().await);
+    }
+    // Three zones of three: a (the client's), b, c.
+    let zone_of: Arc<Vec<(SocketAddr, &'static str)>> = Arc::new(
+        servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.addr, ["a", "b", "c"][i / 3]))
+            .collect(),
+    );
+    let all: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let client = HttpClient::builder()
+        .health_check(fast_http_check())
+        .balancer(|b| {
+            b.seed(11)
+                .zone_aware(tower_lb::topology::ZoneAware::new("a"))
+                .metadata(move |addr: &SocketAddr| {
+                    let zone = zone_of.iter().find(|(a, _)| a == addr).map_or("?", |z| z.1);
+                    EndpointMetadata::new().with_zone(zone)
+                })
+        })
+        .build::<Body>(all);
+    let (local, remote) = servers.split_at(3);
+    wait_until(WAIT, || passing(&client, &servers) == 9).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        share_of(&client, remote, 300).await,
+        0,
+        "a whole zone keeps everything"
+    );
+
+    // Two of the three local servers fail their check: the zone has 1 of 7
+    // in service for a third of the clients, so it keeps 3/7 of the
+    // requests, and b and c share the rest.
+    local[0].set_health(503);
+    local[1].set_health(503);
+    wait_until(WAIT, || passing(&client, local) == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let spilled = share_of(&client, remote, 1000).await;
+    assert!(
+        (500..=640).contains(&spilled),
+        "{spilled} of 1000 left the zone, not about 571"
+    );
+    let (b, c) = remote.split_at(3);
+    let to_b: usize = b.iter().map(HealthzServer::traffic).sum();
+    let to_c: usize = c.iter().map(HealthzServer::traffic).sum();
+    assert!(
+        to_b.abs_diff(to_c) < 120,
+        "b {to_b}, c {to_c}: not about even"
+    );
+
+    // Healed: everything stays in the zone again.
+    local[0].set_health(200);
+    local[1].set_health(200);
+    wait_until(WAIT, || passing(&client, local) == 3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(share_of(&client, remote, 300).await, 0);
+}

@@ -18,7 +18,7 @@ use crate::load::{LatencyClock, RttEstimate};
 use crate::setting::{self, InvalidSetting};
 use crate::strategy::{P2c, Strategy};
 use crate::topology::priority::DEFAULT_OVERPROVISIONING_PERCENT;
-use crate::topology::EndpointMetadata;
+use crate::topology::{EndpointMetadata, ZoneAware};
 
 /// Configures and builds a [`Balancer`].
 ///
@@ -135,6 +135,7 @@ struct Options {
     outlier_detection: Option<OutlierDetection>,
     panic_threshold: u32,
     overprovisioning_percent: u32,
+    zone_aware: Option<ZoneAware>,
     slow_start: Option<SlowStart>,
 }
 
@@ -159,6 +160,7 @@ impl Builder<P2c> {
                 outlier_detection: None,
                 panic_threshold: 50,
                 overprovisioning_percent: DEFAULT_OVERPROVISIONING_PERCENT,
+                zone_aware: None,
                 slow_start: None,
             },
         }
@@ -454,6 +456,24 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
         Ok(self)
     }
 
+    /// Routes by zone: requests stay in the client's own zone while it has
+    /// the capacity for its share of the client fleet, and the rest spill
+    /// to the zones with capacity to spare (see [`ZoneAware`]); endpoints
+    /// give their zone through [`metadata`](Self::metadata). Default: off,
+    /// every zone alike.
+    ///
+    /// ```
+    /// use tower_lb::topology::ZoneAware;
+    /// use tower_lb::Balancer;
+    ///
+    /// let builder = Balancer::builder().zone_aware(ZoneAware::new("eu-west-1a"));
+    /// # let _ = builder;
+    /// ```
+    pub fn zone_aware(mut self, zones: ZoneAware) -> Self {
+        self.options.zone_aware = Some(zones);
+        self
+    }
+
     /// How long a request waits for the first endpoint when discovery has not
     /// produced any yet, before it fails with
     /// [`Error::NoEndpoints`](crate::Error::NoEndpoints). Default 5 s.
@@ -546,6 +566,7 @@ impl<P: Strategy, C, H, W, A, N> Builder<P, C, H, W, A, N> {
                 connections: self.connections,
             },
             startup_wait: self.options.startup_wait,
+            zone_aware: self.options.zone_aware,
             health: HealthSettings {
                 outlier_detection: self.options.outlier_detection,
                 panic_threshold: self.options.panic_threshold,

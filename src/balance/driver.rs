@@ -21,7 +21,7 @@ use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tower::discover::{Change, Discover};
 
 use super::endpoint::{Endpoint, Shared};
-use super::snapshot::{EndpointList, Level, Snapshot};
+use super::snapshot::{EndpointList, Group, Level, Snapshot};
 use super::{Describe, Inner};
 use crate::error::BoxError;
 use crate::error::Empty;
@@ -31,7 +31,8 @@ use crate::health::{
 };
 use crate::strategy::Strategy;
 use crate::topology::priority::LevelCounts;
-use crate::topology::Readiness;
+use crate::topology::zone::{zone_shares, ZoneCounts, WHOLE};
+use crate::topology::{Readiness, ZoneAware};
 
 /// At most this many changes are applied per snapshot, so that a stream that
 /// is always ready cannot starve the rest of the driver.
@@ -148,6 +149,8 @@ struct Endpoints<K, S> {
     next_check: CheckId,
     /// Notified when an endpoint's connection changes state.
     connections_changed: Arc<Notify>,
+    /// Zone-aware routing, when on.
+    zone_aware: Option<ZoneAware>,
     /// Whether each active endpoint's connection took requests at the last
     /// publish: a change of state that changes none of these (idle to
     /// ready, say) publishes nothing, so strategies keep their schedule.
@@ -322,23 +325,40 @@ where
             let (eligible, last_resort) = prefer_connected(eligible.into_boxed_slice());
             unconnected.extend(last_resort.iter().cloned());
             below += load.percent[i];
-            let schedule = inner.strategy.schedule(&eligible[..], &ctx);
+            let zones = self.zone_aware.as_ref().filter(|_| !panic);
+            let split = match zones {
+                Some(zones) => by_zone(zones, members, eligible),
+                None => vec![(eligible, WHOLE)],
+            };
+            let mut groups = Vec::with_capacity(split.len());
+            let mut group_below = 0;
+            for (eligible, share) in split {
+                if share == 0 {
+                    standby.extend(eligible.iter().cloned());
+                    continue;
+                }
+                group_below += share;
+                groups.push(Group {
+                    schedule: inner.strategy.schedule(&eligible[..], &ctx),
+                    eligible,
+                    below: group_below,
+                });
+            }
+            let mut groups = groups.into_iter();
+            let first = groups.next().unwrap_or_else(|| empty_group(inner, &ctx));
             levels.push(Level {
-                eligible,
-                schedule,
+                first,
+                more: groups.collect(),
                 panic,
                 below,
             });
         }
         let mut levels = levels.into_iter();
-        let first = levels.next().unwrap_or_else(|| {
-            let eligible: EndpointList<K, S> = Box::new([]);
-            Level {
-                schedule: inner.strategy.schedule(&eligible[..], &ctx),
-                eligible,
-                panic: false,
-                below: 100,
-            }
+        let first = levels.next().unwrap_or_else(|| Level {
+            first: empty_group(inner, &ctx),
+            more: Box::new([]),
+            panic: false,
+            below: 100,
         });
         let more: Box<[_]> = levels.collect();
         inner.snapshot.store(Arc::new(Snapshot {
@@ -353,6 +373,67 @@ where
         }));
         inner.published.send_modify(|generation| *generation += 1);
     }
+}
+
+/// A group with no endpoint: the only one of a balancer with none.
+fn empty_group<K, S, P: Strategy, C, H>(
+    inner: &Inner<K, S, P, C, H>,
+    ctx: &crate::strategy::PickContext<'_>,
+) -> Group<K, S, P::Schedule> {
+    let eligible: EndpointList<K, S> = Box::new([]);
+    Group {
+        schedule: inner.strategy.schedule(&eligible[..], ctx),
+        eligible,
+        below: WHOLE,
+    }
+}
+
+/// A level's `eligible` endpoints split by zone, each zone with its share
+/// of the level's requests (see [`ZoneAware`]); the whole list with the
+/// whole share when the level is not routed by zone. `members` are all of
+/// the level's endpoints, for the zones' sizes.
+fn by_zone<K, S>(
+    zones: &ZoneAware,
+    members: &[&Tracked<K, S>],
+    eligible: EndpointList<K, S>,
+) -> Vec<(EndpointList<K, S>, u32)> {
+    let zone_of = |e: &Endpoint<K, S>| e.metadata().zone().map(str::to_owned);
+    let mut names: Vec<Option<String>> = Vec::new();
+    for tracked in members {
+        let zone = zone_of(&tracked.endpoint);
+        if !names.contains(&zone) {
+            names.push(zone);
+        }
+    }
+    let counts: Vec<ZoneCounts<'_>> = names
+        .iter()
+        .map(|name| ZoneCounts {
+            zone: name.as_deref(),
+            known: members
+                .iter()
+                .filter(|t| !t.health.is_pending() && zone_of(&t.endpoint) == *name)
+                .count(),
+            in_service: eligible.iter().filter(|e| zone_of(e) == *name).count(),
+        })
+        .collect();
+    let Some(shares) = zone_shares(zones, &counts) else {
+        return vec![(eligible, WHOLE)];
+    };
+    let mut members_of: Vec<Vec<Arc<Endpoint<K, S>>>> = vec![Vec::new(); names.len()];
+    for endpoint in eligible.iter() {
+        let zone = zone_of(endpoint);
+        if let Some(i) = names.iter().position(|name| *name == zone) {
+            members_of[i].push(endpoint.clone());
+        }
+    }
+    let mut split: Vec<_> = members_of.into_iter().zip(shares).collect();
+    // The local zone first: it takes most requests, and its draw is the
+    // first compared.
+    split.sort_by_key(|(_, share)| std::cmp::Reverse(*share));
+    split
+        .into_iter()
+        .map(|(endpoints, share)| (endpoints.into_boxed_slice(), share))
+        .collect()
 }
 
 /// Whether `tracked` is in service: not ejected, not failing (or waiting
@@ -393,6 +474,7 @@ pub(crate) async fn run<D, P, C, H, W, A, N>(
     inner: WeakInner<D, P, C, H>,
     shared: Arc<Shared>,
     health: HealthSettings,
+    zone_aware: Option<ZoneAware>,
     sources: EndpointSources<W, A, N>,
     mut stop: oneshot::Receiver<()>,
 ) where
@@ -416,6 +498,7 @@ pub(crate) async fn run<D, P, C, H, W, A, N>(
         reports: report_sender,
         next_check: 0,
         connections_changed: Arc::new(Notify::new()),
+        zone_aware,
         published_connections: Vec::new(),
     };
     let connections_changed = Arc::clone(&endpoints.connections_changed);

@@ -44,11 +44,12 @@ use tower::Service;
 
 use self::endpoint::{InFlight, Refused, Shared};
 use self::future::{Dispatched, EndpointCall};
-use self::snapshot::{EndpointList, Level, Snapshot};
+use self::snapshot::{EndpointList, Group, Level, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::error::BoxError;
 use crate::error::Empty;
 use crate::strategy::{P2c, Strategy};
+use crate::topology::zone::WHOLE;
 use crate::Error;
 
 /// A load balancer over a changing set of endpoints: a [`tower::Service`]
@@ -178,7 +179,8 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         // A retry must not take a round-robin turn (see `is_retry`).
         let ctx = shared.request_pick_context(start_ns).retry(avoid.is_some());
         let level = snapshot.level(&ctx);
-        let eligible = &level.eligible[..];
+        let group = level.group(&ctx);
+        let eligible = &group.eligible[..];
         let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
         // but one can trip between two snapshots; and a retry should not go
@@ -189,7 +191,7 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         loop {
             let picked = self
                 .strategy
-                .pick(&level.schedule, eligible, &ctx)
+                .pick(&group.schedule, eligible, &ctx)
                 .filter(|&i| i < eligible.len());
             let Some(mut index) = picked else {
                 return Dispatch::Failed(Error::NoPick {
@@ -375,7 +377,8 @@ impl<K: fmt::Debug, S, P: Strategy + fmt::Debug, C, H> fmt::Debug for Balancer<K
         let snapshot = self.inner.snapshot.load();
         let keys: Vec<&K> = snapshot
             .levels()
-            .flat_map(|level| level.eligible.iter())
+            .flat_map(|level| level.groups())
+            .flat_map(|group| group.eligible.iter())
             .map(|e| e.key())
             .collect();
         f.debug_struct("Balancer")
@@ -468,6 +471,7 @@ pub(crate) struct Settings<P, C, H, W, A, N> {
     pub(crate) hints: H,
     pub(crate) sources: driver::EndpointSources<W, A, N>,
     pub(crate) startup_wait: Duration,
+    pub(crate) zone_aware: Option<crate::topology::ZoneAware>,
     pub(crate) health: crate::health::HealthSettings,
 }
 
@@ -495,6 +499,7 @@ where
         hints,
         sources,
         startup_wait,
+        zone_aware,
         health,
     } = settings;
     let shared = Arc::new(shared);
@@ -504,8 +509,12 @@ where
     let inner = Arc::new(Inner {
         snapshot: ArcSwap::from_pointee(Snapshot {
             first: Level {
-                eligible: empty,
-                schedule,
+                first: Group {
+                    eligible: empty,
+                    schedule,
+                    below: WHOLE,
+                },
+                more: Box::new([]),
                 panic: false,
                 below: 100,
             },
@@ -531,6 +540,7 @@ where
         Arc::downgrade(&inner),
         shared,
         health,
+        zone_aware,
         sources,
         stop_rx,
     ));

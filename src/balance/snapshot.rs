@@ -4,31 +4,69 @@ use std::sync::Arc;
 
 use super::endpoint::Endpoint;
 use crate::strategy::PickContext;
+use crate::topology::zone::WHOLE;
 
 /// A set of endpoints in a snapshot.
 pub(crate) type EndpointList<K, S> = Box<[Arc<Endpoint<K, S>>]>;
 
-/// One priority level that takes traffic: its eligible endpoints and the
-/// strategy's schedule for them.
-pub(crate) struct Level<K, S, Sch> {
-    /// The endpoints requests given this level may go to: those in
+/// Endpoints a request may be given as one: a priority level's, or with
+/// zone-aware routing one zone's of a level. The strategy picks within it.
+pub(crate) struct Group<K, S, Sch> {
+    /// The endpoints requests given this group may go to: those in
     /// service, or in panic mode all of the level's (known) endpoints.
     pub(crate) eligible: EndpointList<K, S>,
     /// The strategy's precomputed schedule for `eligible`.
     pub(crate) schedule: Sch,
+    /// The group takes the level's draws (0 to 9,999) below this, above
+    /// the previous group's: the groups' shares of the level, added up.
+    pub(crate) below: u32,
+}
+
+/// One priority level that takes traffic.
+pub(crate) struct Level<K, S, Sch> {
+    /// Its first group: without zone-aware routing the only one, so that a
+    /// pick reads it without a draw or another indirection.
+    pub(crate) first: Group<K, S, Sch>,
+    /// Its other groups (zones), in no particular order.
+    pub(crate) more: Box<[Group<K, S, Sch>]>,
     /// Too few of the level's endpoints are in service (and too few of
     /// the other levels' to make up for it): its out-of-service endpoints
-    /// are in `eligible` too.
+    /// are eligible too.
     pub(crate) panic: bool,
     /// The level takes the draws (0 to 99) below this, above the previous
     /// level's: the levels' shares of the traffic, added up.
     pub(crate) below: u32,
 }
 
+impl<K, S, Sch> Level<K, S, Sch> {
+    /// The group a request given this level goes to: by a draw weighted by
+    /// the groups' shares when there are several.
+    #[inline]
+    pub(crate) fn group(&self, ctx: &PickContext<'_>) -> &Group<K, S, Sch> {
+        if self.more.is_empty() {
+            return &self.first;
+        }
+        let draw = ctx.random_index(WHOLE as usize) as u32;
+        if draw < self.first.below {
+            return &self.first;
+        }
+        self.more
+            .iter()
+            .find(|group| draw < group.below)
+            .unwrap_or(&self.first)
+    }
+
+    /// Every group, in order.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &Group<K, S, Sch>> {
+        std::iter::once(&self.first).chain(self.more.iter())
+    }
+}
+
 /// One published state of the balancer, swapped in whole by the driver.
 ///
-/// Every endpoint is in exactly one list: a level's `eligible`,
-/// `unconnected`, `standby`, `out_of_service` or `draining`.
+/// Every endpoint is in exactly one list: a level's
+/// group's `eligible`, `unconnected`, `standby`, `out_of_service` or
+/// `draining`.
 pub(crate) struct Snapshot<K, S, Sch> {
     /// The first priority level that takes traffic: with one level (every
     /// endpoint at the same priority, the usual case) the only one, so
@@ -50,7 +88,8 @@ pub(crate) struct Snapshot<K, S, Sch> {
     /// is being made or failed, or the platform is terminating them, while
     /// another of the level's takes requests.
     pub(crate) unconnected: EndpointList<K, S>,
-    /// Endpoints in service at priority levels that take no traffic now.
+    /// Endpoints in service at priority levels, or in zones, that take no
+    /// traffic now.
     pub(crate) standby: EndpointList<K, S>,
     /// Removed endpoints whose in-flight requests have not all finished.
     pub(crate) draining: EndpointList<K, S>,
@@ -59,7 +98,7 @@ pub(crate) struct Snapshot<K, S, Sch> {
 impl<K, S, Sch> Snapshot<K, S, Sch> {
     /// No level has an endpoint to pick.
     pub(crate) fn is_empty(&self) -> bool {
-        self.first.eligible.is_empty() && self.more.is_empty()
+        self.first.first.eligible.is_empty() && self.first.more.is_empty() && self.more.is_empty()
     }
 
     /// The level a request goes to: the first, unless levels share the
@@ -87,7 +126,8 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
     /// Every endpoint this snapshot knows, each once.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Endpoint<K, S>>> {
         self.levels()
-            .flat_map(|level| level.eligible.iter())
+            .flat_map(|level| level.groups())
+            .flat_map(|group| group.eligible.iter())
             .chain(self.unconnected.iter())
             .chain(self.standby.iter())
             .chain(self.out_of_service.iter())

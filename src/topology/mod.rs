@@ -12,8 +12,16 @@
 //! picks within the level a request was given. The panic threshold applies
 //! per level, and only while the levels together fall short. With every
 //! endpoint at priority 0 (the default) nothing changes.
+//!
+//! **Zones.** With [`ZoneAware`] on the builder, each level keeps requests
+//! in the client's own zone while that zone has the capacity for its share
+//! of the client fleet, and spills the rest to the zones with capacity to
+//! spare, as Envoy's zone-aware routing does; the strategy picks within the
+//! zone a request was given.
 
 mod metadata;
 pub(crate) mod priority;
+pub(crate) mod zone;
 
 pub use self::metadata::{EndpointMetadata, Readiness};
+pub use self::zone::ZoneAware;
