@@ -192,6 +192,7 @@ async fn zone_aware_routing_keeps_requests_local_and_spills_what_the_zone_lacks(
     wait_until(WAIT, || passing(&client, local) == 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let spilled = share_of(&client, remote, 1000).await;
+
     assert!(
         (500..=640).contains(&spilled),
         "{spilled} of 1000 left the zone, not about 571"
@@ -210,4 +211,66 @@ async fn zone_aware_routing_keeps_requests_local_and_spills_what_the_zone_lacks(
     wait_until(WAIT, || passing(&client, local) == 3).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(share_of(&client, remote, 300).await, 0);
+}
+
+/// Seven servers: one in zone a answering in 60 ms, three each in zones b
+/// and c answering at once; and a client in zone a, which holds a third of
+/// the clients, with or without the load-aware spill.
+async fn short_slow_zone(spill: bool) -> (Vec<support::TestServer>, HttpClient<Body>) {
+    let mut servers = vec![support::TestServer::with_delay(Duration::from_millis(60)).await];
+    for _ in 0..6 {
+        servers.push(support::TestServer::start().await);
+    }
+    let zones: Vec<(SocketAddr, &'static str)> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.addr, ["a", "b", "b", "b", "c", "c", "c"][i]))
+        .collect();
+    let routing = tower_lb::topology::ZoneAware::new("a")
+        .client_shares([("a", 1.0), ("b", 1.0), ("c", 1.0)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let routing = if spill {
+        routing
+    } else {
+        routing.no_latency_spill()
+    };
+    let all: Vec<SocketAddr> = zones.iter().map(|(addr, _)| *addr).collect();
+    let client = HttpClient::builder()
+        .balancer(|b| {
+            b.seed(5)
+                .zone_aware(routing)
+                .metadata(move |addr: &SocketAddr| {
+                    let zone = zones.iter().find(|(a, _)| a == addr).map_or("?", |z| z.1);
+                    EndpointMetadata::new().with_zone(zone)
+                })
+        })
+        .build::<Body>(all);
+    (servers, client)
+}
+
+/// Sends `n` GETs one after another; returns how many reached zone a.
+async fn kept_local(servers: &[support::TestServer], client: &HttpClient<Body>, n: usize) -> usize {
+    for i in 0..n {
+        let response = client.clone().oneshot(get()).await;
+        assert!(response.is_ok(), "GET {i}");
+    }
+    servers[0].hits()
+}
+
+#[tokio::test]
+async fn a_short_local_zone_keeps_its_share_by_the_rule_alone() {
+    let (servers, client) = short_slow_zone(false).await;
+    // 1 of 7 endpoints for a third of the clients: 3/7 of the requests.
+    let local = kept_local(&servers, &client, 200).await;
+    assert!(
+        (65..=105).contains(&local),
+        "{local} of 200 stayed, not about 86"
+    );
+}
+
+#[tokio::test]
+async fn a_short_local_zone_slower_than_the_others_sheds_more_than_the_rule_says() {
+    let (servers, client) = short_slow_zone(true).await;
+    let local = kept_local(&servers, &client, 200).await;
+    assert!(local < 40, "{local} of 200 stayed in a zone 60 ms slower");
 }

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, Instant};
 
-use crate::scenario::{BackendSpec, OutageKind, Stall};
+use crate::scenario::{BackendSpec, OutageKind, Stall, CLIENT_ZONE, CROSS_ZONE};
 
 /// A backend's state during one run.
 #[derive(Debug)]
@@ -63,6 +63,11 @@ const LOAD_WINDOW: Duration = Duration::from_secs(1);
 pub const WINDOW: Duration = Duration::from_millis(100);
 
 impl Backend {
+    /// The zone it runs in.
+    pub fn zone(&self) -> &'static str {
+        self.spec.zone
+    }
+
     pub fn new(spec: BackendSpec, seed: u64) -> Arc<Self> {
         Arc::new(Self {
             queue: spec.capacity.map(Semaphore::new),
@@ -170,6 +175,10 @@ impl Backend {
     /// black-holed it is never answered.
     pub async fn handle(&self) -> Result<(StatusCode, Option<String>), Refused> {
         self.hits.fetch_add(1, Ordering::Relaxed);
+        let cross_zone = self.spec.zone != CLIENT_ZONE;
+        if cross_zone {
+            tokio::time::sleep(CROSS_ZONE).await;
+        }
         if let Some(kind) = self.outage_at(Instant::now()) {
             self.hits_while_down.fetch_add(1, Ordering::Relaxed);
             match kind {
@@ -216,7 +225,14 @@ impl Backend {
         let now = Instant::now();
         let start = self.after_stall(now);
         let done = self.after_stall(start + work);
-        sleep_until(done).await;
+        sleep_until(
+            done + if cross_zone {
+                CROSS_ZONE
+            } else {
+                Duration::ZERO
+            },
+        )
+        .await;
         Ok((StatusCode::OK, self.report(work)))
     }
 

@@ -19,6 +19,7 @@ use tower::util::{BoxCloneService, BoxCloneSyncService};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 use crate::backend::Backend;
+use crate::scenario::CLIENT_ZONE;
 use tower_lb::classify::{Classify, Outcome, OutcomeReport};
 use tower_lb::health::{ActiveCheck, CheckTask, HealthReporter, OutlierDetection};
 use tower_lb::hedge::HedgeLayer;
@@ -26,6 +27,7 @@ use tower_lb::load::{LatencyClock, LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
 use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
+use tower_lb::topology::{EndpointMetadata, ZoneAware};
 use tower_lb::{Balancer, EndpointStats};
 
 /// What the load generator sends: a GET whose (empty) body the retry and
@@ -97,6 +99,9 @@ pub enum Contender {
     /// Outlier detection and retries, and an active health check of each
     /// backend.
     P2cPeakEwmaOutliersRetryCheck,
+    /// Outlier detection and retries, routing by zone (Envoy's rule) from
+    /// the client's zone.
+    P2cPeakEwmaOutliersRetryZone,
     /// Round robin with retries and hedging: what hedging does for a
     /// strategy that does not see latency.
     RoundRobinHedge,
@@ -107,7 +112,7 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 13] = [
+    pub const ALL: [Contender; 14] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -119,6 +124,7 @@ impl Contender {
         Contender::P2cPeakEwmaOutliersRetry,
         Contender::P2cPeakEwmaOutliersHedge,
         Contender::P2cPeakEwmaOutliersRetryCheck,
+        Contender::P2cPeakEwmaOutliersRetryZone,
         Contender::RoundRobinHedge,
         Contender::WeightedRoundRobin,
     ];
@@ -136,6 +142,7 @@ impl Contender {
             Contender::P2cPeakEwmaOutliersRetry => "ewma+od+retry",
             Contender::P2cPeakEwmaOutliersHedge => "ewma+od+retry+hedge",
             Contender::P2cPeakEwmaOutliersRetryCheck => "ewma+od+retry+check",
+            Contender::P2cPeakEwmaOutliersRetryZone => "ewma+od+retry+zone",
             Contender::RoundRobinHedge => "round-robin+hedge",
             Contender::WeightedRoundRobin => "weighted-round-robin",
         }
@@ -170,6 +177,9 @@ impl Contender {
             }
             Contender::P2cPeakEwmaOutliersRetryCheck => {
                 "P2C Peak-EWMA with outlier detection, retries and an active health check of each backend (every 500 ms, 200 ms timeout, out after 2 failures, back after 1 pass)"
+            }
+            Contender::P2cPeakEwmaOutliersRetryZone => {
+                "P2C Peak-EWMA with outlier detection and retries, routing by zone from the client's zone (Envoy's zone-aware rule, the fleet taken to be spread like the backends)"
             }
             Contender::RoundRobinHedge => {
                 "round robin with retries and hedging: what hedging does for a strategy blind to latency"
@@ -226,6 +236,17 @@ impl Contender {
                 Resilience {
                     outliers: true,
                     checks: Some(backends.to_vec()),
+                    ..Resilience::default()
+                },
+            ),
+            Contender::P2cPeakEwmaOutliersRetryZone => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                clock,
+                Resilience {
+                    outliers: true,
+                    zones: Some(backends.iter().map(|b| b.zone()).collect()),
                     ..Resilience::default()
                 },
             ),
@@ -331,6 +352,9 @@ struct Resilience {
     hedge: bool,
     /// An active check of each of these backends (see [`BackendChecks`]).
     checks: Option<Vec<Arc<Backend>>>,
+    /// Each backend's zone, to route by zone from [`CLIENT_ZONE`]; `None`:
+    /// every zone alike.
+    zones: Option<Vec<&'static str>>,
 }
 
 /// `strategy` under a deadline and retries, with what `extra` adds, the
@@ -354,6 +378,15 @@ fn resilient<P: Strategy>(
         true => builder.outlier_detection(OutlierDetection::new()),
         false => builder,
     };
+    let builder = match &extra.zones {
+        Some(_) => builder.zone_aware(ZoneAware::new(CLIENT_ZONE)),
+        None => builder,
+    };
+    let zones = extra.zones.unwrap_or_default();
+    let builder = builder.metadata(move |key: &usize| match zones.get(*key) {
+        Some(&zone) => EndpointMetadata::new().with_zone(zone),
+        None => EndpointMetadata::new(),
+    });
     let balancer = builder.build(endpoints);
     let stats = balancer.clone();
     let budget = RetryBudget::new();

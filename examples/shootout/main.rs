@@ -253,6 +253,24 @@ mod tests {
     }
 
     #[test]
+    fn zone_aware_routing_keeps_a_healthy_zone_local_and_spills_after_its_loss() {
+        let scenario = scenario::by_name("zones").expect("known scenario");
+        let load = Load {
+            rate: 1000.0,
+            duration: Duration::from_secs(4),
+            seed: 1,
+        };
+        let blind = run::simulate(&scenario, Contender::P2cPeakEwmaOutliersRetry, load);
+        let aware = run::simulate(&scenario, Contender::P2cPeakEwmaOutliersRetryZone, load);
+        let [healthy, lost] = aware.cross_zone_shares(&scenario);
+        assert!(healthy < 0.05, "{healthy} cross-zone while zone a is whole");
+        assert!(lost > 0.3, "{lost} cross-zone after zone a lost two thirds");
+        assert_eq!(aware.failed, 0);
+        // Zone-blind P2C sends two thirds of everything across zones.
+        assert!(blind.cross_zone_shares(&scenario)[0] > 0.5);
+    }
+
+    #[test]
     fn same_seed_gives_the_same_numbers_with_retries_and_hedges_on() {
         // Every 503 from the failing backend is retried after a jittered
         // backoff: the jitter must come from the seed too.
@@ -342,7 +360,8 @@ mod tests {
                 | Contender::P2cPeakEwmaOutliers
                 | Contender::P2cPeakEwmaOutliersRetry
                 | Contender::P2cPeakEwmaOutliersHedge
-                | Contender::P2cPeakEwmaOutliersRetryCheck => {
+                | Contender::P2cPeakEwmaOutliersRetryCheck
+                | Contender::P2cPeakEwmaOutliersRetryZone => {
                     assert_eq!(failing.sent_before_first, Some(5), "{}", r.contender.name());
                     assert_eq!(r.hits[0], 5, "{}", r.contender.name());
                     assert!(r.success_rate() > 0.99, "{}", r.contender.name());
@@ -386,7 +405,8 @@ mod tests {
             match r.contender {
                 Contender::P2cPeakEwmaOutliersRetry
                 | Contender::P2cPeakEwmaOutliersHedge
-                | Contender::P2cPeakEwmaOutliersRetryCheck => {
+                | Contender::P2cPeakEwmaOutliersRetryCheck
+                | Contender::P2cPeakEwmaOutliersRetryZone => {
                     assert_eq!(r.failed, 0, "{name} failed requests");
                 }
                 Contender::P2cPeakEwmaRetry | Contender::RoundRobinHedge => {

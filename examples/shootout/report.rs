@@ -8,7 +8,7 @@ use plotters::prelude::*;
 
 use crate::contender::Contender;
 use crate::run::RunResult;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, CLIENT_ZONE};
 
 /// Quantiles shown in the tables.
 const QUANTILES: [(f64, &str); 4] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")];
@@ -88,7 +88,31 @@ fn details(scenario: &Scenario, results: &[RunResult]) -> String {
             );
         }
     }
-    if scenario.backends.iter().any(|b| !b.outages.is_empty()) {
+    if scenario.backends.iter().any(|b| b.zone != CLIENT_ZONE) {
+        let _ = writeln!(
+            out,
+            "by zone (the client in zone {CLIENT_ZONE}), first half | second half of the run: \
+             requests sent to other zones, p99, failed:"
+        );
+        for r in results {
+            let cross = r.cross_zone_shares(scenario);
+            let [first, second] = &r.halves;
+            let _ = writeln!(
+                out,
+                "  {:<20} cross-zone {:>5.1} % | {:>5.1} %   p99 {:>6.1} | {:>6.1} ms   failed {} | {}",
+                r.contender.name(),
+                cross[0] * 100.0,
+                cross[1] * 100.0,
+                first.latency_ms(0.99),
+                second.latency_ms(0.99),
+                first.failed,
+                second.failed
+            );
+        }
+    }
+    if !scenario.down_from_halfway.is_empty()
+        || scenario.backends.iter().any(|b| !b.outages.is_empty())
+    {
         let _ = writeln!(
             out,
             "while backends were down: requests failed (of all), attempts sent to a down backend, p99.9:"

@@ -28,7 +28,7 @@ use crate::contender::{Answer, Built, Contender, Discovery, Endpoint, Probe, Req
 
 /// The ORCA load report header.
 const LOAD_METRICS: &str = "endpoint-load-metrics";
-use crate::scenario::Scenario;
+use crate::scenario::{Outage, OutageKind, Scenario, CLIENT_ZONE};
 
 /// How hard and how long to drive a run.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +49,10 @@ pub struct RunResult {
     pub latency_us: Histogram<u64>,
     pub ok: u64,
     pub failed: u64,
+    /// The same, for the requests that arrived in the first and in the
+    /// second half of the run (the `zones` scenario loses backends at the
+    /// halfway point).
+    pub halves: [Half; 2],
     /// From the first arrival to the last answer.
     pub elapsed: Duration,
     /// Requests each backend received.
@@ -102,6 +106,7 @@ impl RunResult {
             latency_us,
             ok,
             failed,
+            halves,
             elapsed,
             ejections,
         } = generated;
@@ -112,6 +117,7 @@ impl RunResult {
             latency_us,
             ok,
             failed,
+            halves,
             elapsed,
             hits: backends.iter().map(|b| b.hits()).collect(),
             hits_while_down: backends.iter().map(|b| b.hits_while_down()).collect(),
@@ -120,6 +126,21 @@ impl RunResult {
             timeline: backends.iter().map(|b| b.timeline()).collect(),
             joined_at,
         }
+    }
+
+    /// The share of the requests sent to backends outside the client's
+    /// zone, in the first and in the second half of the run (by the
+    /// backends' 100 ms windows).
+    pub fn cross_zone_shares(&self, scenario: &Scenario) -> [f64; 2] {
+        let half = ((self.elapsed / 2).as_nanos() / WINDOW.as_nanos()) as usize;
+        let mut sent = [[0u64; 2]; 2];
+        for (timeline, spec) in self.timeline.iter().zip(&scenario.backends) {
+            let cross = usize::from(spec.zone != CLIENT_ZONE);
+            for (window, &n) in timeline.iter().enumerate() {
+                sent[usize::from(window >= half)][cross] += n;
+            }
+        }
+        sent.map(|[local, cross]| cross as f64 / (local + cross).max(1) as f64)
     }
 
     pub fn requests(&self) -> u64 {
@@ -217,6 +238,7 @@ struct Generated {
     latency_us: Histogram<u64>,
     ok: u64,
     failed: u64,
+    halves: [Half; 2],
     elapsed: Duration,
     ejections: Vec<Ejections>,
 }
@@ -264,6 +286,7 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
         move || Duration::from_secs_f64(crate::backend::exponential(&mut rng) / load.rate);
     let start = Instant::now();
     let end = start + load.duration;
+    let half = start + load.duration / 2;
     let mut next = start + gap();
     let mut in_flight = JoinSet::new();
     while next < end {
@@ -281,6 +304,7 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
                 (
                     intended.elapsed(),
                     matches!(answer, Ok(status) if status.is_success()),
+                    usize::from(intended >= half),
                 )
             });
             next += gap();
@@ -289,13 +313,21 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
     }
     let mut latency_us = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
     let (mut ok, mut failed) = (0, 0);
+    let mut halves = [Half::new(), Half::new()];
     while let Some(done) = in_flight.join_next().await {
         match done {
-            Ok((latency, true)) => {
+            Ok((latency, true, i)) => {
                 ok += 1;
-                latency_us.saturating_record(latency.as_micros().max(1) as u64);
+                let us = latency.as_micros().max(1) as u64;
+                latency_us.saturating_record(us);
+                halves[i].ok += 1;
+                halves[i].latency_us.saturating_record(us);
             }
-            _ => failed += 1,
+            Ok((_, false, i)) => {
+                failed += 1;
+                halves[i].failed += 1;
+            }
+            Err(_) => failed += 1,
         }
     }
     let elapsed = start.elapsed();
@@ -307,8 +339,32 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
         latency_us,
         ok,
         failed,
+        halves,
         elapsed,
         ejections,
+    }
+}
+
+/// What happened to the requests that arrived in one half of a run.
+#[derive(Debug, Clone)]
+pub struct Half {
+    pub latency_us: Histogram<u64>,
+    pub ok: u64,
+    pub failed: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Self {
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            ok: 0,
+            failed: 0,
+        }
+    }
+
+    /// The `q` quantile of the successful requests' latency, in ms.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
     }
 }
 
@@ -371,12 +427,22 @@ where
     }
 }
 
-fn backends(scenario: &Scenario, seed: u64) -> Vec<Arc<Backend>> {
+fn backends(scenario: &Scenario, load: Load) -> Vec<Arc<Backend>> {
     scenario
         .backends
         .iter()
         .enumerate()
-        .map(|(i, spec)| Backend::new(spec.clone(), seed.wrapping_mul(31).wrapping_add(i as u64)))
+        .map(|(i, spec)| {
+            let mut spec = spec.clone();
+            if scenario.down_from_halfway.contains(&i) {
+                spec.outages.push(Outage {
+                    from: load.duration / 2,
+                    until: Duration::MAX,
+                    kind: OutageKind::Refusing,
+                });
+            }
+            Backend::new(spec, load.seed.wrapping_mul(31).wrapping_add(i as u64))
+        })
         .collect()
 }
 
@@ -390,7 +456,7 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
         .build()
         .expect("a current-thread runtime");
     runtime.block_on(async {
-        let backends = backends(scenario, load.seed);
+        let backends = backends(scenario, load);
         let endpoints = backends
             .iter()
             .map(|backend| {
@@ -433,7 +499,7 @@ pub async fn real(
     contender: Contender,
     load: Load,
 ) -> std::io::Result<RunResult> {
-    let backends = backends(scenario, load.seed);
+    let backends = backends(scenario, load);
     let mut servers = JoinSet::new();
     let mut addrs = Vec::new();
     for backend in &backends {

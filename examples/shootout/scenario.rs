@@ -23,7 +23,17 @@ pub struct BackendSpec {
     pub exponential: bool,
     /// Times the backend is down, since the start of the run.
     pub outages: Vec<Outage>,
+    /// The zone it runs in; the load generator runs in [`CLIENT_ZONE`],
+    /// and a request to another zone takes [`CROSS_ZONE`] more each way.
+    pub zone: &'static str,
 }
+
+/// The zone the load generator (the client) runs in.
+pub const CLIENT_ZONE: &str = "a";
+
+/// What a request to another zone adds each way (1 ms, a typical
+/// cross-zone round trip of 2 ms in a cloud region).
+pub const CROSS_ZONE: Duration = Duration::from_millis(1);
 
 /// A time the backend is not serving.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +72,7 @@ impl BackendSpec {
             stall: None,
             exponential: false,
             outages: Vec::new(),
+            zone: CLIENT_ZONE,
         }
     }
 }
@@ -75,6 +86,9 @@ pub struct Scenario {
     /// How many backends, the last ones, join (through discovery) only at
     /// the halfway point of the run.
     pub late: usize,
+    /// Backends (by number) that refuse connections from the halfway point
+    /// of the run to its end.
+    pub down_from_halfway: Vec<usize>,
     /// Requests per second offered, when the scenario sets its own (the
     /// cluster scenarios run at half their capacity); else `--rate`.
     pub rate: Option<f64>,
@@ -97,6 +111,7 @@ pub fn all() -> Vec<Scenario> {
             about: "8 identical backends answering in 5 ms",
             backends: uniform(),
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -108,6 +123,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -118,6 +134,7 @@ pub fn all() -> Vec<Scenario> {
                 .map(BackendSpec::answering_in)
                 .collect(),
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -132,6 +149,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -146,6 +164,7 @@ pub fn all() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -159,6 +178,7 @@ pub fn all() -> Vec<Scenario> {
                 })
                 .collect(),
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -173,6 +193,7 @@ pub fn all() -> Vec<Scenario> {
                 BACKENDS
             ],
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -180,12 +201,38 @@ pub fn all() -> Vec<Scenario> {
             about: "4 backends answering in 5 ms, and 4 more join at the halfway point",
             backends: uniform(),
             late: BACKENDS / 2,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
     ];
     all.extend(outage_scenarios());
     all.extend(cluster_scenarios());
+    all.push(zones());
     all
+}
+
+/// The `zones` scenario: three zones of three backends (8 slots each,
+/// exponential service, mean 10 ms), the client in zone a offering half of
+/// zone a's capacity (as one zone's share of a fleet spread over three),
+/// and two of zone a's three backends down from the halfway point on.
+pub fn zones() -> Scenario {
+    const PER_ZONE: usize = 3;
+    let backends = ["a", "b", "c"]
+        .into_iter()
+        .flat_map(|zone| {
+            let mut spec = cluster()[0].clone();
+            spec.zone = zone;
+            std::iter::repeat_n(spec, PER_ZONE)
+        })
+        .collect();
+    Scenario {
+        name: "zones",
+        about: "3 zones x 3 backends (8 slots, exponential, mean 10 ms), the client in zone a at half of zone a's capacity (1,200 req/s), 1 ms more each way across zones; 2 of zone a's 3 backends go down at the halfway point",
+        backends,
+        late: 0,
+        down_from_halfway: vec![1, 2],
+        rate: Some(0.5 * (PER_ZONE * CLUSTER_SLOTS) as f64 * 1000.0 / CLUSTER_MEAN_MS as f64),
+    }
 }
 
 /// How long each backend of `rolling-restart` is down, and how far apart
@@ -215,6 +262,7 @@ pub fn outage_scenarios() -> Vec<Scenario> {
                 })
                 .collect(),
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
         Scenario {
@@ -230,6 +278,7 @@ pub fn outage_scenarios() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: None,
         },
     ]
@@ -266,6 +315,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
                 "10 backends x 8 slots, exponential service (mean 10 ms), 50 % load (4,000 req/s)",
             backends: cluster(),
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
         },
         Scenario {
@@ -277,6 +327,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
         },
         Scenario {
@@ -291,6 +342,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
                 b
             },
             late: 0,
+            down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
         },
     ]

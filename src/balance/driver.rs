@@ -328,11 +328,16 @@ where
             let zones = self.zone_aware.as_ref().filter(|_| !panic);
             let split = match zones {
                 Some(zones) => by_zone(zones, members, eligible),
-                None => vec![(eligible, WHOLE)],
+                None => vec![(eligible, WHOLE, false)],
             };
+            let routed = split.len() > 1;
+            let latency_spill = zones.filter(|_| routed).and_then(ZoneAware::latency_spill);
             let mut groups = Vec::with_capacity(split.len());
             let mut group_below = 0;
-            for (eligible, share) in split {
+            for (eligible, share, local) in split {
+                // A zone Envoy's rule gives nothing takes no spill either:
+                // a whole local zone keeps its requests (the latency of a
+                // zone under load against idle ones says nothing).
                 if share == 0 {
                     standby.extend(eligible.iter().cloned());
                     continue;
@@ -342,6 +347,7 @@ where
                     schedule: inner.strategy.schedule(&eligible[..], &ctx),
                     eligible,
                     below: group_below,
+                    local,
                 });
             }
             let mut groups = groups.into_iter();
@@ -351,6 +357,7 @@ where
                 more: groups.collect(),
                 panic,
                 below,
+                latency_spill,
             });
         }
         let mut levels = levels.into_iter();
@@ -359,6 +366,7 @@ where
             more: Box::new([]),
             panic: false,
             below: 100,
+            latency_spill: None,
         });
         let more: Box<[_]> = levels.collect();
         inner.snapshot.store(Arc::new(Snapshot {
@@ -385,6 +393,7 @@ fn empty_group<K, S, P: Strategy, C, H>(
         schedule: inner.strategy.schedule(&eligible[..], ctx),
         eligible,
         below: WHOLE,
+        local: false,
     }
 }
 
@@ -396,7 +405,7 @@ fn by_zone<K, S>(
     zones: &ZoneAware,
     members: &[&Tracked<K, S>],
     eligible: EndpointList<K, S>,
-) -> Vec<(EndpointList<K, S>, u32)> {
+) -> Vec<(EndpointList<K, S>, u32, bool)> {
     let zone_of = |e: &Endpoint<K, S>| e.metadata().zone().map(str::to_owned);
     let mut names: Vec<Option<String>> = Vec::new();
     for tracked in members {
@@ -417,7 +426,7 @@ fn by_zone<K, S>(
         })
         .collect();
     let Some(shares) = zone_shares(zones, &counts) else {
-        return vec![(eligible, WHOLE)];
+        return vec![(eligible, WHOLE, false)];
     };
     let mut members_of: Vec<Vec<Arc<Endpoint<K, S>>>> = vec![Vec::new(); names.len()];
     for endpoint in eligible.iter() {
@@ -426,14 +435,20 @@ fn by_zone<K, S>(
             members_of[i].push(endpoint.clone());
         }
     }
-    let mut split: Vec<_> = members_of.into_iter().zip(shares).collect();
-    // The local zone first: it takes most requests, and its draw is the
-    // first compared.
-    split.sort_by_key(|(_, share)| std::cmp::Reverse(*share));
-    split
+    let local = zones.local_zone();
+    let mut split: Vec<_> = members_of
         .into_iter()
-        .map(|(endpoints, share)| (endpoints.into_boxed_slice(), share))
-        .collect()
+        .zip(shares)
+        .zip(&names)
+        .map(|((endpoints, share), name)| {
+            let is_local = name.as_deref() == Some(local);
+            (endpoints.into_boxed_slice(), share, is_local)
+        })
+        .collect();
+    // The largest share first (the local zone, as a rule): its draw is the
+    // first compared.
+    split.sort_by_key(|(_, share, _)| std::cmp::Reverse(*share));
+    split
 }
 
 /// Whether `tracked` is in service: not ejected, not failing (or waiting

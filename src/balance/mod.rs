@@ -48,7 +48,7 @@ use self::snapshot::{EndpointList, Group, Level, Snapshot};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::error::BoxError;
 use crate::error::Empty;
-use crate::strategy::{P2c, Strategy};
+use crate::strategy::{P2c, PickContext, Strategy};
 use crate::topology::zone::WHOLE;
 use crate::Error;
 
@@ -131,6 +131,13 @@ where
     Failed(Error),
 }
 
+/// How much slower than the other zone's pick (beyond the spill factor) the
+/// local pick must be before a request spills: Peak-EWMA estimates jump to
+/// every slow response and decay over seconds, so on fast services one
+/// stray millisecond-scale answer would otherwise send the zone's requests
+/// away for seconds.
+const SPILL_MARGIN_NS: f64 = 5_000_000.0;
+
 /// Picks that may land on an endpoint taken out of service since the
 /// snapshot was published before the balancer scans for one in service.
 const REPICKS: usize = 2;
@@ -179,7 +186,10 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         // A retry must not take a round-robin turn (see `is_retry`).
         let ctx = shared.request_pick_context(start_ns).retry(avoid.is_some());
         let level = snapshot.level(&ctx);
-        let group = level.group(&ctx);
+        let mut group = level.group(&ctx);
+        if let (true, Some(now_ns)) = (group.local, start_ns) {
+            group = self.spill(level, group, now_ns, &ctx);
+        }
         let eligible = &group.eligible[..];
         let untried = |e: &Endpoint<K, S>| avoid.is_none_or(|t| !t.contains(e.id()));
         // The snapshot leaves ejected endpoints out (unless in panic mode),
@@ -220,6 +230,36 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
                 Err(Refused::Draining) => return Dispatch::NoEndpoints(req),
                 Err(Refused::Ejected) => attempt += 1,
             }
+        }
+    }
+
+    /// Zone-aware routing's load-aware spill: the group of another zone
+    /// when the strategy's pick in the local `group` has a latency estimate
+    /// more than the level's factor times its pick's there, else `group`.
+    fn spill<'a, Sch>(
+        &self,
+        level: &'a Level<K, S, Sch>,
+        group: &'a Group<K, S, Sch>,
+        now_ns: u64,
+        ctx: &PickContext<'_>,
+    ) -> &'a Group<K, S, Sch>
+    where
+        P: Strategy<Schedule = Sch>,
+    {
+        let Some((remote, factor)) = level.spill_target(ctx) else {
+            return group;
+        };
+        let rtt = |group: &Group<K, S, Sch>| {
+            let i = self
+                .strategy
+                .pick(&group.schedule, &group.eligible[..], ctx)
+                .filter(|&i| i < group.eligible.len())?;
+            let load = group.eligible[i].load();
+            Some(load.rtt_estimate_ns(now_ns, &self.shared.rtt))
+        };
+        match (rtt(group), rtt(remote)) {
+            (Some(local), Some(other)) if local > factor * other + SPILL_MARGIN_NS => remote,
+            _ => group,
         }
     }
 
@@ -513,10 +553,12 @@ where
                     eligible: empty,
                     schedule,
                     below: WHOLE,
+                    local: false,
                 },
                 more: Box::new([]),
                 panic: false,
                 below: 100,
+                latency_spill: None,
             },
             more: Box::new([]),
             out_of_service: Box::new([]),

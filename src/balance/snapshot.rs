@@ -20,6 +20,8 @@ pub(crate) struct Group<K, S, Sch> {
     /// The group takes the level's draws (0 to 9,999) below this, above
     /// the previous group's: the groups' shares of the level, added up.
     pub(crate) below: u32,
+    /// The client's own zone, under zone-aware routing.
+    pub(crate) local: bool,
 }
 
 /// One priority level that takes traffic.
@@ -36,9 +38,40 @@ pub(crate) struct Level<K, S, Sch> {
     /// The level takes the draws (0 to 99) below this, above the previous
     /// level's: the levels' shares of the traffic, added up.
     pub(crate) below: u32,
+    /// Under zone-aware routing with load-aware spill: the factor (see
+    /// [`ZoneAware::latency_spill_factor`](crate::topology::ZoneAware::latency_spill_factor)).
+    pub(crate) latency_spill: Option<f64>,
 }
 
 impl<K, S, Sch> Level<K, S, Sch> {
+    /// Where a request given the local zone may spill, when load-aware
+    /// spill is on: another zone that takes requests, drawn by the zones'
+    /// shares.
+    pub(crate) fn spill_target(&self, ctx: &PickContext<'_>) -> Option<(&Group<K, S, Sch>, f64)> {
+        let factor = self.latency_spill?;
+        // Two walks over the groups, so that nothing is allocated.
+        let shares = || {
+            let mut from = 0;
+            self.groups().map(move |group| {
+                let share = group.below - from;
+                from = group.below;
+                (group, if group.local { 0 } else { share })
+            })
+        };
+        let total: u32 = shares().map(|(_, share)| share).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut draw = ctx.random_index(total as usize) as u32;
+        for (group, share) in shares() {
+            if draw < share {
+                return Some((group, factor));
+            }
+            draw -= share;
+        }
+        None
+    }
+
     /// The group a request given this level goes to: by a draw weighted by
     /// the groups' shares when there are several.
     #[inline]
