@@ -274,3 +274,58 @@ async fn a_short_local_zone_slower_than_the_others_sheds_more_than_the_rule_says
     let local = kept_local(&servers, &client, 200).await;
     assert!(local < 40, "{local} of 200 stayed in a zone 60 ms slower");
 }
+
+/// A strategy of a user's own that reads the metadata: the endpoint
+/// labelled `track=canary` in the schedule, else the first.
+struct PreferCanary;
+
+impl tower_lb::strategy::Strategy for PreferCanary {
+    type Schedule = usize;
+
+    fn schedule<C: tower_lb::strategy::Candidates + ?Sized>(
+        &self,
+        candidates: &C,
+        _: &tower_lb::strategy::PickContext<'_>,
+    ) -> usize {
+        (0..candidates.len())
+            .find(|&i| candidates.metadata(i).label("track") == Some("canary"))
+            .unwrap_or(0)
+    }
+
+    fn pick<C: tower_lb::strategy::Candidates + ?Sized>(
+        &self,
+        canary: &usize,
+        _: &C,
+        _: &tower_lb::strategy::PickContext<'_>,
+    ) -> Option<usize> {
+        Some(*canary)
+    }
+}
+
+#[tokio::test]
+async fn a_strategy_of_ones_own_reads_the_endpoints_labels() {
+    let servers = support::servers(3, Duration::ZERO).await;
+    let canary = servers[1].addr;
+    let all: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let client = HttpClient::builder()
+        .strategy(PreferCanary)
+        .balancer(|b| {
+            b.metadata(move |addr: &SocketAddr| match *addr == canary {
+                true => EndpointMetadata::new().with_label("track", "canary"),
+                false => EndpointMetadata::new(),
+            })
+        })
+        .build::<Body>(all);
+    for _ in 0..10 {
+        let response = client.clone().oneshot(get()).await;
+        assert!(response.is_ok());
+    }
+    let hits: Vec<usize> = servers.iter().map(support::TestServer::hits).collect();
+    assert_eq!(hits, [0, 10, 0]);
+    let labelled = client.balancer().endpoints();
+    let labelled = labelled.iter().find(|e| e.key == canary);
+    assert_eq!(
+        labelled.and_then(|e| e.metadata.label("track")),
+        Some("canary")
+    );
+}
