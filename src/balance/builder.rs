@@ -588,4 +588,17 @@ mod tests {
         assert_eq!(error.setting(), "Builder::panic_threshold");
         assert_eq!(error.value(), "101");
     }
+
+    #[test]
+    fn an_overprovisioning_factor_below_1_or_nan_is_refused_by_name() {
+        for bad in [0.5, f64::NAN, f64::INFINITY] {
+            let error = Builder::new().overprovisioning_factor(bad).unwrap_err();
+            assert_eq!(error.setting(), "Builder::overprovisioning_factor");
+        }
+        let fine = Builder::new().overprovisioning_factor(1.0);
+        assert_eq!(
+            fine.map(|b| b.options.overprovisioning_percent).ok(),
+            Some(100)
+        );
+    }
 }

@@ -222,3 +222,37 @@ impl fmt::Debug for EndpointMetadata {
         s.field("readiness", &self.readiness).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_weight_that_is_not_finite_and_positive_is_refused_by_name() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let error = EndpointMetadata::new().with_weight(bad).unwrap_err();
+            assert_eq!(error.setting(), "EndpointMetadata::with_weight");
+        }
+    }
+
+    #[test]
+    fn a_label_given_twice_keeps_the_later_value() {
+        let metadata = EndpointMetadata::new()
+            .with_label("track", "stable")
+            .with_label("version", "2")
+            .with_label("track", "canary");
+        assert_eq!(metadata.label("track"), Some("canary"));
+        assert_eq!(metadata.labels().count(), 2);
+    }
+
+    #[test]
+    fn an_undescribed_endpoint_has_the_defaults() {
+        let metadata = EndpointMetadata::default();
+        assert_eq!(
+            (metadata.zone(), metadata.priority(), metadata.weight()),
+            (None, 0, None)
+        );
+        assert_eq!(metadata.readiness(), Readiness::Ready);
+        assert_eq!(&metadata, EndpointMetadata::default_ref());
+    }
+}

@@ -320,4 +320,11 @@ mod tests {
             .client_shares([("a", f64::NAN)])
             .is_err());
     }
+
+    #[test]
+    fn a_latency_spill_factor_below_1_is_refused_by_name() {
+        let slow = ZoneAware::new("a").latency_spill_factor(0.5);
+        let error = slow.err().map(|e| e.setting());
+        assert_eq!(error, Some("ZoneAware::latency_spill_factor"));
+    }
 }
