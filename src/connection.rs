@@ -33,9 +33,6 @@ use crate::health::{ConnectionState, ConnectionStatus};
 use crate::retry::Backoff;
 use crate::setting::{self, InvalidSetting};
 
-/// gRPC's connection back-off: 1 s, growing 1.6x up to 120 s, ±20 %.
-const RECONNECT_BACKOFF: Backoff = Backoff::CONNECTION;
-
 /// A connection that closes sooner than this after it opened is made again
 /// after a back-off, as a failed attempt is, rather than at once: a server
 /// that accepts and at once hangs up must not be dialled in a loop.
@@ -165,6 +162,13 @@ impl Http2KeepAlive {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+}
+
+/// Whether the attempt `outcome` watches is under way: no outcome yet, and
+/// its task still alive (a task dropped with its runtime never tells; a new
+/// attempt replaces it).
+fn under_way(outcome: &watch::Receiver<Outcome>) -> bool {
+    outcome.borrow().is_none() && outcome.has_changed().is_ok()
 }
 
 /// The outcome of one connection attempt, shared by every call that waited
@@ -307,7 +311,8 @@ where
             }
         }
         failures = failures.saturating_add(1);
-        let delay = RECONNECT_BACKOFF.delay(failures, &mut rand::rng());
+        // gRPC's connection back-off: 1 s, growing 1.6x up to 120 s.
+        let delay = Backoff::CONNECTION.delay(failures, &mut rand::rng());
         tokio::time::sleep(delay).await;
     }
 }
@@ -388,12 +393,8 @@ where
         if this.is_open() {
             return Box::pin(std::future::ready(Ok(())));
         }
-        let outcome = match attempt.as_ref() {
-            // Under way: no outcome yet, and its task still alive (a task
-            // dropped with its runtime never tells; a new attempt replaces it).
-            Some(under_way) if under_way.borrow().is_none() && under_way.has_changed().is_ok() => {
-                under_way.clone()
-            }
+        let outcome = match attempt.as_ref().filter(|a| under_way(a)) {
+            Some(under_way) => under_way.clone(),
             _ => {
                 let (tell, outcome) = watch::channel(None);
                 *attempt = Some(outcome.clone());
@@ -476,7 +477,10 @@ where
             .map_err(|error| ConnectFailed::new(addr, error))?;
         let sender = Arc::new(sender);
         let shared = Arc::downgrade(self);
-        let ours = Arc::clone(&sender);
+        // Weak: hyper closes the connection when its last `SendRequest`
+        // goes, and this task must not be what keeps a removed endpoint's
+        // connection open.
+        let ours = Arc::downgrade(&sender);
         tokio::spawn(async move {
             // Its own statement: the connection, and with it the handle's
             // other end, is dropped here, so that `is_closed` says so below.
@@ -496,16 +500,13 @@ where
     /// The connection `sender` belongs to has ended: if it is the open one
     /// and no attempt is under way (that attempt's end sets the state), the
     /// endpoint is idle until a call or the keeper makes one again.
-    fn closed(&self, sender: &Arc<SendRequest<B>>) {
+    fn closed(&self, sender: &Weak<SendRequest<B>>) {
         let attempt = self.attempt.lock().unwrap_or_else(PoisonError::into_inner);
-        let under_way = attempt
-            .as_ref()
-            .is_some_and(|a| a.borrow().is_none() && a.has_changed().is_ok());
         let current = self.open.load();
-        if !under_way
+        if !attempt.as_ref().is_some_and(under_way)
             && current
                 .as_ref()
-                .is_some_and(|open| Arc::ptr_eq(open, sender))
+                .is_some_and(|open| std::ptr::eq(Arc::as_ptr(open), sender.as_ptr()))
         {
             self.open.store(None);
             self.status.set(ConnectionState::Idle);

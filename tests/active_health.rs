@@ -15,20 +15,11 @@ use tower_lb::discover;
 use tower_lb::health::{CheckStatus, HealthCheck};
 use tower_lb::{EndpointState, EndpointStats};
 
-use support::checked::{HealthzServer, WatchedServer};
+use support::checked::{fast_http_check, HealthzServer, WatchedServer};
 use support::grpc::{GrpcBehaviour, GrpcServer};
 use support::{get, refusing_addr, wait_until, Body, TestServer};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Probes every 50 ms (no jitter, so that counts are predictable), with
-/// the default thresholds: 3 failures out, 2 passes back.
-fn fast_http_check() -> HealthCheck {
-    HealthCheck::http_get("/healthz")
-        .and_then(|check| check.interval(Duration::from_millis(50)))
-        .and_then(|check| check.jitter_percent(0))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn stats_of<K: PartialEq + Copy>(all: Vec<EndpointStats<K>>, key: K) -> EndpointStats<K> {
     all.into_iter()
@@ -411,11 +402,11 @@ impl tower_lb::health::ActiveCheck<&'static str> for Scripted {
         key: &&'static str,
         mut reporter: tower_lb::health::HealthReporter,
     ) -> Option<tower_lb::health::CheckTask> {
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if *key == "unchecked" {
             return None;
         }
-        self.starts
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.running
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (key, verdicts, running) = (*key, self.verdicts.clone(), Running(self.running.clone()));
@@ -461,7 +452,49 @@ async fn an_endpoint_whose_check_starts_nothing_is_in_service_unchecked() {
     let stats = balancer.endpoints();
     assert_eq!(stats[0].health_check, None);
     assert_eq!(stats[0].state, EndpointState::Active);
-    assert_eq!(checks.starts.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The check was asked, and chose to start nothing.
+    assert_eq!(checks.starts.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_newcomer_whose_first_pass_comes_after_the_slow_start_window_still_ramps_from_it() {
+    let checks = Scripted::default();
+    let verdicts = checks.verdicts.clone();
+    let say = move |key: &'static str| {
+        verdicts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, true);
+    };
+    say("first");
+    let (handle, stream) = discover::channel();
+    handle
+        .insert("first", answering("first"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let window = Duration::from_millis(200);
+    let balancer = tower_lb::Balancer::builder()
+        .health_check(checks.clone())
+        .slow_start(tower_lb::health::SlowStart::new(window))
+        .build(stream);
+    let passing = |key| {
+        balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.key == key && e.health_check == Some(CheckStatus::Passing))
+    };
+    wait_until(WAIT, || passing("first")).await;
+
+    // A newcomer whose check stays silent for longer than the window.
+    handle
+        .insert("late", answering("late"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(window * 2).await;
+    say("late");
+    wait_until(WAIT, || passing("late")).await;
+    let late = balancer.endpoints();
+    let late = late.iter().find(|e| e.key == "late");
+    let factor = late.map(|e| e.slow_start_factor).unwrap_or(1.0);
+    assert!(factor < 1.0, "no ramp after its first pass: {factor}");
 }
 
 #[tokio::test]

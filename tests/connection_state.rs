@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tonic_health::pb::health_client::HealthClient;
@@ -142,12 +141,27 @@ async fn an_http2_endpoint_still_connecting_gets_no_requests_while_another_is_co
 
 #[tokio::test]
 async fn when_no_connection_is_ready_a_call_waits_for_the_one_being_made() {
-    // Both addresses are being connected to; a call made at once is not
-    // refused for want of a ready connection.
-    let servers = support::grpc::start_all(vec![GrpcBehaviour::Serve; 2]).await;
-    let addrs: Vec<SocketAddr> = support::grpc::addrs(&servers);
-    let channel = GrpcChannel::builder().build(addrs);
-    call(&channel).await.unwrap_or_else(|e| panic!("{e}"));
+    // Both addresses drop every connect: both endpoints stay connecting,
+    // none is ready, and a call must go to one and wait on its connect
+    // (given up by the attempt timeout) rather than find nothing to pick.
+    let (first, second) = (BlackHole::start().await, BlackHole::start().await);
+    let client = HttpClient::builder()
+        .http2_only()
+        .attempt_timeout(Duration::from_millis(300))
+        .no_retries()
+        .build::<support::Body>([first.addr, second.addr]);
+    let balancer = client.balancer();
+    wait_for_connection(balancer, &first.addr, ConnectionState::Connecting).await;
+    wait_for_connection(balancer, &second.addr, ConnectionState::Connecting).await;
+    let started = tokio::time::Instant::now();
+    let failed = client.clone().oneshot(support::get()).await;
+    assert!(failed.is_err(), "nothing answers a connect");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "it waited on a connect"
+    );
+    let sent: u64 = balancer.endpoints().iter().map(|e| e.requests).sum();
+    assert_eq!(sent, 1, "the call went to one of them");
 }
 
 #[tokio::test]
@@ -197,4 +211,33 @@ async fn an_http1_endpoint_whose_connect_was_refused_gets_no_requests_until_its_
         connection_of(balancer, &refusing),
         Some(ConnectionState::Ready)
     );
+}
+
+#[tokio::test]
+async fn a_removed_endpoints_own_connection_is_closed() {
+    // A bare listener that notes when the client's connection ends.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = closed_tx.send(());
+    });
+    let (handle, stream) = tower_lb::discover::channel();
+    let client = HttpClient::builder()
+        .http2_only()
+        .build_discover::<support::Body, _>(stream);
+    handle.insert("a", addr).unwrap_or_else(|e| panic!("{e}"));
+    wait_for_connection(client.balancer(), &"a", ConnectionState::Ready).await;
+
+    handle.remove("a").unwrap_or_else(|e| panic!("{e}"));
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    assert!(ended.is_ok(), "the connection outlived its endpoint");
 }

@@ -11,20 +11,13 @@ use std::time::Duration;
 
 use tower::ServiceExt;
 use tower_lb::client::HttpClient;
-use tower_lb::health::{CheckStatus, HealthCheck};
+use tower_lb::health::CheckStatus;
 use tower_lb::topology::{EndpointMetadata, Readiness};
 
-use support::checked::HealthzServer;
+use support::checked::{fast_http_check, HealthzServer};
 use support::{get, wait_until, Body};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn fast_http_check() -> HealthCheck {
-    HealthCheck::http_get("/healthz")
-        .and_then(|check| check.interval(Duration::from_millis(50)))
-        .and_then(|check| check.jitter_percent(0))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// An `HttpClient` over `primaries` (priority 0) and `fallbacks` (priority
 /// 1), checked actively, with a seeded balancer so that the level draws
@@ -130,23 +123,31 @@ async fn a_terminating_endpoint_gets_requests_only_while_none_of_its_level_is_re
         support::TestServer::start().await,
     );
     let stopping = terminating.addr;
-    let client = HttpClient::builder()
-        .balancer(|b| {
-            b.metadata(move |addr: &SocketAddr| {
-                let readiness = if *addr == stopping {
-                    Readiness::Terminating
-                } else {
-                    Readiness::Ready
-                };
-                EndpointMetadata::new().with_readiness(readiness)
+    let client = |addrs: Vec<SocketAddr>| {
+        HttpClient::builder()
+            .balancer(|b| {
+                b.metadata(move |addr: &SocketAddr| {
+                    let readiness = if *addr == stopping {
+                        Readiness::Terminating
+                    } else {
+                        Readiness::Ready
+                    };
+                    EndpointMetadata::new().with_readiness(readiness)
+                })
             })
-        })
-        .build::<Body>([ready.addr, terminating.addr]);
-    for _ in 0..20 {
-        let response = client.clone().oneshot(get()).await;
-        assert!(response.is_ok());
-    }
+            .build::<Body>(addrs)
+    };
+    let send = |client: HttpClient<Body>| async move {
+        for _ in 0..20 {
+            let response = client.clone().oneshot(get()).await;
+            assert!(response.is_ok());
+        }
+    };
+    send(client(vec![ready.addr, terminating.addr])).await;
     assert_eq!((ready.hits(), terminating.hits()), (20, 0));
+    // Alone in its level, it still serves: a last resort, not out of service.
+    send(client(vec![terminating.addr])).await;
+    assert_eq!(terminating.hits(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

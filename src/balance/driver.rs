@@ -211,8 +211,6 @@ where
                     tracked.endpoint.inherit_health(&old.endpoint);
                     tracked.check = old.check.take();
                 } else {
-                    self.health
-                        .joined(&mut tracked.health, tracked.endpoint.load());
                     self.next_check += 1;
                     let id = self.next_check;
                     if let Some(task) = sources.checks.start(&key, self.reports.reporter(id)) {
@@ -231,6 +229,10 @@ where
                             })),
                         });
                     }
+                    // After the check started: a pending newcomer ramps from
+                    // its first pass.
+                    self.health
+                        .joined(&mut tracked.health, tracked.endpoint.load());
                 }
                 if let Some(old) = self.active.insert(key, tracked) {
                     tracing::debug!(endpoint = ?old.endpoint.key(), "the endpoint's previous service drains");
@@ -406,8 +408,10 @@ fn by_zone<K, S>(
     members: &[&Tracked<K, S>],
     eligible: EndpointList<K, S>,
 ) -> Vec<(EndpointList<K, S>, u32, bool)> {
-    let zone_of = |e: &Endpoint<K, S>| e.metadata().zone().map(str::to_owned);
-    let mut names: Vec<Option<String>> = Vec::new();
+    fn zone_of<K, S>(e: &Endpoint<K, S>) -> Option<&str> {
+        e.metadata().zone()
+    }
+    let mut names: Vec<Option<&str>> = Vec::new();
     for tracked in members {
         let zone = zone_of(&tracked.endpoint);
         if !names.contains(&zone) {
@@ -416,13 +420,13 @@ fn by_zone<K, S>(
     }
     let counts: Vec<ZoneCounts<'_>> = names
         .iter()
-        .map(|name| ZoneCounts {
-            zone: name.as_deref(),
+        .map(|&name| ZoneCounts {
+            zone: name,
             known: members
                 .iter()
-                .filter(|t| !t.health.is_pending() && zone_of(&t.endpoint) == *name)
+                .filter(|t| !t.health.is_pending() && zone_of(&t.endpoint) == name)
                 .count(),
-            in_service: eligible.iter().filter(|e| zone_of(e) == *name).count(),
+            in_service: eligible.iter().filter(|e| zone_of(e) == name).count(),
         })
         .collect();
     let Some(shares) = zone_shares(zones, &counts) else {
@@ -441,7 +445,7 @@ fn by_zone<K, S>(
         .zip(shares)
         .zip(&names)
         .map(|((endpoints, share), name)| {
-            let is_local = name.as_deref() == Some(local);
+            let is_local = *name == Some(local);
             (endpoints.into_boxed_slice(), share, is_local)
         })
         .collect();

@@ -91,7 +91,8 @@ impl PoolConnection {
     }
 
     /// Failed, until a back-off has passed: then idle, so that a request
-    /// may try again (unless another attempt has changed the state since).
+    /// may try again (unless another attempt has changed the state, or
+    /// failed again, since).
     fn failed(self: &Arc<Self>) {
         let failures = self
             .failures
@@ -104,7 +105,11 @@ impl PoolConnection {
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if this.status.get() == ConnectionState::Failed && this.status.is_shared() {
+                // Only this failure's timer: a later failure's back-off is
+                // longer, and its own timer ends it.
+                let latest = this.failures.load(Ordering::Relaxed) == failures;
+                if latest && this.status.get() == ConnectionState::Failed && this.status.is_shared()
+                {
                     this.status.set(ConnectionState::Idle);
                 }
             });

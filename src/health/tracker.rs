@@ -50,6 +50,10 @@ pub(crate) struct EndpointHealth {
     record: EjectionRecord,
     /// While in slow start: since when.
     slow_start_since: Option<Instant>,
+    /// A newcomer that joined while its check had not answered: it begins
+    /// its ramp when it first passes, not when it joined (a ramp begun then
+    /// could be over before it ever served).
+    ramp_on_first_pass: bool,
     /// With an active check: where it stands.
     check: Option<CheckStatus>,
 }
@@ -82,6 +86,7 @@ impl EndpointHealth {
         Self {
             record: self.record.for_new_counters(),
             slow_start_since: self.slow_start_since,
+            ramp_on_first_pass: self.ramp_on_first_pass,
             check: self.check,
         }
     }
@@ -132,11 +137,16 @@ impl Health {
         self.slow_start.as_ref().map(SlowStart::step)
     }
 
-    /// A key new to the set: it starts its ramp, unless it belongs to the
-    /// first set published.
+    /// A key new to the set (its check, if any, already started): it starts
+    /// its ramp, unless it belongs to the first set published; one waiting
+    /// for its check's first answer starts it when it passes.
     pub(crate) fn joined(&self, health: &mut EndpointHealth, load: &EndpointLoad) {
         if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
-            health.begin_slow_start(slow_start, load);
+            if health.is_pending() {
+                health.ramp_on_first_pass = true;
+            } else {
+                health.begin_slow_start(slow_start, load);
+            }
         }
     }
 
@@ -274,11 +284,10 @@ impl Health {
         endpoint.show_check(status);
         if status == CheckStatus::Passing {
             tracing::info!(endpoint = ?key, "endpoint passed its health check; in service");
-            // A newcomer that began a ramp when it joined begins it again
-            // now; the first set's endpoints, which had none, get none.
-            let ramp = previous == Some(CheckStatus::Failing)
-                || (was_pending && health.slow_start_since.is_some());
-            if ramp {
+            // A newcomer ramps from its first pass (see `joined`); the first
+            // set's endpoints get no ramp.
+            let first_pass = std::mem::take(&mut health.ramp_on_first_pass);
+            if previous == Some(CheckStatus::Failing) || first_pass {
                 if let Some(slow_start) = self.slow_start.as_ref().filter(|_| self.warmed) {
                     health.begin_slow_start(slow_start, endpoint.load());
                 }

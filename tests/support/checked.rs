@@ -206,3 +206,13 @@ async fn answer(
         .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     Ok(response)
 }
+
+/// `HealthzServer`'s check: `/healthz` every 50 ms (no jitter, so that
+/// counts are predictable), with the default thresholds: 3 failures out,
+/// 2 passes back.
+pub fn fast_http_check() -> tower_lb::health::HealthCheck {
+    tower_lb::health::HealthCheck::http_get("/healthz")
+        .and_then(|check| check.interval(Duration::from_millis(50)))
+        .and_then(|check| check.jitter_percent(0))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
