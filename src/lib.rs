@@ -58,6 +58,7 @@
 //! | `http` | yes | [`http`] (a per-endpoint service over one shared hyper-util client, or over an HTTP/2 connection of its own), [`client`] ([`client::HttpClient`]), [`classify::HttpClassify`] (HTTP and gRPC outcomes over tower-http's `classify`), and the HTTP GET health check (`health::HealthCheck::http_get`); turns on `orca` (the clients read ORCA reports by default) | `hyper`, `hyper-util`, `tower-http`, `h2`, and `orca`'s |
 //! | `dns` | yes | [`discover::Dns`]: A/AAAA or SRV records, re-resolved when their TTL runs out; with `http`, the clients' `build_dns` and `resolve_now` | `hickory-resolver` |
 //! | `grpc` | yes | [`grpc`] and [`client::GrpcChannel`]: one HTTP/2 connection (or, configured, one tonic `Channel`) per endpoint, balanced, for generated clients; the gRPC health check (`health::HealthCheck::grpc`); turns on `http` | `tonic` (its `channel` feature), `tonic-health`, and all of `http`'s |
+//! | `kubernetes` | no | [`discover::EndpointSlices`]: a Kubernetes Service's endpoints from its EndpointSlices, watched with kube-runtime (list, watch, bookmarks, relist on 410 Gone), their readiness and zone as [`topology::EndpointMetadata`]. As with any crate built on kube, the application picks the Kubernetes version with one of k8s-openapi's `v1_*` features | `kube` (client, runtime, rustls), `k8s-openapi` |
 //!
 //! With none of them (`default-features = false`) the crate still has the
 //! balancer and every strategy, the fixed list and push channel discovery,
@@ -101,6 +102,10 @@
 "
 )]
 #![cfg_attr(not(feature = "dns"), doc = "[`discover::Dns`]: #cargo-features")]
+#![cfg_attr(
+    not(feature = "kubernetes"),
+    doc = "[`discover::EndpointSlices`]: #cargo-features"
+)]
 #![cfg_attr(
     feature = "orca",
     doc = "[`load::OrcaLoadReports`]: crate::load::OrcaLoadReports"

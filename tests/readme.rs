@@ -337,6 +337,32 @@ async fn dns_discovery() -> Result<(), BoxError> {
     Ok(())
 }
 
+// Behind tower-lb's `kubernetes` feature (off by default), which CI's tests
+// turn on; the downstream crate, which has no such feature, leaves it out.
+#[cfg(feature = "kubernetes")]
+async fn kubernetes() -> Result<(), BoxError> {
+    // README begin
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::client::HttpClient;
+    use tower_lb::discover::{EndpointSlices, KubernetesEndpoint};
+    use tower_lb::topology::ZoneAware;
+
+    // In a pod: the service account's token and the API server's address.
+    let kube = kube::Client::try_default().await?;
+    let discover = EndpointSlices::new(kube, "shop", "checkout")
+        .port("http") // the Service port's name; not needed with one port
+        .build(|addr| addr)?;
+    let client: HttpClient<Empty<Bytes>, KubernetesEndpoint> = HttpClient::builder()
+        .balancer(|b| {
+            b.metadata(KubernetesEndpoint::metadata) // readiness, zone, labels
+                .zone_aware(ZoneAware::new("eu-west-1a"))
+        })
+        .build_discover(discover);
+    // README end
+    Ok(())
+}
+
 /// The README's Rust blocks, each without its fences.
 fn readme_blocks() -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))

@@ -1,13 +1,16 @@
 //! Sources of endpoints.
 //!
 //! The balancer consumes any [`tower::discover::Discover`], that is any
-//! `TryStream<Ok = Change<K, S>>`. This module adds three ready-made ones:
+//! `TryStream<Ok = Change<K, S>>`. This module adds four ready-made ones:
 //!
 //! - [`fixed`]: a list known up front;
 //! - [`channel`]: a handle your code pushes changes through (insert, remove,
 //!   replace the whole set);
 //! - [`Dns`] (feature `dns`, on by default): A/AAAA or SRV records,
-//!   re-resolved when their TTL runs out.
+//!   re-resolved when their TTL runs out;
+//! - [`EndpointSlices`] (feature `kubernetes`): the endpoints of a
+//!   Kubernetes Service, watched through the API server, with their
+//!   readiness and zone.
 //!
 //! How the balancer treats what a stream yields:
 //!
@@ -37,8 +40,8 @@
 //!   nothing with [`Dns::apply_empty_answers`]): "discovery removed every
 //!   endpoint", or the stream's own reason;
 //! - it yields an [`Empty`] error: a [`Dns`] name with no records
-//!   (NXDOMAIN, or none of the type asked), or a `replace_all` with
-//!   nothing at startup.
+//!   (NXDOMAIN, or none of the type asked), a Kubernetes Service with no
+//!   endpoints, or a `replace_all` with nothing at startup.
 //!
 //! Entering that state is one `warn` event with the reason. The first
 //! endpoint inserted afterwards ends it. A DNS resolver that fails
@@ -53,6 +56,11 @@
 [`Dns::apply_empty_answers`]: Dns::apply_empty_answers
 "
 )]
+#![cfg_attr(feature = "kubernetes", doc = "[`EndpointSlices`]: EndpointSlices")]
+#![cfg_attr(
+    not(feature = "kubernetes"),
+    doc = "[`EndpointSlices`]: crate#cargo-features"
+)]
 #![cfg_attr(
     not(feature = "dns"),
     doc = "
@@ -65,11 +73,18 @@ mod channel;
 #[cfg(feature = "dns")]
 mod dns;
 mod fixed;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
 pub use self::dns::{Dns, DnsDiscover, DnsEndpoint, DnsError, DnsRecords, ResolveNow};
 pub use self::fixed::{fixed, Fixed};
+#[cfg(feature = "kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
+pub use self::kubernetes::{
+    EndpointSlices, KubernetesDiscover, KubernetesEndpoint, KubernetesError,
+};
 pub use crate::error::Empty;
 pub use tower::discover::{Change, Discover};

@@ -6,6 +6,8 @@ pub mod dns;
 pub mod grpc;
 pub mod grpcio;
 pub mod killable;
+#[cfg(feature = "kubernetes")]
+pub mod kube_api;
 pub mod nginx;
 pub mod raw_h2;
 pub mod recording;
