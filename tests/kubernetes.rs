@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tower::discover::Change;
 use tower::ServiceExt;
 use tower_lb::client::HttpClient;
-use tower_lb::discover::{EndpointSlices, KubernetesDiscover, KubernetesEndpoint};
+use tower_lb::discover::{Empty, EndpointSlices, KubernetesDiscover, KubernetesEndpoint};
 use tower_lb::retry::Backoff;
 use tower_lb::topology::{Readiness, ZoneAware};
 
@@ -62,6 +62,16 @@ fn ip(i: usize) -> String {
     format!("127.0.0.{}", i + 2)
 }
 
+/// What the stream yields next.
+async fn next(
+    discover: &mut KubernetesDiscover<SocketAddr>,
+) -> Result<Change<KubernetesEndpoint, SocketAddr>, Empty> {
+    tokio::time::timeout(WAIT, poll_fn(|cx| Pin::new(&mut *discover).poll_next(cx)))
+        .await
+        .expect("a change within the wait")
+        .expect("the stream goes on")
+}
+
 /// The next `n` changes, as (insert or remove, address, readiness).
 async fn changes(
     discover: &mut KubernetesDiscover<SocketAddr>,
@@ -69,10 +79,8 @@ async fn changes(
 ) -> Vec<(&'static str, SocketAddr, Readiness)> {
     let mut seen = Vec::new();
     for _ in 0..n {
-        let next = tokio::time::timeout(WAIT, poll_fn(|cx| Pin::new(&mut *discover).poll_next(cx)))
+        let next = next(discover)
             .await
-            .expect("a change within the wait")
-            .expect("the stream goes on")
             .unwrap_or_else(|e| panic!("an answer of nothing: {e}"));
         seen.push(match next {
             Change::Insert(key, addr) => {
@@ -248,6 +256,10 @@ async fn requests_reach_ready_pods_and_a_terminating_pod_drains() {
             .any(|e| e.metadata.readiness() == Readiness::Terminating)
     })
     .await;
+    assert!(
+        servers[2].in_flight() >= 1,
+        "the terminating pod still had its request when the change arrived"
+    );
     for request in under_way {
         let response = request
             .await
@@ -335,16 +347,89 @@ async fn a_bookmark_moves_the_watch_on_so_compaction_needs_no_list() {
     let mut discover = discover(&api, "web");
     changes(&mut discover, 1).await;
     wait_until(WAIT, || api.open_watches() == 1).await;
-    let marked = api.bookmark();
-    // Nothing follows the bookmark on the watch to show it was read: give
-    // the client on loopback ample time.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    api.compact();
-    api.drop_watches();
+    let marked = api.bookmark_compact_and_end_watches();
     wait_until(WAIT, || api.open_watches() == 1).await;
     assert_eq!(api.seen().last(), Some(&Seen::Watch(marked)));
     assert_eq!(api.lists(), 1, "{:?}", api.seen());
     quiet(&mut discover).await;
+}
+
+#[tokio::test]
+async fn a_list_that_keeps_failing_is_asked_for_ever_less_often() {
+    let api = KubeApi::start().await;
+    api.fail_lists(true);
+    let _discover = EndpointSlices::new(api.client(), NAMESPACE, "web")
+        .backoff(
+            quick_backoff()
+                .max(Duration::from_secs(5))
+                .jitter(0.0)
+                .expect("jitter"),
+        )
+        .build(|addr| addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // 50, 100, 200, 400, 800 ms apart: six lists in 1.6 s; at a steady
+    // 50 ms, about thirty.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let lists = api.lists();
+    assert!((4..=8).contains(&lists), "{lists} lists");
+}
+
+#[tokio::test]
+async fn dropping_the_stream_ends_the_watch() {
+    let api = KubeApi::start().await;
+    api.apply(slice(
+        "web-a",
+        "web",
+        "http",
+        8080,
+        &[Pod::ready(ip(0), "a")],
+    ));
+    let mut discover = discover(&api, "web");
+    changes(&mut discover, 1).await;
+    wait_until(WAIT, || api.open_watches() == 1).await;
+    drop(discover);
+    wait_until(WAIT, || api.open_watches() == 0).await;
+}
+
+#[tokio::test]
+async fn a_service_with_no_endpoints_is_said_once_until_it_has_some() {
+    let api = KubeApi::start().await;
+    let mut discover = discover(&api, "web");
+    let said = next(&mut discover).await.expect_err("no endpoints");
+    assert_eq!(
+        said.to_string(),
+        "Kubernetes Service shop/web has no endpoints"
+    );
+    api.apply(slice("web-a", "web", "http", 8080, &[]));
+    quiet(&mut discover).await;
+    api.apply(slice(
+        "web-a",
+        "web",
+        "http",
+        8080,
+        &[Pod::ready(ip(0), "a")],
+    ));
+    changes(&mut discover, 1).await;
+    api.apply(slice("web-a", "web", "http", 8080, &[]));
+    changes(&mut discover, 1).await;
+    assert!(next(&mut discover).await.is_err(), "no endpoints, again");
+}
+
+#[tokio::test]
+async fn a_service_whose_slices_cannot_be_read_says_so() {
+    let api = KubeApi::start().await;
+    let mut web = slice("web-a", "web", "http", 8080, &[Pod::ready(ip(0), "a")]);
+    web["ports"]
+        .as_array_mut()
+        .expect("ports")
+        .push(serde_json::json!({ "name": "grpc", "protocol": "TCP", "port": 9000 }));
+    api.apply(web);
+    let mut discover = discover(&api, "web");
+    let said = next(&mut discover).await.expect_err("no endpoints");
+    assert_eq!(
+        said.to_string(),
+        "Kubernetes Service shop/web has no endpoints it can use (1 EndpointSlice left out: see the warning)"
+    );
 }
 
 #[tokio::test]

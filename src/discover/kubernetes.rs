@@ -46,11 +46,15 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// | `serving` and `terminating` | a last resort: picked only while no endpoint of its priority level is ready; requests under way finish |
 /// | not `serving` (not ready, or terminating and no longer serving) | out of service, shown in `endpoints()`; requests under way finish |
 /// | gone from every slice | removed; requests under way finish |
-/// | `zone`, `hints.forZones` | the zone [`ZoneAware`](crate::topology::ZoneAware) routes by: the zone the endpoint is hinted for, when every ready endpoint has a hint (kube-proxy's rule), else its own |
+/// | `zone`, `hints.forZones` | the zone [`ZoneAware`](crate::topology::ZoneAware) routes by: a zone the endpoint is hinted for (the [client's](Self::client_zone) if among them), while some endpoint is ready and every ready one has a hint (kube-proxy's rule), else its own |
 ///
 /// A change of readiness or zone inserts the key again: the balancer
 /// replaces the endpoint's service, and the old one's requests under way
-/// finish on it (a pod that starts terminating drains).
+/// finish on it (a pod that starts terminating drains). Hints that start
+/// or stop counting (the controller turns them on, one ready endpoint
+/// loses its own) change every endpoint's zone, so every key is inserted
+/// again. A dual-stack Service's slices of one family are used (IPv4,
+/// unless [`prefer_ipv6`](Self::prefer_ipv6)).
 ///
 /// While the watch is down (the API server restarts, the network fails,
 /// it answers `410 Gone` and the slices are listed again), the last set
@@ -91,7 +95,7 @@ pub struct EndpointSlices {
     client: kube::Client,
     namespace: String,
     service: String,
-    port: Option<String>,
+    reading: Reading,
     backoff: Backoff,
 }
 
@@ -100,7 +104,9 @@ impl fmt::Debug for EndpointSlices {
         f.debug_struct("EndpointSlices")
             .field("namespace", &self.namespace)
             .field("service", &self.service)
-            .field("port", &self.port)
+            .field("port", &self.reading.port)
+            .field("client_zone", &self.reading.client_zone)
+            .field("prefer_ipv6", &self.reading.prefer_ipv6)
             .field("backoff", &self.backoff)
             .finish_non_exhaustive()
     }
@@ -125,7 +131,7 @@ impl EndpointSlices {
             client,
             namespace: namespace.into(),
             service: service.into(),
-            port: None,
+            reading: Reading::default(),
             backoff: default_backoff(),
         }
     }
@@ -134,7 +140,24 @@ impl EndpointSlices {
     /// TCP port; a Service with several must name one (a slice whose ports
     /// do not settle it is left out, with a `warn` event).
     pub fn port(mut self, name: impl Into<String>) -> Self {
-        self.port = Some(name.into());
+        self.reading.port = Some(name.into());
+        self
+    }
+
+    /// The zone this client runs in, for zone hints: an endpoint hinted for
+    /// several zones, this one among them, routes as in this zone (see
+    /// [`KubernetesEndpoint::routing_zone`]). Give the same zone as to
+    /// [`ZoneAware`](crate::topology::ZoneAware).
+    pub fn client_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
+        self.reading.client_zone = Some(zone.into());
+        self
+    }
+
+    /// Of a dual-stack Service's two families of slices (each pod is in
+    /// one of each), use the IPv6 ones. Default: IPv4, or IPv6 when the
+    /// Service has no IPv4 slice.
+    pub fn prefer_ipv6(mut self) -> Self {
+        self.reading.prefer_ipv6 = true;
         self
     }
 
@@ -166,11 +189,12 @@ impl EndpointSlices {
         check_name("Service name", &self.service)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let task = SliceWatch {
-            set: SliceSet::new(self.port.clone()),
+            set: SliceSet::new(self.reading.clone()),
             settings: self,
             make,
             tx,
             current: HashMap::new(),
+            announced_empty: false,
         };
         tokio::spawn(task.run());
         Ok(KubernetesDiscover { rx })
@@ -207,14 +231,28 @@ pub enum KubernetesError {
     #[error("invalid Kubernetes discovery settings: {0}")]
     Settings(String),
     /// The Service has no endpoints: no EndpointSlice, or slices with none
-    /// (scaled to zero, or no pod matches its selector).
-    #[error("Kubernetes Service {namespace}/{service} has no endpoints")]
+    /// (scaled to zero, or no pod matches its selector), or none that could
+    /// be read (the port, or FQDN addresses: a `warn` event said why).
+    #[error(
+        "Kubernetes Service {namespace}/{service} has no endpoints{}",
+        left_out(*slices_left_out)
+    )]
     NoEndpoints {
         /// The Service's namespace.
         namespace: String,
         /// The Service's name.
         service: String,
+        /// How many of its slices were left out.
+        slices_left_out: usize,
     },
+}
+
+fn left_out(slices: usize) -> String {
+    match slices {
+        0 => String::new(),
+        1 => " it can use (1 EndpointSlice left out: see the warning)".into(),
+        n => format!(" it can use ({n} EndpointSlices left out: see the warnings)"),
+    }
 }
 
 /// One endpoint of a Kubernetes Service: its address (the slice's first
@@ -233,9 +271,14 @@ pub struct KubernetesEndpoint {
     /// The zone it runs in (`zone`).
     pub zone: Option<Arc<str>>,
     /// The zones the EndpointSlice controller hints it for
-    /// (`hints.forZones`), when every ready endpoint of the Service has a
-    /// hint; else none, as kube-proxy ignores partial hints.
+    /// (`hints.forZones`), when some endpoint of the Service is ready and
+    /// every ready one has a hint; else none, as kube-proxy ignores partial
+    /// hints, and hints when it falls back to terminating endpoints.
     pub zone_hints: Option<Arc<[Arc<str>]>>,
+    /// The zone to route by: the [client's zone](EndpointSlices::client_zone)
+    /// when the endpoint is hinted for it, else the first zone it is hinted
+    /// for, else its own.
+    pub routing_zone: Option<Arc<str>>,
     /// The node it runs on (`nodeName`).
     pub node_name: Option<Arc<str>>,
     /// The pod it is (`targetRef`, when a Pod).
@@ -243,21 +286,13 @@ pub struct KubernetesEndpoint {
 }
 
 impl KubernetesEndpoint {
-    /// The zone to route by: the first zone it is hinted for, else its own.
-    pub fn routing_zone(&self) -> Option<&Arc<str>> {
-        self.zone_hints
-            .as_deref()
-            .and_then(<[_]>::first)
-            .or(self.zone.as_ref())
-    }
-
     /// Its metadata, for
     /// [`Builder::metadata`](crate::balance::Builder::metadata): its
     /// [`routing_zone`](Self::routing_zone) as the zone, its readiness, and
     /// the labels `zone` (its own zone), `node` and `pod` where known.
     pub fn metadata(&self) -> EndpointMetadata {
         let mut metadata = EndpointMetadata::new().with_readiness(self.readiness);
-        if let Some(zone) = self.routing_zone() {
+        if let Some(zone) = &self.routing_zone {
             metadata = metadata.with_zone(zone.clone());
         }
         for (name, value) in [
@@ -322,6 +357,8 @@ struct Found {
     readiness: Readiness,
     zone: Option<Arc<str>>,
     zone_hints: Option<Arc<[Arc<str>]>>,
+    /// Set when the slices are merged: it depends on the others' hints.
+    routing_zone: Option<Arc<str>>,
     node_name: Option<Arc<str>>,
     pod: Option<Arc<str>>,
 }
@@ -333,26 +370,25 @@ impl Found {
             readiness: self.readiness,
             zone: self.zone.clone(),
             zone_hints: self.zone_hints.clone(),
+            routing_zone: self.routing_zone.clone(),
             node_name: self.node_name.clone(),
             pod: self.pod.clone(),
         }
     }
 }
 
-/// The readiness an endpoint's conditions give. The API's rules: `ready`
-/// unset means ready, `terminating` unset means not terminating, and a
-/// terminating endpoint serves only if `serving` says so.
+/// The readiness an endpoint's conditions give, as kube-proxy reads them.
+/// The API's rules: `ready` and `serving` unset mean true, `terminating`
+/// unset means false. `ready` comes first (a Service that publishes
+/// not-ready addresses marks terminating pods ready); a terminating
+/// endpoint that still serves is a last resort.
 fn readiness(conditions: Option<&EndpointConditions>) -> Readiness {
     let (ready, serving, terminating) =
         conditions.map_or((None, None, None), |c| (c.ready, c.serving, c.terminating));
-    if terminating.unwrap_or(false) {
-        if serving.unwrap_or(false) {
-            Readiness::Terminating
-        } else {
-            Readiness::NotServing
-        }
-    } else if ready.unwrap_or(true) {
+    if ready.unwrap_or(true) {
         Readiness::Ready
+    } else if terminating.unwrap_or(false) && serving.unwrap_or(true) {
+        Readiness::Terminating
     } else {
         Readiness::NotServing
     }
@@ -470,6 +506,7 @@ fn endpoint_found(
         readiness: readiness(endpoint.conditions.as_ref()),
         zone: endpoint.zone.as_deref().map(Arc::from),
         zone_hints,
+        routing_zone: None,
         node_name: endpoint.node_name.as_deref().map(Arc::from),
         pod,
     };
@@ -486,22 +523,40 @@ fn rank(readiness: Readiness) -> u8 {
     }
 }
 
+/// How the slices are read: [`EndpointSlices`]' settings.
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    port: Option<String>,
+    client_zone: Option<Arc<str>>,
+    prefer_ipv6: bool,
+}
+
+/// One slice: its address family and endpoints.
+#[derive(Debug)]
+struct Slice {
+    ipv6: bool,
+    endpoints: Vec<(SocketAddr, Found)>,
+}
+
 /// Every slice of the Service, and the endpoints they add up to.
 #[derive(Debug)]
 struct SliceSet {
-    port: Option<String>,
+    reading: Reading,
     /// By slice name, for an order that does not depend on arrival.
-    slices: BTreeMap<String, Vec<(SocketAddr, Found)>>,
+    slices: BTreeMap<String, Slice>,
     /// A list under way: it replaces `slices` once complete.
-    listing: Option<BTreeMap<String, Vec<(SocketAddr, Found)>>>,
+    listing: Option<BTreeMap<String, Slice>>,
+    /// The slices left out, and why: each is warned of once per reason.
+    left_out: HashMap<String, String>,
 }
 
 impl SliceSet {
-    fn new(port: Option<String>) -> Self {
+    fn new(reading: Reading) -> Self {
         Self {
-            port,
+            reading,
             slices: BTreeMap::new(),
             listing: None,
+            left_out: HashMap::new(),
         }
     }
 
@@ -513,54 +568,83 @@ impl SliceSet {
                 false
             }
             watcher::Event::InitApply(slice) => {
-                if let Some((name, endpoints)) = self.read(&slice) {
-                    self.listing
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(name, endpoints);
+                if let Some((name, read)) = self.read(&slice) {
+                    let listing = self.listing.get_or_insert_with(BTreeMap::new);
+                    if let Some(slice) = read {
+                        listing.insert(name, slice);
+                    }
                 }
                 false
             }
             watcher::Event::InitDone => {
                 self.slices = self.listing.take().unwrap_or_default();
+                let slices = &self.slices;
+                // A slice gone while the watch was down is forgotten.
+                self.left_out.retain(|name, _| !slices.contains_key(name));
                 true
             }
             watcher::Event::Apply(slice) => match self.read(&slice) {
-                Some((name, endpoints)) => {
-                    self.slices.insert(name, endpoints);
+                Some((name, Some(slice))) => {
+                    self.slices.insert(name, slice);
                     true
                 }
-                None => {
-                    // Skipped now: whatever it said before no longer holds.
-                    let name = slice.metadata.name.unwrap_or_default();
+                // Left out now: whatever it said before no longer holds.
+                Some((name, None)) => self.slices.remove(&name).is_some(),
+                None => false,
+            },
+            watcher::Event::Delete(slice) => match slice.metadata.name {
+                Some(name) => {
+                    self.left_out.remove(&name);
                     self.slices.remove(&name).is_some()
                 }
+                None => false,
             },
-            watcher::Event::Delete(slice) => {
-                let name = slice.metadata.name.unwrap_or_default();
-                self.slices.remove(&name).is_some()
-            }
         }
     }
 
-    /// A slice's name and endpoints, or None (and a `warn` event) when it
-    /// is left out.
-    fn read(&self, slice: &EndpointSlice) -> Option<(String, Vec<(SocketAddr, Found)>)> {
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        match slice_endpoints(slice, self.port.as_deref()) {
-            Ok(endpoints) => Some((name, endpoints)),
+    /// A slice's name and what it holds, None when it is left out; None
+    /// for a slice with no name (which the API server never sends).
+    fn read(&mut self, slice: &EndpointSlice) -> Option<(String, Option<Slice>)> {
+        let Some(name) = slice.metadata.name.clone() else {
+            tracing::warn!("leaving out an EndpointSlice without a name");
+            return None;
+        };
+        match slice_endpoints(slice, self.reading.port.as_deref()) {
+            Ok(endpoints) => {
+                self.left_out.remove(&name);
+                let ipv6 = slice.address_type == "IPv6";
+                Some((name, Some(Slice { ipv6, endpoints })))
+            }
             Err(reason) => {
-                tracing::warn!(slice = %name, %reason, "leaving an EndpointSlice out");
-                None
+                let reason = reason.to_string();
+                if self.left_out.get(&name) != Some(&reason) {
+                    tracing::warn!(slice = %name, %reason, "leaving an EndpointSlice out");
+                    self.left_out.insert(name.clone(), reason);
+                }
+                Some((name, None))
             }
         }
     }
 
-    /// The endpoints every slice adds up to: an address in two slices (as
-    /// while the controller moves it) counts once, at its best readiness.
-    /// Zone hints count only when every ready endpoint has one.
+    /// The endpoints every slice adds up to.
+    ///
+    /// - A dual-stack Service has slices of both families, with each pod in
+    ///   one of each: only one family is used, IPv4 unless
+    ///   [`prefer_ipv6`](EndpointSlices::prefer_ipv6) (or it has none).
+    /// - An address in two slices (as while the controller moves it)
+    ///   counts once, at its best readiness.
+    /// - Zone hints count only while some endpoint is ready and every ready
+    ///   one has a hint, as kube-proxy uses them.
     fn endpoints(&self) -> BTreeMap<SocketAddr, Found> {
+        let preferred = self.reading.prefer_ipv6;
+        let family = if self.slices.values().any(|s| s.ipv6 == preferred) {
+            preferred
+        } else {
+            !preferred
+        };
         let mut merged: BTreeMap<SocketAddr, Found> = BTreeMap::new();
-        for (addr, found) in self.slices.values().flatten() {
+        let chosen = self.slices.values().filter(|s| s.ipv6 == family);
+        for (addr, found) in chosen.flat_map(|s| &s.endpoints) {
             match merged.get(addr) {
                 Some(kept) if rank(kept.readiness) >= rank(found.readiness) => {}
                 _ => {
@@ -568,16 +652,31 @@ impl SliceSet {
                 }
             }
         }
-        let hints_complete = merged
+        let mut ready = merged
             .values()
             .filter(|f| f.readiness == Readiness::Ready)
-            .all(|f| f.zone_hints.is_some());
-        if !hints_complete {
-            for found in merged.values_mut() {
+            .peekable();
+        let hints_used = ready.peek().is_some() && ready.all(|f| f.zone_hints.is_some());
+        for found in merged.values_mut() {
+            if !hints_used {
                 found.zone_hints = None;
             }
+            found.routing_zone = routing_zone(found, self.reading.client_zone.as_ref());
         }
         merged
+    }
+}
+
+/// The zone to route an endpoint by: the client's when the endpoint is
+/// hinted for it (among others), else the first zone it is hinted for,
+/// else its own.
+fn routing_zone(found: &Found, client_zone: Option<&Arc<str>>) -> Option<Arc<str>> {
+    match found.zone_hints.as_deref() {
+        Some(hints) => client_zone
+            .filter(|client| hints.contains(*client))
+            .or(hints.first())
+            .cloned(),
+        None => found.zone.clone(),
     }
 }
 
@@ -589,6 +688,9 @@ struct SliceWatch<S, F> {
     tx: mpsc::UnboundedSender<Result<Change<KubernetesEndpoint, S>, Empty>>,
     /// What the stream has announced.
     current: HashMap<SocketAddr, Found>,
+    /// Whether the stream has said the Service has no endpoints, since it
+    /// last had some.
+    announced_empty: bool,
 }
 
 impl<S, F> SliceWatch<S, F>
@@ -610,7 +712,12 @@ where
                 };
                 let error = match event {
                     Some(Ok(event)) => {
-                        failures = 0;
+                        // `Init` comes before the list is asked for: only
+                        // an answer ends a run of failures, so that a list
+                        // that keeps failing is asked for ever less often.
+                        if !matches!(event, watcher::Event::Init) {
+                            failures = 0;
+                        }
                         if self.set.apply(event) && !self.publish() {
                             return;
                         }
@@ -630,8 +737,9 @@ where
                     _ = self.tx.closed() => return,
                 }
                 // kube-runtime lists again after a watch *event* of 410
-                // Gone, but retries a watch *request* answered 410 with the
-                // same expired version for ever: a new watcher lists anew.
+                // Gone, but a watch *request* answered 410 (a stream whose
+                // one item is that error) it asks again, with the same
+                // expired version, for ever: a new watcher lists anew.
                 if is_gone(&error) {
                     break;
                 }
@@ -682,20 +790,29 @@ where
             tracing::debug!(%namespace, %service, inserted, changed, removed = removed.len(),
                 endpoints = self.current.len(), "Kubernetes endpoints changed");
         }
-        if self.current.is_empty() {
-            tracing::warn!(%namespace, %service, "Kubernetes Service has no endpoints");
-            let reason = KubernetesError::NoEndpoints {
-                namespace: namespace.clone(),
-                service: service.clone(),
-            };
-            return self.tx.send(Err(Empty::new(reason))).is_ok();
+        if !self.current.is_empty() {
+            self.announced_empty = false;
+            return true;
         }
-        true
+        if self.announced_empty {
+            return true;
+        }
+        self.announced_empty = true;
+        let slices_left_out = self.set.left_out.len();
+        tracing::warn!(%namespace, %service, slices_left_out, "Kubernetes Service has no endpoints");
+        let reason = KubernetesError::NoEndpoints {
+            namespace: namespace.clone(),
+            service: service.clone(),
+            slices_left_out,
+        };
+        self.tx.send(Err(Empty::new(reason))).is_ok()
     }
 }
 
 /// Whether the API server answered a watch request `410 Gone` (a failed
-/// list already starts over, and so does a 410 event on a watch).
+/// list already starts over, and so does a 410 event on a watch). kube 2
+/// reports the answer as the watch stream's failure; the start's failure
+/// is matched too, in case a later kube reports it there.
 fn is_gone(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::WatchStartFailed(kube::Error::Api(response))
@@ -778,11 +895,17 @@ mod tests {
                 conditions(Some(false), Some(false), Some(true)),
                 Readiness::NotServing,
             ),
-            // An API server too old to say `serving`: not known to serve.
+            // `serving` unset means true.
             (
                 conditions(Some(false), None, Some(true)),
-                Readiness::NotServing,
+                Readiness::Terminating,
             ),
+            // A Service that publishes not-ready addresses: `ready` wins.
+            (
+                conditions(Some(true), Some(true), Some(true)),
+                Readiness::Ready,
+            ),
+            (conditions(Some(false), None, None), Readiness::NotServing),
         ];
         for (given, expected) in cases {
             assert_eq!(readiness(given.as_ref()), expected, "{given:?}");
@@ -847,27 +970,125 @@ mod tests {
 
     #[test]
     fn an_address_in_two_slices_counts_once_at_its_best_readiness() {
-        let mut set = SliceSet::new(None);
         let mut terminating = endpoint("10.0.0.1", "a", None);
         terminating.conditions = conditions(Some(false), Some(true), Some(true));
+        let ready = endpoint("10.0.0.1", "a", None);
+        // Either slice first (slices merge in name order).
+        for (x, y) in [(terminating.clone(), ready.clone()), (ready, terminating)] {
+            let mut set = SliceSet::new(Reading::default());
+            set.apply(watcher::Event::Apply(slice(
+                "x",
+                vec![x],
+                vec![port("p", 80, "TCP")],
+            )));
+            set.apply(watcher::Event::Apply(slice(
+                "y",
+                vec![y],
+                vec![port("p", 80, "TCP")],
+            )));
+            let merged = set.endpoints();
+            assert_eq!(merged.len(), 1);
+            assert_eq!(merged[&addr("10.0.0.1:80")].readiness, Readiness::Ready);
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_service_uses_one_family() {
+        let mut v6 = slice(
+            "web-v6",
+            vec![endpoint("fd00::1", "a", None)],
+            vec![port("p", 80, "TCP")],
+        );
+        v6.address_type = "IPv6".into();
+        let v4 = slice(
+            "web-v4",
+            vec![endpoint("10.0.0.1", "a", None)],
+            vec![port("p", 80, "TCP")],
+        );
+        let mut set = SliceSet::new(Reading::default());
+        set.apply(watcher::Event::Apply(v6.clone()));
+        assert_eq!(
+            set.endpoints().keys().copied().collect::<Vec<_>>(),
+            [addr("[fd00::1]:80")]
+        );
+        set.apply(watcher::Event::Apply(v4.clone()));
+        assert_eq!(
+            set.endpoints().keys().copied().collect::<Vec<_>>(),
+            [addr("10.0.0.1:80")]
+        );
+        let mut set = SliceSet::new(Reading {
+            prefer_ipv6: true,
+            ..Reading::default()
+        });
+        set.apply(watcher::Event::Apply(v4));
+        set.apply(watcher::Event::Apply(v6));
+        assert_eq!(
+            set.endpoints().keys().copied().collect::<Vec<_>>(),
+            [addr("[fd00::1]:80")]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_hinted_for_several_zones_routes_as_in_the_clients() {
+        let mut hinted = endpoint("10.0.0.1", "b", Some("b"));
+        if let Some(hints) = hinted.hints.as_mut() {
+            hints.for_zones = Some(vec![
+                ForZone { name: "b".into() },
+                ForZone { name: "a".into() },
+            ]);
+        }
+        let one = || slice("x", vec![hinted.clone()], vec![port("p", 80, "TCP")]);
+        let zone_of = |reading: Reading| {
+            let mut set = SliceSet::new(reading);
+            set.apply(watcher::Event::Apply(one()));
+            let merged = set.endpoints();
+            merged[&addr("10.0.0.1:80")]
+                .routing_zone
+                .as_deref()
+                .map(str::to_owned)
+        };
+        assert_eq!(zone_of(Reading::default()).as_deref(), Some("b"));
+        let in_a = Reading {
+            client_zone: Some("a".into()),
+            ..Reading::default()
+        };
+        assert_eq!(zone_of(in_a).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn zone_hints_do_not_count_while_no_endpoint_is_ready() {
+        let mut terminating = endpoint("10.0.0.1", "a", Some("b"));
+        terminating.conditions = conditions(Some(false), Some(true), Some(true));
+        let mut set = SliceSet::new(Reading::default());
         set.apply(watcher::Event::Apply(slice(
             "x",
             vec![terminating],
             vec![port("p", 80, "TCP")],
         )));
-        set.apply(watcher::Event::Apply(slice(
-            "y",
+        let merged = set.endpoints();
+        let found = &merged[&addr("10.0.0.1:80")];
+        assert_eq!(
+            (found.zone_hints.is_none(), found.routing_zone.as_deref()),
+            (true, Some("a"))
+        );
+    }
+
+    #[test]
+    fn a_slice_without_a_name_is_left_out() {
+        let mut nameless = slice(
+            "x",
             vec![endpoint("10.0.0.1", "a", None)],
             vec![port("p", 80, "TCP")],
-        )));
-        let merged = set.endpoints();
-        assert_eq!(merged.len(), 1);
-        assert_eq!(merged[&addr("10.0.0.1:80")].readiness, Readiness::Ready);
+        );
+        nameless.metadata.name = None;
+        let mut set = SliceSet::new(Reading::default());
+        assert!(!set.apply(watcher::Event::Apply(nameless)));
+        assert!(set.endpoints().is_empty());
     }
 
     #[test]
     fn zone_hints_count_only_when_every_ready_endpoint_has_one() {
-        let mut set = SliceSet::new(None);
+        let mut set = SliceSet::new(Reading::default());
         set.apply(watcher::Event::Apply(slice(
             "x",
             vec![
@@ -887,7 +1108,7 @@ mod tests {
         )));
         let merged = set.endpoints();
         let endpoint = merged[&addr("10.0.0.1:80")].endpoint(addr("10.0.0.1:80"));
-        assert_eq!(endpoint.routing_zone().map(|z| &**z), Some("b"));
+        assert_eq!(endpoint.routing_zone.as_deref(), Some("b"));
         let metadata = endpoint.metadata();
         assert_eq!(
             (metadata.zone(), metadata.label("zone")),
@@ -897,7 +1118,7 @@ mod tests {
 
     #[test]
     fn a_list_replaces_the_set_only_once_complete() {
-        let mut set = SliceSet::new(None);
+        let mut set = SliceSet::new(Reading::default());
         let ports = || vec![port("p", 80, "TCP")];
         set.apply(watcher::Event::Apply(slice(
             "x",
@@ -923,7 +1144,10 @@ mod tests {
 
     #[test]
     fn a_slice_that_becomes_unreadable_loses_its_endpoints() {
-        let mut set = SliceSet::new(Some("http".into()));
+        let mut set = SliceSet::new(Reading {
+            port: Some("http".into()),
+            ..Reading::default()
+        });
         set.apply(watcher::Event::Apply(slice(
             "x",
             vec![endpoint("10.0.0.1", "a", None)],

@@ -164,6 +164,8 @@ struct Store {
     /// than an `ERROR` event.
     gone_as_response: bool,
     seen: Vec<Seen>,
+    /// Lists are answered 500.
+    fail_lists: bool,
     /// While true, watch requests wait before they are answered.
     held: Option<tokio::sync::watch::Sender<bool>>,
 }
@@ -252,19 +254,29 @@ impl KubeApi {
         store.send("DELETED", &object);
     }
 
-    /// Other objects change (the resource version moves on), then every
-    /// watch gets a `BOOKMARK` of the new version.
-    pub fn bookmark(&self) -> u64 {
+    /// Other objects change (the resource version moves on) and the
+    /// history up to now is compacted; every watch gets a `BOOKMARK` of the
+    /// new version, its last line: a client that read it watches again from
+    /// there without a 410, one that did not is told 410 Gone.
+    pub fn bookmark_compact_and_end_watches(&self) -> u64 {
         let mut store = self.store();
         store.version += 10;
         let version = store.version;
+        store.oldest = version + 1;
+        store.history.clear();
         let mark = json!({
             "kind": "EndpointSlice",
             "apiVersion": "discovery.k8s.io/v1",
             "metadata": { "resourceVersion": version.to_string() }
         });
         store.send_all("BOOKMARK", &mark);
+        store.watches.clear();
         version
+    }
+
+    /// Answers every list with 500 until told otherwise.
+    pub fn fail_lists(&self, fail: bool) {
+        self.store().fail_lists = fail;
     }
 
     /// Forgets the watch history up to now (compaction): a watch from an
@@ -479,6 +491,10 @@ async fn answer(
     let mut store = lock(&store);
     if !watch {
         store.seen.push(Seen::List);
+        if store.fail_lists {
+            let failure = status(500, "InternalError", "etcdserver: request timed out");
+            return Ok(json_response(StatusCode::INTERNAL_SERVER_ERROR, &failure));
+        }
         let list = json!({
             "kind": "EndpointSliceList",
             "apiVersion": "discovery.k8s.io/v1",
