@@ -175,6 +175,17 @@ pub trait Replayable: HasCallContext + Sized {
     fn replay_complete(&self) -> Result<Self, NotReplayable> {
         self.replay()
     }
+
+    /// The copy the [retry layer](crate::retry) keeps for the attempts to
+    /// come, made once per call: each retry is a [`replay`](Self::replay)
+    /// of it, given the call's [`CallContext`] (which the layer keeps
+    /// beside it) when the copy has none. The default is
+    /// [`replay`](Self::replay). `http::Request` leaves its extensions out
+    /// of this copy when the context is all they hold: most calls are never
+    /// retried, and copying a map of extensions costs three allocations.
+    fn replay_kept(&self) -> Result<Self, NotReplayable> {
+        self.replay()
+    }
 }
 
 #[cfg(test)]

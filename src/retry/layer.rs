@@ -16,7 +16,7 @@ use tower::{Layer, Service};
 use super::budget::{RetryBudget, Spend};
 use super::policy::{HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
 use crate::error::BoxError;
-use crate::request::{Replayable, Safety};
+use crate::request::{CallContext, Replayable, Safety};
 use crate::timeout::CallDeadline;
 
 /// A retry was due but the [`RetryBudget`] had no room, so the last
@@ -180,8 +180,10 @@ impl<S, C> Layer<S> for RetryLayer<C> {
 /// in front of this one makes.
 ///
 /// The layer keeps a copy of each request's head (method, URI, headers,
-/// extensions) for as long as the call runs, so that it can send it again:
-/// an allocation per call, which the balancer beneath does not make.
+/// and extensions unless they hold only the call's context, which it keeps
+/// beside the copy: see [`Replayable::replay_kept`]) for as long as the call
+/// runs, so that it can send it again: work per call that the balancer
+/// beneath does not do.
 #[derive(Debug)]
 pub struct Retry<S, C = HttpRetryOn> {
     inner: S,
@@ -235,9 +237,11 @@ where
         // clone (made ready in its turn) serves the retries, kept only when
         // there can be any.
         let retries = match self.policy.max_attempts > 1 {
-            true => req.replay().ok().map(|original| Retries {
+            true => req.replay_kept().ok().map(|original| Retries {
                 service: self.inner.clone(),
                 original,
+                // Plain values and one `Arc`: no allocation.
+                context: req.call_context().cloned(),
             }),
             false => None,
         };
@@ -275,11 +279,13 @@ pin_project! {
     }
 }
 
-/// What a call keeps to retry with: a service to send on, and the copy each
-/// retry is made from.
+/// What a call keeps to retry with: a service to send on, the copy each
+/// retry is made from, and the call's context for a copy kept without it
+/// (see [`Replayable::replay_kept`]).
 struct Retries<S, Req> {
     service: S,
     original: Req,
+    context: Option<CallContext>,
 }
 
 pin_project! {
@@ -465,7 +471,13 @@ where
                     crate::request::NotReplayable::Unsupported,
                 ))
             }
-            Some(retries) => retries.original.replay().map_err(Stop::NotReplayable)?,
+            Some(retries) => {
+                let mut next = retries.original.replay().map_err(Stop::NotReplayable)?;
+                if let (None, Some(context)) = (next.call_context(), &retries.context) {
+                    *next.call_context_mut() = context.clone();
+                }
+                next
+            }
         };
         let pause = match pushback {
             Some(after) if after > policy.max_pushback => return Err(Stop::PushbackTooLong(after)),
@@ -508,6 +520,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::request::HasCallContext;
     use crate::retry::ReplayBody;
 
     type Request = http::Request<ReplayBody<Empty<Bytes>>>;
@@ -542,6 +555,97 @@ mod tests {
             RetryPolicy::new().max_attempts(5).expect("valid setting"),
             RetryBudget::new().min_per_second(1_000),
         )
+    }
+
+    /// What one attempt carried: the caller's extension, the call's
+    /// deadline, and how many attempts its tried set had seen.
+    type Carried = (Option<&'static str>, Option<CallDeadline>, usize);
+
+    /// Three attempts (503, 503, 200) of one GET with `caller` as its only
+    /// extension (besides the context), and what each carried.
+    async fn attempts_carrying(caller: Option<&'static str>) -> Vec<Carried> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let flaky = tower::service_fn(move |req: Request| {
+            let context = req.call_context().cloned().unwrap_or_default();
+            // As a balancer records the endpoint it picked.
+            let tried = context.tried().map_or(0, |tried| {
+                tried.record(7);
+                tried.attempts()
+            });
+            let carried = (
+                req.extensions().get::<&'static str>().copied(),
+                context.deadline(),
+                tried,
+            );
+            let mut seen = record.lock().unwrap_or_else(|e| e.into_inner());
+            seen.push(carried);
+            let status = match seen.len() {
+                3 => http::StatusCode::OK,
+                _ => http::StatusCode::SERVICE_UNAVAILABLE,
+            };
+            async move {
+                let mut response = http::Response::new(());
+                *response.status_mut() = status;
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let mut request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+        if let Some(caller) = caller {
+            request.extensions_mut().insert(caller);
+        }
+        request
+            .call_context_mut()
+            .tighten_deadline(CallDeadline::after(Duration::from_secs(9)));
+        let response = layer().layer(flaky).oneshot(request).await;
+        assert_eq!(
+            response.map(|r| r.status()).ok(),
+            Some(http::StatusCode::OK)
+        );
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_retry_carries_the_calls_context() {
+        // The copy kept for retries leaves out extensions that hold only
+        // the context; each retry gets the context back.
+        let carried = attempts_carrying(None).await;
+        let deadline = carried[0].1;
+        assert!(deadline.is_some());
+        assert_eq!(
+            carried,
+            [
+                (None, deadline, 1),
+                (None, deadline, 2),
+                (None, deadline, 3)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_retry_carries_the_callers_extensions_and_the_calls_context() {
+        let carried = attempts_carrying(Some("trace-7")).await;
+        let deadline = carried[0].1;
+        let caller = Some("trace-7");
+        assert_eq!(
+            carried,
+            [
+                (caller, deadline, 1),
+                (caller, deadline, 2),
+                (caller, deadline, 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_copy_kept_for_retries_leaves_out_extensions_that_hold_only_the_context() {
+        let mut request: Request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+        request.call_context_mut();
+        assert!(request.replay_kept().expect("copy").extensions().is_empty());
+        request.extensions_mut().insert("trace-7");
+        let kept = request.replay_kept().expect("copy");
+        assert_eq!(kept.extensions().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use crate::error::BoxError;
-use crate::request::{NotReplayable, Replayable, Safety};
+use crate::request::{HasCallContext, NotReplayable, Replayable, Safety};
 
 /// The replay buffer's default size: 64 KiB.
 ///
@@ -915,12 +915,21 @@ fn rebuild<B>(
     req: &http::Request<ReplayBody<B>>,
     body: ReplayBody<B>,
 ) -> http::Request<ReplayBody<B>> {
+    let mut copy = rebuild_head(req, body);
+    *copy.extensions_mut() = req.extensions().clone();
+    copy
+}
+
+/// [`rebuild`] without the extensions.
+fn rebuild_head<B>(
+    req: &http::Request<ReplayBody<B>>,
+    body: ReplayBody<B>,
+) -> http::Request<ReplayBody<B>> {
     let mut copy = http::Request::new(body);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
     copy
 }
 
@@ -936,6 +945,18 @@ impl<B> Replayable for http::Request<ReplayBody<B>> {
     fn replay(&self) -> Result<Self, NotReplayable> {
         let body = self.body().try_clone()?;
         Ok(rebuild(self, body))
+    }
+
+    /// A copy without the extensions when they hold nothing but the call's
+    /// context, which the retry layer keeps and puts back into each retry:
+    /// a call that is not retried then copies no map of extensions.
+    fn replay_kept(&self) -> Result<Self, NotReplayable> {
+        let body = self.body().try_clone()?;
+        let context_only = self.extensions().len() == 1 && self.call_context().is_some();
+        Ok(match context_only {
+            true => rebuild_head(self, body),
+            false => rebuild(self, body),
+        })
     }
 
     /// A copy only when its body is complete already (see
