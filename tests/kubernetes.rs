@@ -97,6 +97,23 @@ async fn changes(
     seen
 }
 
+/// A Service of one pod (127.0.0.2:8080) in slice `web-a`, its stream
+/// past that pod's insertion, and its watch open.
+async fn watching_one_pod() -> (KubeApi, KubernetesDiscover<SocketAddr>) {
+    let api = KubeApi::start().await;
+    api.apply(slice(
+        "web-a",
+        "web",
+        "http",
+        8080,
+        &[Pod::ready(ip(0), "a")],
+    ));
+    let mut discover = discover(&api, "web");
+    changes(&mut discover, 1).await;
+    wait_until(WAIT, || api.open_watches() == 1).await;
+    (api, discover)
+}
+
 /// Nothing more arrives for a while.
 async fn quiet(discover: &mut KubernetesDiscover<SocketAddr>) {
     let next = tokio::time::timeout(
@@ -301,17 +318,7 @@ async fn a_terminating_pod_is_used_while_no_pod_is_ready() {
 
 #[tokio::test]
 async fn a_dropped_watch_resumes_from_its_version_without_listing_again() {
-    let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    let mut discover = discover(&api, "web");
-    changes(&mut discover, 1).await;
-    wait_until(WAIT, || api.open_watches() == 1).await;
+    let (api, mut discover) = watching_one_pod().await;
     api.drop_watches();
     api.apply(slice(
         "web-a",
@@ -336,17 +343,7 @@ async fn a_dropped_watch_resumes_from_its_version_without_listing_again() {
 
 #[tokio::test]
 async fn a_bookmark_moves_the_watch_on_so_compaction_needs_no_list() {
-    let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    let mut discover = discover(&api, "web");
-    changes(&mut discover, 1).await;
-    wait_until(WAIT, || api.open_watches() == 1).await;
+    let (api, mut discover) = watching_one_pod().await;
     let marked = api.bookmark_compact_and_end_watches();
     wait_until(WAIT, || api.open_watches() == 1).await;
     assert_eq!(api.seen().last(), Some(&Seen::Watch(marked)));
@@ -376,17 +373,7 @@ async fn a_list_that_keeps_failing_is_asked_for_ever_less_often() {
 
 #[tokio::test]
 async fn dropping_the_stream_ends_the_watch() {
-    let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    let mut discover = discover(&api, "web");
-    changes(&mut discover, 1).await;
-    wait_until(WAIT, || api.open_watches() == 1).await;
+    let (api, discover) = watching_one_pod().await;
     drop(discover);
     wait_until(WAIT, || api.open_watches() == 0).await;
 }
@@ -479,18 +466,8 @@ async fn a_410_gone_watch_event_lists_again_and_announces_only_the_difference() 
 async fn a_410_gone_answer_to_the_watch_request_lists_again() {
     // kube-runtime 2 retries such a watch with the same version for ever;
     // the discovery starts a new watcher, which lists.
-    let api = KubeApi::start().await;
+    let (api, mut discover) = watching_one_pod().await;
     api.answer_gone_with_status();
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    let mut discover = discover(&api, "web");
-    changes(&mut discover, 1).await;
-    wait_until(WAIT, || api.open_watches() == 1).await;
     api.change_unseen(|api| {
         api.apply(slice(
             "web-b",
@@ -552,17 +529,7 @@ async fn an_api_server_restart_keeps_the_last_set_and_catches_up() {
 
 #[tokio::test]
 async fn a_malformed_watch_event_is_survived() {
-    let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    let mut discover = discover(&api, "web");
-    changes(&mut discover, 1).await;
-    wait_until(WAIT, || api.open_watches() == 1).await;
+    let (api, mut discover) = watching_one_pod().await;
     api.send_raw(r#"{"type":"ADDED","object":{"kind":"EndpointSlice","addressType":7"#);
     api.send_raw("not json at all");
     api.apply(slice(
