@@ -306,6 +306,16 @@ where
 
 /// `GrpcChannel`'s own outer layers: errors as `Status`, method safety,
 /// `grpc-timeout`.
+/// The request without the method name a generated client puts in its
+/// extensions (tonic's `GrpcMethod`): nothing beneath reads it (the method
+/// is in the path), and a request whose extensions hold only the call's
+/// context is kept for retries without copying them (three allocations a
+/// call; see `Replayable::replay_kept`).
+fn without_method_name(mut req: Call) -> Call {
+    req.extensions_mut().remove::<tonic::GrpcMethod<'static>>();
+    req
+}
+
 struct GrpcLayers {
     method_safety: MethodSafety,
 }
@@ -319,9 +329,35 @@ impl ProtocolLayers<Call, Reply> for GrpcLayers {
         BoxCloneSyncService::new(
             ServiceBuilder::new()
                 .map_err(|error| BoxError::from(status_from_error(error)))
+                .map_request(without_method_name)
                 .layer(self.method_safety)
                 .layer(GrpcTimeoutLayer)
                 .service(stack),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{HasCallContext, Replayable};
+
+    #[test]
+    fn a_generated_clients_call_is_kept_for_retries_without_copying_its_extensions() {
+        let mut call: Call = http::Request::new(tonic::body::Body::empty());
+        call.extensions_mut()
+            .insert(tonic::GrpcMethod::new("grpc.health.v1.Health", "Check"));
+        call.call_context_mut();
+        let call = without_method_name(call);
+        assert_eq!(
+            call.extensions().len(),
+            1,
+            "only the call's context is left"
+        );
+        let kept = call
+            .map(|body| ReplayBody::new(body, 1024))
+            .replay_kept()
+            .expect("a copy");
+        assert!(kept.extensions().is_empty());
     }
 }
