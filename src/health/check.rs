@@ -436,10 +436,13 @@ impl HealthCheck {
     }
 }
 
-/// `base` plus up to `percent` % of it, at random.
+/// `base` plus up to `percent` % of it, at random. The settings keep
+/// `percent` at 100 or below, so the sum fits even for `Duration::MAX`; the
+/// conversion back from seconds is checked all the same, so that no
+/// setting can reach a panic here.
 fn jittered(base: Duration, percent: u32) -> Duration {
     let extra = base.as_secs_f64() * f64::from(percent) / 100.0 * fastrand::f64();
-    base.saturating_add(Duration::from_secs_f64(extra))
+    base.saturating_add(Duration::try_from_secs_f64(extra).unwrap_or(Duration::MAX))
 }
 
 impl<K: CheckAddress> ActiveCheck<K> for HealthCheck {
