@@ -33,7 +33,7 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{Service, ServiceExt};
 use tower_lb::load::{EndpointLoad, RttEstimate};
-use tower_lb::strategy::{P2c, PickContext, RoundRobin, Strategy, WeightedRoundRobin};
+use tower_lb::strategy::{P2c, PickContext, RingHash, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::{discover, Balancer};
 
 const ENDPOINTS: [usize; 4] = [10, 100, 1_000, 10_000];
@@ -197,6 +197,7 @@ fn bench_pick<P: Strategy>(
     name: &str,
     strategy: impl Fn() -> P,
     weighted: bool,
+    hash_key: Option<u64>,
 ) {
     let rtt = RttEstimate::DEFAULT;
     let now_ns = 60_000_000_000;
@@ -215,7 +216,7 @@ fn bench_pick<P: Strategy>(
             })
             .collect();
         let strategy = strategy();
-        let ctx = PickContext::new(now_ns, &rtt);
+        let ctx = PickContext::new(now_ns, &rtt).with_hash_key(hash_key);
         let schedule = strategy.schedule(&loads[..], &ctx);
         let mut group = c.benchmark_group(format!("pick/{name}"));
         group.throughput(Throughput::Elements(1));
@@ -255,10 +256,27 @@ fn bench_floor(c: &mut Criterion) {
 
 fn balance(c: &mut Criterion) {
     bench_floor(c);
-    bench_pick(c, "round-robin", RoundRobin::new, false);
-    bench_pick(c, "weighted-round-robin", WeightedRoundRobin::new, true);
-    bench_pick(c, "p2c-least-requests", P2c::least_requests, false);
-    bench_pick(c, "p2c-peak-ewma", P2c::peak_ewma, false);
+    bench_pick(c, "round-robin", RoundRobin::new, false, None);
+    bench_pick(
+        c,
+        "weighted-round-robin",
+        WeightedRoundRobin::new,
+        true,
+        None,
+    );
+    bench_pick(c, "p2c-least-requests", P2c::least_requests, false, None);
+    bench_pick(c, "p2c-peak-ewma", P2c::peak_ewma, false, None);
+    // A keyed request: the ring's search and, bounded, the sum of the
+    // loads in flight the bound needs.
+    let key = Some(tower_lb::request::hash_key_of(b"user-42"));
+    bench_pick(c, "ring-hash-bounded", RingHash::new, false, key);
+    bench_pick(
+        c,
+        "ring-hash-unbounded",
+        || RingHash::new().unbounded(),
+        false,
+        key,
+    );
     let rt = runtime();
     bench_tower_lb(
         c,

@@ -337,6 +337,33 @@ async fn dns_discovery() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn affinity() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_lb::client::HttpClient;
+    use tower_lb::request::HashKeyLayer;
+    use tower_lb::strategy::RingHash;
+
+    let addrs: [SocketAddr; 2] = ["10.0.0.1:8080".parse()?, "10.0.0.2:8080".parse()?];
+    let client: HttpClient<Empty<Bytes>> = HttpClient::builder()
+        .balancer(|b| b.strategy(RingHash::new())) // bounded at 1.25 x the mean
+        .build(addrs);
+    // The key of each request: its `x-user-id` header (or gRPC metadata).
+    let client = ServiceBuilder::new()
+        .layer(HashKeyLayer::header("x-user-id")?)
+        .service(client);
+    let request = http::Request::get("/cart")
+        .header("x-user-id", "42")
+        .body(Empty::new())?;
+    let response = client.oneshot(request).await?; // user 42's server, while it can
+                                                   // README end
+    Ok(())
+}
+
 // Behind tower-lb's `kubernetes` feature (off by default), which CI's tests
 // turn on; the downstream crate, which has no such feature, leaves it out.
 #[cfg(feature = "kubernetes")]

@@ -177,6 +177,8 @@ pub(crate) struct Endpoint<K, S> {
     /// What discovery says of it. Inline: an endpoint costs one
     /// allocation, and its strings and labels are shared with the stats.
     metadata: EndpointMetadata,
+    /// Its key's stable hash (see `Candidates::identity`).
+    identity: u64,
 }
 
 /// In service.
@@ -214,7 +216,14 @@ impl<K, S> Endpoint<K, S> {
             shared,
             connection: None,
             metadata: EndpointMetadata::new(),
+            identity: 0,
         }
+    }
+
+    /// The endpoint, its key's stable hash `identity`.
+    pub(crate) fn with_identity(mut self, identity: u64) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// The endpoint, described by `metadata`.
@@ -716,6 +725,10 @@ impl<K, S> Candidates for [Arc<Endpoint<K, S>>] {
 
     fn metadata(&self, index: usize) -> &EndpointMetadata {
         self[index].metadata()
+    }
+
+    fn identity(&self, index: usize) -> u64 {
+        self[index].identity
     }
 }
 

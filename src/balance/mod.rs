@@ -180,11 +180,14 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         let start_ns = shared.request_start();
         // Borrowed from `req`: read and recorded before `req` moves into
         // the call, so no reference count is taken.
-        let tried = self.hints.tried(&req);
+        let (tried, hash_key) = self.hints.read(&req);
         // The first attempt has nothing to avoid but must still be recorded.
         let avoid = tried.filter(|t| !t.is_empty());
         // A retry must not take a round-robin turn (see `is_retry`).
-        let ctx = shared.request_pick_context(start_ns).retry(avoid.is_some());
+        let ctx = shared
+            .request_pick_context(start_ns)
+            .retry(avoid.is_some())
+            .with_hash_key(hash_key);
         let level = snapshot.level(&ctx);
         let mut group = level.group(&ctx);
         if let (true, Some(now_ns)) = (group.local, start_ns) {

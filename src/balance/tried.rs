@@ -11,6 +11,21 @@ use crate::request::{HasCallContext, TriedEndpoints};
 pub trait RequestHints<Req>: Send + Sync + 'static {
     /// The endpoints this request's call has been sent to already.
     fn tried<'r>(&self, req: &'r Req) -> Option<&'r TriedEndpoints>;
+
+    /// The request's hash key, for hashing strategies
+    /// ([`PickContext::hash_key`](crate::strategy::PickContext::hash_key)).
+    /// Default: none.
+    fn hash_key(&self, req: &Req) -> Option<u64> {
+        let _ = req;
+        None
+    }
+
+    /// [`tried`](Self::tried) and [`hash_key`](Self::hash_key) together,
+    /// as the balancer reads them for each pick: override it to find both
+    /// in one look-up.
+    fn read<'r>(&self, req: &'r Req) -> (Option<&'r TriedEndpoints>, Option<u64>) {
+        (self.tried(req), self.hash_key(req))
+    }
 }
 
 /// Reads nothing from requests: every pick is independent.
@@ -25,12 +40,24 @@ impl<Req> RequestHints<Req> for NoHints {
 
 /// Reads the [`TriedEndpoints`] the retry and hedge layers record in a
 /// request's [`CallContext`](crate::request::CallContext), so that a retry
-/// avoids the endpoints that already had the call.
+/// avoids the endpoints that already had the call, and its hash key (see
+/// [`HashKeyLayer`](crate::request::HashKeyLayer)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallHints;
 
 impl<Req: HasCallContext> RequestHints<Req> for CallHints {
     fn tried<'r>(&self, req: &'r Req) -> Option<&'r TriedEndpoints> {
         req.call_context()?.tried()
+    }
+
+    fn hash_key(&self, req: &Req) -> Option<u64> {
+        req.call_context()?.hash_key()
+    }
+
+    fn read<'r>(&self, req: &'r Req) -> (Option<&'r TriedEndpoints>, Option<u64>) {
+        match req.call_context() {
+            Some(context) => (context.tried(), context.hash_key()),
+            None => (None, None),
+        }
     }
 }

@@ -49,6 +49,7 @@ pub struct CallContext {
     deadline: Option<CallDeadline>,
     safety: Option<Safety>,
     tried: Option<TriedEndpoints>,
+    hash_key: Option<u64>,
 }
 
 impl CallContext {
@@ -105,6 +106,20 @@ impl CallContext {
     /// How many attempts have picked an endpoint.
     pub fn attempts(&self) -> usize {
         self.tried.as_ref().map_or(0, TriedEndpoints::attempts)
+    }
+
+    /// The call's hash key, if it has one: the requests of one key go to
+    /// the same endpoint under a hashing strategy
+    /// ([`RingHash`](crate::strategy::RingHash)).
+    pub fn hash_key(&self) -> Option<u64> {
+        self.hash_key
+    }
+
+    /// Gives the call a hash key (see [`hash_key_of`](super::hash_key_of)
+    /// to make one from bytes, or [`HashKeyLayer`](super::HashKeyLayer) to
+    /// set it from each request).
+    pub fn set_hash_key(&mut self, key: u64) {
+        self.hash_key = Some(key);
     }
 
     /// The set the call's attempts are recorded in, made on first use.

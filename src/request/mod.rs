@@ -1,14 +1,16 @@
 //! What the layers of a tower-lb stack read from and write into a request:
-//! its [`CallContext`] (deadline, safety class, attempts), its [`Safety`]
-//! class, and how to copy it for another attempt.
+//! its [`CallContext`] (deadline, safety class, attempts, hash key), its
+//! [`Safety`] class, and how to copy it for another attempt.
 //!
 //! `http::Request` (hyper and tonic alike) has all of this built in. A
 //! request type of your own joins in by implementing [`HasCallContext`]
 //! (for the deadline and the balancer's hints) and [`Replayable`] (for
 //! retries and hedges).
 
+mod affinity;
 mod context;
 
+pub use self::affinity::{hash_key_of, FromHeader, HashKey, HashKeyLayer, HashKeySource};
 pub use self::context::{CallContext, CallDeadline, HasCallContext, TriedEndpoints};
 
 pub(crate) use self::context::far_future;

@@ -25,10 +25,12 @@
 //! ```
 
 mod p2c;
+mod ring_hash;
 mod round_robin;
 mod weighted;
 
 pub use self::p2c::{P2c, P2cSchedule};
+pub use self::ring_hash::{RingHash, RingHashSchedule};
 pub use self::round_robin::{RoundRobin, RoundRobinSchedule};
 pub use self::weighted::{WeightedRoundRobin, WeightedRoundRobinSchedule};
 
@@ -117,6 +119,16 @@ pub trait Candidates {
         EndpointMetadata::default_ref()
     }
 
+    /// A stable identity of endpoint `index`: the same for the same
+    /// endpoint in every client of a fleet (built alike) and across
+    /// changes of the set, so that a hashing strategy ([`RingHash`]) puts
+    /// it at the same places on its ring. The balancer's candidates answer
+    /// with the xxHash64 of the endpoint's discovery key (through its
+    /// `Hash`); the default answers the index.
+    fn identity(&self, index: usize) -> u64 {
+        index as u64
+    }
+
     /// True when there are no endpoints.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -145,6 +157,7 @@ pub struct PickContext<'a> {
     rtt: &'a RttEstimate,
     randomness: Randomness<'a>,
     retry: bool,
+    hash_key: Option<u64>,
 }
 
 /// Where random numbers come from. The thread-local generator is the fast
@@ -167,6 +180,7 @@ impl<'a> PickContext<'a> {
             rtt,
             randomness: Randomness::Thread,
             retry: false,
+            hash_key: None,
         }
     }
 
@@ -183,6 +197,7 @@ impl<'a> PickContext<'a> {
             rtt,
             randomness: Randomness::Seeded(seed),
             retry: false,
+            hash_key: None,
         }
     }
 
@@ -202,6 +217,23 @@ impl<'a> PickContext<'a> {
     pub fn retry(mut self, retry: bool) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// The same context for a request with the hash key `key` (see
+    /// [`HashKeyLayer`](crate::request::HashKeyLayer)).
+    pub fn with_hash_key(mut self, key: Option<u64>) -> Self {
+        self.hash_key = key;
+        self
+    }
+
+    /// The request's hash key, if it has one: hashing strategies
+    /// ([`RingHash`]) send the requests of one key to the same endpoint.
+    /// The balancer reads it only with
+    /// [`CallHints`](crate::balance::CallHints) (see
+    /// [`Builder::avoid_tried_endpoints`](crate::balance::Builder::avoid_tried_endpoints)).
+    #[inline]
+    pub fn hash_key(&self) -> Option<u64> {
+        self.hash_key
     }
 
     /// True when this pick is for a retry or a hedge, not a call's first
