@@ -1,6 +1,7 @@
 //! One backend's behaviour as running code: the same `Backend::handle` answers
 //! both the real hyper servers and the simulated endpoints.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,51 @@ pub struct Backend {
     /// Requests received in each `WINDOW` since `epoch`.
     timeline: Mutex<Vec<u64>>,
     load: Mutex<LoadWindow>,
+    /// Its cache, when the scenario gives it one.
+    cache: Option<Mutex<Lru>>,
+    cache_hits: AtomicU64,
+    cache_lookups: AtomicU64,
+}
+
+/// A least-recently-used set of keys.
+#[derive(Debug)]
+struct Lru {
+    entries: usize,
+    /// Key to the tick it was last used at.
+    used: HashMap<u64, u64>,
+    /// Tick to key, oldest first.
+    order: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+impl Lru {
+    fn new(entries: usize) -> Self {
+        Self {
+            entries,
+            used: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// Whether `key` was held; it is held (as the most recent) afterwards.
+    fn touch(&mut self, key: u64) -> bool {
+        self.tick += 1;
+        let hit = match self.used.insert(key, self.tick) {
+            Some(last) => {
+                self.order.remove(&last);
+                true
+            }
+            None => false,
+        };
+        self.order.insert(self.tick, key);
+        if self.used.len() > self.entries {
+            if let Some((_, oldest)) = self.order.pop_first() {
+                self.used.remove(&oldest);
+            }
+        }
+        hit
+    }
 }
 
 /// How busy a backend with a capacity has been: the rate and utilization it
@@ -69,6 +115,7 @@ impl Backend {
     }
 
     pub fn new(spec: BackendSpec, seed: u64) -> Arc<Self> {
+        let cache = spec.cache;
         Arc::new(Self {
             queue: spec.capacity.map(Semaphore::new),
             spec,
@@ -84,7 +131,30 @@ impl Backend {
                 last: None,
                 total_busy: Duration::ZERO,
             }),
+            cache: cache.map(|cache| Mutex::new(Lru::new(cache.entries))),
+            cache_hits: AtomicU64::new(0),
+            cache_lookups: AtomicU64::new(0),
         })
+    }
+
+    /// Cache hits and lookups so far.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_lookups.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The service time a request with `key` takes on average: its cache's
+    /// hit or miss time, when it has a cache; else `None`.
+    fn cached_latency(&self, key: Option<u64>) -> Option<Duration> {
+        let (spec, cache, key) = (self.spec.cache?, self.cache.as_ref()?, key?);
+        let hit = cache.lock().unwrap_or_else(|e| e.into_inner()).touch(key);
+        self.cache_lookups.fetch_add(1, Ordering::Relaxed);
+        if hit {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(if hit { spec.hit } else { spec.miss })
     }
 
     /// The share of its capacity the backend was busy over `elapsed`, for
@@ -173,7 +243,7 @@ impl Backend {
     /// and, for a backend with a capacity, its load report. While the
     /// backend is restarting the request is refused (`Err`); while it is
     /// black-holed it is never answered.
-    pub async fn handle(&self) -> Result<(StatusCode, Option<String>), Refused> {
+    pub async fn handle(&self, key: Option<u64>) -> Result<(StatusCode, Option<String>), Refused> {
         self.hits.fetch_add(1, Ordering::Relaxed);
         let cross_zone = self.spec.zone != CLIENT_ZONE;
         if cross_zone {
@@ -213,10 +283,13 @@ impl Backend {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return Ok((StatusCode::SERVICE_UNAVAILABLE, None));
         }
+        // Looked up once the request is served (its permit held), as a
+        // server's cache is read by the work it saves.
+        let latency = self.cached_latency(key).unwrap_or(self.spec.latency);
         let mean = if slow {
-            self.spec.latency * self.spec.slow_factor
+            latency * self.spec.slow_factor
         } else {
-            self.spec.latency
+            latency
         };
         let work = match draw {
             Some(draw) => mean.mul_f64(draw),
@@ -275,7 +348,7 @@ mod tests {
         let backend = Backend::new(spec, 1);
         tokio::time::advance(Duration::from_millis(797)).await;
         let start = Instant::now();
-        let _ = backend.handle().await;
+        let _ = backend.handle(None).await;
         // 797 + 5 = 802 ms lands in the stall (800..1000 ms): done at 1000 ms.
         assert_eq!(start.elapsed(), Duration::from_millis(203));
     }
@@ -291,7 +364,7 @@ mod tests {
         let tasks: Vec<_> = (0..4)
             .map(|_| {
                 let backend = backend.clone();
-                tokio::spawn(async move { backend.handle().await })
+                tokio::spawn(async move { backend.handle(None).await })
             })
             .collect();
         for task in tasks {
@@ -310,7 +383,7 @@ mod tests {
         let mut last = None;
         // One request at a time for 1.2 s: 100 per second, a quarter of 4.
         for _ in 0..120 {
-            last = backend.handle().await.ok().and_then(|answer| answer.1);
+            last = backend.handle(None).await.ok().and_then(|answer| answer.1);
         }
         let report = last.unwrap_or_default();
         assert!(

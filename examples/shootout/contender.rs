@@ -25,7 +25,7 @@ use tower_lb::health::{ActiveCheck, CheckTask, HealthReporter, OutlierDetection}
 use tower_lb::hedge::HedgeLayer;
 use tower_lb::load::{LatencyClock, LoadReport, LoadReportError};
 use tower_lb::retry::{ReplayBody, ResponseVerdict, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
-use tower_lb::strategy::{P2c, RoundRobin, Strategy, WeightedRoundRobin};
+use tower_lb::strategy::{P2c, RingHash, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::timeout::{DeadlineLayer, TimeoutLayer};
 use tower_lb::topology::{EndpointMetadata, ZoneAware};
 use tower_lb::{Balancer, EndpointStats};
@@ -109,10 +109,14 @@ pub enum Contender {
     /// a 1 s blackout instead of 10 s, so that runs of a few seconds show
     /// it).
     WeightedRoundRobin,
+    /// Consistent hashing on each request's key: plain, and with bounded
+    /// loads (1.25); P2C least-requests for requests without a key.
+    RingHash,
+    RingHashBounded,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 14] = [
+    pub const ALL: [Contender; 16] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -127,6 +131,8 @@ impl Contender {
         Contender::P2cPeakEwmaOutliersRetryZone,
         Contender::RoundRobinHedge,
         Contender::WeightedRoundRobin,
+        Contender::RingHash,
+        Contender::RingHashBounded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +151,8 @@ impl Contender {
             Contender::P2cPeakEwmaOutliersRetryZone => "ewma+od+retry+zone",
             Contender::RoundRobinHedge => "round-robin+hedge",
             Contender::WeightedRoundRobin => "weighted-round-robin",
+            Contender::RingHash => "ring-hash",
+            Contender::RingHashBounded => "ring-hash-bounded",
         }
     }
 
@@ -186,6 +194,12 @@ impl Contender {
             }
             Contender::WeightedRoundRobin => {
                 "weighted round robin from the backends' load reports (gRPC A58, 1 s blackout)"
+            }
+            Contender::RingHash => {
+                "consistent hashing of each request's key on a ring (160 points per backend); P2C least-requests for requests without a key"
+            }
+            Contender::RingHashBounded => {
+                "the same with bounded loads: a key's backend takes it only within 1.25 x its share of the requests in flight"
             }
         }
     }
@@ -278,6 +292,8 @@ impl Contender {
                 clock,
                 None,
             ),
+            Contender::RingHash => hashing(RingHash::new().unbounded(), endpoints, seed, clock),
+            Contender::RingHashBounded => hashing(RingHash::new(), endpoints, seed, clock),
             Contender::RoundRobinOutliers => tower_lb(
                 RoundRobin::new(),
                 endpoints,
@@ -336,6 +352,23 @@ fn tower_lb<P: Strategy>(
         None => builder,
     };
     let balancer = builder.build(endpoints);
+    let stats = balancer.clone();
+    Built {
+        client: BoxCloneService::new(balancer.map_err(BoxError::from)),
+        probe: Some(Arc::new(move || stats.endpoints())),
+    }
+}
+
+/// A hashing strategy, reading each request's key (the balancer's hints).
+fn hashing(strategy: RingHash, endpoints: Discovery, seed: u64, clock: LatencyClock) -> Built {
+    let balancer = Balancer::builder()
+        .strategy(strategy)
+        .classify(ServerErrors)
+        .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
+        .latency_clock(clock)
+        .seed(seed)
+        .avoid_tried_endpoints()
+        .build(endpoints);
     let stats = balancer.clone();
     Built {
         client: BoxCloneService::new(balancer.map_err(BoxError::from)),

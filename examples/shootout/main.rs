@@ -34,15 +34,18 @@ use scenario::Scenario;
 #[command(name = "shootout")]
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
-    /// gc-pause, capacity, heavy-tail, scale-up, cluster, cluster-slow-node,
-    /// cluster-gc-pause); default: all.
+    /// gc-pause, capacity, heavy-tail, scale-up, rolling-restart, blackhole,
+    /// cluster, cluster-slow-node, cluster-gc-pause, zones, cache); default:
+    /// all.
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
     /// p2c-peak-ewma, tower-p2c-peak-ewma, and the tower-lb ones with outlier
     /// detection: round-robin+od, p2c-least-req+od, p2c-peak-ewma+od; and
     /// Peak EWMA under retries and hedging: p2c-peak-ewma+retry,
-    /// ewma+od+retry, ewma+od+retry+hedge; round-robin+hedge); default: all.
+    /// ewma+od+retry, ewma+od+retry+hedge, ewma+od+retry+check,
+    /// ewma+od+retry+zone; round-robin+hedge; weighted-round-robin; and
+    /// the hashing ones: ring-hash, ring-hash-bounded); default: all.
     #[arg(long, value_delimiter = ',')]
     strategy: Vec<String>,
     /// Deterministic mode: simulated backends on virtual time.
@@ -367,11 +370,14 @@ mod tests {
                     assert!(r.success_rate() > 0.99, "{}", r.contender.name());
                 }
                 // Without detection, tower-lb's P2C weighs the failures
-                // into the backend's cost and sends it little; tower's p2c
-                // prefers it (it answers fast), round robin its eighth.
+                // into the backend's cost and sends it little (the hashing
+                // contenders send requests without a key by P2C); tower's
+                // p2c prefers it (it answers fast), round robin its eighth.
                 Contender::P2cLeastRequests
                 | Contender::P2cPeakEwma
-                | Contender::P2cPeakEwmaRetry => {
+                | Contender::P2cPeakEwmaRetry
+                | Contender::RingHash
+                | Contender::RingHashBounded => {
                     assert_eq!(failing.count, 0, "{}", r.contender.name());
                     let share = r.hits[0] as f64 / r.hits.iter().sum::<u64>() as f64;
                     assert!(share < 0.06, "{}: {share}", r.contender.name());
@@ -388,6 +394,39 @@ mod tests {
                 r.contender.name()
             );
         }
+    }
+
+    #[test]
+    fn hashing_keeps_keys_in_warm_caches_and_the_bound_evens_the_work() {
+        // The scenario's own rate (8,000 req/s), over 3 s.
+        let scenario = scenario::by_name("cache").expect("known scenario");
+        let load = Load {
+            rate: scenario.rate.unwrap_or(1000.0),
+            ..short(1)
+        };
+        let run = |c| run::simulate(&scenario, c, load);
+        let (p2c, ring, bounded) = (
+            run(Contender::P2cLeastRequests),
+            run(Contender::RingHash),
+            run(Contender::RingHashBounded),
+        );
+        // Every backend sees every key under P2C; a ring splits them.
+        assert!(p2c.cache_hit_rate() < 0.6, "{}", p2c.cache_hit_rate());
+        assert!(ring.cache_hit_rate() > 0.75, "{}", ring.cache_hit_rate());
+        assert!(bounded.cache_hit_rate() > p2c.cache_hit_rate() + 0.1);
+        // Hot keys pile onto their backends on the plain ring; the bound
+        // evens the work out, and the warm caches beat P2C's tail.
+        let even = |r: &RunResult| r.max_over_mean_load().expect("capacities");
+        assert!(even(&bounded) <= 1.25, "{}", even(&bounded));
+        assert!(
+            even(&bounded) < even(&ring),
+            "{} {}",
+            even(&bounded),
+            even(&ring)
+        );
+        assert!(ring.max_over_mean_requests() > bounded.max_over_mean_requests());
+        assert!(bounded.latency_ms(0.99) < p2c.latency_ms(0.99));
+        assert_eq!(bounded.failed + ring.failed + p2c.failed, 0);
     }
 
     #[test]

@@ -110,6 +110,23 @@ fn details(scenario: &Scenario, results: &[RunResult]) -> String {
             );
         }
     }
+    if scenario.keys.is_some() {
+        let _ = writeln!(
+            out,
+            "by key: cache hit rate, p99, the busiest backend over the mean (utilization; requests):"
+        );
+        for r in results {
+            let _ = writeln!(
+                out,
+                "  {:<20} hit rate {:>5.1} %   p99 {:>6.1} ms   max/mean load {:.2}; requests {:.2}",
+                r.contender.name(),
+                r.cache_hit_rate() * 100.0,
+                r.latency_ms(0.99),
+                r.max_over_mean_load().unwrap_or(f64::NAN),
+                r.max_over_mean_requests()
+            );
+        }
+    }
     if !scenario.down_from_halfway.is_empty()
         || scenario.backends.iter().any(|b| !b.outages.is_empty())
     {

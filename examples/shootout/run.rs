@@ -12,7 +12,7 @@ use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
@@ -21,6 +21,7 @@ use tower_lb::discover;
 use tower_lb::error::NeverSent;
 use tower_lb::http::HttpEndpoint;
 use tower_lb::load::LatencyClock;
+use tower_lb::request::{hash_key_of, HasCallContext};
 use tower_lb::retry::{ReplayBody, DEFAULT_REPLAY_CAP};
 
 use crate::backend::{Backend, WINDOW};
@@ -28,7 +29,7 @@ use crate::contender::{Answer, Built, Contender, Discovery, Endpoint, Probe, Req
 
 /// The ORCA load report header.
 const LOAD_METRICS: &str = "endpoint-load-metrics";
-use crate::scenario::{Outage, OutageKind, Scenario, CLIENT_ZONE};
+use crate::scenario::{KeySpec, Outage, OutageKind, Scenario, CLIENT_ZONE};
 
 /// How hard and how long to drive a run.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +71,8 @@ pub struct RunResult {
     /// When the late backends joined, since the run started (scenarios with
     /// late backends only).
     pub joined_at: Option<Duration>,
+    /// Per backend: cache hits and lookups (scenarios with caches only).
+    pub cache: Vec<(u64, u64)>,
 }
 
 /// After a scale-up: how soon each new backend got its share, and the load
@@ -125,7 +128,33 @@ impl RunResult {
             ejections,
             timeline: backends.iter().map(|b| b.timeline()).collect(),
             joined_at,
+            cache: backends.iter().map(|b| b.cache_stats()).collect(),
         }
+    }
+
+    /// The share of cache lookups that hit, over every backend.
+    pub fn cache_hit_rate(&self) -> f64 {
+        let (hits, lookups) = self
+            .cache
+            .iter()
+            .fold((0, 0), |(h, l), &(hits, lookups)| (h + hits, l + lookups));
+        hits as f64 / (lookups.max(1)) as f64
+    }
+
+    /// The most requests any backend received over the mean.
+    pub fn max_over_mean_requests(&self) -> f64 {
+        let max = self.hits.iter().copied().max().unwrap_or(0) as f64;
+        let mean = self.hits.iter().sum::<u64>() as f64 / self.hits.len().max(1) as f64;
+        max / mean.max(1.0)
+    }
+
+    /// The busiest backend's utilization over the mean (backends with a
+    /// capacity): how unevenly the work, not just the requests, is spread.
+    pub fn max_over_mean_load(&self) -> Option<f64> {
+        let busy: Vec<f64> = self.utilization.iter().copied().collect::<Option<_>>()?;
+        let max = busy.iter().copied().fold(0.0, f64::max);
+        let mean = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
+        (mean > 0.0).then(|| max / mean)
     }
 
     /// The share of the requests sent to backends outside the client's
@@ -228,9 +257,50 @@ impl RunResult {
     }
 }
 
-/// A `GET /` (the default method and URI).
-fn request() -> Request {
-    http::Request::new(ReplayBody::new(Empty::new(), DEFAULT_REPLAY_CAP))
+/// A `GET /` (the default method and URI), with `key` as its hash key and
+/// in its `x-key` header when it has one.
+fn request(key: Option<u64>) -> Request {
+    let mut req = http::Request::new(ReplayBody::new(Empty::new(), DEFAULT_REPLAY_CAP));
+    if let Some(key) = key {
+        req.call_context_mut()
+            .set_hash_key(hash_key_of(&key.to_le_bytes()));
+        req.headers_mut()
+            .insert(KEY_HEADER, http::HeaderValue::from(key));
+    }
+    req
+}
+
+/// The header a request's key travels in, for the backends.
+const KEY_HEADER: &str = "x-key";
+
+/// A request's key, as a backend reads it.
+fn key_of<B>(req: &http::Request<B>) -> Option<u64> {
+    req.headers().get(KEY_HEADER)?.to_str().ok()?.parse().ok()
+}
+
+/// Draws keys by a Zipf law: key `k` (from 0) with a weight of
+/// `1 / (k + 1)^s`, by a binary search of the cumulative weights.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(keys: KeySpec) -> Self {
+        let mut total = 0.0;
+        let cumulative = (0..keys.count)
+            .map(|k| {
+                total += 1.0 / ((k + 1) as f64).powf(keys.zipf);
+                total
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    fn draw(&self, rng: &mut SmallRng) -> u64 {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let x = rng.random::<f64>() * total;
+        self.cumulative.partition_point(|&c| c < x) as u64
+    }
 }
 
 /// What the load generator saw.
@@ -278,12 +348,16 @@ async fn watch_ejections(probe: Probe, ejections: Arc<std::sync::Mutex<Vec<Eject
 /// answers. Timers tick in milliseconds, so each wake-up releases every
 /// arrival already due, and every latency counts from the intended arrival
 /// (no coordinated omission).
-async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
+async fn generate(Built { client, probe }: Built, load: Load, keys: Option<KeySpec>) -> Generated {
     let ejections = Arc::new(std::sync::Mutex::new(Vec::new()));
     let watcher = probe.map(|probe| tokio::spawn(watch_ejections(probe, ejections.clone())));
     let mut rng = SmallRng::seed_from_u64(load.seed ^ 0x0a11_7e57);
     let mut gap =
         move || Duration::from_secs_f64(crate::backend::exponential(&mut rng) / load.rate);
+    // Keys from a stream of their own, so that the arrivals stay the same.
+    let mut key_rng = SmallRng::seed_from_u64(load.seed ^ 0x0c0f_fee0_0000_0001);
+    let zipf = keys.map(Zipf::new);
+    let mut key = move || zipf.as_ref().map(|zipf| zipf.draw(&mut key_rng));
     let start = Instant::now();
     let end = start + load.duration;
     let half = start + load.duration / 2;
@@ -293,7 +367,7 @@ async fn generate(Built { client, probe }: Built, load: Load) -> Generated {
         let now = Instant::now();
         while next <= now && next < end {
             let intended = next;
-            let call = client.clone().oneshot(request());
+            let call = client.clone().oneshot(request(key()));
             in_flight.spawn(async move {
                 // A request nothing bounds (a contender without timeouts, a
                 // backend that never answers) is given up on, and failed.
@@ -461,12 +535,12 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
             .iter()
             .map(|backend| {
                 let backend = backend.clone();
-                Endpoint::new(service_fn(move |_: Request| {
+                Endpoint::new(service_fn(move |req: Request| {
                     let backend = backend.clone();
                     async move {
                         // A refused connection: the request never left.
                         let (status, load) = backend
-                            .handle()
+                            .handle(key_of(&req))
                             .await
                             .map_err(|refused| BoxError::from(NeverSent::new(refused)))?;
                         let load = load.and_then(|l| http::HeaderValue::from_str(&l).ok());
@@ -485,7 +559,7 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
         let client = contender.build(discovery, load.seed, LatencyClock::Tokio, &backends);
         RunResult::new(
             contender,
-            generate(client, load).await,
+            generate(client, load, scenario.keys).await,
             &backends,
             joined_at,
         )
@@ -526,7 +600,7 @@ pub async fn real(
         Instant::now() + load.duration / 2,
     );
     let client = contender.build(discovery, load.seed, LatencyClock::default(), &backends);
-    let generated = generate(client, load).await;
+    let generated = generate(client, load, scenario.keys).await;
     servers.abort_all();
     Ok(RunResult::new(contender, generated, &backends, joined_at))
 }
@@ -536,13 +610,14 @@ async fn serve(listener: TcpListener, backend: Arc<Backend>) {
     while let Ok((stream, _)) = listener.accept().await {
         let backend = backend.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |_req| {
+            let service = hyper::service::service_fn(move |req| {
                 let backend = backend.clone();
+                let key = key_of(&req);
                 async move {
                     // Restarting: the connection is dropped unanswered (a
                     // real restart refuses new ones too; this server keeps
                     // its port).
-                    let (status, load) = backend.handle().await?;
+                    let (status, load) = backend.handle(key).await?;
                     let mut response = hyper::Response::new(Empty::<Bytes>::new());
                     *response.status_mut() = status;
                     if let Some(value) = load.and_then(|l| http::HeaderValue::from_str(&l).ok()) {

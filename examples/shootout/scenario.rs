@@ -26,6 +26,26 @@ pub struct BackendSpec {
     /// The zone it runs in; the load generator runs in [`CLIENT_ZONE`],
     /// and a request to another zone takes [`CROSS_ZONE`] more each way.
     pub zone: &'static str,
+    /// A cache in front of its work: requests with a key it holds take
+    /// `hit`, the others `miss` (and are then held, least recently used
+    /// out first).
+    pub cache: Option<CacheSpec>,
+}
+
+/// A backend's cache of request keys.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSpec {
+    pub entries: usize,
+    pub hit: Duration,
+    pub miss: Duration,
+}
+
+/// The keys the load generator gives its requests: `count` of them,
+/// drawn by a Zipf law of exponent `zipf` (key 0 the most frequent).
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    pub count: u64,
+    pub zipf: f64,
 }
 
 /// The zone the load generator (the client) runs in.
@@ -73,6 +93,7 @@ impl BackendSpec {
             exponential: false,
             outages: Vec::new(),
             zone: CLIENT_ZONE,
+            cache: None,
         }
     }
 }
@@ -92,6 +113,9 @@ pub struct Scenario {
     /// Requests per second offered, when the scenario sets its own (the
     /// cluster scenarios run at half their capacity); else `--rate`.
     pub rate: Option<f64>,
+    /// The keys requests carry (their hash key, and an `x-key` header the
+    /// backends read), when the scenario gives them any.
+    pub keys: Option<KeySpec>,
 }
 
 /// Normal service time, and how many backends each scenario has.
@@ -113,6 +137,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "slow-node",
@@ -125,6 +150,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "heterogeneous",
@@ -136,6 +162,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "failing-node",
@@ -151,6 +178,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "gc-pause",
@@ -166,6 +194,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "capacity",
@@ -180,6 +209,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "heavy-tail",
@@ -195,6 +225,7 @@ pub fn all() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "scale-up",
@@ -203,12 +234,50 @@ pub fn all() -> Vec<Scenario> {
             late: BACKENDS / 2,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
     ];
     all.extend(outage_scenarios());
     all.extend(cluster_scenarios());
     all.push(zones());
+    all.push(cache());
     all
+}
+
+/// The `cache` scenario's numbers: 8 backends of 8 slots, each caching
+/// 500 of 10,000 keys drawn by a Zipf law of exponent 0.99 (YCSB's);
+/// exponential service with a mean of 1 ms on a hit and 10 ms on a miss;
+/// 8,000 req/s.
+const CACHE_BACKENDS: usize = 8;
+const CACHE_ENTRIES: usize = 500;
+const CACHE_KEYS: u64 = 10_000;
+const CACHE_RATE: f64 = 8_000.0;
+
+/// The `cache` scenario: requests with keys, backends with a cache each,
+/// where sending a key to the same backend pays.
+pub fn cache() -> Scenario {
+    let spec = BackendSpec {
+        capacity: Some(CLUSTER_SLOTS),
+        exponential: true,
+        cache: Some(CacheSpec {
+            entries: CACHE_ENTRIES,
+            hit: Duration::from_millis(1),
+            miss: Duration::from_millis(10),
+        }),
+        ..BackendSpec::answering_in(10)
+    };
+    Scenario {
+        name: "cache",
+        about: "8 backends x 8 slots, each with an LRU cache of 500 of 10,000 keys (Zipf 0.99): exponential service, mean 1 ms on a hit, 10 ms on a miss; 8,000 req/s",
+        backends: vec![spec; CACHE_BACKENDS],
+        late: 0,
+        down_from_halfway: Vec::new(),
+        rate: Some(CACHE_RATE),
+        keys: Some(KeySpec {
+            count: CACHE_KEYS,
+            zipf: 0.99,
+        }),
+    }
 }
 
 /// The `zones` scenario: three zones of three backends (8 slots each,
@@ -232,6 +301,7 @@ pub fn zones() -> Scenario {
         late: 0,
         down_from_halfway: vec![1, 2],
         rate: Some(0.5 * (PER_ZONE * CLUSTER_SLOTS) as f64 * 1000.0 / CLUSTER_MEAN_MS as f64),
+        keys: None,
     }
 }
 
@@ -264,6 +334,7 @@ pub fn outage_scenarios() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
         Scenario {
             name: "blackhole",
@@ -280,6 +351,7 @@ pub fn outage_scenarios() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: None,
+            keys: None,
         },
     ]
 }
@@ -317,6 +389,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
+            keys: None,
         },
         Scenario {
             name: "cluster-slow-node",
@@ -329,6 +402,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
+            keys: None,
         },
         Scenario {
             name: "cluster-gc-pause",
@@ -344,6 +418,7 @@ pub fn cluster_scenarios() -> Vec<Scenario> {
             late: 0,
             down_from_halfway: Vec::new(),
             rate: Some(CLUSTER_RATE),
+            keys: None,
         },
     ]
 }
