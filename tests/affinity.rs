@@ -146,13 +146,9 @@ async fn a_hot_key_spreads_beyond_its_server_within_the_bound() {
     burst(client).await;
     let bounded = hits(&servers);
     let most = *bounded.iter().max().expect("servers");
-    // 20 in flight over 5: at most ceil(1.25 x 20 / 5) = 5 each, and the
-    // walk fills the servers after the key's in ring order.
+    // 20 in flight over 5: at most ceil(1.25 x 20 / 5) = 5 each (the 20
+    // are sent in one tick, before any answers).
     assert!(most <= 5, "{bounded:?}");
-    assert!(
-        bounded.iter().filter(|&&h| h > 0).count() >= 4,
-        "{bounded:?}"
-    );
 
     // Unbounded: all 20 to the key's server.
     let servers = support::servers(5, Duration::from_millis(200)).await;

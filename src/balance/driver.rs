@@ -193,7 +193,7 @@ where
                     Endpoint::new(key.clone(), service, shared.clone())
                         .with_connection(connection)
                         .with_metadata(metadata)
-                        .with_identity(stable_hash(&key)),
+                        .with_identity(crate::request::stable_hash(&key)),
                 );
                 if !endpoint.load().set_static_weight(weight) {
                     tracing::warn!(endpoint = ?key, weight, "static weight is not a finite positive number; the endpoint weighs 1");
@@ -739,14 +739,4 @@ fn discovered_none_after(
 /// The [`Empty`] answer in `error`'s `source()` chain, if there is one.
 fn find_empty<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Empty> {
     crate::error::chain(error).find_map(|err| err.downcast_ref::<Empty>())
-}
-
-/// `key`'s hash by xxHash64 with seed 0: the same in every process for the
-/// same key (std's hasher is seeded at random), so that the clients of a
-/// fleet put an endpoint at the same places on a hash ring.
-fn stable_hash<K: std::hash::Hash>(key: &K) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = twox_hash::XxHash64::with_seed(0);
-    key.hash(&mut hasher);
-    hasher.finish()
 }

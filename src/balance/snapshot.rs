@@ -2,6 +2,11 @@
 
 use std::sync::Arc;
 
+/// Mixed into a request's hash key for the level and the zone draws, so
+/// that the two are independent.
+const LEVEL_SALT: u64 = 0x6c65_7665_6c00_0001;
+const GROUP_SALT: u64 = 0x7a6f_6e65_0000_0002;
+
 use super::endpoint::Endpoint;
 use crate::strategy::PickContext;
 use crate::topology::zone::WHOLE;
@@ -79,7 +84,7 @@ impl<K, S, Sch> Level<K, S, Sch> {
         if self.more.is_empty() {
             return &self.first;
         }
-        let draw = ctx.random_index(WHOLE as usize) as u32;
+        let draw = ctx.index_by_key(WHOLE as usize, GROUP_SALT) as u32;
         if draw < self.first.below {
             return &self.first;
         }
@@ -141,7 +146,7 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
         if self.more.is_empty() {
             return &self.first;
         }
-        let draw = ctx.random_index(100) as u32;
+        let draw = ctx.index_by_key(100, LEVEL_SALT) as u32;
         if draw < self.first.below {
             return &self.first;
         }

@@ -12,7 +12,9 @@ use crate::setting::{self, InvalidSetting};
 /// The endpoint's weight is multiplied by
 /// `max(min_weight_percent / 100, (age / window) ^ (1 / aggression))`:
 /// an `aggression` of 1 ramps linearly, above 1 it ramps faster early.
-/// Every strategy honours it, by the endpoint's factor relative to its
+/// Every strategy honours it (but [`RingHash`](crate::strategy::RingHash)
+/// for requests with a hash key, whose endpoint is the key's), by the
+/// endpoint's factor relative to its
 /// peers' (so that endpoints ramping together are not held back): round
 /// robin lets the endpoint keep a turn it drew with the probability of its
 /// factor, P2C lets a winner in slow start keep its win with the probability

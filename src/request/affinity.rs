@@ -26,6 +26,69 @@ pub fn hash_key_of(bytes: &[u8]) -> u64 {
     twox_hash::XxHash64::oneshot(0, bytes)
 }
 
+/// `key`'s hash, the same in every process and on every platform for the
+/// same key: xxHash64 (seed 0) of what its `Hash` writes, with every
+/// integer written as little-endian bytes and `usize` and `isize` as 64
+/// bits, so that 32- and 64-bit, little- and big-endian clients of a fleet
+/// agree (std's own hashers are seeded at random, and `Hash` writes
+/// integers as the machine stores them). It follows the key type's `Hash`,
+/// so a change of that (std does not promise its derived hashes across
+/// versions) would move endpoints on a ring.
+pub(crate) fn stable_hash<K: std::hash::Hash + ?Sized>(key: &K) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = StableHasher(twox_hash::XxHash64::with_seed(0));
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// xxHash64 over integers written the same way on every platform.
+struct StableHasher(twox_hash::XxHash64);
+
+impl std::hash::Hasher for StableHasher {
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.0.write(&[n]);
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.0.write(&n.to_le_bytes());
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0.write(&n.to_le_bytes());
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0.write(&n.to_le_bytes());
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0.write(&n.to_le_bytes());
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_i8(&mut self, n: i8) {
+        self.write_u8(n as u8);
+    }
+    fn write_i16(&mut self, n: i16) {
+        self.write_u16(n as u16);
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.write_u32(n as u32);
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+    fn write_i128(&mut self, n: i128) {
+        self.write_u128(n as u128);
+    }
+    fn write_isize(&mut self, n: isize) {
+        self.write_u64(n as i64 as u64);
+    }
+}
+
 /// Where a [`HashKeyLayer`] finds a request's key.
 pub trait HashKeySource<Req>: Send + Sync + 'static {
     /// The request's hash key, if it has one.
@@ -173,9 +236,13 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> S::Future {
-        // A request without a key makes no context for it.
-        if let Some(key) = self.source.hash_key(&req) {
-            req.call_context_mut().set_hash_key(key);
+        // A key the caller set stands, as an explicit class does; a request
+        // without a key makes no context for it.
+        let explicit = req.call_context().and_then(|c| c.hash_key()).is_some();
+        if !explicit {
+            if let Some(key) = self.source.hash_key(&req) {
+                req.call_context_mut().set_hash_key(key);
+            }
         }
         self.inner.call(req)
     }
@@ -225,6 +292,32 @@ mod tests {
     fn a_header_name_that_is_not_one_is_refused_by_name() {
         let error = HashKeyLayer::header("not a header").expect_err("invalid");
         assert_eq!(error.setting(), "HashKeyLayer::header");
+    }
+
+    /// `stable_hash` of 10.0.0.1:8080, as std's `Hash` for `SocketAddr`
+    /// writes it today.
+    const GOLDEN_ADDR: u64 = 0xee49_b5dd_a114_e7be;
+
+    #[test]
+    fn an_endpoints_identity_is_the_same_on_every_platform() {
+        // Golden values: a change of either (a std `Hash` impl, this
+        // hasher) would move every endpoint of a fleet's rings.
+        // Integers as little-endian bytes, `usize` as 64 bits.
+        assert_eq!(stable_hash(&7usize), hash_key_of(&7u64.to_le_bytes()));
+        assert_eq!(stable_hash(&7u16), hash_key_of(&[7, 0]));
+        let addr: std::net::SocketAddr = "10.0.0.1:8080".parse().expect("address");
+        assert_eq!(stable_hash(&addr), GOLDEN_ADDR, "{:#x}", stable_hash(&addr));
+    }
+
+    #[tokio::test]
+    async fn a_key_the_caller_set_stands() {
+        let layer = HashKeyLayer::header("x-user-id").expect("a header name");
+        let mut req = http::Request::get("/")
+            .header("x-user-id", "42")
+            .body(())
+            .expect("request");
+        req.call_context_mut().set_hash_key(7);
+        assert_eq!(seen_key(layer, req).await, Some(7));
     }
 
     #[test]

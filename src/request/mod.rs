@@ -10,6 +10,7 @@
 mod affinity;
 mod context;
 
+pub(crate) use self::affinity::stable_hash;
 pub use self::affinity::{hash_key_of, FromHeader, HashKey, HashKeyLayer, HashKeySource};
 pub use self::context::{CallContext, CallDeadline, HasCallContext, TriedEndpoints};
 

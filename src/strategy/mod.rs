@@ -157,6 +157,7 @@ pub struct PickContext<'a> {
     rtt: &'a RttEstimate,
     randomness: Randomness<'a>,
     retry: bool,
+    attempt: u32,
     hash_key: Option<u64>,
 }
 
@@ -180,6 +181,7 @@ impl<'a> PickContext<'a> {
             rtt,
             randomness: Randomness::Thread,
             retry: false,
+            attempt: 0,
             hash_key: None,
         }
     }
@@ -197,6 +199,7 @@ impl<'a> PickContext<'a> {
             rtt,
             randomness: Randomness::Seeded(seed),
             retry: false,
+            attempt: 0,
             hash_key: None,
         }
     }
@@ -217,6 +220,23 @@ impl<'a> PickContext<'a> {
     pub fn retry(mut self, retry: bool) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// The same context for the call's attempt number `attempt` (0 for its
+    /// first; see [`attempt`](Self::attempt)).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// How many attempts of this call have picked an endpoint before this
+    /// pick (0 for a first attempt): a hashing strategy sends a retry to
+    /// the next endpoint on its ring rather than back to the one that
+    /// failed. Known, like [`is_retry`](Self::is_retry), when the balancer
+    /// reads the hints.
+    #[inline]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// The same context for a request with the hash key `key` (see
@@ -289,6 +309,18 @@ impl<'a> PickContext<'a> {
         let rtt = load.rtt_estimate_ns(self.now_ns(), self.rtt);
         // In flight fits 24 bits: a signed conversion, one instruction.
         rtt * (f64::from(load.in_flight() as u32) + 1.0)
+    }
+
+    /// An index below `n` for the balancer's level and zone draws: the
+    /// same for every request of one hash key (mixed with `salt`, one per
+    /// draw), so that a key stays in one priority level and one zone while
+    /// their shares do not change; random for a request without a key.
+    #[inline]
+    pub(crate) fn index_by_key(&self, n: usize, salt: u64) -> usize {
+        match self.hash_key {
+            Some(key) => below(mix64(key ^ salt), n),
+            None => self.random_index(n),
+        }
     }
 
     /// A uniformly random number.
@@ -421,6 +453,23 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn level_and_zone_draws_follow_a_requests_hash_key() {
+        let rtt = RttEstimate::DEFAULT;
+        let keyed = |key| PickContext::new(0, &rtt).with_hash_key(Some(key));
+        // The same key draws the same, whichever context: it stays put.
+        for key in [1, 42, u64::MAX] {
+            let draw = keyed(key).index_by_key(100, 7);
+            assert!((0..10).all(|_| keyed(key).index_by_key(100, 7) == draw));
+        }
+        // Keys spread over the whole range.
+        let mut seen = [false; 10];
+        for key in 0..1_000u64 {
+            seen[keyed(key).index_by_key(10, 7)] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
 
     #[test]
     fn peak_ewma_cost_is_the_estimate_times_in_flight_plus_one() {
