@@ -36,7 +36,8 @@ use crate::timeout::Elapsed;
 ///
 /// The retry layer's refusals ([`BudgetExhausted`](crate::retry::BudgetExhausted),
 /// [`DeadlineTooClose`](crate::retry::DeadlineTooClose)) carry the last
-/// attempt's error, whose code they get.
+/// attempt's error, whose code they get; a call adaptive throttling kept
+/// from being sent ([`Throttled`](crate::retry::Throttled)) is `UNAVAILABLE`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -92,7 +93,10 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
     // Never sent, a stream the server left unprocessed (a graceful GOAWAY,
     // REFUSED_STREAM), or a broken connection: the service was not there
     // for this call.
+    // Throttled by the client (adaptive throttling): the backends have been
+    // turning calls away, as gRPC's own retry throttling reports it.
     if link.is::<NeverSent>()
+        || link.is::<crate::retry::Throttled>()
         || link.is::<tonic::ConnectError>()
         || crate::error::unprocessed_link(link).is_some()
         || is_connection_broken(link)

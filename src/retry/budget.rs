@@ -40,6 +40,34 @@ const DEFAULT_RATIO: f64 = 0.2;
 const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 const DEFAULT_MIN_PER_SECOND: u32 = 10;
 
+/// Calls of the window below which adaptive throttling refuses none.
+const THROTTLE_FLOOR: u64 = 10;
+
+/// A call refused by adaptive throttling (see
+/// [`RetryBudget::adaptive_throttling`]) before it was sent: the backends
+/// have been turning most calls away. Not retried.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "throttled by the client: the backends accepted {accepts} of the last {requests} calls (adaptive throttling, k = {k})"
+)]
+pub struct Throttled {
+    requests: u64,
+    accepts: u64,
+    k: f64,
+}
+
+impl Throttled {
+    /// The calls of the window, this one included.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// The calls of the window the backends accepted.
+    pub fn accepts(&self) -> u64 {
+        self.accepts
+    }
+}
+
 /// What a withdrawal from a [`RetryBudget`] is for. Both kinds draw from the
 /// same pool; they are counted apart in [`RetryStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +102,12 @@ pub struct RetryStats {
     pub hedges: u64,
     /// Retries and hedges the budget refused.
     pub refused: u64,
+    /// Requests refused by adaptive throttling (see
+    /// [`RetryBudget::adaptive_throttling`]), never sent.
+    pub throttled: u64,
+    /// Calls whose answer the backends accepted (counted with adaptive
+    /// throttling only).
+    pub accepted: u64,
 }
 
 impl RetryStats {
@@ -175,10 +209,14 @@ struct Inner {
     deposits: [AtomicU64; BUCKETS],
     /// Retries and hedges withdrawn, per bucket.
     spends: [AtomicU64; BUCKETS],
+    /// Calls the backends accepted, per bucket (adaptive throttling).
+    accepts: [AtomicU64; BUCKETS],
     requests: AtomicU64,
     retries: AtomicU64,
     hedges: AtomicU64,
     refused: AtomicU64,
+    throttled: AtomicU64,
+    accepted: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -186,6 +224,8 @@ struct Config {
     ratio: f64,
     window: Duration,
     min_per_second: u32,
+    /// Adaptive throttling's K, when on.
+    throttle: Option<f64>,
 }
 
 impl RetryBudget {
@@ -196,7 +236,49 @@ impl RetryBudget {
             ratio: DEFAULT_RATIO,
             window: DEFAULT_WINDOW,
             min_per_second: DEFAULT_MIN_PER_SECOND,
+            throttle: None,
         })
+    }
+
+    /// Client-side adaptive throttling (Google's SRE book, "Handling
+    /// Overload"): before a call is sent, the retry layer refuses it locally
+    /// with probability `max(0, (requests - k x accepts) / (requests + 1))`,
+    /// where `requests` are the calls of the window (this budget's own
+    /// count, so retries, hedges and throttling answer to one account of
+    /// the traffic; the calls before this one, and none refused while there
+    /// are fewer than 10) and `accepts` those whose answer the backends
+    /// accepted (the retry policy's [`Accept`](super::ResponseVerdict::Accept)). While
+    /// the backends accept everything nothing is refused; when they turn
+    /// most calls away, the client sends about `k` times what they accept,
+    /// instead of its whole load plus retries. `k` = 2 is the book's
+    /// default: higher lets more through (2 wastes up to half of what is
+    /// sent on rejections, to find out quickly when capacity returns).
+    /// A refused call fails at once with [`Throttled`], never sent.
+    ///
+    /// Returns a new, empty budget (see [Sharing](#sharing)).
+    ///
+    /// ```
+    /// use tower_lb::retry::RetryBudget;
+    ///
+    /// let budget = RetryBudget::new().adaptive_throttling(2.0)?;
+    /// # let _ = budget;
+    /// # Ok::<_, tower_lb::error::InvalidSetting>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When `k` is below 1, NaN or infinite.
+    pub fn adaptive_throttling(self, k: f64) -> Result<Self, InvalidSetting> {
+        let k = setting::finite_at_least(
+            "RetryBudget::adaptive_throttling",
+            k,
+            1.0,
+            "a finite number, 1 or more",
+        )?;
+        Ok(Self::with_config(Config {
+            throttle: Some(k),
+            ..self.inner.config
+        }))
     }
 
     /// Retries and hedges allowed per request in the window: 0.2 means one
@@ -267,10 +349,13 @@ impl RetryBudget {
                 epoch: Instant::now(),
                 deposits: Default::default(),
                 spends: Default::default(),
+                accepts: Default::default(),
                 requests: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
                 hedges: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
+                throttled: AtomicU64::new(0),
+                accepted: AtomicU64::new(0),
             }),
         }
     }
@@ -307,21 +392,48 @@ impl RetryBudget {
     /// per request, so that the allowance follows the traffic.
     pub fn deposit(&self) {
         let inner = &*self.inner;
-        let seq = inner.now_seq();
-        let slot = &inner.deposits[slot_of(seq)];
-        let tag = tag_of(seq);
-        let mut current = slot.load(Ordering::Relaxed);
-        loop {
-            let (base_tag, count) = rolled(current, tag);
-            // A full bucket stays full: the count must never carry into the
-            // sequence number.
-            let next = pack(base_tag, count.saturating_add(1));
-            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(actual) => current = actual,
-            }
-        }
+        inner.count_now(&inner.deposits);
         inner.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a call may be sent, by adaptive throttling (always, when it
+    /// is off). The call is counted in the window's requests already; the
+    /// rule reads the calls before it, and refuses none while there are
+    /// fewer than [`THROTTLE_FLOOR`] (a client that sends little is not
+    /// throttled, nor a burst of calls at its start, before any could be
+    /// answered).
+    pub(crate) fn admit(&self) -> Result<(), Throttled> {
+        let inner = &*self.inner;
+        let Some(k) = inner.config.throttle else {
+            return Ok(());
+        };
+        let tag = tag_of(inner.now_seq());
+        let before = window_sum(&inner.deposits, tag, None).saturating_sub(1);
+        if before < THROTTLE_FLOOR {
+            return Ok(());
+        }
+        let requests = before as f64;
+        let accepts = window_sum(&inner.accepts, tag, None) as f64;
+        let refuse = ((requests - k * accepts) / (requests + 1.0)).max(0.0);
+        if refuse > 0.0 && fastrand::f64() < refuse {
+            inner.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(Throttled {
+                requests: requests as u64,
+                accepts: accepts as u64,
+                k,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a call whose answer the backends accepted (with adaptive
+    /// throttling on; nothing otherwise).
+    pub(crate) fn accepted(&self) {
+        let inner = &*self.inner;
+        if inner.config.throttle.is_some() {
+            inner.count_now(&inner.accepts);
+            inner.accepted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Withdraws one retry or hedge if the budget has room, and counts it as
@@ -352,6 +464,8 @@ impl RetryBudget {
             retries: inner.retries.load(Ordering::Relaxed),
             hedges: inner.hedges.load(Ordering::Relaxed),
             refused: inner.refused.load(Ordering::Relaxed),
+            throttled: inner.throttled.load(Ordering::Relaxed),
+            accepted: inner.accepted.load(Ordering::Relaxed),
         }
     }
 }
@@ -369,12 +483,31 @@ impl fmt::Debug for RetryBudget {
             .field("ratio", &config.ratio)
             .field("window", &config.window)
             .field("min_per_second", &config.min_per_second)
+            .field("adaptive_throttling", &config.throttle)
             .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl Inner {
+    /// Counts one in the current bucket of `slots`.
+    fn count_now(&self, slots: &[AtomicU64; BUCKETS]) {
+        let seq = self.now_seq();
+        let slot = &slots[slot_of(seq)];
+        let tag = tag_of(seq);
+        let mut current = slot.load(Ordering::Relaxed);
+        loop {
+            let (base_tag, count) = rolled(current, tag);
+            // A full bucket stays full: the count must never carry into the
+            // sequence number.
+            let next = pack(base_tag, count.saturating_add(1));
+            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     /// The current bucket's sequence number: buckets since the epoch.
     fn now_seq(&self) -> u64 {
         let elapsed = Instant::now().saturating_duration_since(self.epoch);
@@ -512,6 +645,89 @@ mod tests {
         assert_eq!(spend_all(&budget, Spend::Retry), 100);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(spend_all(&budget, Spend::Retry), 100);
+    }
+
+    /// One second of calls through a throttled `budget` to backends that
+    /// accept at most `capacity` of them; returns how many were sent.
+    fn second_of_calls(budget: &RetryBudget, calls: u32, capacity: u32) -> u32 {
+        let mut sent = 0;
+        for _ in 0..calls {
+            budget.deposit();
+            if budget.admit().is_ok() {
+                sent += 1;
+                if sent <= capacity {
+                    budget.accepted();
+                }
+            }
+        }
+        sent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_refuses_nothing_while_the_backends_accept_everything() {
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        for _ in 0..20 {
+            assert_eq!(second_of_calls(&budget, 100, 100), 100);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(budget.stats().throttled, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_sends_about_k_times_what_the_backends_accept() {
+        // 100 calls a second, the backends accepting 10 of them: once the
+        // window has filled, about k x 10 = 20 a second are sent.
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        let mut sent = Vec::new();
+        for _ in 0..30 {
+            sent.push(second_of_calls(&budget, 100, 10));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let settled: u32 = sent[20..].iter().sum();
+        assert!((150..=260).contains(&settled), "{sent:?}");
+        let stats = budget.stats();
+        assert_eq!(u64::from(sent.iter().sum::<u32>()) + stats.throttled, 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_lets_calls_through_again_as_the_backends_recover() {
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        for _ in 0..20 {
+            second_of_calls(&budget, 100, 0);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(second_of_calls(&budget, 100, 0) < 10);
+        // The backends take everything again: what is sent and accepted
+        // lets more through each second (k = 2 sends twice the accepts),
+        // until every call passes.
+        let mut sent = Vec::new();
+        for _ in 0..90 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            sent.push(second_of_calls(&budget, 100, 100));
+        }
+        // The draws are random: the bounds are loose (a run takes 30 - 45 s).
+        let all_through = sent.iter().position(|&n| n == 100).expect("recovered");
+        assert!((10..=80).contains(&all_through), "{sent:?}");
+        let first: u32 = sent[..10].iter().sum();
+        let later: u32 = sent[all_through - 10..all_through].iter().sum();
+        assert!(later > first * 3, "{sent:?}");
+        assert!(sent[all_through..].iter().all(|&n| n == 100), "{sent:?}");
+    }
+
+    #[test]
+    fn a_throttling_k_below_one_is_refused_by_name() {
+        for bad in [0.5, f64::NAN, f64::INFINITY] {
+            let error = RetryBudget::new()
+                .adaptive_throttling(bad)
+                .expect_err("refused");
+            assert_eq!(error.setting(), "RetryBudget::adaptive_throttling");
+        }
     }
 
     #[tokio::test(start_paused = true)]

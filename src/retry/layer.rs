@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
-use super::budget::{RetryBudget, Spend};
+use super::budget::{RetryBudget, Spend, Throttled};
 use super::policy::{HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
 use crate::error::BoxError;
 use crate::request::{CallContext, Replayable, Safety};
@@ -228,6 +228,20 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let (safety, deadline) = self.budget.begin_call(&mut req);
+        if let Err(throttled) = self.budget.admit() {
+            return ResponseFuture {
+                state: State::Throttled {
+                    error: Some(throttled),
+                },
+                retries: None,
+                safety,
+                deadline,
+                attempts: 0,
+                policy: self.policy.clone(),
+                budget: self.budget.clone(),
+                jitter: self.jitter.clone(),
+            };
+        }
         // Send the caller's request and keep a copy to make retries from;
         // without a copy (or with one attempt allowed) no retry can follow.
         // The caller's goes first because its header map has room to grow
@@ -310,6 +324,10 @@ pin_project! {
         Pause {
             pause: Pin<Box<Pause<Req>>>,
         },
+        // Refused by adaptive throttling: never sent.
+        Throttled {
+            error: Option<Throttled>,
+        },
     }
 }
 
@@ -383,6 +401,13 @@ where
             let result = match this.state.as_mut().project() {
                 StateProj::First { future } => ready!(future.poll(cx)).map_err(Into::into),
                 StateProj::Attempt { call } => ready!(call.as_mut().poll(cx)).map_err(Into::into),
+                StateProj::Throttled { error } => {
+                    let error: BoxError = match error.take() {
+                        Some(throttled) => Box::new(throttled),
+                        None => "polled after it completed".into(),
+                    };
+                    return Poll::Ready(Err(error));
+                }
                 StateProj::Pause { pause } => {
                     let pause = pause.as_mut().project();
                     ready!(pause.sleep.poll(cx));
@@ -448,7 +473,12 @@ where
         let policy = &**this.policy;
         let pushback = match result {
             Ok(response) => match policy.on.response(response) {
-                ResponseVerdict::Accept => return Err(Stop::Accepted),
+                ResponseVerdict::Accept => {
+                    // The backends took the call: what adaptive throttling
+                    // counts (nothing, when it is off).
+                    this.budget.accepted();
+                    return Err(Stop::Accepted);
+                }
                 // A response proves the request arrived.
                 ResponseVerdict::Retry { .. } if !this.safety.may_repeat() => {
                     return Err(Stop::NotRetryable)
@@ -646,6 +676,42 @@ mod tests {
         request.extensions_mut().insert("trace-7");
         let kept = request.replay_kept().expect("copy");
         assert_eq!(kept.extensions().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_keeps_calls_to_backends_that_turn_them_away_from_being_sent() {
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sent.clone();
+        let unavailable = tower::service_fn(move |_: Request| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async {
+                let mut response = http::Response::new(());
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let budget = RetryBudget::new()
+            .min_per_second(0)
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        let service = RetryLayer::new(RetryPolicy::new(), budget.clone()).layer(unavailable);
+        let mut throttled = 0;
+        for _ in 0..200 {
+            let request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+            match service.clone().oneshot(request).await {
+                Ok(response) => assert_eq!(response.status(), 503),
+                Err(error) => {
+                    assert!(error.is::<Throttled>(), "{error}");
+                    throttled += 1;
+                }
+            }
+        }
+        // Nothing is accepted: past the floor of 10 calls, k x 0 accepts
+        // lets almost nothing through.
+        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 40, "{sent} sent");
+        assert!(throttled > 160, "{throttled} throttled");
+        assert_eq!(budget.stats().throttled, throttled);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@ mod policy;
 mod replay;
 
 pub use self::backoff::Backoff;
-pub use self::budget::{RetryBudget, RetryStats, Spend};
+pub use self::budget::{RetryBudget, RetryStats, Spend, Throttled};
 pub use self::layer::{BudgetExhausted, DeadlineTooClose, ResponseFuture, Retry, RetryLayer};
 pub use self::policy::{ErrorsOnly, HttpRetryOn, ResponseVerdict, RetryOn, RetryPolicy};
 pub use self::replay::{ReplayBody, ReplayLayer, ReplayService, DEFAULT_REPLAY_CAP};
