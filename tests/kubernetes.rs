@@ -41,6 +41,11 @@ fn discover(api: &KubeApi, service: &str) -> KubernetesDiscover<SocketAddr> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A slice of the `web` Service, its port named `http`.
+fn web(name: &str, port: u16, pods: &[Pod]) -> serde_json::Value {
+    slice(name, "web", "http", port, pods)
+}
+
 /// `n` HTTP servers at 127.0.0.2, 127.0.0.3, ..., all on one port.
 async fn pods(n: usize) -> (u16, Vec<TestServer>) {
     'attempt: for _ in 0..20 {
@@ -101,13 +106,7 @@ async fn changes(
 /// past that pod's insertion, and its watch open.
 async fn watching_one_pod() -> (KubeApi, KubernetesDiscover<SocketAddr>) {
     let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
+    api.apply(web("web-a", 8080, &[Pod::ready(ip(0), "a")]));
     let mut discover = discover(&api, "web");
     changes(&mut discover, 1).await;
     wait_until(WAIT, || api.open_watches() == 1).await;
@@ -157,17 +156,13 @@ fn addrs_in_service(client: &HttpClient<Body, KubernetesEndpoint>) -> Vec<Socket
 #[tokio::test]
 async fn every_slice_of_the_service_becomes_endpoints_with_their_readiness() {
     let api = KubeApi::start().await;
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         8080,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "b")],
     ));
-    api.apply(slice(
+    api.apply(web(
         "web-b",
-        "web",
-        "http",
         8080,
         &[
             Pod::ready(ip(2), "c").terminating(),
@@ -198,30 +193,20 @@ async fn every_slice_of_the_service_becomes_endpoints_with_their_readiness() {
 #[tokio::test]
 async fn a_change_announces_only_what_changed() {
     let api = KubeApi::start().await;
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         8080,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "a")],
     ));
     let mut discover = discover(&api, "web");
     changes(&mut discover, 2).await;
     // Pod 1 starts terminating and pod 2 arrives in another slice.
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         8080,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "a").terminating()],
     ));
-    api.apply(slice(
-        "web-b",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(2), "b")],
-    ));
+    api.apply(web("web-b", 8080, &[Pod::ready(ip(2), "b")]));
     assert_eq!(
         changes(&mut discover, 2).await,
         [
@@ -245,7 +230,7 @@ async fn requests_reach_ready_pods_and_a_terminating_pod_drains() {
     let (port, servers) = pods(3).await;
     let api = KubeApi::start().await;
     let all: Vec<Pod> = (0..3).map(|i| Pod::ready(ip(i), "a")).collect();
-    api.apply(slice("web-a", "web", "http", port, &all));
+    api.apply(web("web-a", port, &all));
     let client = client(&api, "web");
     send(&client, 30).await;
     assert!(
@@ -264,7 +249,7 @@ async fn requests_reach_ready_pods_and_a_terminating_pod_drains() {
     servers[2].wait_in_flight(1).await;
     let mut draining = all.clone();
     draining[2] = draining[2].clone().terminating();
-    api.apply(slice("web-a", "web", "http", port, &draining));
+    api.apply(web("web-a", port, &draining));
     wait_until(WAIT, || {
         client
             .balancer()
@@ -296,7 +281,7 @@ async fn requests_reach_ready_pods_and_a_terminating_pod_drains() {
     );
 
     // Gone from the slice: gone from the balancer.
-    api.apply(slice("web-a", "web", "http", port, &all[..2]));
+    api.apply(web("web-a", port, &all[..2]));
     wait_until(WAIT, || addrs_in_service(&client).len() == 2).await;
 }
 
@@ -304,13 +289,7 @@ async fn requests_reach_ready_pods_and_a_terminating_pod_drains() {
 async fn a_terminating_pod_is_used_while_no_pod_is_ready() {
     let (port, servers) = pods(1).await;
     let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        port,
-        &[Pod::ready(ip(0), "a").terminating()],
-    ));
+    api.apply(web("web-a", port, &[Pod::ready(ip(0), "a").terminating()]));
     let client = client(&api, "web");
     send(&client, 5).await;
     assert_eq!(servers[0].hits(), 5);
@@ -320,10 +299,8 @@ async fn a_terminating_pod_is_used_while_no_pod_is_ready() {
 async fn a_dropped_watch_resumes_from_its_version_without_listing_again() {
     let (api, mut discover) = watching_one_pod().await;
     api.drop_watches();
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         8080,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "a")],
     ));
@@ -387,17 +364,11 @@ async fn a_service_with_no_endpoints_is_said_once_until_it_has_some() {
         said.to_string(),
         "Kubernetes Service shop/web has no endpoints"
     );
-    api.apply(slice("web-a", "web", "http", 8080, &[]));
+    api.apply(web("web-a", 8080, &[]));
     quiet(&mut discover).await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
+    api.apply(web("web-a", 8080, &[Pod::ready(ip(0), "a")]));
     changes(&mut discover, 1).await;
-    api.apply(slice("web-a", "web", "http", 8080, &[]));
+    api.apply(web("web-a", 8080, &[]));
     changes(&mut discover, 1).await;
     assert!(next(&mut discover).await.is_err(), "no endpoints, again");
 }
@@ -405,7 +376,7 @@ async fn a_service_with_no_endpoints_is_said_once_until_it_has_some() {
 #[tokio::test]
 async fn a_service_whose_slices_cannot_be_read_says_so() {
     let api = KubeApi::start().await;
-    let mut web = slice("web-a", "web", "http", 8080, &[Pod::ready(ip(0), "a")]);
+    let mut web = web("web-a", 8080, &[Pod::ready(ip(0), "a")]);
     web["ports"]
         .as_array_mut()
         .expect("ports")
@@ -422,32 +393,14 @@ async fn a_service_whose_slices_cannot_be_read_says_so() {
 #[tokio::test]
 async fn a_410_gone_watch_event_lists_again_and_announces_only_the_difference() {
     let api = KubeApi::start().await;
-    api.apply(slice(
-        "web-a",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(0), "a")],
-    ));
-    api.apply(slice(
-        "web-b",
-        "web",
-        "http",
-        8080,
-        &[Pod::ready(ip(1), "a")],
-    ));
+    api.apply(web("web-a", 8080, &[Pod::ready(ip(0), "a")]));
+    api.apply(web("web-b", 8080, &[Pod::ready(ip(1), "a")]));
     let mut discover = discover(&api, "web");
     changes(&mut discover, 2).await;
     wait_until(WAIT, || api.open_watches() == 1).await;
     api.change_unseen(|api| {
         api.delete("web-b");
-        api.apply(slice(
-            "web-c",
-            "web",
-            "http",
-            8080,
-            &[Pod::ready(ip(2), "b")],
-        ));
+        api.apply(web("web-c", 8080, &[Pod::ready(ip(2), "b")]));
     });
     // Pod 0, in both lists, is not announced again (its connections and
     // health stay); the others are.
@@ -469,13 +422,7 @@ async fn a_410_gone_answer_to_the_watch_request_lists_again() {
     let (api, mut discover) = watching_one_pod().await;
     api.answer_gone_with_status();
     api.change_unseen(|api| {
-        api.apply(slice(
-            "web-b",
-            "web",
-            "http",
-            8080,
-            &[Pod::ready(ip(1), "a")],
-        ));
+        api.apply(web("web-b", 8080, &[Pod::ready(ip(1), "a")]));
     });
     assert_eq!(
         changes(&mut discover, 1).await,
@@ -488,10 +435,8 @@ async fn a_410_gone_answer_to_the_watch_request_lists_again() {
 async fn an_api_server_restart_keeps_the_last_set_and_catches_up() {
     let (port, servers) = pods(3).await;
     let api = KubeApi::start().await;
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         port,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "a")],
     ));
@@ -509,10 +454,8 @@ async fn an_api_server_restart_keeps_the_last_set_and_catches_up() {
     assert_eq!(addrs_in_service(&client).len(), 2);
 
     // While it was down, pod 0 went away and pod 2 came.
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         port,
         &[Pod::ready(ip(1), "a"), Pod::ready(ip(2), "a")],
     ));
@@ -532,10 +475,8 @@ async fn a_malformed_watch_event_is_survived() {
     let (api, mut discover) = watching_one_pod().await;
     api.send_raw(r#"{"type":"ADDED","object":{"kind":"EndpointSlice","addressType":7"#);
     api.send_raw("not json at all");
-    api.apply(slice(
+    api.apply(web(
         "web-a",
-        "web",
-        "http",
         8080,
         &[Pod::ready(ip(0), "a"), Pod::ready(ip(1), "a")],
     ));
@@ -578,7 +519,7 @@ async fn a_service_without_endpoints_fails_requests_at_once_saying_so() {
 async fn the_named_port_is_used_when_the_service_has_several() {
     let (port, servers) = pods(1).await;
     let api = KubeApi::start().await;
-    let mut web = slice("web-a", "web", "http", port, &[Pod::ready(ip(0), "a")]);
+    let mut web = web("web-a", port, &[Pod::ready(ip(0), "a")]);
     web["ports"]
         .as_array_mut()
         .expect("ports")
@@ -606,7 +547,7 @@ async fn zone_hints_decide_where_a_zone_aware_client_sends() {
         .map(|i| Pod::ready(ip(i), zones[i]).hinted_for(hints[i]))
         .collect();
     let api = KubeApi::start().await;
-    api.apply(slice("web-a", "web", "http", port, &all));
+    api.apply(web("web-a", port, &all));
     let client: HttpClient<Body, KubernetesEndpoint> = HttpClient::builder()
         .balancer(|b| {
             b.metadata(KubernetesEndpoint::metadata)

@@ -334,24 +334,28 @@ impl Contender {
     }
 }
 
-fn tower_lb<P: Strategy>(
+/// What every tower-lb contender's balancer starts from: the strategy, 5xx
+/// classified as failures, Linkerd's Peak-EWMA settings, the run's clock
+/// and seed.
+fn builder<P: Strategy>(
     strategy: P,
-    endpoints: Discovery,
     seed: u64,
     clock: LatencyClock,
-    detection: Option<OutlierDetection>,
-) -> Built {
-    let builder = Balancer::builder()
+) -> tower_lb::balance::Builder<P, ServerErrors> {
+    Balancer::builder()
         .strategy(strategy)
         .classify(ServerErrors)
         .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
         .latency_clock(clock)
-        .seed(seed);
-    let builder = match detection {
-        Some(detection) => builder.outlier_detection(detection),
-        None => builder,
-    };
-    let balancer = builder.build(endpoints);
+        .seed(seed)
+}
+
+/// `balancer` alone as a contender, its stats read by the run.
+fn bare<P, H>(balancer: Balancer<usize, Endpoint, P, ServerErrors, H>) -> Built
+where
+    P: Strategy,
+    H: tower_lb::balance::RequestHints<Request>,
+{
     let stats = balancer.clone();
     Built {
         client: BoxCloneService::new(balancer.map_err(BoxError::from)),
@@ -359,21 +363,28 @@ fn tower_lb<P: Strategy>(
     }
 }
 
+fn tower_lb<P: Strategy>(
+    strategy: P,
+    endpoints: Discovery,
+    seed: u64,
+    clock: LatencyClock,
+    detection: Option<OutlierDetection>,
+) -> Built {
+    let builder = builder(strategy, seed, clock);
+    let builder = match detection {
+        Some(detection) => builder.outlier_detection(detection),
+        None => builder,
+    };
+    bare(builder.build(endpoints))
+}
+
 /// A hashing strategy, reading each request's key (the balancer's hints).
 fn hashing(strategy: RingHash, endpoints: Discovery, seed: u64, clock: LatencyClock) -> Built {
-    let balancer = Balancer::builder()
-        .strategy(strategy)
-        .classify(ServerErrors)
-        .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
-        .latency_clock(clock)
-        .seed(seed)
-        .avoid_tried_endpoints()
-        .build(endpoints);
-    let stats = balancer.clone();
-    Built {
-        client: BoxCloneService::new(balancer.map_err(BoxError::from)),
-        probe: Some(Arc::new(move || stats.endpoints())),
-    }
+    bare(
+        builder(strategy, seed, clock)
+            .avoid_tried_endpoints()
+            .build(endpoints),
+    )
 }
 
 /// What a resilient contender has beyond retries and the deadline.
@@ -399,12 +410,7 @@ fn resilient<P: Strategy>(
     clock: LatencyClock,
     extra: Resilience,
 ) -> Built {
-    let builder = Balancer::builder()
-        .strategy(strategy)
-        .classify(ServerErrors)
-        .rtt_estimate(tower_lb::load::RttEstimate::new(DEFAULT_RTT, DECAY))
-        .latency_clock(clock)
-        .seed(seed)
+    let builder = builder(strategy, seed, clock)
         .avoid_tried_endpoints()
         .health_check(BackendChecks(extra.checks));
     let builder = match extra.outliers {
