@@ -591,7 +591,7 @@ mod tests {
 
     #[test]
     fn an_overprovisioning_factor_below_1_or_nan_is_refused_by_name() {
-        for bad in [0.5, f64::NAN, f64::INFINITY] {
+        for bad in [0.5, 100.5, f64::NAN, f64::INFINITY] {
             let error = Builder::new().overprovisioning_factor(bad).unwrap_err();
             assert_eq!(error.setting(), "Builder::overprovisioning_factor");
         }

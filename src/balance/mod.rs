@@ -186,7 +186,7 @@ impl<K, S, P: Strategy, C, H> Inner<K, S, P, C, H> {
         // A retry must not take a round-robin turn (see `is_retry`).
         let ctx = shared
             .request_pick_context(start_ns)
-            .retry(avoid.is_some())
+            // `avoid` is there exactly when an attempt was made: a retry.
             .with_attempt(avoid.map_or(0, |t| u32::try_from(t.attempts()).unwrap_or(u32::MAX)))
             .with_hash_key(hash_key);
         let level = snapshot.level(&ctx);

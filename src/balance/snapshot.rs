@@ -85,13 +85,7 @@ impl<K, S, Sch> Level<K, S, Sch> {
             return &self.first;
         }
         let draw = ctx.index_by_key(WHOLE as usize, GROUP_SALT) as u32;
-        if draw < self.first.below {
-            return &self.first;
-        }
-        self.more
-            .iter()
-            .find(|group| draw < group.below)
-            .unwrap_or(&self.first)
+        by_draw(&self.first, &self.more, draw, |group| group.below)
     }
 
     /// Every group, in order.
@@ -147,13 +141,7 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
             return &self.first;
         }
         let draw = ctx.index_by_key(100, LEVEL_SALT) as u32;
-        if draw < self.first.below {
-            return &self.first;
-        }
-        self.more
-            .iter()
-            .find(|level| draw < level.below)
-            .unwrap_or(&self.first)
+        by_draw(&self.first, &self.more, draw, |level| level.below)
     }
 
     /// Every level that takes traffic, in priority order.
@@ -177,4 +165,14 @@ impl<K, S, Sch> Snapshot<K, S, Sch> {
     pub(crate) fn in_flight(&self) -> usize {
         self.all().map(|e| e.load().in_flight_seq_cst()).sum()
     }
+}
+
+/// Of `first` and `more`, whose `below`s add up their shares in order, the
+/// one `draw` falls in (`first` when none: the shares are whole).
+#[inline]
+fn by_draw<'a, T>(first: &'a T, more: &'a [T], draw: u32, below: impl Fn(&T) -> u32) -> &'a T {
+    if draw < below(first) {
+        return first;
+    }
+    more.iter().find(|t| draw < below(t)).unwrap_or(first)
 }

@@ -12,19 +12,12 @@ pub trait RequestHints<Req>: Send + Sync + 'static {
     /// The endpoints this request's call has been sent to already.
     fn tried<'r>(&self, req: &'r Req) -> Option<&'r TriedEndpoints>;
 
-    /// The request's hash key, for hashing strategies
+    /// What the balancer reads for each pick: [`tried`](Self::tried), and
+    /// the request's hash key for hashing strategies
     /// ([`PickContext::hash_key`](crate::strategy::PickContext::hash_key)).
-    /// Default: none.
-    fn hash_key(&self, req: &Req) -> Option<u64> {
-        let _ = req;
-        None
-    }
-
-    /// [`tried`](Self::tried) and [`hash_key`](Self::hash_key) together,
-    /// as the balancer reads them for each pick: override it to find both
-    /// in one look-up.
+    /// Default: `tried` and no key.
     fn read<'r>(&self, req: &'r Req) -> (Option<&'r TriedEndpoints>, Option<u64>) {
-        (self.tried(req), self.hash_key(req))
+        (self.tried(req), None)
     }
 }
 
@@ -50,10 +43,7 @@ impl<Req: HasCallContext> RequestHints<Req> for CallHints {
         req.call_context()?.tried()
     }
 
-    fn hash_key(&self, req: &Req) -> Option<u64> {
-        req.call_context()?.hash_key()
-    }
-
+    /// Both from the context, found once.
     fn read<'r>(&self, req: &'r Req) -> (Option<&'r TriedEndpoints>, Option<u64>) {
         match req.call_context() {
             Some(context) => (context.tried(), context.hash_key()),

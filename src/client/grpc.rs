@@ -304,8 +304,6 @@ where
     }
 }
 
-/// `GrpcChannel`'s own outer layers: errors as `Status`, method safety,
-/// `grpc-timeout`.
 /// The request without the method name a generated client puts in its
 /// extensions (tonic's `GrpcMethod`): nothing beneath reads it (the method
 /// is in the path), and a request whose extensions hold only the call's
@@ -316,6 +314,8 @@ fn without_method_name(mut req: Call) -> Call {
     req
 }
 
+/// `GrpcChannel`'s own outer layers: errors as `Status`, method safety,
+/// `grpc-timeout`.
 struct GrpcLayers {
     method_safety: MethodSafety,
 }

@@ -544,8 +544,10 @@ struct SliceSet {
     reading: Reading,
     /// By slice name, for an order that does not depend on arrival.
     slices: BTreeMap<String, Slice>,
-    /// A list under way: it replaces `slices` once complete.
-    listing: Option<BTreeMap<String, Slice>>,
+    /// A list under way: it replaces `slices` once complete. Every slice
+    /// listed, those left out too (`None`), so that the ones no longer
+    /// there are forgotten.
+    listing: Option<BTreeMap<String, Option<Slice>>>,
     /// The slices left out, and why: each is warned of once per reason.
     left_out: HashMap<String, String>,
 }
@@ -570,17 +572,19 @@ impl SliceSet {
             watcher::Event::InitApply(slice) => {
                 if let Some((name, read)) = self.read(&slice) {
                     let listing = self.listing.get_or_insert_with(BTreeMap::new);
-                    if let Some(slice) = read {
-                        listing.insert(name, slice);
-                    }
+                    listing.insert(name, read);
                 }
                 false
             }
             watcher::Event::InitDone => {
-                self.slices = self.listing.take().unwrap_or_default();
-                let slices = &self.slices;
-                // A slice gone while the watch was down is forgotten.
-                self.left_out.retain(|name, _| !slices.contains_key(name));
+                let listed = self.listing.take().unwrap_or_default();
+                // A slice left out and gone while the watch was down is
+                // forgotten (its warning comes again if it comes back).
+                self.left_out.retain(|name, _| listed.contains_key(name));
+                self.slices = listed
+                    .into_iter()
+                    .filter_map(|(name, slice)| Some((name, slice?)))
+                    .collect();
                 true
             }
             watcher::Event::Apply(slice) => match self.read(&slice) {
@@ -1140,6 +1144,29 @@ mod tests {
             set.endpoints().keys().copied().collect::<Vec<_>>(),
             [addr("10.0.0.2:80")]
         );
+    }
+
+    #[test]
+    fn a_left_out_slice_gone_from_a_new_list_is_forgotten() {
+        let mut set = SliceSet::new(Reading::default());
+        let unreadable = || {
+            slice(
+                "x",
+                vec![endpoint("10.0.0.1", "a", None)],
+                vec![port("a", 80, "TCP"), port("b", 81, "TCP")],
+            )
+        };
+        set.apply(watcher::Event::Apply(unreadable()));
+        assert_eq!(set.left_out.len(), 1);
+        // Listed again while still there: still left out.
+        set.apply(watcher::Event::Init);
+        set.apply(watcher::Event::InitApply(unreadable()));
+        set.apply(watcher::Event::InitDone);
+        assert_eq!(set.left_out.len(), 1);
+        // Gone from the next list: forgotten.
+        set.apply(watcher::Event::Init);
+        set.apply(watcher::Event::InitDone);
+        assert!(set.left_out.is_empty());
     }
 
     #[test]

@@ -253,9 +253,13 @@ where
         let retries = match self.policy.max_attempts > 1 {
             true => req.replay_kept().ok().map(|original| Retries {
                 service: self.inner.clone(),
+                // Kept beside the copy only when the copy left it out (plain
+                // values and one `Arc`: no allocation).
+                context: match original.call_context() {
+                    Some(_) => None,
+                    None => req.call_context().cloned(),
+                },
                 original,
-                // Plain values and one `Arc`: no allocation.
-                context: req.call_context().cloned(),
             }),
             false => None,
         };
@@ -676,6 +680,25 @@ mod tests {
         request.extensions_mut().insert("trace-7");
         let kept = request.replay_kept().expect("copy");
         assert_eq!(kept.extensions().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_counts_the_answers_the_backends_accept() {
+        // Every call answered 200 and counted as accepted: none refused,
+        // however many there are.
+        let ok =
+            tower::service_fn(|_: Request| async { Ok::<_, Infallible>(http::Response::new(())) });
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        let service = RetryLayer::new(RetryPolicy::new(), budget.clone()).layer(ok);
+        for _ in 0..200 {
+            let request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+            let answer = service.clone().oneshot(request).await;
+            assert!(answer.is_ok(), "{:?}", answer.err());
+        }
+        let stats = budget.stats();
+        assert_eq!((stats.accepted, stats.throttled), (200, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -223,9 +223,11 @@ impl<'a> PickContext<'a> {
     }
 
     /// The same context for the call's attempt number `attempt` (0 for its
-    /// first; see [`attempt`](Self::attempt)).
+    /// first; see [`attempt`](Self::attempt)); a later one is a
+    /// [retry](Self::is_retry).
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
+        self.retry |= attempt > 0;
         self
     }
 
@@ -463,6 +465,11 @@ mod tests {
             let draw = keyed(key).index_by_key(100, 7);
             assert!((0..10).all(|_| keyed(key).index_by_key(100, 7) == draw));
         }
+        // The level and the zone draws are independent (their salts differ).
+        let apart = (0..100u64)
+            .filter(|&key| keyed(key).index_by_key(100, 1) != keyed(key).index_by_key(100, 2))
+            .count();
+        assert!(apart > 80, "{apart} of 100 keys draw differently");
         // Keys spread over the whole range.
         let mut seen = [false; 10];
         for key in 0..1_000u64 {

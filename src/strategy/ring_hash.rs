@@ -172,7 +172,7 @@ fn point_hash(identity: u64, n: u64) -> u64 {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&identity.to_le_bytes());
     bytes[8..].copy_from_slice(&n.to_le_bytes());
-    twox_hash::XxHash64::oneshot(0, &bytes)
+    crate::request::hash_key_of(&bytes)
 }
 
 /// The points of a ring: `per_weight` x each endpoint's weight over the
@@ -273,21 +273,26 @@ impl Strategy for RingHash {
     }
 }
 
-/// The position of the point `n` endpoints on from the one at `from`: each
-/// change of endpoint along the ring counts (an endpoint met again after
-/// others counts again; with a handful of attempts and 160 points each,
-/// that is rare and harmless). Stops after a turn of the ring.
+/// The position where the `n`-th endpoint after the one at `from` is
+/// first met along the ring, counting distinct endpoints (the first 8 are
+/// remembered, on the stack: a call makes a handful of attempts). Stops
+/// after a turn of the ring.
 fn skip_endpoints(points: &[Point], from: usize, n: u32) -> usize {
-    let mut at = from;
-    let mut left = n;
-    let mut step = 0;
-    while left > 0 && step < points.len() {
-        let next = (at + 1) % points.len();
-        if points[next].index != points[at].index {
-            left -= 1;
+    const REMEMBERED: usize = 8;
+    let mut seen = [points[from].index; REMEMBERED];
+    let (mut distinct, mut at) = (1usize, from);
+    for _ in 0..points.len() {
+        if distinct > n as usize {
+            break;
         }
-        at = next;
-        step += 1;
+        at = (at + 1) % points.len();
+        let index = points[at].index;
+        if !seen[..distinct.min(REMEMBERED)].contains(&index) {
+            if distinct < REMEMBERED {
+                seen[distinct] = index;
+            }
+            distinct += 1;
+        }
     }
     at
 }
@@ -433,6 +438,7 @@ mod tests {
         let (first, second, third) = (pick(0), pick(1), pick(2));
         assert_ne!(first, second);
         assert_ne!(second, third);
+        assert_ne!(third, first, "a walk that doubles back");
         // The same order every time (in every client).
         assert_eq!((pick(0), pick(1), pick(2)), (first, second, third));
     }

@@ -158,8 +158,9 @@ struct Store {
     history: Vec<(u64, &'static str, Value)>,
     /// A watch from a version before this one is too old: 410 Gone.
     oldest: u64,
-    /// Open watch streams, with the label selector each asked for.
-    watches: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
+    /// Open watch streams, with the Service each asked for and whether it
+    /// asked for bookmarks (`allowWatchBookmarks`).
+    watches: Vec<(String, bool, mpsc::UnboundedSender<Bytes>)>,
     /// Answer watch requests from too old a version with HTTP 410 rather
     /// than an `ERROR` event.
     gone_as_response: bool,
@@ -269,7 +270,7 @@ impl KubeApi {
             "apiVersion": "discovery.k8s.io/v1",
             "metadata": { "resourceVersion": version.to_string() }
         });
-        store.send_all("BOOKMARK", &mark);
+        store.send_bookmark(&mark);
         store.watches.clear();
         version
     }
@@ -324,7 +325,7 @@ impl KubeApi {
         let line = Bytes::from(format!("{line}\n"));
         store
             .watches
-            .retain(|(_, tx)| tx.send(line.clone()).is_ok());
+            .retain(|(_, _, tx)| tx.send(line.clone()).is_ok());
     }
 
     /// Stops serving: the listener closes and every connection is cut.
@@ -357,7 +358,7 @@ impl KubeApi {
     /// How many watch streams are open.
     pub fn open_watches(&self) -> usize {
         let mut store = self.store();
-        store.watches.retain(|(_, tx)| !tx.is_closed());
+        store.watches.retain(|(_, _, tx)| !tx.is_closed());
         store.watches.len()
     }
 }
@@ -377,12 +378,14 @@ impl Store {
             .to_owned();
         let line = event(kind, object);
         self.watches
-            .retain(|(wanted, tx)| *wanted != service || tx.send(line.clone()).is_ok());
+            .retain(|(wanted, _, tx)| *wanted != service || tx.send(line.clone()).is_ok());
     }
 
-    fn send_all(&mut self, kind: &str, object: &Value) {
-        let line = event(kind, object);
-        self.watches.retain(|(_, tx)| tx.send(line.clone()).is_ok());
+    /// Sends a `BOOKMARK` to the watches that asked for bookmarks.
+    fn send_bookmark(&mut self, mark: &Value) {
+        let line = event("BOOKMARK", mark);
+        self.watches
+            .retain(|(_, asked, tx)| !*asked || tx.send(line.clone()).is_ok());
     }
 
     fn matching(&self, service: &str) -> Vec<Value> {
@@ -523,7 +526,8 @@ async fn answer(
                 let _ = tx.send(event(kind, object));
             }
         }
-        store.watches.push((service, tx));
+        let bookmarks = params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        store.watches.push((service, bookmarks, tx));
     }
     let mut response = Response::new(WatchBody { rx }.boxed());
     response.headers_mut().insert(
