@@ -92,8 +92,9 @@ async fn by_default_a_backend_answering_only_503_is_ejected_after_five_and_calle
             .expect("endpoint known")
     };
 
-    // Each failure raises its cost, so P2C sends it a request only every
-    // second or so once it has failed: the fifth comes after a few seconds.
+    // Each failure raises its cost, and with nothing in flight elsewhere
+    // P2C sends it a request again only once its failures are forgotten
+    // (about every 2.4 s): the fifth comes after about ten seconds.
     let started = Instant::now();
     while failing().state != EndpointState::Ejected {
         assert!(

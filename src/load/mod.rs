@@ -147,9 +147,18 @@ pub(crate) fn overload_weight(pause: Option<Duration>) -> f64 {
     }
 }
 
-/// After this long (20 memories: a factor of 2e-9) a failure is taken as
-/// forgotten.
-const FAILURE_FORGOTTEN_NS: u64 = 20 * FAILURE_MEMORY.as_nanos() as u64;
+/// A failure score that has decayed below this is forgotten (set to 0).
+///
+/// Not a vanishing value: P2C compares two endpoints with as many requests
+/// in flight by their failure factors alone, so any score left, however
+/// small, loses every such tie. Under light load (nothing in flight most
+/// of the time) an endpoint that failed once would be passed over until
+/// the score underflowed, and one that kept failing would be tried again
+/// only when latency noise happened to favour it. A tenth (a factor of
+/// 1.1, inside the noise of a latency estimate) forgets one failure after
+/// `ln 10`, 2.3 memories, and tries an endpoint that fails every request
+/// about every 2.4 s.
+const FAILURE_FORGOTTEN_SCORE: f64 = 0.1;
 
 /// Bits of `EndpointLoad::counters` that count requests in flight: up to
 /// 16.7 million at once on one endpoint; the 40 bits above count requests
@@ -559,14 +568,15 @@ impl EndpointLoad {
             return 0.0;
         }
         let since = now_ns.saturating_sub(self.failure_stamp_ns.load(Ordering::Relaxed));
-        // Long forgotten: the score is set back to 0, so that picks skip
-        // the clock and the exponential again (a failure recorded at the
-        // same moment may be lost, as two at once may).
-        if since > FAILURE_FORGOTTEN_NS {
+        let decayed = score * decay_factor(ns_as_f64(since) / FAILURE_MEMORY_NS);
+        // Forgotten: the score is set back to 0, so that picks skip the
+        // clock and the exponential again (a failure recorded at the same
+        // moment may be lost, as two at once may).
+        if decayed < FAILURE_FORGOTTEN_SCORE {
             self.failure_score.store(0, Ordering::Relaxed);
             return 0.0;
         }
-        score * decay_factor(ns_as_f64(since) / FAILURE_MEMORY_NS)
+        decayed
     }
 
     /// Whether the endpoint has failed since it was added (its failures may
@@ -705,6 +715,15 @@ mod tests {
         let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
         load.record_failure_cost(0, two_seconds);
         assert!((load.failure_factor(2_000_000_000) - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_failure_is_forgotten_once_it_weighs_less_than_a_tenth() {
+        let load = EndpointLoad::new(0, &RttEstimate::DEFAULT);
+        load.record_failure_cost(0, 1.0);
+        // e^-2.2 = 0.11, e^-2.4 = 0.09.
+        assert!(load.failure_factor(2_200_000_000) > 1.1);
+        assert_eq!(load.failure_factor(2_400_000_000), 1.0);
     }
 
     #[test]

@@ -605,6 +605,30 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_endpoint_that_failed_once_shares_picks_again_within_three_seconds() {
+        let rtt = RttEstimate::DEFAULT;
+        for p2c in [P2c::least_requests(), P2c::peak_ewma()] {
+            let endpoints = loads(3);
+            endpoints[0].record_failure_cost(0, 1.0);
+            // Nothing in flight anywhere: every pair it is in is a tie on
+            // load, which its failure decides while the failure counts.
+            let picks_at = |now_ns: u64| {
+                let ctx = PickContext::new(now_ns, &rtt);
+                let schedule = p2c.schedule(&endpoints[..], &ctx);
+                (0..3_000)
+                    .filter(|_| p2c.pick(&schedule, &endpoints[..], &ctx) == Some(0))
+                    .count()
+            };
+            assert_eq!(picks_at(2_000_000_000), 0, "{p2c:?} after 2 s");
+            let picks = picks_at(2_400_000_000);
+            assert!(
+                (700..=1_300).contains(&picks),
+                "{p2c:?} after 2.4 s: {picks}"
+            );
+        }
+    }
+
+    #[test]
     fn without_failures_the_same_endpoint_wins_those_pairs() {
         let rtt = RttEstimate::DEFAULT;
         let endpoints = a_fast_one_beside_two_busy_ones(&rtt);
