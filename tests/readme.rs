@@ -364,6 +364,26 @@ async fn affinity() -> Result<(), BoxError> {
     Ok(())
 }
 
+async fn subsetting() -> Result<(), BoxError> {
+    // README begin
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_lb::client::HttpClient;
+    use tower_lb::discover::{self, Subset};
+
+    // This replica's ordinal and the fleet's size (a StatefulSet's, say).
+    let (replica, replicas): (u32, u32) = (3, 200);
+    let addrs: Vec<SocketAddr> = vec!["10.0.0.1:8080".parse()?, "10.0.0.2:8080".parse()?];
+    let subset = Subset::aperture(replica, replicas, 10)?; // 10 backends each
+    let endpoints = discover::fixed(addrs.into_iter().map(|addr| (addr, addr)));
+    let client: HttpClient<Empty<Bytes>> =
+        HttpClient::builder().build_discover(subset.discover(endpoints));
+    // README end
+    Ok(())
+}
+
 // Behind tower-lb's `kubernetes` feature (off by default), which CI's tests
 // turn on; the downstream crate, which has no such feature, leaves it out.
 #[cfg(feature = "kubernetes")]

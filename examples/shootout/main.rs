@@ -12,6 +12,7 @@
 
 mod backend;
 mod contender;
+mod fleet;
 mod report;
 mod run;
 mod scenario;
@@ -35,8 +36,9 @@ use scenario::Scenario;
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
     /// gc-pause, capacity, heavy-tail, scale-up, rolling-restart, blackhole,
-    /// cluster, cluster-slow-node, cluster-gc-pause, zones, cache); default:
-    /// all.
+    /// cluster, cluster-slow-node, cluster-gc-pause, zones, cache, fleet);
+    /// default: all. `fleet` (200 clients, each a balancer of its own, over
+    /// 100 backends, with and without subsetting) always runs simulated.
     #[arg(long)]
     scenario: Option<String>,
     /// Contenders to run, comma separated (round-robin, p2c-least-requests,
@@ -80,12 +82,19 @@ fn main() -> ExitCode {
 }
 
 fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let scenarios: Vec<Scenario> = match &args.scenario {
-        Some(name) if !args.quick => vec![scenario::by_name(name).ok_or_else(|| {
-            let known: Vec<_> = scenario::all().iter().map(|s| s.name).collect();
-            format!("unknown scenario {name:?}; known: {}", known.join(", "))
-        })?],
-        _ => scenario::all(),
+    let (scenarios, fleet): (Vec<Scenario>, bool) = match &args.scenario {
+        Some(name) if !args.quick && name == "fleet" => (Vec::new(), true),
+        Some(name) if !args.quick => (
+            vec![scenario::by_name(name).ok_or_else(|| {
+                let known: Vec<_> = scenario::all().iter().map(|s| s.name).collect();
+                format!(
+                    "unknown scenario {name:?}; known: {}, fleet",
+                    known.join(", ")
+                )
+            })?],
+            false,
+        ),
+        _ => (scenario::all(), true),
     };
     let contenders: Vec<Contender> = if args.strategy.is_empty() {
         Contender::ALL.to_vec()
@@ -121,9 +130,10 @@ fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "real hyper servers on 127.0.0.1"
     };
     println!(
-        "shootout: {} scenarios x {} contenders, {mode}, {} req/s (the cluster scenarios: their own) for {seconds} s each, seed {}",
+        "shootout: {} scenarios x {} contenders{}, {mode}, {} req/s (the cluster scenarios: their own) for {seconds} s each, seed {}",
         scenarios.len(),
         contenders.len(),
+        if fleet { ", and the fleet (simulated)" } else { "" },
         args.rate,
         args.seed
     );
@@ -162,10 +172,26 @@ fn shootout(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         all.push((scenario, results));
     }
     progress.finish_and_clear();
+    let fleet_table = fleet.then(|| {
+        let load = Load {
+            rate: fleet::rate(),
+            duration: args
+                .duration
+                .map_or(fleet::DEFAULT_DURATION, Duration::from_secs_f64),
+            ..load
+        };
+        let results: Vec<_> = fleet::FleetContender::ALL
+            .into_iter()
+            .map(|contender| fleet::simulate(contender, load))
+            .collect();
+        let table = fleet::table(&results);
+        print!("{table}");
+        table
+    });
 
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let path = args.out.join("report.html");
-    report::write_html(&path, &command, &all)?;
+    report::write_html(&path, &command, &all, fleet_table.as_deref())?;
     println!("\nreport: {}", path.display());
     Ok(())
 }
@@ -427,6 +453,54 @@ mod tests {
         assert!(ring.max_over_mean_requests() > bounded.max_over_mean_requests());
         assert!(bounded.latency_ms(0.99) < p2c.latency_ms(0.99));
         assert_eq!(bounded.failed + ring.failed + p2c.failed, 0);
+    }
+
+    #[test]
+    fn an_aperture_cuts_connections_by_90_percent_and_loads_every_backend_alike() {
+        use fleet::{FleetContender, Subsetting};
+        let load = Load {
+            rate: fleet::rate(),
+            duration: Duration::from_secs(4),
+            seed: 1,
+        };
+        let run = |subsetting| {
+            fleet::simulate(
+                FleetContender {
+                    strategy: Contender::P2cLeastRequests,
+                    subsetting,
+                },
+                load,
+            )
+        };
+        let (all, aperture, random) = (
+            run(Subsetting::None),
+            run(Subsetting::Aperture),
+            run(Subsetting::Random),
+        );
+        assert_eq!(all.total_connections(), fleet::CLIENTS * fleet::BACKENDS);
+        assert_eq!(aperture.total_connections(), all.total_connections() / 10);
+        // 200 apertures of 10 over 100 backends: 20 clients each, exactly;
+        // random subsets of 10 overlap at random.
+        assert!(aperture.connections.iter().all(|&n| n == 20));
+        assert!(random.connections.iter().any(|&n| n >= 25));
+        assert!(
+            aperture.max_over_mean_load() < 1.15,
+            "{}",
+            aperture.max_over_mean_load()
+        );
+        assert!(random.max_over_mean_load() > aperture.max_over_mean_load());
+        // Ten of 100 backends replaced: 4,000 pairs end or begin when every
+        // client holds every backend; an aperture moves a few more than
+        // its own 400.
+        assert_eq!((all.moved, all.forced), (4_000, 4_000));
+        assert!(
+            aperture.forced > 0 && aperture.moved < 1_000,
+            "{}",
+            aperture.moved
+        );
+        for r in [&all, &aperture, &random] {
+            assert_eq!(r.failed, 0);
+        }
     }
 
     #[test]

@@ -556,6 +556,7 @@ pub fn write_html(
     path: &Path,
     command: &str,
     runs: &[(Scenario, Vec<RunResult>)],
+    fleet: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tower-lb shootout</title>\
@@ -612,6 +613,13 @@ pub fn write_html(
             std::fs::create_dir_all(dir)?;
             std::fs::write(dir.join(format!("{}.svg", scenario.name)), &svg)?;
         }
+    }
+    if let Some(fleet) = fleet {
+        let _ = write!(
+            html,
+            "<h2 id=\"fleet\">fleet</h2><pre>{}</pre>",
+            escape(fleet.trim())
+        );
     }
     html.push_str("</body></html>\n");
     if let Some(dir) = path.parent() {

@@ -259,7 +259,7 @@ impl RunResult {
 
 /// A `GET /` (the default method and URI), with `key` as its hash key and
 /// in its `x-key` header when it has one.
-fn request(key: Option<u64>) -> Request {
+pub fn request(key: Option<u64>) -> Request {
     let mut req = http::Request::new(ReplayBody::new(Empty::new(), DEFAULT_REPLAY_CAP));
     if let Some(key) = key {
         req.call_context_mut()
@@ -317,7 +317,7 @@ struct Generated {
 /// request as failed: longer than any answer in the other scenarios (a
 /// queue at an overloaded backend reaches 20 s), so that it bounds only
 /// requests nothing else does (a black-holed backend's, without timeouts).
-const GIVE_UP: Duration = Duration::from_secs(30);
+pub const GIVE_UP: Duration = Duration::from_secs(30);
 
 /// How often the run looks at the balancer's endpoint stats. An ejected
 /// endpoint gets no requests until it returns (30 s by default, longer than
@@ -482,7 +482,7 @@ fn discovery(
 
 /// A discovery stream whose errors are boxed, so that a fixed list (which
 /// never fails) and a channel (which can say it found nothing) have one type.
-struct BoxErrors<S>(S);
+pub struct BoxErrors<S>(pub S);
 
 impl<S, T, E> Stream for BoxErrors<S>
 where
@@ -520,6 +520,23 @@ fn backends(scenario: &Scenario, load: Load) -> Vec<Arc<Backend>> {
         .collect()
 }
 
+/// An endpoint over a simulated backend: the backend's answer, or a
+/// refused connection as an error that says the request was never sent.
+pub fn simulated(backend: &Arc<Backend>) -> Endpoint {
+    let backend = backend.clone();
+    Endpoint::new(service_fn(move |req: Request| {
+        let backend = backend.clone();
+        async move {
+            let (status, load) = backend
+                .handle(key_of(&req))
+                .await
+                .map_err(|refused| BoxError::from(NeverSent::new(refused)))?;
+            let load = load.and_then(|l| http::HeaderValue::from_str(&l).ok());
+            Ok::<_, BoxError>(Answer::new(status, load.as_ref()))
+        }
+    }))
+}
+
 /// Deterministic mode: simulated backends on tokio's paused clock, in a
 /// fresh single-threaded runtime, through the real balancer. Same inputs,
 /// same numbers.
@@ -531,24 +548,7 @@ pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunRes
         .expect("a current-thread runtime");
     runtime.block_on(async {
         let backends = backends(scenario, load);
-        let endpoints = backends
-            .iter()
-            .map(|backend| {
-                let backend = backend.clone();
-                Endpoint::new(service_fn(move |req: Request| {
-                    let backend = backend.clone();
-                    async move {
-                        // A refused connection: the request never left.
-                        let (status, load) = backend
-                            .handle(key_of(&req))
-                            .await
-                            .map_err(|refused| BoxError::from(NeverSent::new(refused)))?;
-                        let load = load.and_then(|l| http::HeaderValue::from_str(&l).ok());
-                        Ok::<_, BoxError>(Answer::new(status, load.as_ref()))
-                    }
-                }))
-            })
-            .collect();
+        let endpoints = backends.iter().map(simulated).collect();
         let (discovery, joined_at) = discovery(
             scenario,
             endpoints,

@@ -360,20 +360,23 @@ pub fn outage_scenarios() -> Vec<Scenario> {
 /// times with a mean of 10 ms, Poisson arrivals at half the capacity
 /// (8,000 requests per second in all: 4,000).
 const CLUSTER_BACKENDS: usize = 10;
-const CLUSTER_SLOTS: usize = 8;
-const CLUSTER_MEAN_MS: u64 = 10;
+pub const CLUSTER_SLOTS: usize = 8;
+pub const CLUSTER_MEAN_MS: u64 = 10;
 const CLUSTER_RATE: f64 =
     0.5 * (CLUSTER_BACKENDS * CLUSTER_SLOTS) as f64 * 1000.0 / CLUSTER_MEAN_MS as f64;
 
 fn cluster() -> Vec<BackendSpec> {
-    vec![
-        BackendSpec {
-            capacity: Some(CLUSTER_SLOTS),
-            exponential: true,
-            ..BackendSpec::answering_in(CLUSTER_MEAN_MS)
-        };
-        CLUSTER_BACKENDS
-    ]
+    vec![cluster_backend(); CLUSTER_BACKENDS]
+}
+
+/// One backend of the cluster scenarios: 8 slots, exponential service
+/// with a mean of 10 ms.
+pub fn cluster_backend() -> BackendSpec {
+    BackendSpec {
+        capacity: Some(CLUSTER_SLOTS),
+        exponential: true,
+        ..BackendSpec::answering_in(CLUSTER_MEAN_MS)
+    }
 }
 
 /// The scenarios of a cluster under real load (10 x 8 slots, exponential

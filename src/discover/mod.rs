@@ -12,6 +12,11 @@
 //!   Kubernetes Service, watched through the API server, with their
 //!   readiness and zone.
 //!
+//! and one adapter over any of them: [`Subset`], which passes on only the
+//! backends of one client's subset (Finagle's deterministic aperture, or
+//! gRPC's random subsetting), for fleets of many clients over many
+//! backends.
+//!
 //! How the balancer treats what a stream yields:
 //!
 //! | the stream yields | the balancer |
@@ -75,6 +80,7 @@ mod dns;
 mod fixed;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;
+mod subset;
 
 pub use self::channel::{channel, ChannelDiscover, DiscoveryClosed, DiscoveryHandle};
 #[cfg(feature = "dns")]
@@ -86,5 +92,6 @@ pub use self::fixed::{fixed, Fixed};
 pub use self::kubernetes::{
     EndpointSlices, KubernetesDiscover, KubernetesEndpoint, KubernetesError,
 };
+pub use self::subset::{Subset, SubsetDiscover};
 pub use crate::error::Empty;
 pub use tower::discover::{Change, Discover};
