@@ -402,7 +402,11 @@ impl RetryBudget {
     /// fewer than [`THROTTLE_FLOOR`] (a client that sends little is not
     /// throttled, nor a burst of calls at its start, before any could be
     /// answered).
-    pub(crate) fn admit(&self) -> Result<(), Throttled> {
+    ///
+    /// The draw comes from `seeded` when given (a
+    /// [seeded](super::RetryLayer::seed) layer's sequence, so that a
+    /// simulation repeats), else from the thread-local generator.
+    pub(crate) fn admit(&self, seeded: Option<&AtomicU64>) -> Result<(), Throttled> {
         let inner = &*self.inner;
         let Some(k) = inner.config.throttle else {
             return Ok(());
@@ -415,7 +419,7 @@ impl RetryBudget {
         let requests = before as f64;
         let accepts = window_sum(&inner.accepts, tag, None) as f64;
         let refuse = ((requests - k * accepts) / (requests + 1.0)).max(0.0);
-        if refuse > 0.0 && fastrand::f64() < refuse {
+        if refuse > 0.0 && draw(seeded) < refuse {
             inner.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(Throttled {
                 requests: requests as u64,
@@ -597,6 +601,18 @@ fn window_sum(slots: &[AtomicU64; BUCKETS], now: u32, skip: Option<usize>) -> u6
         .sum()
 }
 
+/// A uniform draw in `[0, 1)`: the next of a seeded sequence, or the
+/// thread-local generator's.
+fn draw(seeded: Option<&AtomicU64>) -> f64 {
+    match seeded {
+        // The top 53 bits, as `rand` makes an `f64`.
+        Some(sequence) => {
+            (crate::strategy::next_seeded(sequence) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        }
+        None => fastrand::f64(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,7 +669,7 @@ mod tests {
         let mut sent = 0;
         for _ in 0..calls {
             budget.deposit();
-            if budget.admit().is_ok() {
+            if budget.admit(None).is_ok() {
                 sent += 1;
                 if sent <= capacity {
                     budget.accepted();
@@ -661,6 +677,28 @@ mod tests {
             }
         }
         sent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_draws_from_a_seeded_sequence_repeat() {
+        let decisions = |seed: u64| {
+            let budget = RetryBudget::new()
+                .adaptive_throttling(2.0)
+                .expect("valid setting");
+            let sequence = crate::strategy::seeded_state(seed);
+            (0..400)
+                .map(|i| {
+                    budget.deposit();
+                    // A quarter accepted: about half refused.
+                    if i % 4 == 0 {
+                        budget.accepted();
+                    }
+                    budget.admit(Some(&sequence)).is_ok()
+                })
+                .collect::<Vec<bool>>()
+        };
+        assert_eq!(decisions(7), decisions(7));
+        assert_ne!(decisions(7), decisions(8), "the seed matters");
     }
 
     #[tokio::test(start_paused = true)]

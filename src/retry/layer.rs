@@ -126,12 +126,13 @@ impl<C> RetryLayer<C> {
         }
     }
 
-    /// Makes the backoff jitter a function of `seed`, for repeatable
-    /// simulations (with a [seeded balancer](crate::balance::Builder::seed) and
-    /// tokio's paused clock, a whole run repeats bit for bit). Every service
-    /// this layer makes, and every call through them, draws from one shared
-    /// sequence (one atomic add per retry). Without a seed (the default) the
-    /// jitter comes from the thread-local generator.
+    /// Makes the backoff jitter, and adaptive throttling's draws, a
+    /// function of `seed`, for repeatable simulations (with a [seeded
+    /// balancer](crate::balance::Builder::seed) and tokio's paused clock, a
+    /// whole run repeats bit for bit). Every service this layer makes, and
+    /// every call through them, draws from one shared sequence (one atomic
+    /// add per retry, and per call while throttling refuses some). Without
+    /// a seed (the default) the draws come from the thread-local generator.
     pub fn seed(mut self, seed: u64) -> Self {
         self.jitter = Some(Arc::new(crate::strategy::seeded_state(seed)));
         self
@@ -228,7 +229,7 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let (safety, deadline) = self.budget.begin_call(&mut req);
-        if let Err(throttled) = self.budget.admit() {
+        if let Err(throttled) = self.budget.admit(self.jitter.as_deref()) {
             return ResponseFuture {
                 state: State::Throttled {
                     error: Some(throttled),
