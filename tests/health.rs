@@ -208,11 +208,19 @@ support::for_both_stacks! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     a_success_resets_the_consecutive_failure_count,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    failures_in_a_row_while_every_peer_fails_about_as_often_do_not_eject,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_same_failures_in_a_row_beside_healthy_peers_eject,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    an_ejection_at_the_start_of_an_overload_is_withdrawn_once_the_peers_fail_as_often,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     client_errors_do_not_count_as_failures,
     #[tokio::test]
     success_rate_detector_ejects_the_backend_at_half_errors_among_six_healthy_ones,
     #[tokio::test]
     success_rate_detector_ejects_nobody_when_all_are_healthy,
+    #[tokio::test]
+    success_rate_detector_ejects_nobody_when_every_peer_fails_about_as_often,
     #[tokio::test]
     failure_percentage_detector_ejects_a_backend_above_the_threshold,
     #[tokio::test]
@@ -311,6 +319,73 @@ async fn backend_answering_only_503_is_ejected_after_exactly_five_consecutive_fa
     assert!(stats.returns_in.expect("ejected") <= Duration::from_secs(30));
 }
 
+/// Three servers under round robin: the first answers 10 requests, then
+/// fails 5 in a row (a third of its interval); the other two fail every
+/// `peers_fail_every`-th request (0: never) all along. Returns the stack
+/// and the servers.
+async fn five_in_a_row_after_ten_answers(
+    kind: StackKind,
+    peers_fail_every: u64,
+) -> (Lb, Vec<TestServer>) {
+    let all = servers(3, Duration::ZERO).await;
+    for peer in &all[1..] {
+        peer.fail_every(peers_fail_every);
+    }
+    let lb = Stack::new(OutlierDetection::new()).build(kind, addrs(&all));
+    ready(&lb, 3).await;
+    send(&lb, 30).await;
+    all[0].fail_every(1);
+    send(&lb, 15).await;
+    assert_eq!(stats_of(&lb, all[0].addr).failures, 5);
+    (lb, all)
+}
+
+async fn failures_in_a_row_while_every_peer_fails_about_as_often_do_not_eject(kind: StackKind) {
+    // The peers fail half their requests: the fleet is shedding load, and
+    // ejecting one server would only move its share onto the others.
+    let (lb, all) = five_in_a_row_after_ten_answers(kind, 2).await;
+    // The driver has had the trip; it decided against an ejection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ejected(&lb), Vec::<SocketAddr>::new());
+    let stats = stats_of(&lb, all[0].addr);
+    assert_eq!((stats.state, stats.ejections), (EndpointState::Active, 0));
+    // It keeps its turn.
+    let before = all[0].hits();
+    send(&lb, 6).await;
+    assert_eq!(all[0].hits() - before, 2);
+}
+
+async fn the_same_failures_in_a_row_beside_healthy_peers_eject(kind: StackKind) {
+    let (lb, all) = five_in_a_row_after_ten_answers(kind, 0).await;
+    wait_until(WAIT, || ejected(&lb) == vec![all[0].addr]).await;
+    // Looked at again a second later, beside peers still healthy: it stays
+    // out.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(ejected(&lb), vec![all[0].addr]);
+    assert_eq!(stats_of(&lb, all[0].addr).ejections, 1);
+}
+
+async fn an_ejection_at_the_start_of_an_overload_is_withdrawn_once_the_peers_fail_as_often(
+    kind: StackKind,
+) {
+    // The first server to shed is, for a moment, the only one failing.
+    let (lb, all) = five_in_a_row_after_ten_answers(kind, 0).await;
+    wait_until(WAIT, || ejected(&lb) == vec![all[0].addr]).await;
+    // Then its peers shed half their requests too.
+    for peer in &all[1..] {
+        peer.fail_every(2);
+    }
+    send(&lb, 40).await;
+    wait_until(WAIT, || ejected(&lb).is_empty()).await;
+    let stats = stats_of(&lb, all[0].addr);
+    assert_eq!(stats.state, EndpointState::Active);
+    // It has its turns again.
+    all[0].fail_every(0);
+    let before = all[0].hits();
+    send(&lb, 6).await;
+    assert_eq!(all[0].hits() - before, 2);
+}
+
 async fn a_success_resets_the_consecutive_failure_count(kind: StackKind) {
     let all = servers(1, Duration::ZERO).await;
     // Four failures, a success, four failures: never five in a row.
@@ -363,6 +438,22 @@ async fn success_rate_detector_ejects_nobody_when_all_are_healthy(kind: StackKin
 
     let lb = after_one_interval(kind, &all, detection, 7 * 120).await;
     // Two more ticks' worth of waiting: still nobody.
+    tokio::time::sleep(INTERVAL * 2).await;
+
+    assert!(ejected(&lb).is_empty());
+}
+
+async fn success_rate_detector_ejects_nobody_when_every_peer_fails_about_as_often(kind: StackKind) {
+    // The fleet sheds a third of its requests, one server half: that one is
+    // below mean - 1.9 stdev (64 - 12 %), but an overload is not an outlier.
+    let all = servers(7, Duration::ZERO).await;
+    for server in &all[..6] {
+        server.fail_every(3);
+    }
+    all[6].fail_every(2);
+    let detection = interval_only().success_rate(SuccessRate::new());
+
+    let lb = after_one_interval(kind, &all, detection, 7 * 120).await;
     tokio::time::sleep(INTERVAL * 2).await;
 
     assert!(ejected(&lb).is_empty());

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, Instant};
 
-use crate::scenario::{BackendSpec, OutageKind, Stall, CLIENT_ZONE, CROSS_ZONE};
+use crate::scenario::{BackendSpec, OutageKind, Stall, CLIENT_ZONE, CROSS_ZONE, SHED_WORK};
 
 /// A backend's state during one run.
 #[derive(Debug)]
@@ -32,6 +32,8 @@ pub struct Backend {
     cache: Option<Mutex<Lru>>,
     cache_hits: AtomicU64,
     cache_lookups: AtomicU64,
+    /// Requests refused for having waited too long (overload shedding).
+    shed: AtomicU64,
 }
 
 /// A least-recently-used set of keys.
@@ -134,6 +136,7 @@ impl Backend {
             cache: cache.map(|cache| Mutex::new(Lru::new(cache.entries))),
             cache_hits: AtomicU64::new(0),
             cache_lookups: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
         })
     }
 
@@ -192,6 +195,11 @@ impl Backend {
         Some(format!(
             "TEXT rps_fractional={rps:.3}, application_utilization={utilization:.5}"
         ))
+    }
+
+    /// Requests it refused for having waited too long for a slot.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 
     pub fn hits(&self) -> u64 {
@@ -275,10 +283,23 @@ impl Backend {
                 self.spec.exponential.then(|| exponential(&mut rng)),
             )
         };
+        let arrived = Instant::now();
         let _permit = match &self.queue {
             Some(queue) => queue.acquire().await.ok(),
             None => None,
         };
+        if self
+            .spec
+            .shed_after
+            .is_some_and(|limit| arrived.elapsed() > limit)
+        {
+            // Refusing takes the slot too: overload costs the backend
+            // some of its capacity.
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            sleep_until(self.after_stall(Instant::now() + SHED_WORK)).await;
+            let _ = self.report(SHED_WORK);
+            return Ok((StatusCode::SERVICE_UNAVAILABLE, None));
+        }
         if fails {
             tokio::time::sleep(Duration::from_millis(1)).await;
             return Ok((StatusCode::SERVICE_UNAVAILABLE, None));

@@ -102,6 +102,9 @@ pub enum Contender {
     /// Outlier detection and retries, routing by zone (Envoy's rule) from
     /// the client's zone.
     P2cPeakEwmaOutliersRetryZone,
+    /// Outlier detection and retries, with the retry budget's adaptive
+    /// throttling (k = 2).
+    P2cPeakEwmaOutliersRetryThrottle,
     /// Round robin with retries and hedging: what hedging does for a
     /// strategy that does not see latency.
     RoundRobinHedge,
@@ -116,7 +119,7 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 16] = [
+    pub const ALL: [Contender; 17] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -129,6 +132,7 @@ impl Contender {
         Contender::P2cPeakEwmaOutliersHedge,
         Contender::P2cPeakEwmaOutliersRetryCheck,
         Contender::P2cPeakEwmaOutliersRetryZone,
+        Contender::P2cPeakEwmaOutliersRetryThrottle,
         Contender::RoundRobinHedge,
         Contender::WeightedRoundRobin,
         Contender::RingHash,
@@ -149,6 +153,7 @@ impl Contender {
             Contender::P2cPeakEwmaOutliersHedge => "ewma+od+retry+hedge",
             Contender::P2cPeakEwmaOutliersRetryCheck => "ewma+od+retry+check",
             Contender::P2cPeakEwmaOutliersRetryZone => "ewma+od+retry+zone",
+            Contender::P2cPeakEwmaOutliersRetryThrottle => "ewma+od+retry+throttle",
             Contender::RoundRobinHedge => "round-robin+hedge",
             Contender::WeightedRoundRobin => "weighted-round-robin",
             Contender::RingHash => "ring-hash",
@@ -188,6 +193,9 @@ impl Contender {
             }
             Contender::P2cPeakEwmaOutliersRetryZone => {
                 "P2C Peak-EWMA with outlier detection and retries, routing by zone from the client's zone (Envoy's zone-aware rule, the fleet taken to be spread like the backends)"
+            }
+            Contender::P2cPeakEwmaOutliersRetryThrottle => {
+                "P2C Peak-EWMA with outlier detection and retries, and adaptive throttling on the retry budget's counters (SRE book, k = 2)"
             }
             Contender::RoundRobinHedge => {
                 "round robin with retries and hedging: what hedging does for a strategy blind to latency"
@@ -261,6 +269,17 @@ impl Contender {
                 Resilience {
                     outliers: true,
                     zones: Some(backends.iter().map(|b| b.zone()).collect()),
+                    ..Resilience::default()
+                },
+            ),
+            Contender::P2cPeakEwmaOutliersRetryThrottle => resilient(
+                P2c::peak_ewma(),
+                endpoints,
+                seed,
+                clock,
+                Resilience {
+                    outliers: true,
+                    throttle: Some(THROTTLE_K),
                     ..Resilience::default()
                 },
             ),
@@ -399,7 +418,12 @@ struct Resilience {
     /// Each backend's zone, to route by zone from [`CLIENT_ZONE`]; `None`:
     /// every zone alike.
     zones: Option<Vec<&'static str>>,
+    /// Adaptive throttling's `k` on the retry budget; `None`: off.
+    throttle: Option<f64>,
 }
+
+/// The SRE book's default `k` for adaptive throttling.
+const THROTTLE_K: f64 = 2.0;
 
 /// `strategy` under a deadline and retries, with what `extra` adds, the
 /// balancer sending retries and hedges to endpoints not yet tried.
@@ -428,7 +452,12 @@ fn resilient<P: Strategy>(
     });
     let balancer = builder.build(endpoints);
     let stats = balancer.clone();
-    let budget = RetryBudget::new();
+    let budget = match extra.throttle {
+        Some(k) => RetryBudget::new()
+            .adaptive_throttling(k)
+            .unwrap_or_else(|e| panic!("{e}")),
+        None => RetryBudget::new(),
+    };
     let policy = RetryPolicy::new().retry_on(GatewayErrors);
     let hedging = extra.hedge.then(|| HedgeLayer::new(budget.clone()));
     let client = ServiceBuilder::new()

@@ -36,7 +36,7 @@ use scenario::Scenario;
 struct Args {
     /// Run one scenario (baseline, slow-node, heterogeneous, failing-node,
     /// gc-pause, capacity, heavy-tail, scale-up, rolling-restart, blackhole,
-    /// cluster, cluster-slow-node, cluster-gc-pause, zones, cache, fleet);
+    /// cluster, cluster-slow-node, cluster-gc-pause, zones, cache, overload, overload-3x, fleet);
     /// default: all. `fleet` (200 clients, each a balancer of its own, over
     /// 100 backends, with and without subsetting) always runs simulated.
     #[arg(long)]
@@ -46,7 +46,8 @@ struct Args {
     /// detection: round-robin+od, p2c-least-req+od, p2c-peak-ewma+od; and
     /// Peak EWMA under retries and hedging: p2c-peak-ewma+retry,
     /// ewma+od+retry, ewma+od+retry+hedge, ewma+od+retry+check,
-    /// ewma+od+retry+zone; round-robin+hedge; weighted-round-robin; and
+    /// ewma+od+retry+zone, ewma+od+retry+throttle; round-robin+hedge;
+    /// weighted-round-robin; and
     /// the hashing ones: ring-hash, ring-hash-bounded); default: all.
     #[arg(long, value_delimiter = ',')]
     strategy: Vec<String>,
@@ -71,6 +72,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `RUST_LOG=tower_lb=info` shows what the balancers decide (ejections,
+    // say); nothing by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     match shootout(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,7 +397,8 @@ mod tests {
                 | Contender::P2cPeakEwmaOutliersRetry
                 | Contender::P2cPeakEwmaOutliersHedge
                 | Contender::P2cPeakEwmaOutliersRetryCheck
-                | Contender::P2cPeakEwmaOutliersRetryZone => {
+                | Contender::P2cPeakEwmaOutliersRetryZone
+                | Contender::P2cPeakEwmaOutliersRetryThrottle => {
                     assert_eq!(failing.sent_before_first, Some(5), "{}", r.contender.name());
                     assert_eq!(r.hits[0], 5, "{}", r.contender.name());
                     assert!(r.success_rate() > 0.99, "{}", r.contender.name());
@@ -503,6 +511,54 @@ mod tests {
         }
     }
 
+    /// The scenario's own rate, for 4 s, seed 1.
+    fn overloaded(name: &str, contender: Contender) -> RunResult {
+        let scenario = scenario::by_name(name).expect("known scenario");
+        let load = Load {
+            rate: scenario.rate.unwrap_or(1000.0),
+            duration: Duration::from_secs(4),
+            seed: 1,
+        };
+        run::simulate(&scenario, contender, load)
+    }
+
+    #[test]
+    fn at_three_times_the_capacity_adaptive_throttling_sends_less_and_serves_more() {
+        let without = overloaded("overload-3x", Contender::P2cPeakEwmaOutliersRetry);
+        let with = overloaded("overload-3x", Contender::P2cPeakEwmaOutliersRetryThrottle);
+        assert!(
+            with.attempts() * 4 < without.attempts() * 3,
+            "{} against {} attempts",
+            with.attempts(),
+            without.attempts()
+        );
+        assert!(
+            with.throughput() > without.throughput() * 1.1,
+            "goodput {} against {}",
+            with.throughput(),
+            without.throughput()
+        );
+    }
+
+    #[test]
+    fn an_overloaded_fleet_keeps_every_backend_in_service_under_outlier_detection() {
+        let bare = overloaded("overload", Contender::P2cPeakEwma);
+        let detecting = overloaded("overload", Contender::P2cPeakEwmaOutliers);
+        // Every backend sheds: none is an outlier for long (one may be
+        // ejected for a second at the start, and the ejection withdrawn).
+        assert!(
+            detecting.throughput() > bare.throughput() * 0.97,
+            "goodput {} against {}",
+            detecting.throughput(),
+            bare.throughput()
+        );
+        // Out for a second of the four at most (ejected for 30 s and never
+        // taken back, it would get nearly nothing).
+        let least = detecting.hits.iter().min().copied().unwrap_or(0) as f64;
+        let mean = detecting.attempts() as f64 / detecting.hits.len() as f64;
+        assert!(least > mean * 0.7, "{:?}", detecting.hits);
+    }
+
     #[test]
     fn retries_stay_within_the_budget_and_with_ejection_hide_the_failing_backend() {
         let results = simulate_all("failing-node", short(1));
@@ -519,7 +575,8 @@ mod tests {
                 Contender::P2cPeakEwmaOutliersRetry
                 | Contender::P2cPeakEwmaOutliersHedge
                 | Contender::P2cPeakEwmaOutliersRetryCheck
-                | Contender::P2cPeakEwmaOutliersRetryZone => {
+                | Contender::P2cPeakEwmaOutliersRetryZone
+                | Contender::P2cPeakEwmaOutliersRetryThrottle => {
                     assert_eq!(r.failed, 0, "{name} failed requests");
                 }
                 Contender::P2cPeakEwmaRetry | Contender::RoundRobinHedge => {

@@ -110,6 +110,36 @@ fn details(scenario: &Scenario, results: &[RunResult]) -> String {
             );
         }
     }
+    if let Some(capacity) = scenario
+        .capacity()
+        .filter(|_| scenario.backends.iter().any(|b| b.shed_after.is_some()))
+    {
+        let _ =
+            writeln!(
+            out,
+            "overload: goodput (answered requests per second) over the capacity ({capacity:.0}/s: \
+             {} slots over a mean service of {:.2} ms on the 1 ms timer), attempts and refusals \
+             (503 after waiting too long) per second, p99:",
+            scenario.backends.iter().filter_map(|b| b.capacity).sum::<usize>(),
+            scenario
+                .backends
+                .first()
+                .map_or(0.0, |b| b.mean_service_on_timer().as_secs_f64() * 1000.0),
+        );
+        for r in results {
+            let seconds = r.elapsed.as_secs_f64().max(1e-9);
+            let _ = writeln!(
+                out,
+                "  {:<22} goodput {:>5.0}/s = {:>5.1} %   attempts {:>6.0}/s   refused {:>6.0}/s   p99 {:>6.1} ms",
+                r.contender.name(),
+                r.throughput(),
+                100.0 * r.throughput() / capacity,
+                r.attempts() as f64 / seconds,
+                r.shed as f64 / seconds,
+                r.latency_ms(0.99)
+            );
+        }
+    }
     if scenario.keys.is_some() {
         let _ = writeln!(
             out,

@@ -73,6 +73,8 @@ pub struct RunResult {
     pub joined_at: Option<Duration>,
     /// Per backend: cache hits and lookups (scenarios with caches only).
     pub cache: Vec<(u64, u64)>,
+    /// Requests the backends refused for having waited too long for a slot.
+    pub shed: u64,
 }
 
 /// After a scale-up: how soon each new backend got its share, and the load
@@ -129,6 +131,7 @@ impl RunResult {
             timeline: backends.iter().map(|b| b.timeline()).collect(),
             joined_at,
             cache: backends.iter().map(|b| b.cache_stats()).collect(),
+            shed: backends.iter().map(|b| b.shed()).sum(),
         }
     }
 

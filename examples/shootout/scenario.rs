@@ -30,7 +30,16 @@ pub struct BackendSpec {
     /// `hit`, the others `miss` (and are then held, least recently used
     /// out first).
     pub cache: Option<CacheSpec>,
+    /// Overload shedding: a request that waited longer than this for a
+    /// slot is answered 503 once it has one, after [`SHED_WORK`] of the
+    /// slot's time (reading and refusing it), instead of being served.
+    /// `None`: every request is served.
+    pub shed_after: Option<Duration>,
 }
+
+/// What refusing a request costs a shedding backend: a tenth of the
+/// overload scenario's mean service time.
+pub const SHED_WORK: Duration = Duration::from_millis(1);
 
 /// A backend's cache of request keys.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +103,7 @@ impl BackendSpec {
             outages: Vec::new(),
             zone: CLIENT_ZONE,
             cache: None,
+            shed_after: None,
         }
     }
 }
@@ -241,7 +251,70 @@ pub fn all() -> Vec<Scenario> {
     all.extend(cluster_scenarios());
     all.push(zones());
     all.push(cache());
+    all.extend(overload_scenarios());
     all
+}
+
+/// How long a request may wait for a slot in the overload scenarios
+/// before its backend refuses it.
+const SHED_AFTER: Duration = Duration::from_millis(50);
+
+/// The overload scenarios: the cluster offered 150 % of its capacity (as
+/// issue 21 asks), and 300 % (where more than half is refused, which is
+/// when adaptive throttling with k = 2 starts refusing), its backends
+/// refusing (503) what waited too long for a slot.
+pub fn overload_scenarios() -> Vec<Scenario> {
+    let spec = BackendSpec {
+        shed_after: Some(SHED_AFTER),
+        ..cluster_backend()
+    };
+    let capacity = (CLUSTER_BACKENDS * CLUSTER_SLOTS) as f64 * 1000.0 / CLUSTER_MEAN_MS as f64;
+    vec![
+        Scenario {
+            name: "overload",
+            about: "10 backends x 8 slots, exponential service (mean 10 ms), offered 150 % of their capacity (12,000 req/s against 8,000); a request that waited over 50 ms for a slot is answered 503 after 1 ms of it",
+            backends: vec![spec.clone(); CLUSTER_BACKENDS],
+            late: 0,
+            down_from_halfway: Vec::new(),
+            rate: Some(1.5 * capacity),
+            keys: None,
+        },
+        Scenario {
+            name: "overload-3x",
+            about: "the same backends offered 300 % of their capacity (24,000 req/s)",
+            backends: vec![spec; CLUSTER_BACKENDS],
+            late: 0,
+            down_from_halfway: Vec::new(),
+            rate: Some(3.0 * capacity),
+            keys: None,
+        },
+    ]
+}
+
+impl BackendSpec {
+    /// The mean time a request holds a slot when served, on tokio's timer,
+    /// which ends every sleep on a whole millisecond: an exponential time
+    /// of mean `m` ms takes `1 / (1 - e^(-1/m))` ms on average (10.51 ms
+    /// for 10).
+    pub fn mean_service_on_timer(&self) -> Duration {
+        let ms = self.latency.as_secs_f64() * 1000.0;
+        if self.exponential && ms > 0.0 {
+            Duration::from_secs_f64(1.0 / (1.0 - (-1.0 / ms).exp()) / 1000.0)
+        } else {
+            self.latency
+        }
+    }
+}
+
+impl Scenario {
+    /// Requests per second the backends can serve, when they all have a
+    /// capacity: slots over the mean service time on the timer.
+    pub fn capacity(&self) -> Option<f64> {
+        self.backends
+            .iter()
+            .map(|b| Some(b.capacity? as f64 / b.mean_service_on_timer().as_secs_f64()))
+            .sum()
+    }
 }
 
 /// The `cache` scenario's numbers: 8 backends of 8 slots, each caching

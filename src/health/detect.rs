@@ -89,6 +89,59 @@ pub(crate) fn failure_percentage_outliers(
     outliers
 }
 
+/// Below this share of failures in its interval, an endpoint that failed
+/// so many times in a row may be failing only as its peers do.
+const BROKEN_SHARE: f64 = 0.9;
+
+/// Whether an endpoint that failed so many times in a row is failing about
+/// as often as its peers, so that its failures say the fleet is overloaded
+/// (every server shedding load) rather than that it is an outlier: it
+/// failed less than [`BROKEN_SHARE`] of its interval's requests (`own`),
+/// and the median of its peers with at least `volume` requests this
+/// interval failed at least half as large a share. Returns the peers'
+/// median share and its own; `None` (an outlier) when the median peer
+/// fails less than half as often, no peer has the volume, or it fails
+/// nearly everything.
+///
+/// The median, not the lowest: an endpoint just back from an ejection (or
+/// one that happened to start its interval before the overload did) shows
+/// a low share for a while, and would make every other one an outlier.
+///
+/// Ejecting an overloaded server moves its load onto the others, which are
+/// overloaded too; Envoy's consecutive-5xx rule does so up to its ejection
+/// cap, while gRPC's detectors (success rate against the mean, failure
+/// percentage above 85 %) do not eject under a uniform overload.
+pub(crate) fn fails_like_its_peers(
+    own: IntervalCounts,
+    peers: &[IntervalCounts],
+    volume: u64,
+) -> Option<(f64, f64)> {
+    let share = |c: &IntervalCounts| c.failures as f64 / c.requests() as f64;
+    if own.requests() == 0 {
+        return None;
+    }
+    let own = share(&own);
+    if own >= BROKEN_SHARE {
+        return None;
+    }
+    let mut shares: Vec<f64> = peers
+        .iter()
+        .filter(|c| c.requests() >= volume.max(1))
+        .map(share)
+        .collect();
+    if shares.is_empty() {
+        return None;
+    }
+    shares.sort_by(f64::total_cmp);
+    let mid = shares.len() / 2;
+    let median = if shares.len() % 2 == 0 {
+        (shares[mid - 1] + shares[mid]) / 2.0
+    } else {
+        shares[mid]
+    };
+    (median * 2.0 >= own).then_some((median, own))
+}
+
 /// For each endpoint, whether its latency estimate is above `factor x` the
 /// median of the estimates given. `None` marks an endpoint with no fresh
 /// sample this interval: it is neither judged nor part of the median.
@@ -175,6 +228,47 @@ mod tests {
         let mut all = vec![counts(50, 0); 5];
         all.push(counts(0, 49));
         assert!(failure_percentage_outliers(&all, &FailurePercentage::new()).is_empty());
+    }
+
+    #[test]
+    fn failures_in_a_row_among_peers_failing_as_often_are_overload_not_an_outlier() {
+        // 45 % failed; the peers 40 and 35 %.
+        let peers = [counts(60, 40), counts(65, 35)];
+        assert_eq!(
+            fails_like_its_peers(counts(55, 45), &peers, 5),
+            Some((0.375, 0.45))
+        );
+    }
+
+    #[test]
+    fn healthy_peers_make_an_endpoint_that_fails_in_a_row_an_outlier() {
+        let peers = [counts(60, 40), counts(100, 0), counts(99, 1)];
+        assert_eq!(fails_like_its_peers(counts(55, 45), &peers, 5), None);
+    }
+
+    #[test]
+    fn one_peer_with_few_failures_does_not_make_an_overload_an_outlier() {
+        // Back from an ejection, or calm until lately: 14 %.
+        let peers = [counts(86, 14), counts(60, 40), counts(55, 45)];
+        assert_eq!(
+            fails_like_its_peers(counts(55, 45), &peers, 5),
+            Some((0.4, 0.45))
+        );
+    }
+
+    #[test]
+    fn an_endpoint_failing_nearly_everything_is_an_outlier_whatever_its_peers_do() {
+        let peers = [counts(0, 100), counts(10, 90)];
+        assert_eq!(fails_like_its_peers(counts(1, 19), &peers, 5), None);
+    }
+
+    #[test]
+    fn peers_without_volume_say_nothing_about_overload() {
+        let peers = [counts(1, 2), counts(0, 0)];
+        assert_eq!(fails_like_its_peers(counts(10, 5), &peers, 5), None);
+        assert_eq!(fails_like_its_peers(counts(10, 5), &[], 5), None);
+        // With the volume, they do.
+        assert!(fails_like_its_peers(counts(10, 5), &[counts(3, 2)], 5).is_some());
     }
 
     #[test]

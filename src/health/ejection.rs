@@ -20,6 +20,9 @@ pub(crate) struct EjectionRecord {
     baseline: IntervalCounts,
     /// Intervals in a row that the latency detector found it slow.
     pub(crate) slow_intervals: u32,
+    /// For an ejection for failures in a row: when to look at it again,
+    /// and its interval at the ejection (see `Health::return_due`).
+    review: Option<(Instant, IntervalCounts)>,
 }
 
 impl EjectionRecord {
@@ -36,17 +39,54 @@ impl EjectionRecord {
         self.ejected_until.is_some()
     }
 
-    pub(crate) fn ejected_until(&self) -> Option<Instant> {
-        self.ejected_until
+    /// When something is next due: the ejection's end, or its review.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        let review = self.review.map(|(at, _)| at);
+        match (self.ejected_until, review) {
+            (Some(until), Some(review)) => Some(until.min(review)),
+            (until, review) => until.or(review),
+        }
+    }
+
+    /// Looks at the ejection again at `at`, against `interval`, its
+    /// outcomes when it was ejected.
+    pub(crate) fn review_at(&mut self, at: Instant, interval: IntervalCounts) {
+        self.review = Some((at, interval));
+    }
+
+    /// The interval to judge again, once the review is due (and only while
+    /// the ejection lasts); the review is then done.
+    pub(crate) fn take_review_due(&mut self, now: Instant) -> Option<IntervalCounts> {
+        match self.review {
+            Some((at, interval)) if at <= now => {
+                self.review = None;
+                self.is_ejected().then_some(interval)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes back an ejection that should not have been: the endpoint is in
+    /// service again, and the ejection does not count toward the next one's
+    /// length.
+    pub(crate) fn withdraw(&mut self) {
+        self.ejected_until = None;
+        self.review = None;
+        self.multiplier = self.multiplier.saturating_sub(1);
+    }
+
+    /// The outcomes of the interval so far, given the current totals.
+    pub(crate) fn interval_so_far(&self, successes: u64, failures: u64) -> IntervalCounts {
+        IntervalCounts {
+            successes: successes.wrapping_sub(self.baseline.successes),
+            failures: failures.wrapping_sub(self.baseline.failures),
+        }
     }
 
     /// The outcomes since the previous call, given the current totals; the
     /// totals become the next interval's baseline.
     pub(crate) fn take_interval(&mut self, successes: u64, failures: u64) -> IntervalCounts {
-        let interval = IntervalCounts {
-            successes: successes.wrapping_sub(self.baseline.successes),
-            failures: failures.wrapping_sub(self.baseline.failures),
-        };
+        let interval = self.interval_so_far(successes, failures);
         self.baseline = IntervalCounts {
             successes,
             failures,
@@ -78,6 +118,7 @@ impl EjectionRecord {
         match self.ejected_until {
             Some(until) if until <= now => {
                 self.ejected_until = None;
+                self.review = None;
                 self.take_interval(successes, failures);
                 true
             }
@@ -152,6 +193,29 @@ mod tests {
         assert_eq!((first.successes, first.failures), (5, 3));
         let second = record.take_interval(15, 6);
         assert_eq!((second.successes, second.failures), (0, 1));
+    }
+
+    #[test]
+    fn a_review_is_due_once_and_only_while_the_ejection_lasts() {
+        let now = Instant::now();
+        let mut record = EjectionRecord::default();
+        record.eject(now, &settings());
+        let at_ejection = IntervalCounts {
+            successes: 86,
+            failures: 14,
+        };
+        record.review_at(now + Duration::from_secs(1), at_ejection);
+        assert_eq!(record.next_due(), Some(now + Duration::from_secs(1)));
+        assert_eq!(record.take_review_due(now), None);
+        assert_eq!(
+            record.take_review_due(now + Duration::from_secs(1)),
+            Some(at_ejection)
+        );
+        assert_eq!(record.take_review_due(now + Duration::from_secs(2)), None);
+        assert_eq!(record.next_due(), Some(now + Duration::from_secs(30)));
+        record.withdraw();
+        assert!(!record.is_ejected());
+        assert_eq!((record.multiplier(), record.next_due()), (0, None));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::fmt;
 
 use tokio::time::Instant;
 
+use super::detect::{fails_like_its_peers, IntervalCounts};
 use super::{
     failure_percentage_outliers, latency_outliers, success_rate_outliers, CheckStatus,
     EjectionReason, EjectionRecord, OutlierDetection, SlowStart, Verdict,
@@ -203,14 +204,31 @@ impl Health {
         else {
             return false;
         };
+        let volume = u64::from(limit);
         let now = Instant::now();
+        let counts: Vec<IntervalCounts> = views.iter().map(interval_so_far).collect();
         let mut changed = false;
         for index in 0..views.len() {
             if !views[index].2.is_tripped() {
                 continue;
             }
+            if let Some((peers, own)) =
+                fails_like_its_peers(counts[index], &peers_of(views, &counts, index), volume)
+            {
+                // `debug`: under an overload this comes with every five
+                // failures in a row of any endpoint.
+                tracing::debug!(endpoint = ?views[index].0, failures_in_a_row = limit,
+                    failed_share = own, peers_median_failed_share = peers,
+                    "not ejected: its peers fail about as often (an overload, not an outlier)");
+                views[index].2.restore();
+                continue;
+            }
             let reason = EjectionReason::ConsecutiveFailures(limit);
             if self.try_eject(views, index, reason, now) {
+                views[index]
+                    .1
+                    .record
+                    .review_at(now + REVIEW_AFTER, counts[index]);
                 changed = true;
             } else {
                 views[index].2.restore();
@@ -219,21 +237,52 @@ impl Health {
         changed
     }
 
-    /// When the next ejection ends.
+    /// When the next ejection ends or is looked at again.
     pub(crate) fn next_return<'a>(
         healths: impl Iterator<Item = &'a EndpointHealth>,
     ) -> Option<Instant> {
-        healths.filter_map(|h| h.record.ejected_until()).min()
+        healths.filter_map(|h| h.record.next_due()).min()
     }
 
-    /// Puts back in service the endpoints whose ejection time is up (each
-    /// starting its ramp, with slow start on).
+    /// Takes back the ejections for failures in a row that turned out to be
+    /// the start of an overload, then puts back in service the endpoints
+    /// whose ejection time is up (each starting its ramp, with slow start
+    /// on).
+    ///
+    /// When a fleet's load first goes beyond its capacity, one server
+    /// sheds first: for a moment it is the only one failing, and five in a
+    /// row eject it. [`REVIEW_AFTER`] later its peers are shedding too:
+    /// judged again against them (with its interval as it was when
+    /// ejected), it is put back.
     pub(crate) fn return_due<K: fmt::Debug, E: Monitored>(
         &mut self,
         views: &mut [View<'_, K, E>],
     ) -> bool {
         let now = Instant::now();
         let mut changed = false;
+        let volume = self
+            .detection
+            .as_ref()
+            .and_then(|d| d.consecutive_failures)
+            .map_or(1, u64::from);
+        let counts: Vec<IntervalCounts> = views.iter().map(interval_so_far).collect();
+        for index in 0..views.len() {
+            let Some(at_ejection) = views[index].1.record.take_review_due(now) else {
+                continue;
+            };
+            let Some((peers, own)) =
+                fails_like_its_peers(at_ejection, &peers_of(views, &counts, index), volume)
+            else {
+                continue;
+            };
+            let (key, health, endpoint) = &mut views[index];
+            health.record.withdraw();
+            endpoint.restore();
+            self.ejected -= 1;
+            tracing::info!(endpoint = ?key, failed_share = own, peers_median_failed_share = peers,
+                "ejection withdrawn: its peers now fail about as often (an overload, not an outlier)");
+            changed = true;
+        }
         for (key, health, endpoint) in views.iter_mut() {
             let load = endpoint.load();
             if health
@@ -326,6 +375,18 @@ impl Health {
         let mut changed = false;
         if let Some(detector) = &detection.success_rate {
             for (j, rate, threshold) in success_rate_outliers(&counts, detector) {
+                // Below the mean by more than 1.9 stdev, but failing about
+                // as often as every peer: a uniform overload, whose rates
+                // are close enough that the stdev is tiny.
+                let peers: Vec<IntervalCounts> = (0..counts.len())
+                    .filter(|&k| k != j)
+                    .map(|k| counts[k])
+                    .collect();
+                if fails_like_its_peers(counts[j], &peers, detector.request_volume).is_some() {
+                    tracing::debug!(endpoint = ?views[judged[j]].0, rate, threshold,
+                        "not ejected for its success rate: its peers fail about as often (an overload, not an outlier)");
+                    continue;
+                }
                 let reason = EjectionReason::SuccessRate { rate, threshold };
                 changed |= self.try_eject(views, judged[j], reason, now);
             }
@@ -428,4 +489,32 @@ impl Health {
         }
         load
     }
+}
+
+/// How long after an ejection for failures in a row it is looked at again
+/// (see [`Health::return_due`]).
+const REVIEW_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One endpoint's outcomes in the current interval so far.
+fn interval_so_far<K, E: Monitored>((_, health, endpoint): &View<'_, K, E>) -> IntervalCounts {
+    let load = endpoint.load();
+    health
+        .record
+        .interval_so_far(load.successes(), load.failures())
+}
+
+/// The intervals so far (`counts`) of the endpoints other than `index`
+/// that are in service.
+fn peers_of<K, E>(
+    views: &[View<'_, K, E>],
+    counts: &[IntervalCounts],
+    index: usize,
+) -> Vec<IntervalCounts> {
+    views
+        .iter()
+        .zip(counts)
+        .enumerate()
+        .filter(|&(i, (view, _))| i != index && !view.1.is_ejected())
+        .map(|(_, (_, &c))| c)
+        .collect()
 }

@@ -366,6 +366,8 @@ enum Stop {
     PushbackTooLong(Duration),
     PastDeadline(Duration),
     Budget,
+    /// Adaptive throttling refused the retry.
+    Throttled,
 }
 
 impl fmt::Display for Stop {
@@ -387,6 +389,7 @@ impl fmt::Display for Stop {
                 )
             }
             Stop::Budget => f.write_str("the retry budget is exhausted"),
+            Stop::Throttled => f.write_str("adaptive throttling refused the retry"),
         }
     }
 }
@@ -426,7 +429,13 @@ where
                     continue;
                 }
             };
-            let (pause, next) = match self.as_mut().next_pause(&result) {
+            let next = self.as_mut().next_pause(&result);
+            if matches!(&next, Err(stop) if !matches!(stop, Stop::Accepted)) {
+                // The call's outcome is known, and the backends did not
+                // take it (an accepted one was counted as such).
+                self.budget.not_accepted();
+            }
+            let (pause, next) = match next {
                 Ok(retry) => retry,
                 Err(Stop::Budget) => {
                     let attempts = self.attempts;
@@ -530,6 +539,9 @@ where
             if ends.is_none_or(|ends| ends >= deadline.at()) {
                 return Err(Stop::PastDeadline(pause));
             }
+        }
+        if !this.budget.admit_retry(this.jitter.as_deref()) {
+            return Err(Stop::Throttled);
         }
         if !this.budget.try_spend(Spend::Retry) {
             return Err(Stop::Budget);
