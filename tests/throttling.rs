@@ -83,3 +83,40 @@ async fn a_server_that_turns_calls_away_is_sent_few_until_it_recovers() {
     let took = recovered.expect("still throttled 10 s after the server recovered");
     println!("every call let through again {took:?} after the server recovered");
 }
+
+#[tokio::test]
+async fn a_cap_on_calls_in_flight_fails_the_calls_beyond_it_at_once_with_overloaded() {
+    // Envoy's `max_requests` circuit breaker, from tower: `load_shed` over
+    // `concurrency_limit` fails a call at once when the cap is reached,
+    // instead of queueing it.
+    let server = TestServer::with_delay(Duration::from_millis(300)).await;
+    let client: HttpClient<Body> = HttpClient::builder().build([server.addr]);
+    let capped = tower::ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(2)
+        .service(client);
+    let started = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(capped.clone().oneshot(get())))
+        .collect();
+    let (mut answered, mut overloaded) = (0, 0);
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(response) => {
+                assert_eq!(response.status(), 200);
+                answered += 1;
+            }
+            Err(error) => {
+                assert!(
+                    error.is::<tower::load_shed::error::Overloaded>(),
+                    "{error}"
+                );
+                overloaded += 1;
+            }
+        }
+    }
+    assert_eq!((answered, overloaded), (2, 3));
+    // The two in flight took the server's 300 ms; the others failed first.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(server.hits(), 2);
+}
