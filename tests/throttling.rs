@@ -107,10 +107,7 @@ async fn a_cap_on_calls_in_flight_fails_the_calls_beyond_it_at_once_with_overloa
                 answered += 1;
             }
             Err(error) => {
-                assert!(
-                    error.is::<tower::load_shed::error::Overloaded>(),
-                    "{error}"
-                );
+                assert!(error.is::<tower::load_shed::error::Overloaded>(), "{error}");
                 overloaded += 1;
             }
         }
