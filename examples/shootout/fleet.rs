@@ -18,7 +18,7 @@ use tower_lb::load::LatencyClock;
 
 use crate::backend::{Backend, WINDOW};
 use crate::contender::{Built, Contender, Discovery, Endpoint, Probe};
-use crate::run::{request, simulated, BoxErrors, Load, GIVE_UP};
+use crate::run::{paused_runtime, request, simulated, BoxErrors, Load, GIVE_UP};
 use crate::scenario::{cluster_backend, CLUSTER_MEAN_MS, CLUSTER_SLOTS};
 
 /// Clients, each with a balancer of its own.
@@ -159,12 +159,7 @@ fn held(probes: &[Probe]) -> Vec<BTreeSet<usize>> {
 
 /// Runs the fleet on simulated time: same seed, same numbers.
 pub fn simulate(contender: FleetContender, load: Load) -> FleetResult {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime");
-    runtime.block_on(async {
+    paused_runtime().block_on(async {
         let backends: Vec<Arc<Backend>> = (0..BACKENDS + REPLACED)
             .map(|i| {
                 Backend::new(

@@ -523,6 +523,15 @@ fn backends(scenario: &Scenario, load: Load) -> Vec<Arc<Backend>> {
         .collect()
 }
 
+/// A fresh single-threaded runtime on paused time, for a simulated run.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime")
+}
+
 /// An endpoint over a simulated backend: the backend's answer, or a
 /// refused connection as an error that says the request was never sent.
 pub fn simulated(backend: &Arc<Backend>) -> Endpoint {
@@ -544,12 +553,7 @@ pub fn simulated(backend: &Arc<Backend>) -> Endpoint {
 /// fresh single-threaded runtime, through the real balancer. Same inputs,
 /// same numbers.
 pub fn simulate(scenario: &Scenario, contender: Contender, load: Load) -> RunResult {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime");
-    runtime.block_on(async {
+    paused_runtime().block_on(async {
         let backends = backends(scenario, load);
         let endpoints = backends.iter().map(simulated).collect();
         let (discovery, joined_at) = discovery(

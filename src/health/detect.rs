@@ -129,17 +129,20 @@ pub(crate) fn fails_like_its_peers(
         .filter(|c| c.requests() >= volume.max(1))
         .map(share)
         .collect();
-    if shares.is_empty() {
-        return None;
-    }
-    shares.sort_by(f64::total_cmp);
-    let mid = shares.len() / 2;
-    let median = if shares.len() % 2 == 0 {
-        (shares[mid - 1] + shares[mid]) / 2.0
-    } else {
-        shares[mid]
-    };
+    let median = median(&mut shares)?;
     (median * 2.0 >= own).then_some((median, own))
+}
+
+/// The median of `values` (the mean of the two middle ones for an even
+/// count), sorting them; `None` when there are none.
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 0 => Some((values[mid - 1] + values[mid]) / 2.0),
+        _ => Some(values[mid]),
+    }
 }
 
 /// For each endpoint, whether its latency estimate is above `factor x` the
@@ -155,15 +158,11 @@ pub(crate) fn latency_outliers(
         .copied()
         .filter(|v| v.is_finite())
         .collect();
-    if measured.is_empty() || measured.len() < detector.minimum_hosts {
+    if measured.len() < detector.minimum_hosts {
         return (vec![false; estimates.len()], f64::NAN);
     }
-    measured.sort_by(f64::total_cmp);
-    let mid = measured.len() / 2;
-    let median = if measured.len() % 2 == 0 {
-        (measured[mid - 1] + measured[mid]) / 2.0
-    } else {
-        measured[mid]
+    let Some(median) = median(&mut measured) else {
+        return (vec![false; estimates.len()], f64::NAN);
     };
     let limit = median * detector.factor;
     let flags = estimates
