@@ -110,12 +110,19 @@ async fn a_server_leaving_the_subset_is_replaced_and_no_request_fails() {
     let before = subset_of(&client, &servers);
     let gone = *before.iter().next().expect("a member");
 
+    // Requests go on while the server leaves and another joins.
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move { send_n(&client, 100).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
     handle.remove(servers[gone].addr).expect("open");
     wait_until(WAIT, || {
         let now = subset_of(&client, &servers);
         now.len() == 2 && !now.contains(&gone)
     })
     .await;
+    sending.await.expect("every request answered 200");
     let after = subset_of(&client, &servers);
     assert_eq!(
         after.intersection(&before).count(),

@@ -1,13 +1,13 @@
 //! Subsetting: each client of a fleet talks to a few of the backends.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
-use indexmap::IndexMap;
+use indexmap::{IndexMap, IndexSet};
 use pin_project_lite::pin_project;
 use tower::discover::{Change, Discover};
 
@@ -29,9 +29,8 @@ use crate::setting::{self, InvalidSetting};
 ///   every platform) and laid on a ring, the clients are spread evenly over the same
 ///   ring, and client `i` of `n` takes the `size` backends from position
 ///   `i x backends / n` on. Every backend is then in as many subsets as
-///   any other, to within one (exactly when the clients are a multiple of
-///   the backends, or the backends of the clients): connections and load
-///   are even. Each client must know its index and the fleet's size (a
+///   any other, to within one (exactly when `size x clients / backends`
+///   is a whole number): connections and load are even. Each client must know its index and the fleet's size (a
 ///   StatefulSet ordinal and its replica count, say). A change of backends
 ///   shifts the positions after it, so some clients trade an edge backend
 ///   as well as the one that changed.
@@ -121,7 +120,7 @@ impl Subset {
             inner: discover,
             subset: self,
             all: IndexMap::new(),
-            members: HashSet::new(),
+            members: IndexSet::new(),
             queued: VecDeque::new(),
             error: None,
             ended: false,
@@ -169,6 +168,10 @@ impl Subset {
     }
 }
 
+/// Changes taken from the inner stream before the subset is worked out
+/// again and the task yields.
+const MAX_BATCH: usize = 1024;
+
 pin_project! {
     /// A discovery stream that passes on only one client's
     /// [`Subset`] of the backends another stream finds: made by
@@ -189,7 +192,10 @@ pin_project! {
         inner: D,
         subset: Subset,
         all: IndexMap<D::Key, D::Service>,
-        members: HashSet<D::Key>,
+        // In the subset's order (ring or score), so that removals are
+        // announced in the same order in every process: the balancer's
+        // endpoint order, and so a seeded balancer's picks, follow it.
+        members: IndexSet<D::Key>,
         queued: VecDeque<Change<D::Key, D::Service>>,
         error: Option<D::Error>,
         ended: bool,
@@ -248,9 +254,18 @@ where
             if *this.ended {
                 return Poll::Ready(None);
             }
-            // Everything the inner stream has ready, then the subset once.
+            // What the inner stream has ready (up to a batch), then the
+            // subset once.
             let mut set_changed = false;
+            let mut batch = 0;
             loop {
+                if batch == MAX_BATCH {
+                    // A stream that is always ready must not keep this task:
+                    // the rest waits for the next poll.
+                    cx.waker().wake_by_ref();
+                    break;
+                }
+                batch += 1;
                 match this.inner.as_mut().poll_discover(cx) {
                     Poll::Ready(Some(Ok(Change::Insert(key, service)))) => {
                         if this.members.contains(&key) {
@@ -275,16 +290,18 @@ where
             }
             if set_changed {
                 let keys: Vec<&D::Key> = this.all.keys().collect();
-                let now: HashSet<D::Key> = this
+                let now: IndexSet<D::Key> = this
                     .subset
                     .members(&keys)
                     .into_iter()
                     .map(|i| keys[i].clone())
                     .collect();
-                for (key, service) in this.all.iter() {
-                    if now.contains(key) && !this.members.contains(key) {
-                        this.queued
-                            .push_back(Change::Insert(key.clone(), service.clone()));
+                for key in now.iter() {
+                    if !this.members.contains(key) {
+                        if let Some(service) = this.all.get(key) {
+                            this.queued
+                                .push_back(Change::Insert(key.clone(), service.clone()));
+                        }
                     }
                 }
                 for key in this.members.iter() {
@@ -295,6 +312,9 @@ where
                 *this.members = now;
             }
             if this.queued.is_empty() && this.error.is_none() && !*this.ended {
+                // Nothing to say yet: the inner stream is pending (it will
+                // wake this task), or a full batch changed nothing (woken
+                // above).
                 return Poll::Pending;
             }
         }
@@ -502,6 +522,29 @@ mod tests {
         drop(handle);
         // Out, then "none found", then the end.
         assert_eq!(drain(&mut stream).await, ["-1", "error", "end"]);
+    }
+
+    /// A stream that always has another backend ready.
+    struct Endless(u32);
+
+    impl Stream for Endless {
+        type Item = Result<Change<u32, &'static str>, std::convert::Infallible>;
+
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0 += 1;
+            Poll::Ready(Some(Ok(Change::Insert(self.0, "v1"))))
+        }
+    }
+
+    #[test]
+    fn a_stream_that_is_always_ready_does_not_keep_the_task() {
+        let mut stream = Subset::random(1, 2).expect("valid").discover(Endless(0));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Each poll returns: a change, or a pause after a full batch.
+        for _ in 0..10 {
+            let _ = Pin::new(&mut stream).poll_next(&mut cx);
+        }
+        assert!(stream.discovered() <= 10 * MAX_BATCH);
     }
 
     #[test]

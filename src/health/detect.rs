@@ -93,19 +93,23 @@ pub(crate) fn failure_percentage_outliers(
 /// so many times in a row may be failing only as its peers do.
 const BROKEN_SHARE: f64 = 0.9;
 
+/// Below this share of failures, a fleet is not overloaded: its
+/// endpoints' failures are their own.
+const FLEET_FAILING_SHARE: f64 = 0.1;
+
 /// Whether an endpoint that failed so many times in a row is failing about
 /// as often as its peers, so that its failures say the fleet is overloaded
 /// (every server shedding load) rather than that it is an outlier: it
-/// failed less than [`BROKEN_SHARE`] of its interval's requests (`own`),
-/// and the median of its peers with at least `volume` requests this
-/// interval failed at least half as large a share. Returns the peers'
-/// median share and its own; `None` (an outlier) when the median peer
-/// fails less than half as often, no peer has the volume, or it fails
-/// nearly everything.
+/// failed less than [`BROKEN_SHARE`] of its recent requests (`own`), the
+/// median of its peers with at least `volume` recent requests failed at
+/// least [`FLEET_FAILING_SHARE`] of theirs (a fleet in trouble, not its
+/// background errors), and at least half as large a share as it did.
+/// Returns the peers' median share and its own; `None` (an outlier)
+/// otherwise.
 ///
 /// The median, not the lowest: an endpoint just back from an ejection (or
-/// one that happened to start its interval before the overload did) shows
-/// a low share for a while, and would make every other one an outlier.
+/// one that happened to start its window before the overload did) shows a
+/// low share for a while, and would make every other one an outlier.
 ///
 /// Ejecting an overloaded server moves its load onto the others, which are
 /// overloaded too; Envoy's consecutive-5xx rule does so up to its ejection
@@ -130,7 +134,7 @@ pub(crate) fn fails_like_its_peers(
         .map(share)
         .collect();
     let median = median(&mut shares)?;
-    (median * 2.0 >= own).then_some((median, own))
+    (median >= FLEET_FAILING_SHARE && median * 2.0 >= own).then_some((median, own))
 }
 
 /// The median of `values` (the mean of the two middle ones for an even
@@ -259,6 +263,14 @@ mod tests {
     fn an_endpoint_failing_nearly_everything_is_an_outlier_whatever_its_peers_do() {
         let peers = [counts(0, 100), counts(10, 90)];
         assert_eq!(fails_like_its_peers(counts(1, 19), &peers, 5), None);
+    }
+
+    #[test]
+    fn background_errors_are_no_overload_even_when_the_endpoints_share_is_diluted() {
+        // 995 answers, then dead for 5 in a row: 0.5 %, below the peers'
+        // 1 %; but a fleet failing 1 % is not overloaded.
+        let peers = [counts(990, 10), counts(991, 9), counts(989, 11)];
+        assert_eq!(fails_like_its_peers(counts(995, 5), &peers, 5), None);
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub(crate) struct EjectionRecord {
     ejected_until: Option<Instant>,
     /// Success and failure totals at the end of the previous interval.
     baseline: IntervalCounts,
+    /// And at the end of the one before: the start of the recent window
+    /// (see `recent`).
+    earlier_baseline: IntervalCounts,
     /// Intervals in a row that the latency detector found it slow.
     pub(crate) slow_intervals: u32,
     /// For an ejection for failures in a row: when to look at it again,
@@ -31,6 +34,7 @@ impl EjectionRecord {
     pub(crate) fn for_new_counters(&self) -> Self {
         Self {
             baseline: IntervalCounts::default(),
+            earlier_baseline: IntervalCounts::default(),
             ..self.clone()
         }
     }
@@ -76,10 +80,20 @@ impl EjectionRecord {
     }
 
     /// The outcomes of the interval so far, given the current totals.
-    pub(crate) fn interval_so_far(&self, successes: u64, failures: u64) -> IntervalCounts {
+    fn interval_so_far(&self, successes: u64, failures: u64) -> IntervalCounts {
         IntervalCounts {
             successes: successes.wrapping_sub(self.baseline.successes),
             failures: failures.wrapping_sub(self.baseline.failures),
+        }
+    }
+
+    /// The outcomes of the previous interval and this one so far, given the
+    /// current totals: a window of one to two intervals, never the few
+    /// requests since an interval began.
+    pub(crate) fn recent(&self, successes: u64, failures: u64) -> IntervalCounts {
+        IntervalCounts {
+            successes: successes.wrapping_sub(self.earlier_baseline.successes),
+            failures: failures.wrapping_sub(self.earlier_baseline.failures),
         }
     }
 
@@ -87,6 +101,7 @@ impl EjectionRecord {
     /// totals become the next interval's baseline.
     pub(crate) fn take_interval(&mut self, successes: u64, failures: u64) -> IntervalCounts {
         let interval = self.interval_so_far(successes, failures);
+        self.earlier_baseline = self.baseline;
         self.baseline = IntervalCounts {
             successes,
             failures,

@@ -206,7 +206,7 @@ impl Health {
         };
         let volume = u64::from(limit);
         let now = Instant::now();
-        let counts: Vec<IntervalCounts> = views.iter().map(interval_so_far).collect();
+        let counts: Vec<IntervalCounts> = views.iter().map(recent).collect();
         let mut changed = false;
         for index in 0..views.len() {
             if !views[index].2.is_tripped() {
@@ -252,7 +252,7 @@ impl Health {
     /// When a fleet's load first goes beyond its capacity, one server
     /// sheds first: for a moment it is the only one failing, and five in a
     /// row eject it. [`REVIEW_AFTER`] later its peers are shedding too:
-    /// judged again against them (with its interval as it was when
+    /// judged again against them (with its recent outcomes as they were when
     /// ejected), it is put back.
     pub(crate) fn return_due<K: fmt::Debug, E: Monitored>(
         &mut self,
@@ -265,7 +265,7 @@ impl Health {
             .as_ref()
             .and_then(|d| d.consecutive_failures)
             .map_or(1, u64::from);
-        let counts: Vec<IntervalCounts> = views.iter().map(interval_so_far).collect();
+        let counts: Vec<IntervalCounts> = views.iter().map(recent).collect();
         for index in 0..views.len() {
             let Some(at_ejection) = views[index].1.record.take_review_due(now) else {
                 continue;
@@ -495,16 +495,15 @@ impl Health {
 /// (see [`Health::return_due`]).
 const REVIEW_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// One endpoint's outcomes in the current interval so far.
-fn interval_so_far<K, E: Monitored>((_, health, endpoint): &View<'_, K, E>) -> IntervalCounts {
+/// One endpoint's recent outcomes: the previous interval and this one so
+/// far.
+fn recent<K, E: Monitored>((_, health, endpoint): &View<'_, K, E>) -> IntervalCounts {
     let load = endpoint.load();
-    health
-        .record
-        .interval_so_far(load.successes(), load.failures())
+    health.record.recent(load.successes(), load.failures())
 }
 
-/// The intervals so far (`counts`) of the endpoints other than `index`
-/// that are in service.
+/// The recent outcomes (`counts`) of the endpoints other than `index` that
+/// are in service.
 fn peers_of<K, E>(
     views: &[View<'_, K, E>],
     counts: &[IntervalCounts],

@@ -248,16 +248,18 @@ impl RetryBudget {
     /// with probability `max(0, (requests - k x accepts) / (requests + 1))`
     /// (and each retry with the same probability: a retry is a request to
     /// the backends too),
-    /// where `requests` are the calls of the window whose outcome is known
-    /// (this budget's own count, so retries, hedges and throttling answer
-    /// to one account of the traffic: answered, failed, or refused by
-    /// throttling; none is refused while there are fewer than 10) and
-    /// `accepts` those whose answer the backends accepted (the retry
-    /// policy's [`Accept`](super::ResponseVerdict::Accept)). Calls still in
-    /// flight count for neither: counted when sent, a burst at start-up
-    /// or after a quiet spell would be refused before any could be
-    /// answered (a first version did, 0.02 % of the calls of a healthy
-    /// shootout run). While
+    /// where `requests` are the attempts of the window whose outcome is
+    /// known (this budget's own count, so retries, hedges and throttling
+    /// answer to one account of the traffic: answered, failed, given up on
+    /// by a caller that dropped the call, or refused by throttling; none is
+    /// refused while there are fewer than 10) and `accepts` those whose
+    /// answer the backends accepted (the retry policy's
+    /// [`Accept`](super::ResponseVerdict::Accept)). Retries count as
+    /// requests, as the book's application-level retries do. Attempts still
+    /// in flight count for neither: counted when sent, a burst at start-up
+    /// or after a quiet spell would be refused before any could be answered
+    /// (a first version did, 0.02 % of the calls of a healthy shootout run).
+    /// While
     /// the backends accept everything nothing is refused; when they turn
     /// most calls away, the client sends about `k` times what they accept,
     /// instead of its whole load plus retries. `k` = 2 is the book's
@@ -433,7 +435,9 @@ impl RetryBudget {
         if self.throttle(seeded).is_none() {
             return true;
         }
-        self.inner.refused.fetch_add(1, Ordering::Relaxed);
+        let inner = &*self.inner;
+        inner.count_now(&inner.settled);
+        inner.refused.fetch_add(1, Ordering::Relaxed);
         false
     }
 
@@ -456,7 +460,7 @@ impl RetryBudget {
         })
     }
 
-    /// Counts a call whose answer the backends accepted (with adaptive
+    /// Counts an attempt whose answer the backends accepted (with adaptive
     /// throttling on; nothing otherwise). Settles it too.
     pub(crate) fn accepted(&self) {
         let inner = &*self.inner;
@@ -467,9 +471,9 @@ impl RetryBudget {
         }
     }
 
-    /// Counts a call whose outcome is known and that the backends did not
-    /// accept: it failed, or its last answer was one to retry (with
-    /// adaptive throttling on; nothing otherwise).
+    /// Counts an attempt whose outcome is known and that the backends did
+    /// not accept: it failed, was answered with one to retry, or was given
+    /// up on (with adaptive throttling on; nothing otherwise).
     pub(crate) fn not_accepted(&self) {
         let inner = &*self.inner;
         if inner.config.throttle.is_some() {

@@ -241,6 +241,7 @@ where
                 policy: self.policy.clone(),
                 budget: self.budget.clone(),
                 jitter: self.jitter.clone(),
+                awaiting: false,
             };
         }
         // Send the caller's request and keep a copy to make retries from;
@@ -275,6 +276,7 @@ where
             policy: self.policy.clone(),
             budget: self.budget.clone(),
             jitter: self.jitter.clone(),
+            awaiting: true,
         }
     }
 }
@@ -295,6 +297,22 @@ pin_project! {
         policy: Arc<RetryPolicy<C>>,
         budget: RetryBudget,
         jitter: Jitter,
+        // An attempt was sent and its outcome not yet counted: a call
+        // dropped now (an outer timeout, a caller gone) counts it as not
+        // accepted, for adaptive throttling.
+        awaiting: bool,
+    }
+
+    impl<S, Req, C> PinnedDrop for ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.awaiting {
+                this.budget.not_accepted();
+            }
+        }
     }
 }
 
@@ -407,8 +425,16 @@ where
         loop {
             let mut this = self.as_mut().project();
             let result = match this.state.as_mut().project() {
-                StateProj::First { future } => ready!(future.poll(cx)).map_err(Into::into),
-                StateProj::Attempt { call } => ready!(call.as_mut().poll(cx)).map_err(Into::into),
+                StateProj::First { future } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    *this.awaiting = false;
+                    result
+                }
+                StateProj::Attempt { call } => {
+                    let result = ready!(call.as_mut().poll(cx)).map_err(Into::into);
+                    *this.awaiting = false;
+                    result
+                }
                 StateProj::Throttled { error } => {
                     let error: BoxError = match error.take() {
                         Some(throttled) => Box::new(throttled),
@@ -424,18 +450,13 @@ where
                         return Poll::Ready(Err("retry state lost its request copy".into()));
                     };
                     *this.attempts += 1;
+                    *this.awaiting = true;
                     let call = Box::pin(Oneshot::new(retries.service.clone(), next));
                     this.state.set(State::Attempt { call });
                     continue;
                 }
             };
-            let next = self.as_mut().next_pause(&result);
-            if matches!(&next, Err(stop) if !matches!(stop, Stop::Accepted)) {
-                // The call's outcome is known, and the backends did not
-                // take it (an accepted one was counted as such).
-                self.budget.not_accepted();
-            }
-            let (pause, next) = match next {
+            let (pause, next) = match self.as_mut().next_pause(&result) {
                 Ok(retry) => retry,
                 Err(Stop::Budget) => {
                     let attempts = self.attempts;
@@ -485,26 +506,31 @@ where
     ) -> Result<(Duration, Req), Stop> {
         let this = self.project();
         let policy = &**this.policy;
-        let pushback = match result {
-            Ok(response) => match policy.on.response(response) {
-                ResponseVerdict::Accept => {
-                    // The backends took the call: what adaptive throttling
-                    // counts (nothing, when it is off).
-                    this.budget.accepted();
-                    return Err(Stop::Accepted);
-                }
-                // A response proves the request arrived.
-                ResponseVerdict::Retry { .. } if !this.safety.may_repeat() => {
-                    return Err(Stop::NotRetryable)
-                }
-                ResponseVerdict::Retry { after } => after,
-            },
-            Err(error) => {
+        let verdict = result
+            .as_ref()
+            .ok()
+            .map(|response| policy.on.response(response));
+        // Every attempt's outcome is what adaptive throttling counts (a
+        // retry is a request to the backends too); nothing, when it is off.
+        if verdict == Some(ResponseVerdict::Accept) {
+            this.budget.accepted();
+            return Err(Stop::Accepted);
+        }
+        this.budget.not_accepted();
+        let pushback = match (result, verdict) {
+            // A response proves the request arrived.
+            (_, Some(ResponseVerdict::Retry { .. })) if !this.safety.may_repeat() => {
+                return Err(Stop::NotRetryable)
+            }
+            (_, Some(ResponseVerdict::Retry { after })) => after,
+            (Err(error), _) => {
                 if !policy.retries_error(&**error, *this.safety) {
                     return Err(Stop::NotRetryable);
                 }
                 None
             }
+            // Accepted above; an `Ok` always has a verdict.
+            (Ok(_), _) => return Err(Stop::Accepted),
         };
         if *this.attempts >= policy.max_attempts {
             return Err(Stop::NoAttemptsLeft);
@@ -748,6 +774,37 @@ mod tests {
         assert!(sent < 40, "{sent} sent");
         assert!(throttled > 160, "{throttled} throttled");
         assert_eq!(budget.stats().throttled, throttled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_given_up_on_before_an_answer_count_as_not_accepted() {
+        // A backend that never answers, and callers that give up (an outer
+        // timeout): the calls they drop are what throttling sees.
+        let silent = tower::service_fn(|_: Request| {
+            std::future::pending::<Result<http::Response<()>, Infallible>>()
+        });
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        let service = RetryLayer::new(RetryPolicy::new(), budget.clone()).layer(silent);
+        for _ in 0..50 {
+            let request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+            let call = service.clone().oneshot(request);
+            // Given up on (or, past the first few, refused).
+            let _ = tokio::time::timeout(Duration::from_millis(10), call).await;
+        }
+        // 50 settled, none accepted: nearly every call is refused now.
+        let mut refused = 0;
+        for _ in 0..20 {
+            let request = http::Request::new(ReplayBody::new(Empty::new(), 1024));
+            let call = service.clone().oneshot(request);
+            // Refused at once, or given up on in its turn.
+            if let Ok(Err(error)) = tokio::time::timeout(Duration::from_millis(1), call).await {
+                assert!(error.is::<Throttled>(), "{error}");
+                refused += 1;
+            }
+        }
+        assert!(refused >= 15, "{refused} of 20 refused");
     }
 
     #[tokio::test(start_paused = true)]
