@@ -112,14 +112,16 @@ pub enum Contender {
     /// a 1 s blackout instead of 10 s, so that runs of a few seconds show
     /// it).
     WeightedRoundRobin,
-    /// Consistent hashing on each request's key: plain, and with bounded
-    /// loads (1.25); P2C least-requests for requests without a key.
+    /// Consistent hashing on each request's key: plain, with bounded loads
+    /// at the default 1.25, and at 1.5 (HAProxy's and Envoy's documented
+    /// example); P2C least-requests for requests without a key.
     RingHash,
     RingHashBounded,
+    RingHashLooseBound,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 17] = [
+    pub const ALL: [Contender; 18] = [
         Contender::RoundRobin,
         Contender::P2cLeastRequests,
         Contender::P2cPeakEwma,
@@ -137,6 +139,7 @@ impl Contender {
         Contender::WeightedRoundRobin,
         Contender::RingHash,
         Contender::RingHashBounded,
+        Contender::RingHashLooseBound,
     ];
 
     pub fn name(self) -> &'static str {
@@ -158,6 +161,7 @@ impl Contender {
             Contender::WeightedRoundRobin => "weighted-round-robin",
             Contender::RingHash => "ring-hash",
             Contender::RingHashBounded => "ring-hash-bounded",
+            Contender::RingHashLooseBound => "ring-hash-bounded-1.5",
         }
     }
 
@@ -208,6 +212,9 @@ impl Contender {
             }
             Contender::RingHashBounded => {
                 "the same with bounded loads: a key's backend takes it only within 1.25 x its share of the requests in flight"
+            }
+            Contender::RingHashLooseBound => {
+                "the same bounded at 1.5 x (the example HAProxy's and Envoy's documentation give): fewer keys spill, a busy backend takes more"
             }
         }
     }
@@ -313,6 +320,14 @@ impl Contender {
             ),
             Contender::RingHash => hashing(RingHash::new().unbounded(), endpoints, seed, clock),
             Contender::RingHashBounded => hashing(RingHash::new(), endpoints, seed, clock),
+            Contender::RingHashLooseBound => hashing(
+                RingHash::new()
+                    .balance_factor(LOOSE_BOUND)
+                    .expect("a valid balance factor"),
+                endpoints,
+                seed,
+                clock,
+            ),
             Contender::RoundRobinOutliers => tower_lb(
                 RoundRobin::new(),
                 endpoints,
@@ -405,6 +420,9 @@ fn hashing(strategy: RingHash, endpoints: Discovery, seed: u64, clock: LatencyCl
             .build(endpoints),
     )
 }
+
+/// `ring-hash-bounded-1.5`'s balance factor.
+const LOOSE_BOUND: f64 = 1.5;
 
 /// What a resilient contender has beyond retries and the deadline.
 #[derive(Default)]
