@@ -13,7 +13,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_lb::error::BoxError;
 use tower_lb::hedge::HedgeLayer;
 use tower_lb::http as lb_http;
-use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget};
+use tower_lb::retry::{ReplayBody, ReplayLayer, RetryBudget, RetryLayer, RetryPolicy};
 use tower_lb::strategy::{Candidates, PickContext, RoundRobin, Strategy};
 use tower_lb::{discover, Balancer};
 
@@ -238,4 +238,68 @@ async fn hedging_cuts_the_p99_against_a_stalling_server() {
         "hedging did not cut the p99: {hedged:?}"
     );
     assert!(stats.hedges > 0 && stats.hedges < 40, "{stats:?}");
+}
+
+#[tokio::test]
+async fn adaptive_throttling_refuses_hedges_as_it_refuses_calls() {
+    let servers = start(vec![Behaviour::Answer, Behaviour::Answer]).await;
+    // Room for every hedge in the budget itself: only throttling (k = 1,
+    // sending what is accepted) holds them back.
+    let budget = RetryBudget::new()
+        .ratio(1.0)
+        .and_then(|b| b.adaptive_throttling(1.0))
+        .expect("valid settings")
+        .min_per_second(10_000);
+    let http = lb_http::client::<ReplayBody<Body>>();
+    let balancer = Balancer::builder()
+        .avoid_tried_endpoints()
+        .build(discover::fixed(lb_http::endpoints(&http, addrs(&servers))));
+    let client: Client = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(ReplayLayer::default())
+            .layer(RetryLayer::new(RetryPolicy::new(), budget.clone()))
+            .layer(hedge_layer(&budget))
+            .service(balancer),
+    );
+    warm_up(&client, 20).await;
+    // The servers turn every call away, quickly: the window fills with
+    // calls not accepted, and throttling refuses nearly all (about 95 %).
+    for server in &servers {
+        server.set(Behaviour::Unavailable { retry_after: None });
+    }
+    for i in 0..400 {
+        let _ = client
+            .clone()
+            .oneshot(request(http::Method::GET, &format!("refused-{i}")))
+            .await;
+    }
+    // Now they answer, slowly, past the hedging delay (50 ms): of 400
+    // calls about 20 get past throttling, and each of their hedges meets
+    // the same odds.
+    for server in &servers {
+        server.set(Behaviour::Stall(Duration::from_millis(150)));
+    }
+    let before = budget.stats();
+    let calls: Vec<_> = (0..400)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(client.oneshot(request(http::Method::GET, &format!("slow-{i}"))))
+        })
+        .collect();
+    for call in calls {
+        let _ = call.await;
+    }
+    let after = budget.stats();
+    let sent = (0..400)
+        .filter(|i| received(&servers, &format!("slow-{i}")) > 0)
+        .count();
+    let (hedges, refused) = (after.hedges - before.hedges, after.refused - before.refused);
+    println!("{sent} calls sent, {hedges} hedged, {refused} hedges refused; {after:?}");
+    assert!(
+        sent > 0 && sent < 80,
+        "{sent} of 400 calls got past throttling"
+    );
+    // Without the rule every sent call would be hedged.
+    assert!(refused >= 1, "no hedge refused: {hedges} of {sent} hedged");
+    assert!(hedges * 2 < sent as u64, "{hedges} of {sent} calls hedged");
 }

@@ -86,7 +86,9 @@ struct Shared {
 
 impl HedgeLayer {
     /// Hedges after the 95th percentile of recent latencies, at least 10 ms,
-    /// once 20 calls have been measured, drawing each hedge from `budget`.
+    /// once 20 calls have been measured, drawing each hedge from `budget`
+    /// (and, when it throttles, sending one only with the probability a
+    /// call would be sent: see [`RetryBudget::adaptive_throttling`]).
     /// The latencies are those of the last 10 to 20 s.
     pub fn new(budget: RetryBudget) -> Self {
         let settings = Settings {
@@ -408,7 +410,10 @@ where
                 let copy = this.original.as_ref().map(Replayable::replay_complete);
                 match (copy, this.service.take()) {
                     (Some(Ok(copy)), Some(service)) => {
-                        if this.shared.budget.try_spend(Spend::Hedge) {
+                        let budget = &this.shared.budget;
+                        if !budget.admit_hedge() {
+                            tracing::debug!("not hedging: adaptive throttling refused the copy");
+                        } else if budget.try_spend(Spend::Hedge) {
                             tracing::debug!("hedging a slow request");
                             *this.hedge_started = Instant::now();
                             this.hedge.set(Some(Oneshot::new(service, copy)));

@@ -265,7 +265,11 @@ impl RetryBudget {
     /// instead of its whole load plus retries. `k` = 2 is the book's
     /// default: higher lets more through (2 wastes up to half of what is
     /// sent on rejections, to find out quickly when capacity returns).
-    /// A refused call fails at once with [`Throttled`], never sent.
+    /// A refused call fails at once with [`Throttled`], never sent. A
+    /// hedge layer on the same budget sends a hedge only with the same
+    /// probability (a refused hedge counts in
+    /// [`refused`](RetryStats::refused); the call goes on waiting for its
+    /// first copy).
     ///
     /// Returns a new, empty budget (see [Sharing](#sharing)).
     ///
@@ -438,6 +442,20 @@ impl RetryBudget {
         let inner = &*self.inner;
         inner.count_now(&inner.settled);
         inner.refused.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Whether a hedge may be sent, by adaptive throttling: a hedge is one
+    /// more request to backends that are turning requests away, refused with
+    /// the same probability as a call. A refused hedge counts as one the
+    /// budget refused. Unlike a refused retry it settles nothing: the retry
+    /// layer counts a hedged attempt once, whichever copy answers, so a
+    /// refused copy must not count as a request either.
+    pub(crate) fn admit_hedge(&self) -> bool {
+        if self.throttle(None).is_none() {
+            return true;
+        }
+        self.inner.refused.fetch_add(1, Ordering::Relaxed);
         false
     }
 
@@ -773,9 +791,33 @@ mod tests {
         let admitted = (0..100).filter(|_| budget.admit_retry(None)).count();
         assert!(admitted < 10, "{admitted}");
         assert_eq!(budget.stats().refused, 100 - admitted as u64);
-        // Refused retries are not calls: nothing more settled, nothing
+        // Refused retries count as refused by the budget, not as calls
         // throttled.
         assert_eq!(budget.stats().throttled, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_are_refused_as_calls_are_and_settle_nothing() {
+        let budget = RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting");
+        // 20 calls settled, 9 accepted: (20 - 2 x 9) / 21, one in ten
+        // refused.
+        for accepted in (0..20).map(|i| i < 9) {
+            budget.deposit();
+            if accepted {
+                budget.accepted();
+            } else {
+                budget.not_accepted();
+            }
+        }
+        let admitted = (0..1000).filter(|_| budget.admit_hedge()).count();
+        // Had each refused hedge settled as a call not accepted, the odds
+        // would climb towards 1 and most of the 1,000 would be refused.
+        assert!((850..970).contains(&admitted), "{admitted}");
+        let stats = budget.stats();
+        assert_eq!(stats.refused, 1000 - admitted as u64);
+        assert_eq!(stats.throttled, 0);
     }
 
     #[tokio::test(start_paused = true)]
