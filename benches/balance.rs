@@ -13,6 +13,9 @@
 //!   compares with round robin on the same footing.
 //! - `floor/*`: what no request through a shared balancer avoids, measured
 //!   on the machine at hand, for reading the figures above.
+//! - `start/active-checks/*`: from building a balancer over that many
+//!   endpoints, each with an active check that passes at once, until every
+//!   endpoint has passed: the driver taking one report per endpoint.
 //!
 //! Run with `cargo bench --bench balance`.
 
@@ -32,6 +35,7 @@ use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{Service, ServiceExt};
+use tower_lb::health::{ActiveCheck, CheckStatus, CheckTask, HealthReporter};
 use tower_lb::load::{EndpointLoad, RttEstimate};
 use tower_lb::strategy::{P2c, PickContext, RingHash, RoundRobin, Strategy, WeightedRoundRobin};
 use tower_lb::{discover, Balancer};
@@ -254,6 +258,51 @@ fn bench_floor(c: &mut Criterion) {
     group.finish();
 }
 
+/// A check that passes at once, then stays quiet.
+struct PassesAtOnce;
+
+impl ActiveCheck<usize> for PassesAtOnce {
+    fn start(&self, _: &usize, mut reporter: HealthReporter) -> Option<CheckTask> {
+        Some(Box::pin(async move {
+            reporter.healthy();
+            std::future::pending::<()>().await
+        }))
+    }
+}
+
+fn bench_start_with_checks(c: &mut Criterion, rt: &Runtime) {
+    let mut group = c.benchmark_group("start/active-checks");
+    group.sample_size(10);
+    for n in [1_000, 10_000] {
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let started = Instant::now();
+                        let balancer = Balancer::builder()
+                            .health_check(PassesAtOnce)
+                            .build(discover::fixed((0..n).map(|i| (i, Noop))));
+                        let passing = |b: &Balancer<usize, Noop, P2c>| {
+                            let stats = b.endpoints();
+                            stats.len() == n
+                                && stats
+                                    .iter()
+                                    .all(|e| e.health_check == Some(CheckStatus::Passing))
+                        };
+                        while !passing(&balancer) {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        total += started.elapsed();
+                    }
+                    total
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
 fn balance(c: &mut Criterion) {
     bench_floor(c);
     bench_pick(c, "round-robin", RoundRobin::new, false, None);
@@ -298,6 +347,7 @@ fn balance(c: &mut Criterion) {
     );
     bench_tower_lb(c, &rt, "p2c-peak-ewma", P2c::peak_ewma, false);
     bench_tower_p2c(c, &rt);
+    bench_start_with_checks(c, &rt);
 }
 
 criterion_group! {

@@ -6,7 +6,7 @@
 //! here: the driver calls the rules in `health::tracker` on its events and
 //! publishes what they decide.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::poll_fn;
 use std::hash::Hash;
@@ -147,6 +147,10 @@ struct Endpoints<K, S> {
     /// Where active checks report; each check gets a reporter with its id.
     reports: ReportSender,
     next_check: CheckId,
+    /// The key of each running check, so that a report finds its endpoint
+    /// without a scan of the set (a start with many endpoints brings a
+    /// report from each).
+    checked: HashMap<CheckId, K>,
     /// Notified when an endpoint's connection changes state.
     connections_changed: Arc<Notify>,
     /// Zone-aware routing, when on.
@@ -216,6 +220,7 @@ where
                     let id = self.next_check;
                     if let Some(task) = sources.checks.start(&key, self.reports.reporter(id)) {
                         tracked.health.check_started(&*tracked.endpoint);
+                        self.checked.insert(id, key.clone());
                         // As text: the key need not be `Send`.
                         let checked = format!("{key:?}");
                         tracked.check = Some(RunningCheck {
@@ -244,6 +249,9 @@ where
             }
             Change::Remove(key) => match self.active.swap_remove(&key) {
                 Some(old) => {
+                    if let Some(check) = &old.check {
+                        self.checked.remove(&check.id);
+                    }
                     self.health.left(&old.health);
                     tracing::debug!(endpoint = ?key, in_flight = old.endpoint.load().in_flight(), "endpoint removed; draining");
                     old.endpoint.start_draining();
@@ -517,6 +525,7 @@ pub(crate) async fn run<D, P, C, H, W, A, N>(
         health: Health::new(health),
         reports: report_sender,
         next_check: 0,
+        checked: HashMap::new(),
         connections_changed: Arc::new(Notify::new()),
         zone_aware,
         published_connections: Vec::new(),
@@ -624,11 +633,11 @@ pub(crate) async fn run<D, P, C, H, W, A, N>(
                 while let Some((id, verdict)) = report {
                     // A report from a check that has since stopped (its key
                     // removed) finds no endpoint, and is dropped.
-                    let index = endpoints
-                        .active
-                        .values()
-                        .position(|t| t.check.as_ref().is_some_and(|check| check.id == id));
-                    if let Some((key, tracked)) = index.and_then(|i| endpoints.active.get_index_mut(i)) {
+                    let found = endpoints
+                        .checked
+                        .get(&id)
+                        .and_then(|key| endpoints.active.get_full_mut(key));
+                    if let Some((_, key, tracked)) = found {
                         let mut view = (key, &mut tracked.health, &*tracked.endpoint);
                         changed |= endpoints.health.checked(&mut view, verdict);
                     }
