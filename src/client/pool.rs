@@ -36,7 +36,16 @@ use crate::retry::Backoff;
 pub(crate) struct PoolConnections {
     /// Locked once per connection attempt (not per request), and when
     /// discovery inserts an endpoint.
-    by_authority: Arc<Mutex<HashMap<Authority, Arc<PoolConnection>>>>,
+    by_authority: Arc<Mutex<ByAuthority>>,
+}
+
+#[derive(Default)]
+struct ByAuthority {
+    map: HashMap<Authority, Arc<PoolConnection>>,
+    /// The size at which entries no endpoint holds are next dropped: twice
+    /// the size after the last sweep, so that a start inserting many
+    /// endpoints sweeps a few times, not at each one.
+    sweep_at: usize,
 }
 
 /// One endpoint's connection state in the pool, and the failed attempts in
@@ -48,34 +57,50 @@ struct PoolConnection {
 
 impl PoolConnections {
     /// The status of the endpoint at `authority`, shared with any other
-    /// endpoint at the same address. Entries whose endpoints are all gone
-    /// are dropped here.
+    /// endpoint at the same address; a fresh one when no endpoint holds the
+    /// address's any more. Entries whose endpoints are all gone are dropped
+    /// here, once the map has doubled since they were last looked for.
     pub(crate) fn register(&self, authority: &Authority) -> ConnectionStatus {
-        let mut map = self
+        let mut guard = self
             .by_authority
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        map.retain(|_, c| c.status.is_shared());
-        let connection = map.entry(authority.clone()).or_insert_with(|| {
-            Arc::new(PoolConnection {
-                status: ConnectionStatus::new(),
-                failures: AtomicU32::new(0),
+        let ByAuthority { map, sweep_at } = &mut *guard;
+        if map.len() >= *sweep_at {
+            map.retain(|_, c| c.status.is_shared());
+            *sweep_at = (map.len() * 2).max(16);
+        }
+        let connection = map
+            .entry(authority.clone())
+            .and_modify(|c| {
+                if !c.status.is_shared() {
+                    // Its endpoints left: what it learnt of their connection
+                    // is not the newcomer's.
+                    *c = PoolConnection::new();
+                }
             })
-        });
+            .or_insert_with(PoolConnection::new);
         connection.status.clone()
     }
 
     fn find(&self, uri: &http::Uri) -> Option<Arc<PoolConnection>> {
         let authority = uri.authority()?;
-        let map = self
+        let guard = self
             .by_authority
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        map.get(authority).cloned()
+        guard.map.get(authority).cloned()
     }
 }
 
 impl PoolConnection {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            status: ConnectionStatus::new(),
+            failures: AtomicU32::new(0),
+        })
+    }
+
     /// Marks the endpoint connecting when it is trying again after a
     /// failure (see the module docs).
     fn attempt_started(&self) {
@@ -262,14 +287,33 @@ mod tests {
     }
 
     #[test]
-    fn a_status_no_endpoint_holds_is_dropped_at_the_next_registration() {
+    fn statuses_no_endpoint_holds_are_dropped_once_the_map_has_doubled() {
         let connections = PoolConnections::default();
-        drop(connections.register(&authority("127.0.0.1:80")));
-        let _kept = connections.register(&authority("127.0.0.1:81"));
         let uri: http::Uri = "http://127.0.0.1:80/"
             .parse()
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(connections.find(&uri).is_none());
+        drop(connections.register(&authority("127.0.0.1:80")));
+        let mut kept = Vec::new();
+        for port in 81..96 {
+            kept.push(connections.register(&authority(&format!("127.0.0.1:{port}"))));
+        }
+        assert!(connections.find(&uri).is_some(), "15 kept: not swept yet");
+        kept.push(connections.register(&authority("127.0.0.1:96")));
+        assert!(connections.find(&uri).is_none(), "swept at 16");
+        assert_eq!(
+            connections.by_authority.lock().map(|m| m.map.len()).ok(),
+            Some(16)
+        );
+    }
+
+    #[test]
+    fn an_address_whose_endpoints_left_starts_afresh() {
+        let connections = PoolConnections::default();
+        let (status, _) = registered(&connections);
+        status.set(ConnectionState::Failed);
+        drop(status);
+        let (again, _) = registered(&connections);
+        assert_eq!(again.get(), ConnectionState::Idle);
     }
 
     #[tokio::test(start_paused = true)]
