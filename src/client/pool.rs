@@ -57,9 +57,10 @@ struct PoolConnection {
 
 impl PoolConnections {
     /// The status of the endpoint at `authority`, shared with any other
-    /// endpoint at the same address; a fresh one when no endpoint holds the
-    /// address's any more. Entries whose endpoints are all gone are dropped
-    /// here, once the map has doubled since they were last looked for.
+    /// endpoint at the same address; a fresh one when every endpoint that
+    /// was at the address has left. Entries whose endpoints are all gone are
+    /// dropped here, once the map has doubled since they were last looked
+    /// for.
     pub(crate) fn register(&self, authority: &Authority) -> ConnectionStatus {
         let mut guard = self
             .by_authority
