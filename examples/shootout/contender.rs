@@ -247,56 +247,41 @@ impl Contender {
                 clock,
                 Resilience::default(),
             ),
-            Contender::P2cPeakEwmaOutliersRetry => resilient(
-                P2c::peak_ewma(),
+            Contender::P2cPeakEwmaOutliersRetry => {
+                ewma_outliers(endpoints, seed, clock, Resilience::default())
+            }
+            Contender::P2cPeakEwmaOutliersRetryCheck => ewma_outliers(
                 endpoints,
                 seed,
                 clock,
                 Resilience {
-                    outliers: true,
-                    ..Resilience::default()
-                },
-            ),
-            Contender::P2cPeakEwmaOutliersRetryCheck => resilient(
-                P2c::peak_ewma(),
-                endpoints,
-                seed,
-                clock,
-                Resilience {
-                    outliers: true,
                     checks: Some(backends.to_vec()),
                     ..Resilience::default()
                 },
             ),
-            Contender::P2cPeakEwmaOutliersRetryZone => resilient(
-                P2c::peak_ewma(),
+            Contender::P2cPeakEwmaOutliersRetryZone => ewma_outliers(
                 endpoints,
                 seed,
                 clock,
                 Resilience {
-                    outliers: true,
                     zones: Some(backends.iter().map(|b| b.zone()).collect()),
                     ..Resilience::default()
                 },
             ),
-            Contender::P2cPeakEwmaOutliersRetryThrottle => resilient(
-                P2c::peak_ewma(),
+            Contender::P2cPeakEwmaOutliersRetryThrottle => ewma_outliers(
                 endpoints,
                 seed,
                 clock,
                 Resilience {
-                    outliers: true,
                     throttle: Some(THROTTLE_K),
                     ..Resilience::default()
                 },
             ),
-            Contender::P2cPeakEwmaOutliersHedge => resilient(
-                P2c::peak_ewma(),
+            Contender::P2cPeakEwmaOutliersHedge => ewma_outliers(
                 endpoints,
                 seed,
                 clock,
                 Resilience {
-                    outliers: true,
                     hedge: true,
                     ..Resilience::default()
                 },
@@ -445,6 +430,16 @@ const THROTTLE_K: f64 = 2.0;
 
 /// `strategy` under a deadline and retries, with what `extra` adds, the
 /// balancer sending retries and hedges to endpoints not yet tried.
+/// P2C Peak-EWMA with outlier detection at its defaults and retries, and
+/// whatever else `extra` adds: the `ewma+od+retry` family.
+fn ewma_outliers(endpoints: Discovery, seed: u64, clock: LatencyClock, extra: Resilience) -> Built {
+    let extra = Resilience {
+        outliers: true,
+        ..extra
+    };
+    resilient(P2c::peak_ewma(), endpoints, seed, clock, extra)
+}
+
 fn resilient<P: Strategy>(
     strategy: P,
     endpoints: Discovery,

@@ -433,6 +433,17 @@ mod tests {
         (handle, subset.discover(stream))
     }
 
+    /// [`subsetted`] after ten backends (0 to 9, service "v1") were
+    /// announced and the stream has passed on its subset of them.
+    async fn ten_announced() -> (DiscoveryHandle<u32, &'static str>, Subsetted) {
+        let (handle, mut stream) = subsetted();
+        for key in 0..10 {
+            handle.insert(key, "v1").expect("open");
+        }
+        drain(&mut stream).await;
+        (handle, stream)
+    }
+
     /// The changes the stream yields until it goes quiet or ends, in order
     /// (an error as "error", the end as "end").
     async fn drain(stream: &mut Subsetted) -> Vec<String> {
@@ -481,11 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_that_leaves_is_replaced_by_the_next_and_the_newcomer_comes_first() {
-        let (handle, mut stream) = subsetted();
-        for key in 0..10 {
-            handle.insert(key, "v1").expect("open");
-        }
-        drain(&mut stream).await;
+        let (handle, mut stream) = ten_announced().await;
         let before = subset_of(&stream);
         handle.remove(before[0]).expect("open");
         let seen = drain(&mut stream).await;
@@ -499,11 +506,7 @@ mod tests {
 
     #[tokio::test]
     async fn changes_outside_the_subset_announce_nothing() {
-        let (handle, mut stream) = subsetted();
-        for key in 0..10 {
-            handle.insert(key, "v1").expect("open");
-        }
-        drain(&mut stream).await;
+        let (handle, mut stream) = ten_announced().await;
         let before = subset_of(&stream);
         let outsider = (0..10).find(|k| !before.contains(k)).expect("an outsider");
         handle.insert(outsider, "v2").expect("open");

@@ -162,10 +162,8 @@ pub(crate) fn latency_outliers(
         .copied()
         .filter(|v| v.is_finite())
         .collect();
-    if measured.len() < detector.minimum_hosts {
-        return (vec![false; estimates.len()], f64::NAN);
-    }
-    let Some(median) = median(&mut measured) else {
+    let enough = measured.len() >= detector.minimum_hosts;
+    let Some(median) = enough.then(|| median(&mut measured)).flatten() else {
         return (vec![false; estimates.len()], f64::NAN);
     };
     let limit = median * detector.factor;

@@ -197,11 +197,7 @@ impl Health {
         &mut self,
         views: &mut [View<'_, K, E>],
     ) -> bool {
-        let Some(limit) = self
-            .detection
-            .as_ref()
-            .map(|d| d.consecutive_failures.unwrap_or(1))
-        else {
+        let Some(limit) = self.failures_in_a_row() else {
             return false;
         };
         let volume = u64::from(limit);
@@ -237,6 +233,14 @@ impl Health {
         changed
     }
 
+    /// The consecutive-failure limit, as the ejection rules read it (1 when
+    /// that detector is off), or `None` without outlier detection.
+    fn failures_in_a_row(&self) -> Option<u32> {
+        self.detection
+            .as_ref()
+            .map(|d| d.consecutive_failures.unwrap_or(1))
+    }
+
     /// When the next ejection ends or is looked at again.
     pub(crate) fn next_return<'a>(
         healths: impl Iterator<Item = &'a EndpointHealth>,
@@ -260,18 +264,16 @@ impl Health {
     ) -> bool {
         let now = Instant::now();
         let mut changed = false;
-        let volume = self
-            .detection
-            .as_ref()
-            .and_then(|d| d.consecutive_failures)
-            .map_or(1, u64::from);
-        let counts: Vec<IntervalCounts> = views.iter().map(recent).collect();
+        let volume = self.failures_in_a_row().map_or(1, u64::from);
+        // Read only when a review is due: most calls here end an ejection.
+        let mut counts: Option<Vec<IntervalCounts>> = None;
         for index in 0..views.len() {
             let Some(at_ejection) = views[index].1.record.take_review_due(now) else {
                 continue;
             };
+            let counts = counts.get_or_insert_with(|| views.iter().map(recent).collect());
             let Some((peers, own)) =
-                fails_like_its_peers(at_ejection, &peers_of(views, &counts, index), volume)
+                fails_like_its_peers(at_ejection, &peers_of(views, counts, index), volume)
             else {
                 continue;
             };

@@ -411,7 +411,7 @@ where
                 match (copy, this.service.take()) {
                     (Some(Ok(copy)), Some(service)) => {
                         let budget = &this.shared.budget;
-                        if !budget.admit_hedge() {
+                        if !budget.admit_extra(Spend::Hedge, None) {
                             tracing::debug!("not hedging: adaptive throttling refused the copy");
                         } else if budget.try_spend(Spend::Hedge) {
                             tracing::debug!("hedging a slow request");

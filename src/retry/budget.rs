@@ -431,31 +431,22 @@ impl RetryBudget {
         Err(refused)
     }
 
-    /// Whether a retry may be sent, by adaptive throttling: a retry is a
-    /// request to the backends too, refused with the same probability as a
-    /// call (always sent when throttling is off or refuses nothing). A
-    /// refused retry counts as one the budget refused.
-    pub(crate) fn admit_retry(&self, seeded: Option<&AtomicU64>) -> bool {
+    /// Whether a retry or a hedge may be sent, by adaptive throttling: each
+    /// is one more request to the backends, refused with the same
+    /// probability as a call (always sent when throttling is off or refuses
+    /// nothing). A refusal counts as one the budget refused. A refused retry
+    /// also settles, as a refused call does; a refused hedge settles
+    /// nothing, since the retry layer counts a hedged attempt once,
+    /// whichever copy answers.
+    pub(crate) fn admit_extra(&self, spend: Spend, seeded: Option<&AtomicU64>) -> bool {
         if self.throttle(seeded).is_none() {
             return true;
         }
         let inner = &*self.inner;
-        inner.count_now(&inner.settled);
-        inner.refused.fetch_add(1, Ordering::Relaxed);
-        false
-    }
-
-    /// Whether a hedge may be sent, by adaptive throttling: a hedge is one
-    /// more request to backends that are turning requests away, refused with
-    /// the same probability as a call. A refused hedge counts as one the
-    /// budget refused. Unlike a refused retry it settles nothing: the retry
-    /// layer counts a hedged attempt once, whichever copy answers, so a
-    /// refused copy must not count as a request either.
-    pub(crate) fn admit_hedge(&self) -> bool {
-        if self.throttle(None).is_none() {
-            return true;
+        if spend == Spend::Retry {
+            inner.count_now(&inner.settled);
         }
-        self.inner.refused.fetch_add(1, Ordering::Relaxed);
+        inner.refused.fetch_add(1, Ordering::Relaxed);
         false
     }
 
@@ -740,22 +731,32 @@ mod tests {
         sent
     }
 
+    /// A budget with adaptive throttling at the book's k = 2.
+    fn throttling() -> RetryBudget {
+        RetryBudget::new()
+            .adaptive_throttling(2.0)
+            .expect("valid setting")
+    }
+
+    /// A call sent and answered: accepted by the backends or not.
+    fn settled_call(budget: &RetryBudget, accepted: bool) {
+        budget.deposit();
+        if accepted {
+            budget.accepted();
+        } else {
+            budget.not_accepted();
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn throttling_draws_from_a_seeded_sequence_repeat() {
         let decisions = |seed: u64| {
-            let budget = RetryBudget::new()
-                .adaptive_throttling(2.0)
-                .expect("valid setting");
+            let budget = throttling();
             let sequence = crate::strategy::seeded_state(seed);
             (0..400)
                 .map(|i| {
-                    budget.deposit();
                     // A quarter accepted: about half refused.
-                    if i % 4 == 0 {
-                        budget.accepted();
-                    } else {
-                        budget.not_accepted();
-                    }
+                    settled_call(&budget, i % 4 == 0);
                     budget.admit(Some(&sequence)).is_ok()
                 })
                 .collect::<Vec<bool>>()
@@ -766,9 +767,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn throttling_refuses_no_call_of_a_burst_that_is_still_in_flight() {
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
+        let budget = throttling();
         // 200 calls at once at start-up: none answered yet, none refused.
         for _ in 0..200 {
             budget.deposit();
@@ -779,16 +778,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_are_refused_as_calls_are_while_throttling_refuses() {
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
-        assert!(budget.admit_retry(None), "nothing settled yet");
+        let budget = throttling();
+        assert!(
+            budget.admit_extra(Spend::Retry, None),
+            "nothing settled yet"
+        );
         // 100 calls settled, none accepted: nearly everything is refused.
         for _ in 0..100 {
-            budget.deposit();
-            budget.not_accepted();
+            settled_call(&budget, false);
         }
-        let admitted = (0..100).filter(|_| budget.admit_retry(None)).count();
+        let admitted = (0..100)
+            .filter(|_| budget.admit_extra(Spend::Retry, None))
+            .count();
         assert!(admitted < 10, "{admitted}");
         assert_eq!(budget.stats().refused, 100 - admitted as u64);
         // Refused retries count as refused by the budget, not as calls
@@ -798,20 +799,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn hedges_are_refused_as_calls_are_and_settle_nothing() {
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
+        let budget = throttling();
         // 20 calls settled, 9 accepted: (20 - 2 x 9) / 21, one in ten
         // refused.
-        for accepted in (0..20).map(|i| i < 9) {
-            budget.deposit();
-            if accepted {
-                budget.accepted();
-            } else {
-                budget.not_accepted();
-            }
+        for i in 0..20 {
+            settled_call(&budget, i < 9);
         }
-        let admitted = (0..1000).filter(|_| budget.admit_hedge()).count();
+        let admitted = (0..1000)
+            .filter(|_| budget.admit_extra(Spend::Hedge, None))
+            .count();
         // Had each refused hedge settled as a call not accepted, the odds
         // would climb towards 1 and most of the 1,000 would be refused.
         assert!((850..970).contains(&admitted), "{admitted}");
@@ -822,9 +818,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn throttling_refuses_nothing_while_the_backends_accept_everything() {
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
+        let budget = throttling();
         for _ in 0..20 {
             assert_eq!(second_of_calls(&budget, 100, 100), 100);
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -836,9 +830,7 @@ mod tests {
     async fn throttling_sends_about_k_times_what_the_backends_accept() {
         // 100 calls a second, the backends accepting 10 of them: once the
         // window has filled, about k x 10 = 20 a second are sent.
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
+        let budget = throttling();
         let mut sent = Vec::new();
         for _ in 0..30 {
             sent.push(second_of_calls(&budget, 100, 10));
@@ -852,9 +844,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn throttling_lets_calls_through_again_as_the_backends_recover() {
-        let budget = RetryBudget::new()
-            .adaptive_throttling(2.0)
-            .expect("valid setting");
+        let budget = throttling();
         for _ in 0..20 {
             second_of_calls(&budget, 100, 0);
             tokio::time::advance(Duration::from_secs(1)).await;

@@ -566,7 +566,10 @@ where
                 return Err(Stop::PastDeadline(pause));
             }
         }
-        if !this.budget.admit_retry(this.jitter.as_deref()) {
+        if !this
+            .budget
+            .admit_extra(Spend::Retry, this.jitter.as_deref())
+        {
             return Err(Stop::Throttled);
         }
         if !this.budget.try_spend(Spend::Retry) {
