@@ -1,6 +1,7 @@
-//! One HTTP/2 connection to one address, made and remade by tower-lb itself
-//! ([`H2Connection`]), for endpoints that need nothing between the balancer
-//! and hyper.
+//! Connections of an endpoint's own, made and kept by tower-lb itself, for
+//! endpoints that need nothing between the balancer and hyper: one HTTP/2
+//! connection to one address, made and remade ([`H2Connection`]), and an
+//! endpoint's HTTP/1.1 connections, idle ones kept ([`H1Pool`], in `h1`).
 //!
 //! Why not a tonic `Channel` or hyper-util's pooled `Client` per endpoint:
 //! both put a shared queue in front of the connection (a `Buffer` and its
@@ -32,6 +33,12 @@ use crate::error::{BoxError, ConnectFailed, NeverSent};
 use crate::health::{ConnectionState, ConnectionStatus};
 use crate::retry::Backoff;
 use crate::setting::{self, InvalidSetting};
+
+mod attempts;
+mod h1;
+
+pub(crate) use attempts::ConnectionAttempts;
+pub(crate) use h1::{H1Pool, H1Settings};
 
 /// A connection that closes sooner than this after it opened is made again
 /// after a back-off, as a failed attempt is, rather than at once: a server
@@ -370,6 +377,30 @@ where
     }
 }
 
+/// A TCP connection to `addr`, made within `timeout`, that sends at once:
+/// without `TCP_NODELAY` an HTTP/2 call's DATA frame written after its
+/// HEADERS, or an HTTP/1.1 body written after its head, waits for the
+/// server's delayed ACK (Nagle): 40 ms a call.
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectFailed> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(ConnectFailed::new(addr, error)),
+        Err(_) => {
+            return Err(ConnectFailed::new(
+                addr,
+                format!("timed out after {}", crate::error::duration(&timeout)),
+            ))
+        }
+    };
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%addr, %error, "could not set TCP_NODELAY");
+    }
+    Ok(stream)
+}
+
 impl<B> Shared<B> {
     fn is_open(&self) -> bool {
         self.open
@@ -447,22 +478,7 @@ where
 
     async fn try_open_connection(self: &Arc<Self>) -> Result<(), ConnectFailed> {
         let addr = self.addr;
-        let timeout = self.settings.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(ConnectFailed::new(addr, error)),
-            Err(_) => {
-                return Err(ConnectFailed::new(
-                    addr,
-                    format!("timed out after {}", crate::error::duration(&timeout)),
-                ))
-            }
-        };
-        // Without it, a call's DATA frame written after its HEADERS waits
-        // for the server's delayed ACK (Nagle): 40 ms a call.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%addr, %error, "could not set TCP_NODELAY");
-        }
+        let stream = connect_tcp(addr, self.settings.connect_timeout).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         if let Some(keep_alive) = self.settings.keep_alive {

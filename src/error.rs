@@ -303,9 +303,10 @@ pub(crate) fn never_sent_link(link: &(dyn StdError + 'static)) -> bool {
         return true;
     }
     #[cfg(feature = "http")]
-    if link
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    if link.is::<ConnectFailed>()
+        || link
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
         || unprocessed_link(link).is_some()
     {
         return true;
@@ -354,9 +355,10 @@ impl StdError for RefusedByClient {
 }
 
 /// A connection to an endpoint could not be made (refused, timed out, the
-/// HTTP/2 handshake failed): no byte of any call was sent on it. Calls that
-/// waited for it fail with it wrapped in [`NeverSent`], so they may be sent
-/// elsewhere whatever their method.
+/// HTTP/2 handshake failed): no byte of any call was sent on it. It says
+/// "never sent" by itself ([`is_never_sent`] finds it in a chain), so a call
+/// that fails with it (or, waiting for an HTTP/2 connection, with it wrapped
+/// in [`NeverSent`]) may be sent elsewhere whatever its method.
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Debug, Clone)]

@@ -44,7 +44,7 @@ use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use crate::connection::{H2Connection, H2Settings, SendFuture};
+use crate::connection::{H1Pool, H1Settings, H2Connection, H2Settings, SendFuture};
 use crate::error::{BoxError, RefusedByClient};
 use crate::health::ConnectionStatus;
 
@@ -87,11 +87,28 @@ pub struct HttpEndpoint<B, C = HttpConnector> {
     /// service for every request it sends there, and a hyper-util `Client`
     /// is half a dozen reference counts and settings to copy and drop.
     origin: Arc<Origin<B, C>>,
-    /// One HTTP/2 connection of the endpoint's own, with no pool in between
-    /// (the [`HttpClient`](crate::client::HttpClient)'s `http2_only`), when
-    /// it has one. Outside the `Arc`: each clone waits for a connection
-    /// attempt on its own.
-    connection: Option<H2Connection<B>>,
+    /// Connections of the endpoint's own, with no shared pool in between
+    /// (an [`HttpClient`](crate::client::HttpClient)'s), when it has them.
+    /// Outside the `Arc`: each clone waits for an HTTP/2 connection attempt
+    /// on its own.
+    connection: Option<Own<B>>,
+}
+
+/// An endpoint's own connections.
+enum Own<B> {
+    /// HTTP/2 (prior knowledge): one connection, every request on it.
+    Http2(H2Connection<B>),
+    /// HTTP/1.1: a request per connection, idle ones kept.
+    Http1(H1Pool<B>),
+}
+
+impl<B> Clone for Own<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Own::Http2(connection) => Own::Http2(connection.clone()),
+            Own::Http1(pool) => Own::Http1(pool.clone()),
+        }
+    }
 }
 
 /// Where an [`HttpEndpoint`] sends requests, and through which pool.
@@ -105,6 +122,10 @@ struct Origin<B, C> {
     /// Its connection state in the pool, when an `HttpClient` keeps one
     /// (see `client::pool`).
     pool_status: Option<ConnectionStatus>,
+    /// The `Host` of requests on its own HTTP/1.1 connections that name
+    /// none: `authority`, without the scheme's default port (as
+    /// hyper-util's client writes it).
+    own_host: http::HeaderValue,
 }
 
 impl<B, C> HttpEndpoint<B, C> {
@@ -123,13 +144,7 @@ impl<B, C> HttpEndpoint<B, C> {
     /// TLS-capable connector, or a host name).
     pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
         Self {
-            origin: Arc::new(Origin {
-                pool: Some(client),
-                scheme,
-                authority,
-                host: None,
-                pool_status: None,
-            }),
+            origin: Origin::new(Some(client), scheme, authority),
             connection: None,
         }
     }
@@ -138,9 +153,30 @@ impl<B, C> HttpEndpoint<B, C> {
     /// the pool, when it is kept.
     pub(crate) fn connection_status(&self) -> Option<ConnectionStatus> {
         match &self.connection {
-            Some(connection) => Some(connection.status().clone()),
+            Some(Own::Http2(connection)) => Some(connection.status().clone()),
+            Some(Own::Http1(pool)) => Some(pool.status().clone()),
             None => self.origin.pool_status.clone(),
         }
+    }
+}
+
+impl<B, C> Origin<B, C> {
+    fn new(pool: Option<Client<C, B>>, scheme: Scheme, authority: Authority) -> Arc<Self> {
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let own_host = match authority.port_u16() {
+            Some(port) if port == default_port => authority.host(),
+            _ => authority.as_str(),
+        };
+        let own_host = http::HeaderValue::from_str(own_host)
+            .unwrap_or_else(|_| unreachable!("an authority is a valid header value"));
+        Arc::new(Origin {
+            pool,
+            scheme,
+            authority,
+            host: None,
+            pool_status: None,
+            own_host,
+        })
     }
 }
 
@@ -155,14 +191,17 @@ where
     /// `H2Connection::kept_open`).
     pub(crate) fn http2_connection(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
-            origin: Arc::new(Origin {
-                pool: None,
-                scheme: Scheme::HTTP,
-                authority: address_authority(addr),
-                host: None,
-                pool_status: None,
-            }),
-            connection: Some(H2Connection::kept_open(addr, settings)),
+            origin: Origin::new(None, Scheme::HTTP, address_authority(addr)),
+            connection: Some(Own::Http2(H2Connection::kept_open(addr, settings))),
+        }
+    }
+
+    /// An endpoint at plain-text `http://addr` over HTTP/1.1 connections of
+    /// its own (see `H1Pool`).
+    pub(crate) fn http1_connections(addr: SocketAddr, settings: H1Settings) -> Self {
+        Self {
+            origin: Origin::new(None, Scheme::HTTP, address_authority(addr)),
+            connection: Some(Own::Http1(H1Pool::new(addr, settings))),
         }
     }
 }
@@ -182,6 +221,14 @@ impl<B, C> HttpEndpoint<B, C> {
         if parts.method == http::Method::CONNECT {
             return Err("a CONNECT request cannot be balanced".into());
         }
+        let own_http1 = matches!(self.connection, Some(Own::Http1(_)));
+        if own_http1 && parts.version >= http::Version::HTTP_2 {
+            return Err(format!(
+                "an {:?} request cannot go over the endpoint's HTTP/1.1 connections",
+                parts.version
+            )
+            .into());
+        }
         if let Some(scheme) = parts.uri.scheme() {
             if *scheme != self.origin.scheme {
                 return Err(format!(
@@ -197,9 +244,20 @@ impl<B, C> HttpEndpoint<B, C> {
                 parts.headers.insert(http::header::HOST, host);
             } else if let Some(host) = &self.origin.host {
                 parts.headers.insert(http::header::HOST, host.clone());
+            } else if own_http1 {
+                // hyper-util's client adds it from the absolute URI; a bare
+                // connection writes the URI it is given, so it gets the
+                // path, and the host goes here.
+                parts
+                    .headers
+                    .insert(http::header::HOST, self.origin.own_host.clone());
             }
         }
-        parts.uri = self.rewrite(std::mem::take(&mut parts.uri))?;
+        parts.uri = if own_http1 {
+            origin_form(std::mem::take(&mut parts.uri))
+        } else {
+            self.rewrite(std::mem::take(&mut parts.uri))?
+        };
         Ok(())
     }
 
@@ -223,6 +281,15 @@ pub(crate) fn absolute_uri(
     Ok(Uri::from_parts(parts)?)
 }
 
+/// `uri`'s path and query alone (`/` if it has none): the request target
+/// of an HTTP/1.1 request to an origin server (RFC 9112, 3.2.1).
+fn origin_form(uri: Uri) -> Uri {
+    match uri.into_parts().path_and_query {
+        Some(path) => Uri::from(path),
+        None => Uri::from_static("/"),
+    }
+}
+
 impl<B, C: Clone> HttpEndpoint<B, C> {
     /// The endpoint, its connection state in the pool kept in `status`.
     pub(crate) fn with_pool_status(self, status: ConnectionStatus) -> Self {
@@ -240,6 +307,7 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
             pool,
             scheme,
             authority,
+            own_host,
             ..
         } = &*self.origin;
         Self {
@@ -249,6 +317,7 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
                 authority: authority.clone(),
                 host,
                 pool_status,
+                own_host: own_host.clone(),
             }),
             connection: self.connection,
         }
@@ -303,12 +372,12 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HttpError>> {
         match &mut self.connection {
-            Some(connection) => connection.poll_ready(cx).map_err(|source| HttpError {
+            Some(Own::Http2(connection)) => connection.poll_ready(cx).map_err(|source| HttpError {
                 kind: Kind::Connect,
                 source,
             }),
-            // The client's pool connects inside each request's future.
-            None => Poll::Ready(Ok(())),
+            // Connections are made inside each request's future.
+            Some(Own::Http1(_)) | None => Poll::Ready(Ok(())),
         }
     }
 
@@ -325,7 +394,8 @@ where
         let req = Request::from_parts(parts, body);
         HttpResponseFuture {
             sending: match (&mut self.connection, &self.origin.pool) {
-                (Some(connection), _) => Sending::Connection(connection.send(req)),
+                (Some(Own::Http2(connection)), _) => Sending::Connection(connection.send(req)),
+                (Some(Own::Http1(pool)), _) => Sending::Connection(pool.send(req)),
                 (None, Some(client)) => Sending::Pool(client.request(req)),
                 (None, None) => {
                     unreachable!("an endpoint without a connection of its own has a pool")
@@ -408,10 +478,13 @@ impl HttpError {
         }
     }
 
-    /// A request sent on the endpoint's own connection (`http2_only`).
+    /// A request sent on the endpoint's own connections.
     fn from_connection(error: BoxError) -> Self {
         let kind = if let Some(unprocessed) = crate::error::unprocessed_stream(&*error) {
             Kind::Unprocessed(unprocessed)
+        } else if crate::error::chain(&*error).any(|link| link.is::<crate::error::ConnectFailed>())
+        {
+            Kind::Connect
         } else if crate::error::is_never_sent(&*error) {
             Kind::Unsent
         } else {

@@ -69,6 +69,7 @@ pub enum Contender {
     Http1RawOne,
     Http1RawRoundRobin,
     Http1TowerP2c,
+    Http1RawConnections,
     Http1Balancer,
     Http1HttpClient,
     H2RawRoundRobin,
@@ -86,10 +87,11 @@ pub enum Contender {
 
 impl Contender {
     /// In the order of the table.
-    pub const ALL: [Contender; 16] = [
+    pub const ALL: [Contender; 17] = [
         Contender::Http1RawOne,
         Contender::Http1RawRoundRobin,
         Contender::Http1TowerP2c,
+        Contender::Http1RawConnections,
         Contender::Http1Balancer,
         Contender::Http1HttpClient,
         Contender::H2RawRoundRobin,
@@ -111,6 +113,7 @@ impl Contender {
             Contender::Http1RawOne => "h1-raw-one",
             Contender::Http1RawRoundRobin => "h1-raw-rr",
             Contender::Http1TowerP2c => "h1-tower-p2c",
+            Contender::Http1RawConnections => "h1-raw-conns",
             Contender::Http1Balancer => "h1-balancer",
             Contender::Http1HttpClient => "h1-http-client",
             Contender::H2RawRoundRobin => "h2-raw-rr",
@@ -135,6 +138,9 @@ impl Contender {
                 "raw hyper-util `Client`, round robin by hand over 4 servers"
             }
             Contender::Http1TowerP2c => "tower `p2c::Balance` (Peak EWMA) behind a `Buffer`",
+            Contender::Http1RawConnections => {
+                "hyper HTTP/1.1 connections, a pool of idle ones per server by hand"
+            }
             Contender::Http1Balancer | Contender::H2Balancer => {
                 "tower-lb `Balancer` over `http::endpoints`"
             }
@@ -162,6 +168,7 @@ impl Contender {
             Contender::Http1RawOne
             | Contender::Http1RawRoundRobin
             | Contender::Http1TowerP2c
+            | Contender::Http1RawConnections
             | Contender::Http1Balancer
             | Contender::Http1HttpClient => Protocol::Http1,
             Contender::H2RawRoundRobin
@@ -209,6 +216,9 @@ impl Contender {
                 drive(RawHttp::new(h1_client(), &ports.h1), tasks, mode, server).await
             }
             Contender::Http1TowerP2c => drive(tower_p2c(&ports.h1), tasks, mode, server).await,
+            Contender::Http1RawConnections => {
+                drive(H1Connections::new(&ports.h1), tasks, mode, server).await
+            }
             Contender::Http1Balancer => {
                 drive(balancer(h1_client(), &ports.h1), tasks, mode, server).await
             }
@@ -569,6 +579,63 @@ where
         }
         let mut sender = self.senders[turn].clone();
         Box::pin(sender.send_request(request))
+    }
+}
+
+/// Bare hyper HTTP/1.1 connections, taken from (and given back to) a list
+/// of idle ones per server, the servers in turn: the floor under any
+/// HTTP/1.1 pool, with nothing but a lock between the caller and hyper.
+#[derive(Clone)]
+struct H1Connections {
+    servers: Arc<[(SocketAddr, http::HeaderValue, IdleH1)]>,
+    next: Arc<AtomicUsize>,
+}
+
+type IdleH1 = std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<HttpBody>>>;
+
+impl H1Connections {
+    fn new(addrs: &[SocketAddr]) -> Self {
+        let servers = addrs
+            .iter()
+            .map(|addr| {
+                let host = http::HeaderValue::from_str(&addr.to_string())
+                    .unwrap_or_else(|e| unreachable!("an address is a valid Host: {e}"));
+                (*addr, host, IdleH1::default())
+            })
+            .collect::<Vec<_>>();
+        Self {
+            servers: servers.into(),
+            next: Arc::default(),
+        }
+    }
+}
+
+impl Caller for H1Connections {
+    async fn call(&mut self) -> Result<(), BoxError> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
+        let (addr, host, idle) = &self.servers[turn];
+        let idle_one = idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut sender = match idle_one {
+            Some(sender) => sender,
+            None => {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        sender.ready().await?;
+        let mut request = get(Uri::from_static("/"))?;
+        request
+            .headers_mut()
+            .insert(http::header::HOST, host.clone());
+        let response = sender.send_request(request).await?;
+        read_ok(response).await?;
+        idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
+        Ok(())
     }
 }
 

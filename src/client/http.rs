@@ -2,6 +2,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::balance::{self, Describe, RequestHints};
 use crate::classify::{Classify, HttpClassify};
-use crate::connection::{ConnectFailureHook, H2Settings, Http2KeepAlive};
+use crate::connection::{ConnectFailureHook, H1Settings, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::health::ActiveCheck;
 use crate::http::HttpEndpoint;
@@ -41,6 +42,12 @@ pub struct Http<C = HttpConnector> {
     /// [`http2_only`](ClientBuilder::http2_only): an HTTP/2 connection of
     /// each endpoint's own rather than the hyper-util client's pool.
     own_http2: bool,
+    /// HTTP/1.1 connections of each endpoint's own rather than the
+    /// hyper-util client's pool: while the connector and the hyper-util
+    /// settings are the defaults.
+    own_http1: bool,
+    /// How long a connection may stay idle (the pool's is in `hyper`).
+    idle_timeout: Duration,
     /// HTTP/2 keep-alive of the own connections (the pool's is in `hyper`).
     keep_alive: Option<Http2KeepAlive>,
 }
@@ -111,6 +118,8 @@ impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
             scheme: Scheme::HTTP,
             authority: None,
             own_http2: false,
+            own_http1: true,
+            idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             keep_alive: Some(Http2KeepAlive::HTTP),
         };
         ClientBuilder::with(http, balancer)
@@ -135,6 +144,8 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
                 scheme: self.target.scheme,
                 authority: self.target.authority,
                 own_http2: false,
+                own_http1: false,
+                idle_timeout: self.target.idle_timeout,
                 keep_alive: self.target.keep_alive,
             },
             balancer: self.balancer,
@@ -160,6 +171,28 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     /// ```
     pub fn hyper(mut self, builder: legacy::Builder) -> Self {
         self.target.hyper = builder;
+        self.target.own_http1 = false;
+        self
+    }
+
+    /// How long a keep-alive connection may stay idle before the client
+    /// closes it: keep it below your servers' idle timeout (see
+    /// [`DEFAULT_POOL_IDLE_TIMEOUT`], the default). Zero keeps no
+    /// connection: each serves one request. It sets the
+    /// [`hyper`](Self::hyper) settings' `pool_idle_timeout` too, which a
+    /// later call to `hyper` replaces.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::client::HttpClient;
+    ///
+    /// // For gunicorn, which closes idle connections after 2 s.
+    /// let builder = HttpClient::builder().pool_idle_timeout(Duration::from_secs(1));
+    /// # let _ = builder;
+    /// ```
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.target.idle_timeout = timeout;
+        self.target.hyper.pool_idle_timeout(timeout);
         self
     }
 
@@ -341,11 +374,19 @@ where
         let authority = self.target.authority;
         // Over `https` the pool's TLS connector is needed.
         let own_http2 = self.target.own_http2 && scheme == Scheme::HTTP;
+        let own_http1 = self.target.own_http1 && scheme == Scheme::HTTP;
+        let http1 = H1Settings {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: self.target.idle_timeout,
+            on_connect_failure: on_connect_failure.clone(),
+        };
         let settings =
             H2Settings::new(self.target.keep_alive).on_connect_failure(on_connect_failure);
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = if own_http2 {
                 HttpEndpoint::http2_connection(addr, settings.clone())
+            } else if own_http1 {
+                HttpEndpoint::http1_connections(addr, http1.clone())
             } else {
                 let endpoint = HttpEndpoint::with_address(hyper.clone(), scheme.clone(), addr);
                 let status = connections.register(endpoint.authority());

@@ -1,34 +1,26 @@
 //! What an [`HttpClient`](super::HttpClient) learns from hyper-util's pool
+//! (its route when given a connector or hyper-util settings of the user's)
 //! through its connector: each connection attempt, and how it ended.
 //!
 //! The pool makes connections inside requests, behind one connector for
 //! every endpoint, and says nothing of them; so the connector is wrapped
 //! ([`ObservedConnector`]) to tell the client of each attempt that fails
 //! (the clients over DNS re-resolve the name), and to keep each endpoint's
-//! [`ConnectionStatus`] for the balancer: ready once a connection is made,
-//! failed when one cannot be, idle again after gRPC's connection back-off
-//! so that a request tries it once more, and connecting while that try is
-//! under way. A new endpoint is not marked connecting while its first
-//! connection is made: the pool connects per request, so other requests
-//! would go elsewhere only while the endpoint is unknown, and at a
-//! client's start every endpoint is; it stays in the picks, as without
-//! connection states, until an attempt fails. Connections the pool keeps
-//! are not watched: one that closes is made again by the next request, the
-//! endpoint still ready.
+//! connection state for the balancer, by the rules of
+//! [`ConnectionAttempts`] (which the endpoints' own HTTP/1.1 connections
+//! follow too).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use http::uri::Authority;
 
-use crate::connection::ConnectFailureHook;
-use crate::health::{ConnectionState, ConnectionStatus};
-use crate::retry::Backoff;
+use crate::connection::{ConnectFailureHook, ConnectionAttempts};
+use crate::health::ConnectionStatus;
 
 /// The pool's endpoints' connection states, by the authority their
 /// requests (and so the connector's URIs) carry.
@@ -41,18 +33,11 @@ pub(crate) struct PoolConnections {
 
 #[derive(Default)]
 struct ByAuthority {
-    map: HashMap<Authority, Arc<PoolConnection>>,
+    map: HashMap<Authority, Arc<ConnectionAttempts>>,
     /// The size at which entries no endpoint holds are next dropped: twice
     /// the size after the last sweep, so that a start inserting many
     /// endpoints sweeps a few times, not at each one.
     sweep_at: usize,
-}
-
-/// One endpoint's connection state in the pool, and the failed attempts in
-/// a row that set its back-off.
-struct PoolConnection {
-    status: ConnectionStatus,
-    failures: AtomicU32,
 }
 
 impl PoolConnections {
@@ -68,78 +53,29 @@ impl PoolConnections {
             .unwrap_or_else(PoisonError::into_inner);
         let ByAuthority { map, sweep_at } = &mut *guard;
         if map.len() >= *sweep_at {
-            map.retain(|_, c| c.status.is_shared());
+            map.retain(|_, c| c.status().is_shared());
             *sweep_at = (map.len() * 2).max(16);
         }
         let connection = map
             .entry(authority.clone())
             .and_modify(|c| {
-                if !c.status.is_shared() {
+                if !c.status().is_shared() {
                     // Its endpoints left: what it learnt of their connection
                     // is not the newcomer's.
-                    *c = PoolConnection::new();
+                    *c = ConnectionAttempts::new();
                 }
             })
-            .or_insert_with(PoolConnection::new);
-        connection.status.clone()
+            .or_insert_with(ConnectionAttempts::new);
+        connection.status().clone()
     }
 
-    fn find(&self, uri: &http::Uri) -> Option<Arc<PoolConnection>> {
+    fn find(&self, uri: &http::Uri) -> Option<Arc<ConnectionAttempts>> {
         let authority = uri.authority()?;
         let guard = self
             .by_authority
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         guard.map.get(authority).cloned()
-    }
-}
-
-impl PoolConnection {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            status: ConnectionStatus::new(),
-            failures: AtomicU32::new(0),
-        })
-    }
-
-    /// Marks the endpoint connecting when it is trying again after a
-    /// failure (see the module docs).
-    fn attempt_started(&self) {
-        if self.failures.load(Ordering::Relaxed) > 0 && self.status.get() != ConnectionState::Ready
-        {
-            self.status.set(ConnectionState::Connecting);
-        }
-    }
-
-    fn made(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.status.set(ConnectionState::Ready);
-    }
-
-    /// Failed, until a back-off has passed: then idle, so that a request
-    /// may try again (unless another attempt has changed the state, or
-    /// failed again, since).
-    fn failed(self: &Arc<Self>) {
-        let failures = self
-            .failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        self.status.set(ConnectionState::Failed);
-        let delay = Backoff::CONNECTION.delay(failures, &mut rand::rng());
-        let this = Arc::clone(self);
-        // Dropped with the runtime if it ends first: nothing to do then.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                // Only this failure's timer: a later failure's back-off is
-                // longer, and its own timer ends it.
-                let latest = this.failures.load(Ordering::Relaxed) == failures;
-                if latest && this.status.get() == ConnectionState::Failed && this.status.is_shared()
-                {
-                    this.status.set(ConnectionState::Idle);
-                }
-            });
-        }
     }
 }
 
@@ -154,7 +90,7 @@ pin_project_lite::pin_project! {
         inner: F,
         // Taken when the connect ends.
         hook: Option<ConnectFailureHook>,
-        connection: Option<Arc<PoolConnection>>,
+        connection: Option<Arc<ConnectionAttempts>>,
         polled: bool,
     }
 
@@ -260,6 +196,7 @@ impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ObservedConnect
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::ConnectionState;
 
     fn authority(s: &str) -> Authority {
         s.parse().unwrap_or_else(|e| panic!("{e}"))
@@ -267,7 +204,7 @@ mod tests {
 
     /// An endpoint at 127.0.0.1:80 registered in `connections`: its status,
     /// and the entry the connector finds for its URIs.
-    fn registered(connections: &PoolConnections) -> (ConnectionStatus, Arc<PoolConnection>) {
+    fn registered(connections: &PoolConnections) -> (ConnectionStatus, Arc<ConnectionAttempts>) {
         let status = connections.register(&authority("127.0.0.1:80"));
         let uri: http::Uri = "http://127.0.0.1:80/"
             .parse()
@@ -315,32 +252,5 @@ mod tests {
         drop(status);
         let (again, _) = registered(&connections);
         assert_eq!(again.get(), ConnectionState::Idle);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_connection_is_idle_again_after_the_back_off() {
-        let connections = PoolConnections::default();
-        let (status, connection) = registered(&connections);
-        connection.attempt_started();
-        connection.failed();
-        assert_eq!(status.get(), ConnectionState::Failed);
-        // gRPC's first back-off: 1 s, ±20 %.
-        tokio::time::sleep(std::time::Duration::from_millis(790)).await;
-        assert_eq!(status.get(), ConnectionState::Failed);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        assert_eq!(status.get(), ConnectionState::Idle);
-    }
-
-    #[test]
-    fn only_a_try_after_a_failure_is_shown_as_connecting() {
-        let connections = PoolConnections::default();
-        let (status, connection) = registered(&connections);
-        connection.attempt_started();
-        assert_eq!(status.get(), ConnectionState::Idle, "a first connection");
-        connection.failures.store(1, Ordering::Relaxed);
-        connection.attempt_started();
-        assert_eq!(status.get(), ConnectionState::Connecting);
-        connection.made();
-        assert_eq!(status.get(), ConnectionState::Ready);
     }
 }

@@ -1,0 +1,302 @@
+//! `HttpClient`'s own HTTP/1.1 connections (its default route): which
+//! connection a request goes on, and what it writes there, against plain
+//! TCP servers on loopback that read every request head and count every
+//! connection.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_lb::client::{HttpClient, ResponseBody};
+
+type Body = Full<Bytes>;
+
+/// How the server answers each request on a connection.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// How long the body of each answer is held back after its head.
+    body_delay: Duration,
+    /// How long the server keeps a connection open with no request on it.
+    idle_close: Option<Duration>,
+}
+
+impl Behaviour {
+    const KEEP_ALIVE: Self = Self {
+        body_delay: Duration::ZERO,
+        idle_close: None,
+    };
+}
+
+/// A plain TCP server speaking just enough HTTP/1.1: it answers every
+/// request `200` with the body `ok`, keeps the connection open, records
+/// each request's head and counts the connections it accepts.
+struct Server {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (counted, recorded) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, behaviour, recorded.clone()));
+            }
+        });
+        Self {
+            addr,
+            connections,
+            heads,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+/// Serves one connection: reads heads (the requests have no body), answers
+/// each, until the client closes or the idle limit passes.
+async fn serve(mut stream: TcpStream, behaviour: Behaviour, heads: Arc<Mutex<Vec<String>>>) {
+    let mut buffer = Vec::new();
+    loop {
+        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let read = match behaviour.idle_close {
+                Some(limit) => match tokio::time::timeout(limit, stream.read(&mut chunk)).await {
+                    Ok(read) => read,
+                    Err(_) => return,
+                },
+                None => stream.read(&mut chunk).await,
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let end = buffer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |at| at + 4);
+        let head: Vec<u8> = buffer.drain(..end).collect();
+        if let Ok(mut heads) = heads.lock() {
+            heads.push(String::from_utf8_lossy(&head).into_owned());
+        }
+        let answered = async {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+                .await?;
+            tokio::time::sleep(behaviour.body_delay).await;
+            stream.write_all(b"ok").await
+        };
+        if answered.await.is_err() {
+            return;
+        }
+    }
+}
+
+fn get(path: &str) -> http::Request<Body> {
+    http::Request::get(path)
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request")
+}
+
+async fn send(client: &HttpClient<Body>, req: http::Request<Body>) -> http::Response<ResponseBody> {
+    client
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
+}
+
+async fn read_whole(response: http::Response<ResponseBody>) -> Bytes {
+    response
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_connection() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    for _ in 0..10 {
+        assert_eq!(read_whole(send(&client, get("/")).await).await, "ok");
+    }
+    assert_eq!(server.connections(), 1);
+}
+
+#[tokio::test]
+async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
+    let server = Server::start(Behaviour {
+        body_delay: Duration::from_millis(100),
+        idle_close: None,
+    })
+    .await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    for _round in 0..3 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let client = client.clone();
+            calls.spawn(async move { read_whole(send(&client, get("/")).await).await });
+        }
+        while let Some(body) = calls.join_next().await {
+            assert_eq!(body.expect("joined"), "ok");
+        }
+    }
+    assert_eq!(server.connections(), 5);
+}
+
+#[tokio::test]
+async fn a_connection_whose_answer_is_still_being_read_is_not_given_to_another_request() {
+    let server = Server::start(Behaviour {
+        body_delay: Duration::from_millis(800),
+        idle_close: None,
+    })
+    .await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    // The first answer's head is in; its body is 800 ms away.
+    let first = send(&client, get("/first")).await;
+    let started = Instant::now();
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { read_whole(send(&client, get("/second")).await).await }
+    });
+    // The second request went out at once, on a connection of its own:
+    // the server has its head long before the first body is done.
+    support::wait_until(Duration::from_millis(400), || server.heads().len() == 2).await;
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(server.connections(), 2);
+    assert_eq!(read_whole(first).await, "ok");
+    assert_eq!(second.await.expect("joined"), "ok");
+    // Both were kept: two requests at once find one each.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let client = client.clone();
+        calls.spawn(async move { read_whole(send(&client, get("/again")).await).await });
+    }
+    while let Some(body) = calls.join_next().await {
+        assert_eq!(body.expect("joined"), "ok");
+    }
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_while_idle_is_not_used_and_no_request_fails() {
+    // The server closes a connection 30 ms after its last answer (gunicorn
+    // does after 2 s); the client's next request comes 60 ms later, with no
+    // retries to hide a request lost on a closed connection.
+    let server = Server::start(Behaviour {
+        body_delay: Duration::ZERO,
+        idle_close: Some(Duration::from_millis(30)),
+    })
+    .await;
+    let client = HttpClient::builder()
+        .no_retries()
+        .build::<Body>([server.addr]);
+    for _ in 0..8 {
+        assert_eq!(read_whole(send(&client, get("/")).await).await, "ok");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(server.connections(), 8);
+}
+
+#[tokio::test]
+async fn a_request_for_a_path_names_the_endpoints_address_as_its_host_and_the_path_as_its_target() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    read_whole(send(&client, get("/orders/7?full=1")).await).await;
+    read_whole(send(&client, get("http://shop.example/cart")).await).await;
+    let heads = server.heads();
+    assert!(
+        heads[0].starts_with("GET /orders/7?full=1 HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    let host = format!("host: {}\r\n", server.addr);
+    assert!(
+        heads[0].to_ascii_lowercase().contains(&host),
+        "{}",
+        heads[0]
+    );
+    // An absolute URI's authority is its Host, and the target is its path.
+    assert!(
+        heads[1].starts_with("GET /cart HTTP/1.1\r\n"),
+        "{}",
+        heads[1]
+    );
+    assert!(
+        heads[1]
+            .to_ascii_lowercase()
+            .contains("host: shop.example\r\n"),
+        "{}",
+        heads[1]
+    );
+}
+
+#[tokio::test]
+async fn with_an_idle_timeout_of_zero_no_connection_is_kept() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder()
+        .pool_idle_timeout(Duration::ZERO)
+        .build::<Body>([server.addr]);
+    for _ in 0..3 {
+        read_whole(send(&client, get("/")).await).await;
+    }
+    assert_eq!(server.connections(), 3);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_by_the_client_once_the_timeout_passes() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder()
+        .pool_idle_timeout(Duration::from_millis(200))
+        .build::<Body>([server.addr]);
+    read_whole(send(&client, get("/")).await).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    read_whole(send(&client, get("/")).await).await;
+    assert_eq!(server.connections(), 1, "idle for half the timeout: reused");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read_whole(send(&client, get("/")).await).await;
+    assert_eq!(server.connections(), 2, "idle past the timeout: a new one");
+}
+
+#[tokio::test]
+async fn an_http2_request_is_refused_by_name_and_never_sent() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    let mut req = get("/");
+    *req.version_mut() = http::Version::HTTP_2;
+    let error = client
+        .clone()
+        .oneshot(req)
+        .await
+        .expect_err("an HTTP/2 request cannot go on HTTP/1.1");
+    let report = tower_lb::error::report(&*error).to_string();
+    assert!(
+        report.contains("cannot go over the endpoint's HTTP/1.1 connections"),
+        "{report}"
+    );
+    assert!(tower_lb::error::is_never_sent(&*error), "{report}");
+    assert!(server.heads().is_empty());
+}
