@@ -77,9 +77,9 @@ where
 }
 
 /// Sends requests through a shared hyper-util [`Client`][hyper-util Client]
-/// to one endpoint (or, for an [`HttpClient`](crate::client::HttpClient)
-/// built with `http2_only()`, over an HTTP/2 connection of the endpoint's
-/// own).
+/// to one endpoint (or, for an [`HttpClient`](crate::client::HttpClient),
+/// over connections of the endpoint's own: HTTP/1.1 by default, one HTTP/2
+/// connection with `http2_only()`).
 ///
 /// [hyper-util Client]: https://docs.rs/hyper-util/0.1/hyper_util/client/legacy/struct.Client.html
 pub struct HttpEndpoint<B, C = HttpConnector> {
@@ -162,12 +162,7 @@ impl<B, C> HttpEndpoint<B, C> {
 
 impl<B, C> Origin<B, C> {
     fn new(pool: Option<Client<C, B>>, scheme: Scheme, authority: Authority) -> Arc<Self> {
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let own_host = match authority.port_u16() {
-            Some(port) if port == default_port => authority.host(),
-            _ => authority.as_str(),
-        };
-        let own_host = http::HeaderValue::from_str(own_host)
+        let own_host = host_value(&authority, &scheme)
             .unwrap_or_else(|_| unreachable!("an authority is a valid header value"));
         Arc::new(Origin {
             pool,
@@ -222,7 +217,13 @@ impl<B, C> HttpEndpoint<B, C> {
             return Err("a CONNECT request cannot be balanced".into());
         }
         let own_http1 = matches!(self.connection, Some(Own::Http1(_)));
-        if own_http1 && parts.version >= http::Version::HTTP_2 {
+        // hyper writes HTTP/1.0 and 1.1 heads only (and panics on others).
+        if own_http1
+            && !matches!(
+                parts.version,
+                http::Version::HTTP_10 | http::Version::HTTP_11
+            )
+        {
             return Err(format!(
                 "an {:?} request cannot go over the endpoint's HTTP/1.1 connections",
                 parts.version
@@ -240,7 +241,7 @@ impl<B, C> HttpEndpoint<B, C> {
         }
         if !parts.headers.contains_key(http::header::HOST) {
             if let Some(authority) = parts.uri.authority() {
-                let host = http::HeaderValue::from_str(authority.as_str())?;
+                let host = host_value(authority, &self.origin.scheme)?;
                 parts.headers.insert(http::header::HOST, host);
             } else if let Some(host) = &self.origin.host {
                 parts.headers.insert(http::header::HOST, host.clone());
@@ -279,6 +280,26 @@ pub(crate) fn absolute_uri(
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
     Ok(Uri::from_parts(parts)?)
+}
+
+/// The `Host` of requests to `authority` over `scheme`, as hyper-util's
+/// client writes it: the host, and the port unless it is the scheme's
+/// default; never the user information (`user:password@`) an absolute URI
+/// may carry.
+fn host_value(
+    authority: &Authority,
+    scheme: &Scheme,
+) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let has_user = authority.as_str().contains('@');
+    match authority.port_u16() {
+        Some(port) if port == default_port => http::HeaderValue::from_str(authority.host()),
+        Some(port) if has_user => {
+            http::HeaderValue::from_str(&format!("{}:{port}", authority.host()))
+        }
+        None if has_user => http::HeaderValue::from_str(authority.host()),
+        _ => http::HeaderValue::from_str(authority.as_str()),
+    }
 }
 
 /// `uri`'s path and query alone (`/` if it has none): the request target

@@ -227,6 +227,7 @@ async fn a_request_for_a_path_names_the_endpoints_address_as_its_host_and_the_pa
     let client = HttpClient::builder().build::<Body>([server.addr]);
     read_whole(send(&client, get("/orders/7?full=1")).await).await;
     read_whole(send(&client, get("http://shop.example/cart")).await).await;
+    read_whole(send(&client, get("http://user:secret@shop.example:80/cart")).await).await;
     let heads = server.heads();
     assert!(
         heads[0].starts_with("GET /orders/7?full=1 HTTP/1.1\r\n"),
@@ -252,6 +253,27 @@ async fn a_request_for_a_path_names_the_endpoints_address_as_its_host_and_the_pa
         "{}",
         heads[1]
     );
+    // Without the user information, or the scheme's default port.
+    assert!(
+        heads[2]
+            .to_ascii_lowercase()
+            .contains("host: shop.example\r\n"),
+        "{}",
+        heads[2]
+    );
+    assert!(!heads[2].contains("secret"), "{}", heads[2]);
+}
+
+#[tokio::test]
+async fn a_response_says_which_server_answered_as_hyper_utils_client_does() {
+    let server = Server::start(Behaviour::KEEP_ALIVE).await;
+    let client = HttpClient::builder().build::<Body>([server.addr]);
+    let response = send(&client, get("/")).await;
+    let info = response
+        .extensions()
+        .get::<hyper_util::client::legacy::connect::HttpInfo>()
+        .expect("HttpInfo in the response");
+    assert_eq!(info.remote_addr(), server.addr);
 }
 
 #[tokio::test]
@@ -282,21 +304,25 @@ async fn an_idle_connection_is_closed_by_the_client_once_the_timeout_passes() {
 }
 
 #[tokio::test]
-async fn an_http2_request_is_refused_by_name_and_never_sent() {
+async fn a_request_of_another_http_version_is_refused_by_name_and_never_sent() {
     let server = Server::start(Behaviour::KEEP_ALIVE).await;
     let client = HttpClient::builder().build::<Body>([server.addr]);
-    let mut req = get("/");
-    *req.version_mut() = http::Version::HTTP_2;
-    let error = client
-        .clone()
-        .oneshot(req)
-        .await
-        .expect_err("an HTTP/2 request cannot go on HTTP/1.1");
-    let report = tower_lb::error::report(&*error).to_string();
-    assert!(
-        report.contains("cannot go over the endpoint's HTTP/1.1 connections"),
-        "{report}"
-    );
-    assert!(tower_lb::error::is_never_sent(&*error), "{report}");
+    for version in [http::Version::HTTP_2, http::Version::HTTP_09] {
+        let mut req = get("/");
+        *req.version_mut() = version;
+        let error = client
+            .clone()
+            .oneshot(req)
+            .await
+            .expect_err("only HTTP/1.0 and 1.1 go on HTTP/1.1 connections");
+        let report = tower_lb::error::report(&*error).to_string();
+        assert!(
+            report.contains("cannot go over the endpoint's HTTP/1.1 connections"),
+            "{report}"
+        );
+        assert!(tower_lb::error::is_never_sent(&*error), "{report}");
+    }
     assert!(server.heads().is_empty());
+    // The connections are fine: a request of version 1.1 is answered.
+    assert_eq!(read_whole(send(&client, get("/")).await).await, "ok");
 }

@@ -93,8 +93,14 @@ pub type HttpClient<B, K = SocketAddr> =
 
 impl BalancedClient<http::Request<()>, http::Response<ResponseBody>, ()> {
     /// A builder with the defaults of the [module docs](super), over plain
-    /// HTTP with hyper-util's default client settings, except that idle
-    /// connections are closed after [`DEFAULT_POOL_IDLE_TIMEOUT`].
+    /// HTTP/1.1 connections of each endpoint's own: a request takes the
+    /// endpoint's newest free connection or makes one (TCP with
+    /// `TCP_NODELAY` and a [`DEFAULT_CONNECT_TIMEOUT`]), with no pool shared
+    /// by all endpoints in between (in `benches/clients.rs` that is as cheap
+    /// as hyper-util's `Client` used by hand); idle connections are closed
+    /// after [`DEFAULT_POOL_IDLE_TIMEOUT`]. A [`connector`](ClientBuilder::connector)
+    /// or [`hyper`](ClientBuilder::hyper) settings of your own send requests
+    /// through hyper-util's pooled `Client` instead.
     #[allow(clippy::type_complexity)]
     pub fn builder() -> ClientBuilder<Http, balance::Builder<P2c, DefaultHttpClassify, Hints>> {
         let balancer = balance::Builder::new()
@@ -132,10 +138,10 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     /// default is hyper-util's `HttpConnector` with a
     /// [`DEFAULT_CONNECT_TIMEOUT`] and `TCP_NODELAY` (set it on yours too:
     /// with Nagle's algorithm on, an HTTP/2 request with a body waits for a
-    /// delayed ACK, 40 ms on Linux). Requests go through the client's pool
-    /// again, even after [`http2_only`](Self::http2_only): for HTTP/2 through
-    /// your connector, give [`hyper`](Self::hyper) settings with
-    /// `http2_only(true)`.
+    /// delayed ACK, 40 ms on Linux). Requests then go through the client's
+    /// pool, not the endpoints' own connections, even after
+    /// [`http2_only`](Self::http2_only): for HTTP/2 through your connector,
+    /// give [`hyper`](Self::hyper) settings with `http2_only(true)`.
     pub fn connector<C2>(self, connector: C2) -> ClientBuilder<Http<C2>, B, R> {
         ClientBuilder {
             target: Http {
@@ -154,10 +160,11 @@ impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
     }
 
     /// The hyper-util client settings (pool, HTTP/2 prior knowledge, ...),
-    /// shared by every endpoint. They replace the default settings
-    /// entirely, idle timeout included: set `pool_idle_timeout` (with a
-    /// `pool_timer`) below your servers' idle timeout, as the default does
-    /// with [`DEFAULT_POOL_IDLE_TIMEOUT`].
+    /// shared by every endpoint: requests then go through hyper-util's
+    /// pooled `Client` rather than the endpoints' own HTTP/1.1 connections.
+    /// They replace the default settings entirely, idle timeout included:
+    /// set `pool_idle_timeout` (with a `pool_timer`) below your servers'
+    /// idle timeout, as the default does with [`DEFAULT_POOL_IDLE_TIMEOUT`].
     ///
     /// ```
     /// use hyper_util::client::legacy::Client;

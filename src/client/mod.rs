@@ -116,7 +116,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// before message completed", and a POST so lost cannot be resent.
 /// hyper-util's own default is 90 s. Servers with shorter timeouts exist
 /// (gunicorn's is 2 s): against those, set the client's lower with
-/// [`ClientBuilder::hyper`]. Either way such races do not eject a healthy
+/// [`ClientBuilder::pool_idle_timeout`]. Either way such races do not eject a healthy
 /// endpoint: the failures of one lost connection count as one (see
 /// [`health`](crate::health)).
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
