@@ -13,9 +13,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_lb::client::{HttpClient, ResponseBody};
+
+use support::send_ok as send;
 
 type Body = Full<Bytes>;
 
@@ -119,14 +120,6 @@ fn get(path: &str) -> http::Request<Body> {
         .expect("a valid request")
 }
 
-async fn send(client: &HttpClient<Body>, req: http::Request<Body>) -> http::Response<ResponseBody> {
-    client
-        .clone()
-        .oneshot(req)
-        .await
-        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
-}
-
 async fn read_whole(response: http::Response<ResponseBody>) -> Bytes {
     response
         .into_body()
@@ -134,6 +127,18 @@ async fn read_whole(response: http::Response<ResponseBody>) -> Bytes {
         .await
         .map(|body| body.to_bytes())
         .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
+}
+
+/// Sends `count` requests at once and reads every answer whole.
+async fn all_answered_at_once(client: &HttpClient<Body>, count: usize) {
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let client = client.clone();
+        calls.spawn(async move { read_whole(send(&client, get("/")).await).await });
+    }
+    while let Some(body) = calls.join_next().await {
+        assert_eq!(body.expect("joined"), "ok");
+    }
 }
 
 #[tokio::test]
@@ -155,14 +160,7 @@ async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
     .await;
     let client = HttpClient::builder().build::<Body>([server.addr]);
     for _round in 0..3 {
-        let mut calls = tokio::task::JoinSet::new();
-        for _ in 0..5 {
-            let client = client.clone();
-            calls.spawn(async move { read_whole(send(&client, get("/")).await).await });
-        }
-        while let Some(body) = calls.join_next().await {
-            assert_eq!(body.expect("joined"), "ok");
-        }
+        all_answered_at_once(&client, 5).await;
     }
     assert_eq!(server.connections(), 5);
 }
@@ -170,34 +168,25 @@ async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
 #[tokio::test]
 async fn a_connection_whose_answer_is_still_being_read_is_not_given_to_another_request() {
     let server = Server::start(Behaviour {
-        body_delay: Duration::from_millis(800),
+        body_delay: Duration::from_millis(1_500),
         idle_close: None,
     })
     .await;
     let client = HttpClient::builder().build::<Body>([server.addr]);
-    // The first answer's head is in; its body is 800 ms away.
+    // The first answer's head is in; its body is 1.5 s away.
     let first = send(&client, get("/first")).await;
-    let started = Instant::now();
     let second = tokio::spawn({
         let client = client.clone();
         async move { read_whole(send(&client, get("/second")).await).await }
     });
     // The second request went out at once, on a connection of its own:
     // the server has its head long before the first body is done.
-    support::wait_until(Duration::from_millis(400), || server.heads().len() == 2).await;
-    assert!(started.elapsed() < Duration::from_millis(400));
+    support::wait_until(Duration::from_millis(1_000), || server.heads().len() == 2).await;
     assert_eq!(server.connections(), 2);
     assert_eq!(read_whole(first).await, "ok");
     assert_eq!(second.await.expect("joined"), "ok");
     // Both were kept: two requests at once find one each.
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..2 {
-        let client = client.clone();
-        calls.spawn(async move { read_whole(send(&client, get("/again")).await).await });
-    }
-    while let Some(body) = calls.join_next().await {
-        assert_eq!(body.expect("joined"), "ok");
-    }
+    all_answered_at_once(&client, 2).await;
     assert_eq!(server.connections(), 2);
 }
 

@@ -31,17 +31,7 @@ fn get(id: &str) -> http::Request<Body> {
     request(http::Method::GET, id, Bytes::new())
 }
 
-/// The response to `req`; any error fails the test.
-async fn send<K>(
-    client: &HttpClient<Body, K>,
-    req: http::Request<Body>,
-) -> http::Response<ResponseBody> {
-    client
-        .clone()
-        .oneshot(req)
-        .await
-        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
-}
+use support::send_ok as send;
 
 async fn body_text(response: http::Response<ResponseBody>) -> String {
     let bytes = response.into_body().collect().await.map(|b| b.to_bytes());

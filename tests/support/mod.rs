@@ -209,6 +209,20 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The response of an `HttpClient` to `req`; any error fails the test,
+/// printed link by link.
+pub async fn send_ok<K>(
+    client: &tower_lb::client::HttpClient<Full<Bytes>, K>,
+    req: http::Request<Full<Bytes>>,
+) -> http::Response<tower_lb::client::ResponseBody> {
+    use tower::ServiceExt;
+    client
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)))
+}
+
 /// Waits until every endpoint of a ready-made client has its connection
 /// ready: the clients connect at once, and pick only connected endpoints
 /// while any is, so a test that counts where calls go starts here.
