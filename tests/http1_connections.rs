@@ -77,6 +77,9 @@ impl Server {
 /// Serves one connection: reads heads (the requests have no body), answers
 /// each, until the client closes or the idle limit passes.
 async fn serve(mut stream: TcpStream, behaviour: Behaviour, heads: Arc<Mutex<Vec<String>>>) {
+    // The head and the body go in two writes: without it the body waits for
+    // the client's delayed ACK (Nagle), 40 ms an answer.
+    let _ = stream.set_nodelay(true);
     let mut buffer = Vec::new();
     loop {
         while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
