@@ -266,7 +266,8 @@ fn timed(
         warmup: config.warmup,
         measure: config.measure,
     };
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
+    // Each contender's samples, with the repetition each came from.
+    let mut samples: Vec<Vec<(usize, Sample)>> = vec![Vec::new(); contenders.len()];
     let mut failures = Vec::new();
     for rep in 0..config.reps {
         for turn in 0..contenders.len() {
@@ -319,13 +320,15 @@ fn timed(
                 }
             }
             if let Some(sample) = kept {
-                samples[index].push(sample);
+                samples[index].push((rep, sample));
             }
         }
     }
     println!("{}", table(contenders, &samples));
     println!(
-        "Medians of {} interleaved runs. Client CPU: user + system time of the client process (getrusage), servers excluded. \
+        "Medians of {} interleaved runs. Run for run: the median of the contender's throughput over its baseline's in the same repetition \
+         (a few seconds apart; this sets aside a machine that drifts between repetitions), and their lowest and highest. \
+         Client CPU: user + system time of the client process (getrusage), servers excluded. \
          Busy: % of one core over the measured window, taken by the client process / the server process / everything else on the machine. \
          Spread: (highest - lowest req/s) / median.",
         config.reps
@@ -369,24 +372,31 @@ fn machine(cores: usize, server_pinned: Option<usize>, client_pinned: Option<usi
 
 /// Medians per contender, against the raw round robin of its protocol, as
 /// a markdown table.
-fn table(contenders: &[Contender], samples: &[Vec<Sample>]) -> String {
-    struct Row {
+fn table(contenders: &[Contender], samples: &[Vec<(usize, Sample)>]) -> String {
+    struct Row<'a> {
         contender: Contender,
+        samples: &'a [(usize, Sample)],
         rate: f64,
         cpu: f64,
         spread: f64,
         client_busy: f64,
         server_busy: Option<f64>,
         others_busy: Option<f64>,
-        runs: usize,
     }
     let rows: Vec<Row> = contenders
         .iter()
         .zip(samples)
         .filter(|(_, samples)| !samples.is_empty())
         .map(|(contender, samples)| {
-            let rates: Vec<f64> = samples.iter().map(Sample::per_second).collect();
-            let cpus: Vec<f64> = samples.iter().map(Sample::cpu_micros).collect();
+            let of = |f: fn(&Sample) -> f64| samples.iter().map(|(_, s)| f(s)).collect::<Vec<_>>();
+            let busy = |f: fn(&Sample) -> Option<f64>| {
+                samples
+                    .iter()
+                    .map(|(_, s)| f(s))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|busy| median(&busy))
+            };
+            let rates = of(Sample::per_second);
             let rate = median(&rates);
             let (low, high) = rates
                 .iter()
@@ -395,21 +405,13 @@ fn table(contenders: &[Contender], samples: &[Vec<Sample>]) -> String {
                 });
             Row {
                 contender: *contender,
+                samples,
                 rate,
-                cpu: median(&cpus),
+                cpu: median(&of(Sample::cpu_micros)),
                 spread: (high - low) / rate.max(1e-9) * 100.0,
-                client_busy: median(&samples.iter().map(Sample::client_busy).collect::<Vec<_>>()),
-                server_busy: samples
-                    .iter()
-                    .map(Sample::server_busy)
-                    .collect::<Option<Vec<_>>>()
-                    .map(|busy| median(&busy)),
-                others_busy: samples
-                    .iter()
-                    .map(Sample::others_busy)
-                    .collect::<Option<Vec<_>>>()
-                    .map(|busy| median(&busy)),
-                runs: samples.len(),
+                client_busy: median(&of(Sample::client_busy)),
+                server_busy: busy(Sample::server_busy),
+                others_busy: busy(Sample::others_busy),
             }
         })
         .collect();
@@ -418,36 +420,62 @@ fn table(contenders: &[Contender], samples: &[Vec<Sample>]) -> String {
             .find(|row| row.contender.protocol() == protocol && row.contender.is_baseline())
     };
     let mut out = String::from(
-        "| protocol | contender | req/s | throughput vs raw round robin | client CPU per request | CPU vs raw round robin | busy: client / servers / others | req/s spread (runs) |\n|---|---|---|---|---|---|---|---|\n",
+        "| protocol | contender | req/s | throughput vs raw round robin | run for run | client CPU per request | CPU vs raw round robin | busy: client / servers / others | req/s spread (runs) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in &rows {
-        let (ratio, diff) = match baseline(row.contender.protocol()) {
-            _ if row.contender.is_baseline() => {
-                ("1.00x (baseline)".to_owned(), "baseline".to_owned())
-            }
+        let (ratio, paired, diff) = match baseline(row.contender.protocol()) {
+            _ if row.contender.is_baseline() => (
+                "1.00x (baseline)".to_owned(),
+                "–".to_owned(),
+                "baseline".to_owned(),
+            ),
             Some(base) => (
                 format!("{:.2}x", row.rate / base.rate),
+                run_for_run(row.samples, base.samples),
                 format!("{:+.2} µs", row.cpu - base.cpu),
             ),
-            None => ("–".to_owned(), "–".to_owned()),
+            None => ("–".to_owned(), "–".to_owned(), "–".to_owned()),
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} µs | {} | {:.0} / {} / {} % | {:.0} % ({}) |",
+            "| {} | {} | {} | {} | {} | {:.2} µs | {} | {:.0} / {} / {} % | {:.0} % ({}) |",
             row.contender.protocol().name(),
             row.contender.label(),
             thousands(row.rate),
             ratio,
+            paired,
             row.cpu,
             diff,
             row.client_busy,
             whole(row.server_busy),
             whole(row.others_busy),
             row.spread,
-            row.runs
+            row.samples.len()
         );
     }
     out
+}
+
+/// The median of `samples`' throughput over `baseline`'s in the same
+/// repetition, and the lowest and highest of those ratios: `1.01x (0.81 –
+/// 1.10)`.
+fn run_for_run(samples: &[(usize, Sample)], baseline: &[(usize, Sample)]) -> String {
+    let ratios: Vec<f64> = samples
+        .iter()
+        .filter_map(|(rep, sample)| {
+            let (_, base) = baseline.iter().find(|(r, _)| r == rep)?;
+            Some(sample.per_second() / base.per_second().max(1e-9))
+        })
+        .collect();
+    if ratios.is_empty() {
+        return "–".to_owned();
+    }
+    let (low, high) = ratios
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(low, high), &r| {
+            (low.min(r), high.max(r))
+        });
+    format!("{:.2}x ({low:.2} – {high:.2})", median(&ratios))
 }
 
 /// `Some(97.4)` as `97 %`, `None` as `?`.
