@@ -52,6 +52,9 @@ pub(crate) struct H2Settings {
     pub(crate) connect_timeout: Duration,
     /// HTTP/2 pings on a connection that has gone quiet with calls open.
     pub(crate) keep_alive: Option<Http2KeepAlive>,
+    /// Whether the pings go on while no call is open (see
+    /// [`Http2KeepAlive`]).
+    pub(crate) ping_while_idle: bool,
     /// Told of every connection attempt that fails.
     pub(crate) on_connect_failure: Option<ConnectFailureHook>,
 }
@@ -63,8 +66,15 @@ impl H2Settings {
         Self {
             connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
             keep_alive,
+            ping_while_idle: false,
             on_connect_failure: None,
         }
+    }
+
+    /// Pings while no call is open too (see [`Http2KeepAlive`]).
+    pub(crate) fn ping_while_idle(mut self, on: bool) -> Self {
+        self.ping_while_idle = on;
+        self
     }
 
     /// Tells `hook` of every connection attempt that fails.
@@ -108,9 +118,18 @@ impl fmt::Debug for ConnectFailureHook {
 /// `kill -STOP`, a host gone behind a NAT) is found: TCP alone never says
 /// so, and the kernel of a stopped process still accepts connections.
 ///
-/// Only a connection with calls open is pinged (`keep_alive_while_idle` is
-/// off): an idle connection is left alone, and a busy one receives frames
-/// and is never pinged.
+/// A busy connection receives frames and is never pinged. `GrpcChannel`
+/// pings only a connection with calls open (`keep_alive_while_idle` off),
+/// as gRPC servers require (they count pings on a connection with no call
+/// as abuse). `HttpClient` pings idle connections too: with it off, hyper
+/// (1.12) leaves a connection's pings unarmed when its connection task
+/// runs in the moment between a call's `HEADERS` being queued and the call
+/// being counted as open, and a call on such a connection to a server that
+/// has stopped waits for its deadline with nothing to find it (seen once in
+/// CI, and made to happen every time by widening that moment). Pinging
+/// while idle arms them from the connection's start; HTTP servers allow it
+/// at this rate. A `GrpcChannel` call that meets that race ends at its
+/// deadline, or its attempt timeout if one is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http2KeepAlive {
     interval: Duration,
@@ -485,7 +504,7 @@ where
             builder
                 .keep_alive_interval(keep_alive.interval)
                 .keep_alive_timeout(keep_alive.timeout)
-                .keep_alive_while_idle(false);
+                .keep_alive_while_idle(self.settings.ping_while_idle);
         }
         let (sender, connection) = builder
             .handshake(TokioIo::new(stream))

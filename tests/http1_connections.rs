@@ -23,6 +23,8 @@ type Body = Full<Bytes>;
 /// How the server answers each request on a connection.
 #[derive(Clone, Copy)]
 struct Behaviour {
+    /// How long each answer's head is held back after the request.
+    head_delay: Duration,
     /// How long the body of each answer is held back after its head.
     body_delay: Duration,
     /// How long the server keeps a connection open with no request on it.
@@ -31,6 +33,7 @@ struct Behaviour {
 
 impl Behaviour {
     const KEEP_ALIVE: Self = Self {
+        head_delay: Duration::ZERO,
         body_delay: Duration::ZERO,
         idle_close: None,
     };
@@ -105,6 +108,7 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, heads: Arc<Mutex<Vec
             heads.push(String::from_utf8_lossy(&head).into_owned());
         }
         let answered = async {
+            tokio::time::sleep(behaviour.head_delay).await;
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
                 .await?;
@@ -157,6 +161,7 @@ async fn requests_one_after_another_share_one_connection() {
 #[tokio::test]
 async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
     let server = Server::start(Behaviour {
+        head_delay: Duration::ZERO,
         body_delay: Duration::from_millis(100),
         idle_close: None,
     })
@@ -171,6 +176,7 @@ async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
 #[tokio::test]
 async fn a_connection_whose_answer_is_still_being_read_is_not_given_to_another_request() {
     let server = Server::start(Behaviour {
+        head_delay: Duration::ZERO,
         body_delay: Duration::from_millis(1_500),
         idle_close: None,
     })
@@ -199,6 +205,7 @@ async fn a_connection_the_server_closed_while_idle_is_not_used_and_no_request_fa
     // does after 2 s); the client's next request comes 60 ms later, with no
     // retries to hide a request lost on a closed connection.
     let server = Server::start(Behaviour {
+        head_delay: Duration::ZERO,
         body_delay: Duration::ZERO,
         idle_close: Some(Duration::from_millis(30)),
     })
@@ -317,4 +324,22 @@ async fn a_request_of_another_http_version_is_refused_by_name_and_never_sent() {
     assert!(server.heads().is_empty());
     // The connections are fine: a request of version 1.1 is answered.
     assert_eq!(read_whole(send(&client, get("/")).await).await, "ok");
+}
+
+#[tokio::test]
+async fn a_connection_whose_answer_took_longer_than_the_idle_timeout_is_reused() {
+    // The idle time counts from the answer, not from the request.
+    let server = Server::start(Behaviour {
+        head_delay: Duration::from_millis(400),
+        body_delay: Duration::ZERO,
+        idle_close: None,
+    })
+    .await;
+    let client = HttpClient::builder()
+        .pool_idle_timeout(Duration::from_millis(200))
+        .build::<Body>([server.addr]);
+    for _ in 0..3 {
+        read_whole(send(&client, get("/")).await).await;
+    }
+    assert_eq!(server.connections(), 1);
 }

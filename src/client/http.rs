@@ -233,14 +233,16 @@ fn pool_keep_alive(hyper: &mut legacy::Builder, keep_alive: Option<Http2KeepAliv
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(keep_alive.interval())
             .http2_keep_alive_timeout(keep_alive.timeout())
-            .http2_keep_alive_while_idle(false);
+            // Idle connections too: with it off, hyper (1.12) can leave a
+            // connection's pings unarmed (see `Http2KeepAlive`).
+            .http2_keep_alive_while_idle(true);
     }
 }
 
 impl<Conn, B, R> ClientBuilder<Http<Conn>, B, R> {
-    /// HTTP/2 pings on a quiet connection with requests open, and how long
-    /// one may go unanswered before the connection is closed (see
-    /// [`Http2KeepAlive`]), over HTTP/2: on the
+    /// HTTP/2 pings on a quiet connection (idle ones too: see
+    /// [`Http2KeepAlive`] for why), and how long one may go unanswered
+    /// before the connection is closed, over HTTP/2: on the
     /// [`http2_only`](Self::http2_only) connections and hyper-util's. HTTP/1.1
     /// has no pings. Default [`Http2KeepAlive::HTTP`]: 30 s, 10 s. It is
     /// applied over the [`hyper`](Self::hyper) settings when the client is
@@ -387,8 +389,9 @@ where
             idle_timeout: self.target.idle_timeout,
             on_connect_failure: on_connect_failure.clone(),
         };
-        let settings =
-            H2Settings::new(self.target.keep_alive).on_connect_failure(on_connect_failure);
+        let settings = H2Settings::new(self.target.keep_alive)
+            .ping_while_idle(true)
+            .on_connect_failure(on_connect_failure);
         let endpoints = MapEndpoints::new(discover, move |addr: SocketAddr| {
             let endpoint = if own_http2 {
                 HttpEndpoint::http2_connection(addr, settings.clone())

@@ -14,7 +14,7 @@
 //! | per-attempt timeout | HTTP: 5 s; gRPC: none | [`ClientBuilder::attempt_timeout`], [`ClientBuilder::no_attempt_timeout`] |
 //! | deadline, whole call | HTTP: 15 s (Envoy's route timeout); gRPC: none, the caller's `grpc-timeout` | [`ClientBuilder::deadline`], [`ClientBuilder::no_deadline`] |
 //! | connect timeout | 5 s (Envoy's); a connection never made is retried even for a POST | the connector, or tonic's `Endpoint` |
-//! | HTTP/2 keep-alive (a ping on a quiet connection with calls open) | HTTP: 30 s, 10 s to answer; gRPC: 5 minutes, 20 s (what grpc-go and grpc-java servers allow) | `http2_keep_alive`, `no_http2_keep_alive` (see [`Http2KeepAlive`]) |
+//! | HTTP/2 keep-alive (a ping on a quiet connection: HTTP, any; gRPC, with calls open) | HTTP: 30 s, 10 s to answer; gRPC: 5 minutes, 20 s (what grpc-go and grpc-java servers allow) | `http2_keep_alive`, `no_http2_keep_alive` (see [`Http2KeepAlive`]) |
 //! | active health checks | none | [`ClientBuilder::health_check`] |
 //! | retries | 3 attempts, gated by the request's [`Safety`](crate::request::Safety) class, on untried endpoints | [`ClientBuilder::retry_policy`], [`ClientBuilder::no_retries`] |
 //! | retry budget | [`RetryBudget::new`] (20 % of requests over 10 s, plus 10/s) | [`ClientBuilder::retry_budget`] |

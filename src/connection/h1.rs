@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -76,9 +76,6 @@ struct Pool<B> {
     /// a connection's idle time is counted in.
     start: Instant,
     tick_ns: u64,
-    /// Ticks since `start`, as of the last request or reaper run: what a
-    /// connection kept now is stamped with, without a second clock read.
-    epoch: AtomicU64,
     /// Whether a reaper task is running: the first connection kept starts
     /// one, which stops once nothing has been kept for a whole timeout.
     reaping: AtomicBool,
@@ -144,7 +141,6 @@ where
                 kept: Mutex::new(VecDeque::new()),
                 start: Instant::now(),
                 tick_ns,
-                epoch: AtomicU64::new(0),
                 reaping: AtomicBool::new(false),
                 reaper: Mutex::new(None),
             }),
@@ -168,15 +164,10 @@ impl<B> Pool<B> {
         self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Ticks since the pool was made, by the clock; kept as the epoch.
+    /// Ticks since the pool was made, by the clock.
     fn now(&self) -> u64 {
         let elapsed = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let now = elapsed / self.tick_ns;
-        // Written only when it moves: every request reads it.
-        if self.epoch.load(Ordering::Relaxed) != now {
-            self.epoch.store(now, Ordering::Relaxed);
-        }
-        now
+        elapsed / self.tick_ns
     }
 
     /// Whether a connection last seen in use at tick `since` has been idle
@@ -190,8 +181,9 @@ impl<B> Pool<B> {
     /// go to the front, so that a long download or event stream is passed
     /// once rather than by every request.
     fn take(&self) -> Option<Connection<B>> {
-        // One clock read a request: the reaper may not have run lately (a
-        // busy runtime), and a connection past the timeout must not go out.
+        // The clock read here, not left to the reaper, which may not have
+        // run lately (a busy runtime): a connection past the timeout must
+        // not go out.
         let now = self.now();
         let mut kept = self.kept();
         for _ in 0..kept.len() {
@@ -246,7 +238,9 @@ impl<B: Send + 'static> Pool<B> {
         if self.settings.idle_timeout.is_zero() {
             return;
         }
-        let since = self.epoch.load(Ordering::Relaxed);
+        // The clock read again, not `take`'s: a response that took a while
+        // would make its connection look idle for that while.
+        let since = self.now();
         self.kept().push_back(Kept { connection, since });
         if !self.reaping.load(Ordering::Relaxed) && !self.reaping.swap(true, Ordering::AcqRel) {
             self.start_reaper();
