@@ -37,6 +37,27 @@ impl Behaviour {
         body_delay: Duration::ZERO,
         idle_close: None,
     };
+
+    fn head_after(delay: Duration) -> Self {
+        Self {
+            head_delay: delay,
+            ..Self::KEEP_ALIVE
+        }
+    }
+
+    fn body_after(delay: Duration) -> Self {
+        Self {
+            body_delay: delay,
+            ..Self::KEEP_ALIVE
+        }
+    }
+
+    fn closing_when_idle_for(limit: Duration) -> Self {
+        Self {
+            idle_close: Some(limit),
+            ..Self::KEEP_ALIVE
+        }
+    }
 }
 
 /// A plain TCP server speaking just enough HTTP/1.1: it answers every
@@ -160,12 +181,7 @@ async fn requests_one_after_another_share_one_connection() {
 
 #[tokio::test]
 async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
-    let server = Server::start(Behaviour {
-        head_delay: Duration::ZERO,
-        body_delay: Duration::from_millis(100),
-        idle_close: None,
-    })
-    .await;
+    let server = Server::start(Behaviour::body_after(Duration::from_millis(100))).await;
     let client = HttpClient::builder().build::<Body>([server.addr]);
     for _round in 0..3 {
         all_answered_at_once(&client, 5).await;
@@ -175,12 +191,7 @@ async fn requests_at_once_each_get_a_connection_which_later_ones_reuse() {
 
 #[tokio::test]
 async fn a_connection_whose_answer_is_still_being_read_is_not_given_to_another_request() {
-    let server = Server::start(Behaviour {
-        head_delay: Duration::ZERO,
-        body_delay: Duration::from_millis(1_500),
-        idle_close: None,
-    })
-    .await;
+    let server = Server::start(Behaviour::body_after(Duration::from_millis(1_500))).await;
     let client = HttpClient::builder().build::<Body>([server.addr]);
     // The first answer's head is in; its body is 1.5 s away.
     let first = send(&client, get("/first")).await;
@@ -204,12 +215,7 @@ async fn a_connection_the_server_closed_while_idle_is_not_used_and_no_request_fa
     // The server closes a connection 30 ms after its last answer (gunicorn
     // does after 2 s); the client's next request comes 60 ms later, with no
     // retries to hide a request lost on a closed connection.
-    let server = Server::start(Behaviour {
-        head_delay: Duration::ZERO,
-        body_delay: Duration::ZERO,
-        idle_close: Some(Duration::from_millis(30)),
-    })
-    .await;
+    let server = Server::start(Behaviour::closing_when_idle_for(Duration::from_millis(30))).await;
     let client = HttpClient::builder()
         .no_retries()
         .build::<Body>([server.addr]);
@@ -329,12 +335,7 @@ async fn a_request_of_another_http_version_is_refused_by_name_and_never_sent() {
 #[tokio::test]
 async fn a_connection_whose_answer_took_longer_than_the_idle_timeout_is_reused() {
     // The idle time counts from the answer, not from the request.
-    let server = Server::start(Behaviour {
-        head_delay: Duration::from_millis(400),
-        body_delay: Duration::ZERO,
-        idle_close: None,
-    })
-    .await;
+    let server = Server::start(Behaviour::head_after(Duration::from_millis(400))).await;
     let client = HttpClient::builder()
         .pool_idle_timeout(Duration::from_millis(200))
         .build::<Body>([server.addr]);
