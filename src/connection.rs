@@ -37,7 +37,7 @@ use crate::setting::{self, InvalidSetting};
 mod attempts;
 mod h1;
 
-pub(crate) use attempts::ConnectionAttempts;
+pub(crate) use attempts::{ConnectionAttempts, ObservedConnect};
 pub(crate) use h1::{H1Pool, H1Settings};
 
 /// A connection that closes sooner than this after it opened is made again
@@ -350,8 +350,9 @@ where
     B::Error: Into<BoxError>,
 {
     /// Ready once the connection is open. While it is not, joins (or
-    /// starts) an attempt to make it, and fails with the attempt's error,
-    /// marked [`NeverSent`], if it fails: no call went anywhere.
+    /// starts) an attempt to make it, and fails with the attempt's
+    /// [`ConnectFailed`], which says "never sent" by itself, if it fails:
+    /// no call went anywhere.
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         if self.waiting.is_none() {
             if self.shared.is_open() {
@@ -368,7 +369,7 @@ where
         // since: `send` turns a closed connection into a request never
         // sent, where checking again here could start attempt after
         // attempt against a server that accepts and at once hangs up.
-        Poll::Ready(outcome.map_err(|failed| -> BoxError { Box::new(NeverSent::new(failed)) }))
+        Poll::Ready(outcome.map_err(|failed| -> BoxError { Box::new(failed) }))
     }
 
     /// Sends `req` on the open connection. A request hyper gives back

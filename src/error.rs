@@ -357,8 +357,7 @@ impl StdError for RefusedByClient {
 /// A connection to an endpoint could not be made (refused, timed out, the
 /// HTTP/2 handshake failed): no byte of any call was sent on it. It says
 /// "never sent" by itself ([`is_never_sent`] finds it in a chain), so a call
-/// that fails with it (or, waiting for an HTTP/2 connection, with it wrapped
-/// in [`NeverSent`]) may be sent elsewhere whatever its method.
+/// that fails with it may be sent elsewhere whatever its method.
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Debug, Clone)]

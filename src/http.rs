@@ -122,10 +122,6 @@ struct Origin<B, C> {
     /// Its connection state in the pool, when an `HttpClient` keeps one
     /// (see `client::pool`).
     pool_status: Option<ConnectionStatus>,
-    /// The `Host` of requests on its own HTTP/1.1 connections that name
-    /// none: `authority`, without the scheme's default port (as
-    /// hyper-util's client writes it).
-    own_host: http::HeaderValue,
 }
 
 impl<B, C> HttpEndpoint<B, C> {
@@ -144,7 +140,7 @@ impl<B, C> HttpEndpoint<B, C> {
     /// TLS-capable connector, or a host name).
     pub fn with_origin(client: Client<C, B>, scheme: Scheme, authority: Authority) -> Self {
         Self {
-            origin: Origin::new(Some(client), scheme, authority),
+            origin: Origin::new(Some(client), scheme, authority, None),
             connection: None,
         }
     }
@@ -161,16 +157,20 @@ impl<B, C> HttpEndpoint<B, C> {
 }
 
 impl<B, C> Origin<B, C> {
-    fn new(pool: Option<Client<C, B>>, scheme: Scheme, authority: Authority) -> Arc<Self> {
-        let own_host = host_value(&authority, &scheme)
-            .unwrap_or_else(|_| unreachable!("an authority is a valid header value"));
+    /// Requests to `scheme://authority`; `host` is the `Host` of those that
+    /// name none, when the connection does not take it from the URI.
+    fn new(
+        pool: Option<Client<C, B>>,
+        scheme: Scheme,
+        authority: Authority,
+        host: Option<http::HeaderValue>,
+    ) -> Arc<Self> {
         Arc::new(Origin {
             pool,
             scheme,
             authority,
-            host: None,
+            host,
             pool_status: None,
-            own_host,
         })
     }
 }
@@ -186,7 +186,7 @@ where
     /// `H2Connection::kept_open`).
     pub(crate) fn http2_connection(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
-            origin: Origin::new(None, Scheme::HTTP, address_authority(addr)),
+            origin: Origin::new(None, Scheme::HTTP, address_authority(addr), None),
             connection: Some(Own::Http2(H2Connection::kept_open(addr, settings))),
         }
     }
@@ -194,8 +194,14 @@ where
     /// An endpoint at plain-text `http://addr` over HTTP/1.1 connections of
     /// its own (see `H1Pool`).
     pub(crate) fn http1_connections(addr: SocketAddr, settings: H1Settings) -> Self {
+        let authority = address_authority(addr);
+        // hyper-util's client takes the `Host` from the absolute URI; a bare
+        // connection writes the URI it is given, so it gets the path and
+        // the endpoint's address goes in `Host`.
+        let host = host_value(&authority, &Scheme::HTTP)
+            .unwrap_or_else(|_| unreachable!("an authority is a valid header value"));
         Self {
-            origin: Origin::new(None, Scheme::HTTP, address_authority(addr)),
+            origin: Origin::new(None, Scheme::HTTP, authority, Some(host)),
             connection: Some(Own::Http1(H1Pool::new(addr, settings))),
         }
     }
@@ -245,13 +251,6 @@ impl<B, C> HttpEndpoint<B, C> {
                 parts.headers.insert(http::header::HOST, host);
             } else if let Some(host) = &self.origin.host {
                 parts.headers.insert(http::header::HOST, host.clone());
-            } else if own_http1 {
-                // hyper-util's client adds it from the absolute URI; a bare
-                // connection writes the URI it is given, so it gets the
-                // path, and the host goes here.
-                parts
-                    .headers
-                    .insert(http::header::HOST, self.origin.own_host.clone());
             }
         }
         parts.uri = if own_http1 {
@@ -328,7 +327,6 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
             pool,
             scheme,
             authority,
-            own_host,
             ..
         } = &*self.origin;
         Self {
@@ -338,7 +336,6 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
                 authority: authority.clone(),
                 host,
                 pool_status,
-                own_host: own_host.clone(),
             }),
             connection: self.connection,
         }
@@ -499,17 +496,20 @@ impl HttpError {
         }
     }
 
-    /// A request sent on the endpoint's own connections.
+    /// A request sent on the endpoint's own connections, its chain read
+    /// once.
     fn from_connection(error: BoxError) -> Self {
-        let kind = if let Some(unprocessed) = crate::error::unprocessed_stream(&*error) {
-            Kind::Unprocessed(unprocessed)
-        } else if crate::error::chain(&*error).any(|link| link.is::<crate::error::ConnectFailed>())
-        {
-            Kind::Connect
-        } else if crate::error::is_never_sent(&*error) {
-            Kind::Unsent
-        } else {
-            Kind::Request
+        let (mut unprocessed, mut connect, mut never_sent) = (None, false, false);
+        for link in crate::error::chain(&*error) {
+            unprocessed = unprocessed.or_else(|| crate::error::unprocessed_link(link));
+            connect |= link.is::<crate::error::ConnectFailed>();
+            never_sent |= crate::error::never_sent_link(link);
+        }
+        let kind = match unprocessed {
+            Some(unprocessed) => Kind::Unprocessed(unprocessed),
+            None if connect => Kind::Connect,
+            None if never_sent => Kind::Unsent,
+            None => Kind::Request,
         };
         Self {
             kind,

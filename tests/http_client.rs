@@ -470,30 +470,39 @@ async fn a_post_cut_off_by_a_goaway_with_an_error_code_is_not_sent_again(route: 
 
 #[tokio::test]
 async fn an_error_printed_link_by_link_says_each_message_once() {
-    let client = HttpClient::builder()
-        .no_retries()
-        .build::<Body>([support::refusing_addr().await]);
-    let error = client
-        .clone()
-        .oneshot(get("refused"))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("nothing listens"));
-    let mut messages = Vec::new();
-    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
-    while let Some(error) = link {
-        messages.push(error.to_string());
-        link = error.source();
+    // On both of the client's own routes: HTTP/1.1 connections, and one
+    // HTTP/2 connection (whose calls wait for its attempt).
+    for http2_only in [false, true] {
+        let builder = HttpClient::builder().no_retries();
+        let builder = if http2_only {
+            builder.http2_only()
+        } else {
+            builder
+        };
+        let client = builder.build::<Body>([support::refusing_addr().await]);
+        let error = client
+            .clone()
+            .oneshot(get("refused"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("nothing listens"));
+        let mut messages = Vec::new();
+        let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+        while let Some(error) = link {
+            messages.push(error.to_string());
+            link = error.source();
+        }
+        let printed = messages.join("\n");
+        assert!(messages.len() >= 3, "{printed}");
+        for message in &messages {
+            assert_eq!(printed.matches(message.as_str()).count(), 1, "{printed}");
+        }
+        assert_eq!(
+            tower_lb::error::report(&*error).to_string(),
+            messages.join(": ")
+        );
+        assert!(tower_lb::error::is_never_sent(&*error), "{printed}");
     }
-    let printed = messages.join("\n");
-    assert!(messages.len() >= 3, "{printed}");
-    for message in &messages {
-        assert_eq!(printed.matches(message.as_str()).count(), 1, "{printed}");
-    }
-    assert_eq!(
-        tower_lb::error::report(&*error).to_string(),
-        messages.join(": ")
-    );
 }
 
 /// A hyper server on loopback that counts the connections it accepts.

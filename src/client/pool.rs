@@ -12,14 +12,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use http::uri::Authority;
 
-use crate::connection::{ConnectFailureHook, ConnectionAttempts};
+use crate::connection::{ConnectFailureHook, ConnectionAttempts, ObservedConnect};
 use crate::health::ConnectionStatus;
 
 /// The pool's endpoints' connection states, by the authority their
@@ -79,70 +77,6 @@ impl PoolConnections {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The connection future of [`ObservedConnector`]: reports a
-    /// connection that failed, or that was given up on while it was being
-    /// made (hyper-util makes a request's connection inside the request's
-    /// future, so an attempt timeout or a deadline drops a connect to an
-    /// address that does not answer before it can fail).
-    pub(crate) struct ObservedConnect<F> {
-        #[pin]
-        inner: F,
-        // Taken when the connect ends.
-        hook: Option<ConnectFailureHook>,
-        connection: Option<Arc<ConnectionAttempts>>,
-        polled: bool,
-    }
-
-    impl<F> PinnedDrop for ObservedConnect<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            // Never polled: hyper-util dropped a connect it did not need.
-            if *this.polled {
-                if let Some(hook) = this.hook.take() {
-                    hook.connect_failed();
-                }
-                if let Some(connection) = this.connection.take() {
-                    connection.failed();
-                }
-            }
-        }
-    }
-}
-
-impl<F, T, E> Future for ObservedConnect<F>
-where
-    F: Future<Output = Result<T, E>>,
-{
-    type Output = Result<T, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if !*this.polled {
-            *this.polled = true;
-            if let Some(connection) = this.connection {
-                connection.attempt_started();
-            }
-        }
-        let made = ready!(this.inner.poll(cx));
-        let hook = this.hook.take();
-        let connection = this.connection.take();
-        if made.is_err() {
-            if let Some(hook) = hook {
-                hook.connect_failed();
-            }
-        }
-        if let Some(connection) = connection {
-            if made.is_ok() {
-                connection.made();
-            } else {
-                connection.failed();
-            }
-        }
-        Poll::Ready(made)
-    }
-}
-
 /// The pool's connector, telling the client of each connection it cannot
 /// make, and keeping each endpoint's connection state (see the module
 /// docs). Per connection, not per request.
@@ -183,13 +117,8 @@ impl<C: tower::Service<http::Uri>> tower::Service<http::Uri> for ObservedConnect
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connection = self.connections.find(&uri);
-        ObservedConnect {
-            inner: self.inner.call(uri),
-            hook: self.hook.clone(),
-            connection,
-            polled: false,
-        }
+        let attempts = self.connections.find(&uri);
+        ObservedConnect::new(self.inner.call(uri), self.hook.clone(), attempts)
     }
 }
 

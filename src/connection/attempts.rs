@@ -1,14 +1,19 @@
 //! One endpoint's connection attempts, as the balancer sees them: its
 //! [`ConnectionStatus`] and the failed attempts in a row that set its
-//! back-off. Shared by the routes whose connections are made inside
-//! requests: hyper-util's pool (through `client::pool`'s observed
-//! connector) and the endpoint's own HTTP/1.1 connections ([`H1Pool`]).
+//! back-off, kept by [`ObservedConnect`] around each attempt. Shared by the
+//! routes whose connections are made inside requests: hyper-util's pool
+//! (through `client::pool`'s observed connector) and the endpoint's own
+//! HTTP/1.1 connections ([`H1Pool`]).
 //!
 //! [`H1Pool`]: super::H1Pool
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use super::ConnectFailureHook;
 use crate::health::{ConnectionState, ConnectionStatus};
 use crate::retry::Backoff;
 
@@ -24,7 +29,7 @@ use crate::retry::Backoff;
 /// one again, the endpoint still ready.
 pub(crate) struct ConnectionAttempts {
     status: ConnectionStatus,
-    pub(super) failures: AtomicU32,
+    failures: AtomicU32,
 }
 
 impl ConnectionAttempts {
@@ -42,14 +47,14 @@ impl ConnectionAttempts {
 
     /// Marks the endpoint connecting when it is trying again after a
     /// failure (see the type's docs).
-    pub(crate) fn attempt_started(&self) {
+    fn attempt_started(&self) {
         if self.failures.load(Ordering::Relaxed) > 0 && self.status.get() != ConnectionState::Ready
         {
             self.status.set(ConnectionState::Connecting);
         }
     }
 
-    pub(crate) fn made(&self) {
+    fn made(&self) {
         self.failures.store(0, Ordering::Relaxed);
         self.status.set(ConnectionState::Ready);
     }
@@ -57,7 +62,7 @@ impl ConnectionAttempts {
     /// Failed, until a back-off has passed: then idle, so that a request
     /// may try again (unless another attempt has changed the state, or
     /// failed again, since).
-    pub(crate) fn failed(self: &Arc<Self>) {
+    fn failed(self: &Arc<Self>) {
         let failures = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
@@ -78,6 +83,87 @@ impl ConnectionAttempts {
                 }
             });
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One connection attempt, observed: it marks the endpoint connecting
+    /// when it starts (after a failure), ready or failed when it ends, and
+    /// tells the hook of a failure. An attempt given up while it was being
+    /// made (the request's timeout or deadline dropped it: the address did
+    /// not answer in time) failed; one dropped before it was ever polled
+    /// (hyper-util's pool dropping a connect it did not need) tells nothing.
+    pub(crate) struct ObservedConnect<F> {
+        #[pin]
+        inner: F,
+        // Taken when the attempt ends.
+        hook: Option<ConnectFailureHook>,
+        attempts: Option<Arc<ConnectionAttempts>>,
+        polled: bool,
+    }
+
+    impl<F> PinnedDrop for ObservedConnect<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.polled {
+                if let Some(hook) = this.hook.take() {
+                    hook.connect_failed();
+                }
+                if let Some(attempts) = this.attempts.take() {
+                    attempts.failed();
+                }
+            }
+        }
+    }
+}
+
+impl<F> ObservedConnect<F> {
+    /// `inner`, a connection attempt, reported to `hook` (on failure) and
+    /// kept in `attempts`.
+    pub(crate) fn new(
+        inner: F,
+        hook: Option<ConnectFailureHook>,
+        attempts: Option<Arc<ConnectionAttempts>>,
+    ) -> Self {
+        Self {
+            inner,
+            hook,
+            attempts,
+            polled: false,
+        }
+    }
+}
+
+impl<F, T, E> Future for ObservedConnect<F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if !*this.polled {
+            *this.polled = true;
+            if let Some(attempts) = this.attempts {
+                attempts.attempt_started();
+            }
+        }
+        let made = ready!(this.inner.poll(cx));
+        let hook = this.hook.take();
+        let attempts = this.attempts.take();
+        if made.is_err() {
+            if let Some(hook) = hook {
+                hook.connect_failed();
+            }
+        }
+        if let Some(attempts) = attempts {
+            if made.is_ok() {
+                attempts.made();
+            } else {
+                attempts.failed();
+            }
+        }
+        Poll::Ready(made)
     }
 }
 

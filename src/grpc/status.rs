@@ -7,7 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use crate::error::{chain, is_connection_broken, report, BoxError, NeverSent};
+use crate::error::{chain, is_connection_broken, report, BoxError, RefusedByClient};
 use crate::timeout::Elapsed;
 
 /// The gRPC status a generated client should see for an error of the
@@ -21,7 +21,7 @@ use crate::timeout::Elapsed;
 /// | a `Status` anywhere in the chain | that status (but see below) |
 /// | [`Elapsed`]: the deadline or an attempt's timeout fired; tonic's own `grpc-timeout` timer | `DEADLINE_EXCEEDED` |
 /// | no endpoint to send to, the balancer closed | `UNAVAILABLE` |
-/// | the call never left ([`NeverSent`], [`tonic::ConnectError`]): the connection could not be made, the server refused the stream or went away before processing it | `UNAVAILABLE` |
+/// | the call never left ([`is_never_sent`](crate::error::is_never_sent), but for a call the client refused to address; [`tonic::ConnectError`]): the connection could not be made, the server refused the stream or went away before processing it | `UNAVAILABLE` |
 /// | the connection broke under the call, before or during the answer: reset, broken pipe, closed | `UNAVAILABLE` |
 /// | anything else | what tonic makes of it (an HTTP/2 error code as gRPC's [HTTP/2 mapping] says, the rest `UNKNOWN`) |
 ///
@@ -90,15 +90,15 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
     if link.is::<Elapsed>() || link.is::<tonic::TimeoutExpired>() {
         return Some(Code::DeadlineExceeded);
     }
-    // Never sent, a stream the server left unprocessed (a graceful GOAWAY,
-    // REFUSED_STREAM), or a broken connection: the service was not there
-    // for this call.
+    // Never sent (the crate's one rule: a connection never made, a stream
+    // the server left unprocessed in a graceful GOAWAY or REFUSED_STREAM,
+    // ...) but for a refusal of the caller's own, or a broken connection:
+    // the service was not there for this call.
     // Throttled by the client (adaptive throttling): the backends have been
     // turning calls away, as gRPC's own retry throttling reports it.
-    if link.is::<NeverSent>()
+    if (crate::error::never_sent_link(link) && !link.is::<RefusedByClient>())
         || link.is::<crate::retry::Throttled>()
         || link.is::<tonic::ConnectError>()
-        || crate::error::unprocessed_link(link).is_some()
         || is_connection_broken(link)
     {
         return Some(Code::Unavailable);
@@ -159,6 +159,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::error::NeverSent;
     use crate::timeout::Timer;
 
     #[test]
@@ -204,6 +205,28 @@ mod tests {
             source: Box::new(NeverSent::new(refused)),
         };
         assert_eq!(status_from_error(Box::new(error)).code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn a_connection_that_could_not_be_made_is_unavailable_without_a_never_sent_mark() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let failed = crate::error::ConnectFailed::new(([127, 0, 0, 1], 9).into(), refused);
+        let error = crate::Error::Endpoint {
+            endpoint: "a".into(),
+            source: Box::new(failed),
+        };
+        assert_eq!(status_from_error(Box::new(error)).code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn a_call_the_client_refused_to_address_is_not_unavailable() {
+        // The caller's mistake: the same on every endpoint, so not a code a
+        // gRPC client retries.
+        let error = crate::Error::Endpoint {
+            endpoint: "a".into(),
+            source: Box::new(RefusedByClient::new("cannot address the call")),
+        };
+        assert_eq!(status_from_error(Box::new(error)).code(), Code::Unknown);
     }
 
     #[test]
