@@ -53,7 +53,7 @@ async fn spread<S>(balancer: &S, n: usize) -> Result<Vec<(String, usize)>, tower
 where
     S: tower::Service<
             http::Request<Empty<Bytes>>,
-            Response = http::Response<hyper::body::Incoming>,
+            Response = http::Response<tower_lb::http::EndpointBody>,
         > + Clone,
     S::Error: Into<tower::BoxError>,
 {

@@ -38,15 +38,20 @@ use std::task::{ready, Context, Poll};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use crate::connection::{H1Pool, H1Settings, H2Connection, H2Settings, SendFuture};
+use crate::connection::{
+    H1Pool, H1Settings, H2Connection, H2Settings, Http2SendFuture, SendFuture,
+};
 use crate::error::{BoxError, RefusedByClient};
 use crate::health::ConnectionStatus;
+
+mod body;
+
+pub use body::EndpointBody;
 
 /// A hyper-util client for plain HTTP (HTTP/1.1, or HTTP/2 with prior
 /// knowledge if you build your own) on the tokio runtime, ready to be shared
@@ -384,7 +389,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<EndpointBody>;
     type Error = HttpError;
     type Future = HttpResponseFuture;
 
@@ -412,7 +417,7 @@ where
         let req = Request::from_parts(parts, body);
         HttpResponseFuture {
             sending: match (&mut self.connection, &self.origin.pool) {
-                (Some(Own::Http2(connection)), _) => Sending::Connection(connection.send(req)),
+                (Some(Own::Http2(connection)), _) => Sending::Http2(connection.send(req)),
                 (Some(Own::Http1(pool)), _) => Sending::Connection(pool.send(req)),
                 (None, Some(client)) => Sending::Pool(client.request(req)),
                 (None, None) => {
@@ -431,22 +436,28 @@ pub struct HttpResponseFuture {
 /// A request on its way, by route.
 enum Sending {
     Pool(legacy::ResponseFuture),
+    /// On an HTTP/1.1 connection of the endpoint's own.
     Connection(SendFuture),
+    /// On its HTTP/2 connection.
+    Http2(Http2SendFuture),
     /// The request could not be addressed; it went nowhere.
     Refused(Option<HttpError>),
 }
 
 impl Future for HttpResponseFuture {
-    type Output = Result<Response<Incoming>, HttpError>;
+    type Output = Result<Response<EndpointBody>, HttpError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match &mut self.sending {
-            Sending::Pool(sending) => {
-                ready!(Pin::new(sending).poll(cx)).map_err(HttpError::from_client)
-            }
-            Sending::Connection(sending) => {
-                ready!(sending.as_mut().poll(cx)).map_err(HttpError::from_connection)
-            }
+            Sending::Pool(sending) => ready!(Pin::new(sending).poll(cx))
+                .map(|response| response.map(EndpointBody::hyper))
+                .map_err(HttpError::from_client),
+            Sending::Connection(sending) => ready!(sending.as_mut().poll(cx))
+                .map(|response| response.map(EndpointBody::hyper))
+                .map_err(HttpError::from_connection),
+            Sending::Http2(sending) => ready!(sending.as_mut().poll(cx))
+                .map(|response| response.map(EndpointBody::http2))
+                .map_err(HttpError::from_connection),
             Sending::Refused(error) => match error.take() {
                 Some(error) => Err(error),
                 None => panic!("HttpResponseFuture polled after completion"),

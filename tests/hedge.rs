@@ -20,8 +20,11 @@ use tower_lb::{discover, Balancer};
 use support::recording::{self, addrs, received, start_all as start, Behaviour, RecordingServer};
 
 type Body = Full<Bytes>;
-type Client =
-    BoxCloneSyncService<http::Request<Body>, http::Response<hyper::body::Incoming>, BoxError>;
+type Client = BoxCloneSyncService<
+    http::Request<Body>,
+    http::Response<tower_lb::http::EndpointBody>,
+    BoxError,
+>;
 
 /// Replay -> hedge -> round robin over `addrs`, avoiding endpoints tried.
 fn client(hedge: HedgeLayer, addrs: impl IntoIterator<Item = SocketAddr>) -> Client {

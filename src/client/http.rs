@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -26,7 +25,7 @@ use crate::classify::{Classify, HttpClassify};
 use crate::connection::{ConnectFailureHook, H1Settings, H2Settings, Http2KeepAlive};
 use crate::error::BoxError;
 use crate::health::ActiveCheck;
-use crate::http::HttpEndpoint;
+use crate::http::{EndpointBody, HttpEndpoint};
 use crate::load::OrcaLoadReports;
 use crate::retry::{ReplayBody, RetryOn};
 use crate::strategy::{P2c, Strategy};
@@ -307,7 +306,7 @@ where
     Conn::Future: Unpin + Send,
     Conn::Error: Into<BoxError>,
     P: Strategy,
-    C: Classify<http::Response<Incoming>, Response = http::Response<RB>>,
+    C: Classify<http::Response<EndpointBody>, Response = http::Response<RB>>,
     RB: Body<Data = Bytes> + Send + Sync + 'static,
     RB::Error: Into<BoxError>,
     H: Send + Sync + 'static,

@@ -10,13 +10,12 @@ use http::header::USER_AGENT as USER_AGENT_NAME;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use http_body::Body;
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
 use super::timeout::{format_grpc_timeout, parse_grpc_timeout, GRPC_TIMEOUT};
-use crate::connection::{H2Connection, H2Settings, SendFuture};
+use crate::connection::{H2Connection, H2Settings, Http2Body, Http2SendFuture};
 use crate::error::{chain, BoxError, NeverSent};
 use crate::timeout::{CallDeadline, Elapsed, Timer};
 
@@ -72,7 +71,7 @@ enum Transport<B> {
     /// tower-lb's own HTTP/2 connection (see `crate::connection`), calls
     /// addressed to `origin`.
     Connection {
-        /// Typed by the request body, which hyper sends as it is.
+        /// Typed by the request body, which the connection sends as it is.
         connection: H2Connection<B>,
         origin: Arc<Origin>,
     },
@@ -283,7 +282,7 @@ pub struct GrpcResponseFuture {
 /// A call on its way, by transport.
 enum Sending {
     Channel(tonic::transport::channel::ResponseFuture),
-    Connection(SendFuture),
+    Connection(Http2SendFuture),
     /// The call could not be addressed; it went nowhere.
     Refused(Option<BoxError>),
 }
@@ -320,7 +319,7 @@ impl Future for GrpcResponseFuture {
 
 pin_project! {
     /// The body of a [`GrpcEndpoint`]'s responses, as its transport gives
-    /// it: hyper's from a connection of the endpoint's own, tonic's from a
+    /// it: h2's from a connection of the endpoint's own, tonic's from a
     /// channel.
     pub struct EndpointBody {
         #[pin]
@@ -331,13 +330,13 @@ pin_project! {
 pin_project! {
     #[project = TransportedProj]
     enum Transported {
-        Connection { #[pin] body: Incoming },
+        Connection { #[pin] body: Http2Body },
         Channel { #[pin] body: tonic::body::Body },
     }
 }
 
 impl EndpointBody {
-    fn connection(body: Incoming) -> Self {
+    fn connection(body: Http2Body) -> Self {
         Self {
             inner: Transported::Connection { body },
         }

@@ -1,0 +1,88 @@
+//! [`EndpointBody`]: an [`HttpEndpoint`](super::HttpEndpoint)'s response
+//! body, whichever way its response came.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+use crate::connection::Http2Body;
+use crate::error::BoxError;
+
+pin_project! {
+    /// The body of an [`HttpEndpoint`](super::HttpEndpoint)'s responses:
+    /// hyper's, from hyper-util's pool or an HTTP/1.1 connection of the
+    /// endpoint's own, or h2's, from an HTTP/2 connection of its own. Its
+    /// errors are hyper's or h2's, boxed; `tower_lb::error` reads both.
+    pub struct EndpointBody {
+        #[pin]
+        inner: Inner,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner {
+        Hyper { #[pin] body: Incoming },
+        Http2 { #[pin] body: Http2Body },
+    }
+}
+
+impl EndpointBody {
+    pub(crate) fn hyper(body: Incoming) -> Self {
+        Self {
+            inner: Inner::Hyper { body },
+        }
+    }
+
+    pub(crate) fn http2(body: Http2Body) -> Self {
+        Self {
+            inner: Inner::Http2 { body },
+        }
+    }
+}
+
+impl Body for EndpointBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().inner.project() {
+            InnerProj::Hyper { body } => body.poll_frame(cx).map_err(Into::into),
+            InnerProj::Http2 { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Hyper { body } => body.is_end_stream(),
+            Inner::Http2 { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Hyper { body } => body.size_hint(),
+            Inner::Http2 { body } => body.size_hint(),
+        }
+    }
+}
+
+impl fmt::Debug for EndpointBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let from = match &self.inner {
+            Inner::Hyper { .. } => "hyper",
+            Inner::Http2 { .. } => "h2",
+        };
+        f.debug_struct("EndpointBody")
+            .field("from", &from)
+            .finish_non_exhaustive()
+    }
+}
