@@ -10,6 +10,7 @@ use http::header::USER_AGENT as USER_AGENT_NAME;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use http_body::Body;
+use http_body_util::Either;
 use pin_project_lite::pin_project;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
@@ -323,28 +324,20 @@ pin_project! {
     /// channel.
     pub struct EndpointBody {
         #[pin]
-        inner: Transported,
-    }
-}
-
-pin_project! {
-    #[project = TransportedProj]
-    enum Transported {
-        Connection { #[pin] body: Http2Body },
-        Channel { #[pin] body: tonic::body::Body },
+        inner: Either<Http2Body, tonic::body::Body>,
     }
 }
 
 impl EndpointBody {
     fn connection(body: Http2Body) -> Self {
         Self {
-            inner: Transported::Connection { body },
+            inner: Either::Left(body),
         }
     }
 
     fn channel(body: tonic::body::Body) -> Self {
         Self {
-            inner: Transported::Channel { body },
+            inner: Either::Right(body),
         }
     }
 }
@@ -357,32 +350,23 @@ impl Body for EndpointBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        match self.project().inner.project() {
-            TransportedProj::Connection { body } => body.poll_frame(cx).map_err(Into::into),
-            TransportedProj::Channel { body } => body.poll_frame(cx).map_err(Into::into),
-        }
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Transported::Connection { body } => body.is_end_stream(),
-            Transported::Channel { body } => body.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match &self.inner {
-            Transported::Connection { body } => body.size_hint(),
-            Transported::Channel { body } => body.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
 impl fmt::Debug for EndpointBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let transport = match &self.inner {
-            Transported::Connection { .. } => "connection",
-            Transported::Channel { .. } => "channel",
+            Either::Left(_) => "connection",
+            Either::Right(_) => "channel",
         };
         f.debug_struct("EndpointBody")
             .field("transport", &transport)

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
@@ -20,28 +21,20 @@ pin_project! {
     /// errors are hyper's or h2's, boxed; `tower_lb::error` reads both.
     pub struct EndpointBody {
         #[pin]
-        inner: Inner,
-    }
-}
-
-pin_project! {
-    #[project = InnerProj]
-    enum Inner {
-        Hyper { #[pin] body: Incoming },
-        Http2 { #[pin] body: Http2Body },
+        inner: Either<Incoming, Http2Body>,
     }
 }
 
 impl EndpointBody {
     pub(crate) fn hyper(body: Incoming) -> Self {
         Self {
-            inner: Inner::Hyper { body },
+            inner: Either::Left(body),
         }
     }
 
     pub(crate) fn http2(body: Http2Body) -> Self {
         Self {
-            inner: Inner::Http2 { body },
+            inner: Either::Right(body),
         }
     }
 }
@@ -54,32 +47,23 @@ impl Body for EndpointBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().inner.project() {
-            InnerProj::Hyper { body } => body.poll_frame(cx).map_err(Into::into),
-            InnerProj::Http2 { body } => body.poll_frame(cx).map_err(Into::into),
-        }
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Hyper { body } => body.is_end_stream(),
-            Inner::Http2 { body } => body.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Hyper { body } => body.size_hint(),
-            Inner::Http2 { body } => body.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
 impl fmt::Debug for EndpointBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let from = match &self.inner {
-            Inner::Hyper { .. } => "hyper",
-            Inner::Http2 { .. } => "h2",
+            Either::Left(_) => "hyper",
+            Either::Right(_) => "h2",
         };
         f.debug_struct("EndpointBody")
             .field("from", &from)
