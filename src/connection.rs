@@ -497,14 +497,15 @@ impl Shared {
         // have ended, and this task must not be what keeps a removed
         // endpoint's connection open.
         let ours = Arc::downgrade(&open);
+        // Made here, not in the task: its end (told to the endpoint) runs
+        // even if the task is dropped before it starts.
+        let driving = driver.run(move || {
+            if let Some(shared) = shared.upgrade() {
+                shared.closed(&ours);
+            }
+        });
         tokio::spawn(async move {
-            let ended = driver
-                .run(|| {
-                    if let Some(shared) = shared.upgrade() {
-                        shared.closed(&ours);
-                    }
-                })
-                .await;
+            let ended = driving.await;
             if let Err(error) = ended {
                 let error = crate::error::report(&*error);
                 tracing::debug!(%addr, %error, "HTTP/2 connection ended");

@@ -23,6 +23,7 @@ use tower_lb::client::{HttpClient, ResponseBody};
 /// - `/echo`: the request's body, streamed back as it comes;
 /// - `/size`: the length of the request's body, once read whole;
 /// - `/big/<n>`: `n` bytes;
+/// - `/answer-now`: `ok` at once, the request's body left unread;
 /// - `/headers`: the request's header names, one a line.
 struct EchoServer {
     addr: std::net::SocketAddr,
@@ -77,6 +78,9 @@ async fn answer(req: http::Request<Incoming>) -> Result<Answer, Infallible> {
                 Err(error) => format!("read failed: {error}"),
             })
         }
+        // Answered at once, the request's body left unread: hyper resets
+        // the stream once the answer is sent.
+        "/answer-now" => text("ok".to_owned()),
         "/headers" => text(
             req.headers()
                 .keys()
@@ -283,4 +287,68 @@ async fn a_request_body_that_fails_gives_the_caller_its_own_error() {
     };
     let report = tower_lb::error::report(&*error).to_string();
     assert!(report.contains("the test body broke"), "{report}");
+}
+
+/// A request body that gives one chunk and then nothing, ever, and says
+/// when it is dropped.
+struct IdleAfterOneChunk {
+    sent: bool,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for IdleAfterOneChunk {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.sent {
+            return std::task::Poll::Pending;
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            b"chunk",
+        )))))
+    }
+}
+
+impl Drop for IdleAfterOneChunk {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_still_open_is_let_go_when_the_server_resets_its_stream() {
+    let server = EchoServer::start().await;
+    let client: HttpClient<IdleAfterOneChunk> = HttpClient::builder()
+        .http2_only()
+        .no_attempt_timeout()
+        .no_retries()
+        .no_hedging()
+        .build([server.addr]);
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = IdleAfterOneChunk {
+        sent: false,
+        dropped: dropped.clone(),
+    };
+    let response = client
+        .clone()
+        .oneshot(request(http::Method::POST, "/answer-now", body))
+        .await
+        .unwrap_or_else(|e| panic!("{}", tower_lb::error::report(&*e)));
+    assert_eq!(read_text(response).await, "ok");
+    // The body has nothing more to send and never will; the server's reset
+    // alone must end the sending, or the stream and its connection stay
+    // open for as long as the body does.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request body was held after the server reset its stream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

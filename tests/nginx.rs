@@ -1,5 +1,6 @@
 //! `HttpClient` on its defaults against a real nginx (1.22) reloaded under
-//! load, over HTTP/1.1 and over h2c: a reload is routine (every deploy or
+//! load, over HTTP/1.1 and over h2c (through hyper-util's pool, and over
+//! its own HTTP/2 connections, which speak h2 itself): a reload is routine (every deploy or
 //! configuration change does one), so it must not eject a healthy backend,
 //! fail a GET, or lose or repeat a POST (issue 16, items 1 and 2).
 //!
@@ -37,15 +38,32 @@ const RUN_LIMIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_reloads_of_an_http1_nginx_under_load_eject_nothing_fail_no_get_and_resend_every_unsent_post(
 ) {
-    let run = run_with_reloads(Protocol::Http1).await;
+    let run = run_with_reloads(Protocol::Http1, Route::OwnConnections).await;
     run.assert_done_when();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_reloads_of_an_h2c_nginx_under_load_eject_nothing_fail_no_get_and_resend_every_unsent_post(
 ) {
-    let run = run_with_reloads(Protocol::H2c).await;
+    let run = run_with_reloads(Protocol::H2c, Route::HyperUtilPool).await;
     run.assert_done_when();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_own_h2_connections_three_reloads_of_an_h2c_nginx_eject_nothing_fail_no_get_and_resend_every_unsent_post(
+) {
+    let run = run_with_reloads(Protocol::H2c, Route::OwnConnections).await;
+    run.assert_done_when();
+}
+
+/// How `HttpClient` reaches nginx over h2c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// hyper-util's pooled `Client`, HTTP/2 only (settings of the user's).
+    HyperUtilPool,
+    /// Its own HTTP/2 connections, one per backend (`http2_only()`),
+    /// spoken with h2 itself.
+    OwnConnections,
 }
 
 /// What one request saw.
@@ -128,6 +146,7 @@ impl FailureKind {
 /// Everything a run saw: the client's outcomes and endpoints, nginx's log.
 struct Run {
     protocol: Protocol,
+    route: Route,
     /// Request id -> its method and outcome.
     outcomes: BTreeMap<String, (http::Method, Outcome)>,
     endpoints: Vec<tower_lb::EndpointStats<std::net::SocketAddr>>,
@@ -138,13 +157,14 @@ struct Run {
     retries: Option<tower_lb::retry::RetryStats>,
 }
 
-async fn run_with_reloads(protocol: Protocol) -> Run {
+async fn run_with_reloads(protocol: Protocol, route: Route) -> Run {
     let mut nginx = Nginx::start(protocol, BACKENDS);
-    let builder = match protocol {
+    let builder = match (protocol, route) {
         // The defaults, idle timeout included.
-        Protocol::Http1 => HttpClient::builder(),
+        (Protocol::Http1, _) => HttpClient::builder(),
+        (Protocol::H2c, Route::OwnConnections) => HttpClient::builder().http2_only(),
         // HTTP/2 with prior knowledge, and otherwise the defaults.
-        Protocol::H2c => {
+        (Protocol::H2c, Route::HyperUtilPool) => {
             let mut hyper = Client::builder(TokioExecutor::new());
             hyper
                 .http2_only(true)
@@ -253,6 +273,7 @@ async fn run_with_reloads(protocol: Protocol) -> Run {
     }
     Run {
         protocol,
+        route,
         outcomes,
         endpoints: client.balancer().endpoints(),
         logged,
@@ -343,8 +364,9 @@ impl Run {
             }
         }
         eprintln!(
-            "nginx {:?}: {} requests, {} reloads, {:.2?}; failed {by_kind:?}; answered not 200: {not_200}",
+            "nginx {:?} ({:?}): {} requests, {} reloads, {:.2?}; failed {by_kind:?}; answered not 200: {not_200}",
             self.protocol,
+            self.route,
             self.outcomes.len(),
             self.reloads,
             self.took,

@@ -170,7 +170,7 @@ impl Http2Open {
         match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
             Ok((response, stream)) => Box::pin(Call {
                 response,
-                pipe: (!end_of_stream).then_some(BodyPipe { stream, body }),
+                pipe: (!end_of_stream).then(|| BodyPipe::new(stream, body)),
                 call: Some(call),
             }),
             Err(error) => Box::pin(std::future::ready(Err(
@@ -232,6 +232,11 @@ impl OpenCall {
         shared.calls.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(shared))
     }
+
+    /// One more count, for a part of the call that lives on its own.
+    fn again(&self) -> Self {
+        Self::new(&self.0)
+    }
 }
 
 impl Drop for OpenCall {
@@ -280,8 +285,10 @@ where
         if let Some(mut pipe) = this.pipe.take() {
             // The server answered before the request's body was all sent
             // (a stream both ways): the rest goes on in a task of its own,
-            // as it does under hyper.
+            // as it does under hyper, counted open for the keep-alive.
+            let sending = this.call.as_ref().map(OpenCall::again);
             tokio::spawn(std::future::poll_fn(move |cx| {
+                let _sending = &sending;
                 pipe.poll_send(cx).map(|sent| {
                     if let Err(error) = sent {
                         tracing::debug!(error = %error.report(), "the request body could not be sent");
@@ -293,7 +300,12 @@ where
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|len| len.to_str().ok()?.parse::<u64>().ok());
-        let call = this.call.take();
+        // An answer that ended with its head leaves nothing open: the
+        // keep-alive need not wait for its body to be read or dropped.
+        let call = this
+            .call
+            .take()
+            .filter(|_| !response.body().is_end_stream());
         Poll::Ready(Ok(response.map(|recv| Http2Body {
             recv,
             data_done: false,
@@ -307,6 +319,19 @@ where
 struct BodyPipe<B> {
     stream: SendStream<Bytes>,
     body: B,
+    /// A chunk read from the body, waiting for room in the stream's window,
+    /// and whether it is the body's last.
+    buffered: Option<(Bytes, bool)>,
+}
+
+impl<B> BodyPipe<B> {
+    fn new(stream: SendStream<Bytes>, body: B) -> Self {
+        Self {
+            stream,
+            body,
+            buffered: None,
+        }
+    }
 }
 
 /// Why a request body stopped short.
@@ -333,34 +358,38 @@ where
 {
     /// Sends the body's frames as the stream's window allows, its end
     /// included; ready when all is queued.
+    ///
+    /// The order is hyper's (since hyper#4003): a chunk is read from the
+    /// body first, and window is reserved for it only then. Reserving
+    /// before reading would pin a byte of the connection's window to a
+    /// stream whose body is idle, and a server that grants window only
+    /// once all of it is used would stall every other stream.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PipeError>> {
         loop {
-            // Room for at least a byte before the body is asked for more:
-            // a body outpacing the server waits on its window rather than
-            // filling memory.
-            if self.stream.capacity() == 0 {
-                loop {
-                    self.stream.reserve_capacity(1);
-                    if self.stream.capacity() > 0 {
-                        break;
-                    }
-                    match ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(error)) => return Poll::Ready(Err(PipeError::Stream(error))),
-                        None => {
-                            return Poll::Ready(Err(PipeError::Stream(h2::Error::from(
-                                Reason::CANCEL,
-                            ))))
-                        }
-                    }
-                }
-            } else if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
+            // A reset ends the sending whatever else waits: without this, a
+            // body with nothing to send would keep the stream (and its
+            // connection) open after the server has reset it.
+            if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
                 let error = match reset {
                     Ok(reason) => h2::Error::from(reason),
                     Err(error) => error,
                 };
                 return Poll::Ready(Err(PipeError::Stream(error)));
+            }
+            if self.buffered.is_some() {
+                if let Err(error) = ready!(self.poll_room(cx)) {
+                    return Poll::Ready(Err(PipeError::Stream(error)));
+                }
+                let Some((chunk, last)) = self.buffered.take() else {
+                    unreachable!("checked above");
+                };
+                self.stream
+                    .send_data(chunk, last)
+                    .map_err(|error| self.fail(error))?;
+                if last {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
@@ -372,32 +401,65 @@ where
                     return Poll::Ready(
                         self.stream
                             .send_data(Bytes::new(), true)
-                            .map_err(PipeError::Stream),
+                            .map_err(|error| self.fail(error)),
                     )
                 }
             };
             match frame.into_data() {
                 Ok(mut data) => {
-                    let end = self.body.is_end_stream();
-                    let data = data.copy_to_bytes(data.remaining());
-                    self.stream
-                        .send_data(data, end)
-                        .map_err(PipeError::Stream)?;
-                    if end {
-                        return Poll::Ready(Ok(()));
+                    let chunk = data.copy_to_bytes(data.remaining());
+                    let last = self.body.is_end_stream();
+                    if chunk.is_empty() {
+                        // Needs no window.
+                        self.stream
+                            .send_data(chunk, last)
+                            .map_err(|error| self.fail(error))?;
+                        if last {
+                            return Poll::Ready(Ok(()));
+                        }
+                        continue;
                     }
+                    // A claim of one byte, not the chunk's length: every
+                    // stream waiting with a whole chunk's claim would ask
+                    // for more than the server's window as a whole.
+                    self.stream.reserve_capacity(1);
+                    self.buffered = Some((chunk, last));
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
+                        // Trailers take no window: give back what is held.
+                        self.stream.reserve_capacity(0);
                         return Poll::Ready(
                             self.stream
                                 .send_trailers(trailers)
-                                .map_err(PipeError::Stream),
+                                .map_err(|error| self.fail(error)),
                         );
                     }
                 }
             }
         }
+    }
+
+    /// Ready once the stream has room for at least a byte of the buffered
+    /// chunk (h2 holds the rest until the window opens, and raises the
+    /// claim to the chunk's length itself).
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        while self.stream.capacity() == 0 {
+            match ready!(self.stream.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Poll::Ready(Err(error)),
+                None => return Poll::Ready(Err(h2::Error::from(Reason::CANCEL))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A frame h2 would not queue (trailers naming a header HTTP/2 forbids,
+    /// say): the stream is reset rather than left half open until the
+    /// deadline.
+    fn fail(&mut self, error: h2::Error) -> PipeError {
+        self.stream.send_reset(Reason::INTERNAL_ERROR);
+        PipeError::Stream(error)
     }
 }
 
@@ -487,25 +549,25 @@ impl Driver {
     /// Drives the connection to its end. `on_unusable` is called once, as
     /// soon as the connection takes no new calls: at a `GOAWAY`, whose
     /// calls under way go on, or at the end.
-    pub(crate) async fn run(mut self, on_unusable: impl FnOnce()) -> Result<(), BoxError> {
-        let mut on_unusable = Some(on_unusable);
-        let ended = std::future::poll_fn(|cx| self.poll_drive(cx, &mut on_unusable)).await;
-        self.unusable(&mut on_unusable);
-        ended
-    }
-
-    fn unusable(&mut self, on_unusable: &mut Option<impl FnOnce()>) {
-        self.shared.unusable.store(true, Ordering::Release);
-        self.sender = None;
-        if let Some(tell) = on_unusable.take() {
-            tell();
-        }
+    pub(crate) fn run(
+        mut self,
+        on_unusable: impl FnOnce(),
+    ) -> impl Future<Output = Result<(), BoxError>> {
+        // Told from a guard, made before the future is first polled: a task
+        // that panics, or is dropped with its runtime (even unstarted), must
+        // still say so, or its endpoint would wait for ever on a connection
+        // marked usable.
+        let mut unusable = Unusable {
+            shared: Arc::clone(&self.shared),
+            tell: Some(on_unusable),
+        };
+        std::future::poll_fn(move |cx| self.poll_drive(cx, &mut unusable))
     }
 
     fn poll_drive(
         &mut self,
         cx: &mut Context<'_>,
-        on_unusable: &mut Option<impl FnOnce()>,
+        unusable: &mut Unusable<impl FnOnce()>,
     ) -> Poll<Result<(), BoxError>> {
         loop {
             if let Poll::Ready(ended) = Pin::new(&mut self.connection).poll(cx) {
@@ -524,7 +586,8 @@ impl Driver {
                     .as_mut()
                     .is_some_and(|sender| matches!(sender.poll_ready(cx), Poll::Ready(Err(_))));
                 if going_away {
-                    self.unusable(on_unusable);
+                    self.sender = None;
+                    unusable.tell();
                     continue;
                 }
             }
@@ -536,6 +599,28 @@ impl Driver {
             }
             return Poll::Pending;
         }
+    }
+}
+
+/// Marks the connection unusable and tells its endpoint, once: at a
+/// `GOAWAY`, or when the driver ends, however it ends.
+struct Unusable<F: FnOnce()> {
+    shared: Arc<Shared>,
+    tell: Option<F>,
+}
+
+impl<F: FnOnce()> Unusable<F> {
+    fn tell(&mut self) {
+        self.shared.unusable.store(true, Ordering::Release);
+        if let Some(tell) = self.tell.take() {
+            tell();
+        }
+    }
+}
+
+impl<F: FnOnce()> Drop for Unusable<F> {
+    fn drop(&mut self) {
+        self.tell();
     }
 }
 
@@ -584,7 +669,7 @@ impl KeepAlive {
                     if idle && !self.while_idle {
                         return Poll::Pending;
                     }
-                    let at = self.last_read.at() + self.interval;
+                    let at = later(self.last_read.at(), self.interval);
                     self.sleep.as_mut().reset(at);
                     self.state = KeepAliveState::Scheduled(at);
                 }
@@ -592,7 +677,7 @@ impl KeepAlive {
                     if self.sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let next = self.last_read.at() + self.interval;
+                    let next = later(self.last_read.at(), self.interval);
                     if next > at {
                         // Something was read meanwhile: no ping needed yet.
                         self.sleep.as_mut().reset(next);
@@ -606,7 +691,9 @@ impl KeepAlive {
                     if let Err(error) = self.ping_pong.send_ping(Ping::opaque()) {
                         return Poll::Ready(error.into());
                     }
-                    self.sleep.as_mut().reset(Instant::now() + self.timeout);
+                    self.sleep
+                        .as_mut()
+                        .reset(later(Instant::now(), self.timeout));
                     self.state = KeepAliveState::PingSent;
                 }
                 KeepAliveState::PingSent => match self.ping_pong.poll_pong(cx) {
@@ -626,6 +713,14 @@ impl KeepAlive {
             }
         }
     }
+}
+
+/// `duration` after `instant`, or as far ahead as tokio's timers go when
+/// that is beyond them (`Http2KeepAlive` takes any duration).
+fn later(instant: Instant, duration: Duration) -> Instant {
+    // tokio's own "far future": about 30 years.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    instant.checked_add(duration.min(FAR)).unwrap_or(instant)
 }
 
 /// When the connection last read a byte, in milliseconds since `epoch`.
@@ -876,6 +971,31 @@ mod tests {
             .unwrap_or_else(|| panic!("sent"));
         assert!(crate::error::is_never_sent(&*refused), "{refused}");
         taken.abort();
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_beyond_any_timer_neither_panics_nor_pings() {
+        let (addr, pings) = ping_counting_server(Pongs::Answer).await;
+        let rule = KeepAliveRule {
+            keep_alive: Http2KeepAlive::new(Duration::MAX, Duration::MAX)
+                .unwrap_or_else(|e| panic!("{e}")),
+            while_idle: true,
+        };
+        let (open, driver, told) = connect(addr, rule).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!driver.is_finished());
+        assert!(open.is_usable() && !told.load(Ordering::SeqCst));
+        assert_eq!(pings.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_driver_stopped_from_outside_still_marks_its_connection_unusable() {
+        let (addr, _) = ping_counting_server(Pongs::Answer).await;
+        let (open, driver, told) = connect(addr, rule(false)).await;
+        driver.abort();
+        let _ = driver.await;
+        assert!(told.load(Ordering::SeqCst));
+        assert!(!open.is_usable());
     }
 
     #[tokio::test]

@@ -23,7 +23,8 @@ use crate::timeout::Elapsed;
 /// | no endpoint to send to, the balancer closed | `UNAVAILABLE` |
 /// | the call never left ([`is_never_sent`](crate::error::is_never_sent), but for a call the client refused to address; [`tonic::ConnectError`]): the connection could not be made, the server refused the stream or went away before processing it | `UNAVAILABLE` |
 /// | the connection broke under the call, before or during the answer: reset, broken pipe, closed | `UNAVAILABLE` |
-/// | anything else | what tonic makes of it (an HTTP/2 error code as gRPC's [HTTP/2 mapping] says, the rest `UNKNOWN`) |
+/// | an HTTP/2 reset or connection error with a reason | as gRPC's [HTTP/2 mapping] says: `CANCEL` `CANCELLED`, `ENHANCE_YOUR_CALM` `RESOURCE_EXHAUSTED`, `INADEQUATE_SECURITY` `PERMISSION_DENIED`, the protocol's own errors `INTERNAL` |
+/// | anything else | what tonic makes of it (`UNKNOWN` for what it does not know) |
 ///
 /// A broken connection is `UNAVAILABLE` as gRPC's [status code table] says
 /// ("some data transmitted ... before connection breaks") and grpc-go and
@@ -103,11 +104,38 @@ fn code_of(link: &(dyn std::error::Error + 'static)) -> Option<Code> {
     {
         return Some(Code::Unavailable);
     }
+    if let Some(code) = link.downcast_ref::<h2::Error>().and_then(code_of_h2) {
+        return Some(code);
+    }
     match link.downcast_ref::<crate::Error>()? {
         crate::Error::Endpoint { .. } => None,
         // No endpoint, none eligible, closed, a strategy that picked none:
         // the service is not there for this call.
         _ => Some(Code::Unavailable),
+    }
+}
+
+/// The code gRPC's [HTTP/2 mapping] gives a stream or connection error's
+/// reason, as tonic gives it to an h2 error it finds (the own connections
+/// hand h2's error on as it is, under the crate's own errors, where tonic
+/// does not look).
+///
+/// [HTTP/2 mapping]: https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md#errors
+fn code_of_h2(error: &h2::Error) -> Option<Code> {
+    use h2::Reason;
+    match error.reason()? {
+        Reason::NO_ERROR
+        | Reason::PROTOCOL_ERROR
+        | Reason::INTERNAL_ERROR
+        | Reason::FLOW_CONTROL_ERROR
+        | Reason::SETTINGS_TIMEOUT
+        | Reason::COMPRESSION_ERROR
+        | Reason::CONNECT_ERROR => Some(Code::Internal),
+        Reason::REFUSED_STREAM => Some(Code::Unavailable),
+        Reason::CANCEL => Some(Code::Cancelled),
+        Reason::ENHANCE_YOUR_CALM => Some(Code::ResourceExhausted),
+        Reason::INADEQUATE_SECURITY => Some(Code::PermissionDenied),
+        _ => None,
     }
 }
 
@@ -195,6 +223,26 @@ mod tests {
             status.message()
         );
         assert!(std::error::Error::source(&status).is_some());
+    }
+
+    #[test]
+    fn an_http2_reset_under_the_crates_errors_gets_grpcs_code_for_its_reason() {
+        for (reason, code) in [
+            (h2::Reason::CANCEL, Code::Cancelled),
+            (h2::Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (h2::Reason::INTERNAL_ERROR, Code::Internal),
+            (h2::Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+        ] {
+            let error = crate::Error::Endpoint {
+                endpoint: "a".into(),
+                source: Box::new(h2::Error::from(reason)),
+            };
+            assert_eq!(
+                status_from_error(Box::new(error)).code(),
+                code,
+                "{reason:?}"
+            );
+        }
     }
 
     #[test]
