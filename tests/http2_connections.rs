@@ -41,13 +41,7 @@ impl EchoServer {
         let counted = connections.clone();
         let serving = support::killable::Killable::serve(listener, move |stream| {
             counted.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let service = hyper::service::service_fn(answer);
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            }
+            support::serve_h2(stream, hyper::service::service_fn(answer))
         });
         Self {
             addr,

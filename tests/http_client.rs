@@ -649,10 +649,7 @@ async fn h2_echo_server() -> std::net::SocketAddr {
                         let body = req.into_body().collect().await?.to_bytes();
                         Ok::<_, hyper::Error>(http::Response::new(Full::new(body)))
                     });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                support::serve_h2(stream, service).await;
             });
         }
     });
@@ -755,10 +752,7 @@ impl H2CountingServer {
                         )))
                     }
                 });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                support::serve_h2(stream, service).await;
             }
         });
         Self {

@@ -383,10 +383,7 @@ where
                 let Some((chunk, last)) = self.buffered.take() else {
                     unreachable!("checked above");
                 };
-                self.stream
-                    .send_data(chunk, last)
-                    .map_err(|error| self.fail(error))?;
-                if last {
+                if self.send(chunk, last)? {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
@@ -411,10 +408,7 @@ where
                     let last = self.body.is_end_stream();
                     if chunk.is_empty() {
                         // Needs no window.
-                        self.stream
-                            .send_data(chunk, last)
-                            .map_err(|error| self.fail(error))?;
-                        if last {
+                        if self.send(chunk, last)? {
                             return Poll::Ready(Ok(()));
                         }
                         continue;
@@ -452,6 +446,14 @@ where
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Queues `chunk`; true when it was the last.
+    fn send(&mut self, chunk: Bytes, last: bool) -> Result<bool, PipeError> {
+        self.stream
+            .send_data(chunk, last)
+            .map_err(|error| self.fail(error))?;
+        Ok(last)
     }
 
     /// A frame h2 would not queue (trailers naming a header HTTP/2 forbids,

@@ -181,6 +181,22 @@ async fn handle(
 }
 
 /// Starts `n` servers with the given delay.
+/// Serves HTTP/2 (prior knowledge) on `stream` with `service` until the
+/// connection ends, with hyper's server defaults.
+pub async fn serve_h2<S, B>(stream: tokio::net::TcpStream, service: S)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 pub async fn servers(n: usize, delay: Duration) -> Vec<TestServer> {
     let mut all = Vec::with_capacity(n);
     for _ in 0..n {
@@ -349,11 +365,7 @@ impl GrpcTrailersServer {
                         let code = st.load(Ordering::SeqCst);
                         async move { Ok::<_, Infallible>(grpc_response(code)) }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    serve_h2(stream, service).await;
                 });
             }
         });
