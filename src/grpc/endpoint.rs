@@ -32,7 +32,7 @@ pub(crate) type ConfigureEndpoint =
 ///
 /// Requests of body type `B` (tonic's by default) go to its own connection
 /// as they are; a channel takes them boxed as tonic's body. Its responses'
-/// body is an [`EndpointBody`]: hyper's or tonic's, as the transport gives.
+/// body is an [`EndpointBody`]: h2's or tonic's, as the transport gives.
 ///
 /// - A call whose connection could not be made (refused, timed out, TLS
 ///   handshake failed), or whose HTTP/2 stream the server refused before
