@@ -346,3 +346,60 @@ async fn a_request_body_still_open_is_let_go_when_the_server_resets_its_stream()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn calls_beyond_the_servers_stream_limit_wait_their_turn_and_all_complete() {
+    // One stream at a time, each answered after 20 ms; the most at once
+    // is recorded.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (at_once, highest) = (now.clone(), most.clone());
+    let _serving = support::killable::Killable::serve(listener, move |stream| {
+        let (at_once, highest) = (at_once.clone(), highest.clone());
+        async move {
+            let service = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                let (at_once, highest) = (at_once.clone(), highest.clone());
+                async move {
+                    let current = at_once.fetch_add(1, Ordering::SeqCst) + 1;
+                    highest.fetch_max(current, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    at_once.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, Infallible>(text("ok".to_owned()))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    });
+    let client: HttpClient<Full<Bytes>> = HttpClient::builder()
+        .http2_only()
+        .no_attempt_timeout()
+        .build([addr]);
+    // Once the server's SETTINGS are in, every call but one waits.
+    support::send_ok(&client, request(http::Method::GET, "/", Full::default())).await;
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let response = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    support::send_ok(&client, request(http::Method::GET, "/", Full::default())),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("a waiting call was never let in"));
+                read_text(response).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(answers.iter().all(|a| a == "ok"), "{answers:?}");
+    assert_eq!(most.load(Ordering::SeqCst), 1);
+}

@@ -18,12 +18,13 @@
 //! sent no faster than the peer's window allows, received data given back
 //! to the window as it is read, and the same keep-alive rule.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -68,15 +69,95 @@ pub(crate) struct KeepAliveRule {
     pub(crate) while_idle: bool,
 }
 
+/// The streams a connection may open before the server's `SETTINGS` say
+/// how many it takes (h2's and hyper's default).
+const INITIAL_MAX_STREAMS: usize = 100;
+
 /// What the connection's task and its calls share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     /// The connection takes no new calls: the server said `GOAWAY`, or
     /// the connection ended.
     unusable: AtomicBool,
     /// Calls open on the connection, from before their `HEADERS` are queued
-    /// to the end of their response: the keep-alive reads it.
+    /// to the end of their response (the keep-alive reads it), and calls
+    /// being let in (see `OpenCall::admit`).
     calls: AtomicUsize,
+    /// The server's limit on open streams, as h2 last read it.
+    max_streams: AtomicUsize,
+    /// Calls waiting for the number of open calls to fall below the limit.
+    /// Locked only when calls wait (a server's limit reached) or leave
+    /// while some do.
+    queued: Mutex<VecDeque<Waker>>,
+    /// How many wakers `queued` holds, read without the lock.
+    queued_len: AtomicUsize,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            unusable: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            max_streams: AtomicUsize::new(INITIAL_MAX_STREAMS),
+            queued: Mutex::new(VecDeque::new()),
+            queued_len: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Shared {
+    fn is_usable(&self) -> bool {
+        !self.unusable.load(Ordering::Acquire)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Waker>> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes the call that has waited longest, if any waits.
+    fn wake_one(&self) {
+        if self.queued_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let waker = self.queue().pop_front();
+        if let Some(waker) = waker {
+            self.queued_len.fetch_sub(1, Ordering::AcqRel);
+            waker.wake();
+        }
+    }
+
+    /// Wakes every waiting call: the limit rose, or the connection takes
+    /// no more calls.
+    fn wake_all(&self) {
+        if self.queued_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let wakers = std::mem::take(&mut *self.queue());
+        self.queued_len.fetch_sub(wakers.len(), Ordering::AcqRel);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Lets a call in once the connection has room for its stream, or fails
+    /// it, never sent, once the connection takes no more calls.
+    fn poll_admit(self: &Arc<Self>, cx: &mut Context<'_>) -> Poll<Result<OpenCall, BoxError>> {
+        // Twice: again after queueing, so that a call leaving in between
+        // is not missed.
+        for queued in [false, true] {
+            if !self.is_usable() {
+                return Poll::Ready(Err(Box::new(NeverSent::new(
+                    "the connection closed while the call waited for a stream of its own",
+                ))));
+            }
+            if let Some(call) = OpenCall::admit(self) {
+                return Poll::Ready(Ok(call));
+            }
+            if !queued {
+                self.queue().push_back(cx.waker().clone());
+                self.queued_len.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Shakes hands over `io`: the open connection's handle, and the task that
@@ -139,7 +220,7 @@ pub(crate) type Http2SendFuture =
 impl Http2Open {
     /// Whether the connection takes new calls (an atomic load).
     pub(crate) fn is_usable(&self) -> bool {
-        !self.shared.unusable.load(Ordering::Acquire)
+        self.shared.is_usable()
     }
 
     /// Opens a stream for `req` and sends its body. A request h2 refuses
@@ -161,22 +242,55 @@ impl Http2Open {
                     .or_insert_with(|| HeaderValue::from(len));
             }
         }
-        let end_of_stream = body.is_end_stream();
+        let sender = self.sender.clone();
         // Counted before its HEADERS are queued: the connection's task may
         // run as soon as they are, and must see the call open to keep
         // pinging (hyper 1.12 counts it after, and can miss it).
-        let call = OpenCall::new(&self.shared);
-        let mut sender = self.sender.clone();
-        match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
-            Ok((response, stream)) => Box::pin(Call {
-                response,
-                pipe: (!end_of_stream).then(|| BodyPipe::new(stream, body)),
-                call: Some(call),
-            }),
-            Err(error) => Box::pin(std::future::ready(Err(
-                Box::new(NeverSent::new(error)) as BoxError
-            ))),
+        match OpenCall::admit(&self.shared) {
+            Some(call) => match start(sender, parts, body, call) {
+                Ok(call) => Box::pin(call),
+                Err(error) => Box::pin(std::future::ready(Err(error))),
+            },
+            // The server's limit on streams is reached. h2 would queue the
+            // stream itself, but a stream it queued and one it had just
+            // opened fail alike when the connection ends, so a call waits
+            // here instead, where it provably never left: if the
+            // connection ends first, it fails as never sent and a retry
+            // may send it elsewhere, POST or not (hyper's client keeps
+            // such calls in its own queue for the same reason).
+            None => {
+                let shared = Arc::clone(&self.shared);
+                Box::pin(async move {
+                    let call = std::future::poll_fn(|cx| shared.poll_admit(cx)).await?;
+                    start(sender, parts, body, call)?.await
+                })
+            }
         }
+    }
+}
+
+/// Opens the call's stream and queues its `HEADERS`. A request h2 refuses
+/// to open a stream for (the connection has ended, or the server said
+/// `GOAWAY`) fails marked [`NeverSent`]: no byte of it was queued.
+fn start<B>(
+    mut sender: SendRequest<Bytes>,
+    parts: http::request::Parts,
+    body: B,
+    call: OpenCall,
+) -> Result<Call<B>, BoxError>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let end_of_stream = body.is_end_stream();
+    match sender.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
+        Ok((response, stream)) => Ok(Call {
+            response,
+            pipe: (!end_of_stream).then(|| BodyPipe::new(stream, body)),
+            call: Some(call),
+        }),
+        Err(error) => Err(Box::new(NeverSent::new(error))),
     }
 }
 
@@ -228,20 +342,37 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
 struct OpenCall(Arc<Shared>);
 
 impl OpenCall {
-    fn new(shared: &Arc<Shared>) -> Self {
-        shared.calls.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(shared))
+    /// Counts a new call in if the server's limit on streams leaves room
+    /// for it. A call's count lasts at least as long as h2's count of its
+    /// stream, so a call let in here is never one h2 has to queue.
+    fn admit(shared: &Arc<Shared>) -> Option<Self> {
+        let before = shared.calls.fetch_add(1, Ordering::AcqRel);
+        let call = Self(Arc::clone(shared));
+        // Dropped if over the limit: the count goes back down (see `drop`).
+        (before < shared.max_streams.load(Ordering::Acquire)).then_some(call)
     }
 
     /// One more count, for a part of the call that lives on its own.
     fn again(&self) -> Self {
-        Self::new(&self.0)
+        self.0.calls.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(&self.0))
     }
 }
 
 impl Drop for OpenCall {
     fn drop(&mut self) {
-        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+        let shared = &self.0;
+        let left = shared
+            .calls
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        // Whoever brings the count below the limit lets a waiting call try:
+        // a call that leaves while the count stays at the limit (the server
+        // full, or calls being turned away) wakes nobody, so waiting calls
+        // do not wake each other in a loop.
+        if left < shared.max_streams.load(Ordering::Acquire) {
+            shared.wake_one();
+        }
     }
 }
 
@@ -592,6 +723,15 @@ impl Driver {
                     unusable.tell();
                     continue;
                 }
+                // The server's limit, from its SETTINGS: calls wait for a
+                // stream below it (see `OpenCall::admit`).
+                if let Some(sender) = &self.sender {
+                    let max = sender.current_max_send_streams();
+                    let before = self.shared.max_streams.swap(max, Ordering::AcqRel);
+                    if max > before {
+                        self.shared.wake_all();
+                    }
+                }
             }
             if let Some(keep_alive) = self.keep_alive.as_mut() {
                 let idle = self.shared.calls.load(Ordering::Acquire) == 0;
@@ -614,6 +754,8 @@ struct Unusable<F: FnOnce()> {
 impl<F: FnOnce()> Unusable<F> {
     fn tell(&mut self) {
         self.shared.unusable.store(true, Ordering::Release);
+        // Calls waiting for a stream fail, never sent.
+        self.shared.wake_all();
         if let Some(tell) = self.tell.take() {
             tell();
         }
@@ -821,6 +963,10 @@ mod tests {
         /// Answered, and the first request's HEADERS answered with a
         /// `GOAWAY` (`NO_ERROR`) that still takes that request.
         AnswerAndGoAway,
+        /// Answered; one stream at a time (`SETTINGS_MAX_CONCURRENT_STREAMS`
+        /// 1), and the connection dropped 300 ms after the first request's
+        /// HEADERS, unanswered.
+        OneStreamThenHangUp,
     }
 
     /// A server that speaks just enough HTTP/2 to count the client's pings:
@@ -841,8 +987,13 @@ mod tests {
             if stream.read_exact(&mut preface).await.is_err() {
                 return;
             }
-            // An empty SETTINGS frame.
-            let _ = stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+            let settings: &[u8] = if pongs == Pongs::OneStreamThenHangUp {
+                // SETTINGS_MAX_CONCURRENT_STREAMS (3) = 1.
+                &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1]
+            } else {
+                &[0, 0, 0, 4, 0, 0, 0, 0, 0]
+            };
+            let _ = stream.write_all(settings).await;
             loop {
                 let mut head = [0u8; 9];
                 if stream.read_exact(&mut head).await.is_err() {
@@ -867,6 +1018,10 @@ mod tests {
                         let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
                         pong.extend_from_slice(&payload);
                         pong
+                    }
+                    (1, _) if pongs == Pongs::OneStreamThenHangUp => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        return;
                     }
                     // HEADERS: the stream is taken, and no later one.
                     (1, _) if pongs == Pongs::AnswerAndGoAway => {
@@ -998,6 +1153,38 @@ mod tests {
         let _ = driver.await;
         assert!(told.load(Ordering::SeqCst));
         assert!(!open.is_usable());
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_a_stream_when_the_connection_dies_fails_never_sent() {
+        let (addr, _) = ping_counting_server(Pongs::OneStreamThenHangUp).await;
+        let (open, _driver, _) = connect(addr, rule(false)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open.shared.max_streams.load(Ordering::SeqCst) != 1 {
+            assert!(Instant::now() < deadline, "the server's limit was not read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let sent = tokio::spawn(open.send(get()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let post = http::Request::post("http://test.invalid/")
+            .body(http_body_util::Full::new(Bytes::from_static(b"once")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let waiting = tokio::spawn(open.send(post));
+        let outcome = |call: tokio::task::JoinHandle<Result<_, BoxError>>| async move {
+            tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .unwrap_or_else(|_| panic!("a call outlived its connection"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .err()
+                .unwrap_or_else(|| panic!("a call was answered by a server that answers none"))
+        };
+        // The first was on the wire when the connection died: nobody can
+        // say whether the server acted on it.
+        let lost = outcome(sent).await;
+        assert!(!crate::error::is_never_sent(&*lost), "{lost}");
+        // The second waited for the first's stream and never left.
+        let unsent = outcome(waiting).await;
+        assert!(crate::error::is_never_sent(&*unsent), "{unsent}");
     }
 
     #[tokio::test]
