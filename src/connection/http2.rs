@@ -16,7 +16,9 @@
 //! What hyper did for the caller is done here as hyper does it: its
 //! default settings, the connection-specific headers taken out, a body
 //! sent no faster than the peer's window allows, received data given back
-//! to the window as it is read, and the same keep-alive rule.
+//! to the window as it is read, calls beyond the server's stream limit
+//! kept in a queue of the connection's own (where they provably never
+//! left), and the same keep-alive rule.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -50,7 +52,7 @@ use crate::error::{BoxError, NeverSent};
 fn builder() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
-        .initial_max_send_streams(100)
+        .initial_max_send_streams(INITIAL_MAX_STREAMS)
         .initial_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(5 * 1024 * 1024)
         .max_frame_size(16 * 1024)
@@ -223,9 +225,10 @@ impl Http2Open {
         self.shared.is_usable()
     }
 
-    /// Opens a stream for `req` and sends its body. A request h2 refuses
-    /// to open a stream for (the connection has ended, or the server said
-    /// `GOAWAY`) fails marked [`NeverSent`]: no byte of it was queued.
+    /// Opens a stream for `req` (once the server's limit on streams leaves
+    /// room) and sends its body. A request that cannot have a stream (the
+    /// connection has ended, or the server said `GOAWAY`) fails marked
+    /// [`NeverSent`]: no byte of it was queued.
     pub(crate) fn send<B>(&self, req: http::Request<B>) -> Http2SendFuture
     where
         B: Body + Send + Unpin + 'static,
