@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -39,9 +38,8 @@ mod h1;
 mod http2;
 
 pub(crate) use attempts::{ConnectionAttempts, ObservedConnect};
-pub(crate) use h1::{H1Pool, H1Settings};
-pub(crate) use http2::Http2Body;
-pub(crate) use http2::Http2SendFuture;
+pub(crate) use h1::{H1Pool, H1Settings, Http1SendFuture};
+pub(crate) use http2::{Http2Body, Http2SendFuture};
 use http2::{Http2Open, KeepAliveRule};
 
 /// A connection that closes sooner than this after it opened is made again
@@ -54,11 +52,9 @@ const MIN_CONNECTED: Duration = Duration::from_secs(1);
 pub(crate) struct H2Settings {
     /// How long a TCP connect may take before it counts as failed.
     pub(crate) connect_timeout: Duration,
-    /// HTTP/2 pings on a connection that has gone quiet with calls open.
-    pub(crate) keep_alive: Option<Http2KeepAlive>,
-    /// Whether the pings go on while no call is open (see
-    /// [`Http2KeepAlive`]).
-    pub(crate) ping_while_idle: bool,
+    /// HTTP/2 pings on a connection that has gone quiet, and whether while
+    /// no call is open too.
+    pub(crate) keep_alive: Option<KeepAliveRule>,
     /// Told of every connection attempt that fails.
     pub(crate) on_connect_failure: Option<ConnectFailureHook>,
 }
@@ -69,15 +65,20 @@ impl H2Settings {
     pub(crate) fn new(keep_alive: Option<Http2KeepAlive>) -> Self {
         Self {
             connect_timeout: crate::client::DEFAULT_CONNECT_TIMEOUT,
-            keep_alive,
-            ping_while_idle: false,
+            keep_alive: keep_alive.map(|keep_alive| KeepAliveRule {
+                keep_alive,
+                while_idle: false,
+            }),
             on_connect_failure: None,
         }
     }
 
-    /// Pings while no call is open too (see [`Http2KeepAlive`]).
+    /// Pings while no call is open too, when it pings (see
+    /// [`Http2KeepAlive`]).
     pub(crate) fn ping_while_idle(mut self, on: bool) -> Self {
-        self.ping_while_idle = on;
+        if let Some(rule) = self.keep_alive.as_mut() {
+            rule.while_idle = on;
+        }
         self
     }
 
@@ -125,15 +126,17 @@ impl fmt::Debug for ConnectFailureHook {
 /// A busy connection receives frames and is never pinged. `GrpcChannel`
 /// pings only a connection with calls open (`keep_alive_while_idle` off),
 /// as gRPC servers require (they count pings on a connection with no call
-/// as abuse). `HttpClient` pings idle connections too: with it off, hyper
+/// as abuse). `HttpClient` pings idle connections too, on both its routes
+/// alike, for the sake of hyper-util's pool: with idle pings off, hyper
 /// (1.12) leaves a connection's pings unarmed when its connection task
 /// runs in the moment between a call's `HEADERS` being queued and the call
 /// being counted as open, and a call on such a connection to a server that
 /// has stopped waits for its deadline with nothing to find it (seen once in
 /// CI, and made to happen every time by widening that moment). Pinging
 /// while idle arms them from the connection's start; HTTP servers allow it
-/// at this rate. A `GrpcChannel` call that meets that race ends at its
-/// deadline, or its attempt timeout if one is set.
+/// at this rate. tower-lb's own HTTP/2 connections count a call open
+/// before its `HEADERS` are queued, so `GrpcChannel`'s cannot meet that
+/// race.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http2KeepAlive {
     interval: Duration,
@@ -208,11 +211,6 @@ type Outcome = Option<Result<(), ConnectFailed>>;
 /// A call's wait for the connection attempt under way. Boxed: only calls
 /// that find no open connection make one.
 type Waiting = Pin<Box<dyn Future<Output = Result<(), ConnectFailed>> + Send + Sync>>;
-
-/// The response future of [`H1Pool::send`]. Boxed: hyper's send future
-/// has no name (hyper-util's `Client` boxes it too).
-pub(crate) type SendFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
 
 /// One HTTP/2 connection (plain text, prior knowledge) to one address,
 /// made on the first call and made again by the first call after it
@@ -484,11 +482,7 @@ impl Shared {
     async fn try_open_connection(self: &Arc<Self>) -> Result<(), ConnectFailed> {
         let addr = self.addr;
         let stream = connect_tcp(addr, self.settings.connect_timeout).await?;
-        let keep_alive = self.settings.keep_alive.map(|keep_alive| KeepAliveRule {
-            keep_alive,
-            while_idle: self.settings.ping_while_idle,
-        });
-        let (open, driver) = http2::handshake(stream, keep_alive)
+        let (open, driver) = http2::handshake(stream, self.settings.keep_alive)
             .await
             .map_err(|error| ConnectFailed::new(addr, error))?;
         let open = Arc::new(open);
@@ -515,17 +509,16 @@ impl Shared {
         Ok(())
     }
 
-    /// The connection `sender` belongs to takes no new calls: if it is the
-    /// open one and no attempt is under way (that attempt's end sets the
-    /// state), the endpoint is idle until a call or the keeper makes one
-    /// again.
-    fn closed(&self, sender: &Weak<Http2Open>) {
+    /// The connection behind `ended` takes no new calls: if it is the open
+    /// one and no attempt is under way (that attempt's end sets the state),
+    /// the endpoint is idle until a call or the keeper makes one again.
+    fn closed(&self, ended: &Weak<Http2Open>) {
         let attempt = self.attempt.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.open.load();
         if !attempt.as_ref().is_some_and(under_way)
             && current
                 .as_ref()
-                .is_some_and(|open| std::ptr::eq(Arc::as_ptr(open), sender.as_ptr()))
+                .is_some_and(|open| std::ptr::eq(Arc::as_ptr(open), ended.as_ptr()))
         {
             self.open.store(None);
             self.status.set(ConnectionState::Idle);

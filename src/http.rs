@@ -44,7 +44,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
 use crate::connection::{
-    H1Pool, H1Settings, H2Connection, H2Settings, Http2SendFuture, SendFuture,
+    H1Pool, H1Settings, H2Connection, H2Settings, Http1SendFuture, Http2SendFuture,
 };
 use crate::error::{BoxError, RefusedByClient};
 use crate::health::ConnectionStatus;
@@ -418,7 +418,7 @@ where
         HttpResponseFuture {
             sending: match (&mut self.connection, &self.origin.pool) {
                 (Some(Own::Http2(connection)), _) => Sending::Http2(connection.send(req)),
-                (Some(Own::Http1(pool)), _) => Sending::Connection(pool.send(req)),
+                (Some(Own::Http1(pool)), _) => Sending::Http1(pool.send(req)),
                 (None, Some(client)) => Sending::Pool(client.request(req)),
                 (None, None) => {
                     unreachable!("an endpoint without a connection of its own has a pool")
@@ -437,7 +437,7 @@ pub struct HttpResponseFuture {
 enum Sending {
     Pool(legacy::ResponseFuture),
     /// On an HTTP/1.1 connection of the endpoint's own.
-    Connection(SendFuture),
+    Http1(Http1SendFuture),
     /// On its HTTP/2 connection.
     Http2(Http2SendFuture),
     /// The request could not be addressed; it went nowhere.
@@ -452,7 +452,7 @@ impl Future for HttpResponseFuture {
             Sending::Pool(sending) => ready!(Pin::new(sending).poll(cx))
                 .map(|response| response.map(EndpointBody::hyper))
                 .map_err(HttpError::from_client),
-            Sending::Connection(sending) => ready!(sending.as_mut().poll(cx))
+            Sending::Http1(sending) => ready!(sending.as_mut().poll(cx))
                 .map(|response| response.map(EndpointBody::hyper))
                 .map_err(HttpError::from_connection),
             Sending::Http2(sending) => ready!(sending.as_mut().poll(cx))

@@ -400,6 +400,10 @@ async fn calls_beyond_the_servers_stream_limit_wait_their_turn_and_all_complete(
     for call in calls {
         answers.push(call.await.unwrap_or_else(|e| panic!("{e}")));
     }
+    // Every waiting call was let in (the 10 s bound above fails a call the
+    // queue never wakes: checked with its wake-up taken out), none refused.
     assert!(answers.iter().all(|a| a == "ok"), "{answers:?}");
+    // hyper itself refuses a stream over its limit, so this holds whoever
+    // queues; it says the server was never given two at once.
     assert_eq!(most.load(Ordering::SeqCst), 1);
 }

@@ -14,7 +14,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -27,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::{connect_tcp, ConnectFailureHook, ConnectionAttempts, ObservedConnect, SendFuture};
+use super::{connect_tcp, ConnectFailureHook, ConnectionAttempts, ObservedConnect};
 use crate::error::{BoxError, ConnectFailed, NeverSent};
 use crate::health::ConnectionStatus;
 
@@ -50,6 +52,11 @@ const TICKS_PER_IDLE_TIMEOUT: u64 = 4;
 
 /// The reaper runs no more often than this, whatever the timeout.
 const MIN_REAP_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The response future of [`H1Pool::send`]. Boxed: hyper's send future
+/// has no name (hyper-util's `Client` boxes it too).
+pub(crate) type Http1SendFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
 
 /// One endpoint's HTTP/1.1 connections (plain text): a request takes the
 /// newest kept connection that is free, or makes a new one; the connection
@@ -153,7 +160,7 @@ where
     /// request) goes on another; one a new connection gives back fails,
     /// marked [`NeverSent`]; one whose connection cannot be made fails with
     /// [`ConnectFailed`], which says the same.
-    pub(crate) fn send(&self, req: http::Request<B>) -> SendFuture {
+    pub(crate) fn send(&self, req: http::Request<B>) -> Http1SendFuture {
         Box::pin(Arc::clone(&self.shared).send(req))
     }
 }

@@ -430,9 +430,9 @@ where
                 })
             }));
         }
-        let content_length = response
-            .headers()
-            .get(CONTENT_LENGTH)
+        // Walked, not hashed: nearly every answer has a few headers and no
+        // `content-length` (see `crate::header`).
+        let content_length = crate::header::get(response.headers(), &CONTENT_LENGTH)
             .and_then(|len| len.to_str().ok()?.parse::<u64>().ok());
         // An answer that ended with its head leaves nothing open: the
         // keep-alive need not wait for its body to be read or dropped.
