@@ -25,7 +25,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
@@ -93,6 +93,10 @@ struct Shared {
     queued: Mutex<VecDeque<Waker>>,
     /// How many wakers `queued` holds, read without the lock.
     queued_len: AtomicUsize,
+    /// Why the connection's task ended it, when the task did (its
+    /// keep-alive): h2 tells the calls still open only that their
+    /// connection went, as a broken pipe.
+    ended_by: OnceLock<Arc<str>>,
 }
 
 impl Default for Shared {
@@ -103,6 +107,7 @@ impl Default for Shared {
             max_streams: AtomicUsize::new(INITIAL_MAX_STREAMS),
             queued: Mutex::new(VecDeque::new()),
             queued_len: AtomicUsize::new(0),
+            ended_by: OnceLock::new(),
         }
     }
 }
@@ -137,6 +142,20 @@ impl Shared {
         let wakers = std::mem::take(&mut *self.queue());
         self.queued_len.fetch_sub(wakers.len(), Ordering::AcqRel);
         wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// A call's error, with the reason its connection's task ended the
+    /// connection when that is why h2 gave it (an I/O error of h2's own
+    /// making: the socket is gone); the error stays in the chain, so it is
+    /// classified as before (the connection lost).
+    fn explain(&self, error: h2::Error) -> BoxError {
+        match self.ended_by.get() {
+            Some(why) if error.is_io() => Box::new(EndedByClient {
+                why: Arc::clone(why),
+                source: error,
+            }),
+            _ => Box::new(error),
+        }
     }
 
     /// Lets a call in once the connection has room for its stream, or fails
@@ -415,7 +434,15 @@ where
                 Poll::Pending => {}
             }
         }
-        let response = ready!(Pin::new(&mut this.response).poll(cx))?;
+        let response = match ready!(Pin::new(&mut this.response).poll(cx)) {
+            Ok(response) => response,
+            Err(error) => {
+                return Poll::Ready(Err(match &this.call {
+                    Some(call) => call.0.explain(error),
+                    None => Box::new(error),
+                }))
+            }
+        };
         if let Some(mut pipe) = this.pipe.take() {
             // The server answered before the request's body was all sent
             // (a stream both ways): the rest goes on in a task of its own,
@@ -614,12 +641,12 @@ pub(crate) struct Http2Body {
 
 impl Body for Http2Body {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
@@ -632,19 +659,16 @@ impl Body for Http2Body {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(error)) => {
-                    this.call = None;
-                    return Poll::Ready(Some(Err(error)));
-                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(this.fail(error)))),
                 None => this.data_done = true,
             }
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.call = None;
-        match trailers {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(error) => Poll::Ready(Some(Err(error))),
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(trailers) => {
+                this.call = None;
+                Poll::Ready(trailers.map(|trailers| Ok(Frame::trailers(trailers))))
+            }
+            Err(error) => Poll::Ready(Some(Err(this.fail(error)))),
         }
     }
 
@@ -657,6 +681,37 @@ impl Body for Http2Body {
             Some(remaining) => SizeHint::with_exact(remaining),
             None => SizeHint::default(),
         }
+    }
+}
+
+impl Http2Body {
+    /// The stream failed: the call is no longer open on its connection.
+    fn fail(&mut self, error: h2::Error) -> BoxError {
+        match self.call.take() {
+            Some(call) => call.0.explain(error),
+            None => Box::new(error),
+        }
+    }
+}
+
+/// A call failed because its connection's task ended the connection (an
+/// unanswered keep-alive ping): prints that reason, with h2's error (a
+/// broken pipe) as its source.
+#[derive(Debug)]
+struct EndedByClient {
+    why: Arc<str>,
+    source: h2::Error,
+}
+
+impl fmt::Display for EndedByClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tower-lb closed the connection: {}", self.why)
+    }
+}
+
+impl std::error::Error for EndedByClient {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -739,6 +794,9 @@ impl Driver {
             if let Some(keep_alive) = self.keep_alive.as_mut() {
                 let idle = self.shared.calls.load(Ordering::Acquire) == 0;
                 if let Poll::Ready(error) = keep_alive.poll(cx, idle) {
+                    // Set before the connection is dropped, which is what
+                    // fails the calls still open.
+                    let _ = self.shared.ended_by.set(error.to_string().into());
                     return Poll::Ready(Err(error));
                 }
             }
@@ -970,6 +1028,9 @@ mod tests {
         /// 1), and the connection dropped 300 ms after the first request's
         /// HEADERS, unanswered.
         OneStreamThenHangUp,
+        /// Pings ignored; each request answered with a `200` head and then
+        /// nothing, its body left open.
+        HeadThenIgnore,
     }
 
     /// A server that speaks just enough HTTP/2 to count the client's pings:
@@ -1015,7 +1076,7 @@ mod tests {
                     // PING: counted, and answered with the same payload.
                     (6, 0) => {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        if pongs == Pongs::Ignore {
+                        if matches!(pongs, Pongs::Ignore | Pongs::HeadThenIgnore) {
                             continue;
                         }
                         let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
@@ -1032,6 +1093,14 @@ mod tests {
                         go_away.extend_from_slice(&head[5..9]);
                         go_away.extend_from_slice(&[0, 0, 0, 0]);
                         go_away
+                    }
+                    // HEADERS: answered with HEADERS (END_HEADERS, not
+                    // END_STREAM) holding `:status: 200` (HPACK index 8).
+                    (1, _) if pongs == Pongs::HeadThenIgnore => {
+                        let mut head_frame = vec![0, 0, 1, 1, 4];
+                        head_frame.extend_from_slice(&head[5..9]);
+                        head_frame.push(0x88);
+                        head_frame
                     }
                     _ => continue,
                 };
@@ -1209,5 +1278,44 @@ mod tests {
             .unwrap_or_else(|_| panic!("the call outlived its connection"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(failed.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_its_answer_is_told_the_keep_alive_ended_its_connection() {
+        let (addr, _pings) = ping_counting_server(Pongs::Ignore).await;
+        let (open, _driver, _told) = connect(addr, rule(false)).await;
+        let error = tokio::time::timeout(Duration::from_secs(5), open.send(get()))
+            .await
+            .unwrap_or_else(|_| panic!("the call outlived its connection"))
+            .err()
+            .unwrap_or_else(|| panic!("a server that answers nothing answered"));
+        let report = crate::error::report(&*error).to_string();
+        assert!(
+            report.contains("keep-alive timed out: no answer to a ping within 200ms"),
+            "{report}"
+        );
+        // Still the connection lost, as h2's broken pipe alone was.
+        assert!(crate::error::is_connection_lost(&*error), "{report}");
+        assert!(!crate::error::is_never_sent(&*error), "{report}");
+    }
+
+    #[tokio::test]
+    async fn a_body_being_read_is_told_the_keep_alive_ended_its_connection() {
+        let (addr, _pings) = ping_counting_server(Pongs::HeadThenIgnore).await;
+        let (open, _driver, _told) = connect(addr, rule(false)).await;
+        let response = tokio::time::timeout(Duration::from_secs(5), open.send(get()))
+            .await
+            .unwrap_or_else(|_| panic!("no answer's head"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let read = http_body_util::BodyExt::collect(response.into_body());
+        let error = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap_or_else(|_| panic!("the body outlived its connection"))
+            .err()
+            .unwrap_or_else(|| panic!("a body the server never ended ended"));
+        let report = crate::error::report(&*error).to_string();
+        assert!(report.contains("keep-alive timed out"), "{report}");
+        assert!(crate::error::is_connection_lost(&*error), "{report}");
     }
 }
