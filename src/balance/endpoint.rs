@@ -685,7 +685,9 @@ pub struct EndpointStats<K> {
     pub successes: Option<u64>,
     /// Requests classified as failures.
     pub failures: u64,
-    /// Times outlier detection ejected it.
+    /// Times outlier detection ejected it, counting ejections later taken
+    /// back as the start of an overload rather than an outlier (an `info`
+    /// event says which were): each took it out of service for a while.
     pub ejections: u32,
     /// While [`Ejected`](EndpointState::Ejected): how long until it returns.
     pub returns_in: Option<Duration>,
