@@ -16,7 +16,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -222,12 +221,10 @@ type Waiting = Pin<Box<dyn Future<Output = Result<(), ConnectFailed>> + Send + S
 /// the one attempt under way, which every waiting call shares.
 ///
 /// [`poll_ready`]: H2Connection::poll_ready
-pub(crate) struct H2Connection<B> {
+pub(crate) struct H2Connection {
     shared: Arc<Shared>,
     /// This handle's wait for a connection attempt.
     waiting: Option<Waiting>,
-    /// Typed by the request body, which the connection sends as it comes.
-    _body: PhantomData<fn(B)>,
 }
 
 struct Shared {
@@ -244,17 +241,16 @@ struct Shared {
     attempt: Mutex<Option<watch::Receiver<Outcome>>>,
 }
 
-impl<B> Clone for H2Connection<B> {
+impl Clone for H2Connection {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
             waiting: None,
-            _body: PhantomData,
         }
     }
 }
 
-impl<B> fmt::Debug for H2Connection<B> {
+impl fmt::Debug for H2Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("H2Connection")
             .field("addr", &self.shared.addr)
@@ -263,7 +259,7 @@ impl<B> fmt::Debug for H2Connection<B> {
     }
 }
 
-impl<B> H2Connection<B> {
+impl H2Connection {
     /// A connection to `addr`, made by the first call.
     pub(crate) fn lazy(addr: SocketAddr, settings: H2Settings) -> Self {
         Self {
@@ -275,7 +271,6 @@ impl<B> H2Connection<B> {
                 attempt: Mutex::new(None),
             }),
             waiting: None,
-            _body: PhantomData,
         }
     }
 
@@ -283,14 +278,7 @@ impl<B> H2Connection<B> {
     pub(crate) fn status(&self) -> &ConnectionStatus {
         &self.shared.status
     }
-}
 
-impl<B> H2Connection<B>
-where
-    B: Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
     /// A connection to `addr`, made at once and made again whenever it
     /// closes (at once, if it had stayed open a while) or an attempt fails
     /// (after gRPC's connection back-off), for as long as a handle to it
@@ -344,12 +332,7 @@ async fn keep_open(shared: Weak<Shared>, mut changes: watch::Receiver<Connection
     }
 }
 
-impl<B> H2Connection<B>
-where
-    B: Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl H2Connection {
     /// Ready once the connection is open. While it is not, joins (or
     /// starts) an attempt to make it, and fails with the attempt's
     /// [`ConnectFailed`], which says "never sent" by itself, if it fails:
@@ -376,7 +359,12 @@ where
     /// Sends `req` on the open connection. A request the connection cannot
     /// take (it closed, or its server said `GOAWAY`, since `poll_ready`)
     /// fails marked [`NeverSent`].
-    pub(crate) fn send(&mut self, req: http::Request<B>) -> Http2SendFuture {
+    pub(crate) fn send<B>(&mut self, req: http::Request<B>) -> Http2SendFuture
+    where
+        B: Body + Unpin + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         match self.shared.open.load().as_deref() {
             Some(open) => open.send(req),
             None => {
@@ -590,7 +578,7 @@ mod tests {
     fn an_attempt_dropped_with_its_runtime_is_replaced_not_joined() {
         let listener = listener();
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::new(None));
+        let mut connection = H2Connection::lazy(addr, H2Settings::new(None));
         let first = runtime();
         first.block_on(async {
             // Starts the attempt, whose task never runs: it goes with its
@@ -616,7 +604,7 @@ mod tests {
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         runtime().block_on(async move {
             let accepted = serve(listener);
-            let mut connection = H2Connection::<Empty>::lazy(addr, H2Settings::new(None));
+            let mut connection = H2Connection::lazy(addr, H2Settings::new(None));
             std::future::poll_fn(|cx| connection.poll_ready(cx))
                 .await
                 .unwrap_or_else(|e| panic!("{}", crate::error::report(&*e)));

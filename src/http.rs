@@ -102,7 +102,7 @@ pub struct HttpEndpoint<B, C = HttpConnector> {
 /// An endpoint's own connections.
 enum Own<B> {
     /// HTTP/2 (prior knowledge): one connection, every request on it.
-    Http2(H2Connection<B>),
+    Http2(H2Connection),
     /// HTTP/1.1: a request per connection, idle ones kept.
     Http1(H1Pool<B>),
 }

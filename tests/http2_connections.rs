@@ -24,7 +24,8 @@ use tower_lb::client::{HttpClient, ResponseBody};
 /// - `/size`: the length of the request's body, once read whole;
 /// - `/big/<n>`: `n` bytes;
 /// - `/answer-now`: `ok` at once, the request's body left unread;
-/// - `/headers`: the request's header names, one a line.
+/// - `/headers`: the request's header names, one a line;
+/// - `/content-length`: the request's `content-length`, or `none`.
 struct EchoServer {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
@@ -80,6 +81,13 @@ async fn answer(req: http::Request<Incoming>) -> Result<Answer, Infallible> {
                 .keys()
                 .map(|name| format!("{name}\n"))
                 .collect(),
+        ),
+        "/content-length" => text(
+            req.headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|len| len.to_str().ok())
+                .unwrap_or("none")
+                .to_owned(),
         ),
         _ => match path.strip_prefix("/big/").and_then(|n| n.parse().ok()) {
             Some(n) => text("x".repeat(n)),
@@ -231,6 +239,36 @@ async fn headers_http2_forbids_are_taken_out_and_the_request_goes() {
     ] {
         assert!(!names.contains(&gone), "{gone} was sent: {names:?}");
     }
+}
+
+#[tokio::test]
+async fn a_body_of_known_length_goes_with_its_content_length_as_hyper_sends_it() {
+    let server = EchoServer::start().await;
+    let client = client::<Full<Bytes>>(&server);
+    // Given whenever the body says its length, but for an empty body of a
+    // method that means nothing by one (RFC 9110), as hyper does.
+    for (method, body, said) in [
+        (http::Method::POST, "abc", "3"),
+        (http::Method::POST, "", "0"),
+        (http::Method::GET, "", "none"),
+    ] {
+        let req = request(method.clone(), "/content-length", Full::from(body));
+        let response = support::send_ok(&client, req).await;
+        assert_eq!(read_text(response).await, said, "{method} {body:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_response_body_tells_its_length_from_its_content_length() {
+    let server = EchoServer::start().await;
+    let client = client::<Full<Bytes>>(&server);
+    let req = request(http::Method::GET, "/big/70000", Full::default());
+    let response = support::send_ok(&client, req).await;
+    assert_eq!(
+        http_body::Body::size_hint(response.body()).exact(),
+        Some(70_000)
+    );
+    assert_eq!(read_text(response).await.len(), 70_000);
 }
 
 #[tokio::test]

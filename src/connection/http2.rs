@@ -379,6 +379,15 @@ impl OpenCall {
         self.0.calls.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(&self.0))
     }
+
+    /// A stream's `error`, explained by its connection (see
+    /// `Shared::explain`) while its call is open.
+    fn explain(call: Option<&Self>, error: h2::Error) -> BoxError {
+        match call {
+            Some(call) => call.0.explain(error),
+            None => Box::new(error),
+        }
+    }
 }
 
 impl Drop for OpenCall {
@@ -434,15 +443,8 @@ where
                 Poll::Pending => {}
             }
         }
-        let response = match ready!(Pin::new(&mut this.response).poll(cx)) {
-            Ok(response) => response,
-            Err(error) => {
-                return Poll::Ready(Err(match &this.call {
-                    Some(call) => call.0.explain(error),
-                    None => Box::new(error),
-                }))
-            }
-        };
+        let response = ready!(Pin::new(&mut this.response).poll(cx))
+            .map_err(|error| OpenCall::explain(this.call.as_ref(), error))?;
         if let Some(mut pipe) = this.pipe.take() {
             // The server answered before the request's body was all sent
             // (a stream both ways): the rest goes on in a task of its own,
@@ -687,10 +689,7 @@ impl Body for Http2Body {
 impl Http2Body {
     /// The stream failed: the call is no longer open on its connection.
     fn fail(&mut self, error: h2::Error) -> BoxError {
-        match self.call.take() {
-            Some(call) => call.0.explain(error),
-            None => Box::new(error),
-        }
+        OpenCall::explain(self.call.take().as_ref(), error)
     }
 }
 
@@ -920,12 +919,12 @@ impl KeepAlive {
     }
 }
 
-/// `duration` after `instant`, or as far ahead as tokio's timers go when
-/// that is beyond them (`Http2KeepAlive` takes any duration).
+/// `duration` after `instant`, or the crate's far future when that cannot
+/// be told (`Http2KeepAlive` takes any duration).
 fn later(instant: Instant, duration: Duration) -> Instant {
-    // tokio's own "far future": about 30 years.
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    instant.checked_add(duration.min(FAR)).unwrap_or(instant)
+    instant
+        .checked_add(duration)
+        .unwrap_or_else(crate::request::far_future)
 }
 
 /// When the connection last read a byte, in milliseconds since `epoch`.

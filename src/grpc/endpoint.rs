@@ -1,5 +1,6 @@
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -61,19 +62,21 @@ pub(crate) type ConfigureEndpoint =
 /// # }
 /// ```
 pub struct GrpcEndpoint<B = tonic::body::Body> {
-    transport: Transport<B>,
+    transport: Transport,
+    /// Typed by the request body it takes (tonic's, by default).
+    _body: PhantomData<fn(B)>,
 }
 
 /// How calls reach the server.
-enum Transport<B> {
+#[derive(Clone)]
+enum Transport {
     /// A tonic channel: the user's, or one made from their tonic
     /// [`Endpoint`] settings.
     Channel(Channel),
     /// tower-lb's own HTTP/2 connection (see `crate::connection`), calls
     /// addressed to `origin`.
     Connection {
-        /// Typed by the request body, which the connection sends as it is.
-        connection: H2Connection<B>,
+        connection: H2Connection,
         origin: Arc<Origin>,
     },
 }
@@ -81,13 +84,8 @@ enum Transport<B> {
 impl<B> Clone for GrpcEndpoint<B> {
     fn clone(&self) -> Self {
         Self {
-            transport: match &self.transport {
-                Transport::Channel(channel) => Transport::Channel(channel.clone()),
-                Transport::Connection { connection, origin } => Transport::Connection {
-                    connection: connection.clone(),
-                    origin: Arc::clone(origin),
-                },
-            },
+            transport: self.transport.clone(),
+            _body: PhantomData,
         }
     }
 }
@@ -110,6 +108,7 @@ impl<B> GrpcEndpoint<B> {
     fn over(channel: Channel) -> Self {
         Self {
             transport: Transport::Channel(channel),
+            _body: PhantomData,
         }
     }
 
@@ -157,6 +156,7 @@ where
                     connection: H2Connection::kept_open(addr, h2),
                     origin: Arc::new(origin),
                 },
+                _body: PhantomData,
             });
         }
         let made = Endpoint::from_shared(format!("{scheme}://{addr}"))

@@ -18,7 +18,8 @@ pin_project! {
     /// The body of an [`HttpEndpoint`](super::HttpEndpoint)'s responses:
     /// hyper's, from hyper-util's pool or an HTTP/1.1 connection of the
     /// endpoint's own, or h2's, from an HTTP/2 connection of its own. Its
-    /// errors are hyper's or h2's, boxed; `tower_lb::error` reads both.
+    /// errors are hyper's or h2's, boxed (h2's under a word on why tower-lb
+    /// closed the connection, when it did); `tower_lb::error` reads both.
     pub struct EndpointBody {
         #[pin]
         inner: Either<Incoming, Http2Body>,
